@@ -1,0 +1,813 @@
+"""The guest agent: the supervisor inside every sandbox that does what the host asks.
+
+It dials the host's Unix socket (bind-mounted at /run/corral/sock), says HELLO and serves CALLs:
+start processes and stream their output, write their stdin, signal them; read, write and manage
+files. It re-dials whenever the connection drops, so a restarted host (or a restored checkpoint)
+finds it again; running processes are unaffected by a lost connection.
+
+Standard library only, and written for any Python ≥ 3.8, so it runs in any image with a Python.
+Every path it receives is resolved here, inside the sandbox's own root: `..` and symlinks are
+interpreted by the sandbox's filesystem and cannot name anything on the host.
+
+Usage: python3 -I -S guest.py SOCKET_PATH
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import functools
+import os
+import pwd
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+try:
+    from corral.agent import protocol as P
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import protocol as P  # type: ignore[import-not-found,no-redef]
+
+from typing import Any, Dict, List, Optional
+
+REDIAL_DELAY = 0.05
+DRAIN_AFTER_EXIT = 0.2
+MAX_LIST_ENTRIES = 100_000
+KEEP_EXITED = 64
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def resolve(future: "asyncio.Future[Any]", value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class GuestError(Exception):
+    """An error to report to the host as {"code", "message"}."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def os_error(exc: OSError, path: str = "") -> GuestError:
+    code = errno.errorcode.get(exc.errno or 0, "EIO")
+    where = path or exc.filename or ""
+    return GuestError(code, "%s: %s" % (where, exc.strerror) if where else str(exc.strerror))
+
+
+def check_path(params: Dict[str, Any], key: str = "path") -> str:
+    path = params.get(key)
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise GuestError("invalid_path", "%s must be an absolute path without NUL bytes" % key)
+    return path
+
+
+class Stream:
+    """One CALL's stream on the current connection: credit for what we send, data we receive."""
+
+    def __init__(self, agent: "Agent", stream_id: int) -> None:
+        self.agent = agent
+        self.id = stream_id
+        self.window = P.WINDOW_INITIAL
+        self.window_open = asyncio.Event()
+        self.window_open.set()
+        self.incoming: "asyncio.Queue[Optional[bytes]]" = asyncio.Queue()
+        self.cancelled = False
+        self.detached = False
+        self.on_input: Optional[Any] = None  # callback for STDIN frames (processes)
+
+    def grant(self, amount: int) -> None:
+        self.window += amount
+        if self.window > 0:
+            self.window_open.set()
+
+    async def send_data(self, kind: int, data: bytes) -> None:
+        while self.window <= 0 or self.detached:
+            self.window_open.clear()
+            await self.window_open.wait()
+        self.window -= len(data)
+        await self.agent.send(P.encode(self.id, kind, data))
+
+    async def event(self, message: Dict[str, Any]) -> None:
+        await self.agent.send(P.encode_json(self.id, P.EVENT, message))
+
+    async def read_input(self) -> Optional[bytes]:
+        """The next chunk of FILE data from the host, or None at EOF; returns credit for it."""
+        chunk = await self.incoming.get()
+        if chunk:
+            await self.agent.send(P.encode(self.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(chunk))))
+        return chunk
+
+
+class Proc:
+    """A process started by the host."""
+
+    def __init__(
+        self, proc_id: int, popen: "subprocess.Popen[bytes]", argv: List[str], tag: str
+    ) -> None:
+        self.id = proc_id
+        self.popen = popen
+        self.pid = popen.pid
+        self.argv = argv
+        self.tag = tag
+        self.exited = asyncio.Event()
+        self.status: Optional[int] = None
+        self.timed_out = False
+        self.stdin_fd: Optional[int] = None
+        self.pty_fd: Optional[int] = None
+        self.started = time.time()
+
+    def result(self) -> Dict[str, Any]:
+        status = self.status or 0
+        exit_code = None
+        sig = None
+        if os.WIFEXITED(status):
+            exit_code = os.WEXITSTATUS(status)
+        elif os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            exit_code = 128 + sig
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "exit_code": exit_code,
+            "signal": sig,
+            "timed_out": self.timed_out,
+        }
+
+    def describe(self) -> Dict[str, Any]:
+        info = {
+            "id": self.id,
+            "pid": self.pid,
+            "tag": self.tag,
+            "argv": self.argv,
+            "running": not self.exited.is_set(),
+            "started_at": self.started,
+        }
+        if self.exited.is_set():
+            info.update(self.result())
+        return info
+
+    def kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except OSError:
+            try:
+                os.kill(self.pid, sig)
+            except OSError:
+                pass
+
+
+class Agent:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.loop = asyncio.get_event_loop()
+        self.writer: Optional[asyncio.StreamWriter] = None
+        self.write_lock = asyncio.Lock()
+        self.streams: Dict[int, Stream] = {}
+        self.procs: Dict[int, Proc] = {}
+        self.by_pid: Dict[int, Proc] = {}
+        self.next_proc_id = 1
+        self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_AGENT_")}
+        self.base_env.setdefault("PATH", DEFAULT_PATH)
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            except OSError:
+                await asyncio.sleep(REDIAL_DELAY)
+                continue
+            self.writer = writer
+            try:
+                await self.send(
+                    P.encode_json(
+                        0,
+                        P.HELLO,
+                        {
+                            "version": P.VERSION,
+                            "pid": os.getpid(),
+                            "python": "%d.%d.%d" % sys.version_info[:3],
+                        },
+                    )
+                )
+                await self.serve(reader)
+            except (OSError, EOFError, asyncio.IncompleteReadError, P.ProtocolError):
+                pass
+            finally:
+                self.writer = None
+                writer.close()
+                for stream in self.streams.values():
+                    stream.detached = True
+                    stream.cancelled = True
+                    stream.incoming.put_nowait(None)
+                self.streams = {}
+            await asyncio.sleep(REDIAL_DELAY)
+
+    async def send(self, frame: bytes) -> None:
+        writer = self.writer
+        if writer is None:
+            raise ConnectionResetError("not connected")
+        async with self.write_lock:
+            writer.write(frame)
+            await writer.drain()
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            header = await reader.readexactly(P.HEADER.size)
+            length, stream_id, kind = P.decode_header(header)
+            payload = await reader.readexactly(length) if length else b""
+            if kind == P.CALL:
+                message = P.decode_json(payload)
+                stream = Stream(self, stream_id)
+                self.streams[stream_id] = stream
+                self.loop.create_task(self.dispatch(stream, message))
+            elif kind == P.QUIESCE:
+                return
+            else:
+                target = self.streams.get(stream_id)
+                if target is None:
+                    continue
+                if kind == P.WINDOW_UPDATE:
+                    target.grant(P.WINDOW.unpack(payload)[0])
+                elif kind == P.CANCEL:
+                    target.cancelled = True
+                    target.incoming.put_nowait(None)
+                    target.window_open.set()
+                elif kind == P.STDIN and target.on_input is not None:
+                    target.on_input(payload)
+                elif kind == P.FILE:
+                    target.incoming.put_nowait(payload)
+                elif kind == P.EOF:
+                    if target.on_input is not None:
+                        target.on_input(None)
+                    else:
+                        target.incoming.put_nowait(None)
+
+    async def dispatch(self, stream: Stream, message: Dict[str, Any]) -> None:
+        method = message.get("method")
+        params = message.get("params") or {}
+        handler = HANDLERS.get(method) if isinstance(method, str) else None
+        try:
+            if handler is None:
+                raise GuestError("unknown_method", "unknown method %r" % (method,))
+            if not isinstance(params, dict):
+                raise GuestError("invalid_request", "params must be an object")
+            result = await handler(self, stream, params)
+            reply: Dict[str, Any] = {"result": result}
+        except GuestError as exc:
+            reply = {"error": {"code": exc.code, "message": exc.message}}
+        except OSError as exc:
+            reply = {
+                "error": {
+                    "code": errno.errorcode.get(exc.errno or 0, "EIO"),
+                    "message": "%s: %s" % (exc.filename or method, exc.strerror),
+                }
+            }
+        except Exception as exc:  # a bug here must not take the agent down
+            reply = {
+                "error": {"code": "agent_error", "message": "%s: %s" % (type(exc).__name__, exc)}
+            }
+        self.streams.pop(stream.id, None)
+        if not stream.detached:
+            try:
+                await self.send(P.encode_json(stream.id, P.REPLY, reply))
+            except OSError:
+                pass
+
+    # -- processes --------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.by_pid.pop(pid, None)
+            if proc is not None:
+                proc.status = status
+                proc.popen.returncode = status  # stop Popen from waiting on a reaped child
+                proc.exited.set()
+
+    async def readable(self, fd: int, proc: Proc) -> bool:
+        """Wait until `fd` has data; once the process has exited, wait at most DRAIN_AFTER_EXIT."""
+        future = self.loop.create_future()
+        self.loop.add_reader(fd, lambda: resolve(future, True))
+        try:
+            if proc.exited.is_set():
+                done, _ = await asyncio.wait([future], timeout=DRAIN_AFTER_EXIT)
+                return bool(done)
+            exit_wait = self.loop.create_task(proc.exited.wait())
+            done, _ = await asyncio.wait([future, exit_wait], return_when=asyncio.FIRST_COMPLETED)
+            exit_wait.cancel()
+            if future in done:
+                return True
+            done, _ = await asyncio.wait([future], timeout=DRAIN_AFTER_EXIT)
+            return bool(done)
+        finally:
+            self.loop.remove_reader(fd)
+
+    async def pump(self, stream: Stream, proc: Proc, fd: int, kind: int) -> None:
+        try:
+            while await self.readable(fd, proc):
+                try:
+                    data = os.read(fd, P.CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:  # EIO: the PTY's other side is closed
+                    break
+                if not data:
+                    break
+                if not stream.cancelled:
+                    await stream.send_data(kind, data)
+        finally:
+            os.close(fd)
+
+    def resolve_user(self, user: Any) -> Optional[pwd.struct_passwd]:
+        if user in (None, "", 0, "root"):
+            return None
+        try:
+            return pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(str(user))
+        except KeyError:
+            raise GuestError(
+                "invalid_user", "user %r does not exist in this sandbox" % (user,)
+            ) from None
+
+    async def proc_start(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        argv = params.get("argv")
+        cmd = params.get("cmd")
+        if cmd is not None:
+            if not isinstance(cmd, str) or "\0" in cmd:
+                raise GuestError("invalid_request", "cmd must be a string without NUL bytes")
+            shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+            argv = [shell, "-c", cmd]
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) and "\0" not in a for a in argv)
+        ):
+            raise GuestError(
+                "invalid_request", "argv must be a non-empty list of strings without NUL"
+            )
+        cwd = params.get("cwd") or self.base_env.get("HOME") or "/"
+        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+            raise GuestError("invalid_cwd", "cwd must be an absolute path")
+        if not os.path.isdir(cwd):
+            raise GuestError(
+                "invalid_cwd", "working directory %s does not exist in the sandbox" % cwd
+            )
+        user = self.resolve_user(params.get("user"))
+        env = dict(self.base_env)
+        if user is not None:
+            env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+        extra_env = params.get("env") or {}
+        if not isinstance(extra_env, dict):
+            raise GuestError("invalid_request", "env must be an object")
+        env.update({str(k): str(v) for k, v in extra_env.items()})
+        pty = params.get("pty")
+        use_stdin = bool(params.get("stdin"))
+        timeout = params.get("timeout")
+        tag = str(params.get("tag") or "")
+
+        kwargs: Dict[str, Any] = {
+            "cwd": cwd,
+            "env": env,
+            "start_new_session": True,
+            "close_fds": True,
+        }
+        if user is not None:
+            kwargs.update(
+                user=user.pw_uid,
+                group=user.pw_gid,
+                extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+            )
+        child_fds: List[int] = []
+        ours: Dict[str, int] = {}
+        try:
+            if pty:
+                master, slave = os.openpty()
+                child_fds.append(slave)
+                rows, cols = int(pty.get("rows", 24)), int(pty.get("cols", 80))
+                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                if user is not None:
+                    os.fchown(slave, user.pw_uid, user.pw_gid)
+                env.setdefault("TERM", "xterm-256color")
+                kwargs.update(
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+                )
+                ours["pty"] = master
+            else:
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                child_fds += [out_w, err_w]
+                ours.update(stdout=out_r, stderr=err_r)
+                stdin_arg: Any = subprocess.DEVNULL
+                if use_stdin:
+                    in_r, in_w = os.pipe()
+                    child_fds.append(in_r)
+                    ours["stdin"] = in_w
+                    stdin_arg = in_r
+                kwargs.update(stdin=stdin_arg, stdout=out_w, stderr=err_w)
+            try:
+                popen = subprocess.Popen(argv, **kwargs)
+            except FileNotFoundError:
+                raise GuestError("command_not_found", "command not found: %s" % argv[0]) from None
+            except PermissionError:
+                raise GuestError("EACCES", "permission denied: %s" % argv[0]) from None
+        except BaseException:
+            for fd in list(ours.values()):
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+
+        proc = Proc(self.next_proc_id, popen, argv, tag)
+        self.next_proc_id += 1
+        self.procs[proc.id] = proc
+        self.by_pid[proc.pid] = proc
+        self.reap()  # it may already have exited before the handler was registered for it
+        for fd in ours.values():
+            os.set_blocking(fd, False)
+        proc.pty_fd = ours.get("pty")
+        proc.stdin_fd = ours.get("stdin", proc.pty_fd)
+        stream.on_input = lambda data: self.loop.create_task(self.feed_stdin(proc, stream, data))
+        timer = None
+        if isinstance(timeout, (int, float)) and timeout > 0:
+
+            def expire() -> None:
+                if not proc.exited.is_set():
+                    proc.timed_out = True
+                    proc.kill_group(signal.SIGKILL)
+
+            timer = self.loop.call_later(float(timeout), expire)
+
+        await stream.event({"type": "started", "id": proc.id, "pid": proc.pid})
+        if proc.pty_fd is not None:
+            pumps = [self.pump(stream, proc, os.dup(proc.pty_fd), P.STDOUT)]
+        else:
+            pumps = [
+                self.pump(stream, proc, ours["stdout"], P.STDOUT),
+                self.pump(stream, proc, ours["stderr"], P.STDERR),
+            ]
+        try:
+            await asyncio.gather(*pumps)
+            await proc.exited.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for leftover in (proc.pty_fd, ours.get("stdin")):
+                if leftover is not None:
+                    try:
+                        os.close(leftover)
+                    except OSError:
+                        pass
+            proc.stdin_fd = proc.pty_fd = None
+            self.forget_old()
+        return proc.result()
+
+    async def feed_stdin(self, proc: Proc, stream: Stream, data: Optional[bytes]) -> None:
+        fd = proc.stdin_fd
+        if fd is None:
+            return
+        if data is None:
+            if fd == proc.pty_fd:
+                data = b"\x04"  # end of input on a terminal is ^D, not a closed descriptor
+            else:
+                proc.stdin_fd = None
+                os.close(fd)
+                return
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(fd, view)
+                view = view[written:]
+            except BlockingIOError:
+                future = self.loop.create_future()
+                self.loop.add_writer(fd, functools.partial(resolve, future, None))
+                try:
+                    await future
+                finally:
+                    self.loop.remove_writer(fd)
+            except OSError:  # the process closed its stdin or exited
+                break
+        if not stream.detached and data != b"\x04":
+            try:
+                await self.send(P.encode(stream.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(data))))
+            except OSError:
+                pass
+
+    def forget_old(self) -> None:
+        exited = [p for p in self.procs.values() if p.exited.is_set()]
+        for proc in exited[:-KEEP_EXITED]:
+            del self.procs[proc.id]
+
+    def find_proc(self, params: Dict[str, Any]) -> Proc:
+        proc = self.procs.get(params.get("id"))  # type: ignore[arg-type]
+        if proc is None:
+            raise GuestError("process_not_found", "no process with id %r" % (params.get("id"),))
+        return proc
+
+    async def proc_signal(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        proc = self.find_proc(params)
+        sig = params.get("signal", "SIGKILL")
+        try:
+            signum = int(sig) if isinstance(sig, int) else int(getattr(signal, str(sig)))
+            signal.Signals(signum)
+        except (AttributeError, ValueError):
+            raise GuestError("invalid_request", "unknown signal %r" % (sig,)) from None
+        if not proc.exited.is_set():
+            proc.kill_group(signum)
+        return {"id": proc.id, "running": not proc.exited.is_set()}
+
+    async def proc_resize(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        proc = self.find_proc(params)
+        if proc.pty_fd is None:
+            raise GuestError("invalid_request", "process %d has no terminal to resize" % proc.id)
+        rows, cols = int(params.get("rows", 24)), int(params.get("cols", 80))
+        if not (0 < rows < 10000 and 0 < cols < 10000):
+            raise GuestError("invalid_request", "rows and cols must be between 1 and 9999")
+        fcntl.ioctl(proc.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        return {"id": proc.id, "rows": rows, "cols": cols}
+
+    async def proc_list(self, stream: Stream, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [proc.describe() for proc in self.procs.values()]
+
+    async def ping(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        return {"pong": True, "time": time.time()}
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def fs_read(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise GuestError("EISDIR", "%s is a directory" % path)
+            if not stat.S_ISREG(info.st_mode):
+                raise GuestError("invalid_path", "%s is not a regular file" % path)
+            os.set_blocking(fd, True)
+            await stream.event(
+                {"type": "file", "size": info.st_size, "mode": info.st_mode & 0o7777}
+            )
+            total = 0
+            while not stream.cancelled:
+                chunk = os.read(fd, P.CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                await stream.send_data(P.FILE, chunk)
+            return {"bytes": total, "cancelled": stream.cancelled}
+        finally:
+            os.close(fd)
+
+    async def fs_write(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        mode = params.get("mode")
+        append = bool(params.get("append"))
+        parent = os.path.dirname(path) or "/"
+        if params.get("parents", True):
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise os_error(exc, parent) from None
+        if os.path.isdir(path):
+            raise GuestError("EISDIR", "%s is a directory" % path)
+        # A new file is written beside the target and renamed over it, so a reader never sees
+        # half a file and a failed upload leaves the old content in place.
+        target = path
+        temp = None
+        try:
+            if append:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            else:
+                temp = os.path.join(parent, ".%s.corral-%d" % (os.path.basename(path), id(stream)))
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        total = 0
+        try:
+            while True:
+                chunk = await stream.read_input()
+                if chunk is None:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                total += len(chunk)
+            if stream.cancelled:
+                raise GuestError("cancelled", "upload to %s was cancelled" % path)
+            if temp is not None:
+                try:
+                    old = os.stat(target)
+                    os.fchmod(fd, old.st_mode & 0o7777)
+                    os.fchown(fd, old.st_uid, old.st_gid)
+                except OSError:
+                    pass
+            if isinstance(mode, int):
+                os.fchmod(fd, mode & 0o7777)
+            os.close(fd)
+            fd = -1
+            if temp is not None:
+                os.rename(temp, target)
+                temp = None
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+            while not stream.incoming.empty() or not stream.cancelled:  # drain what is in flight
+                if stream.incoming.empty():
+                    break
+                stream.incoming.get_nowait()
+        return {"bytes": total, "path": path}
+
+    async def fs_stat(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        try:
+            return describe(path, os.path.basename(path.rstrip("/")) or "/", os.lstat(path))
+        except OSError as exc:
+            raise os_error(exc, path) from None
+
+    async def fs_list(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        depth = params.get("depth", 1)
+        if not isinstance(depth, int) or not 1 <= depth <= 64:
+            raise GuestError("invalid_request", "depth must be between 1 and 64")
+        entries: List[Dict[str, Any]] = []
+        truncated = False
+        pending = [(path, 1)]
+        try:
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                raise GuestError("ENOTDIR", "%s is not a directory" % path)
+            while pending and not truncated:
+                directory, level = pending.pop()
+                try:
+                    with os.scandir(directory) as it:
+                        for entry in sorted(it, key=lambda e: e.name):
+                            full = os.path.join(directory, entry.name)
+                            info = entry.stat(follow_symlinks=False)
+                            entries.append(describe(full, entry.name, info))
+                            if len(entries) >= MAX_LIST_ENTRIES:
+                                truncated = True
+                                break
+                            if level < depth and stat.S_ISDIR(info.st_mode):
+                                pending.append((full, level + 1))
+                except PermissionError:
+                    if directory == path:
+                        raise
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return {"entries": entries, "truncated": truncated}
+
+    async def fs_mkdir(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        mode = params.get("mode", 0o755)
+        try:
+            if params.get("parents", True):
+                os.makedirs(path, mode=mode, exist_ok=True)
+            else:
+                os.mkdir(path, mode)
+            return describe(path, os.path.basename(path), os.lstat(path))
+        except OSError as exc:
+            raise os_error(exc, path) from None
+
+    async def fs_remove(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        if path.rstrip("/") == "":
+            raise GuestError("invalid_path", "refusing to remove the sandbox's root directory")
+        try:
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode):
+                if params.get("recursive"):
+                    shutil.rmtree(path)  # never follows symlinks out of the tree
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return {"removed": path}
+
+    async def fs_rename(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        src = check_path(params, "src")
+        dst = check_path(params, "dst")
+        try:
+            if not params.get("overwrite") and os.path.lexists(dst):
+                raise GuestError("EEXIST", "%s already exists" % dst)
+            os.rename(src, dst)
+            return describe(dst, os.path.basename(dst), os.lstat(dst))
+        except OSError as exc:
+            raise os_error(exc) from None
+
+    async def fs_chmod(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        path = check_path(params)
+        mode = params.get("mode")
+        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise GuestError("invalid_request", "mode must be an integer between 0 and 0o7777")
+        try:
+            os.chmod(path, mode)
+            return describe(path, os.path.basename(path), os.lstat(path))
+        except OSError as exc:
+            raise os_error(exc, path) from None
+
+
+def describe(path: str, name: str, info: os.stat_result) -> Dict[str, Any]:
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        kind = "dir"
+    elif stat.S_ISREG(mode):
+        kind = "file"
+    elif stat.S_ISLNK(mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    entry = {
+        "name": name,
+        "path": path,
+        "type": kind,
+        "size": info.st_size,
+        "mode": mode & 0o7777,
+        "mtime": info.st_mtime,
+        "uid": info.st_uid,
+        "gid": info.st_gid,
+    }
+    if kind == "symlink":
+        try:
+            entry["target"] = os.readlink(path)
+        except OSError:
+            entry["target"] = None
+    return entry
+
+
+HANDLERS = {
+    P.PING: Agent.ping,
+    P.PROC_START: Agent.proc_start,
+    P.PROC_SIGNAL: Agent.proc_signal,
+    P.PROC_RESIZE: Agent.proc_resize,
+    P.PROC_LIST: Agent.proc_list,
+    P.FS_READ: Agent.fs_read,
+    P.FS_WRITE: Agent.fs_write,
+    P.FS_STAT: Agent.fs_stat,
+    P.FS_LIST: Agent.fs_list,
+    P.FS_MKDIR: Agent.fs_mkdir,
+    P.FS_REMOVE: Agent.fs_remove,
+    P.FS_RENAME: Agent.fs_rename,
+    P.FS_CHMOD: Agent.fs_chmod,
+}
+
+
+def harden() -> None:
+    """Keep sandboxed code from reading or writing the agent's memory through /proc."""
+    try:
+        import ctypes  # noqa: PLC0415 - optional: some minimal Pythons lack it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
+    except (OSError, AttributeError, ImportError):
+        pass
+    # The host's stdio may be a pipe it stops reading; nothing here writes to it.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.stderr.write("usage: guest.py SOCKET_PATH\n")
+        sys.exit(2)
+    socket_path = sys.argv[1]
+    harden()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(Agent(socket_path).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The agent protocol: how the host and the guest agent talk over one socket per sandbox.
+
+Standard library only: the guest agent imports this module inside the sandbox.
+
+A connection carries length-prefixed frames. Each frame names a *stream* (a number the host
+picks when it sends a CALL) and a *kind*:
+
+    header  = struct "!IIB": payload length, stream, kind
+    payload = JSON for CALL / REPLY / EVENT / HELLO, raw bytes for data kinds,
+              "!I" (bytes granted) for WINDOW, one kind byte for EOF
+
+Every CALL is answered by exactly one REPLY, which ends the stream; EVENT and data frames may
+come before it. Data flows under per-stream credit, like HTTP/2: a sender may have at most
+WINDOW_INITIAL unacknowledged bytes in flight on a stream and the receiver returns credit with
+WINDOW frames as it consumes data. That keeps a 1 GiB file or a chatty process from filling
+memory on either side, and one slow stream from stalling the others.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+VERSION = 1
+
+HEADER = struct.Struct("!IIB")
+WINDOW = struct.Struct("!I")
+MAX_PAYLOAD = 16 * 1024 * 1024
+CHUNK = 64 * 1024
+WINDOW_INITIAL = 1024 * 1024
+
+# Frame kinds.
+CALL = 1  # host → guest: {"method": str, "params": {...}}
+REPLY = 2  # guest → host: {"result": ...} or {"error": {"code": str, "message": str}}
+EVENT = 3  # guest → host: {"type": str, ...}, before the REPLY
+STDIN = 4  # host → guest: bytes for a process's stdin
+STDOUT = 5  # guest → host: bytes a process wrote to stdout (or its PTY)
+STDERR = 6  # guest → host: bytes a process wrote to stderr
+FILE = 7  # either way: file content
+EOF = 8  # either way: payload is the data kind (STDIN or FILE) that has ended
+WINDOW_UPDATE = 9  # either way: the receiver consumed this many bytes of the stream's data
+CANCEL = 10  # host → guest: stop the stream now; the guest still sends its REPLY
+HELLO = 11  # guest → host, first frame on every connection: {"version", "pid", ...}
+QUIESCE = 12  # host → guest: close the connection and re-dial later (before a checkpoint)
+
+DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, FILE})
+
+# Method names.
+PING = "agent.ping"
+PROC_START = "proc.start"
+PROC_SIGNAL = "proc.signal"
+PROC_RESIZE = "proc.resize"
+PROC_LIST = "proc.list"
+FS_READ = "fs.read"
+FS_WRITE = "fs.write"
+FS_LIST = "fs.list"
+FS_STAT = "fs.stat"
+FS_MKDIR = "fs.mkdir"
+FS_REMOVE = "fs.remove"
+FS_RENAME = "fs.rename"
+FS_CHMOD = "fs.chmod"
+
+METHODS = frozenset(
+    {
+        PING,
+        PROC_START,
+        PROC_SIGNAL,
+        PROC_RESIZE,
+        PROC_LIST,
+        FS_READ,
+        FS_WRITE,
+        FS_LIST,
+        FS_STAT,
+        FS_MKDIR,
+        FS_REMOVE,
+        FS_RENAME,
+        FS_CHMOD,
+    }
+)
+
+# Where the host's pieces appear inside every sandbox.
+GUEST_DIR = "/run/corral"
+GUEST_AGENT_DIR = GUEST_DIR + "/agent"
+GUEST_SOCKET_DIR = GUEST_DIR + "/sock"
+SOCKET_NAME = "agent.sock"
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+def encode(stream: int, kind: int, payload: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError("frame payload of %d bytes is over the limit" % len(payload))
+    return HEADER.pack(len(payload), stream, kind) + payload
+
+
+def encode_json(stream: int, kind: int, message: object) -> bytes:
+    """One frame whose payload is `message` as compact JSON."""
+    return encode(stream, kind, json.dumps(message, separators=(",", ":")).encode())
+
+
+def decode_header(header: bytes) -> tuple[int, int, int]:
+    """(payload length, stream, kind) of a frame header, checked against the limits."""
+    length, stream, kind = HEADER.unpack(header)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError("frame payload of %d bytes is over the limit" % length)
+    return length, stream, kind
+
+
+def decode_json(payload: bytes) -> dict:  # type: ignore[type-arg]
+    """The JSON object in a payload; anything else is a protocol error."""
+    try:
+        message = json.loads(payload)
+    except ValueError as exc:
+        raise ProtocolError("payload is not JSON: %s" % exc) from None
+    if not isinstance(message, dict):
+        raise ProtocolError("payload is not a JSON object")
+    return message

@@ -1,0 +1,578 @@
+"""The engine: the per-node owner of sandboxes.
+
+It validates requests, turns them into plans, asks a runtime to run them, talks to each
+sandbox's guest agent, enforces lifetimes, and records why every sandbox ended.
+
+Example:
+    >>> async with Engine("/var/lib/corral") as engine:
+    ...     info = await engine.create(SandboxSpec(runtime="namespaces"))
+    ...     result = await engine.run(info.id, "python3 -c 'print(6*7)'")
+    ...     result.stdout
+    b'42\\n'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from corral import network, userns
+from corral.agent import protocol as P
+from corral.agentlink import unwrap
+from corral.errors import (
+    AgentUnavailable,
+    CorralError,
+    InvalidRequest,
+    SandboxFailed,
+    SandboxNotFound,
+)
+from corral.files import SandboxFiles
+from corral.ids import check_id, new_id
+from corral.images import ImageStore, Progress
+from corral.models import ExecResult, ProcessInfo, SandboxInfo
+from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
+from corral.process import Process
+from corral.runtimes import RUNTIMES, Runtime, check_runtime, default_runtime
+from corral.sandbox import Sandbox
+from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
+from corral.state import EndReason, SandboxState
+
+log = logging.getLogger("corral.engine")
+
+MiB = 1024 * 1024
+AGENT_FILES = ("guest.py", "protocol.py")
+ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
+
+
+def default_data_dir() -> Path:
+    """/var/lib/corral for root, else the user's data directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/corral")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral"
+
+
+class Engine:
+    """Creates, runs and ends sandboxes on this machine. Use as an async context manager."""
+
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        *,
+        default_runtime: str | None = None,
+        agent_timeout: float = 30.0,
+    ) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self._default_runtime = default_runtime
+        self.agent_timeout = agent_timeout
+        self.images = ImageStore(self.data_dir / "images")
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._runtimes: dict[str, Runtime] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._wake_reaper = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._firewall_ready = False
+        self._started = False
+
+    # -- life of the engine -----------------------------------------------------------------
+
+    async def start(self) -> Engine:
+        """Prepare the data directory and start the lifetime reaper. Idempotent."""
+        if self._started:
+            return self
+        await asyncio.to_thread(self._prepare_data_dir)
+        self._reaper = asyncio.create_task(self._reap_expired())
+        self._started = True
+        return self
+
+    async def close(self) -> None:
+        """Terminate every sandbox (reason: engine shutdown) and stop."""
+        live = [sb for sb in self._sandboxes.values() if sb.alive]
+        await asyncio.gather(
+            *(self._end(sb, EndReason.ENGINE_SHUTDOWN) for sb in live), return_exceptions=True
+        )
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for task in list(self._tasks):
+            task.cancel()
+        self._started = False
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _prepare_data_dir(self) -> None:
+        for directory in (self.data_dir, self.data_dir / "sandboxes", self.data_dir / "agent"):
+            directory.mkdir(parents=True, exist_ok=True)
+            # Sandboxes run as unprivileged host uids that must reach their own directory,
+            # the agent's code and the images: traverse, but never list or write.
+            directory.chmod(0o711)
+        for parent in self.data_dir.resolve().parents:
+            if not parent.stat().st_mode & 0o001:
+                raise SandboxFailed(
+                    f"data directory {self.data_dir} is inside {parent}, which other users cannot "
+                    "enter; sandboxes run as unprivileged users and must reach it. Choose another "
+                    "data directory (default /var/lib/corral)",
+                    code="bad_data_dir",
+                )
+        agent_dir = self.data_dir / "agent"
+        agent_dir.chmod(0o755)  # Python lists a directory to import from it
+        for name in AGENT_FILES:
+            source = resources.files("corral.agent").joinpath(name).read_bytes()
+            target = agent_dir / name
+            if not target.exists() or target.read_bytes() != source:
+                temp = agent_dir / f".{name}.tmp"
+                temp.write_bytes(source)
+                temp.chmod(0o644)
+                os.replace(temp, target)
+        (self.data_dir / "images").mkdir(exist_ok=True)
+        (self.data_dir / "images").chmod(0o711)
+
+    def runtime(self, name: str) -> Runtime:
+        if name not in self._runtimes:
+            self._runtimes[name] = RUNTIMES[name]()
+        return self._runtimes[name]
+
+    @property
+    def default_runtime(self) -> str:
+        return self._default_runtime or default_runtime()
+
+    # -- sandboxes --------------------------------------------------------------------------
+
+    async def create(
+        self, spec: SandboxSpec | None = None, *, progress: Progress | None = None
+    ) -> SandboxInfo:
+        """Create and start a sandbox; return once its agent answers.
+
+        Raises `InvalidRequest`/`RuntimeUnavailable` for a bad spec, `SandboxFailed` if the
+        runtime fails; either way nothing of the sandbox is left behind.
+        """
+        self._require_started()
+        spec = spec or SandboxSpec()
+        runtime_name = check_runtime(spec.runtime or self.default_runtime)
+        spec = spec.with_runtime(runtime_name)
+        image = await asyncio.to_thread(self.images.resolve, spec.image, progress)
+        plan = self._plan(
+            spec, image.layers, tuple(Bind(str(b.source), b.target) for b in image.binds)
+        )
+        if plan.network.policy == "internet":
+            await self._ensure_firewall()
+        runtime = self.runtime(runtime_name)
+        sandbox = Sandbox(spec, plan)
+        self._sandboxes[sandbox.id] = sandbox
+        try:
+            await asyncio.to_thread(runtime.create, plan)
+            await sandbox.link.listen()
+            sandbox.launch = await asyncio.to_thread(runtime.start, plan)
+            self._spawn(self._watch(sandbox))
+            await self._wait_for_agent(sandbox)
+        except BaseException as exc:
+            self._sandboxes.pop(sandbox.id, None)
+            sandbox.ending = True
+            await sandbox.link.close()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(runtime.destroy, plan)
+            if isinstance(exc, CorralError | asyncio.CancelledError):
+                raise
+            raise SandboxFailed(f"could not create the sandbox: {exc}") from exc
+        sandbox.expires_at = time.time() + spec.timeout
+        sandbox.move(SandboxState.RUNNING)
+        self._wake_reaper.set()
+        return sandbox.info()
+
+    def _plan(
+        self, spec: SandboxSpec, layers: Sequence[Path], binds: tuple[Bind, ...]
+    ) -> SandboxPlan:
+        sandbox_id = new_id("sb")
+        live = [sb for sb in self._sandboxes.values() if sb.alive]
+        net = PlanNetwork(spec.network)
+        if spec.network == "internet":
+            used = {sb.plan.network.index for sb in live}
+            free = next((i for i in range(network.POOL_SIZE) if i not in used), None)
+            if free is None:
+                raise SandboxFailed("no free address for another internet sandbox", code="capacity")
+            net = PlanNetwork("internet", free, network.nameservers())
+        return SandboxPlan(
+            sandbox_id=sandbox_id,
+            runtime=spec.runtime or self.default_runtime,
+            directory=str(self.data_dir / "sandboxes" / sandbox_id),
+            layers=tuple(str(layer) for layer in layers),
+            binds=binds,
+            env=dict(spec.env),
+            workdir=spec.workdir,
+            limits=PlanLimits(
+                cpu=spec.cpu,
+                memory_bytes=spec.memory_mb * MiB,
+                disk_bytes=spec.disk_mb * MiB,
+                max_processes=spec.max_processes,
+                tmp_bytes=min(spec.disk_mb, spec.memory_mb) * MiB,
+            ),
+            network=net,
+            uid_slot=userns.pick_slot({sb.plan.uid_slot for sb in live}),
+            agent_dir=str(self.data_dir / "agent"),
+            hostname=sandbox_id,
+        )
+
+    async def _ensure_firewall(self) -> None:
+        if not self._firewall_ready:
+            await asyncio.to_thread(network.install_firewall, network.nameservers())
+            self._firewall_ready = True
+
+    async def _wait_for_agent(self, sandbox: Sandbox) -> None:
+        connected = asyncio.ensure_future(sandbox.link.wait_connected(self.agent_timeout))
+        exited = asyncio.ensure_future(sandbox.exited.wait())
+        try:
+            await asyncio.wait({connected, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if connected.done():
+            connected.result()  # raises AgentUnavailable on timeout
+            return
+        connected.cancel()
+        raise SandboxFailed(
+            f"the {sandbox.runtime} runtime exited while starting the sandbox"
+            + (f": {sandbox.end_detail}" if sandbox.end_detail else ""),
+            code="runtime_failed",
+        )
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, sandbox: Sandbox) -> None:
+        """Wait for the sandbox's main process to exit; then record why and clean up."""
+        launch = sandbox.launch
+        assert launch is not None
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(launch.pid)
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0:
+            gone = loop.create_future()
+            loop.add_reader(pidfd, lambda: None if gone.done() else gone.set_result(None))
+            try:
+                await gone
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+        detail = None
+        if launch.child is not None:
+            sandbox.exit_status = launch.child.wait()
+            if launch.child.stderr is not None:
+                os.set_blocking(launch.child.stderr.fileno(), False)
+                with contextlib.suppress(OSError, TypeError):
+                    detail = (
+                        (launch.child.stderr.read(65536) or b"").decode(errors="replace").strip()
+                    )
+                launch.child.stderr.close()
+        sandbox.end_detail = detail or None
+        sandbox.exited.set()
+        if sandbox.state is SandboxState.CREATING:
+            return  # `create` reports the failure itself
+        if sandbox.ending or not sandbox.alive:
+            return
+        runtime = self.runtime(sandbox.runtime)
+        oom = await asyncio.to_thread(runtime.oom_kills, sandbox.plan)
+        if sandbox.exit_status == 0:
+            reason = EndReason.EXITED
+        elif oom:
+            reason = EndReason.OUT_OF_MEMORY
+        else:
+            reason = EndReason.RUNTIME_ERROR
+        await self._end(sandbox, reason, detail or f"exit status {sandbox.exit_status}")
+
+    async def _end(self, sandbox: Sandbox, reason: EndReason, detail: str | None = None) -> None:
+        """Stop `sandbox` for `reason` and release everything it holds. Idempotent."""
+        async with sandbox.lock:
+            if not sandbox.alive:
+                return
+            sandbox.ending = True
+            await sandbox.link.close()
+            try:
+                await asyncio.to_thread(self.runtime(sandbox.runtime).destroy, sandbox.plan)
+            except CorralError as exc:
+                log.error("cleaning up %s failed: %s", sandbox.id, exc)
+                detail = f"{detail or ''} (cleanup failed: {exc.message})".strip()
+            sandbox.end(reason, detail)
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        ended = [sb for sb in self._sandboxes.values() if not sb.alive]
+        for sandbox in ended[:-ENDED_KEPT]:
+            del self._sandboxes[sandbox.id]
+
+    async def _reap_expired(self) -> None:
+        """End sandboxes whose lifetime is over; wakes at the next deadline or every second."""
+        while True:
+            now = time.time()
+            next_deadline = now + 1.0
+            for sandbox in list(self._sandboxes.values()):
+                if not sandbox.alive or sandbox.expires_at is None or sandbox.ending:
+                    continue
+                if sandbox.expires_at <= now:
+                    self._spawn(self._end(sandbox, EndReason.TIMEOUT, "lifetime timeout reached"))
+                else:
+                    next_deadline = min(next_deadline, sandbox.expires_at)
+            self._wake_reaper.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake_reaper.wait(), max(0.0, next_deadline - time.time())
+                )
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise SandboxFailed(
+                "the engine is not started; use `async with Engine(...)`", code="not_started"
+            )
+
+    def _get(self, sandbox_id: str) -> Sandbox:
+        check_id(sandbox_id, "sb")
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        return sandbox
+
+    def _running(self, sandbox_id: str, action: str) -> Sandbox:
+        sandbox = self._get(sandbox_id)
+        sandbox.require(action, SandboxState.RUNNING)
+        if sandbox.ending:
+            sandbox.require(action)  # it is on its way out: no state allows the action
+        return sandbox
+
+    def get(self, sandbox_id: str) -> SandboxInfo:
+        """What is known about a sandbox, ended ones included (the last 1000)."""
+        return self._get(sandbox_id).info()
+
+    def list_sandboxes(
+        self, *, state: SandboxState | str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> list[SandboxInfo]:
+        """Sandboxes in creation order, optionally only those in `state` whose metadata match."""
+        if state is not None:
+            try:
+                state = SandboxState(state)
+            except ValueError:
+                states = ", ".join(s.value for s in SandboxState)
+                raise InvalidRequest(f"unknown state {state!r}; use one of {states}") from None
+        found = []
+        for sandbox in self._sandboxes.values():
+            if state is not None and sandbox.state is not state:
+                continue
+            if metadata and any(sandbox.spec.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            found.append(sandbox.info())
+        return found
+
+    async def terminate(self, sandbox_id: str) -> SandboxInfo:
+        """End a sandbox now (reason: terminated by user). Ending an ended sandbox is a no-op."""
+        sandbox = self._get(sandbox_id)
+        await self._end(sandbox, EndReason.USER, "terminated by request")
+        return sandbox.info()
+
+    async def pause(self, sandbox_id: str) -> SandboxInfo:
+        """Freeze every process of a running sandbox; memory stays, CPU use stops."""
+        sandbox = self._get(sandbox_id)
+        async with sandbox.lock:
+            sandbox.require("pause", SandboxState.RUNNING)
+            await asyncio.to_thread(self.runtime(sandbox.runtime).pause, sandbox.plan)
+            sandbox.move(SandboxState.PAUSED)
+        return sandbox.info()
+
+    async def resume(self, sandbox_id: str) -> SandboxInfo:
+        sandbox = self._get(sandbox_id)
+        async with sandbox.lock:
+            sandbox.require("resume", SandboxState.PAUSED)
+            await asyncio.to_thread(self.runtime(sandbox.runtime).resume, sandbox.plan)
+            sandbox.move(SandboxState.RUNNING)
+        return sandbox.info()
+
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
+        """Make the sandbox end `seconds` from now (at most 24 h)."""
+        sandbox = self._get(sandbox_id)
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 1 <= seconds <= MAX_TIMEOUT
+        ):
+            raise InvalidRequest(
+                f"timeout must be 1 to {MAX_TIMEOUT:g} seconds (24 h), got {seconds!r}"
+            )
+        sandbox.require("set the timeout of", SandboxState.RUNNING, SandboxState.PAUSED)
+        sandbox.expires_at = time.time() + float(seconds)
+        sandbox.save()
+        self._wake_reaper.set()
+        return sandbox.info()
+
+    # -- processes --------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str] | None = None,
+        *,
+        cmd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        timeout: float | None = None,
+        tag: str | None = None,
+    ) -> Process:
+        """Start a process: `argv`, or `cmd` run by the shell. Returns once it has started.
+
+        `pty=(rows, cols)` gives it a terminal (stdout and stderr then arrive merged);
+        `timeout` kills it (and its process group) after that many seconds.
+        """
+        sandbox = self._running(sandbox_id, "run a command in")
+        params: dict[str, Any] = {"stdin": bool(stdin)}
+        if (argv is None) == (cmd is None):
+            raise InvalidRequest("give either argv (a list of strings) or cmd (a shell string)")
+        if argv is not None:
+            if (
+                isinstance(argv, str | bytes)
+                or not argv
+                or not all(isinstance(a, str) for a in argv)
+            ):
+                raise InvalidRequest("argv must be a non-empty list of strings")
+            if any("\0" in a for a in argv):
+                raise InvalidRequest("argv must not contain NUL bytes")
+            params["argv"] = list(argv)
+        else:
+            if not isinstance(cmd, str) or not cmd.strip() or "\0" in cmd:
+                raise InvalidRequest("cmd must be a non-empty shell command without NUL bytes")
+            params["cmd"] = cmd
+        if env:
+            params["env"] = check_env(env)
+        params["cwd"] = check_sandbox_path(cwd, "cwd") if cwd is not None else sandbox.plan.workdir
+        if user is not None:
+            if not isinstance(user, str | int) or isinstance(user, bool):
+                raise InvalidRequest("user must be a user name or a numeric uid")
+            params["user"] = user
+        if pty is not None:
+            rows, cols = pty
+            if not (0 < rows < 10000 and 0 < cols < 10000):
+                raise InvalidRequest("pty rows and cols must be between 1 and 9999")
+            params["pty"] = {"rows": rows, "cols": cols}
+        if timeout is not None:
+            if (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, int | float)
+                or not 0 < timeout <= MAX_TIMEOUT
+            ):
+                raise InvalidRequest(
+                    f"timeout must be 0 to {MAX_TIMEOUT:g} seconds, got {timeout!r}"
+                )
+            params["timeout"] = float(timeout)
+        if tag is not None:
+            params["tag"] = str(tag)[:256]
+        runtime = self.runtime(sandbox.runtime)
+        ooms_before = await asyncio.to_thread(runtime.oom_kills, sandbox.plan)
+        channel = await sandbox.link.open(P.PROC_START, params)
+        kind, payload = await channel.receive()
+        if kind == P.REPLY:
+            unwrap(payload)
+            raise SandboxFailed("the guest agent ended the process before starting it")
+        if kind != P.EVENT or payload.get("type") != "started":
+            raise SandboxFailed(f"unexpected first frame from the guest agent: {kind}")
+
+        def oom_check() -> bool:
+            return runtime.oom_kills(sandbox.plan) > ooms_before
+
+        return Process(sandbox.link, channel, payload, oom_check)
+
+    async def run(
+        self,
+        sandbox_id: str,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        timeout: float | None = 60.0,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        """Run a command to completion and return its exit code and output.
+
+        A string runs through the shell; a list is an argv. A command past `timeout` seconds
+        is killed and its result says `timed_out`.
+        """
+        if isinstance(cmd, str):
+            process = await self.exec(
+                sandbox_id,
+                cmd=cmd,
+                env=env,
+                cwd=cwd,
+                user=user,
+                timeout=timeout,
+                stdin=stdin is not None,
+            )
+        else:
+            process = await self.exec(
+                sandbox_id,
+                list(cmd),
+                env=env,
+                cwd=cwd,
+                user=user,
+                timeout=timeout,
+                stdin=stdin is not None,
+            )
+        if stdin is not None:
+            await process.write_stdin(stdin)
+            await process.close_stdin()
+        return await process.wait()
+
+    async def processes(self, sandbox_id: str) -> list[ProcessInfo]:
+        """Processes the agent started in this sandbox (running and recently ended)."""
+        sandbox = self._running(sandbox_id, "list the processes of")
+        return [ProcessInfo.from_guest(p) for p in await sandbox.link.call(P.PROC_LIST, {})]
+
+    async def signal(
+        self, sandbox_id: str, process_id: int, sig: int | str = signal.SIGTERM
+    ) -> None:
+        """Send a signal to a process (and its group) by its id."""
+        sandbox = self._running(sandbox_id, "signal a process in")
+        name = sig.name if isinstance(sig, signal.Signals) else sig
+        await sandbox.link.call(P.PROC_SIGNAL, {"id": process_id, "signal": name})
+
+    # -- files ------------------------------------------------------------------------------
+
+    def files(self, sandbox_id: str) -> SandboxFiles:
+        """The file API of a running sandbox."""
+        return SandboxFiles(self._running(sandbox_id, "use the files of").link)
+
+    async def ping(self, sandbox_id: str) -> float:
+        """Round trip to the sandbox's guest agent, in seconds."""
+        sandbox = self._running(sandbox_id, "ping")
+        start = time.perf_counter()
+        try:
+            await sandbox.link.call(P.PING, {})
+        except AgentUnavailable:
+            raise
+        return time.perf_counter() - start
+
+
+def remove_data_dir(path: Path) -> None:
+    """Delete a data directory an engine no longer uses (tests, uninstall)."""
+    shutil.rmtree(path, ignore_errors=True)

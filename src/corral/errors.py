@@ -1,0 +1,174 @@
+"""Every error Corral raises, in one tree rooted at `CorralError`.
+
+Each class carries the HTTP status it maps to and a stable, machine-readable `code`; the message
+says what happened and what to do about it.
+
+    CorralError                    500 internal_error
+    ├── InvalidRequest             400 invalid_request
+    │   └── InvalidPath            400 invalid_path
+    ├── PermissionDenied           403 permission_denied
+    ├── NotFound                   404 not_found
+    │   ├── SandboxNotFound        404 sandbox_not_found
+    │   └── FileNotFound           404 file_not_found
+    ├── CommandTimeout             408 command_timeout
+    ├── Conflict                   409 conflict
+    │   ├── InvalidState           409 invalid_state
+    │   └── FileExists             409 file_exists
+    ├── RuntimeUnavailable         422 runtime_unavailable
+    ├── NoSpace                    507 no_space
+    └── SandboxFailed              500 sandbox_failed
+        └── AgentUnavailable       503 agent_unavailable
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, ClassVar
+
+
+class CorralError(Exception):
+    """Root of every error Corral raises.
+
+    Example:
+        >>> try:
+        ...     raise SandboxNotFound("no sandbox sb-123")
+        ... except CorralError as exc:
+        ...     print(exc.status_code, exc.code)
+        404 sandbox_not_found
+    """
+
+    status_code: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as the JSON body the HTTP API returns."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidRequest(CorralError):
+    """The request is malformed or names impossible values; fix it and retry."""
+
+    status_code = 400
+    default_code = "invalid_request"
+
+
+class InvalidPath(InvalidRequest):
+    """A sandbox path is relative, contains NUL, or names the wrong kind of file."""
+
+    default_code = "invalid_path"
+
+
+class PermissionDenied(CorralError):
+    """The sandbox's own permissions forbid the operation."""
+
+    status_code = 403
+    default_code = "permission_denied"
+
+
+class NotFound(CorralError):
+    """The named thing does not exist."""
+
+    status_code = 404
+    default_code = "not_found"
+
+
+class SandboxNotFound(NotFound):
+    """No sandbox has this id (or it belongs to someone else)."""
+
+    default_code = "sandbox_not_found"
+
+
+class FileNotFound(NotFound):
+    """No file or directory at this path inside the sandbox."""
+
+    default_code = "file_not_found"
+
+
+class CommandTimeout(CorralError):
+    """A command ran past its timeout and was killed."""
+
+    status_code = 408
+    default_code = "command_timeout"
+
+
+class Conflict(CorralError):
+    """The request conflicts with the current state of a resource."""
+
+    status_code = 409
+    default_code = "conflict"
+
+
+class InvalidState(Conflict):
+    """The sandbox is in a state that does not allow this operation."""
+
+    default_code = "invalid_state"
+
+
+class FileExists(Conflict):
+    """Something already exists at this path inside the sandbox."""
+
+    default_code = "file_exists"
+
+
+class RuntimeUnavailable(CorralError):
+    """The requested runtime is unknown or cannot run on this machine."""
+
+    status_code = 422
+    default_code = "runtime_unavailable"
+
+
+class NoSpace(CorralError):
+    """The sandbox's disk quota is full."""
+
+    status_code = 507
+    default_code = "no_space"
+
+
+class SandboxFailed(CorralError):
+    """The runtime failed to start or keep the sandbox running."""
+
+    status_code = 500
+    default_code = "sandbox_failed"
+
+
+class AgentUnavailable(SandboxFailed):
+    """The guest agent inside the sandbox does not answer."""
+
+    status_code = 503
+    default_code = "agent_unavailable"
+
+
+_ERRNO_ERRORS: dict[str, type[CorralError]] = {
+    "ENOENT": FileNotFound,
+    "EEXIST": FileExists,
+    "ENOTEMPTY": FileExists,
+    "EACCES": PermissionDenied,
+    "EPERM": PermissionDenied,
+    "EROFS": PermissionDenied,
+    "ENOSPC": NoSpace,
+    "EDQUOT": NoSpace,
+    "ENOTDIR": InvalidPath,
+    "EISDIR": InvalidPath,
+    "ELOOP": InvalidPath,
+    "ENAMETOOLONG": InvalidPath,
+    "EINVAL": InvalidRequest,
+    "EXDEV": InvalidRequest,
+}
+
+
+def from_guest(code: str, message: str) -> CorralError:
+    """Map an error reported by the guest agent (an errno name or a Corral code) to our tree."""
+    cls = _ERRNO_ERRORS.get(code)
+    if cls is not None:
+        return cls(message, code=cls.default_code)
+    for candidate in (CommandTimeout, InvalidPath, InvalidRequest, FileNotFound):
+        if candidate.default_code == code:
+            return candidate(message)
+    if code in errno.errorcode.values():
+        return SandboxFailed(message, code="guest_os_error")
+    return SandboxFailed(message, code=code or SandboxFailed.default_code)

@@ -1,0 +1,118 @@
+"""Plain result types the engine returns: sandbox info, command results, file and process info."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from corral.spec import SandboxSpec
+from corral.state import EndReason, SandboxState
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One entry of a sandbox's history."""
+
+    state: SandboxState
+    at: float  # Unix time
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A snapshot of what the engine knows about one sandbox."""
+
+    id: str
+    state: SandboxState
+    runtime: str
+    spec: SandboxSpec
+    created_at: float
+    expires_at: float | None
+    ended_at: float | None = None
+    end_reason: EndReason | None = None
+    end_detail: str | None = None
+    history: tuple[StateChange, ...] = ()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.spec.metadata)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a command ended, with the output nobody streamed elsewhere."""
+
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    pid: int | None = None
+    id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def text(self, stream: str = "stdout") -> str:
+        data = self.stdout if stream == "stdout" else self.stderr
+        return data.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file, directory or symlink inside a sandbox."""
+
+    name: str
+    path: str
+    type: str  # "file", "dir", "symlink" or "other"
+    size: int
+    mode: int
+    mtime: float
+    uid: int
+    gid: int
+    target: str | None = None  # where a symlink points
+
+    @classmethod
+    def from_guest(cls, data: dict[str, Any]) -> FileInfo:
+        return cls(
+            name=data["name"],
+            path=data["path"],
+            type=data["type"],
+            size=data["size"],
+            mode=data["mode"],
+            mtime=data["mtime"],
+            uid=data["uid"],
+            gid=data["gid"],
+            target=data.get("target"),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process the guest agent started (running, or recently ended)."""
+
+    id: int
+    pid: int
+    argv: tuple[str, ...]
+    tag: str
+    running: bool
+    exit_code: int | None = None
+
+    @classmethod
+    def from_guest(cls, data: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            id=data["id"],
+            pid=data["pid"],
+            argv=tuple(data["argv"]),
+            tag=data.get("tag", ""),
+            running=data["running"],
+            exit_code=data.get("exit_code"),
+        )

@@ -1,0 +1,136 @@
+"""A sandbox plan: everything a runtime needs to build one sandbox, as plain, printable data.
+
+The engine turns a `SandboxSpec` and a resolved image into a `SandboxPlan`; the runtime only
+executes plans. Every host path a runtime touches for a sandbox derives from the plan, so
+cleanup is idempotent and a restarted engine can rebuild the plan from what it saved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.agent import protocol
+from corral.spec import NetworkPolicy
+
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host directory or file made visible inside the sandbox."""
+
+    source: str  # host path
+    target: str  # sandbox path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """Resource limits, in the units the kernel wants."""
+
+    cpu: float
+    memory_bytes: int
+    disk_bytes: int
+    max_processes: int
+    tmp_bytes: int
+
+
+@dataclass(frozen=True)
+class PlanNetwork:
+    """The sandbox's network: `none` (own loopback only) or `internet` (NAT, filtered)."""
+
+    policy: NetworkPolicy
+    index: int = -1  # the sandbox's /30 in the internet address pool
+    nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """What to build for one sandbox."""
+
+    sandbox_id: str
+    runtime: str
+    directory: str  # per-sandbox host directory, owned by the engine
+    layers: tuple[str, ...]  # read-only root layers, topmost first
+    binds: tuple[Bind, ...]
+    env: Mapping[str, str]
+    workdir: str
+    limits: PlanLimits
+    network: PlanNetwork
+    uid_slot: int  # the sandbox's private host uid range (see corral.userns)
+    agent_dir: str  # host directory holding the guest agent's code
+    hostname: str = "sandbox"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # Paths derived from `directory`; nothing else decides where a sandbox's files live.
+    @property
+    def dir(self) -> Path:
+        return Path(self.directory)
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.dir / "sock"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket_dir / protocol.SOCKET_NAME
+
+    @property
+    def disk_image(self) -> Path:
+        return self.dir / "disk.img"
+
+    @property
+    def disk_dir(self) -> Path:
+        return self.dir / "disk"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def cgroup_name(self) -> str:
+        return f"corral/{self.sandbox_id}"
+
+    @property
+    def agent_argv(self) -> list[str]:
+        """How the sandbox's first process, the guest agent, is started."""
+        return [
+            "python3",
+            "-I",
+            "-S",
+            f"{protocol.GUEST_AGENT_DIR}/guest.py",
+            f"{protocol.GUEST_SOCKET_DIR}/{protocol.SOCKET_NAME}",
+        ]
+
+    @property
+    def guest_env(self) -> dict[str, str]:
+        return {**DEFAULT_ENV, **self.env}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["env"] = dict(self.env)
+        data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SandboxPlan:
+        values = dict(data)
+        values["layers"] = tuple(values["layers"])
+        values["binds"] = tuple(Bind(**b) for b in values["binds"])
+        values["limits"] = PlanLimits(**values["limits"])
+        network = dict(values["network"])
+        network["nameservers"] = tuple(network.get("nameservers", ()))
+        values["network"] = PlanNetwork(**network)
+        return cls(**values)
+
+    def describe(self) -> str:
+        """The plan as indented JSON, for logs and debugging."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

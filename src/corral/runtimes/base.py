@@ -1,0 +1,147 @@
+"""The runtime interface: how the engine asks an isolation technology to run a sandbox plan.
+
+A runtime is stateless: everything it creates for a sandbox derives from the `SandboxPlan`, so
+any method can be called again after an engine restart. Methods block (they mount, write cgroup
+files and run short commands); the engine calls them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from corral.cgroups import Cgroup, CgroupLimits
+from corral.errors import SandboxFailed
+from corral.plan import SandboxPlan
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass
+class Launch:
+    """A started sandbox: the host pid whose exit ends it, and that process if it is our child."""
+
+    pid: int
+    child: subprocess.Popen[bytes] | None = None
+
+
+class Runtime(ABC):
+    """One isolation technology. Subclasses live one per module in `corral.runtimes`."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """None if this machine can run the runtime, else a sentence saying why not."""
+
+    @abstractmethod
+    def create(self, plan: SandboxPlan) -> None:
+        """Build everything the sandbox needs on the host (root filesystem, cgroup, config).
+
+        On failure, whatever was built is removed before the error propagates.
+        """
+
+    @abstractmethod
+    def start(self, plan: SandboxPlan) -> Launch:
+        """Start the sandbox and its guest agent."""
+
+    @abstractmethod
+    def pause(self, plan: SandboxPlan) -> None:
+        """Stop every process in the sandbox, keeping its memory."""
+
+    @abstractmethod
+    def resume(self, plan: SandboxPlan) -> None:
+        """Undo `pause`."""
+
+    @abstractmethod
+    def destroy(self, plan: SandboxPlan) -> None:
+        """Kill the sandbox and remove all it had on the host. Idempotent."""
+
+    def oom_kills(self, plan: SandboxPlan) -> int:
+        """How many of the sandbox's processes the kernel has killed for lack of memory."""
+        return cgroup_for(plan).oom_kills()
+
+    # Hooks for memory snapshots; runtimes that can checkpoint override them.
+    def checkpoint(self, plan: SandboxPlan, image_dir: Path) -> None:
+        """Save the running sandbox (memory and files) into `image_dir`."""
+        raise SandboxFailed(
+            f"the {self.name} runtime cannot checkpoint sandboxes", code="not_supported"
+        )
+
+    def restore(self, plan: SandboxPlan, image_dir: Path) -> Launch:
+        """Start a sandbox from a checkpoint in `image_dir`."""
+        raise SandboxFailed(
+            f"the {self.name} runtime cannot restore sandboxes", code="not_supported"
+        )
+
+
+def cgroup_for(plan: SandboxPlan) -> Cgroup:
+    return Cgroup(plan.cgroup_name)
+
+
+def create_cgroup(plan: SandboxPlan) -> Cgroup:
+    cgroup = cgroup_for(plan)
+    cgroup.create(
+        CgroupLimits(
+            memory_bytes=plan.limits.memory_bytes,
+            max_processes=plan.limits.max_processes,
+            cpu=plan.limits.cpu,
+        )
+    )
+    return cgroup
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    cgroup: Cgroup,
+    netns: Path | None = None,
+    uid: int | None = None,
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` already inside the sandbox's cgroup (and network namespace, and host uid).
+
+    Joining happens in the child before exec, so not even the runtime's first process ever
+    runs outside the limits. The child starts its own session and is not tied to the engine's
+    life: the sandbox survives an engine restart.
+    """
+    procs = [os.fsencode(p) for p in cgroup.procs_files]
+    netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns is not None else -1
+
+    def enter() -> None:
+        for path in procs:
+            fd = os.open(path, os.O_WRONLY)
+            os.write(fd, b"0")
+            os.close(fd)
+        if netns_fd >= 0 and _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns(net) failed")
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=tuple(pass_fds),
+            env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            start_new_session=True,
+            preexec_fn=enter,  # noqa: PLW1509 - the only way to join cgroups before exec
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxFailed(f"could not start {argv[0]}: {exc}", code="runtime_failed") from exc
+    finally:
+        if netns_fd >= 0:
+            os.close(netns_fd)

@@ -1,0 +1,206 @@
+"""The `namespaces` runtime: bubblewrap, Linux namespaces, seccomp and cgroups.
+
+Security model, layer by layer:
+
+- **Unprivileged on the host.** bubblewrap runs as the sandbox's own host uid (a private range
+  above 2,000,000,000, see `corral.userns`), inside a user namespace where that uid is root. Root
+  in the sandbox can therefore do nothing on the host that an unknown user could not.
+- **Namespaces.** Mount, pid, ipc, uts, cgroup and network namespaces are all new: the sandbox
+  sees its own root filesystem, its own process tree and (unless `internet`) only a loopback.
+- **Capabilities.** Root inside keeps only what package managers and `su` need within its own
+  uid range (chown, dac_override, fowner, fsetid, kill, setuid, setgid, setpcap, setfcap,
+  net_bind_service, sys_chroot); no CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE.
+- **seccomp.** `corral.seccomp` refuses mount, ptrace, namespace and kernel-loading calls.
+- **cgroups.** Memory, pids and CPU limits, and the freezer for pause, applied before the first
+  process of the sandbox runs.
+- **Filesystem.** The root is an overlay built on the host; the writable layer is a quota disk.
+
+No `--die-with-parent`: a sandbox outlives the engine process that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from corral import mounts, network, seccomp, userns
+from corral.cgroups import layout
+from corral.errors import SandboxFailed
+from corral.plan import SandboxPlan
+from corral.runtimes.base import Launch, Runtime, cgroup_for, create_cgroup, spawn
+
+SANDBOX_CAPS = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_SETFCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+)
+
+
+class NamespacesRuntime(Runtime):
+    """Sandboxes as bubblewrap process trees."""
+
+    name = "namespaces"
+
+    def __init__(self) -> None:
+        # User namespaces made in `create`, handed to bubblewrap in `start`.
+        self._userns: dict[str, int] = {}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if os.geteuid() != 0:
+            return "the engine must run as root to set up sandboxes"
+        for tool in ("bwrap", "unshare", "mkfs.ext4", "mount"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed (run scripts/setup as root)"
+        try:
+            if int(Path("/proc/sys/user/max_user_namespaces").read_text()) == 0:
+                return "user namespaces are disabled (user.max_user_namespaces = 0)"
+        except (OSError, ValueError):
+            return "this kernel has no user namespaces"
+        if not layout():
+            return "no usable cgroup hierarchy under /sys/fs/cgroup"
+        try:
+            seccomp.filter_program()
+        except SandboxFailed as exc:
+            return exc.message
+        return None
+
+    def create(self, plan: SandboxPlan) -> None:
+        try:
+            self._create(plan)
+        except BaseException:
+            self.destroy(plan)
+            raise
+
+    def _create(self, plan: SandboxPlan) -> None:
+        uid = userns.host_uid(plan.uid_slot)
+        plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        # Root-owned and not writable from inside: the sandbox can connect to the socket but
+        # can neither replace it nor plant a symlink the host would follow.
+        plan.socket_dir.mkdir(mode=0o755, exist_ok=True)
+        plan.rootfs.mkdir(exist_ok=True)
+        mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
+        upper, work = plan.disk_dir / "upper", plan.disk_dir / "work"
+        upper.mkdir(mode=0o755)
+        work.mkdir(mode=0o700)
+        os.chown(upper, uid, uid)  # so "/" belongs to root inside
+
+        fd = userns.create(plan.uid_slot)
+        self._userns[plan.sandbox_id] = fd
+        lowers = []
+        for index, layer in enumerate(plan.layers):
+            lower = plan.dir / "lower" / str(index)
+            lower.mkdir(parents=True, exist_ok=True)
+            mounts.idmapped_bind(Path(layer), lower, fd)
+            lowers.append(lower)
+        try:
+            mounts.overlay(lowers, upper, work, plan.rootfs)
+        finally:
+            # The overlay holds its own references to the layers; the staging mounts can go.
+            mounts.unmount_all(lowers)
+        create_cgroup(plan)
+        if plan.network.policy == "internet":
+            network.create(plan)
+            (plan.dir / "resolv.conf").write_text(network.resolv_conf(plan))
+
+    def start(self, plan: SandboxPlan) -> Launch:
+        fd = self._userns.pop(plan.sandbox_id, -1)
+        if fd < 0:
+            fd = userns.create(plan.uid_slot)
+        program = seccomp.program_fd()
+        try:
+            argv = self.bwrap_argv(plan, userns_fd=fd, seccomp_fd=program)
+            child = spawn(
+                argv,
+                cgroup=cgroup_for(plan),
+                netns=network.netns_path(plan) if plan.network.policy == "internet" else None,
+                uid=userns.host_uid(plan.uid_slot),
+                pass_fds=(fd, program),
+            )
+        finally:
+            os.close(fd)
+            os.close(program)
+        return Launch(child.pid, child)
+
+    def bwrap_argv(self, plan: SandboxPlan, *, userns_fd: int, seccomp_fd: int) -> list[str]:
+        """The bubblewrap command line for `plan` (printable, for debugging)."""
+        argv = [
+            "bwrap",
+            "--userns",
+            str(userns_fd),
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup",
+            "--hostname",
+            plan.hostname,
+            "--bind",
+            str(plan.rootfs),
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--perms",
+            "1777",
+            "--size",
+            str(plan.limits.tmp_bytes),
+            "--tmpfs",
+            "/tmp",
+            "--tmpfs",
+            "/run",
+            "--ro-bind",
+            plan.agent_dir,
+            "/run/corral/agent",
+            "--ro-bind",
+            str(plan.socket_dir),
+            "/run/corral/sock",
+        ]
+        if plan.network.policy != "internet":
+            argv.append("--unshare-net")
+        else:
+            argv += ["--ro-bind", str(plan.dir / "resolv.conf"), "/etc/resolv.conf"]
+        for bind in plan.binds:
+            argv += ["--ro-bind" if bind.readonly else "--bind", bind.source, bind.target]
+        argv += ["--chdir", "/", "--new-session", "--cap-drop", "ALL"]
+        for cap in SANDBOX_CAPS:
+            argv += ["--cap-add", cap]
+        argv += ["--seccomp", str(seccomp_fd), "--clearenv"]
+        for key, value in plan.guest_env.items():
+            argv += ["--setenv", key, value]
+        return [*argv, "--", *plan.agent_argv]
+
+    def pause(self, plan: SandboxPlan) -> None:
+        cgroup_for(plan).freeze()
+
+    def resume(self, plan: SandboxPlan) -> None:
+        cgroup_for(plan).thaw()
+
+    def destroy(self, plan: SandboxPlan) -> None:
+        fd = self._userns.pop(plan.sandbox_id, -1)
+        if fd >= 0:
+            os.close(fd)
+        cgroup = cgroup_for(plan)
+        if cgroup.exists():
+            cgroup.kill_all()
+            deadline = time.monotonic() + 5
+            while cgroup.pids() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        network.destroy(plan)
+        if cgroup.exists():
+            cgroup.destroy()
+        mounts.remove_tree(plan.dir)

@@ -1,0 +1,63 @@
+"""The sandbox state machine: the only place that decides which transitions are legal.
+
+creating ──> running ⇄ paused
+             running ──> hibernated ──> running     (reserved for memory snapshots)
+any state ──> terminated                            (with an EndReason)
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from corral.errors import InvalidState
+
+
+class SandboxState(StrEnum):
+    """Where a sandbox is in its life."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HIBERNATED = "hibernated"
+    TERMINATED = "terminated"
+
+
+class EndReason(StrEnum):
+    """Why a sandbox ended; every terminated sandbox records exactly one."""
+
+    EXITED = "exited"  # its agent (and so its process tree) exited on its own
+    TIMEOUT = "timeout"  # its lifetime ran out
+    USER = "terminated_by_user"
+    OUT_OF_MEMORY = "out_of_memory"
+    ENGINE_SHUTDOWN = "engine_shutdown"
+    RUNTIME_ERROR = "runtime_error"  # the runtime failed to start it or it died unexpectedly
+
+
+_ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.CREATING: frozenset({SandboxState.RUNNING, SandboxState.TERMINATED}),
+    SandboxState.RUNNING: frozenset(
+        {SandboxState.PAUSED, SandboxState.HIBERNATED, SandboxState.TERMINATED}
+    ),
+    SandboxState.PAUSED: frozenset({SandboxState.RUNNING, SandboxState.TERMINATED}),
+    SandboxState.HIBERNATED: frozenset({SandboxState.RUNNING, SandboxState.TERMINATED}),
+    SandboxState.TERMINATED: frozenset(),
+}
+
+
+def check_transition(sandbox_id: str, current: SandboxState, target: SandboxState) -> None:
+    """Raise `InvalidState` naming both states unless `current → target` is legal."""
+    if target not in _ALLOWED[current]:
+        raise InvalidState(
+            f"cannot move sandbox {sandbox_id} from {current} to {target}",
+        )
+
+
+def require_state(
+    sandbox_id: str, action: str, current: SandboxState, *allowed: SandboxState
+) -> None:
+    """Raise `InvalidState` unless the sandbox is in one of `allowed` states for `action`."""
+    if current not in allowed:
+        wanted = " or ".join(str(state) for state in allowed)
+        raise InvalidState(
+            f"cannot {action} sandbox {sandbox_id} in state {current}; it must be {wanted}"
+        )
