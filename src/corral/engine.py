@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -280,13 +281,7 @@ class Engine:
         detail = None
         if launch.child is not None:
             sandbox.exit_status = launch.child.wait()
-            if launch.child.stderr is not None:
-                os.set_blocking(launch.child.stderr.fileno(), False)
-                with contextlib.suppress(OSError, TypeError):
-                    detail = (
-                        (launch.child.stderr.read(65536) or b"").decode(errors="replace").strip()
-                    )
-                launch.child.stderr.close()
+            detail = _read_stderr(launch.child)
         sandbox.end_detail = detail or None
         sandbox.exited.set()
         if sandbox.state is SandboxState.CREATING:
@@ -317,6 +312,9 @@ class Engine:
                 detail = f"{detail or ''} (cleanup failed: {exc.message})".strip()
             sandbox.end(reason, detail)
             self._forget_old()
+        # The watcher reaps the runtime's process once it has gone; let it finish.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sandbox.exited.wait(), 10)
 
     def _forget_old(self) -> None:
         ended = [sb for sb in self._sandboxes.values() if not sb.alive]
@@ -571,6 +569,19 @@ class Engine:
         except AgentUnavailable:
             raise
         return time.perf_counter() - start
+
+
+def _read_stderr(child: subprocess.Popen[bytes]) -> str:
+    """What a runtime process wrote to its stderr pipe (its setup errors), then close it."""
+    if child.stderr is None:
+        return ""
+    try:
+        os.set_blocking(child.stderr.fileno(), False)
+        return (child.stderr.read(65536) or b"").decode(errors="replace").strip()
+    except (OSError, TypeError):
+        return ""
+    finally:
+        child.stderr.close()
 
 
 def remove_data_dir(path: Path) -> None:

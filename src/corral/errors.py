@@ -161,14 +161,26 @@ _ERRNO_ERRORS: dict[str, type[CorralError]] = {
 }
 
 
+# Codes the guest agent reports itself, kept as they are.
+_GUEST_CODES: dict[str, type[CorralError]] = {
+    "invalid_request": InvalidRequest,
+    "invalid_path": InvalidPath,
+    "invalid_cwd": InvalidRequest,
+    "invalid_user": InvalidRequest,
+    "command_not_found": InvalidRequest,
+    "process_not_found": NotFound,
+    "cancelled": Conflict,
+}
+
+
 def from_guest(code: str, message: str) -> CorralError:
-    """Map an error reported by the guest agent (an errno name or a Corral code) to our tree."""
+    """Map an error reported by the guest agent (an errno name or its own code) to our tree."""
     cls = _ERRNO_ERRORS.get(code)
     if cls is not None:
         return cls(message, code=cls.default_code)
-    for candidate in (CommandTimeout, InvalidPath, InvalidRequest, FileNotFound):
-        if candidate.default_code == code:
-            return candidate(message)
+    cls = _GUEST_CODES.get(code)
+    if cls is not None:
+        return cls(message, code=code)
     if code in errno.errorcode.values():
         return SandboxFailed(message, code="guest_os_error")
     return SandboxFailed(message, code=code or SandboxFailed.default_code)

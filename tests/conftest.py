@@ -1,0 +1,107 @@
+"""Shared fixtures: a real engine on a real data directory, parametrized over every runtime.
+
+Images are built once into CORRAL_TEST_DATA_DIR (default /var/tmp/corral-test) and reused by
+later runs; sandboxes are real bubblewrap or runsc sandboxes. A runtime the machine cannot run
+is skipped with the reason it gives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from corral import runtimes
+from corral.engine import Engine
+from corral.models import SandboxInfo
+from corral.spec import SandboxSpec
+
+DATA_DIR = Path(os.environ.get("CORRAL_TEST_DATA_DIR", "/var/tmp/corral-test"))
+RUNTIME_NAMES = ("namespaces", "gvisor")
+
+
+def pytest_report_header() -> list[str]:
+    lines = []
+    for name in RUNTIME_NAMES:
+        reason = runtimes.unavailable_reason(name)
+        lines.append(f"runtime {name}: {'available' if reason is None else 'SKIPPED: ' + reason}")
+    return lines
+
+
+def require_runtime(name: str) -> None:
+    reason = runtimes.unavailable_reason(name)
+    if reason is not None:
+        pytest.skip(f"runtime {name} unavailable: {reason}")
+
+
+@pytest.fixture(params=RUNTIME_NAMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    """Each runtime in turn; skipped with the reason when the machine cannot run it."""
+    name: str = request.param
+    require_runtime(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("sandboxes need root (the engine mounts, makes cgroups and namespaces)")
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    yield DATA_DIR
+
+
+@pytest.fixture
+async def engine(data_dir: Path) -> AsyncIterator[Engine]:
+    async with Engine(data_dir) as started:
+        yield started
+
+
+@pytest.fixture
+async def sandbox(engine: Engine, runtime: str) -> AsyncIterator[SandboxInfo]:
+    """A running debian sandbox under each runtime."""
+    info = await engine.create(SandboxSpec(runtime=runtime))
+    yield info
+    await engine.terminate(info.id)
+
+
+def leftovers(data_dir: Path) -> dict[str, list[str]]:
+    """What sandboxes leave on the host: their directories, cgroups, mounts, netns, processes."""
+    from corral.cgroups import ROOT, layout
+
+    group = ROOT / ("memory" if layout() == "v1" else "") / "corral"
+    netns = Path("/run/netns")
+    return {
+        "dirs": sorted(p.name for p in (data_dir / "sandboxes").glob("sb-*")),
+        "cgroups": sorted(p.name for p in group.glob("sb-*")) if group.is_dir() else [],
+        "mounts": sorted(
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if f"{data_dir}/sandboxes/" in line.split()[4]
+        ),
+        "netns": sorted(p.name for p in netns.glob("sb-*")) if netns.is_dir() else [],
+        "processes": sorted(
+            p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _is_sandbox_process(p)
+        ),
+    }
+
+
+def _is_sandbox_process(proc: Path) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"/run/corral/agent/guest.py" in cmdline or b"runsc-sandbox" in cmdline
+
+
+def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Poll `predicate()` until true; a bound that only catches hangs."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

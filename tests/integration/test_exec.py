@@ -1,0 +1,146 @@
+"""Running commands in real sandboxes, under every runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from corral.engine import Engine
+from corral.errors import InvalidPath, InvalidRequest, InvalidState, SandboxNotFound
+from corral.models import SandboxInfo
+
+
+async def test_run_returns_exit_code_and_separate_streams(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    result = await engine.run(sandbox.id, "echo out; echo err >&2; exit 3")
+    assert result.exit_code == 3
+    assert result.stdout == b"out\n"
+    assert result.stderr == b"err\n"
+
+
+async def test_python_prints_42(engine: Engine, sandbox: SandboxInfo) -> None:
+    result = await engine.run(sandbox.id, ["python3", "-c", "print(6*7)"])
+    assert (result.exit_code, result.stdout) == (0, b"42\n")
+
+
+async def test_env_cwd_and_user(engine: Engine, sandbox: SandboxInfo) -> None:
+    result = await engine.run(
+        sandbox.id, 'echo "$GREETING"; pwd; id -u', env={"GREETING": "hi there"}, cwd="/tmp"
+    )
+    assert result.stdout == b"hi there\n/tmp\n0\n"
+    as_nobody = await engine.run(sandbox.id, "id -un; echo $HOME", user="nobody")
+    assert as_nobody.stdout.split() == [b"nobody", b"/nonexistent"]
+
+
+async def test_stdin_is_streamed_to_the_process(engine: Engine, sandbox: SandboxInfo) -> None:
+    proc = await engine.exec(
+        sandbox.id, ["python3", "-c", "import sys; print(sys.stdin.read().upper())"], stdin=True
+    )
+    await proc.write_stdin(b"hello ")
+    await proc.write_stdin("world")
+    await proc.close_stdin()
+    result = await proc.wait()
+    assert result.stdout == b"HELLO WORLD\n"
+
+
+async def test_output_streams_while_the_process_runs(engine: Engine, sandbox: SandboxInfo) -> None:
+    proc = await engine.exec(sandbox.id, cmd="echo first; sleep 2; echo second")
+    start = time.monotonic()
+    seen = []
+    async for name, data in proc.output():
+        seen.append((name, data, time.monotonic() - start))
+    result = await proc.wait()
+    assert result.exit_code == 0
+    assert seen[0][:2] == ("stdout", b"first\n")
+    assert seen[0][2] < 1.5  # arrived long before the process ended
+    assert b"".join(d for _n, d, _t in seen) == b"first\nsecond\n"
+
+
+async def test_pty_gives_a_terminal_that_resizes(engine: Engine, sandbox: SandboxInfo) -> None:
+    proc = await engine.exec(sandbox.id, ["bash", "--norc", "-i"], pty=(24, 80), stdin=True)
+    await proc.write_stdin(b"tty; stty size\n")
+    text = ""
+    async for name, data in proc.output():
+        assert name == "stdout"  # a terminal has one stream
+        text += data.decode(errors="replace")
+        if "24 80" in text:
+            break
+    assert "/dev/pts/" in text
+    await proc.resize(40, 120)
+    await proc.write_stdin(b"stty size; exit 7\n")
+    result = await proc.wait()
+    assert result.exit_code == 7
+    assert "40 120" in result.stdout.decode(errors="replace")
+
+
+async def test_timeout_kills_the_process_group(engine: Engine, sandbox: SandboxInfo) -> None:
+    start = time.monotonic()
+    result = await engine.run(sandbox.id, "sleep 30 & sleep 30", timeout=1)
+    assert result.timed_out
+    assert result.signal == 9
+    assert time.monotonic() - start < 20
+    left = await engine.run(sandbox.id, "ps -eo comm | grep -c '^sleep$' || true")
+    assert left.stdout.strip() == b"0"
+
+
+async def test_signal_and_process_list(engine: Engine, sandbox: SandboxInfo) -> None:
+    proc = await engine.exec(sandbox.id, ["sleep", "60"], tag="sleeper")
+    listed = await engine.processes(sandbox.id)
+    assert any(p.id == proc.id and p.running and p.tag == "sleeper" for p in listed)
+    await proc.signal("SIGTERM")
+    result = await proc.wait()
+    assert result.signal == 15
+    assert result.exit_code == 128 + 15
+    listed = await engine.processes(sandbox.id)
+    assert not next(p for p in listed if p.id == proc.id).running
+
+
+async def test_many_concurrent_processes(engine: Engine, sandbox: SandboxInfo) -> None:
+    results = await asyncio.gather(
+        *(engine.run(sandbox.id, f"sleep 0.2; echo {i}") for i in range(25))
+    )
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(25)]
+
+
+async def test_large_output_is_delivered_whole(engine: Engine, sandbox: SandboxInfo) -> None:
+    result = await engine.run(sandbox.id, "head -c 20000000 /dev/zero | tr '\\0' x")
+    assert len(result.stdout) == 20_000_000
+    assert set(result.stdout) == {ord("x")}
+
+
+async def test_bad_exec_requests_are_clear_errors(engine: Engine, sandbox: SandboxInfo) -> None:
+    with pytest.raises(InvalidRequest) as missing:
+        await engine.run(sandbox.id, ["no-such-command-xyz"])
+    assert missing.value.code == "command_not_found"
+    with pytest.raises(InvalidRequest) as cwd:
+        await engine.run(sandbox.id, "true", cwd="/no/such/dir")
+    assert cwd.value.code == "invalid_cwd"
+    with pytest.raises(InvalidPath):
+        await engine.run(sandbox.id, "true", cwd="relative/dir")
+    with pytest.raises(InvalidPath):
+        await engine.run(sandbox.id, "true", cwd="/tmp/\0x")
+    with pytest.raises(InvalidRequest):
+        await engine.run(sandbox.id, ["echo", "nul\0byte"])
+    with pytest.raises(InvalidRequest) as user:
+        await engine.run(sandbox.id, "true", user="no-such-user")
+    assert user.value.code == "invalid_user"
+    with pytest.raises(InvalidRequest):
+        await engine.run(sandbox.id, "true", env={"BAD=NAME": "x"})
+    with pytest.raises(InvalidRequest):
+        await engine.run(sandbox.id, "true", timeout=-1)
+    # The sandbox is still perfectly usable.
+    assert (await engine.run(sandbox.id, "echo fine")).stdout == b"fine\n"
+
+
+async def test_exec_in_unknown_or_ended_sandbox(engine: Engine, sandbox: SandboxInfo) -> None:
+    with pytest.raises(SandboxNotFound):
+        await engine.run("sb-0000000000000000", "true")
+    with pytest.raises(InvalidRequest):
+        await engine.run("not-an-id", "true")
+    await engine.terminate(sandbox.id)
+    with pytest.raises(InvalidState) as ended:
+        await engine.run(sandbox.id, "true")
+    assert "terminated" in ended.value.message
