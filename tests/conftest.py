@@ -93,7 +93,9 @@ def _is_sandbox_process(proc: Path) -> bool:
         cmdline = (proc / "cmdline").read_bytes()
     except OSError:
         return False
-    return b"/run/corral/agent/guest.py" in cmdline or b"runsc-sandbox" in cmdline
+    return b"/run/corral/agent/guest.py" in cmdline or cmdline.startswith(
+        (b"runsc-sandbox", b"runsc-gofer")
+    )
 
 
 def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05) -> bool:

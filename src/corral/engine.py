@@ -34,6 +34,8 @@ from corral.errors import (
     AgentUnavailable,
     CorralError,
     InvalidRequest,
+    RuntimeUnavailable,
+    SandboxEnded,
     SandboxFailed,
     SandboxNotFound,
 )
@@ -43,7 +45,7 @@ from corral.images import ImageStore, Progress
 from corral.models import ExecResult, ProcessInfo, SandboxInfo
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 from corral.process import Process
-from corral.runtimes import RUNTIMES, Runtime, check_runtime, default_runtime
+from corral.runtimes import PREFERENCE, Runtime, make_runtime
 from corral.sandbox import Sandbox
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
 from corral.state import EndReason, SandboxState
@@ -71,10 +73,13 @@ class Engine:
         data_dir: Path | str | None = None,
         *,
         default_runtime: str | None = None,
+        runsc_path: str = "runsc",
         agent_timeout: float = 30.0,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self._default_runtime = default_runtime
+        self._runsc_path = runsc_path
+        self._unavailable: dict[str, str | None] = {}
         self.agent_timeout = agent_timeout
         self.images = ImageStore(self.data_dir / "images")
         self._sandboxes: dict[str, Sandbox] = {}
@@ -150,13 +155,35 @@ class Engine:
         (self.data_dir / "images").chmod(0o711)
 
     def runtime(self, name: str) -> Runtime:
+        """The runtime called `name` (unknown names are a `RuntimeUnavailable` error)."""
         if name not in self._runtimes:
-            self._runtimes[name] = RUNTIMES[name]()
+            self._runtimes[name] = make_runtime(name, self.data_dir, runsc=self._runsc_path)
         return self._runtimes[name]
+
+    def unavailable_reason(self, name: str) -> str | None:
+        """Why runtime `name` cannot run on this machine, or None if it can (probed once)."""
+        if name not in self._unavailable:
+            self._unavailable[name] = self.runtime(name).unavailable_reason()
+        return self._unavailable[name]
+
+    def check_runtime(self, name: str) -> Runtime:
+        """Runtime `name` if it can run here, else a `RuntimeUnavailable` that says why."""
+        runtime = self.runtime(name)
+        reason = self.unavailable_reason(name)
+        if reason is not None:
+            raise RuntimeUnavailable(f"the {name} runtime cannot run on this machine: {reason}")
+        return runtime
 
     @property
     def default_runtime(self) -> str:
-        return self._default_runtime or default_runtime()
+        """The configured default, else the strongest runtime this machine can run."""
+        if self._default_runtime is not None:
+            return self._default_runtime
+        for name in PREFERENCE:
+            if self.unavailable_reason(name) is None:
+                return name
+        reasons = "; ".join(f"{name}: {self.unavailable_reason(name)}" for name in PREFERENCE)
+        raise RuntimeUnavailable(f"no runtime can run on this machine ({reasons})")
 
     # -- sandboxes --------------------------------------------------------------------------
 
@@ -170,15 +197,14 @@ class Engine:
         """
         self._require_started()
         spec = spec or SandboxSpec()
-        runtime_name = check_runtime(spec.runtime or self.default_runtime)
-        spec = spec.with_runtime(runtime_name)
+        runtime = self.check_runtime(spec.runtime or self.default_runtime)
+        spec = spec.with_runtime(runtime.name)
         image = await asyncio.to_thread(self.images.resolve, spec.image, progress)
         plan = self._plan(
             spec, image.layers, tuple(Bind(str(b.source), b.target) for b in image.binds)
         )
         if plan.network.policy == "internet":
             await self._ensure_firewall()
-        runtime = self.runtime(runtime_name)
         sandbox = Sandbox(spec, plan)
         self._sandboxes[sandbox.id] = sandbox
         try:
@@ -226,7 +252,7 @@ class Engine:
                 memory_bytes=spec.memory_mb * MiB,
                 disk_bytes=spec.disk_mb * MiB,
                 max_processes=spec.max_processes,
-                tmp_bytes=min(spec.disk_mb, spec.memory_mb) * MiB,
+                tmp_bytes=min(spec.disk_mb, spec.memory_mb // 2) * MiB,
             ),
             network=net,
             uid_slot=userns.pick_slot({sb.plan.uid_slot for sb in live}),
@@ -498,7 +524,21 @@ class Engine:
         def oom_check() -> bool:
             return runtime.oom_kills(sandbox.plan) > ooms_before
 
-        return Process(sandbox.link, channel, payload, oom_check)
+        async def explain_loss(error: AgentUnavailable) -> CorralError:
+            return await self._explain_loss(sandbox, error)
+
+        return Process(sandbox.link, channel, payload, oom_check, explain_loss)
+
+    async def _explain_loss(self, sandbox: Sandbox, error: AgentUnavailable) -> CorralError:
+        """When the agent's connection drops because the sandbox ended, say so and why."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sandbox.exited.wait(), 5)
+        for _ in range(100):  # the watcher records the end right after the exit
+            if not sandbox.alive:
+                reason = sandbox.end_reason.value if sandbox.end_reason else "unknown"
+                return SandboxEnded(f"sandbox {sandbox.id} ended ({reason}) during the command")
+            await asyncio.sleep(0.05)
+        return error
 
     async def run(
         self,

@@ -9,15 +9,18 @@ says what happened and what to do about it.
     ├── PermissionDenied           403 permission_denied
     ├── NotFound                   404 not_found
     │   ├── SandboxNotFound        404 sandbox_not_found
-    │   └── FileNotFound           404 file_not_found
+    │   ├── FileNotFound           404 file_not_found
+    │   └── ImageNotFound          404 image_not_found
     ├── CommandTimeout             408 command_timeout
     ├── Conflict                   409 conflict
     │   ├── InvalidState           409 invalid_state
     │   └── FileExists             409 file_exists
     ├── RuntimeUnavailable         422 runtime_unavailable
+    ├── LimitReached               429 limit_reached
     ├── NoSpace                    507 no_space
     └── SandboxFailed              500 sandbox_failed
-        └── AgentUnavailable       503 agent_unavailable
+        ├── AgentUnavailable       503 agent_unavailable
+        └── SandboxEnded           410 sandbox_ended
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ class FileNotFound(NotFound):
     default_code = "file_not_found"
 
 
+class ImageNotFound(NotFound):
+    """No image has this name."""
+
+    default_code = "image_not_found"
+
+
 class CommandTimeout(CorralError):
     """A command ran past its timeout and was killed."""
 
@@ -113,6 +122,13 @@ class FileExists(Conflict):
     """Something already exists at this path inside the sandbox."""
 
     default_code = "file_exists"
+
+
+class LimitReached(CorralError):
+    """The sandbox is at one of its limits (processes, for instance); free some and retry."""
+
+    status_code = 429
+    default_code = "limit_reached"
 
 
 class RuntimeUnavailable(CorralError):
@@ -143,6 +159,13 @@ class AgentUnavailable(SandboxFailed):
     default_code = "agent_unavailable"
 
 
+class SandboxEnded(SandboxFailed):
+    """The sandbox ended while the operation was under way; its end reason says why."""
+
+    status_code = 410
+    default_code = "sandbox_ended"
+
+
 _ERRNO_ERRORS: dict[str, type[CorralError]] = {
     "ENOENT": FileNotFound,
     "EEXIST": FileExists,
@@ -170,6 +193,7 @@ _GUEST_CODES: dict[str, type[CorralError]] = {
     "command_not_found": InvalidRequest,
     "process_not_found": NotFound,
     "cancelled": Conflict,
+    "limit_reached": LimitReached,
 }
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.errors import NotFound, SandboxFailed
+from corral.errors import ImageNotFound, InvalidRequest, SandboxFailed
 
 Progress = Callable[[str], None]
 
@@ -40,12 +40,6 @@ DEBIAN_EXCLUDES = (
 
 HOST_USR_SYMLINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "ssl", "ca-certificates", "localtime")
-
-
-class ImageNotFound(NotFound):
-    """No image has this name."""
-
-    default_code = "image_not_found"
 
 
 @dataclass(frozen=True)
@@ -72,6 +66,15 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._local: dict[str, Path] = {}
+
+    def register(self, name: str, rootfs: Path) -> None:
+        """Make a root filesystem directory on this machine available as image `name`."""
+        if name in self.names or not name:
+            raise InvalidRequest(f"image name {name!r} is taken or empty")
+        if not rootfs.is_dir():
+            raise InvalidRequest(f"{rootfs} is not a directory")
+        self._local[name] = rootfs
 
     def resolve(self, name: str, progress: Progress | None = None) -> RootImage:
         """The image called `name`, built first if needed (which may take half a minute)."""
@@ -80,7 +83,10 @@ class ImageStore:
         if name == "host":
             rootfs = self._ensure("host", self._build_host_skeleton, progress)
             return RootImage(name, (rootfs,), host_binds())
-        raise ImageNotFound(f"no image named {name!r}; available: {', '.join(self.names)}")
+        if name in self._local:
+            return RootImage(name, (self._local[name],))
+        known = ", ".join([*self.names, *sorted(self._local)])
+        raise ImageNotFound(f"no image named {name!r}; available: {known}")
 
     def is_built(self, name: str) -> bool:
         return (self.root / name / "rootfs").is_dir()

@@ -162,8 +162,3 @@ def destroy(plan: SandboxPlan) -> None:
     )
     if netns_path(plan).exists():
         subprocess.run(["ip", "netns", "del", plan.sandbox_id], capture_output=True, check=False)
-
-
-def resolv_conf(plan: SandboxPlan) -> str:
-    """The /etc/resolv.conf an internet sandbox sees."""
-    return "".join(f"nameserver {server}\n" for server in plan.network.nameservers)

@@ -16,6 +16,8 @@ from typing import Any
 from corral.agent import protocol
 from corral.spec import NetworkPolicy
 
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -94,6 +96,20 @@ class SandboxPlan:
     @property
     def rootfs(self) -> Path:
         return self.dir / "rootfs"
+
+    @property
+    def etc_binds(self) -> list[tuple[str, str]]:
+        """(host file, sandbox path) pairs bound read-only over the image's own files.
+
+        /etc/hosts names the sandbox. Internet sandboxes also get the host's nameservers and
+        the host's CA bundle, so TLS works behind the same proxies the host trusts.
+        """
+        binds = [(str(self.dir / "hosts"), "/etc/hosts")]
+        if self.network.policy == "internet":
+            binds.append((str(self.dir / "resolv.conf"), "/etc/resolv.conf"))
+            if Path(HOST_CA_BUNDLE).is_file():
+                binds.append((HOST_CA_BUNDLE, HOST_CA_BUNDLE))
+        return binds
 
     @property
     def cgroup_name(self) -> str:

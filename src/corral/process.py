@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import signal as signals
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from corral.agent import protocol as P
 from corral.agentlink import AgentLink, Channel, unwrap
-from corral.errors import InvalidRequest, SandboxFailed
+from corral.errors import AgentUnavailable, CorralError, InvalidRequest, SandboxFailed
 from corral.models import ExecResult
 
 STREAM_NAMES = {P.STDOUT: "stdout", P.STDERR: "stderr"}
@@ -34,12 +34,14 @@ class Process:
         channel: Channel,
         started: dict[str, Any],
         oom_check: Callable[[], bool],
+        explain_loss: Callable[[AgentUnavailable], Awaitable[CorralError]],
     ) -> None:
         self._link = link
         self._channel = channel
         self.id: int = started["id"]
         self.pid: int = started["pid"]
         self._oom_check = oom_check
+        self._explain_loss = explain_loss
         self._reply: dict[str, Any] | None = None
         self._result: ExecResult | None = None
 
@@ -85,7 +87,10 @@ class Process:
         async for name, data in self.output():
             (out if name == "stdout" else err).append(data)
         assert self._reply is not None
-        result = unwrap(self._reply)
+        try:
+            result = unwrap(self._reply)
+        except AgentUnavailable as exc:
+            raise await self._explain_loss(exc) from exc
         if not isinstance(result, dict):
             raise SandboxFailed("the guest agent sent a malformed process result")
         killed = result.get("signal") == signals.SIGKILL and not result.get("timed_out")

@@ -430,6 +430,11 @@ class Agent:
                 raise GuestError("command_not_found", "command not found: %s" % argv[0]) from None
             except PermissionError:
                 raise GuestError("EACCES", "permission denied: %s" % argv[0]) from None
+            except BlockingIOError:
+                raise GuestError(
+                    "limit_reached",
+                    "cannot start %s: the sandbox is at its process limit" % argv[0],
+                ) from None
         except BaseException:
             for fd in list(ours.values()):
                 os.close(fd)

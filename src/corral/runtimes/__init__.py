@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 
 from corral.errors import RuntimeUnavailable
 from corral.runtimes.base import Launch, Runtime
@@ -18,32 +20,22 @@ RUNTIMES: dict[str, type[Runtime]] = {
 PREFERENCE = (GVisorRuntime.name, NamespacesRuntime.name)
 
 
-@functools.cache
-def unavailable_reason(name: str) -> str | None:
-    """None if runtime `name` works on this machine, else why not (probed once per process)."""
-    return RUNTIMES[name].unavailable_reason()
-
-
-def check_runtime(name: str) -> str:
-    """`name` if it is a runtime this machine can run, else a `RuntimeUnavailable` error."""
+def make_runtime(name: str, data_dir: Path, *, runsc: str = "runsc") -> Runtime:
+    """An instance of runtime `name` for an engine whose data lives in `data_dir`."""
     if name not in RUNTIMES:
         raise RuntimeUnavailable(
             f"unknown runtime {name!r}; choose one of: {', '.join(sorted(RUNTIMES))}",
             code="unknown_runtime",
         )
-    reason = unavailable_reason(name)
-    if reason is not None:
-        raise RuntimeUnavailable(f"the {name} runtime cannot run on this machine: {reason}")
-    return name
+    if name == GVisorRuntime.name:
+        return GVisorRuntime(data_dir, runsc=runsc)
+    return RUNTIMES[name](data_dir)
 
 
-def default_runtime() -> str:
-    """The first available runtime in order of preference."""
-    for name in PREFERENCE:
-        if unavailable_reason(name) is None:
-            return name
-    reasons = "; ".join(f"{name}: {unavailable_reason(name)}" for name in PREFERENCE)
-    raise RuntimeUnavailable(f"no runtime can run on this machine ({reasons})")
+@functools.cache
+def unavailable_reason(name: str) -> str | None:
+    """Why runtime `name`, with default settings, cannot run here (None if it can)."""
+    return make_runtime(name, Path(tempfile.gettempdir())).unavailable_reason()
 
 
 __all__ = [
@@ -53,7 +45,6 @@ __all__ = [
     "Launch",
     "NamespacesRuntime",
     "Runtime",
-    "check_runtime",
-    "default_runtime",
+    "make_runtime",
     "unavailable_reason",
 ]

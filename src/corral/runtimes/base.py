@@ -37,9 +37,11 @@ class Runtime(ABC):
 
     name: ClassVar[str]
 
-    @classmethod
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
     @abstractmethod
-    def unavailable_reason(cls) -> str | None:
+    def unavailable_reason(self) -> str | None:
         """None if this machine can run the runtime, else a sentence saying why not."""
 
     @abstractmethod
@@ -80,6 +82,18 @@ class Runtime(ABC):
         """Start a sandbox from a checkpoint in `image_dir`."""
         raise SandboxFailed(
             f"the {self.name} runtime cannot restore sandboxes", code="not_supported"
+        )
+
+
+def write_etc_files(plan: SandboxPlan) -> None:
+    """The per-sandbox files bound over /etc (see `SandboxPlan.etc_binds`)."""
+    (plan.dir / "hosts").write_text(
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{plan.hostname}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+    if plan.network.policy == "internet":
+        (plan.dir / "resolv.conf").write_text(
+            "".join(f"nameserver {server}\n" for server in plan.network.nameservers)
         )
 
 

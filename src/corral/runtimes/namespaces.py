@@ -29,7 +29,14 @@ from corral import mounts, network, seccomp, userns
 from corral.cgroups import layout
 from corral.errors import SandboxFailed
 from corral.plan import SandboxPlan
-from corral.runtimes.base import Launch, Runtime, cgroup_for, create_cgroup, spawn
+from corral.runtimes.base import (
+    Launch,
+    Runtime,
+    cgroup_for,
+    create_cgroup,
+    spawn,
+    write_etc_files,
+)
 
 SANDBOX_CAPS = (
     "CAP_CHOWN",
@@ -51,12 +58,12 @@ class NamespacesRuntime(Runtime):
 
     name = "namespaces"
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
         # User namespaces made in `create`, handed to bubblewrap in `start`.
         self._userns: dict[str, int] = {}
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
+    def unavailable_reason(self) -> str | None:
         if os.geteuid() != 0:
             return "the engine must run as root to set up sandboxes"
         for tool in ("bwrap", "unshare", "mkfs.ext4", "mount"):
@@ -109,9 +116,9 @@ class NamespacesRuntime(Runtime):
             # The overlay holds its own references to the layers; the staging mounts can go.
             mounts.unmount_all(lowers)
         create_cgroup(plan)
+        write_etc_files(plan)
         if plan.network.policy == "internet":
             network.create(plan)
-            (plan.dir / "resolv.conf").write_text(network.resolv_conf(plan))
 
     def start(self, plan: SandboxPlan) -> Launch:
         fd = self._userns.pop(plan.sandbox_id, -1)
@@ -172,10 +179,10 @@ class NamespacesRuntime(Runtime):
         ]
         if plan.network.policy != "internet":
             argv.append("--unshare-net")
-        else:
-            argv += ["--ro-bind", str(plan.dir / "resolv.conf"), "/etc/resolv.conf"]
         for bind in plan.binds:
             argv += ["--ro-bind" if bind.readonly else "--bind", bind.source, bind.target]
+        for source, target in plan.etc_binds:
+            argv += ["--ro-bind", source, target]
         argv += ["--chdir", "/", "--new-session", "--cap-drop", "ALL"]
         for cap in SANDBOX_CAPS:
             argv += ["--cap-add", cap]

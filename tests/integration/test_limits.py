@@ -1,0 +1,215 @@
+"""Limits that hold under abuse, bad specs that get clear errors, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from corral.engine import Engine
+from corral.errors import (
+    ImageNotFound,
+    InvalidPath,
+    InvalidRequest,
+    LimitReached,
+    RuntimeUnavailable,
+    SandboxEnded,
+)
+from corral.spec import SandboxSpec
+from corral.state import EndReason, SandboxState
+from tests.conftest import leftovers
+
+
+async def test_memory_over_limit_is_oom_killed(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, memory_mb=128))
+    try:
+        hog = "x = bytearray(400 * 1024 * 1024); print('survived')"
+        if runtime == "gvisor":
+            # The host's OOM killer takes gVisor's kernel, so the whole sandbox, with it.
+            with pytest.raises(SandboxEnded) as ended:
+                await engine.run(info.id, ["python3", "-c", hog], timeout=120)
+            assert "out_of_memory" in ended.value.message
+            assert engine.get(info.id).end_reason is EndReason.OUT_OF_MEMORY
+        else:
+            result = await engine.run(info.id, ["python3", "-c", hog], timeout=120)
+            assert b"survived" not in result.stdout
+            assert result.oom_killed, result
+            assert result.signal == 9
+            assert (await engine.run(info.id, "echo still here")).stdout == b"still here\n"
+    finally:
+        await engine.terminate(info.id)
+
+
+async def test_fork_bomb_stops_at_pids_limit(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, max_processes=64))
+    try:
+        bomb = "bomb() { bomb | bomb & }; bomb; sleep 3; ps -e --no-headers | wc -l"
+        result = await engine.run(info.id, bomb, timeout=20)
+        # The host is unaffected: it still starts processes at once.
+        assert subprocess.run(["true"], check=False, timeout=10).returncode == 0
+        assert result.timed_out or result.exit_code is not None
+        try:
+            count = await engine.run(info.id, "ps -e --no-headers | wc -l", timeout=30)
+            assert int(count.stdout) <= 64
+        except LimitReached as full:
+            assert "process limit" in full.message
+        assert engine.get(info.id).state is SandboxState.RUNNING
+    finally:
+        await engine.terminate(info.id)
+
+
+async def test_disk_quota_gives_enospc(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, disk_mb=64, memory_mb=512))
+    try:
+        result = await engine.run(
+            info.id, "dd if=/dev/zero of=/root/fill bs=1M count=200", timeout=120
+        )
+        assert result.exit_code != 0
+        assert b"No space left on device" in result.stderr
+        # The sandbox itself is fine, and the space comes back when the file goes.
+        assert (
+            await engine.run(info.id, "rm /root/fill && echo ok > /root/x && cat /root/x")
+        ).stdout == b"ok\n"
+    finally:
+        await engine.terminate(info.id)
+
+
+async def test_cpu_quota_is_enforced(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, cpu=0.2))
+    try:
+        burn = (
+            "import time, os\n"
+            "start = time.time()\n"
+            "while time.time() - start < 2: pass\n"
+            "t = os.times()\n"
+            "print(t.user + t.system)\n"
+        )
+        result = await engine.run(info.id, ["python3", "-c", burn], timeout=60)
+        used = float(result.stdout)
+        # 2 s of wall time at 0.2 CPU is about 0.4 s of CPU; unlimited it would be 2 s.
+        assert used < 1.0, f"used {used:.2f} s of CPU in 2 s with cpu=0.2"
+    finally:
+        await engine.terminate(info.id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "code"),
+    [
+        ({"memory_mb": -1}, InvalidRequest, "invalid_request"),
+        ({"memory_mb": 10**12}, InvalidRequest, "invalid_request"),
+        ({"cpu": 0}, InvalidRequest, "invalid_request"),
+        ({"cpu": float("nan")}, InvalidRequest, "invalid_request"),
+        ({"disk_mb": 1}, InvalidRequest, "invalid_request"),
+        ({"max_processes": 0}, InvalidRequest, "invalid_request"),
+        ({"timeout": 24 * 3600 + 1}, InvalidRequest, "invalid_request"),
+        ({"timeout": 0}, InvalidRequest, "invalid_request"),
+        ({"network": "everything"}, InvalidRequest, "invalid_request"),
+        ({"workdir": "relative"}, InvalidPath, "invalid_path"),
+        ({"workdir": "/tmp/\0"}, InvalidPath, "invalid_path"),
+        ({"env": {"1BAD": "x"}}, InvalidRequest, "invalid_request"),
+        ({"env": {"OK": "nul\0"}}, InvalidRequest, "invalid_request"),
+    ],
+)
+def test_invalid_specs_are_rejected(
+    fields: dict[str, object], error: type[Exception], code: str
+) -> None:
+    with pytest.raises(error) as raised:
+        SandboxSpec(**fields)  # type: ignore[arg-type]
+    assert raised.value.code == code  # type: ignore[attr-defined]
+    assert raised.value.message  # type: ignore[attr-defined]
+
+
+async def test_bad_creates_leave_nothing_behind(engine: Engine, data_dir: Path) -> None:
+    before = leftovers(data_dir)
+    with pytest.raises(RuntimeUnavailable) as unknown:
+        await engine.create(SandboxSpec(runtime="firecracker"))
+    assert unknown.value.code == "unknown_runtime"
+    with pytest.raises(ImageNotFound):
+        await engine.create(SandboxSpec(image="no-such-image"))
+    broken = Engine(data_dir, runsc_path="/nonexistent/runsc")
+    async with broken:
+        with pytest.raises(RuntimeUnavailable) as unavailable:
+            await broken.create(SandboxSpec(runtime="gvisor"))
+        assert "runsc" in unavailable.value.message
+    assert leftovers(data_dir) == before
+
+
+async def test_runtime_failure_leaves_nothing_behind(
+    engine: Engine, data_dir: Path, runtime: str
+) -> None:
+    before = leftovers(data_dir)
+    # An image whose root has no python3 for the agent: the runtime starts, the agent cannot.
+    empty = data_dir / "images" / "empty-for-test" / "rootfs"
+    empty.mkdir(parents=True, exist_ok=True)
+    engine.images.register("empty-for-test", empty)
+    with pytest.raises(Exception) as failed:
+        await engine.create(SandboxSpec(runtime=runtime, image="empty-for-test"))
+    assert failed.value.code in ("runtime_failed", "agent_unavailable")  # type: ignore[attr-defined]
+    assert leftovers(data_dir) == before
+
+
+async def test_lifetime_timeout_ends_the_sandbox(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, timeout=2))
+    for _ in range(200):
+        if engine.get(info.id).state is SandboxState.TERMINATED:
+            break
+        await asyncio.sleep(0.05)
+    ended = engine.get(info.id)
+    assert ended.state is SandboxState.TERMINATED
+    assert ended.end_reason is EndReason.TIMEOUT
+    assert [h.state for h in ended.history] == [
+        SandboxState.CREATING,
+        SandboxState.RUNNING,
+        SandboxState.TERMINATED,
+    ]
+
+
+async def test_set_timeout_extends_the_lifetime(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, timeout=2))
+    await engine.set_timeout(info.id, 60)
+    await asyncio.sleep(3)
+    assert engine.get(info.id).state is SandboxState.RUNNING
+    with pytest.raises(InvalidRequest):
+        await engine.set_timeout(info.id, 24 * 3600 + 1)
+    await engine.terminate(info.id)
+
+
+async def test_agent_death_is_recorded(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime))
+    await engine.exec(info.id, cmd="sleep 0.2; kill -9 $(pgrep -f /run/corral/agent/guest.py)")
+    for _ in range(200):
+        if engine.get(info.id).state is SandboxState.TERMINATED:
+            break
+        await asyncio.sleep(0.05)
+    ended = engine.get(info.id)
+    assert ended.state is SandboxState.TERMINATED
+    assert ended.end_reason in (EndReason.RUNTIME_ERROR, EndReason.EXITED)
+
+
+async def test_pause_and_resume(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime))
+    try:
+        proc = await engine.exec(
+            info.id,
+            [
+                "python3",
+                "-c",
+                "import time\nfor i in range(100):\n print(i, flush=True); time.sleep(0.05)",
+            ],
+        )
+        await asyncio.sleep(0.5)
+        await engine.pause(info.id)
+        assert engine.get(info.id).state is SandboxState.PAUSED
+        with pytest.raises(Exception) as paused:
+            await engine.run(info.id, "true")
+        assert paused.value.code == "invalid_state"  # type: ignore[attr-defined]
+        await asyncio.sleep(1)
+        await engine.resume(info.id)
+        result = await proc.wait()
+        assert result.stdout.split()[-1] == b"99"  # it carried on where it stopped
+    finally:
+        await engine.terminate(info.id)
+    assert os.path.exists("/proc/self")  # the host is fine
