@@ -189,7 +189,6 @@ class AgentLink:
         self._server: asyncio.AbstractServer | None = None
         self._conn: _Connection | None = None
         self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def listen(self) -> None:
         """Listen on the socket, replacing whatever a previous host left there."""
@@ -246,6 +245,8 @@ class AgentLink:
         self, method: str, params: dict[str, Any], connect_timeout: float = 10.0
     ) -> Channel:
         """Send a CALL and return its channel."""
+        if self._server is None:
+            raise AgentUnavailable(f"sandbox {self.sandbox_id} is not listening for its agent")
         if not self.connected:
             await self.wait_connected(connect_timeout)
         assert self._conn is not None
