@@ -53,7 +53,7 @@ from corral.state import EndReason, SandboxState
 log = logging.getLogger("corral.engine")
 
 MiB = 1024 * 1024
-AGENT_FILES = ("guest.py", "protocol.py")
+AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
 
 
@@ -200,11 +200,13 @@ class Engine:
         runtime = self.check_runtime(spec.runtime or self.default_runtime)
         spec = spec.with_runtime(runtime.name)
         image = await asyncio.to_thread(self.images.resolve, spec.image, progress)
+        if spec.network == "internet":
+            await self._ensure_firewall()
+        # Planning picks a free uid range and address among registered sandboxes: register the
+        # new one before the next await, so concurrent creates never pick the same.
         plan = self._plan(
             spec, image.layers, tuple(Bind(str(b.source), b.target) for b in image.binds)
         )
-        if plan.network.policy == "internet":
-            await self._ensure_firewall()
         sandbox = Sandbox(spec, plan)
         self._sandboxes[sandbox.id] = sandbox
         try:
@@ -285,7 +287,12 @@ class Engine:
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def _watch(self, sandbox: Sandbox) -> None:
         """Wait for the sandbox's main process to exit; then record why and clean up."""

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from corral.agentlink import AgentLink
@@ -102,6 +101,9 @@ class Sandbox:
         if not directory.is_dir():
             return
         path = directory / "sandbox.json"
-        temp = Path(f"{path}.tmp")
-        temp.write_text(json.dumps(self.record()))
+        temp = f"{path}.tmp"
+        # Owner-only: the spec's environment may hold the user's secrets.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(self.record()))
         os.replace(temp, path)

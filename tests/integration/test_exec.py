@@ -144,3 +144,18 @@ async def test_exec_in_unknown_or_ended_sandbox(engine: Engine, sandbox: Sandbox
     with pytest.raises(InvalidState) as ended:
         await engine.run(sandbox.id, "true")
     assert "terminated" in ended.value.message
+
+
+async def test_host_image_uses_the_hosts_usr(engine: Engine, runtime: str) -> None:
+    from corral.spec import SandboxSpec
+
+    info = await engine.create(SandboxSpec(runtime=runtime, image="host"))
+    try:
+        result = await engine.run(
+            info.id, "python3 -c 'import sys; print(sys.version_info[0])'; id -un"
+        )
+        assert result.stdout == b"3\nroot\n", result
+        denied = await engine.run(info.id, "touch /usr/corral-test 2>&1; echo rc=$?")
+        assert b"rc=0" not in denied.stdout  # the host's /usr is read-only
+    finally:
+        await engine.terminate(info.id)

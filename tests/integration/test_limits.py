@@ -213,3 +213,17 @@ async def test_pause_and_resume(engine: Engine, runtime: str) -> None:
     finally:
         await engine.terminate(info.id)
     assert os.path.exists("/proc/self")  # the host is fine
+
+
+async def test_concurrent_creates_get_their_own_identity(engine: Engine, runtime: str) -> None:
+    infos = await asyncio.gather(
+        *(engine.create(SandboxSpec(runtime=runtime, network="internet")) for _ in range(4))
+    )
+    try:
+        sandboxes = [engine._sandboxes[info.id] for info in infos]
+        assert len({sb.plan.uid_slot for sb in sandboxes}) == 4
+        assert len({sb.plan.network.index for sb in sandboxes}) == 4
+        results = await asyncio.gather(*(engine.run(info.id, "hostname") for info in infos))
+        assert [r.stdout.decode().strip() for r in results] == [info.id for info in infos]
+    finally:
+        await asyncio.gather(*(engine.terminate(info.id) for info in infos))
