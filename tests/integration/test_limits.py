@@ -227,3 +227,15 @@ async def test_concurrent_creates_get_their_own_identity(engine: Engine, runtime
         assert [r.stdout.decode().strip() for r in results] == [info.id for info in infos]
     finally:
         await asyncio.gather(*(engine.terminate(info.id) for info in infos))
+
+
+async def test_engine_shutdown_ends_sandboxes_with_that_reason(
+    data_dir: Path, runtime: str
+) -> None:
+    engine = Engine(data_dir)
+    async with engine:
+        info = await engine.create(SandboxSpec(runtime=runtime))
+    ended = engine.get(info.id)
+    assert ended.state is SandboxState.TERMINATED
+    assert ended.end_reason is EndReason.ENGINE_SHUTDOWN
+    assert info.id not in leftovers(data_dir)["dirs"]
