@@ -73,12 +73,13 @@ class Engine:
         data_dir: Path | str | None = None,
         *,
         default_runtime: str | None = None,
-        runsc_path: str = "runsc",
+        runsc_path: str | None = None,
         agent_timeout: float = 30.0,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self._default_runtime = default_runtime
-        self._runsc_path = runsc_path
+        # CORRAL_RUNSC picks another runsc build (a path or a name on PATH).
+        self._runsc_path = runsc_path or os.environ.get("CORRAL_RUNSC", "runsc")
         self._unavailable: dict[str, str | None] = {}
         self.agent_timeout = agent_timeout
         self.images = ImageStore(self.data_dir / "images")

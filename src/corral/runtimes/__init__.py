@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def make_runtime(name: str, data_dir: Path, *, runsc: str = "runsc") -> Runtime:
 @functools.cache
 def unavailable_reason(name: str) -> str | None:
     """Why runtime `name`, with default settings, cannot run here (None if it can)."""
-    return make_runtime(name, Path(tempfile.gettempdir())).unavailable_reason()
+    runsc = os.environ.get("CORRAL_RUNSC", "runsc")
+    return make_runtime(name, Path(tempfile.gettempdir()), runsc=runsc).unavailable_reason()
 
 
 __all__ = [
