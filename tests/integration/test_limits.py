@@ -18,6 +18,7 @@ from corral.errors import (
     RuntimeUnavailable,
     SandboxEnded,
 )
+from corral.models import SandboxInfo
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState
 from tests.conftest import leftovers
@@ -151,13 +152,18 @@ async def test_runtime_failure_leaves_nothing_behind(
     assert leftovers(data_dir) == before
 
 
-async def test_lifetime_timeout_ends_the_sandbox(engine: Engine, runtime: str) -> None:
-    info = await engine.create(SandboxSpec(runtime=runtime, timeout=2))
-    for _ in range(200):
-        if engine.get(info.id).state is SandboxState.TERMINATED:
+async def ended_info(engine: Engine, sandbox_id: str) -> SandboxInfo:
+    """The sandbox's info once it has ended (the bound only catches hangs)."""
+    for _ in range(400):
+        if engine.get(sandbox_id).state is SandboxState.TERMINATED:
             break
         await asyncio.sleep(0.05)
-    ended = engine.get(info.id)
+    return engine.get(sandbox_id)
+
+
+async def test_lifetime_timeout_ends_the_sandbox(engine: Engine, runtime: str) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, timeout=2))
+    ended = await ended_info(engine, info.id)
     assert ended.state is SandboxState.TERMINATED
     assert ended.end_reason is EndReason.TIMEOUT
     assert [h.state for h in ended.history] == [
@@ -180,11 +186,7 @@ async def test_set_timeout_extends_the_lifetime(engine: Engine, runtime: str) ->
 async def test_agent_death_is_recorded(engine: Engine, runtime: str) -> None:
     info = await engine.create(SandboxSpec(runtime=runtime))
     await engine.exec(info.id, cmd="sleep 0.2; kill -9 $(pgrep -f /run/corral/agent/guest.py)")
-    for _ in range(200):
-        if engine.get(info.id).state is SandboxState.TERMINATED:
-            break
-        await asyncio.sleep(0.05)
-    ended = engine.get(info.id)
+    ended = await ended_info(engine, info.id)
     assert ended.state is SandboxState.TERMINATED
     assert ended.end_reason in (EndReason.RUNTIME_ERROR, EndReason.EXITED)
 

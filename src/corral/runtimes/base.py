@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from corral import mounts, network
 from corral.cgroups import Cgroup, CgroupLimits
 from corral.errors import SandboxFailed
 from corral.plan import SandboxPlan
@@ -83,6 +84,47 @@ class Runtime(ABC):
         raise SandboxFailed(
             f"the {self.name} runtime cannot restore sandboxes", code="not_supported"
         )
+
+
+# What root inside a sandbox may do, within the sandbox's own uid range only: what package
+# managers and `su` need. No CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE.
+SANDBOX_CAPS = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_SETFCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+)
+
+
+def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
+    """The host-side setup both runtimes share; returns the image's layers, staged.
+
+    Makes the sandbox's directory and its socket directory (root's, read-only inside, so the
+    sandbox can connect to the socket but never replace it), formats and mounts its quota disk,
+    writes its /etc files, makes its network namespace if it has internet, and stages each
+    image layer under ``lower/N`` through an idmapped mount: files root owns on the host appear
+    owned by the sandbox's own root (its unprivileged host uid, mapped by `userns_fd`).
+    """
+    plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    plan.socket_dir.mkdir(mode=0o755, exist_ok=True)
+    mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
+    write_etc_files(plan)
+    if plan.network.policy == "internet":
+        network.create(plan)
+    lowers = []
+    for index, layer in enumerate(plan.layers):
+        lower = plan.dir / "lower" / str(index)
+        lower.mkdir(parents=True, exist_ok=True)
+        mounts.idmapped_bind(Path(layer), lower, userns_fd)
+        lowers.append(lower)
+    return lowers
 
 
 def write_etc_files(plan: SandboxPlan) -> None:

@@ -27,21 +27,8 @@ from corral import mounts, network, userns
 from corral.cgroups import CPU_PERIOD_US, layout
 from corral.errors import SandboxFailed
 from corral.plan import SandboxPlan
-from corral.runtimes.base import Launch, Runtime, cgroup_for, write_etc_files
+from corral.runtimes.base import SANDBOX_CAPS, Launch, Runtime, cgroup_for, prepare_host
 
-SANDBOX_CAPS = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_SETFCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-)
 # gVisor's host pids cgroup counts the Sentry's threads and one stub per guest process (about
 # 25 + 2.2 per process, measured) and reaching it crashes the Sentry, so it only backs up the
 # real process limit: RLIMIT_NPROC, which the Sentry enforces for the guest (fork gets EAGAIN).
@@ -125,25 +112,17 @@ class GVisorRuntime(Runtime):
 
     def _create(self, plan: SandboxPlan) -> None:
         self.state_dir.mkdir(mode=0o700, exist_ok=True)
-        plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-        plan.socket_dir.mkdir(mode=0o755, exist_ok=True)
-        uid = userns.host_uid(plan.uid_slot)
-        # The overlay's file store lives on the sandbox's quota disk: a full disk is ENOSPC.
-        mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
-        plan.disk_dir.chmod(0o700)
-        os.chown(plan.disk_dir, uid, uid)
-        # The Sentry runs as the sandbox's own unprivileged host uid (see `oci_spec`), so it sees
-        # the image through idmapped mounts that make that uid the owner, as namespaces does.
+        # The Sentry and Gofer run as the sandbox's own unprivileged host uid (`oci_spec`), so
+        # they see the image through idmapped mounts that make that uid the owner.
         fd = userns.create(plan.uid_slot)
-        lowers = []
         try:
-            for index, layer in enumerate(plan.layers):
-                lower = plan.dir / "lower" / str(index)
-                lower.mkdir(parents=True, exist_ok=True)
-                mounts.idmapped_bind(Path(layer), lower, fd)
-                lowers.append(lower)
+            lowers = prepare_host(plan, fd)
         finally:
             os.close(fd)
+        # The overlay's file store lives on the sandbox's quota disk: a full disk is ENOSPC.
+        uid = userns.host_uid(plan.uid_slot)
+        plan.disk_dir.chmod(0o700)
+        os.chown(plan.disk_dir, uid, uid)
         root = lowers[0]
         if len(lowers) > 1:  # gVisor takes one root directory: stack the layers on the host
             plan.rootfs.mkdir(exist_ok=True)
@@ -158,9 +137,6 @@ class GVisorRuntime(Runtime):
             finally:
                 mounts.unmount_all(lowers)
             root = plan.rootfs
-        write_etc_files(plan)
-        if plan.network.policy == "internet":
-            network.create(plan)
         bundle = plan.dir / "bundle"
         bundle.mkdir(mode=0o700, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(self.oci_spec(plan, root), indent=1))

@@ -30,26 +30,13 @@ from corral.cgroups import layout
 from corral.errors import SandboxFailed
 from corral.plan import SandboxPlan
 from corral.runtimes.base import (
+    SANDBOX_CAPS,
     Launch,
     Runtime,
     cgroup_for,
     create_cgroup,
+    prepare_host,
     spawn,
-    write_etc_files,
-)
-
-SANDBOX_CAPS = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_SETFCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
 )
 
 
@@ -90,35 +77,21 @@ class NamespacesRuntime(Runtime):
             raise
 
     def _create(self, plan: SandboxPlan) -> None:
-        uid = userns.host_uid(plan.uid_slot)
-        plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-        # Root-owned and not writable from inside: the sandbox can connect to the socket but
-        # can neither replace it nor plant a symlink the host would follow.
-        plan.socket_dir.mkdir(mode=0o755, exist_ok=True)
-        plan.rootfs.mkdir(exist_ok=True)
-        mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
+        fd = userns.create(plan.uid_slot)
+        self._userns[plan.sandbox_id] = fd
+        lowers = prepare_host(plan, fd)
         upper, work = plan.disk_dir / "upper", plan.disk_dir / "work"
         upper.mkdir(mode=0o755)
         work.mkdir(mode=0o700)
+        uid = userns.host_uid(plan.uid_slot)
         os.chown(upper, uid, uid)  # so "/" belongs to root inside
-
-        fd = userns.create(plan.uid_slot)
-        self._userns[plan.sandbox_id] = fd
-        lowers = []
-        for index, layer in enumerate(plan.layers):
-            lower = plan.dir / "lower" / str(index)
-            lower.mkdir(parents=True, exist_ok=True)
-            mounts.idmapped_bind(Path(layer), lower, fd)
-            lowers.append(lower)
+        plan.rootfs.mkdir(exist_ok=True)
         try:
             mounts.overlay(lowers, upper, work, plan.rootfs)
         finally:
             # The overlay holds its own references to the layers; the staging mounts can go.
             mounts.unmount_all(lowers)
         create_cgroup(plan)
-        write_etc_files(plan)
-        if plan.network.policy == "internet":
-            network.create(plan)
 
     def start(self, plan: SandboxPlan) -> Launch:
         fd = self._userns.pop(plan.sandbox_id, -1)
