@@ -19,6 +19,8 @@ from corral.agent import protocol as P
 from corral.errors import AgentUnavailable, CorralError, from_guest
 
 HELLO_TIMEOUT = 5.0
+MAX_UNREAD_MESSAGES = 64  # EVENTs a stream may have waiting (one or two in practice)
+MAX_HANDSHAKES = 4  # connections allowed to be waiting for their HELLO at once
 
 
 class Channel:
@@ -33,9 +35,21 @@ class Channel:
         self._window_open.set()
         self._done = False
         self._reply: dict[str, Any] | None = None
+        self._unread_bytes = 0
+        self._unread_messages = 0
 
     # Called by the connection's reader.
     def _deliver(self, kind: int, payload: Any) -> None:
+        # The guest runs inside the sandbox, beside untrusted code that can reach its socket:
+        # a peer that ignores flow control must not make the host buffer without bound.
+        if kind in P.DATA_KINDS:
+            self._unread_bytes += len(payload)
+            if self._unread_bytes > P.WINDOW_INITIAL + P.CHUNK:  # a sender may overshoot a chunk
+                raise P.ProtocolError(f"stream {self.id} sent past its window")
+        else:
+            self._unread_messages += 1
+            if self._unread_messages > MAX_UNREAD_MESSAGES:
+                raise P.ProtocolError(f"stream {self.id} sent too many messages")
         self._inbox.put_nowait((kind, payload))
 
     def _grant(self, amount: int) -> None:
@@ -44,6 +58,7 @@ class Channel:
             self._window_open.set()
 
     def _fail(self, error: CorralError) -> None:
+        self._unread_messages += 1
         self._inbox.put_nowait((P.REPLY, {"error": {"code": error.code, "message": error.message}}))
         self._window_open.set()
 
@@ -78,6 +93,10 @@ class Channel:
         at most one window of data in memory.
         """
         kind, payload = await self._inbox.get()
+        if kind in P.DATA_KINDS:
+            self._unread_bytes -= len(payload)
+        else:
+            self._unread_messages -= 1
         if kind in P.DATA_KINDS and payload:
             with contextlib.suppress(CorralError, OSError):
                 await self._conn.send(
@@ -189,6 +208,7 @@ class AgentLink:
         self._server: asyncio.AbstractServer | None = None
         self._conn: _Connection | None = None
         self._changed = asyncio.Condition()
+        self._handshakes = 0
 
     async def listen(self) -> None:
         """Listen on the socket, replacing whatever a previous host left there."""
@@ -199,16 +219,24 @@ class AgentLink:
         os.chmod(self.socket_path, 0o666)  # noqa: S103 - the sandbox must be able to connect
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._handshakes >= MAX_HANDSHAKES:  # someone inside is opening connections in bulk
+            writer.close()
+            return
+        self._handshakes += 1
         try:
             header = await asyncio.wait_for(reader.readexactly(P.HEADER.size), HELLO_TIMEOUT)
             length, _stream, kind = P.decode_header(header)
+            if kind != P.HELLO or length > 4096:
+                raise P.ProtocolError(f"unexpected first frame (kind {kind})")
             payload = await asyncio.wait_for(reader.readexactly(length), HELLO_TIMEOUT)
             hello = P.decode_json(payload)
-            if kind != P.HELLO or hello.get("version") != P.VERSION:
-                raise P.ProtocolError(f"unexpected first frame (kind {kind}, {hello})")
+            if hello.get("version") != P.VERSION:
+                raise P.ProtocolError(f"unsupported agent protocol version {hello.get('version')}")
         except (TimeoutError, asyncio.IncompleteReadError, OSError, P.ProtocolError):
             writer.close()
             return
+        finally:
+            self._handshakes -= 1
         conn = _Connection(reader, writer, hello)
         async with self._changed:
             if self._conn is not None:

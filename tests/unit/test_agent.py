@@ -7,6 +7,7 @@ cancellation and reconnection; the sandbox tests check the same agent inside eac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -87,3 +88,28 @@ async def test_agent_redials_after_the_host_restarts(link: AgentLink) -> None:
     await link.listen()
     await link.wait_connected(10)
     assert (await link.call(P.PING, {}))["pong"] is True
+
+
+async def test_a_peer_ignoring_flow_control_is_cut_off(tmp_path: Path) -> None:
+    """Untrusted code in the sandbox can reach the socket; it cannot make the host buffer."""
+    link = AgentLink(tmp_path / "agent.sock", "sb-test")
+    await link.listen()
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "agent.sock"))
+    writer.write(P.encode_json(0, P.HELLO, {"version": P.VERSION, "pid": 1}))
+    await link.wait_connected(5)
+    channel = await link.open(P.PROC_START, {"argv": ["true"]})
+    header = await reader.readexactly(P.HEADER.size)
+    length, stream, kind = P.decode_header(header)
+    await reader.readexactly(length)
+    assert kind == P.CALL
+    chunk = b"x" * P.CHUNK
+    with contextlib.suppress(ConnectionError):  # the host hangs up on us part-way
+        for _ in range(2 * P.WINDOW_INITIAL // P.CHUNK):  # twice the window, never waiting
+            writer.write(P.encode(stream, P.STDOUT, chunk))
+            await writer.drain()
+    with pytest.raises(AgentUnavailable):
+        await asyncio.wait_for(channel.result(), 10)
+    assert not link.connected
+    writer.close()
+    await link.close()
+    await asyncio.sleep(0.1)  # let the event loop finish closing both ends

@@ -11,9 +11,11 @@ picks when it sends a CALL) and a *kind*:
 
 Every CALL is answered by exactly one REPLY, which ends the stream; EVENT and data frames may
 come before it. Data flows under per-stream credit, like HTTP/2: a sender may have at most
-WINDOW_INITIAL unacknowledged bytes in flight on a stream and the receiver returns credit with
-WINDOW frames as it consumes data. That keeps a 1 GiB file or a chatty process from filling
-memory on either side, and one slow stream from stalling the others.
+WINDOW_INITIAL unacknowledged bytes in flight on a stream (plus the one chunk that used its
+last credit) and the receiver returns credit with WINDOW frames as it consumes data. That keeps
+a 1 GiB file or a chatty process from filling memory on either side, and one slow stream from
+stalling the others. The host cuts off a guest that sends past its window, since untrusted code
+can reach the guest's socket too.
 """
 
 from __future__ import annotations
