@@ -45,12 +45,20 @@ class Runtime(ABC):
     def unavailable_reason(self) -> str | None:
         """None if this machine can run the runtime, else a sentence saying why not."""
 
-    @abstractmethod
     def create(self, plan: SandboxPlan) -> None:
         """Build everything the sandbox needs on the host (root filesystem, cgroup, config).
 
         On failure, whatever was built is removed before the error propagates.
         """
+        try:
+            self.build(plan)
+        except BaseException:
+            self.destroy(plan)
+            raise
+
+    @abstractmethod
+    def build(self, plan: SandboxPlan) -> None:
+        """The runtime's part of `create`; it may stop half-way, `destroy` cleans up."""
 
     @abstractmethod
     def start(self, plan: SandboxPlan) -> Launch:

@@ -103,14 +103,7 @@ class GVisorRuntime(Runtime):
             )
         return result
 
-    def create(self, plan: SandboxPlan) -> None:
-        try:
-            self._create(plan)
-        except BaseException:
-            self.destroy(plan)
-            raise
-
-    def _create(self, plan: SandboxPlan) -> None:
+    def build(self, plan: SandboxPlan) -> None:
         self.state_dir.mkdir(mode=0o700, exist_ok=True)
         # The Sentry and Gofer run as the sandbox's own unprivileged host uid (`oci_spec`), so
         # they see the image through idmapped mounts that make that uid the owner.

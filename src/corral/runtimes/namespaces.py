@@ -69,14 +69,7 @@ class NamespacesRuntime(Runtime):
             return exc.message
         return None
 
-    def create(self, plan: SandboxPlan) -> None:
-        try:
-            self._create(plan)
-        except BaseException:
-            self.destroy(plan)
-            raise
-
-    def _create(self, plan: SandboxPlan) -> None:
+    def build(self, plan: SandboxPlan) -> None:
         fd = userns.create(plan.uid_slot)
         self._userns[plan.sandbox_id] = fd
         lowers = prepare_host(plan, fd)
