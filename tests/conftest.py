@@ -8,7 +8,6 @@ is skipped with the reason it gives.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -96,14 +95,3 @@ def _is_sandbox_process(proc: Path) -> bool:
     return b"/run/corral/agent/guest.py" in cmdline or cmdline.startswith(
         (b"runsc-sandbox", b"runsc-gofer")
     )
-
-
-def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05) -> bool:
-    """Poll `predicate()` until true; a bound that only catches hangs."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -88,9 +88,6 @@ class ImageStore:
         known = ", ".join([*self.names, *sorted(self._local)])
         raise ImageNotFound(f"no image named {name!r}; available: {known}")
 
-    def is_built(self, name: str) -> bool:
-        return (self.root / name / "rootfs").is_dir()
-
     def _ensure(
         self, name: str, build: Callable[[Path, Progress], None], progress: Progress | None
     ) -> Path:
