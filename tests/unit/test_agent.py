@@ -113,3 +113,34 @@ async def test_a_peer_ignoring_flow_control_is_cut_off(tmp_path: Path) -> None:
     writer.close()
     await link.close()
     await asyncio.sleep(0.1)  # let the event loop finish closing both ends
+
+
+async def test_output_is_drained_while_no_host_listens(link: AgentLink, tmp_path: Path) -> None:
+    """A process writing while the host is away is neither blocked on a full pipe nor killed."""
+    counter = tmp_path / "counter"
+    writer = tmp_path / "writer.py"
+    writer.write_text(
+        "import os, sys\n"
+        "for i in range(10**9):\n"
+        "    sys.stdout.buffer.write(bytes(65536)); sys.stdout.flush()\n"
+        f"    open({str(counter)!r} + '.tmp', 'w').write(str(i))\n"
+        f"    os.replace({str(counter)!r} + '.tmp', {str(counter)!r})\n"
+    )
+    chatty = await link.open(P.PROC_START, {"argv": [sys.executable, str(writer)]})
+    kind, started = await chatty.receive()
+    assert kind == P.EVENT and started["type"] == "started"
+    await asyncio.sleep(0.3)  # unread, it exhausts its window: the guest waits for credit
+    await link.close()
+    await asyncio.sleep(0.3)
+    first = int(counter.read_text())
+    for _ in range(200):  # the bound only catches a process stuck on a full pipe
+        await asyncio.sleep(0.05)
+        if int(counter.read_text()) > first + 100:
+            break
+    else:
+        raise AssertionError("the process stopped writing once the host was gone")
+    await link.listen()
+    await link.wait_connected(10)
+    (listed,) = await link.call(P.PROC_LIST, {})
+    assert listed["running"]
+    await link.call(P.PROC_SIGNAL, {"id": started["id"], "signal": "SIGKILL"})

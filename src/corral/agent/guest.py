@@ -71,9 +71,12 @@ class Stream:
             self.window_open.set()
 
     async def send_data(self, kind: int, data: bytes) -> None:
-        while self.window <= 0 or self.detached:
+        """Send `data` once the host has given credit; drop it once the host has gone."""
+        while self.window <= 0 and not self.detached:
             self.window_open.clear()
             await self.window_open.wait()
+        if self.detached:  # no host will ever read this stream again
+            return
         self.window -= len(data)
         await self.agent.send(P.encode(self.id, kind, data))
 
@@ -188,10 +191,14 @@ class Agent:
             finally:
                 self.writer = None
                 writer.close()
+                # The host's streams end with the connection; their processes do not. A pump
+                # waiting for credit is woken, so it goes on draining the process's output
+                # (and dropping it) rather than leaving the process blocked on a full pipe.
                 for stream in self.streams.values():
                     stream.detached = True
                     stream.cancelled = True
                     stream.incoming.put_nowait(None)
+                    stream.window_open.set()
                 self.streams = {}
             await asyncio.sleep(REDIAL_DELAY)
 
@@ -315,7 +322,10 @@ class Agent:
                 if not data:
                     break
                 if not stream.cancelled:
-                    await stream.send_data(kind, data)
+                    try:
+                        await stream.send_data(kind, data)
+                    except OSError:  # the connection broke mid-send: keep draining, drop
+                        stream.cancelled = True
         finally:
             os.close(fd)
 
@@ -446,7 +456,10 @@ class Agent:
 
             timer = self.loop.call_later(float(timeout), expire)
 
-        await stream.event({"type": "started", "id": proc.id, "pid": proc.pid})
+        try:
+            await stream.event({"type": "started", "id": proc.id, "pid": proc.pid})
+        except OSError:  # the host went away: the process runs on, its output is drained
+            stream.cancelled = True
         if proc.pty_fd is not None:
             pumps = [self.pump(stream, proc, os.dup(proc.pty_fd), P.STDOUT)]
         else:
