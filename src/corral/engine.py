@@ -369,10 +369,11 @@ class Engine:
                 else:
                     next_deadline = min(next_deadline, sandbox.expires_at)
             self._wake_reaper.clear()
+            # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives
+            # just as the event is set, and `close` would wait for the reaper forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wake_reaper.wait(), max(0.0, next_deadline - time.time())
-                )
+                async with asyncio.timeout(max(0.0, next_deadline - time.time())):
+                    await self._wake_reaper.wait()
 
     def _require_started(self) -> None:
         if not self._started:
