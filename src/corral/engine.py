@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -45,6 +44,7 @@ from corral.models import ExecResult, ProcessInfo, SandboxInfo
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 from corral.process import Process
 from corral.runtimes import PREFERENCE, Runtime, make_runtime
+from corral.runtimes.base import read_runtime_log
 from corral.sandbox import Sandbox
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
 from corral.state import EndReason, SandboxState
@@ -313,10 +313,9 @@ class Engine:
             finally:
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
-        detail = None
         if launch.child is not None:
             sandbox.exit_status = launch.child.wait()
-            detail = _read_stderr(launch.child)
+        detail = await asyncio.to_thread(read_runtime_log, sandbox.plan)
         sandbox.end_detail = detail or None
         sandbox.exited.set()
         if sandbox.state is SandboxState.CREATING:
@@ -616,16 +615,3 @@ class Engine:
         start = time.perf_counter()
         await sandbox.link.call(P.PING, {})
         return time.perf_counter() - start
-
-
-def _read_stderr(child: subprocess.Popen[bytes]) -> str:
-    """What a runtime process wrote to its stderr pipe (its setup errors), then close it."""
-    if child.stderr is None:
-        return ""
-    try:
-        os.set_blocking(child.stderr.fileno(), False)
-        return (child.stderr.read(65536) or b"").decode(errors="replace").strip()
-    except (OSError, TypeError):
-        return ""
-    finally:
-        child.stderr.close()

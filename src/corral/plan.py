@@ -86,6 +86,11 @@ class SandboxPlan:
         return self.socket_dir / protocol.SOCKET_NAME
 
     @property
+    def runtime_log(self) -> Path:
+        """Where the runtime's own processes write their errors (never a pipe to the engine)."""
+        return self.dir / "runtime.log"
+
+    @property
     def disk_image(self) -> Path:
         return self.dir / "disk.img"
 

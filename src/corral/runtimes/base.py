@@ -25,12 +25,36 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 
 
+RUNTIME_LOG_TAIL = 4000  # bytes of the runtime's log quoted in errors
+
+
 @dataclass
 class Launch:
     """A started sandbox: the host pid whose exit ends it, and that process if it is our child."""
 
     pid: int
     child: subprocess.Popen[bytes] | None = None
+
+
+def open_runtime_log(plan: SandboxPlan) -> int:
+    """A write descriptor on the sandbox's runtime log, for its runtime processes' stderr.
+
+    Never a pipe to the engine: a sandbox must outlive the engine, and a runtime process that
+    writes to a pipe nobody reads any more dies of SIGPIPE. Root's, owner-only: it may quote
+    the plan.
+    """
+    return os.open(plan.runtime_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def read_runtime_log(plan: SandboxPlan, limit: int = RUNTIME_LOG_TAIL) -> str:
+    """The last `limit` bytes the runtime's processes wrote to their log ("" if none)."""
+    try:
+        with open(plan.runtime_log, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - limit))
+            return log.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 class Runtime(ABC):
@@ -169,14 +193,16 @@ def spawn(
     cgroup: Cgroup,
     netns: Path | None = None,
     uid: int | None = None,
+    log_fd: int,
     pass_fds: Sequence[int] = (),
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `argv` already inside the sandbox's cgroup (and network namespace, and host uid).
 
     Joining happens in the child before exec, so not even the runtime's first process ever
-    runs outside the limits. The child starts its own session and is not tied to the engine's
-    life: the sandbox survives an engine restart.
+    runs outside the limits. The child starts its own session, its stderr is `log_fd` (see
+    `open_runtime_log`) and nothing ties it to the engine's life: the sandbox survives an
+    engine restart.
     """
     procs = [os.fsencode(p) for p in cgroup.procs_files]
     netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns is not None else -1
@@ -198,7 +224,7 @@ def spawn(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log_fd,
             pass_fds=tuple(pass_fds),
             env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             start_new_session=True,

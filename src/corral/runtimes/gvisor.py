@@ -6,8 +6,8 @@ never talks to the host kernel directly.
 
 Configured so that a later memory checkpoint captures everything: the root overlay lives inside
 the sandbox (`--overlay2`, its file store on the sandbox's quota disk, so the disk quota gives
-ENOSPC inside), the agent reaches the host only through a Unix socket it dials (`--host-uds=open`)
-and the container's stdio are pipes. Measured behaviour on this class of machine is recorded
+ENOSPC inside) and the agent reaches the host only through a Unix socket it dials
+(`--host-uds=open`). Measured behaviour on this class of machine is recorded
 in docs/runtimes.md: notably the whole sandbox (not one process) ends when it exceeds its
 memory limit, and `--network=sandbox` cannot run on kernels where runsc mistakes every network
 namespace for the root one, so internet sandboxes use `--network=host` inside their own network
@@ -27,7 +27,15 @@ from corral import mounts, network, userns
 from corral.cgroups import CPU_PERIOD_US, layout
 from corral.errors import SandboxFailed
 from corral.plan import SandboxPlan
-from corral.runtimes.base import SANDBOX_CAPS, Launch, Runtime, cgroup_for, prepare_host
+from corral.runtimes.base import (
+    SANDBOX_CAPS,
+    Launch,
+    Runtime,
+    cgroup_for,
+    open_runtime_log,
+    prepare_host,
+    read_runtime_log,
+)
 
 # gVisor's host pids cgroup counts the Sentry's threads and one stub per guest process (about
 # 25 + 2.2 per process, measured) and reaching it crashes the Sentry, so it only backs up the
@@ -248,29 +256,31 @@ class GVisorRuntime(Runtime):
             str(pid_file),
             plan.sandbox_id,
         ]
-        # The container's stdio are these pipes (pipes, not files, so checkpoints work); the
-        # agent points its own at /dev/null at once, so nothing is lost when we close ours.
-        creating = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-            start_new_session=True,
-        )
-        assert creating.stdout is not None and creating.stderr is not None
+        # runsc hands its own stdio down to the Sentry and the Gofer, and the Sentry makes them
+        # the container's stdio. None may be a pipe to the engine: once the engine is gone a
+        # write to it would kill runsc (SIGPIPE) and the sandbox with it. The agent points its
+        # stdio at /dev/null at once, so only runsc's own messages reach the log.
+        log_fd = open_runtime_log(plan)
+        try:
+            creating = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                start_new_session=True,
+            )
+        finally:
+            os.close(log_fd)
         try:
             returncode = creating.wait(timeout=COMMAND_TIMEOUT)
-            if returncode != 0:
-                os.set_blocking(creating.stderr.fileno(), False)
-                detail = (creating.stderr.read() or b"").decode(errors="replace").strip()
-                raise SandboxFailed(f"runsc create failed: {detail[-2000:]}", code="runtime_failed")
         except subprocess.TimeoutExpired as exc:
             creating.kill()
+            creating.wait()
             raise SandboxFailed("runsc create timed out", code="runtime_failed") from exc
-        finally:
-            creating.stdout.close()
-            creating.stderr.close()
+        if returncode != 0:
+            detail = read_runtime_log(plan, 2000)
+            raise SandboxFailed(f"runsc create failed: {detail}", code="runtime_failed")
         self._runsc(plan, "start", plan.sandbox_id)
         return Launch(int(pid_file.read_text()))
 

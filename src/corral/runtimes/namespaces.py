@@ -15,7 +15,8 @@ Security model, layer by layer:
   process of the sandbox runs.
 - **Filesystem.** The root is an overlay built on the host; the writable layer is a quota disk.
 
-No `--die-with-parent`: a sandbox outlives the engine process that started it.
+No `--die-with-parent`, a session of its own, and stderr into a log file rather than a pipe
+to the engine: a sandbox outlives the engine process that started it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from corral.runtimes.base import (
     Runtime,
     cgroup_for,
     create_cgroup,
+    open_runtime_log,
     prepare_host,
     spawn,
 )
@@ -91,6 +93,7 @@ class NamespacesRuntime(Runtime):
         if fd < 0:
             fd = userns.create(plan.uid_slot)
         program = seccomp.program_fd()
+        log_fd = open_runtime_log(plan)
         try:
             argv = self.bwrap_argv(plan, userns_fd=fd, seccomp_fd=program)
             child = spawn(
@@ -98,11 +101,13 @@ class NamespacesRuntime(Runtime):
                 cgroup=cgroup_for(plan),
                 netns=network.netns_path(plan) if plan.network.policy == "internet" else None,
                 uid=userns.host_uid(plan.uid_slot),
+                log_fd=log_fd,
                 pass_fds=(fd, program),
             )
         finally:
             os.close(fd)
             os.close(program)
+            os.close(log_fd)
         return Launch(child.pid, child)
 
     def bwrap_argv(self, plan: SandboxPlan, *, userns_fd: int, seccomp_fd: int) -> list[str]:
