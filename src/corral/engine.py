@@ -1,7 +1,9 @@
 """The engine: the per-node owner of sandboxes.
 
 It validates requests, turns them into plans, asks a runtime to run them, talks to each
-sandbox's guest agent, enforces lifetimes, and records why every sandbox ended.
+sandbox's guest agent, enforces lifetimes, and records why every sandbox ended. Sandboxes do not
+depend on the engine's process: `close(keep_sandboxes=True)` (or a crash) leaves them running,
+and the next engine on the same data directory adopts them from their records on disk.
 
 Example:
     >>> async with Engine("/var/lib/corral") as engine:
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -43,9 +47,9 @@ from corral.images import ImageStore, Progress
 from corral.models import ExecResult, ProcessInfo, SandboxInfo
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 from corral.process import Process
-from corral.runtimes import PREFERENCE, Runtime, make_runtime
-from corral.runtimes.base import read_runtime_log
-from corral.sandbox import Sandbox
+from corral.runtimes import PREFERENCE, Launch, Runtime, make_runtime
+from corral.runtimes.base import process_start_time, read_runtime_log
+from corral.sandbox import RECORD_NAME, Sandbox
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
 from corral.state import EndReason, SandboxState
 
@@ -54,6 +58,12 @@ log = logging.getLogger("corral.engine")
 MiB = 1024 * 1024
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
+
+# Runtime processes this Python process started and an engine left running on
+# `close(keep_sandboxes=True)`. Held here so that Python neither warns about them nor reaps them
+# behind an adopting engine's back; an engine in this same process takes them back on adoption
+# and so still learns their exit status.
+_HANDED_OVER: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def default_data_dir() -> Path:
@@ -65,7 +75,13 @@ def default_data_dir() -> Path:
 
 
 class Engine:
-    """Creates, runs and ends sandboxes on this machine. Use as an async context manager."""
+    """Creates, runs and ends sandboxes on this machine. Use as an async context manager.
+
+    `on_change`, if given, is called from the event loop with a sandbox's new `SandboxInfo`
+    after every change of its state (adoptions that end a sandbox included); whatever it
+    raises is logged, never propagated. One engine per data directory: a starting engine
+    adopts every sandbox recorded there.
+    """
 
     def __init__(
         self,
@@ -74,6 +90,7 @@ class Engine:
         default_runtime: str | None = None,
         runsc_path: str | None = None,
         agent_timeout: float = 30.0,
+        on_change: Callable[[SandboxInfo], None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self._default_runtime = default_runtime
@@ -87,34 +104,77 @@ class Engine:
         self._reaper: asyncio.Task[None] | None = None
         self._wake_reaper = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchers: dict[str, asyncio.Task[Any]] = {}
+        self._on_change = on_change
         self._firewall_ready = False
         self._started = False
 
     # -- life of the engine -----------------------------------------------------------------
 
     async def start(self) -> Engine:
-        """Prepare the data directory and start the lifetime reaper. Idempotent."""
+        """Prepare the data directory, adopt the sandboxes found there, start the reaper.
+
+        Idempotent. Sandboxes a previous engine left running (closed with `keep_sandboxes`, or
+        killed) are adopted as they were; those whose runtime has died meanwhile are cleaned
+        up and recorded as ended (`runtime_error`); those past their lifetime end (`timeout`).
+        """
         if self._started:
             return self
         await asyncio.to_thread(self._prepare_data_dir)
-        self._reaper = asyncio.create_task(self._reap_expired())
         self._started = True
+        await self._adopt_all()
+        self._reaper = asyncio.create_task(self._reap_expired())
         return self
 
-    async def close(self) -> None:
-        """Terminate every sandbox (reason: engine shutdown) and stop."""
-        live = [sb for sb in self._sandboxes.values() if sb.alive]
-        await asyncio.gather(
-            *(self._end(sb, EndReason.ENGINE_SHUTDOWN) for sb in live), return_exceptions=True
-        )
+    async def close(self, *, keep_sandboxes: bool = False) -> None:
+        """Stop the engine: terminate every sandbox (reason: engine shutdown), or keep them.
+
+        With `keep_sandboxes=True`, running and paused sandboxes go on running, with their
+        records on disk, for the next engine on this data directory to adopt; only the
+        reaper, the watchers and the agents' sockets stop (the agents re-dial by themselves).
+        Sandboxes still being created are ended either way.
+        """
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
+        live = [sb for sb in self._sandboxes.values() if sb.alive]
+        kept = [
+            sb
+            for sb in live
+            if keep_sandboxes
+            and sb.state is not SandboxState.CREATING
+            and not sb.ending
+            and not sb.exited.is_set()
+        ]
+        await asyncio.gather(*(self._release(sb) for sb in kept), return_exceptions=True)
+        await asyncio.gather(
+            *(self._end(sb, EndReason.ENGINE_SHUTDOWN) for sb in live if sb not in kept),
+            return_exceptions=True,
+        )
+        # What is left (watchers finishing an ending, background ends) gets a moment to finish.
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10)
         for task in list(self._tasks):
             task.cancel()
         self._started = False
+
+    async def _release(self, sandbox: Sandbox) -> None:
+        """Let go of a running sandbox, leaving it to a later engine (see `close`)."""
+        async with sandbox.lock:  # a pause or resume in flight finishes first
+            watcher = self._watchers.pop(sandbox.id, None)
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await sandbox.link.close()
+            sandbox.save()
+            launch = sandbox.launch
+            if launch is not None and launch.child is not None:
+                _HANDED_OVER[launch.pid] = launch.child
+            # Forgotten here, so that starting this engine again adopts it afresh.
+            self._sandboxes.pop(sandbox.id, None)
 
     async def __aenter__(self) -> Engine:
         return await self.start()
@@ -153,6 +213,116 @@ class Engine:
                 os.replace(temp, target)
         (self.data_dir / "images").mkdir(exist_ok=True)
         (self.data_dir / "images").chmod(0o711)
+
+    # -- adoption -----------------------------------------------------------------------------
+
+    def _read_records(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Every readable sandbox record in the data directory; unreadable ones are logged."""
+        records = []
+        for directory in sorted((self.data_dir / "sandboxes").glob("sb-*")):
+            path = directory / RECORD_NAME
+            try:
+                record = json.loads(path.read_text())
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except FileNotFoundError:
+                log.warning("sandbox directory %s has no record; left as it is", directory)
+                continue
+            except (OSError, ValueError) as exc:
+                log.error("skipping unreadable sandbox record %s: %s", path, exc)
+                continue
+            records.append((path, record))
+        return records
+
+    async def _adopt_all(self) -> None:
+        """Adopt every sandbox recorded in the data directory (see `start`)."""
+        adopted_internet = False
+        for path, record in await asyncio.to_thread(self._read_records):
+            try:
+                sandbox = await self._adopt(record)
+            except Exception as exc:  # one bad record must not keep the engine from starting
+                log.error(
+                    "could not adopt the sandbox recorded in %s: %s", path, exc, exc_info=True
+                )
+                continue
+            if sandbox is not None and sandbox.alive and sandbox.spec.network == "internet":
+                adopted_internet = True
+        if adopted_internet:
+            # The firewall lives in the kernel and survives the engine; writing it again is
+            # idempotent and tells this engine it is there.
+            try:
+                await self._ensure_firewall()
+            except CorralError as exc:
+                log.error("could not reinstall the sandbox firewall: %s", exc)
+        self._wake_reaper.set()
+
+    async def _adopt(self, record: dict[str, Any]) -> Sandbox | None:
+        """Take over the sandbox `record` describes, or record how it ended; None if known."""
+        sandbox = Sandbox.from_record(record)
+        if sandbox.id in self._sandboxes:
+            return None
+        if sandbox.plan.dir.resolve() != (self.data_dir / "sandboxes" / sandbox.id).resolve():
+            raise ValueError(f"record of {sandbox.id} names another directory: {sandbox.plan.dir}")
+        sandbox.on_change = self._notify
+        runtime = self.runtime(sandbox.runtime)
+        pid, start_time = record.get("pid"), record.get("pid_start_time")
+        handed_over = _HANDED_OVER.pop(pid, None) if isinstance(pid, int) else None
+        alive = (
+            sandbox.state in (SandboxState.RUNNING, SandboxState.PAUSED)
+            and isinstance(pid, int)
+            and isinstance(start_time, int)
+            # The same process, not a later one that reuses its number.
+            and await asyncio.to_thread(process_start_time, pid) == start_time
+        )
+        self._sandboxes[sandbox.id] = sandbox
+        if not alive:
+            if handed_over is not None:
+                handed_over.poll()  # reap it
+            sandbox.ending = True
+            sandbox.exited.set()
+            if sandbox.state is SandboxState.TERMINATED:
+                detail = sandbox.end_detail  # ended, but its cleanup had failed: try again
+            elif sandbox.state is SandboxState.CREATING:
+                detail = "the engine stopped while creating the sandbox"
+            else:
+                detail = "the runtime exited while the engine was stopped"
+                log_tail = await asyncio.to_thread(read_runtime_log, sandbox.plan)
+                if log_tail:
+                    detail += f": {log_tail}"
+            try:
+                await asyncio.to_thread(runtime.destroy, sandbox.plan)
+            except Exception as exc:  # recorded below; the record is retried next start
+                log.error("cleaning up %s failed: %s", sandbox.id, exc)
+                detail = f"{detail or ''} (cleanup failed: {exc})".strip()
+            if sandbox.state is SandboxState.TERMINATED:
+                sandbox.end_detail = detail
+                sandbox.save()
+            else:
+                sandbox.end(EndReason.RUNTIME_ERROR, detail)
+            log.warning("sandbox %s ended while no engine ran: %s", sandbox.id, detail)
+            return sandbox
+        assert isinstance(pid, int) and isinstance(start_time, int)
+        sandbox.launch = Launch(pid, child=handed_over, start_time=start_time)
+        try:
+            await sandbox.link.listen()  # the agent re-dials by itself
+        except OSError as exc:
+            self._watch_sandbox(sandbox)
+            await self._end(sandbox, EndReason.RUNTIME_ERROR, f"could not listen again: {exc}")
+            return sandbox
+        self._watch_sandbox(sandbox)
+        log.info("adopted sandbox %s (%s, %s)", sandbox.id, sandbox.runtime, sandbox.state)
+        if sandbox.expires_at is not None and sandbox.expires_at <= time.time():
+            await self._end(sandbox, EndReason.TIMEOUT, "lifetime timeout reached")
+        return sandbox
+
+    def _notify(self, sandbox: Sandbox) -> None:
+        """Tell `on_change` about a state change; its failures are logged, never raised."""
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(sandbox.info())
+        except Exception:
+            log.exception("the on_change callback failed for sandbox %s", sandbox.id)
 
     def runtime(self, name: str) -> Runtime:
         """The runtime called `name` (unknown names are a `RuntimeUnavailable` error)."""
@@ -208,12 +378,18 @@ class Engine:
             spec, image.layers, tuple(Bind(str(b.source), b.target) for b in image.binds)
         )
         sandbox = Sandbox(spec, plan)
+        sandbox.on_change = self._notify
         self._sandboxes[sandbox.id] = sandbox
         try:
+            # Recorded before anything is built, so a later engine finds and cleans up what a
+            # crash in the middle would leave.
+            await asyncio.to_thread(self._make_dir_and_save, sandbox)
             await asyncio.to_thread(runtime.create, plan)
             await sandbox.link.listen()
-            sandbox.launch = await asyncio.to_thread(runtime.start, plan)
-            self._spawn(self._watch(sandbox))
+            launch = await asyncio.to_thread(runtime.start, plan)
+            launch.start_time = await asyncio.to_thread(process_start_time, launch.pid)
+            sandbox.launch = launch
+            self._watch_sandbox(sandbox)
             await self._wait_for_agent(sandbox)
         except BaseException as exc:
             self._sandboxes.pop(sandbox.id, None)
@@ -228,6 +404,11 @@ class Engine:
         sandbox.move(SandboxState.RUNNING)
         self._wake_reaper.set()
         return sandbox.info()
+
+    @staticmethod
+    def _make_dir_and_save(sandbox: Sandbox) -> None:
+        sandbox.plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        sandbox.save()
 
     def _plan(
         self, spec: SandboxSpec, layers: Sequence[Path], binds: tuple[Bind, ...]
@@ -286,24 +467,41 @@ class Engine:
             code="runtime_failed",
         )
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
+
+    def _watch_sandbox(self, sandbox: Sandbox) -> None:
+        self._watchers[sandbox.id] = self._spawn(self._watch(sandbox))
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        for sandbox_id, watcher in list(self._watchers.items()):
+            if watcher is task:
+                del self._watchers[sandbox_id]
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
     async def _watch(self, sandbox: Sandbox) -> None:
-        """Wait for the sandbox's main process to exit; then record why and clean up."""
+        """Wait for the sandbox's main process to exit; then record why and clean up.
+
+        Works for processes an earlier engine started too (pidfds need no parenthood), but
+        only a child of this process has an exit status to read.
+        """
         launch = sandbox.launch
         assert launch is not None
         loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(launch.pid)
         except ProcessLookupError:
+            pidfd = -1
+        reused = (
+            launch.start_time is not None and process_start_time(launch.pid) != launch.start_time
+        )
+        if pidfd >= 0 and reused:  # it has exited (its number may already be another's)
+            os.close(pidfd)
             pidfd = -1
         if pidfd >= 0:
             gone = loop.create_future()
@@ -330,7 +528,12 @@ class Engine:
             reason = EndReason.OUT_OF_MEMORY
         else:
             reason = EndReason.RUNTIME_ERROR
-        await self._end(sandbox, reason, detail or f"exit status {sandbox.exit_status}")
+        status = sandbox.exit_status
+        await self._end(
+            sandbox,
+            reason,
+            detail or (f"exit status {status}" if status is not None else "exit status unknown"),
+        )
 
     async def _end(self, sandbox: Sandbox, reason: EndReason, detail: str | None = None) -> None:
         """Stop `sandbox` for `reason` and release everything it holds. Idempotent."""

@@ -1,7 +1,9 @@
 """The engine's record of one sandbox: its spec, plan, state, history and agent link.
 
 State changes go through `Sandbox.move`, which asks `corral.state` whether they are legal, so
-the state machine is enforced in exactly one place.
+the state machine is enforced in exactly one place. Each change is saved to the sandbox's
+directory (`sandbox.json`), from which a restarted engine adopts the sandbox
+(`Sandbox.from_record`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from corral.agentlink import AgentLink
@@ -18,6 +21,8 @@ from corral.plan import SandboxPlan
 from corral.runtimes import Launch
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState, check_transition, require_state
+
+RECORD_NAME = "sandbox.json"
 
 
 class Sandbox:
@@ -40,6 +45,31 @@ class Sandbox:
         self.exited = asyncio.Event()
         self.ending = False
         self.lock = asyncio.Lock()
+        # Told of every state change, after it is saved (the engine's `on_change`).
+        self.on_change: Callable[[Sandbox], None] | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Sandbox:
+        """The sandbox a previous engine saved as `record` (see `record`), without its launch.
+
+        Raises KeyError, TypeError or ValueError (among others) for a record that does not
+        parse; the caller decides what to do with it.
+        """
+        sandbox = cls(SandboxSpec.from_dict(record["spec"]), SandboxPlan.from_dict(record["plan"]))
+        if record["id"] != sandbox.id:
+            raise ValueError(f"record of {record['id']!r} holds the plan of {sandbox.id!r}")
+        sandbox.state = SandboxState(record["state"])
+        sandbox.created_at = float(record["created_at"])
+        sandbox.expires_at = _float_or_none(record.get("expires_at"))
+        sandbox.ended_at = _float_or_none(record.get("ended_at"))
+        if record.get("end_reason") is not None:
+            sandbox.end_reason = EndReason(record["end_reason"])
+        sandbox.end_detail = record.get("end_detail")
+        sandbox.history = [
+            StateChange(SandboxState(state), float(at), reason)
+            for state, at, reason in record["history"]
+        ]
+        return sandbox
 
     @property
     def runtime(self) -> str:
@@ -59,6 +89,8 @@ class Sandbox:
             self.ended_at = now
             self.expires_at = None
         self.save()
+        if self.on_change is not None:
+            self.on_change(self)
 
     def require(self, action: str, *allowed: SandboxState) -> None:
         require_state(self.id, action, self.state, *allowed)
@@ -91,7 +123,11 @@ class Sandbox:
             "state": self.state.value,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+            "end_detail": self.end_detail,
             "pid": self.launch.pid if self.launch else None,
+            "pid_start_time": self.launch.start_time if self.launch else None,
             "history": [[h.state.value, h.at, h.reason] for h in self.history],
         }
 
@@ -100,10 +136,14 @@ class Sandbox:
         directory = self.plan.dir
         if not directory.is_dir():
             return
-        path = directory / "sandbox.json"
+        path = directory / RECORD_NAME
         temp = f"{path}.tmp"
         # Owner-only: the spec's environment may hold the user's secrets.
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(self.record()))
         os.replace(temp, path)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)

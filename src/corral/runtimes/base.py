@@ -30,10 +30,34 @@ RUNTIME_LOG_TAIL = 4000  # bytes of the runtime's log quoted in errors
 
 @dataclass
 class Launch:
-    """A started sandbox: the host pid whose exit ends it, and that process if it is our child."""
+    """A started sandbox: the host pid whose exit ends it, and that process if it is our child.
+
+    `start_time` (from /proc, see `process_start_time`) tells that pid apart from a later
+    process that reuses the number, so a restarted engine never adopts a stranger.
+    """
 
     pid: int
     child: subprocess.Popen[bytes] | None = None
+    start_time: int | None = None
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22).
+
+    None if there is no such process or it has already exited (a zombie).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        if fields[0] in (b"Z", b"X"):  # field 3, the state: exited, not yet reaped
+            return None
+        return int(fields[19])  # field 22
+    except (IndexError, ValueError):
+        return None
 
 
 def open_runtime_log(plan: SandboxPlan) -> int:
