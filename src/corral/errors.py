@@ -6,6 +6,7 @@ says what happened and what to do about it.
     CorralError                    500 internal_error
     ├── InvalidRequest             400 invalid_request
     │   └── InvalidPath            400 invalid_path
+    ├── AuthError                  401 unauthorized
     ├── PermissionDenied           403 permission_denied
     ├── NotFound                   404 not_found
     │   ├── SandboxNotFound        404 sandbox_not_found
@@ -15,12 +16,15 @@ says what happened and what to do about it.
     ├── Conflict                   409 conflict
     │   ├── InvalidState           409 invalid_state
     │   └── FileExists             409 file_exists
+    ├── PayloadTooLarge            413 payload_too_large
     ├── RuntimeUnavailable         422 runtime_unavailable
     ├── LimitReached               429 limit_reached
     ├── NoSpace                    507 no_space
-    └── SandboxFailed              500 sandbox_failed
-        ├── AgentUnavailable       503 agent_unavailable
-        └── SandboxEnded           410 sandbox_ended
+    ├── SandboxFailed              500 sandbox_failed
+    │   ├── AgentUnavailable       503 agent_unavailable
+    │   └── SandboxEnded           410 sandbox_ended
+    └── ServiceUnavailable         503 service_unavailable
+        └── ConnectionFailed       503 connection_failed   (SDK: the server cannot be reached)
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ class InvalidPath(InvalidRequest):
     default_code = "invalid_path"
 
 
+class AuthError(CorralError):
+    """The API key is missing, malformed, unknown or revoked."""
+
+    status_code = 401
+    default_code = "unauthorized"
+
+
 class PermissionDenied(CorralError):
     """The sandbox's own permissions forbid the operation."""
 
@@ -99,10 +110,11 @@ class ImageNotFound(NotFound):
 
 
 class CommandTimeout(CorralError):
-    """A command ran past its timeout and was killed."""
+    """A command ran past its timeout and was killed; `result` holds what it printed."""
 
     status_code = 408
     default_code = "command_timeout"
+    result: Any = None
 
 
 class Conflict(CorralError):
@@ -122,6 +134,13 @@ class FileExists(Conflict):
     """Something already exists at this path inside the sandbox."""
 
     default_code = "file_exists"
+
+
+class PayloadTooLarge(CorralError):
+    """The request body is larger than the server accepts."""
+
+    status_code = 413
+    default_code = "payload_too_large"
 
 
 class LimitReached(CorralError):
@@ -166,6 +185,19 @@ class SandboxEnded(SandboxFailed):
     default_code = "sandbox_ended"
 
 
+class ServiceUnavailable(CorralError):
+    """The server cannot take the request now (starting, shutting down); retry shortly."""
+
+    status_code = 503
+    default_code = "service_unavailable"
+
+
+class ConnectionFailed(ServiceUnavailable):
+    """The SDK could not reach the server: check CORRAL_URL and that `corral serve` runs."""
+
+    default_code = "connection_failed"
+
+
 _ERRNO_ERRORS: dict[str, type[CorralError]] = {
     "ENOENT": FileNotFound,
     "EEXIST": FileExists,
@@ -208,3 +240,32 @@ def from_guest(code: str, message: str) -> CorralError:
     if code in errno.errorcode.values():
         return SandboxFailed(message, code="guest_os_error")
     return SandboxFailed(message, code=code or SandboxFailed.default_code)
+
+
+def _subclasses(cls: type[CorralError]) -> list[type[CorralError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
+_BY_CODE: dict[str, type[CorralError]] = {cls.default_code: cls for cls in _subclasses(CorralError)}
+# For codes this version does not know: the most general class with the status.
+_BY_STATUS: dict[int, type[CorralError]] = {
+    cls.status_code: cls for cls in reversed(_subclasses(CorralError)) if cls is not CorralError
+}
+_BY_STATUS[500] = CorralError
+_BY_STATUS[503] = ServiceUnavailable
+_BY_CODE.update({code: cls for code, cls in _GUEST_CODES.items() if code not in _BY_CODE})
+
+
+def from_response(status: int, code: str, message: str) -> CorralError:
+    """Rebuild the error a server sent (`{"error": {"code", "message"}}`) as our own class.
+
+    The class comes from the code when we know it, else from the HTTP status; the server's
+    code and message are kept either way.
+    """
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status)
+    if cls is None:
+        cls = InvalidRequest if 400 <= status < 500 else CorralError
+    return cls(message, code=code)

@@ -7,7 +7,7 @@ chunks under flow control: a 1 GiB file is never held in memory on either side.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
 from corral.agent import protocol as P
@@ -23,7 +23,7 @@ class SandboxFiles:
     def __init__(self, link: AgentLink) -> None:
         self._link = link
 
-    async def read(self, path: str) -> AsyncIterator[bytes]:
+    async def read(self, path: str) -> AsyncGenerator[bytes, None]:
         """Yield the file's content in chunks as it arrives."""
         check_sandbox_path(path)
         async for kind, payload in self._link.stream(P.FS_READ, {"path": path}):

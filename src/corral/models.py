@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from corral.spec import SandboxSpec
@@ -38,9 +38,21 @@ class SandboxInfo:
         return dict(self.spec.metadata)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["spec"] = self.spec.to_dict()
-        return data
+        """Plain JSON-ready data."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "runtime": self.runtime,
+            "spec": self.spec.to_dict(),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+            "end_detail": self.end_detail,
+            "history": [
+                {"state": h.state.value, "at": h.at, "reason": h.reason} for h in self.history
+            ],
+        }
 
 
 @dataclass(frozen=True)
