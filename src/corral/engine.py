@@ -725,11 +725,16 @@ class Engine:
             params["tag"] = str(tag)[:256]
         runtime = self.runtime(sandbox.runtime)
         ooms_before = runtime.oom_kills(sandbox.plan)  # one small cgroup file read
-        channel = await sandbox.link.open(P.PROC_START, params)
-        kind, payload = await channel.receive()
-        if kind == P.REPLY:
-            unwrap(payload)
-            raise SandboxFailed("the guest agent ended the process before starting it")
+        try:
+            channel = await sandbox.link.open(P.PROC_START, params)
+            kind, payload = await channel.receive()
+            if kind == P.REPLY:
+                unwrap(payload)
+                raise SandboxFailed("the guest agent ended the process before starting it")
+        except AgentUnavailable as exc:
+            if sandbox.ending or not sandbox.alive:  # ended under us: say so, with the reason
+                raise await self._explain_loss(sandbox, exc) from exc
+            raise
         if kind != P.EVENT or payload.get("type") != "started":
             raise SandboxFailed(f"unexpected first frame from the guest agent: {kind}")
 

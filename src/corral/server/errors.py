@@ -1,0 +1,151 @@
+"""How the HTTP API reports errors: always `{"error": {"code", "message"}}`, never a traceback.
+
+Corral's own errors carry their status and code. Validation errors become 400s that name the
+field; malformed JSON is `invalid_json`; unknown endpoints `not_found`; a body over the limit
+`payload_too_large` (413); anything unexpected a 500 `internal_error`, logged in full on the
+server and never shown to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from corral.errors import CorralError, InvalidRequest, PayloadTooLarge
+
+log = logging.getLogger("corral.server")
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+
+
+def error_response(error: CorralError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code)
+
+
+def describe_validation(errors: Sequence[Any]) -> str:
+    """One readable sentence per pydantic error: where, and what is wrong."""
+    parts = []
+    for error in errors[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        kind = error.get("type", "")
+        if kind == "extra_forbidden":
+            parts.append(f"unknown field {where!r}; remove it (see /openapi.json for the fields)")
+        elif kind == "missing":
+            parts.append(f"{where} is required")
+        else:
+            parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    """Register the error handlers on `app`."""
+
+    @app.exception_handler(CorralError)
+    async def corral_error(request: Request, exc: CorralError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(
+                InvalidRequest(
+                    "the request body is not valid JSON; send a JSON object",
+                    code="invalid_json",
+                )
+            )
+        return error_response(InvalidRequest(describe_validation(errors)))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path}; see /docs"
+        elif exc.status_code == 405:
+            message = f"{request.url.path} does not accept {request.method}; see /docs"
+        body = {"error": {"code": code, "message": message}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        body = {
+            "error": {"code": "internal_error", "message": "internal error; see the server log"}
+        }
+        return JSONResponse(body, status_code=500)
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with a 413, before or while they arrive.
+
+    Routes for which `unlimited(scope)` is true (file uploads, which stream to the sandbox's
+    disk and are bounded by its quota) pass through.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, unlimited: Callable[[Scope], bool] = lambda s: False
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.unlimited = unlimited
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.unlimited(scope):
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(
+            f"the request body is over {self.limit} bytes; upload files with "
+            "PUT /v1/sandboxes/{id}/files/content, which streams"
+        )
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _send_error(send, too_large)
+                return
+        received = 0
+        exceeded = started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise too_large
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # whatever the app makes of the cut-off body, the answer is a 413
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except PayloadTooLarge:
+            if started:
+                raise
+        if exceeded and not started:
+            await _send_error(send, too_large)
+
+
+async def _send_error(send: Send, error: CorralError) -> None:
+    body = json.dumps(error.to_dict()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status_code,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

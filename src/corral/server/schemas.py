@@ -1,0 +1,227 @@
+"""The HTTP API's request and response bodies (pydantic), which also make its OpenAPI spec.
+
+Requests forbid unknown fields, so a typo such as `memroy_mb` is a 400 naming the field rather
+than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.models import ExecResult, FileInfo, ProcessInfo, SandboxInfo
+from corral.spec import DEFAULT_TIMEOUT, MAX_TIMEOUT
+from corral.store import ApiKey
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSandbox(Request):
+    """POST /v1/sandboxes. Omitted fields take the secure defaults."""
+
+    image: str = "debian"
+    runtime: str | None = Field(None, description="namespaces or gvisor; default: strongest")
+    cpu: float = 1.0
+    memory_mb: int = 512
+    disk_mb: int = 2048
+    max_processes: int = 512
+    timeout: float = Field(
+        DEFAULT_TIMEOUT, description=f"lifetime in seconds, 1 to {MAX_TIMEOUT:g}"
+    )
+    network: Literal["none", "internet"] = "none"
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str = "/root"
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class SetTimeout(Request):
+    timeout: float = Field(description="seconds from now until the sandbox ends (at most 24 h)")
+
+
+class Exec(Request):
+    """A command: `cmd` runs through /bin/sh, `argv` runs directly."""
+
+    cmd: str | None = None
+    argv: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    user: str | int | None = None
+    timeout: float | None = Field(60.0, description="kill the command after this many seconds")
+    tag: str | None = None
+
+
+class RunCommand(Exec):
+    """POST /v1/sandboxes/{id}/exec: run to completion, `stdin` fed as text."""
+
+    stdin: str | None = None
+
+
+class Pty(Request):
+    rows: int = 24
+    cols: int = 80
+
+
+class StreamExec(Exec):
+    """The first message on the exec WebSocket."""
+
+    stdin: bool = False
+    pty: Pty | None = None
+    timeout: float | None = None
+
+
+class Signal(Request):
+    signal: str | int = "SIGTERM"
+
+
+class MakeDir(Request):
+    path: str
+    parents: bool = True
+    mode: int = 0o755
+
+
+class Rename(Request):
+    src: str
+    dst: str
+    overwrite: bool = False
+
+
+class Chmod(Request):
+    path: str
+    mode: int
+
+
+class CreateKey(Request):
+    name: str
+    admin: bool = False
+
+
+class HistoryEntry(BaseModel):
+    state: str
+    at: float
+    reason: str | None = None
+
+
+class SandboxOut(BaseModel):
+    id: str
+    state: str
+    runtime: str
+    image: str
+    created_at: float
+    expires_at: float | None
+    ended_at: float | None
+    end_reason: str | None
+    end_detail: str | None
+    metadata: dict[str, str]
+    spec: CreateSandbox
+    history: list[HistoryEntry]
+
+    @classmethod
+    def of(cls, info: SandboxInfo) -> SandboxOut:
+        spec = info.spec.to_dict()
+        return cls(
+            id=info.id,
+            state=info.state.value,
+            runtime=info.runtime,
+            image=info.spec.image,
+            created_at=info.created_at,
+            expires_at=info.expires_at,
+            ended_at=info.ended_at,
+            end_reason=info.end_reason.value if info.end_reason else None,
+            end_detail=info.end_detail,
+            metadata=dict(info.spec.metadata),
+            # The environment may hold secrets: it goes in, it never comes back out.
+            spec=CreateSandbox(**{**spec, "env": {name: "" for name in spec["env"]}}),
+            history=[
+                HistoryEntry(state=h.state.value, at=h.at, reason=h.reason) for h in info.history
+            ],
+        )
+
+
+class CommandOut(BaseModel):
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    truncated: bool = Field(False, description="output past the limit was dropped")
+    id: int | None = None
+
+    @classmethod
+    def of(cls, result: ExecResult, truncated: bool = False) -> CommandOut:
+        return cls(
+            exit_code=result.exit_code,
+            stdout=result.stdout.decode(errors="replace"),
+            stderr=result.stderr.decode(errors="replace"),
+            signal=result.signal,
+            timed_out=result.timed_out,
+            oom_killed=result.oom_killed,
+            truncated=truncated,
+            id=result.id,
+        )
+
+
+class FileOut(BaseModel):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    uid: int
+    gid: int
+    target: str | None = None
+
+    @classmethod
+    def of(cls, info: FileInfo) -> FileOut:
+        return cls(**info.__dict__)
+
+
+class Written(BaseModel):
+    path: str
+    bytes: int
+
+
+class ProcessOut(BaseModel):
+    id: int
+    pid: int
+    argv: list[str]
+    tag: str
+    running: bool
+    exit_code: int | None = None
+
+    @classmethod
+    def of(cls, info: ProcessInfo) -> ProcessOut:
+        return cls(**{**info.__dict__, "argv": list(info.argv)})
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    hint: str
+    admin: bool
+    created_at: float
+    revoked_at: float | None
+    secret: str | None = Field(None, description="the key itself: only in the create response")
+
+    @classmethod
+    def of(cls, key: ApiKey, secret: str | None = None) -> KeyOut:
+        return cls(**key.to_dict(), secret=secret)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    runtimes: dict[str, str | None]

@@ -1,0 +1,204 @@
+"""The service: the engine as tenants see it. Every sandbox belongs to the API key that made it.
+
+It owns the engine and the store, records each sandbox's owner and every state change in the
+store, and answers "not found" for another key's sandbox, so ids cannot be probed. On start it
+reconciles the store with what the engine re-adopted: sandboxes that did not survive a restart
+are marked ended with the reason, sandboxes nobody owns are ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.engine import Engine
+from corral.errors import InvalidRequest, LimitReached, SandboxNotFound
+from corral.ids import check_id
+from corral.models import SandboxInfo, StateChange
+from corral.spec import SandboxSpec
+from corral.state import EndReason, SandboxState
+from corral.store import ENDED_RETENTION, ApiKey, Store
+
+log = logging.getLogger("corral.server")
+
+PRUNE_EVERY = 3600.0
+
+
+@dataclass
+class ServerConfig:
+    """How the server runs; every field has an embedded default."""
+
+    data_dir: Path
+    default_runtime: str | None = None
+    max_body_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are not limited
+    max_sandboxes_per_key: int = 100
+    max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "corral.db"
+
+
+class Service:
+    """The engine and the store behind the HTTP API, with tenant checks."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine = Engine(
+            config.data_dir, default_runtime=config.default_runtime, on_change=self._changed
+        )
+        self.store: Store | None = None
+        self._owners: dict[str, str] = {}  # live sandbox id -> key id
+        self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.store = await Store.open(self.config.database)
+        await self.engine.start()  # re-adopts the sandboxes a previous server left running
+        await self._reconcile()
+        self._tasks = [
+            asyncio.create_task(self._write_loop()),
+            asyncio.create_task(self._prune_loop()),
+        ]
+
+    async def close(self) -> None:
+        """Stop serving but leave every sandbox running: the next start re-adopts them."""
+        await self.engine.close(keep_sandboxes=True)
+        await self._writes.join()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.store is not None:
+            await self.store.close()
+
+    @property
+    def db(self) -> Store:
+        assert self.store is not None, "the service is not started"
+        return self.store
+
+    async def _reconcile(self) -> None:
+        known = {info.id for info in self.engine.list_sandboxes()}
+        for info in await self.db.live_sandboxes():
+            if info.id in known:
+                continue
+            now = time.time()
+            await self.db.update_sandbox(
+                SandboxInfo(
+                    **{
+                        **info.__dict__,
+                        "state": SandboxState.TERMINATED,
+                        "expires_at": None,
+                        "ended_at": now,
+                        "end_reason": EndReason.RUNTIME_ERROR,
+                        "end_detail": "the sandbox was gone when the server restarted",
+                        "history": (
+                            *info.history,
+                            StateChange(SandboxState.TERMINATED, now, "runtime_error"),
+                        ),
+                    }
+                )
+            )
+        for info in self.engine.list_sandboxes():
+            owner = await self.db.owner(info.id)
+            if owner is None:
+                log.warning("ending %s: no key owns it (created just before a crash)", info.id)
+                await self.engine.terminate(info.id)
+                continue
+            await self.db.update_sandbox(self.engine.get(info.id))
+            if info.state is not SandboxState.TERMINATED:
+                self._owners[info.id] = owner
+
+    def _changed(self, info: SandboxInfo) -> None:
+        if info.state is SandboxState.TERMINATED:
+            self._owners.pop(info.id, None)
+        self._writes.put_nowait(("update", info))
+
+    async def _write_loop(self) -> None:
+        """Apply catalogue writes one at a time, in the order the changes happened."""
+        while True:
+            kind, item = await self._writes.get()
+            try:
+                if kind == "add":
+                    owner, sandbox_id = item
+                    await self.db.add_sandbox(owner, self.engine.get(sandbox_id))
+                else:
+                    await self.db.update_sandbox(item)
+            except Exception:
+                log.exception("could not record a sandbox change")
+            finally:
+                self._writes.task_done()
+
+    async def _prune_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.db.forget_ended(time.time() - ENDED_RETENTION)
+            await asyncio.sleep(PRUNE_EVERY)
+
+    # -- tenants ----------------------------------------------------------------------------
+
+    async def owned(self, key: ApiKey, sandbox_id: str) -> str:
+        """`sandbox_id` if `key` owns it; another key's sandbox is "not found" too."""
+        check_id(sandbox_id, "sb")
+        owner = self._owners.get(sandbox_id)
+        if owner is None:
+            owner = await self.db.owner(sandbox_id)
+        if owner != key.id:
+            raise SandboxNotFound(
+                f"no sandbox {sandbox_id} (it never existed, ended more than 7 days ago, "
+                "or belongs to another API key)"
+            )
+        return sandbox_id
+
+    async def create(self, key: ApiKey, spec: SandboxSpec) -> SandboxInfo:
+        live = sum(1 for owner in self._owners.values() if owner == key.id)
+        if live >= self.config.max_sandboxes_per_key:
+            raise LimitReached(
+                f"this API key already has {live} live sandboxes, the most allowed; "
+                "terminate some and retry",
+                code="too_many_sandboxes",
+            )
+        info = await self.engine.create(spec)
+        # No await between create and these two lines: the sandbox cannot change unrecorded.
+        self._owners[info.id] = key.id
+        self._writes.put_nowait(("add", (key.id, info.id)))
+        await self._writes.join()
+        return self.engine.get(info.id)
+
+    async def info(self, key: ApiKey, sandbox_id: str) -> SandboxInfo:
+        await self.owned(key, sandbox_id)
+        with contextlib.suppress(SandboxNotFound):
+            return self.engine.get(sandbox_id)
+        found = await self.db.get_sandbox(sandbox_id)
+        if found is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        return found[1]
+
+    async def list(
+        self, key: ApiKey, state: str | None, metadata: Mapping[str, str]
+    ) -> list[SandboxInfo]:
+        wanted = None
+        if state is not None:
+            try:
+                wanted = SandboxState(state)
+            except ValueError:
+                states = ", ".join(s.value for s in SandboxState)
+                raise InvalidRequest(f"unknown state {state!r}; use one of {states}") from None
+        found = []
+        for stored in await self.db.list_sandboxes(owner=key.id):
+            try:
+                info = self.engine.get(stored.id)
+            except SandboxNotFound:
+                info = stored
+            if wanted is not None and info.state is not wanted:
+                continue
+            if any(info.spec.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            found.append(info)
+        return found
