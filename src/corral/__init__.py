@@ -1,7 +1,89 @@
-"""Corral: self-hosted secure sandboxes for AI agents."""
+"""Corral: self-hosted secure sandboxes for AI agents.
 
+Example:
+    >>> import corral
+    >>> with corral.Sandbox.create() as sandbox:     # CORRAL_URL, CORRAL_API_KEY
+    ...     print(sandbox.run("python3 -c 'print(6*7)'").stdout)
+    42
+"""
+
+from corral.client import (
+    AsyncClient,
+    AsyncFiles,
+    AsyncProcess,
+    AsyncSandbox,
+    Client,
+    CommandResult,
+    Files,
+    Process,
+    ProcessExit,
+    Sandbox,
+)
 from corral.engine import Engine
-from corral.errors import CorralError
+from corral.errors import (
+    AgentUnavailable,
+    AuthError,
+    CommandTimeout,
+    Conflict,
+    ConnectionFailed,
+    CorralError,
+    FileExists,
+    FileNotFound,
+    InvalidPath,
+    InvalidRequest,
+    InvalidState,
+    LimitReached,
+    NoSpace,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    RuntimeUnavailable,
+    SandboxEnded,
+    SandboxFailed,
+    SandboxNotFound,
+    ServiceUnavailable,
+)
+from corral.models import FileInfo, ProcessInfo, SandboxInfo
 from corral.spec import SandboxSpec
+from corral.state import EndReason, SandboxState
 
-__all__ = ["CorralError", "Engine", "SandboxSpec"]
+__all__ = [
+    "AgentUnavailable",
+    "AsyncClient",
+    "AsyncFiles",
+    "AsyncProcess",
+    "AsyncSandbox",
+    "AuthError",
+    "Client",
+    "CommandResult",
+    "CommandTimeout",
+    "Conflict",
+    "ConnectionFailed",
+    "CorralError",
+    "EndReason",
+    "Engine",
+    "FileExists",
+    "FileInfo",
+    "FileNotFound",
+    "Files",
+    "InvalidPath",
+    "InvalidRequest",
+    "InvalidState",
+    "LimitReached",
+    "NoSpace",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "Process",
+    "ProcessExit",
+    "ProcessInfo",
+    "RuntimeUnavailable",
+    "Sandbox",
+    "SandboxEnded",
+    "SandboxFailed",
+    "SandboxInfo",
+    "SandboxNotFound",
+    "SandboxSpec",
+    "SandboxState",
+    "ServiceUnavailable",
+]

@@ -1,0 +1,152 @@
+"""The connection to a Corral server: URL, API key, HTTP and WebSocket transport, errors.
+
+The async client is the source of truth; `corral.Client` (sync) drives it from a background
+event loop. Every error the server sends comes back as the matching `CorralError` subclass,
+with the server's code and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
+from corral.errors import AuthError, ConnectionFailed, CorralError, from_response
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+
+
+class AsyncClient:
+    """A connection to one Corral server, configured by arguments or the environment.
+
+    `url` defaults to `$CORRAL_URL` (else http://127.0.0.1:8470), `api_key` to
+    `$CORRAL_API_KEY`.
+
+    Example:
+        >>> async with corral.AsyncClient(url="http://127.0.0.1:8470", api_key=key) as client:
+        ...     sandbox = await corral.AsyncSandbox.create(client=client)
+    """
+
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, *, timeout: float = 300.0
+    ) -> None:
+        self.url = (url or os.environ.get("CORRAL_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key or os.environ.get("CORRAL_API_KEY") or None
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+        )
+        self._sockets: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
+
+    async def aclose(self) -> None:
+        """Close the client's connections (exec streams still open are hung up)."""
+        for ws in list(self._sockets):
+            await ws.close()
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _check_key(self) -> None:
+        if not self.api_key:
+            raise AuthError(
+                "no API key: set CORRAL_API_KEY or pass api_key= (corral serve prints one)"
+            )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+    ) -> Any:
+        """Send one request; return the decoded JSON answer (None for an empty one)."""
+        self._check_key()
+        try:
+            response = await self._http.request(
+                method, path, json=json, params=params, content=content
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise _error(response.status_code, response.content)
+        return response.json() if response.content else None
+
+    @asynccontextmanager
+    async def download(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[httpx.Response]:
+        """A streamed GET whose errors are raised before any content is read."""
+        self._check_key()
+        try:
+            async with self._http.stream("GET", path, params=params) as response:
+                if response.status_code >= 400:
+                    raise _error(response.status_code, await response.aread())
+                yield response
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def websocket(self, path: str) -> ClientConnection:
+        """Open a WebSocket to `path` with this client's key."""
+        self._check_key()
+        url = "ws" + self.url.removeprefix("http") + path
+        try:
+            ws = await connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {self.api_key}"},
+                max_size=None,  # the agent's chunks are bounded; frames are never huge
+                open_timeout=10,
+            )
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+        self._sockets.add(ws)
+        return ws
+
+    def _unreachable(self, exc: Exception) -> CorralError:
+        return ConnectionFailed(
+            f"cannot reach the Corral server at {self.url} ({type(exc).__name__}: {exc}); "
+            "is `corral serve` running, and is CORRAL_URL right?"
+        )
+
+
+def _error(status: int, body: bytes) -> CorralError:
+    try:
+        error = json.loads(body)["error"]
+        return from_response(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        text = body.decode(errors="replace")[:500]
+        return from_response(status, "http_error", f"HTTP {status}: {text}")
+
+
+# One default client per event loop: an httpx client cannot move between loops.
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_client() -> AsyncClient:
+    """The client for this event loop, configured from the environment."""
+    loop = asyncio.get_running_loop()
+    client = _defaults.get(loop)
+    if client is None:
+        client = _defaults[loop] = AsyncClient()
+    return client
