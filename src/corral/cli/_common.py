@@ -1,0 +1,39 @@
+"""What every command shares: the Typer app, option types, error output, the SDK client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from corral.client import Client
+from corral.errors import CorralError
+
+app = typer.Typer(
+    help="Corral: secure sandboxes for AI agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Where Corral keeps its state.")]
+Url = Annotated[
+    str | None, typer.Option("--url", envvar="CORRAL_URL", help="The server (default local).")
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="CORRAL_API_KEY", help="Your API key.", show_default=False),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+def fail(error: CorralError) -> NoReturn:
+    console.print(f"[red]error[/red] ({error.code}): {error.message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def client(url: str | None, api_key: str | None) -> Client:
+    return Client(url=url, api_key=api_key)

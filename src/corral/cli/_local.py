@@ -1,0 +1,201 @@
+"""Commands that act on this machine directly: serve, keys, doctor, image build (as root)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+import uvicorn
+from rich.table import Table
+
+from corral.cli._common import DataDir, Json, app, console, fail, out
+from corral.engine import Engine, default_data_dir
+from corral.errors import CorralError
+from corral.runtimes import PREFERENCE
+from corral.server.app import create_app
+from corral.server.service import ServerConfig
+from corral.store import Store
+
+T = TypeVar("T")
+
+image_app = typer.Typer(help="Manage images.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def doctor(data_dir: DataDir = None, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show which runtimes this machine can run, and why not where it cannot."""
+    engine = Engine(data_dir)
+    rows = {name: engine.unavailable_reason(name) for name in PREFERENCE}
+    if as_json:
+        print(json.dumps({name: {"available": r is None, "reason": r} for name, r in rows.items()}))
+        return
+    table = Table("runtime", "status")
+    for name, reason in rows.items():
+        table.add_row(
+            name, "[green]available[/green]" if reason is None else f"[red]{reason}[/red]"
+        )
+    out.print(table)
+    console.print(f"data directory: {engine.data_dir}")
+
+
+@image_app.command("build")
+def image_build(name: str = typer.Argument("debian"), data_dir: DataDir = None) -> None:
+    """Build a built-in image now rather than on first use."""
+    engine = Engine(data_dir)
+    try:
+        with console.status(f"building image {name}…") as status:
+            image = engine.images.resolve(name, progress=lambda line: status.update(line[:100]))
+    except CorralError as error:
+        fail(error)
+    console.print(f"image {name}: {', '.join(str(p) for p in image.layers)}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8470, help="Port to listen on."),
+    data_dir: DataDir = None,
+    runtime: str | None = typer.Option(None, help="Default runtime (default: strongest)."),
+    prepare: bool = typer.Option(True, help="Build the default image before serving."),
+    max_sandboxes_per_key: int = typer.Option(100, help="Live sandboxes one API key may have."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Start the Corral server; it prints its URL, an API key and an example to try."""
+    config = ServerConfig(
+        data_dir=data_dir or default_data_dir(),
+        default_runtime=runtime,
+        max_sandboxes_per_key=max_sandboxes_per_key,
+    )
+    try:
+        key_note = asyncio.run(_bootstrap_keys(config))
+        if prepare:
+            _prepare_image(config)
+    except CorralError as error:
+        fail(error)
+    url = f"http://{host}:{port}"
+    _banner(url, key_note)
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+        ws_max_size=16 * 1024 * 1024,
+    )
+
+
+async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
+    """("env" | "new" | "existing", the secret to show once)."""
+    store = await Store.open(config.database)
+    try:
+        secret = os.environ.get("CORRAL_API_KEY")
+        if secret:
+            await store.ensure_key(secret, "admin (CORRAL_API_KEY)", admin=True)
+            return "env", secret
+        if not await store.has_keys():
+            _, secret = await store.create_key("admin", admin=True)
+            return "new", secret
+        return "existing", None
+    finally:
+        await store.close()
+
+
+def _prepare_image(config: ServerConfig) -> None:
+    engine = Engine(config.data_dir, default_runtime=config.default_runtime)
+    try:
+        engine.default_runtime  # noqa: B018 - raises, with the reason, when no runtime can run
+    except CorralError as error:
+        console.print(f"[yellow]warning[/yellow]: {error.message}")
+        return
+    with console.status("preparing the debian image (about 30 s, once)…") as status:
+        engine.images.resolve("debian", progress=lambda line: status.update(line[:100]))
+
+
+def _banner(url: str, key_note: tuple[str, str | None]) -> None:
+    kind, secret = key_note
+    shown = secret or "<your key>"
+    console.print(
+        f"\n[bold green]Corral[/bold green] serves on [bold]{url}[/bold]  (API: {url}/docs)"
+    )
+    if kind == "new":
+        console.print(f"Admin API key (shown once, keep it): [bold]{secret}[/bold]")
+    elif kind == "env":
+        console.print("Using the API key in CORRAL_API_KEY (admin).")
+    else:
+        console.print("API keys exist already; `corral keys create NAME` makes another.")
+    python = (
+        "import corral; sb = corral.Sandbox.create(); "
+        "print(sb.run(['python3', '-c', 'print(6*7)']).stdout); sb.terminate()"
+    )
+    console.print(
+        "Try it from another terminal:\n"
+        f"  export CORRAL_URL={url} CORRAL_API_KEY={shown}\n"
+        "  .venv/bin/corral run -- python3 -c 'print(6*7)'\n"
+        f"  .venv/bin/python -c {shlex.quote(python)}\n",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _with_store(data_dir: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
+    async def go() -> T:
+        store = await Store.open(ServerConfig(data_dir or default_data_dir()).database)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except CorralError as error:
+        fail(error)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    admin: bool = typer.Option(False, help="May manage keys over the API."),
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """Make an API key; its secret is printed once."""
+    key, secret = _with_store(data_dir, lambda store: store.create_key(name, admin=admin))
+    if as_json:
+        print(json.dumps({**key.to_dict(), "secret": secret}))
+        return
+    console.print(f"key {key.id} ({name}) created; its secret, shown once:")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None, as_json: Json = False) -> None:
+    """Every API key (never their secrets)."""
+    keys = _with_store(data_dir, lambda store: store.list_keys())
+    if as_json:
+        print(json.dumps([key.to_dict() for key in keys]))
+        return
+    table = Table("id", "name", "starts with", "admin", "created", "status")
+    for key in keys:
+        created = datetime.fromtimestamp(key.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+        status = "[green]active[/green]" if key.active else "[red]revoked[/red]"
+        table.add_row(key.id, key.name, key.hint + "…", "yes" if key.admin else "", created, status)
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(help="Key id or name."), data_dir: DataDir = None
+) -> None:
+    """Revoke a key: it stops working at once; its sandboxes run until they end."""
+    revoked = _with_store(data_dir, lambda store: store.revoke_key(key))
+    console.print(f"revoked {revoked.id} ({revoked.name})")

@@ -1,0 +1,376 @@
+"""Commands that talk to a Corral server through the SDK: sandboxes, run, exec, shell, cp."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shlex
+import shutil
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Column, Table
+
+from corral.cli._common import ApiKey, Json, Url, app, client, console, fail, out
+from corral.client import Client, Process, Sandbox
+from corral.errors import CorralError, InvalidRequest
+
+sandbox_app = typer.Typer(help="Create, list, inspect and end sandboxes.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+Pairs = Annotated[list[str] | None, typer.Option(help="KEY=VALUE; repeat for more.")]
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    found = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            fail(InvalidRequest(f"{what} {item!r} must read KEY=VALUE"))
+        found[name] = value
+    return found
+
+
+@contextlib.contextmanager
+def _session(url: str | None, api_key: str | None) -> Iterator[Client]:
+    """An SDK client whose errors end the command with their code and message."""
+    try:
+        sdk = client(url, api_key)
+    except CorralError as error:
+        fail(error)
+    try:
+        yield sdk
+    except CorralError as error:
+        fail(error)
+    finally:
+        sdk.close()
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    delta = timestamp - time.time()
+    span = abs(delta)
+    text = (
+        f"{span:.0f}s"
+        if span < 120
+        else f"{span / 60:.0f}m"
+        if span < 7200
+        else f"{span / 3600:.1f}h"
+    )
+    return f"in {text}" if delta >= 0 else f"{text} ago"
+
+
+@sandbox_app.command("create")
+def sandbox_create(
+    image: str | None = typer.Option(None, help="Image (default debian)."),
+    runtime: str | None = typer.Option(None, help="namespaces or gvisor (default: strongest)."),
+    cpu: float = typer.Option(1.0, help="CPU limit in cores."),
+    memory: int = typer.Option(512, help="Memory limit in MiB."),
+    disk: int = typer.Option(2048, help="Disk quota in MiB."),
+    timeout: float = typer.Option(300, help="Lifetime in seconds (at most 24 h)."),
+    network: str = typer.Option("none", help="none or internet."),
+    env: Pairs = None,
+    metadata: Pairs = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: Json = False,
+) -> None:
+    """Create a sandbox and print its id."""
+    with _session(url, api_key) as sdk, console.status("creating sandbox…"):
+        sandbox = Sandbox.create(
+            image,
+            runtime,
+            cpu=cpu,
+            memory_mb=memory,
+            disk_mb=disk,
+            timeout=timeout,
+            env=_pairs(env, "env"),
+            metadata=_pairs(metadata, "metadata"),
+            network=network,
+            client=sdk,
+        )
+        info = sandbox.info()
+    if as_json:
+        print(json.dumps(info.to_dict()))
+    else:
+        print(sandbox.id)
+
+
+@sandbox_app.command("list")
+def sandbox_list(
+    state: str | None = typer.Option(None, help="Only sandboxes in this state."),
+    metadata: Pairs = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: Json = False,
+) -> None:
+    """Your sandboxes (ended ones stay listed for 7 days)."""
+    with _session(url, api_key) as sdk:
+        found = Sandbox.list(_pairs(metadata, "metadata"), state, client=sdk)
+    if as_json:
+        print(json.dumps([info.to_dict() for info in found]))
+        return
+    table = Table(Column("id", no_wrap=True), "state", "runtime", "image", "created")
+    table.add_column("ends / ended")
+    table.add_column("metadata")
+    for info in found:
+        ending = _when(info.expires_at) if info.expires_at else ""
+        if info.end_reason is not None:
+            ending = f"{info.end_reason.value} {_when(info.ended_at)}"
+        labels = " ".join(f"{k}={v}" for k, v in info.metadata.items())
+        table.add_row(
+            info.id,
+            info.state.value,
+            info.runtime,
+            info.spec.image,
+            _when(info.created_at),
+            ending,
+            labels,
+        )
+    out.print(table)
+
+
+@sandbox_app.command("info")
+def sandbox_info(
+    sandbox_id: str, url: Url = None, api_key: ApiKey = None, as_json: Json = False
+) -> None:
+    """A sandbox's state, limits and, once ended, why it ended."""
+    with _session(url, api_key) as sdk:
+        info = Sandbox.connect(sandbox_id, client=sdk).info()
+    if as_json:
+        print(json.dumps(info.to_dict()))
+        return
+    spec = info.spec
+    rows = {
+        "id": info.id,
+        "state": info.state.value,
+        "runtime": info.runtime,
+        "image": spec.image,
+        "limits": f"{spec.cpu:g} cpu, {spec.memory_mb} MiB memory, {spec.disk_mb} MiB disk",
+        "network": spec.network,
+        "created": _when(info.created_at),
+        "expires": _when(info.expires_at),
+        "metadata": " ".join(f"{k}={v}" for k, v in info.metadata.items()),
+    }
+    if info.end_reason is not None:
+        rows["ended"] = f"{_when(info.ended_at)}: {info.end_reason.value}"
+        rows["detail"] = info.end_detail or ""
+    for name, value in rows.items():
+        if value:
+            out.print(f"[bold]{name:>9}[/bold]  {value}", highlight=False)
+
+
+@sandbox_app.command("kill")
+def sandbox_kill(sandbox_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """End a sandbox now."""
+    with _session(url, api_key) as sdk:
+        info = Sandbox.connect(sandbox_id, client=sdk).terminate()
+    console.print(f"{info.id}: {info.state.value}")
+
+
+@sandbox_app.command("timeout")
+def sandbox_timeout(
+    sandbox_id: str,
+    seconds: float = typer.Argument(help="Seconds from now until the sandbox ends."),
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Extend (or shorten) a sandbox's life."""
+    with _session(url, api_key) as sdk:
+        info = Sandbox.connect(sandbox_id, client=sdk).set_timeout(seconds)
+    console.print(f"{info.id} now ends {_when(info.expires_at)}")
+
+
+def _command(ctx: typer.Context) -> list[str]:
+    argv = list(ctx.args)
+    if not argv:
+        console.print("give a command after --, e.g. -- python3 -c 'print(6*7)'")
+        raise typer.Exit(2)
+    return argv
+
+
+def _stream(sandbox: Sandbox, argv: list[str], timeout: float | None) -> int:
+    """Run `argv` (one word: a shell command line) with its output on ours; its exit code."""
+
+    def to(stream: Any) -> Any:
+        def write(data: bytes) -> None:
+            stream.buffer.write(data)
+            stream.flush()
+
+        return write
+
+    shell = len(argv) == 1
+    process = sandbox.exec(
+        *([] if shell else argv),
+        cmd=argv[0] if shell else None,
+        timeout=timeout,
+        on_stdout=to(sys.stdout),
+        on_stderr=to(sys.stderr),
+    )
+    result = process.result()
+    if result.timed_out:
+        console.print("[red]command timed out[/red]")
+    if result.oom_killed:
+        console.print("[red]command was killed: out of memory[/red]")
+    if result.exit_code is not None:
+        return result.exit_code
+    return 128 + (result.signal or 1)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def run(
+    ctx: typer.Context,
+    image: str | None = typer.Option(None, help="Image to start from (default debian)."),
+    runtime: str | None = typer.Option(None, help="namespaces or gvisor (default: strongest)."),
+    network: str = typer.Option("none", help="none or internet."),
+    memory: int = typer.Option(512, help="Memory limit in MiB."),
+    cpu: float = typer.Option(1.0, help="CPU limit in cores."),
+    timeout: float = typer.Option(300, help="Lifetime of the sandbox in seconds."),
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Run a command in a new sandbox, stream its output, end the sandbox; exit with its code."""
+    argv = _command(ctx)
+    with _session(url, api_key) as sdk:
+        with console.status("starting sandbox…"):
+            sandbox = Sandbox.create(
+                image,
+                runtime,
+                cpu=cpu,
+                memory_mb=memory,
+                timeout=timeout,
+                network=network,
+                client=sdk,
+            )
+        try:
+            console.print(f"[dim]{sandbox.id}: {shlex.join(argv)}[/dim]", highlight=False)
+            code = _stream(sandbox, argv, None)
+        finally:
+            with contextlib.suppress(CorralError):
+                sandbox.terminate()
+    raise typer.Exit(code)
+
+
+@app.command("exec", context_settings=PASS_THROUGH)
+def exec_command(
+    ctx: typer.Context,
+    sandbox_id: str,
+    timeout: float | None = typer.Option(None, help="Kill the command after this many seconds."),
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Run a command in a sandbox, streaming its output; exit with its code."""
+    argv = _command(ctx)
+    with _session(url, api_key) as sdk:
+        code = _stream(Sandbox.connect(sandbox_id, client=sdk), argv, timeout)
+    raise typer.Exit(code)
+
+
+@app.command()
+def shell(sandbox_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """An interactive shell (bash, else sh) on a terminal in the sandbox."""
+    if not os.isatty(0):
+        fail(InvalidRequest("corral shell needs a terminal; use corral exec for scripts"))
+    with _session(url, api_key) as sdk:
+        sandbox = Sandbox.connect(sandbox_id, client=sdk)
+        size = shutil.get_terminal_size()
+
+        def write(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+
+        process = sandbox.exec(
+            cmd="command -v bash >/dev/null && exec bash -l; exec sh -l",
+            pty=(size.lines, size.columns),
+            stdin=True,
+            on_stdout=write,
+        )
+        code = _interact(process)
+    raise typer.Exit(code)
+
+
+def _interact(process: Process) -> int:
+    """Relay our terminal to the process's in raw mode until it exits."""
+    done = threading.Event()
+    codes: list[int] = []
+
+    def waiter() -> None:
+        try:
+            codes.append(process.wait())
+        finally:
+            done.set()
+
+    threading.Thread(target=waiter, daemon=True).start()
+
+    def resized(signum: int, frame: object) -> None:
+        size = shutil.get_terminal_size()
+        with contextlib.suppress(CorralError):
+            process.resize(size.lines, size.columns)
+
+    previous = signal.signal(signal.SIGWINCH, resized)
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        while not done.is_set():
+            ready, _, _ = select.select([0], [], [], 0.1)
+            if ready:
+                data = os.read(0, 4096)
+                if not data:
+                    process.stdin.close()
+                    break
+                process.stdin.write(data)
+        done.wait()
+    except CorralError:
+        pass
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGWINCH, previous)
+    return codes[0] if codes else 1
+
+
+def _split(location: str) -> tuple[str | None, str]:
+    """("sb-…", "/path") for a sandbox location, (None, path) for a local one."""
+    head, sep, tail = location.partition(":")
+    if sep and head.startswith("sb-"):
+        return head, tail
+    return None, location
+
+
+@app.command()
+def cp(
+    source: str = typer.Argument(help="A local path or sb-ID:/path."),
+    target: str = typer.Argument(help="A local path or sb-ID:/path."),
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Copy a file into a sandbox or out of one (streamed, any size)."""
+    src_sandbox, src = _split(source)
+    dst_sandbox, dst = _split(target)
+    if (src_sandbox is None) == (dst_sandbox is None):
+        fail(InvalidRequest("exactly one side must be a sandbox path such as sb-…:/root/file"))
+    with _session(url, api_key) as sdk:
+        if dst_sandbox is not None:
+            local = Path(src)
+            if not local.is_file():
+                fail(InvalidRequest(f"{src} is not a file (directories are not copied yet)"))
+            remote = dst + local.name if dst.endswith("/") else dst
+            written = Sandbox.connect(dst_sandbox, client=sdk).files.upload(local, remote)
+        else:
+            assert src_sandbox is not None
+            local = Path(dst)
+            if local.is_dir():
+                local = local / Path(src).name
+            written = Sandbox.connect(src_sandbox, client=sdk).files.download(src, local)
+    console.print(f"copied {written} bytes")
