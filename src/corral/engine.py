@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from corral.agent import protocol as P
 from corral.agentlink import unwrap
 from corral.errors import (
     AgentUnavailable,
+    Conflict,
     CorralError,
     InvalidRequest,
     RuntimeUnavailable,
@@ -64,6 +66,25 @@ ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
 # behind an adopting engine's back; an engine in this same process takes them back on adoption
 # and so still learns their exit status.
 _HANDED_OVER: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data directory for this engine alone; the lock goes with the fd (or process).
+
+    A second engine on the same directory would adopt the first one's sandboxes and take over
+    their agents' sockets, cutting the first off from them, so it is refused instead.
+    """
+    fd = os.open(data_dir / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Conflict(
+            f"another Corral engine uses the data directory {data_dir} (is `corral serve` "
+            "already running?); stop it, or choose another --data-dir",
+            code="data_dir_in_use",
+        ) from None
+    return fd
 
 
 def default_data_dir() -> Path:
@@ -108,6 +129,7 @@ class Engine:
         self._on_change = on_change
         self._firewall_ready = False
         self._started = False
+        self._lock_fd: int | None = None
 
     # -- life of the engine -----------------------------------------------------------------
 
@@ -121,6 +143,7 @@ class Engine:
         if self._started:
             return self
         await asyncio.to_thread(self._prepare_data_dir)
+        self._lock_fd = lock_data_dir(self.data_dir)
         self._started = True
         await self._adopt_all()
         self._reaper = asyncio.create_task(self._reap_expired())
@@ -159,6 +182,9 @@ class Engine:
         for task in list(self._tasks):
             task.cancel()
         self._started = False
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the data directory for the next engine
+            self._lock_fd = None
 
     async def _release(self, sandbox: Sandbox) -> None:
         """Let go of a running sandbox, leaving it to a later engine (see `close`)."""

@@ -11,6 +11,7 @@ import pytest
 
 from corral.engine import Engine
 from corral.errors import (
+    Conflict,
     ImageNotFound,
     InvalidPath,
     InvalidRequest,
@@ -130,7 +131,8 @@ async def test_bad_creates_leave_nothing_behind(engine: Engine, data_dir: Path) 
     assert unknown.value.code == "unknown_runtime"
     with pytest.raises(ImageNotFound):
         await engine.create(SandboxSpec(image="no-such-image"))
-    broken = Engine(data_dir, runsc_path="/nonexistent/runsc")
+    # A second engine needs its own data directory: the fixture's engine holds this one.
+    broken = Engine(data_dir.with_name(data_dir.name + "-broken"), runsc_path="/nonexistent/runsc")
     async with broken:
         with pytest.raises(RuntimeUnavailable) as unavailable:
             await broken.create(SandboxSpec(runtime="gvisor"))
@@ -241,3 +243,10 @@ async def test_engine_shutdown_ends_sandboxes_with_that_reason(
     assert ended.state is SandboxState.TERMINATED
     assert ended.end_reason is EndReason.ENGINE_SHUTDOWN
     assert info.id not in leftovers(data_dir)["dirs"]
+
+
+async def test_one_engine_per_data_directory(engine: Engine, data_dir: Path) -> None:
+    second = Engine(data_dir)
+    with pytest.raises(Conflict) as caught:
+        await second.start()
+    assert caught.value.code == "data_dir_in_use"

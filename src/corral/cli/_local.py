@@ -16,7 +16,7 @@ import uvicorn
 from rich.table import Table
 
 from corral.cli._common import DataDir, Json, app, console, fail, out
-from corral.engine import Engine, default_data_dir
+from corral.engine import Engine, default_data_dir, lock_data_dir
 from corral.errors import CorralError
 from corral.runtimes import PREFERENCE
 from corral.server.app import create_app
@@ -78,6 +78,7 @@ def serve(
     )
     try:
         key_note = asyncio.run(_bootstrap_keys(config))
+        os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner
         if prepare:
             _prepare_image(config)
     except CorralError as error:
