@@ -1,0 +1,48 @@
+"""The reference docs cannot drift from the code."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from fastapi.routing import APIRoute, APIWebSocketRoute
+
+from corral.server.app import create_app
+from corral.server.service import ServerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sdk_reference_is_generated_from_the_current_code() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "sdk_reference.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_route_is_in_the_http_api_doc(tmp_path: Path) -> None:
+    documented = (ROOT / "docs" / "http-api.md").read_text()
+    app = create_app(ServerConfig(data_dir=tmp_path))
+    missing = []
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            for method in route.methods - {"HEAD"}:
+                if f"`{method} {route.path}`" not in documented:
+                    missing.append(f"{method} {route.path}")
+        elif isinstance(route, APIWebSocketRoute) and f"`GET {route.path}`" not in documented:
+            missing.append(f"websocket {route.path}")
+    assert not missing, missing
+
+
+def test_error_codes_in_the_doc_exist() -> None:
+    from corral import errors
+
+    documented = set(re.findall(r"`([a-z_]+)`", (ROOT / "docs" / "http-api.md").read_text()))
+    known = {cls.default_code for cls in errors._subclasses(errors.CorralError)}
+    for code in ("invalid_request", "unauthorized", "sandbox_not_found", "payload_too_large"):
+        assert code in documented and code in known
