@@ -127,16 +127,16 @@ class ImageStore:
             *(str(p) for p in apt_sources(DEBIAN_SUITE)),
         ]
         progress(f"building the debian image with mmdebstrap ({DEBIAN_SUITE})")
-        process = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
-        )
-        assert process.stderr is not None
         tail: list[str] = []
-        for line in process.stderr:
-            line = line.rstrip()
-            tail = [*tail[-19:], line]
-            progress(line)
-        if process.wait() != 0:
+        with subprocess.Popen(  # the context closes the pipe (unclosed, it warns at exit)
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
+        ) as process:
+            assert process.stderr is not None
+            for line in process.stderr:
+                line = line.rstrip()
+                tail = [*tail[-19:], line]
+                progress(line)
+        if process.returncode != 0:
             raise SandboxFailed(
                 "building the debian image failed:\n" + "\n".join(tail), code="image_build_failed"
             )
