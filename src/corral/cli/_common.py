@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+if not out.is_terminal:
+    out.width = 160  # piped tables: wide enough for ids and end reasons on one line
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Where Corral keeps its state.")]
 Url = Annotated[

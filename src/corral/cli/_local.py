@@ -5,23 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shlex
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
-import uvicorn
 from rich.table import Table
 
 from corral.cli._common import DataDir, Json, app, console, fail, out
 from corral.engine import Engine, default_data_dir, lock_data_dir
 from corral.errors import CorralError
 from corral.runtimes import PREFERENCE
-from corral.server.app import create_app
-from corral.server.service import ServerConfig
-from corral.store import Store
+
+if TYPE_CHECKING:
+    from corral.server.service import ServerConfig
+    from corral.store import Store
 
 T = TypeVar("T")
 
@@ -71,6 +70,12 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
+    # The server's dependencies load only here, so client commands start fast.
+    import uvicorn
+
+    from corral.server.app import create_app
+    from corral.server.service import ServerConfig
+
     config = ServerConfig(
         data_dir=data_dir or default_data_dir(),
         default_runtime=runtime,
@@ -97,6 +102,8 @@ def serve(
 
 async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
     """("env" | "new" | "existing", the secret to show once)."""
+    from corral.store import Store
+
     store = await Store.open(config.database)
     try:
         secret = os.environ.get("CORRAL_API_KEY")
@@ -125,30 +132,32 @@ def _prepare_image(config: ServerConfig) -> None:
 def _banner(url: str, key_note: tuple[str, str | None]) -> None:
     kind, secret = key_note
     shown = secret or "<your key>"
-    console.print(
-        f"\n[bold green]Corral[/bold green] serves on [bold]{url}[/bold]  (API: {url}/docs)"
-    )
+    say = console.print
+    say(f"\n[bold green]Corral[/bold green] serves on [bold]{url}[/bold] (API: {url}/docs)")
     if kind == "new":
-        console.print(f"Admin API key (shown once, keep it): [bold]{secret}[/bold]")
+        say(f"Admin API key (shown once, keep it): [bold]{secret}[/bold]", soft_wrap=True)
     elif kind == "env":
-        console.print("Using the API key in CORRAL_API_KEY (admin).")
+        say("Using the API key in CORRAL_API_KEY (admin).")
     else:
-        console.print("API keys exist already; `corral keys create NAME` makes another.")
+        say("API keys exist already; `corral keys create NAME` makes another.")
     python = (
         "import corral; sb = corral.Sandbox.create(); "
-        "print(sb.run(['python3', '-c', 'print(6*7)']).stdout); sb.terminate()"
+        'print(sb.run(["python3", "-c", "print(6*7)"]).stdout); sb.terminate()'
     )
-    console.print(
+    say(
         "Try it from another terminal:\n"
         f"  export CORRAL_URL={url} CORRAL_API_KEY={shown}\n"
         "  .venv/bin/corral run -- python3 -c 'print(6*7)'\n"
-        f"  .venv/bin/python -c {shlex.quote(python)}\n",
+        f"  .venv/bin/python -c '{python}'\n",
         highlight=False,
         soft_wrap=True,
     )
 
 
 def _with_store(data_dir: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
+    from corral.server.service import ServerConfig
+    from corral.store import Store
+
     async def go() -> T:
         store = await Store.open(ServerConfig(data_dir or default_data_dir()).database)
         try:
