@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -89,22 +90,16 @@ class Service:
             if info.id in known:
                 continue
             now = time.time()
-            await self.db.update_sandbox(
-                SandboxInfo(
-                    **{
-                        **info.__dict__,
-                        "state": SandboxState.TERMINATED,
-                        "expires_at": None,
-                        "ended_at": now,
-                        "end_reason": EndReason.RUNTIME_ERROR,
-                        "end_detail": "the sandbox was gone when the server restarted",
-                        "history": (
-                            *info.history,
-                            StateChange(SandboxState.TERMINATED, now, "runtime_error"),
-                        ),
-                    }
-                )
+            lost = dataclasses.replace(
+                info,
+                state=SandboxState.TERMINATED,
+                expires_at=None,
+                ended_at=now,
+                end_reason=EndReason.RUNTIME_ERROR,
+                end_detail="the sandbox was gone when the server restarted",
+                history=(*info.history, StateChange(SandboxState.TERMINATED, now, "runtime_error")),
             )
+            await self.db.update_sandbox(lost)
         for info in self.engine.list_sandboxes():
             owner = await self.db.owner(info.id)
             if owner is None:
