@@ -53,7 +53,7 @@ from corral.runtimes import PREFERENCE, Launch, Runtime, make_runtime
 from corral.runtimes.base import process_start_time, read_runtime_log
 from corral.sandbox import RECORD_NAME, Sandbox
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
-from corral.state import EndReason, SandboxState
+from corral.state import EndReason, SandboxState, parse_state
 
 log = logging.getLogger("corral.engine")
 
@@ -632,11 +632,7 @@ class Engine:
     ) -> list[SandboxInfo]:
         """Sandboxes in creation order, optionally only those in `state` whose metadata match."""
         if state is not None:
-            try:
-                state = SandboxState(state)
-            except ValueError:
-                states = ", ".join(s.value for s in SandboxState)
-                raise InvalidRequest(f"unknown state {state!r}; use one of {states}") from None
+            state = parse_state(state)
         found = []
         for sandbox in self._sandboxes.values():
             if state is not None and sandbox.state is not state:

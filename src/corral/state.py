@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from corral.errors import InvalidState
+from corral.errors import InvalidRequest, InvalidState
 
 
 class SandboxState(StrEnum):
@@ -61,3 +61,12 @@ def require_state(
         raise InvalidState(
             f"cannot {action} sandbox {sandbox_id} in state {current}; it must be {wanted}"
         )
+
+
+def parse_state(value: SandboxState | str) -> SandboxState:
+    """The state named `value`, or `InvalidRequest` listing the states (for filters)."""
+    try:
+        return SandboxState(value)
+    except ValueError:
+        states = ", ".join(s.value for s in SandboxState)
+        raise InvalidRequest(f"unknown state {value!r}; use one of {states}") from None

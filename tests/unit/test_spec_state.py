@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 import corral
@@ -16,11 +18,12 @@ from corral.errors import (
     PermissionDenied,
     SandboxFailed,
     from_guest,
+    from_response,
 )
 from corral.ids import check_id, new_id
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 from corral.spec import SandboxSpec, check_sandbox_path
-from corral.state import SandboxState, check_transition, require_state
+from corral.state import SandboxState, check_transition, parse_state, require_state
 
 
 def test_defaults_are_secure() -> None:
@@ -136,5 +139,20 @@ def test_plan_round_trips() -> None:
 
 def test_public_surface() -> None:
     assert sorted(corral.__all__) == corral.__all__
-    for name in corral.__all__:
-        assert getattr(corral, name) is not None
+    public = {
+        name
+        for name, value in vars(corral).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert public == set(corral.__all__)
+
+
+def test_server_errors_come_back_as_our_classes() -> None:
+    assert type(from_response(404, "sandbox_not_found", "m")) is corral.SandboxNotFound
+    assert type(from_response(400, "invalid_cwd", "m")) is InvalidRequest  # a guest code
+    newer = from_response(409, "some_future_code", "m")  # unknown code: the status decides
+    assert type(newer) is corral.Conflict and newer.code == "some_future_code"
+    assert type(from_response(500, "mystery", "m")) is CorralError
+    assert type(from_response(503, "mystery", "m")) is corral.ServiceUnavailable
+    with pytest.raises(InvalidRequest, match="dancing"):
+        parse_state("dancing")

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from corral.engine import Engine
-from corral.errors import InvalidRequest, LimitReached, SandboxNotFound
+from corral.errors import LimitReached, SandboxNotFound
 from corral.ids import check_id
 from corral.models import SandboxInfo, StateChange
 from corral.spec import SandboxSpec
-from corral.state import EndReason, SandboxState
+from corral.state import EndReason, SandboxState, parse_state
 from corral.store import ENDED_RETENTION, ApiKey, Store
 
 log = logging.getLogger("corral.server")
@@ -178,13 +178,7 @@ class Service:
     async def list(
         self, key: ApiKey, state: str | None, metadata: Mapping[str, str]
     ) -> list[SandboxInfo]:
-        wanted = None
-        if state is not None:
-            try:
-                wanted = SandboxState(state)
-            except ValueError:
-                states = ", ".join(s.value for s in SandboxState)
-                raise InvalidRequest(f"unknown state {state!r}; use one of {states}") from None
+        wanted = parse_state(state) if state is not None else None
         found = []
         for stored in await self.db.list_sandboxes(owner=key.id):
             try:
