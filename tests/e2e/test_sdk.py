@@ -56,6 +56,8 @@ def test_run_reports_failure_timeout_and_stdin(client: corral.Client) -> None:
             False,
         )
         assert sandbox.run("tr a-z A-Z", stdin="shout").stdout == "SHOUT"
+        flood = sandbox.run("head -c 9000000 /dev/zero | tr '\\0' a; echo done >&2")
+        assert (flood.truncated, len(flood.stdout), flood.stderr) == (True, 8 << 20, "done\n")
         with pytest.raises(corral.CommandTimeout) as caught:
             sandbox.run("echo started; sleep 30", timeout=1)
         assert caught.value.result.stdout == "started\n"
