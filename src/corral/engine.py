@@ -46,8 +46,9 @@ from corral.errors import (
 from corral.files import SandboxFiles
 from corral.ids import check_id, new_id
 from corral.images import ImageStore, Progress
-from corral.models import ExecResult, ProcessInfo, SandboxInfo
+from corral.models import ExecResult, ProcessInfo, SandboxInfo, StateChange
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
+from corral.pools import Pools
 from corral.process import Process
 from corral.runtimes import PREFERENCE, Launch, Runtime, make_runtime
 from corral.runtimes.base import process_start_time, read_runtime_log
@@ -85,6 +86,19 @@ def lock_data_dir(data_dir: Path) -> int:
             code="data_dir_in_use",
         ) from None
     return fd
+
+
+class Stopwatch:
+    """Seconds between consecutive marks, by the name of the stage each ends."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
 
 
 def default_data_dir() -> Path:
@@ -130,6 +144,15 @@ class Engine:
         self._firewall_ready = False
         self._started = False
         self._lock_fd: int | None = None
+        self._user_creates = 0  # in flight; pools fill only while there are none
+        self._no_user_creates = asyncio.Event()
+        self._no_user_creates.set()
+        self.pools = Pools(
+            fill=self._fill_pool,
+            alive=self._idle_alive,
+            discard=self._discard_idle,
+            quiet=self._no_user_creates.wait,
+        )
 
     # -- life of the engine -----------------------------------------------------------------
 
@@ -157,6 +180,7 @@ class Engine:
         reaper, the watchers and the agents' sockets stop (the agents re-dial by themselves).
         Sandboxes still being created are ended either way.
         """
+        await self.pools.close()  # idle pooled sandboxes are never kept: pools refill
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -337,13 +361,16 @@ class Engine:
             return sandbox
         self._watch_sandbox(sandbox)
         log.info("adopted sandbox %s (%s, %s)", sandbox.id, sandbox.runtime, sandbox.state)
+        if sandbox.pooled:  # an idle pooled sandbox: nobody's yet, and pools refill themselves
+            await self._end(sandbox, EndReason.ENGINE_SHUTDOWN, "idle pooled sandbox released")
+            return sandbox
         if sandbox.expires_at is not None and sandbox.expires_at <= time.time():
             await self._end(sandbox, EndReason.TIMEOUT, "lifetime timeout reached")
         return sandbox
 
     def _notify(self, sandbox: Sandbox) -> None:
         """Tell `on_change` about a state change; its failures are logged, never raised."""
-        if self._on_change is None:
+        if self._on_change is None or sandbox.pooled:
             return
         try:
             self._on_change(sandbox.info())
@@ -384,10 +411,16 @@ class Engine:
     # -- sandboxes --------------------------------------------------------------------------
 
     async def create(
-        self, spec: SandboxSpec | None = None, *, progress: Progress | None = None
+        self,
+        spec: SandboxSpec | None = None,
+        *,
+        pool: bool = True,
+        progress: Progress | None = None,
     ) -> SandboxInfo:
         """Create and start a sandbox; return once its agent answers.
 
+        A warm pool whose template matches `spec` hands over an idle sandbox instead (unless
+        `pool=False`); it is indistinguishable from a new one except in speed.
         Raises `InvalidRequest`/`RuntimeUnavailable` for a bad spec, `SandboxFailed` if the
         runtime fails; either way nothing of the sandbox is left behind.
         """
@@ -395,28 +428,63 @@ class Engine:
         spec = spec or SandboxSpec()
         runtime = self.check_runtime(spec.runtime or self.default_runtime)
         spec = spec.with_runtime(runtime.name)
+        if pool:
+            claimed = self.pools.claim(spec)
+            if claimed is not None:
+                return self._claim(self._sandboxes[claimed], spec)
+        self._user_creates += 1
+        self._no_user_creates.clear()
+        try:
+            sandbox = await self._start_new(spec, runtime, progress)
+        finally:
+            self._user_creates -= 1
+            if not self._user_creates:
+                self._no_user_creates.set()
+        sandbox.expires_at = time.time() + spec.timeout
+        sandbox.move(SandboxState.RUNNING)
+        self._wake_reaper.set()
+        return sandbox.info()
+
+    async def _start_new(
+        self,
+        spec: SandboxSpec,
+        runtime: Runtime,
+        progress: Progress | None,
+        *,
+        pooled: bool = False,
+    ) -> Sandbox:
+        """Build and start a sandbox for `spec`, up to its agent answering (still `creating`)."""
+        stages = Stopwatch()
         image = await asyncio.to_thread(self.images.resolve, spec.image, progress)
         if spec.network == "internet":
             await self._ensure_firewall()
+        stages.mark("image")
         # Planning picks a free uid range and address among registered sandboxes: register the
         # new one before the next await, so concurrent creates never pick the same.
         plan = self._plan(
             spec, image.layers, tuple(Bind(str(b.source), b.target) for b in image.binds)
         )
         sandbox = Sandbox(spec, plan)
+        sandbox.pooled = pooled
         sandbox.on_change = self._notify
+        sandbox.timings = stages.laps
         self._sandboxes[sandbox.id] = sandbox
+        stages.mark("plan")
         try:
             # Recorded before anything is built, so a later engine finds and cleans up what a
             # crash in the middle would leave.
             await asyncio.to_thread(self._make_dir_and_save, sandbox)
+            stages.mark("record")
             await asyncio.to_thread(runtime.create, plan)
+            stages.mark("runtime_create")
             await sandbox.link.listen()
             launch = await asyncio.to_thread(runtime.start, plan)
             launch.start_time = await asyncio.to_thread(process_start_time, launch.pid)
             sandbox.launch = launch
             self._watch_sandbox(sandbox)
+            stages.mark("runtime_start")
             await self._wait_for_agent(sandbox)
+            stages.mark("agent_ready")
         except BaseException as exc:
             self._sandboxes.pop(sandbox.id, None)
             sandbox.ending = True
@@ -426,10 +494,69 @@ class Engine:
             if isinstance(exc, CorralError | asyncio.CancelledError):
                 raise
             raise SandboxFailed(f"could not create the sandbox: {exc}") from exc
-        sandbox.expires_at = time.time() + spec.timeout
+        return sandbox
+
+    def create_timings(self, sandbox_id: str) -> dict[str, float]:
+        """Seconds each stage of the sandbox's start took (empty for adopted sandboxes)."""
+        return dict(self._get(sandbox_id).timings)
+
+    # -- warm pools -------------------------------------------------------------------------
+
+    def configure_pool(self, name: str, template: SandboxSpec, size: int) -> dict[str, Any]:
+        """Keep `size` idle sandboxes like `template` started, for `create` to claim.
+
+        Only the fields fixed at start matter (image, runtime, cpu, memory, disk, processes,
+        network); env, metadata, workdir and lifetime come from each request.
+        """
+        self._require_started()
+        runtime = self.check_runtime(template.runtime or self.default_runtime)
+        return self.pools.configure(name, template.with_runtime(runtime.name), size).to_dict()
+
+    def remove_pool(self, name: str) -> None:
+        """Stop pool `name` and end its idle sandboxes."""
+        self.pools.remove(name)
+
+    def list_pools(self) -> list[dict[str, Any]]:
+        """Every pool with its template, target size, idle count, hits and misses."""
+        return [pool.to_dict() for pool in self.pools.list()]
+
+    async def _fill_pool(self, template: SandboxSpec) -> str:
+        assert template.runtime is not None
+        sandbox = await self._start_new(
+            template, self.check_runtime(template.runtime), None, pooled=True
+        )
         sandbox.move(SandboxState.RUNNING)
+        return sandbox.id
+
+    def _claim(self, sandbox: Sandbox, spec: SandboxSpec) -> SandboxInfo:
+        """Give an idle pooled sandbox to a request: its spec, a fresh history and deadline."""
+        now = time.time()
+        sandbox.pooled = False
+        sandbox.spec = spec
+        sandbox.created_at = now
+        sandbox.history = [
+            StateChange(SandboxState.CREATING, now),
+            StateChange(SandboxState.RUNNING, now),
+        ]
+        sandbox.expires_at = now + spec.timeout
+        sandbox.save()
         self._wake_reaper.set()
         return sandbox.info()
+
+    def _idle_alive(self, sandbox_id: str) -> bool:
+        sandbox = self._sandboxes.get(sandbox_id)
+        return (
+            sandbox is not None
+            and sandbox.pooled
+            and sandbox.state is SandboxState.RUNNING
+            and not sandbox.ending
+            and sandbox.link.connected
+        )
+
+    async def _discard_idle(self, sandbox_id: str) -> None:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is not None:
+            await self._end(sandbox, EndReason.ENGINE_SHUTDOWN, "idle pooled sandbox released")
 
     @staticmethod
     def _make_dir_and_save(sandbox: Sandbox) -> None:
@@ -612,7 +739,7 @@ class Engine:
     def _get(self, sandbox_id: str) -> Sandbox:
         check_id(sandbox_id, "sb")
         sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None:
+        if sandbox is None or sandbox.pooled:  # idle pooled sandboxes are nobody's to see
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
         return sandbox
 
@@ -635,7 +762,7 @@ class Engine:
             state = parse_state(state)
         found = []
         for sandbox in self._sandboxes.values():
-            if state is not None and sandbox.state is not state:
+            if sandbox.pooled or (state is not None and sandbox.state is not state):
                 continue
             if metadata and any(sandbox.spec.metadata.get(k) != v for k, v in metadata.items()):
                 continue
@@ -721,9 +848,14 @@ class Engine:
             if not isinstance(cmd, str) or not cmd.strip() or "\0" in cmd:
                 raise InvalidRequest("cmd must be a non-empty shell command without NUL bytes")
             params["cmd"] = cmd
-        if env:
-            params["env"] = check_env(env)
-        params["cwd"] = check_sandbox_path(cwd, "cwd") if cwd is not None else sandbox.plan.workdir
+        # The sandbox's own env and workdir come from its spec on every command (not only from
+        # the agent's start), so a sandbox claimed from a warm pool gets the request's.
+        if env is not None:
+            check_env(env)
+        merged = {**sandbox.spec.env, **(env or {})}
+        if merged:
+            params["env"] = check_env(merged)
+        params["cwd"] = check_sandbox_path(cwd, "cwd") if cwd is not None else sandbox.spec.workdir
         if user is not None:
             if not isinstance(user, str | int) or isinstance(user, bool):
                 raise InvalidRequest("user must be a user name or a numeric uid")

@@ -45,6 +45,8 @@ class Sandbox:
         self.exited = asyncio.Event()
         self.ending = False
         self.lock = asyncio.Lock()
+        self.pooled = False  # idle in a warm pool: invisible until claimed
+        self.timings: dict[str, float] = {}  # seconds per stage of its start
         # Told of every state change, after it is saved (the engine's `on_change`).
         self.on_change: Callable[[Sandbox], None] | None = None
 
@@ -65,6 +67,7 @@ class Sandbox:
         if record.get("end_reason") is not None:
             sandbox.end_reason = EndReason(record["end_reason"])
         sandbox.end_detail = record.get("end_detail")
+        sandbox.pooled = bool(record.get("pooled", False))
         sandbox.history = [
             StateChange(SandboxState(state), float(at), reason)
             for state, at, reason in record["history"]
@@ -128,6 +131,7 @@ class Sandbox:
             "end_detail": self.end_detail,
             "pid": self.launch.pid if self.launch else None,
             "pid_start_time": self.launch.start_time if self.launch else None,
+            "pooled": self.pooled,
             "history": [[h.state.value, h.at, h.reason] for h in self.history],
         }
 

@@ -1,0 +1,107 @@
+"""Warm pools on a real engine: fresh per claim, refilled, bypassable, matched exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.engine import Engine
+from corral.errors import InvalidRequest, SandboxNotFound
+from corral.spec import SandboxSpec
+from corral.state import SandboxState
+from tests.conftest import leftovers
+
+
+async def pool_of(engine: Engine, name: str, idle: int | None = None) -> dict[str, Any]:
+    """The pool's figures, once it has `idle` idle sandboxes (the bound only catches hangs)."""
+    for _ in range(600):
+        pool = next(p for p in engine.list_pools() if p["name"] == name)
+        if idle is None or pool["idle"] == idle:
+            return pool
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"pool {name} never had {idle} idle sandboxes: {pool}")
+
+
+async def test_claimed_sandboxes_are_fresh_and_look_new(engine: Engine, runtime: str) -> None:
+    engine.configure_pool("p", SandboxSpec(runtime=runtime), 2)
+    await pool_of(engine, "p", idle=2)
+    assert engine.list_sandboxes() == []  # idle pooled sandboxes are invisible
+
+    before = time.time()
+    spec = SandboxSpec(
+        runtime=runtime, env={"WHO": "first"}, metadata={"job": "1"}, timeout=120, workdir="/tmp"
+    )
+    first = await engine.create(spec)
+    second = await engine.create(SandboxSpec(runtime=runtime, env={"WHO": "second"}))
+    pool = await pool_of(engine, "p")
+    assert pool["hits"] == 2 and pool["misses"] == 0
+    try:
+        assert first.created_at >= before
+        assert [h.state for h in first.history] == [SandboxState.CREATING, SandboxState.RUNNING]
+        assert first.expires_at is not None and 115 < first.expires_at - time.time() <= 120
+        assert first.metadata == {"job": "1"} and first.spec.timeout == 120
+        assert [s.id for s in engine.list_sandboxes()] == [first.id, second.id]
+        result = await engine.run(first.id, "echo $WHO; pwd")
+        assert result.stdout == b"first\n/tmp\n"
+        assert (await engine.run(second.id, "echo $WHO")).stdout == b"second\n"
+        # Never used before: what one claimed sandbox does is not in another.
+        await engine.files(first.id).write("/root/mine", "x")
+        assert not await engine.files(second.id).exists("/root/mine")
+        # The pool refills behind the claims.
+        await pool_of(engine, "p", idle=2)
+    finally:
+        await engine.terminate(first.id)
+        await engine.terminate(second.id)
+
+
+async def test_bypass_mismatch_and_miss(engine: Engine) -> None:
+    engine.configure_pool("p", SandboxSpec(runtime="namespaces"), 1)
+    await pool_of(engine, "p", idle=1)
+    bypass = await engine.create(SandboxSpec(runtime="namespaces"), pool=False)
+    bigger = await engine.create(SandboxSpec(runtime="namespaces", memory_mb=1024))
+    pool = await pool_of(engine, "p", idle=1)
+    assert (pool["hits"], pool["misses"]) == (0, 0)  # neither touched the pool
+    for info in (bypass, bigger):
+        await engine.terminate(info.id)
+
+    engine.configure_pool("p", SandboxSpec(runtime="namespaces"), 0)  # empty: a miss
+    await pool_of(engine, "p", idle=0)
+    cold = await engine.create(SandboxSpec(runtime="namespaces"))
+    assert (await engine.run(cold.id, "true")).ok
+    assert (await pool_of(engine, "p"))["misses"] == 1
+    await engine.terminate(cold.id)
+
+
+async def test_pooled_sandboxes_are_unreachable_and_cleaned_up(data_dir: Path) -> None:
+    baseline = leftovers(data_dir)
+    async with Engine(data_dir) as engine:
+        engine.configure_pool("p", SandboxSpec(runtime="namespaces"), 2)
+        await pool_of(engine, "p", idle=2)
+        idle_ids = list(engine.pools.list()[0].idle)
+        for sandbox_id in idle_ids:
+            with pytest.raises(SandboxNotFound):
+                engine.get(sandbox_id)
+            with pytest.raises(SandboxNotFound):
+                await engine.run(sandbox_id, "true")
+        engine.remove_pool("p")
+        for _ in range(200):
+            if leftovers(data_dir) == baseline:
+                break
+            await asyncio.sleep(0.05)
+        assert leftovers(data_dir) == baseline
+        engine.configure_pool("q", SandboxSpec(runtime="namespaces"), 1)
+        await pool_of(engine, "q", idle=1)
+    assert leftovers(data_dir) == baseline  # closing the engine ends idle sandboxes too
+
+
+async def test_bad_pool_settings(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest):
+        engine.configure_pool("Bad Name", SandboxSpec(), 1)
+    with pytest.raises(InvalidRequest):
+        engine.configure_pool("p", SandboxSpec(), -1)
+    with pytest.raises(InvalidRequest):
+        SandboxSpec(memory_mb=1)
