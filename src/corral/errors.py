@@ -46,6 +46,7 @@ class CorralError(Exception):
 
     status_code: ClassVar[int] = 500
     default_code: ClassVar[str] = "internal_error"
+    retry_after: int | None = None  # seconds; sent as Retry-After when set
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -144,10 +145,14 @@ class PayloadTooLarge(CorralError):
 
 
 class LimitReached(CorralError):
-    """The sandbox is at one of its limits (processes, for instance); free some and retry."""
+    """A limit is reached (a sandbox's processes, a key's or the node's sandboxes); retry later."""
 
     status_code = 429
     default_code = "limit_reached"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class RuntimeUnavailable(CorralError):

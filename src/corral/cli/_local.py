@@ -8,21 +8,26 @@ import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.table import Table
 
 from corral.cli._common import DataDir, Json, app, console, fail, out
 from corral.engine import Engine, default_data_dir, lock_data_dir
-from corral.errors import CorralError
+from corral.errors import CorralError, InvalidRequest
 from corral.runtimes import PREFERENCE
+from corral.spec import SandboxSpec
 
 if TYPE_CHECKING:
     from corral.server.service import ServerConfig
     from corral.store import Store
 
 T = TypeVar("T")
+PoolOption = Annotated[
+    list[str] | None,
+    typer.Option(help="A warm pool, RUNTIME:IMAGE:SIZE (IMAGE 'default' is debian); repeatable."),
+]
 
 image_app = typer.Typer(help="Manage images.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
@@ -67,6 +72,8 @@ def serve(
     runtime: str | None = typer.Option(None, help="Default runtime (default: strongest)."),
     prepare: bool = typer.Option(True, help="Build the default image before serving."),
     max_sandboxes_per_key: int = typer.Option(100, help="Live sandboxes one API key may have."),
+    max_sandboxes: int = typer.Option(2000, help="Live sandboxes on this node, all keys."),
+    pool: PoolOption = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
@@ -76,12 +83,14 @@ def serve(
     from corral.server.app import create_app
     from corral.server.service import ServerConfig
 
-    config = ServerConfig(
-        data_dir=data_dir or default_data_dir(),
-        default_runtime=runtime,
-        max_sandboxes_per_key=max_sandboxes_per_key,
-    )
     try:
+        config = ServerConfig(
+            data_dir=data_dir or default_data_dir(),
+            default_runtime=runtime,
+            max_sandboxes_per_key=max_sandboxes_per_key,
+            max_sandboxes=max_sandboxes,
+            pools=tuple(_parse_pool(item) for item in pool or ()),
+        )
         key_note = asyncio.run(_bootstrap_keys(config))
         os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner
         if prepare:
@@ -98,6 +107,16 @@ def serve(
         timeout_graceful_shutdown=10,
         ws_max_size=16 * 1024 * 1024,
     )
+
+
+def _parse_pool(item: str) -> tuple[str, SandboxSpec, int]:
+    """RUNTIME:IMAGE:SIZE, as in `--pool gvisor:default:4`."""
+    parts = item.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise InvalidRequest(f"--pool {item!r} must read RUNTIME:IMAGE:SIZE, e.g. gvisor:default:4")
+    runtime, image, size = parts
+    image = "debian" if image == "default" else image
+    return f"{runtime}-{image}", SandboxSpec(image=image, runtime=runtime), int(size)
 
 
 async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:

@@ -26,7 +26,10 @@ from corral.client import Client, Process, Sandbox
 from corral.errors import CorralError, InvalidRequest
 
 sandbox_app = typer.Typer(help="Create, list, inspect and end sandboxes.", no_args_is_help=True)
+pools_app = typer.Typer(help="Warm pools of started sandboxes.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(pools_app, name="pools")
+NoPool = Annotated[bool, typer.Option("--no-pool", help="Start fresh, even if a pool matches.")]
 
 Pairs = Annotated[list[str] | None, typer.Option(help="KEY=VALUE; repeat for more.")]
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -83,6 +86,7 @@ def sandbox_create(
     network: str = typer.Option("none", help="none or internet."),
     env: Pairs = None,
     metadata: Pairs = None,
+    no_pool: NoPool = False,
     url: Url = None,
     api_key: ApiKey = None,
     as_json: Json = False,
@@ -99,6 +103,7 @@ def sandbox_create(
             env=_pairs(env, "env"),
             metadata=_pairs(metadata, "metadata"),
             network=network,
+            pool=not no_pool,
             client=sdk,
         )
         info = sandbox.info()
@@ -238,6 +243,7 @@ def run(
     memory: int = typer.Option(512, help="Memory limit in MiB."),
     cpu: float = typer.Option(1.0, help="CPU limit in cores."),
     timeout: float = typer.Option(300, help="Lifetime of the sandbox in seconds."),
+    no_pool: NoPool = False,
     url: Url = None,
     api_key: ApiKey = None,
 ) -> None:
@@ -252,6 +258,7 @@ def run(
                 memory_mb=memory,
                 timeout=timeout,
                 network=network,
+                pool=not no_pool,
                 client=sdk,
             )
         try:
@@ -374,3 +381,59 @@ def cp(
                 local = local / Path(src).name
             written = Sandbox.connect(src_sandbox, client=sdk).files.download(src, local)
     console.print(f"copied {written} bytes")
+
+
+@pools_app.command("list")
+def pools_list(url: Url = None, api_key: ApiKey = None, as_json: Json = False) -> None:
+    """Each pool: template, target size, idle sandboxes, hits and misses."""
+    with _session(url, api_key) as sdk:
+        pools = sdk.list_pools()
+    if as_json:
+        print(json.dumps(pools))
+        return
+    table = Table(Column("name", no_wrap=True), "runtime", "image", "cpu", "memory", "size")
+    for column in ("idle", "hits", "misses", "last error"):
+        table.add_column(column)
+    for pool in pools:
+        table.add_row(
+            pool["name"],
+            pool["runtime"],
+            pool["image"],
+            f"{pool['cpu']:g}",
+            f"{pool['memory_mb']} MiB",
+            str(pool["size"]),
+            str(pool["idle"]),
+            str(pool["hits"]),
+            str(pool["misses"]),
+            pool["last_error"] or "",
+        )
+    out.print(table)
+
+
+@pools_app.command("set")
+def pools_set(
+    name: str,
+    size: int = typer.Option(..., help="Idle sandboxes to keep started."),
+    image: str = typer.Option("debian", help="Image."),
+    runtime: str | None = typer.Option(None, help="namespaces or gvisor (default: strongest)."),
+    cpu: float = typer.Option(1.0, help="CPU limit in cores."),
+    memory: int = typer.Option(512, help="Memory limit in MiB."),
+    disk: int = typer.Option(2048, help="Disk quota in MiB."),
+    network: str = typer.Option("none", help="none or internet."),
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create or resize a pool (admin key); creates with the same settings claim from it."""
+    template = {"image": image, "runtime": runtime, "cpu": cpu, "memory_mb": memory}
+    template.update(disk_mb=disk, network=network)
+    with _session(url, api_key) as sdk:
+        pool = sdk.set_pool(name, size, **template)
+    console.print(f"pool {pool['name']}: {pool['size']} x {pool['runtime']}/{pool['image']}")
+
+
+@pools_app.command("remove")
+def pools_remove(name: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """Remove a pool and end its idle sandboxes (admin key)."""
+    with _session(url, api_key) as sdk:
+        sdk.remove_pool(name)
+    console.print(f"pool {name} removed")

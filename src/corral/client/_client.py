@@ -90,7 +90,7 @@ class AsyncClient:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         if response.status_code >= 400:
-            raise _error(response.status_code, response.content)
+            raise _error(response.status_code, response.content, response.headers)
         return response.json() if response.content else None
 
     @asynccontextmanager
@@ -100,7 +100,7 @@ class AsyncClient:
         try:
             async with self._http.stream("GET", path, params=params) as response:
                 if response.status_code >= 400:
-                    raise _error(response.status_code, await response.aread())
+                    raise _error(response.status_code, await response.aread(), response.headers)
                 yield response
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
@@ -121,6 +121,22 @@ class AsyncClient:
         self._sockets.add(ws)
         return ws
 
+    async def list_pools(self) -> list[dict[str, Any]]:
+        """The server's warm pools: template, target size, idle, hits, misses."""
+        pools: list[dict[str, Any]] = await self.request("GET", "/v1/pools")
+        return pools
+
+    async def set_pool(self, name: str, size: int, **template: Any) -> dict[str, Any]:
+        """Create or resize pool `name` (admin key): `template` as in `AsyncSandbox.create`."""
+        pool: dict[str, Any] = await self.request(
+            "PUT", f"/v1/pools/{name}", json={**template, "size": size}
+        )
+        return pool
+
+    async def remove_pool(self, name: str) -> None:
+        """Remove a pool and end its idle sandboxes (admin key)."""
+        await self.request("DELETE", f"/v1/pools/{name}")
+
     def _unreachable(self, exc: Exception) -> CorralError:
         return ConnectionFailed(
             f"cannot reach the Corral server at {self.url} ({type(exc).__name__}: {exc}); "
@@ -128,13 +144,17 @@ class AsyncClient:
         )
 
 
-def _error(status: int, body: bytes) -> CorralError:
+def _error(status: int, body: bytes, headers: Mapping[str, str]) -> CorralError:
     try:
         error = json.loads(body)["error"]
-        return from_response(status, str(error["code"]), str(error["message"]))
+        made = from_response(status, str(error["code"]), str(error["message"]))
     except (ValueError, KeyError, TypeError):
         text = body.decode(errors="replace")[:500]
-        return from_response(status, "http_error", f"HTTP {status}: {text}")
+        made = from_response(status, "http_error", f"HTTP {status}: {text}")
+    retry_after = headers.get("retry-after", "")
+    if retry_after.isdigit():
+        made.retry_after = int(retry_after)
+    return made
 
 
 # One default client per event loop: an httpx client cannot move between loops.

@@ -101,11 +101,17 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         workdir: str | None = None,
         network: str = "none",
+        pool: bool = True,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
-        """Create a sandbox and return once it can run commands."""
+        """Create a sandbox and return once it can run commands.
+
+        A warm pool on the server whose template matches hands over a started sandbox, which
+        is much faster; `pool=False` insists on a fresh start.
+        """
         client = client or default_client()
         body: dict[str, Any] = {
+            "pool": pool,
             "runtime": runtime,
             "cpu": cpu,
             "memory_mb": memory_mb,

@@ -78,6 +78,15 @@ class Client:
         """Run a coroutine of the async SDK on this client's event loop; its result."""
         return self._portal.call(coroutine)
 
+    def list_pools(self) -> list[dict[str, Any]]:
+        return self._portal.call(self._async.list_pools())
+
+    def set_pool(self, name: str, size: int, **template: Any) -> dict[str, Any]:
+        return self._portal.call(self._async.set_pool(name, size, **template))
+
+    def remove_pool(self, name: str) -> None:
+        self._portal.call(self._async.remove_pool(name))
+
     def close(self) -> None:
         """Close the connections and stop the background event loop."""
         self._portal.call(self._async.aclose())
@@ -148,6 +157,7 @@ class Sandbox:
         metadata: Mapping[str, str] | None = None,
         workdir: str | None = None,
         network: str = "none",
+        pool: bool = True,
         client: Client | None = None,
     ) -> Sandbox:
         """Create a sandbox and return once it can run commands."""
@@ -164,6 +174,7 @@ class Sandbox:
                 metadata=metadata,
                 workdir=workdir,
                 network=network,
+                pool=pool,
                 client=sync._async,
             )
         )

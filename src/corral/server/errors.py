@@ -27,7 +27,8 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
 
 
 def error_response(error: CorralError) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=error.status_code)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
 
 
 def describe_validation(errors: Sequence[Any]) -> str:

@@ -17,6 +17,8 @@ from corral.server.schemas import (
     CreateSandbox,
     Exec,
     KeyOut,
+    PoolBody,
+    PoolOut,
     ProcessOut,
     RunCommand,
     SandboxOut,
@@ -32,8 +34,9 @@ router = APIRouter(prefix="/v1")
 @router.post("/sandboxes", status_code=201, tags=["sandboxes"])
 async def create_sandbox(body: CreateSandbox, key: Key, service: ServiceDep) -> SandboxOut:
     """Create a sandbox and return once it can run commands."""
-    spec = SandboxSpec.from_dict(body.model_dump())
-    return SandboxOut.of(await service.create(key, spec))
+    fields = body.model_dump()
+    pool = fields.pop("pool")
+    return SandboxOut.of(await service.create(key, SandboxSpec.from_dict(fields), pool=pool))
 
 
 @router.get("/sandboxes", tags=["sandboxes"])
@@ -158,6 +161,27 @@ async def signal_process(
     """Send a signal (default SIGTERM) to a process and its process group."""
     await service.owned(key, sandbox_id)
     await service.engine.signal(sandbox_id, process_id, body.signal)
+    return Response(status_code=204)
+
+
+@router.get("/pools", tags=["pools"])
+async def list_pools(key: Key, service: ServiceDep) -> list[PoolOut]:
+    """Warm pools: template, target size, idle sandboxes, hits and misses."""
+    return [PoolOut(**pool) for pool in service.engine.list_pools()]
+
+
+@router.put("/pools/{name}", tags=["pools"])
+async def set_pool(name: str, body: PoolBody, key: AdminKey, service: ServiceDep) -> PoolOut:
+    """Create or resize a pool; creates whose spec matches its template claim from it."""
+    fields = body.model_dump()
+    size = fields.pop("size")
+    return PoolOut(**service.engine.configure_pool(name, SandboxSpec(**fields), size))
+
+
+@router.delete("/pools/{name}", status_code=204, tags=["pools"])
+async def remove_pool(name: str, key: AdminKey, service: ServiceDep) -> Response:
+    """Remove a pool and end its idle sandboxes."""
+    service.engine.remove_pool(name)
     return Response(status_code=204)
 
 

@@ -19,8 +19,8 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CreateSandbox(Request):
-    """POST /v1/sandboxes. Omitted fields take the secure defaults."""
+class SpecBody(Request):
+    """A sandbox's spec. Omitted fields take the secure defaults."""
 
     image: str = "debian"
     runtime: str | None = Field(None, description="namespaces or gvisor; default: strongest")
@@ -35,6 +35,42 @@ class CreateSandbox(Request):
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/root"
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class CreateSandbox(SpecBody):
+    """POST /v1/sandboxes."""
+
+    pool: bool = Field(True, description="take a matching warm sandbox if a pool has one")
+
+
+class PoolBody(Request):
+    """PUT /v1/pools/{name}: what the pool's sandboxes are started with, and how many."""
+
+    image: str = "debian"
+    runtime: str | None = Field(None, description="namespaces or gvisor; default: strongest")
+    cpu: float = 1.0
+    memory_mb: int = 512
+    disk_mb: int = 2048
+    max_processes: int = 512
+    network: Literal["none", "internet"] = "none"
+    size: int = Field(description="idle sandboxes to keep started")
+
+
+class PoolOut(BaseModel):
+    name: str
+    image: str
+    runtime: str | None
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    max_processes: int
+    network: str
+    size: int
+    idle: int
+    hits: int
+    misses: int
+    failures: int
+    last_error: str | None
 
 
 class SetTimeout(Request):
@@ -115,7 +151,7 @@ class SandboxOut(BaseModel):
     end_reason: str | None
     end_detail: str | None
     metadata: dict[str, str]
-    spec: CreateSandbox
+    spec: SpecBody
     history: list[HistoryEntry]
 
     @classmethod
@@ -133,7 +169,7 @@ class SandboxOut(BaseModel):
             end_detail=info.end_detail,
             metadata=dict(info.spec.metadata),
             # The environment may hold secrets: it goes in, it never comes back out.
-            spec=CreateSandbox(**{**spec, "env": {name: "" for name in spec["env"]}}),
+            spec=SpecBody(**{**spec, "env": {name: "" for name in spec["env"]}}),
             history=[
                 HistoryEntry(state=h.state.value, at=h.at, reason=h.reason) for h in info.history
             ],

@@ -39,6 +39,8 @@ class ServerConfig:
     default_runtime: str | None = None
     max_body_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are not limited
     max_sandboxes_per_key: int = 100
+    max_sandboxes: int = 2000  # live sandboxes on this node, all keys together
+    pools: tuple[tuple[str, SandboxSpec, int], ...] = ()  # (name, template, size)
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
 
     @property
@@ -56,6 +58,8 @@ class Service:
         )
         self.store: Store | None = None
         self._owners: dict[str, str] = {}  # live sandbox id -> key id
+        self._creating = 0  # creates in flight count against the limits too
+        self._creating_by: dict[str, int] = {}
         self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -63,6 +67,8 @@ class Service:
         self.store = await Store.open(self.config.database)
         await self.engine.start()  # re-adopts the sandboxes a previous server left running
         await self._reconcile()
+        for name, template, size in self.config.pools:
+            self.engine.configure_pool(name, template, size)
         self._tasks = [
             asyncio.create_task(self._write_loop()),
             asyncio.create_task(self._prune_loop()),
@@ -151,15 +157,31 @@ class Service:
             )
         return sandbox_id
 
-    async def create(self, key: ApiKey, spec: SandboxSpec) -> SandboxInfo:
-        live = sum(1 for owner in self._owners.values() if owner == key.id)
-        if live >= self.config.max_sandboxes_per_key:
+    async def create(self, key: ApiKey, spec: SandboxSpec, *, pool: bool = True) -> SandboxInfo:
+        # Refused at once, with a time to retry, rather than queued until the client times out.
+        if len(self._owners) + self._creating >= self.config.max_sandboxes:
             raise LimitReached(
-                f"this API key already has {live} live sandboxes, the most allowed; "
+                f"this node runs the most sandboxes it is configured for "
+                f"({self.config.max_sandboxes}); retry shortly",
+                code="node_full",
+                retry_after=5,
+            )
+        mine = sum(1 for owner in self._owners.values() if owner == key.id)
+        mine += self._creating_by.get(key.id, 0)
+        if mine >= self.config.max_sandboxes_per_key:
+            raise LimitReached(
+                f"this API key already has {mine} live sandboxes, the most allowed; "
                 "terminate some and retry",
                 code="too_many_sandboxes",
+                retry_after=5,
             )
-        info = await self.engine.create(spec)
+        self._creating += 1
+        self._creating_by[key.id] = self._creating_by.get(key.id, 0) + 1
+        try:
+            info = await self.engine.create(spec, pool=pool)
+        finally:
+            self._creating -= 1
+            self._creating_by[key.id] -= 1
         # No await between create and these two lines: the sandbox cannot change unrecorded.
         self._owners[info.id] = key.id
         self._writes.put_nowait(("add", (key.id, info.id)))
