@@ -27,6 +27,12 @@ class CgroupLimits:
     memory_bytes: int
     max_processes: int
     cpu: float  # cores; the CFS quota per period
+    cpu_weight: int = 100  # share under contention, as cgroup v2's cpu.weight (1 to 10000)
+
+
+def shares(weight: int) -> int:
+    """cgroup v1's cpu.shares (default 1024) for a v2 cpu.weight (default 100)."""
+    return max(2, weight * 1024 // 100)
 
 
 def layout() -> str:
@@ -90,6 +96,7 @@ class Cgroup:
                 _write(d / "memory.swap.max", "0")
             _write(d / "pids.max", str(limits.max_processes))
             _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            self.set_weight(limits.cpu_weight)
             return
         memory = self._dir("memory")
         _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
@@ -101,6 +108,14 @@ class Cgroup:
         cpu = self._dir("cpu")
         _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         _write(cpu / "cpu.cfs_quota_us", str(quota))
+        self.set_weight(limits.cpu_weight)
+
+    def set_weight(self, weight: int) -> None:
+        """The cgroup's CPU share under contention (cgroup v2 units: 1 to 10000, default 100)."""
+        if self.version == "v2":
+            _write(self._dir("") / "cpu.weight", str(weight))
+        else:
+            _write(self._dir("cpu") / "cpu.shares", str(shares(weight)))
 
     def _enable_v2_controllers(self) -> None:
         parts = Path(self.name).parts[:-1]

@@ -51,7 +51,7 @@ from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 from corral.pools import Pools
 from corral.process import Process
 from corral.runtimes import PREFERENCE, Launch, Runtime, make_runtime
-from corral.runtimes.base import process_start_time, read_runtime_log
+from corral.runtimes.base import cgroup_for, process_start_time, read_runtime_log
 from corral.sandbox import RECORD_NAME, Sandbox
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
 from corral.state import EndReason, SandboxState, parse_state
@@ -61,6 +61,7 @@ log = logging.getLogger("corral.engine")
 MiB = 1024 * 1024
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
+IDLE_WEIGHT = 1  # CPU weight of idle pooled sandboxes: they start only on spare CPU
 
 # Runtime processes this Python process started and an engine left running on
 # `close(keep_sandboxes=True)`. Held here so that Python neither warns about them nor reaps them
@@ -461,9 +462,8 @@ class Engine:
         stages.mark("image")
         # Planning picks a free uid range and address among registered sandboxes: register the
         # new one before the next await, so concurrent creates never pick the same.
-        plan = self._plan(
-            spec, image.layers, tuple(Bind(str(b.source), b.target) for b in image.binds)
-        )
+        binds = tuple(Bind(str(b.source), b.target) for b in image.binds)
+        plan = self._plan(spec, image.layers, binds, cpu_weight=IDLE_WEIGHT if pooled else 100)
         sandbox = Sandbox(spec, plan)
         sandbox.pooled = pooled
         sandbox.on_change = self._notify
@@ -530,6 +530,8 @@ class Engine:
 
     def _claim(self, sandbox: Sandbox, spec: SandboxSpec) -> SandboxInfo:
         """Give an idle pooled sandbox to a request: its spec, a fresh history and deadline."""
+        # Its plan keeps the idle weight; the cgroup, which is what counts, gets the normal one.
+        cgroup_for(sandbox.plan).set_weight(100)
         now = time.time()
         sandbox.pooled = False
         sandbox.spec = spec
@@ -564,7 +566,12 @@ class Engine:
         sandbox.save()
 
     def _plan(
-        self, spec: SandboxSpec, layers: Sequence[Path], binds: tuple[Bind, ...]
+        self,
+        spec: SandboxSpec,
+        layers: Sequence[Path],
+        binds: tuple[Bind, ...],
+        *,
+        cpu_weight: int = 100,
     ) -> SandboxPlan:
         runtime = spec.runtime
         assert runtime is not None  # `create` names it before planning
@@ -591,6 +598,7 @@ class Engine:
                 disk_bytes=spec.disk_mb * MiB,
                 max_processes=spec.max_processes,
                 tmp_bytes=min(spec.disk_mb, spec.memory_mb // 2) * MiB,
+                cpu_weight=cpu_weight,
             ),
             network=net,
             uid_slot=userns.pick_slot({sb.plan.uid_slot for sb in live}),

@@ -43,6 +43,9 @@ class PlanLimits:
     disk_bytes: int
     max_processes: int
     tmp_bytes: int
+    # CPU share under contention, 1 to 10000 (cgroup v2's cpu.weight; 100 is everyone's
+    # default). Idle pooled sandboxes start at 1, so filling a pool never slows live work.
+    cpu_weight: int = 100
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ def create_cgroup(plan: SandboxPlan) -> Cgroup:
             memory_bytes=plan.limits.memory_bytes,
             max_processes=plan.limits.max_processes,
             cpu=plan.limits.cpu,
+            cpu_weight=plan.limits.cpu_weight,
         )
     )
     return cgroup

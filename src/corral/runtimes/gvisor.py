@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import mounts, network, userns
-from corral.cgroups import CPU_PERIOD_US, layout
+from corral.cgroups import CPU_PERIOD_US, layout, shares
 from corral.errors import SandboxFailed
 from corral.plan import SandboxPlan
 from corral.runtimes.base import (
@@ -238,6 +238,7 @@ class GVisorRuntime(Runtime):
                     "cpu": {
                         "quota": max(1000, int(plan.limits.cpu * CPU_PERIOD_US)),
                         "period": CPU_PERIOD_US,
+                        "shares": shares(plan.limits.cpu_weight),
                     },
                     "pids": {"limit": PIDS_BASE + PIDS_PER_PROCESS * plan.limits.max_processes},
                 },
