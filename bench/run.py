@@ -1,0 +1,479 @@
+"""Corral's benchmark suite: start latency with its tail, exec, files, bursts, density, baselines.
+
+Usage (as root, after scripts/setup):
+    .venv/bin/python bench/run.py            # the full run: ~200 samples per figure
+    .venv/bin/python bench/run.py --quick    # a smoke run: few samples, small bursts
+
+It starts a real server (`corral serve` on a free port, its own data directory) and drives it
+through the public SDK, as users do; raw runtimes run in the same process as baselines, so
+ratios hold on a noisy machine. Writes bench/RESULTS.md and bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import corral
+from corral import AsyncClient, AsyncSandbox
+from corral.cgroups import Cgroup
+from corral.engine import Engine
+from corral.spec import SandboxSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.e2e.conftest import Server, start_server
+
+HERE = Path(__file__).resolve().parent
+RUNTIMES = ("namespaces", "gvisor")
+MiB = 1024 * 1024
+BUDGET = 8 * 1024 * MiB  # density is reported as sandboxes per 8 GiB
+
+
+def summary(samples: list[float], failures: int = 0) -> dict[str, Any]:
+    """p50/p95/p99/max in milliseconds, and the success rate."""
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 1)
+
+    total = len(ordered) + failures
+    return {
+        "n": total,
+        "p50_ms": at(0.50) if ordered else None,
+        "p95_ms": at(0.95) if ordered else None,
+        "p99_ms": at(0.99) if ordered else None,
+        "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+        "success": round(len(ordered) / total, 4) if total else None,
+    }
+
+
+def pss_bytes(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+class Suite:
+    def __init__(self, server: Server, client: AsyncClient, args: argparse.Namespace) -> None:
+        self.server = server
+        self.client = client
+        self.args = args
+        self.results: dict[str, Any] = {}
+
+    def record(self, figure: str, runtime: str, value: dict[str, Any]) -> None:
+        self.results.setdefault(figure, {})[runtime] = value
+        print(f"{figure:>28} {runtime:>10}: {value}", flush=True)
+
+    async def timed(self, action: Callable[[], Awaitable[Any]]) -> float:
+        start = time.perf_counter()
+        await action()
+        return time.perf_counter() - start
+
+    # -- time to first command --------------------------------------------------------------
+
+    async def first_command(self, runtime: str, *, warm: bool) -> None:
+        """create -> run("echo ok") output received; terminate happens between batches."""
+        batch = min(20, self.args.samples)
+        pool = f"bench-{runtime}"
+        if warm:
+            await self.client.set_pool(pool, batch, runtime=runtime)
+        samples: list[float] = []
+        failures = 0
+        while len(samples) + failures < self.args.samples:
+            if warm:
+                await self.wait_idle(pool, batch)
+            made: list[AsyncSandbox] = []
+            for _ in range(batch):
+                start = time.perf_counter()
+                try:
+                    sandbox = await AsyncSandbox.create(
+                        runtime=runtime, pool=warm, client=self.client
+                    )
+                    made.append(sandbox)
+                    ok = (await sandbox.run("echo ok")).stdout == "ok\n"
+                except corral.CorralError:
+                    ok = False
+                if ok:
+                    samples.append(time.perf_counter() - start)
+                else:
+                    failures += 1
+            await asyncio.gather(*(s.terminate() for s in made), return_exceptions=True)
+        if warm:
+            hits = next(p for p in await self.client.list_pools() if p["name"] == pool)["hits"]
+            await self.client.remove_pool(pool)
+        figure = summary(samples, failures)
+        if warm:
+            figure["pool_hits"] = hits
+        self.record("first command " + ("warm" if warm else "cold"), runtime, figure)
+
+    async def wait_idle(self, pool: str, idle: int) -> None:
+        while True:
+            found = next(p for p in await self.client.list_pools() if p["name"] == pool)
+            if found["idle"] >= idle:
+                return
+            await asyncio.sleep(0.05)
+
+    # -- exec and files ---------------------------------------------------------------------
+
+    async def exec_round_trip(self, runtime: str) -> None:
+        sandbox = await AsyncSandbox.create(runtime=runtime, pool=False, client=self.client)
+        try:
+            plain = [
+                await self.timed(lambda: sandbox.run("true")) for _ in range(self.args.samples)
+            ]
+
+            async def streamed() -> None:
+                await (await sandbox.exec("true")).wait()
+
+            ws = [await self.timed(streamed) for _ in range(self.args.samples)]
+        finally:
+            await sandbox.terminate()
+        self.record("exec round trip (POST)", runtime, summary(plain))
+        self.record("exec round trip (WebSocket)", runtime, summary(ws))
+
+    async def file_throughput(self, runtime: str) -> None:
+        sandbox = await AsyncSandbox.create(
+            runtime=runtime, pool=False, disk_mb=2048, client=self.client
+        )
+        try:
+            for size, repeat in ((MiB, 20), (256 * MiB, 2)):
+                data = os.urandom(size)
+
+                async def write(data: bytes = data) -> None:
+                    await sandbox.files.write("/root/blob", data)
+
+                writes = [await self.timed(write) for _ in range(repeat)]
+                reads = [
+                    await self.timed(lambda: sandbox.files.read("/root/blob"))
+                    for _ in range(repeat)
+                ]
+                self.record(
+                    f"files {size // MiB} MiB",
+                    runtime,
+                    {
+                        "write_MiB_s": round(size / MiB / statistics.median(writes), 1),
+                        "read_MiB_s": round(size / MiB / statistics.median(reads), 1),
+                    },
+                )
+        finally:
+            await sandbox.terminate()
+
+    # -- bursts -----------------------------------------------------------------------------
+
+    async def burst(self, runtime: str, *, warm: bool) -> None:
+        count = self.args.burst
+        pool = f"burst-{runtime}"
+        if warm:
+            await self.client.set_pool(pool, count, runtime=runtime)
+            await self.wait_idle(pool, count)
+
+        async def one() -> AsyncSandbox | None:
+            try:
+                sandbox = await AsyncSandbox.create(runtime=runtime, pool=warm, client=self.client)
+            except corral.CorralError:
+                return None
+            try:
+                if (await sandbox.run("echo ok")).stdout == "ok\n":
+                    return sandbox
+            except corral.CorralError:
+                pass
+            await sandbox.terminate()
+            return None
+
+        start = time.perf_counter()
+        made = await asyncio.gather(*(one() for _ in range(count)))
+        wall = time.perf_counter() - start
+        ok = [s for s in made if s is not None]
+        await asyncio.gather(*(s.terminate() for s in ok), return_exceptions=True)
+        if warm:
+            await self.client.remove_pool(pool)
+        self.record(
+            f"burst {count} creates " + ("warm" if warm else "cold"),
+            runtime,
+            {"wall_s": round(wall, 2), "success": round(len(ok) / count, 4)},
+        )
+
+    async def concurrent_execs(self, runtime: str) -> None:
+        sandboxes = await asyncio.gather(
+            *(
+                AsyncSandbox.create(runtime=runtime, pool=False, client=self.client)
+                for _ in range(self.args.exec_sandboxes)
+            )
+        )
+
+        async def one(sandbox: AsyncSandbox) -> bool:
+            try:
+                return (await sandbox.run("echo ok")).stdout == "ok\n"
+            except corral.CorralError:
+                return False
+
+        count = self.args.execs
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(sandboxes[i % len(sandboxes)]) for i in range(count)))
+        wall = time.perf_counter() - start
+        await asyncio.gather(*(s.terminate() for s in sandboxes), return_exceptions=True)
+        self.record(
+            f"{count} concurrent execs",
+            runtime,
+            {
+                "sandboxes": len(sandboxes),
+                "wall_s": round(wall, 2),
+                "success": round(sum(outcomes) / count, 4),
+            },
+        )
+
+    # -- density ----------------------------------------------------------------------------
+
+    async def density(self, runtime: str) -> None:
+        count = self.args.density if runtime == "namespaces" else self.args.density // 4
+        assert self.server.process is not None
+        server_before = pss_bytes({self.server.process.pid})
+        made: list[AsyncSandbox] = []
+        for start in range(0, count, 8):
+            made += await asyncio.gather(
+                *(
+                    AsyncSandbox.create(runtime=runtime, pool=False, client=self.client)
+                    for _ in range(min(8, count - start))
+                )
+            )
+        await asyncio.sleep(3)  # let every agent settle into idle
+        per_sandbox = []
+        for sandbox in made:
+            record = json.loads(
+                (self.server.data_dir / "sandboxes" / sandbox.id / "sandbox.json").read_text()
+            )
+            pids = set(Cgroup(f"corral/{sandbox.id}").pids()) | descendants(int(record["pid"]))
+            per_sandbox.append(pss_bytes(pids))
+        server_share = (pss_bytes({self.server.process.pid}) - server_before) / count
+        await asyncio.gather(*(s.terminate() for s in made), return_exceptions=True)
+        each = statistics.median(per_sandbox) + max(server_share, 0)
+        self.record(
+            "idle density",
+            runtime,
+            {
+                "sandboxes": count,
+                "pss_MiB_per_sandbox": round(statistics.median(per_sandbox) / MiB, 2),
+                "server_MiB_per_sandbox": round(max(server_share, 0) / MiB, 2),
+                "fit_in_8_GiB": int(BUDGET // each),
+            },
+        )
+
+    # -- the runtimes underneath ------------------------------------------------------------
+
+    def baselines(self, runtime: str) -> None:
+        rootfs = self.server.data_dir / "images" / "debian" / "rootfs"
+        samples: list[float] = []
+        if runtime == "namespaces":
+            argv = [
+                "bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", str(rootfs), "/",
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/echo", "ok",
+            ]  # fmt: skip
+            for _ in range(self.args.samples):
+                start = time.perf_counter()
+                done = subprocess.run(argv, capture_output=True, check=True)
+                samples.append(time.perf_counter() - start)
+                assert done.stdout == b"ok\n"
+            self.record("raw bwrap echo ok", runtime, summary(samples))
+        else:
+            bundle = self.server.data_dir / "raw-runsc"
+            shutil.rmtree(bundle, ignore_errors=True)
+            bundle.mkdir()
+            subprocess.run(["runsc", "spec", "--bundle", str(bundle), "--", "/bin/echo", "ok"],
+                           check=True)  # fmt: skip
+            config = json.loads((bundle / "config.json").read_text())
+            config["root"] = {"path": str(rootfs), "readonly": True}
+            config["process"]["terminal"] = False
+            (bundle / "config.json").write_text(json.dumps(config))
+            state = bundle / "state"
+            for index in range(max(10, self.args.samples // 4)):
+                start = time.perf_counter()
+                done = subprocess.run(
+                    ["runsc", "--root", str(state), "--network=none", "run", "--bundle",
+                     str(bundle), f"raw-{index}"],
+                    capture_output=True, check=True,
+                )  # fmt: skip
+                samples.append(time.perf_counter() - start)
+                assert done.stdout == b"ok\n", done
+            self.record("raw runsc run echo ok", runtime, summary(samples))
+        podman = shutil.which("podman")
+        self.results.setdefault("podman", {})[runtime] = (
+            "not installed on this machine" if podman is None else "not measured"
+        )
+
+    # -- where one create's time goes -------------------------------------------------------
+
+    async def stages(self, runtime: str) -> None:
+        """Per-stage medians of Engine.create, in process (no HTTP), on a separate data dir."""
+        data_dir = self.server.data_dir.with_name(self.server.data_dir.name + "-stages")
+        data_dir.mkdir(exist_ok=True)
+        link = data_dir / "images"
+        if not link.exists():
+            link.symlink_to(self.server.data_dir / "images")
+        laps: dict[str, list[float]] = {}
+        async with Engine(data_dir) as engine:
+            for _ in range(min(50, self.args.samples)):
+                info = await engine.create(SandboxSpec(runtime=runtime), pool=False)
+                for stage, seconds in engine.create_timings(info.id).items():
+                    laps.setdefault(stage, []).append(seconds)
+                await engine.terminate(info.id)
+        self.record(
+            "create stages (engine)",
+            runtime,
+            {stage: round(statistics.median(v) * 1000, 1) for stage, v in laps.items()},
+        )
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+    commit = subprocess.run(
+        ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(HERE), "status", "--porcelain", "--", "src"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return {
+        "cpu": f"{cpu} ({os.cpu_count()} cores)",
+        "memory": f"{memory} GiB",
+        "kernel": platform.release(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "runsc": subprocess.run(
+            ["runsc", "--version"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()[0],
+    }
+
+
+async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    async with AsyncClient(url=server.url, api_key=server.admin_key) as client:
+        suite = Suite(server, client, args)
+        runtimes = [r for r in RUNTIMES if r in args.runtime]
+        for runtime in runtimes:
+            await (await AsyncSandbox.create(runtime=runtime, client=client)).terminate()
+            suite.baselines(runtime)
+            await suite.first_command(runtime, warm=False)
+            await suite.first_command(runtime, warm=True)
+            await suite.exec_round_trip(runtime)
+            await suite.file_throughput(runtime)
+            await suite.burst(runtime, warm=True)
+            await suite.burst(runtime, warm=False)
+            await suite.concurrent_execs(runtime)
+            await suite.density(runtime)
+            await suite.stages(runtime)
+        return {"machine": machine(), "args": vars(args), "results": suite.results}
+
+
+def ratio(results: dict[str, Any], runtime: str) -> str:
+    raw = results.get("raw bwrap echo ok" if runtime == "namespaces" else "raw runsc run echo ok")
+    cold = results.get("first command cold", {}).get(runtime)
+    if not raw or not cold or runtime not in raw:
+        return "n/a"
+    return f"{cold['p50_ms'] / raw[runtime]['p50_ms']:.2f}x"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# Benchmark results", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report["machine"].items()]
+    lines += [f"- **command**: `{report['command']}`", ""]
+    results = report["results"]
+    for figure, by_runtime in results.items():
+        if figure == "podman":
+            continue
+        lines.append(f"## {figure}\n")
+        keys = sorted({k for v in by_runtime.values() for k in v})
+        lines.append("| runtime | " + " | ".join(keys) + " |")
+        lines.append("|---" * (len(keys) + 1) + "|")
+        for runtime, values in by_runtime.items():
+            lines.append(
+                f"| {runtime} | " + " | ".join(str(values.get(k, "")) for k in keys) + " |"
+            )
+        lines.append("")
+    lines.append("## Corral / raw runtime (cold time to first command, p50)\n")
+    lines.append("| runtime | ratio | podman |")
+    lines.append("|---|---|---|")
+    for runtime in RUNTIMES:
+        podman = results.get("podman", {}).get(runtime, "n/a")
+        lines.append(f"| {runtime} | {ratio(results, runtime)} | {podman} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument("--execs", type=int, default=1000)
+    parser.add_argument("--exec-sandboxes", type=int, default=50)
+    parser.add_argument("--density", type=int, default=200, help="namespaces; gvisor gets 1/4")
+    parser.add_argument("--data-dir", default="/var/tmp/corral-bench")
+    parser.add_argument("--runtime", action="append", choices=RUNTIMES)
+    parser.add_argument("--output", default=str(HERE), help="where RESULTS.md and results.json go")
+    args = parser.parse_args()
+    args.runtime = args.runtime or list(RUNTIMES)
+    if args.quick:
+        args.samples, args.burst, args.execs, args.exec_sandboxes, args.density = (
+            20,
+            20,
+            100,
+            10,
+            20,
+        )
+    server = start_server(Path(args.data_dir), Path(args.data_dir) / "images")
+    try:
+        report = asyncio.run(run(server, args))
+    finally:
+        server.stop_and_clean()
+    report["command"] = " ".join(["bench/run.py", *sys.argv[1:]])
+    output = Path(args.output)
+    (output / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "RESULTS.md").write_text(markdown(report))
+    print(f"wrote {output / 'RESULTS.md'} and {output / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
