@@ -463,7 +463,9 @@ def main() -> None:
             10,
             20,
         )
-    server = start_server(Path(args.data_dir), Path(args.data_dir) / "images")
+    data_dir = Path(args.data_dir)
+    # The density figure needs more live sandboxes than one key may have by default.
+    server = start_server(data_dir, data_dir / "images", "--max-sandboxes-per-key", "2000")
     try:
         report = asyncio.run(run(server, args))
     finally:
