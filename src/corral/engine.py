@@ -61,7 +61,11 @@ log = logging.getLogger("corral.engine")
 MiB = 1024 * 1024
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
-IDLE_WEIGHT = 1  # CPU weight of idle pooled sandboxes: they start only on spare CPU
+# CPU weights (cgroup v2 units, 100 is normal) of pooled sandboxes: low while one starts, so a
+# refill yields to live work; lowest once idle, so idle ones never slow a starting one (idle
+# gVisor sandboxes each use ~2% of a core for the Sentry's timers).
+FILL_WEIGHT = 10
+IDLE_WEIGHT = 1
 
 # Runtime processes this Python process started and an engine left running on
 # `close(keep_sandboxes=True)`. Held here so that Python neither warns about them nor reaps them
@@ -463,7 +467,7 @@ class Engine:
         # Planning picks a free uid range and address among registered sandboxes: register the
         # new one before the next await, so concurrent creates never pick the same.
         binds = tuple(Bind(str(b.source), b.target) for b in image.binds)
-        plan = self._plan(spec, image.layers, binds, cpu_weight=IDLE_WEIGHT if pooled else 100)
+        plan = self._plan(spec, image.layers, binds, cpu_weight=FILL_WEIGHT if pooled else 100)
         sandbox = Sandbox(spec, plan)
         sandbox.pooled = pooled
         sandbox.on_change = self._notify
@@ -525,12 +529,13 @@ class Engine:
         sandbox = await self._start_new(
             template, self.check_runtime(template.runtime), None, pooled=True
         )
+        await asyncio.to_thread(cgroup_for(sandbox.plan).set_weight, IDLE_WEIGHT)
         sandbox.move(SandboxState.RUNNING)
         return sandbox.id
 
     def _claim(self, sandbox: Sandbox, spec: SandboxSpec) -> SandboxInfo:
         """Give an idle pooled sandbox to a request: its spec, a fresh history and deadline."""
-        # Its plan keeps the idle weight; the cgroup, which is what counts, gets the normal one.
+        # Its plan keeps the pool's weight; the cgroup, which is what counts, gets the normal one.
         cgroup_for(sandbox.plan).set_weight(100)
         now = time.time()
         sandbox.pooled = False
