@@ -133,9 +133,6 @@ class Pools:
             matching[0].changed.set()
         return None
 
-    def owns(self, sandbox_id: str) -> bool:
-        return any(sandbox_id in pool.idle for pool in self._pools.values())
-
     async def close(self) -> None:
         """Stop filling and end every idle sandbox."""
         for filler in self._fillers.values():
