@@ -7,6 +7,7 @@ one per directory (which may sit beside an empty cgroup2 mount, the "hybrid" lay
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -35,8 +36,11 @@ def shares(weight: int) -> int:
     return max(2, weight * 1024 // 100)
 
 
+@functools.cache
 def layout() -> str:
-    """'v2' for a unified hierarchy, 'v1' for per-controller mounts, '' if neither is usable."""
+    """'v2' for a unified hierarchy, 'v1' for per-controller mounts, '' if neither is usable.
+
+    Read once: the hierarchy does not change under a running host."""
     if (ROOT / "cgroup.controllers").exists():
         return "v2"
     if all((ROOT / c / "cgroup.procs").exists() for c in ("memory", "pids", "cpu", "freezer")):

@@ -66,6 +66,12 @@ ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
 # gVisor sandboxes each use ~2% of a core for the Sentry's timers).
 FILL_WEIGHT = 10
 IDLE_WEIGHT = 1
+# Pools refill in the gaps of live traffic: once no sandbox has been used for FILL_QUIET seconds,
+# or after FILL_MAX_DEFER seconds of continuous use, so a busy server's pools still refill.
+# Starting a sandbox costs ~100 ms of CPU; on a small machine a refill running beside a user's
+# commands doubles their latency, which is what the pool is there to cut.
+FILL_QUIET = 0.1
+FILL_MAX_DEFER = 1.0
 
 # Runtime processes this Python process started and an engine left running on
 # `close(keep_sandboxes=True)`. Held here so that Python neither warns about them nor reaps them
@@ -152,11 +158,12 @@ class Engine:
         self._user_creates = 0  # in flight; pools fill only while there are none
         self._no_user_creates = asyncio.Event()
         self._no_user_creates.set()
+        self._last_use = 0.0  # time.monotonic() of the last operation on a sandbox
         self.pools = Pools(
             fill=self._fill_pool,
             alive=self._idle_alive,
             discard=self._discard_idle,
-            quiet=self._no_user_creates.wait,
+            quiet=self._quiet,
         )
 
     # -- life of the engine -----------------------------------------------------------------
@@ -436,6 +443,7 @@ class Engine:
         if pool:
             claimed = self.pools.claim(spec)
             if claimed is not None:
+                self._last_use = time.monotonic()
                 return self._claim(self._sandboxes[claimed], spec)
         self._user_creates += 1
         self._no_user_creates.clear()
@@ -761,7 +769,19 @@ class Engine:
         sandbox.require(action, SandboxState.RUNNING)
         if sandbox.ending:
             sandbox.require(action)  # it is on its way out: no state allows the action
+        self._last_use = time.monotonic()
         return sandbox
+
+    async def _quiet(self) -> None:
+        """Return when a pool may start a sandbox: no create in flight, a gap in use."""
+        give_up = time.monotonic() + FILL_MAX_DEFER
+        while True:
+            await self._no_user_creates.wait()
+            now = time.monotonic()
+            wait = min(self._last_use + FILL_QUIET, give_up) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     def get(self, sandbox_id: str) -> SandboxInfo:
         """What is known about a sandbox, ended ones included (the last 1000)."""

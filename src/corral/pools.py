@@ -7,8 +7,8 @@ sandbox from it; what may differ per request (env, metadata, workdir, lifetime) 
 claim time, so a claimed sandbox looks exactly like one created for the request. Idle sandboxes
 are invisible: not listed, not reachable by id, never used before they are claimed.
 
-Pools refill one sandbox at a time and only while no user's create is in flight, so filling
-never competes with live traffic for the machine.
+Pools refill one sandbox at a time, only while no user's create is in flight and in the gaps of
+use (see `Engine._quiet`), so filling competes as little as it can with live traffic.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Pool:
 Fill = Callable[[SandboxSpec], Awaitable[str]]  # start an idle sandbox; its id
 Alive = Callable[[str], bool]  # is this idle sandbox still usable?
 Discard = Callable[[str], Awaitable[None]]  # end an idle sandbox
-Quiet = Callable[[], Awaitable[Any]]  # returns once no user's create is in flight
+Quiet = Callable[[], Awaitable[Any]]  # returns when a fill would not slow live traffic
 
 
 class Pools:
