@@ -38,7 +38,7 @@ from corral.errors import Conflict, ImageNotFound, InvalidRequest, ServiceUnavai
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-Json = dict[str, Any]
+_Json = dict[str, Any]
 
 _MIB = 1024 * 1024
 _CHUNK = _MIB
@@ -61,8 +61,8 @@ _INDEX_TYPES = (
 )
 _ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
-DEFAULT_REGISTRY = "registry-1.docker.io"
-_DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", DEFAULT_REGISTRY)
+_DOCKER_HUB = "registry-1.docker.io"
+_DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", _DOCKER_HUB)
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Connect fails fast on a down registry; read bounds each wait for bytes, not a whole layer.
 _TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -103,24 +103,28 @@ class _Malformed(Exception):
 # -- manifests, indexes and configs (shared by archives and registries) ----------------------------
 
 
-def _parse_json(data: bytes, what: str) -> Json:
+def _load_json(data: bytes, what: str) -> object:
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except ValueError as exc:
         raise _Malformed(f"{what} is not valid JSON ({exc})") from exc
+
+
+def _parse_json(data: bytes, what: str) -> _Json:
+    doc = _load_json(data, what)
     if not isinstance(doc, dict):
         raise _Malformed(f"{what} is not a JSON object")
     return doc
 
 
-def _descriptors(doc: Json, key: str) -> list[Json]:
+def _descriptors(doc: _Json, key: str) -> list[_Json]:
     items = doc.get(key)
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise _Malformed(f"the {key!r} of a manifest is not a list of descriptors")
     return items
 
 
-def _digest_of(descriptor: Json) -> str:
+def _digest_of(descriptor: _Json) -> str:
     """The descriptor's digest, refused unless it is sha256, the one algorithm we verify."""
     digest = descriptor.get("digest")
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
@@ -128,7 +132,7 @@ def _digest_of(descriptor: Json) -> str:
     return digest
 
 
-def _size_of(descriptor: Json) -> int:
+def _size_of(descriptor: _Json) -> int:
     size = descriptor.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise _Malformed(f"descriptor {descriptor.get('digest')} has no valid size")
@@ -141,7 +145,7 @@ def machine_platform() -> tuple[str, str]:
     return "linux", _ARCHITECTURES.get(machine, machine)
 
 
-def _pick_manifest(index: Json) -> Json:
+def _pick_manifest(index: _Json) -> _Json:
     """The descriptor of this machine's image in an index.
 
     An entry for another platform is never taken as a fallback: its binaries would fail in the
@@ -173,7 +177,7 @@ def _pick_manifest(index: Json) -> Json:
     )
 
 
-def _resolve(doc: Json, fetch: Callable[[Json], Json]) -> Json:
+def _resolve(doc: _Json, fetch: Callable[[_Json], _Json]) -> _Json:
     """Follow image indexes down to one image manifest; `fetch` reads a descriptor's document."""
     for _ in range(_MAX_NESTING):
         if "manifests" not in doc:
@@ -182,7 +186,7 @@ def _resolve(doc: Json, fetch: Callable[[Json], Json]) -> Json:
     raise _Malformed(f"image indexes nested more than {_MAX_NESTING} deep")
 
 
-def _check_manifest(doc: Json) -> Json:
+def _check_manifest(doc: _Json) -> _Json:
     if doc.get("schemaVersion") == 1:
         raise _Malformed(
             "Docker schema 1 manifests are not supported: rebuild or re-push the image"
@@ -206,7 +210,7 @@ def _optional_text(value: object, what: str) -> str | None:
     return value or None
 
 
-def _parse_config(doc: Json) -> OciConfig:
+def _parse_config(doc: _Json) -> OciConfig:
     settings = doc.get("config") or {}
     if not isinstance(settings, dict):
         raise _Malformed("the image config's 'config' is not an object")
@@ -264,11 +268,7 @@ def _removing_new_entries(workdir: Path) -> Iterator[None]:
         yield
     except BaseException:
         for name in set(os.listdir(workdir)) - before:
-            path = workdir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            (workdir / name).unlink()  # only blob files are ever written there
         raise
 
 
@@ -348,9 +348,8 @@ class _Archive:
 
     def _docker_save_image(self) -> OciImage:
         # One image per archive: `docker save a b` lists several and the first one is taken.
-        wrapped = b'{"images": %s}' % self._read("manifest.json")
-        entries = _descriptors(_parse_json(wrapped, "manifest.json"), "images")
-        if not entries:
+        entries = _load_json(self._read("manifest.json"), "manifest.json")
+        if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
             raise _Malformed("manifest.json lists no image")
         entry = entries[0]
         config_name, layer_names = entry.get("Config"), entry.get("Layers")
@@ -375,7 +374,7 @@ class _Archive:
         )
         return OciImage(layers, digests, _parse_config(config_doc))
 
-    def _json_blob(self, descriptor: Json) -> Json:
+    def _json_blob(self, descriptor: _Json) -> _Json:
         digest = _digest_of(descriptor)
         data = self._read(_blob_name(digest))
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
@@ -470,7 +469,7 @@ def _parse_reference(reference: str) -> _Reference:
     if ":" in rest.rpartition("/")[2]:
         name, _, tag = rest.rpartition(":")
     if registry in _DOCKER_HUB_NAMES:
-        registry = DEFAULT_REGISTRY
+        registry = _DOCKER_HUB
         name = name if "/" in name else f"library/{name}"
     valid = (
         _REGISTRY_HOST.fullmatch(registry)
@@ -544,10 +543,10 @@ def _registry_errors(reference: str, ref: _Reference) -> Iterator[None]:
             "Check the reference or re-push the image",
             code="invalid_oci_image",
         ) from exc
-    except httpx.TransportError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # refused, timed out, broken transfer
         raise ServiceUnavailable(
-            f"cannot reach registry {ref.registry} ({type(exc).__name__}: {exc}); check the "
-            "registry name and this machine's network, then retry",
+            f"cannot reach or talk to registry {ref.registry} ({type(exc).__name__}: {exc}); "
+            "check the registry name and this machine's network, then retry",
             code="registry_unreachable",
         ) from exc
 
@@ -561,7 +560,7 @@ class _Registry:
         self._client = client
         self._token: str | None = None
 
-    def manifest(self, name: str, *, top: bool) -> Json:
+    def manifest(self, name: str, *, top: bool) -> _Json:
         """The manifest or index called `name` (a tag or digest), checked against its digest."""
         accept = ", ".join(_MANIFEST_TYPES + _INDEX_TYPES)
         with self._get(f"manifests/{name}", accept) as response:
@@ -577,7 +576,7 @@ class _Registry:
             raise _Malformed(f"manifest {name} has digest {got}, not {stated}")
         return _parse_json(data, f"manifest {name}")
 
-    def json_blob(self, descriptor: Json) -> Json:
+    def json_blob(self, descriptor: _Json) -> _Json:
         digest = _digest_of(descriptor)
         with self._get(f"blobs/{digest}", "*/*") as response:
             self._check(response, f"blob {digest}")
@@ -594,7 +593,8 @@ class _Registry:
     @contextlib.contextmanager
     def _get(self, path: str, accept: str) -> Iterator[httpx.Response]:
         response = self._send(path, accept)
-        if response.status_code == 401 and self._token is None:
+        # Docker Hub's tokens last five minutes: a long pull asks again when one has expired.
+        if response.status_code == 401:
             challenge = response.headers.get("www-authenticate", "")
             response.close()
             self._token = self._fetch_token(challenge)

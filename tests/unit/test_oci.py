@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import Conflict, InvalidRequest
-from corral.oci import OciImage, machine_platform, read_archive, unpack_layer
+from corral.oci import OciImage, _parse_reference, machine_platform, read_archive, unpack_layer
 
 MTIME = 1_600_000_000
 OTHER_PLATFORM = {"os": "linux", "architecture": "s390x"}
@@ -549,3 +549,52 @@ def test_zstd_layer_is_refused_by_name(tmp_path: Path) -> None:
         unpack_layer(blob, tmp_path / "out")
     assert caught.value.code == "unsupported_layer_compression"
     assert not (tmp_path / "out").exists()
+
+
+# -- image references ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reference", "url", "name"),
+    [
+        ("debian", "https://registry-1.docker.io/v2/library/debian/", "latest"),
+        (
+            "docker.io/library/debian:bookworm",
+            "https://registry-1.docker.io/v2/library/debian/",
+            "bookworm",
+        ),
+        ("user/app:1.0", "https://registry-1.docker.io/v2/user/app/", "1.0"),
+        ("localhost:5000/tools/python:3.12", "http://localhost:5000/v2/tools/python/", "3.12"),
+        ("localhost/x", "http://localhost/v2/x/", "latest"),
+        ("127.0.0.1:5000/a/b/c", "http://127.0.0.1:5000/v2/a/b/c/", "latest"),
+        ("[::1]:5000/x:y", "http://[::1]:5000/v2/x/", "y"),
+        (
+            "registry.example/x@sha256:" + "a" * 64,
+            "https://registry.example/v2/x/",
+            "sha256:" + "a" * 64,
+        ),
+        (
+            "registry.example:443/x:t@sha256:" + "b" * 64,
+            "https://registry.example:443/v2/x/",
+            "sha256:" + "b" * 64,
+        ),
+        ("insecure.example:8080/x", "http://insecure.example:8080/v2/x/", "latest"),
+        ("plain.example/x", "http://plain.example/v2/x/", "latest"),
+    ],
+)
+def test_references_resolve_like_docker(
+    reference: str, url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_INSECURE_REGISTRIES", "insecure.example:8080, plain.example")
+    parsed = _parse_reference(reference)
+    assert (parsed.base_url, parsed.name) == (url, name)
+
+
+@pytest.mark.parametrize(
+    "reference",
+    ["", "UPPER/case", "x:", "x@sha256:short", "x@md5:" + "a" * 32, "a//b", "x:t:u", "host:port/x"],
+)
+def test_malformed_references_are_refused(reference: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _parse_reference(reference)
+    assert caught.value.code == "invalid_image_reference"
