@@ -26,7 +26,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -340,11 +340,9 @@ class _Archive:
         config = _parse_config(self._json_blob(manifest["config"]))
         descriptors = _descriptors(manifest, "layers")
         digests = tuple(_digest_of(layer) for layer in descriptors)
-        layers = tuple(
-            self._copy(_blob_name(digest), digest, _size_of(layer))
-            for digest, layer in zip(digests, descriptors, strict=True)
-        )
-        return OciImage(layers, digests, config)
+        sizes = [_size_of(layer) for layer in descriptors]
+        names = [_blob_name(digest) for digest in digests]
+        return OciImage(self._copy_all(names, digests, sizes), digests, config)
 
     def _docker_save_image(self) -> OciImage:
         # One image per archive: `docker save a b` lists several and the first one is taken.
@@ -369,9 +367,7 @@ class _Archive:
             _digest_of({"digest": _named_digest(name) or diff_id})
             for name, diff_id in zip(names, diff_ids, strict=True)
         )
-        layers = tuple(
-            self._copy(name, digest, None) for name, digest in zip(names, digests, strict=True)
-        )
+        layers = self._copy_all(names, digests, [None] * len(names))
         return OciImage(layers, digests, _parse_config(config_doc))
 
     def _json_blob(self, descriptor: _Json) -> _Json:
@@ -380,6 +376,18 @@ class _Archive:
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
             raise _Malformed(f"blob {digest} does not match its digest")
         return _parse_json(data, f"blob {digest}")
+
+    def _copy_all(
+        self, names: Sequence[str], digests: Sequence[str], sizes: Sequence[int | None]
+    ) -> tuple[Path, ...]:
+        """Copy blobs out in the order they lie in the archive, and return them in list order.
+
+        A gzip'd archive cannot seek backwards without decompressing again from its start.
+        """
+        blobs = list(zip(names, digests, sizes, strict=True))
+        order = sorted(range(len(blobs)), key=lambda i: self._file(names[i]).offset_data)
+        copied = {i: self._copy(*blobs[i]) for i in order}
+        return tuple(copied[i] for i in range(len(blobs)))
 
     def _copy(self, name: str, digest: str, size: int | None) -> Path:
         member = self._file(name)

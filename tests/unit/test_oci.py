@@ -24,8 +24,8 @@ MTIME = 1_600_000_000
 OTHER_PLATFORM = {"os": "linux", "architecture": "s390x"}
 
 
-@pytest.fixture(autouse=True)
-def _needs_root() -> None:
+@pytest.fixture
+def root_only() -> None:
     if os.geteuid() != 0:
         pytest.skip(
             "unpacking layers makes device nodes, chowns and sets trusted.* xattrs: root only"
@@ -343,7 +343,7 @@ def test_missing_archive_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def unpacked(tmp_path: Path) -> list[Path]:
+def unpacked(root_only: None, tmp_path: Path) -> list[Path]:
     """The three layers of `layer_blobs`, unpacked side by side, bottom first."""
     dests = []
     for i, blob in enumerate(layer_blobs()):
@@ -429,6 +429,7 @@ def test_layers_stack_in_a_real_overlay(unpacked: list[Path], tmp_path: Path) ->
         assert (merged / "usr/bin/tool").is_file()
 
 
+@pytest.mark.usefixtures("root_only")
 def test_later_member_replaces_earlier(tmp_path: Path) -> None:
     blob = tar_bytes(
         [
@@ -457,7 +458,7 @@ def test_unpack_refuses_existing_dest(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def sentinel(tmp_path: Path) -> Path:
+def sentinel(root_only: None, tmp_path: Path) -> Path:
     """A host directory outside every layer that no layer may change."""
     path = tmp_path / "host"
     path.mkdir()
@@ -533,6 +534,7 @@ def broken_layers() -> dict[str, bytes]:
     }
 
 
+@pytest.mark.usefixtures("root_only")
 @pytest.mark.parametrize("case", list(broken_layers()))
 def test_broken_layer_leaves_no_partial_output(tmp_path: Path, case: str) -> None:
     blob = write(tmp_path, "blob", broken_layers()[case])
