@@ -45,7 +45,8 @@ from corral.errors import (
 )
 from corral.files import SandboxFiles
 from corral.ids import check_id, new_id
-from corral.images import ImageStore, Progress
+from corral.images import ImageStore, Progress, RootImage
+from corral.layers import export_changes
 from corral.models import ExecResult, ProcessInfo, SandboxInfo, StateChange
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 from corral.pools import Pools
@@ -59,6 +60,7 @@ from corral.state import EndReason, SandboxState, parse_state
 log = logging.getLogger("corral.engine")
 
 MiB = 1024 * 1024
+DEFAULT_WORKDIR = "/root"
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
 # CPU weights (cgroup v2 units, 100 is normal) of pooled sandboxes: low while one starts, so a
@@ -275,6 +277,7 @@ class Engine:
                 os.replace(temp, target)
         (self.data_dir / "images").mkdir(exist_ok=True)
         (self.data_dir / "images").chmod(0o711)
+        self.images.built.prepare()
 
     # -- adoption -----------------------------------------------------------------------------
 
@@ -474,8 +477,7 @@ class Engine:
         stages.mark("image")
         # Planning picks a free uid range and address among registered sandboxes: register the
         # new one before the next await, so concurrent creates never pick the same.
-        binds = tuple(Bind(str(b.source), b.target) for b in image.binds)
-        plan = self._plan(spec, image.layers, binds, cpu_weight=FILL_WEIGHT if pooled else 100)
+        plan = self._plan(spec, image, cpu_weight=FILL_WEIGHT if pooled else 100)
         sandbox = Sandbox(spec, plan)
         sandbox.pooled = pooled
         sandbox.on_change = self._notify
@@ -581,8 +583,7 @@ class Engine:
     def _plan(
         self,
         spec: SandboxSpec,
-        layers: Sequence[Path],
-        binds: tuple[Bind, ...],
+        image: RootImage,
         *,
         cpu_weight: int = 100,
     ) -> SandboxPlan:
@@ -601,10 +602,10 @@ class Engine:
             sandbox_id=sandbox_id,
             runtime=runtime,
             directory=str(self.data_dir / "sandboxes" / sandbox_id),
-            layers=tuple(str(layer) for layer in layers),
-            binds=binds,
-            env=dict(spec.env),
-            workdir=spec.workdir,
+            layers=tuple(str(layer) for layer in image.layers),
+            binds=tuple(Bind(str(b.source), b.target) for b in image.binds),
+            env=dict(image.env),  # the image's defaults; each command adds its spec's env
+            workdir=image.workdir or DEFAULT_WORKDIR,
             limits=PlanLimits(
                 cpu=spec.cpu,
                 memory_bytes=spec.memory_mb * MiB,
@@ -885,10 +886,13 @@ class Engine:
         # the agent's start), so a sandbox claimed from a warm pool gets the request's.
         if env is not None:
             check_env(env)
-        merged = {**sandbox.spec.env, **(env or {})}
+        merged = {**sandbox.plan.env, **sandbox.spec.env, **(env or {})}
         if merged:
             params["env"] = check_env(merged)
-        params["cwd"] = check_sandbox_path(cwd, "cwd") if cwd is not None else sandbox.spec.workdir
+        if cwd is not None:
+            params["cwd"] = check_sandbox_path(cwd, "cwd")
+        else:
+            params["cwd"] = sandbox.spec.workdir or sandbox.plan.workdir
         if user is not None:
             if not isinstance(user, str | int) or isinstance(user, bool):
                 raise InvalidRequest("user must be a user name or a numeric uid")
@@ -997,6 +1001,38 @@ class Engine:
         sandbox = self._running(sandbox_id, "signal a process in")
         name = sig.name if isinstance(sig, signal.Signals) else sig
         await sandbox.link.call(P.PROC_SIGNAL, {"id": process_id, "signal": name})
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        """Copy what the sandbox changed in its filesystem into the empty directory `dest`,
+        as an image layer (see `corral.layers`). Only the namespaces runtime keeps its
+        writable layer as a host directory."""
+        sandbox = self._running(sandbox_id, "export the files of")
+        if sandbox.runtime != "namespaces":
+            raise InvalidRequest(
+                f"exporting a sandbox's files needs the namespaces runtime, not {sandbox.runtime}",
+                code="unsupported_runtime",
+            )
+        plan = sandbox.plan
+        await asyncio.to_thread(
+            export_changes,
+            plan.disk_dir / "upper",
+            dest,
+            userns.host_uid(plan.uid_slot),
+            userns.RANGE,
+        )
+
+    def layers_in_use(self) -> set[str]:
+        """Keys of the built layers that live sandboxes stack (never to be pruned)."""
+        layers_dir = self.images.built.layers_dir
+        return {
+            Path(layer).name
+            for sandbox in self._sandboxes.values()
+            if sandbox.alive
+            for layer in sandbox.plan.layers
+            if Path(layer).parent == layers_dir
+        }
 
     # -- files ------------------------------------------------------------------------------
 

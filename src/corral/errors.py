@@ -176,6 +176,24 @@ class SandboxFailed(CorralError):
     default_code = "sandbox_failed"
 
 
+class ImageBuildFailed(CorralError):
+    """A step of an image build failed; `step` is its number (0: the base), `log` its output.
+
+    Nothing of the failed step is kept: no image, no partial layer. Steps before it stay
+    cached, so the next build resumes at the failed step.
+    """
+
+    status_code = 422
+    default_code = "image_build_failed"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, step: int = 0, log: str = ""
+    ) -> None:
+        super().__init__(message, code=code)
+        self.step = step
+        self.log = log
+
+
 class AgentUnavailable(SandboxFailed):
     """The guest agent inside the sandbox does not answer."""
 

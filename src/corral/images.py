@@ -18,11 +18,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.errors import ImageNotFound, InvalidRequest, SandboxFailed
+from corral.layers import LayerStore
 
 Progress = Callable[[str], None]
 
@@ -52,11 +53,13 @@ class HostBind:
 
 @dataclass(frozen=True)
 class RootImage:
-    """A resolved image: read-only layers (topmost first) and read-only host binds."""
+    """A resolved image: read-only layers (topmost first), read-only host binds, defaults."""
 
     name: str
     layers: tuple[Path, ...]
     binds: tuple[HostBind, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
 
 
 class ImageStore:
@@ -66,6 +69,7 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.built = LayerStore(root)
         self._local: dict[str, Path] = {}
 
     def register(self, name: str, rootfs: Path) -> None:
@@ -76,6 +80,10 @@ class ImageStore:
             raise InvalidRequest(f"{rootfs} is not a directory")
         self._local[name] = rootfs
 
+    def is_builtin(self, name: str) -> bool:
+        """Whether `name` is a built-in or registered image (not one built from a recipe)."""
+        return name in self.names or name in self._local
+
     def resolve(self, name: str, progress: Progress | None = None) -> RootImage:
         """The image called `name`, built first if needed (which may take half a minute)."""
         if name == "debian":
@@ -85,8 +93,20 @@ class ImageStore:
             return RootImage(name, (rootfs,), host_binds())
         if name in self._local:
             return RootImage(name, (self._local[name],))
+        if name.startswith("im-"):
+            return self._resolve_built(name, progress)
         known = ", ".join([*self.names, *sorted(self._local)])
-        raise ImageNotFound(f"no image named {name!r}; available: {known}")
+        raise ImageNotFound(
+            f"no image named {name!r}; available: {known}, or the id of a built image"
+        )
+
+    def _resolve_built(self, image_id: str, progress: Progress | None) -> RootImage:
+        manifest = self.built.manifest(image_id)
+        if manifest is None or not all(self.built.has_layer(k) for k in manifest.layers):
+            raise ImageNotFound(f"no built image {image_id!r} (removed or pruned?); build it again")
+        layers = tuple(self.built.layer(key) for key in reversed(manifest.layers))
+        base = self.resolve(manifest.base, progress) if manifest.base else RootImage("", ())
+        return RootImage(image_id, layers + base.layers, base.binds, manifest.env, manifest.workdir)
 
     def _ensure(
         self, name: str, build: Callable[[Path, Progress], None], progress: Progress | None

@@ -128,3 +128,51 @@ class ProcessInfo:
             running=data["running"],
             exit_code=data.get("exit_code"),
         )
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress of a build: a step starting (`kind="step"`) or a line of its output ("log").
+
+    Step 0 is the base; `cached` says a step was found built and did not run.
+    """
+
+    kind: str
+    step: int
+    steps: int | None = None
+    description: str | None = None
+    cached: bool | None = None
+    line: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "log":
+            return f"  {self.line}"
+        suffix = " (cached)" if self.cached else ""
+        return f"[{self.step}/{self.steps}] {self.description}{suffix}"
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """An image built on the server; give it (or its `id`, or its `name`) to `create`."""
+
+    id: str
+    name: str | None
+    created_at: float
+    size_bytes: int
+    layers: int
+    steps: tuple[str, ...]
+    env: tuple[str, ...]  # names of the variables it sets
+    workdir: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuiltImage:
+        return cls(
+            id=data["id"],
+            name=data.get("name"),
+            created_at=data["created_at"],
+            size_bytes=data["size_bytes"],
+            layers=data["layers"],
+            steps=tuple(data["steps"]),
+            env=tuple(data["env"]),
+            workdir=data.get("workdir"),
+        )

@@ -97,7 +97,7 @@ class SandboxSpec:
     timeout: float = DEFAULT_TIMEOUT
     network: NetworkPolicy = "none"
     env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str = "/root"
+    workdir: str | None = None  # None: the image's working directory, else /root
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,7 +121,8 @@ class SandboxSpec:
             )
         if self.network not in NETWORK_POLICIES:
             raise InvalidRequest(f"network={self.network!r} is unknown; use 'none' or 'internet'")
-        check_sandbox_path(self.workdir, "workdir")
+        if self.workdir is not None:
+            check_sandbox_path(self.workdir, "workdir")
         object.__setattr__(self, "env", MappingProxyType(check_env(self.env)))
         if not isinstance(self.metadata, Mapping) or len(self.metadata) > _MAX_METADATA:
             raise InvalidRequest(f"metadata must be a mapping of at most {_MAX_METADATA} entries")
