@@ -29,6 +29,8 @@ from corral.errors import (
     CorralError,
     FileExists,
     FileNotFound,
+    ImageBuildFailed,
+    ImageNotFound,
     InvalidPath,
     InvalidRequest,
     InvalidState,
@@ -43,7 +45,8 @@ from corral.errors import (
     SandboxNotFound,
     ServiceUnavailable,
 )
-from corral.models import FileInfo, ProcessInfo, SandboxInfo
+from corral.image import Image
+from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState
 
@@ -54,6 +57,8 @@ __all__ = [
     "AsyncProcess",
     "AsyncSandbox",
     "AuthError",
+    "BuildEvent",
+    "BuiltImage",
     "Client",
     "CommandResult",
     "CommandTimeout",
@@ -66,6 +71,9 @@ __all__ = [
     "FileInfo",
     "FileNotFound",
     "Files",
+    "Image",
+    "ImageBuildFailed",
+    "ImageNotFound",
     "InvalidPath",
     "InvalidRequest",
     "InvalidState",

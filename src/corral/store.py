@@ -33,13 +33,15 @@ from sqlalchemy import (
     Text,
     delete,
     event,
+    func,
     select,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from corral.errors import InvalidRequest, NotFound
+from corral.errors import ImageNotFound, InvalidRequest, NotFound
 from corral.ids import new_id
 from corral.models import SandboxInfo, StateChange
 from corral.spec import SandboxSpec
@@ -65,6 +67,25 @@ class KeyRow(Base):
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_owner_name", "owner", "name", unique=True),)
+
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """A built image as one key sees it."""
+
+    id: str
+    name: str | None
+    created_at: float
 
 
 class SandboxRow(Base):
@@ -274,6 +295,65 @@ class Store:
     async def has_keys(self) -> bool:
         async with self._session() as session:
             return await session.scalar(select(KeyRow.id).limit(1)) is not None
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def add_image(self, owner: str, image_id: str, name: str | None) -> ImageEntry:
+        """Record that `owner` built `image_id`; a `name` moves to it from any other image."""
+        async with self._session.begin() as session:
+            if name is not None:
+                await session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.owner == owner, ImageRow.name == name, ImageRow.id != image_id)
+                    .values(name=None)
+                )
+            # An upsert: concurrent builds of one recipe by one key record it once.
+            insert = sqlite_insert(ImageRow).values(
+                owner=owner, id=image_id, name=name, created_at=time.time()
+            )
+            await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["owner", "id"],
+                    set_={"name": func.coalesce(insert.excluded.name, ImageRow.name)},
+                )
+            )
+            row = await session.get_one(ImageRow, (owner, image_id))
+            return ImageEntry(row.id, row.name, row.created_at)
+
+    async def find_image(self, owner: str, ref: str) -> ImageEntry | None:
+        """`owner`'s image whose id or name is `ref`."""
+        async with self._session() as session:
+            row = await session.scalar(
+                select(ImageRow).where(
+                    ImageRow.owner == owner, (ImageRow.id == ref) | (ImageRow.name == ref)
+                )
+            )
+        return ImageEntry(row.id, row.name, row.created_at) if row is not None else None
+
+    async def list_images(self, owner: str) -> list[ImageEntry]:
+        async with self._session() as session:
+            rows = await session.scalars(
+                select(ImageRow).where(ImageRow.owner == owner).order_by(ImageRow.created_at)
+            )
+            return [ImageEntry(r.id, r.name, r.created_at) for r in rows]
+
+    async def remove_image(self, owner: str, ref: str) -> ImageEntry:
+        async with self._session.begin() as session:
+            row = await session.scalar(
+                select(ImageRow).where(
+                    ImageRow.owner == owner, (ImageRow.id == ref) | (ImageRow.name == ref)
+                )
+            )
+            if row is None:
+                raise ImageNotFound(f"you have no image {ref!r} (corral image list shows yours)")
+            entry = ImageEntry(row.id, row.name, row.created_at)
+            await session.delete(row)
+        return entry
+
+    async def image_ids(self) -> set[str]:
+        """Every image some key still has: what pruning keeps."""
+        async with self._session() as session:
+            return set(await session.scalars(select(ImageRow.id)))
 
     # -- sandboxes --------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
     corral serve                         start the server (prints its URL and an API key)
     corral keys create|list|revoke       manage API keys (on the server's machine)
     corral doctor                        which runtimes this machine can run
-    corral image build [NAME]            build an image ahead of time
+    corral image build FILE.py:VAR       build an image (list, rm, prune)
     corral sandbox create|list|info|kill|timeout
     corral run [OPTIONS] -- CMD ...      run one command in a fresh sandbox, then end it
     corral exec ID -- CMD ...            run a command in a sandbox, streaming its output
@@ -13,11 +13,11 @@
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
 
-from corral.cli import _local, _remote
+from corral.cli import _images, _local, _remote
 from corral.cli._common import app
 
 __all__ = ["app", "main"]
-_commands = (_local, _remote)  # importing them registers their commands
+_commands = (_images, _local, _remote)  # importing them registers their commands
 
 
 def main() -> None:

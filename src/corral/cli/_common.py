@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -39,3 +41,18 @@ def fail(error: CorralError) -> NoReturn:
 
 def client(url: str | None, api_key: str | None) -> Client:
     return Client(url=url, api_key=api_key)
+
+
+@contextlib.contextmanager
+def session(url: str | None, api_key: str | None) -> Iterator[Client]:
+    """An SDK client whose errors end the command with their code and message."""
+    try:
+        sdk = client(url, api_key)
+    except CorralError as error:
+        fail(error)
+    try:
+        yield sdk
+    except CorralError as error:
+        fail(error)
+    finally:
+        sdk.close()

@@ -1,4 +1,4 @@
-"""Commands that act on this machine directly: serve, keys, doctor, image build (as root)."""
+"""Commands that act on this machine directly: serve, keys, doctor (as root)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,7 @@ PoolOption = Annotated[
     typer.Option(help="A warm pool, RUNTIME:IMAGE:SIZE (IMAGE 'default' is debian); repeatable."),
 ]
 
-image_app = typer.Typer(help="Manage images.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
-app.add_typer(image_app, name="image")
 app.add_typer(keys_app, name="keys")
 
 
@@ -50,18 +48,6 @@ def doctor(data_dir: DataDir = None, as_json: bool = typer.Option(False, "--json
         )
     out.print(table)
     console.print(f"data directory: {engine.data_dir}")
-
-
-@image_app.command("build")
-def image_build(name: str = typer.Argument("debian"), data_dir: DataDir = None) -> None:
-    """Build a built-in image now rather than on first use."""
-    engine = Engine(data_dir)
-    try:
-        with console.status(f"building image {name}…") as status:
-            image = engine.images.resolve(name, progress=lambda line: status.update(line[:100]))
-    except CorralError as error:
-        fail(error)
-    console.print(f"image {name}: {', '.join(str(p) for p in image.layers)}")
 
 
 @app.command()

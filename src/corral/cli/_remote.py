@@ -14,15 +14,14 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Column, Table
 
-from corral.cli._common import ApiKey, Json, Url, app, client, console, fail, out
-from corral.client import Client, Process, Sandbox
+from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, session
+from corral.client import Process, Sandbox
 from corral.errors import CorralError, InvalidRequest
 
 sandbox_app = typer.Typer(help="Create, list, inspect and end sandboxes.", no_args_is_help=True)
@@ -43,21 +42,6 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
             fail(InvalidRequest(f"{what} {item!r} must read KEY=VALUE"))
         found[name] = value
     return found
-
-
-@contextlib.contextmanager
-def _session(url: str | None, api_key: str | None) -> Iterator[Client]:
-    """An SDK client whose errors end the command with their code and message."""
-    try:
-        sdk = client(url, api_key)
-    except CorralError as error:
-        fail(error)
-    try:
-        yield sdk
-    except CorralError as error:
-        fail(error)
-    finally:
-        sdk.close()
 
 
 def _when(timestamp: float | None) -> str:
@@ -92,7 +76,7 @@ def sandbox_create(
     as_json: Json = False,
 ) -> None:
     """Create a sandbox and print its id."""
-    with _session(url, api_key) as sdk, console.status("creating sandbox…"):
+    with session(url, api_key) as sdk, console.status("creating sandbox…"):
         sandbox = Sandbox.create(
             image,
             runtime,
@@ -122,7 +106,7 @@ def sandbox_list(
     as_json: Json = False,
 ) -> None:
     """Your sandboxes (ended ones stay listed for 7 days)."""
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         found = Sandbox.list(_pairs(metadata, "metadata"), state, client=sdk)
     if as_json:
         print(json.dumps([info.to_dict() for info in found]))
@@ -152,7 +136,7 @@ def sandbox_info(
     sandbox_id: str, url: Url = None, api_key: ApiKey = None, as_json: Json = False
 ) -> None:
     """A sandbox's state, limits and, once ended, why it ended."""
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         info = Sandbox.connect(sandbox_id, client=sdk).info()
     if as_json:
         print(json.dumps(info.to_dict()))
@@ -180,7 +164,7 @@ def sandbox_info(
 @sandbox_app.command("kill")
 def sandbox_kill(sandbox_id: str, url: Url = None, api_key: ApiKey = None) -> None:
     """End a sandbox now."""
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         info = Sandbox.connect(sandbox_id, client=sdk).terminate()
     console.print(f"{info.id}: {info.state.value}")
 
@@ -193,7 +177,7 @@ def sandbox_timeout(
     api_key: ApiKey = None,
 ) -> None:
     """Extend (or shorten) a sandbox's life."""
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         info = Sandbox.connect(sandbox_id, client=sdk).set_timeout(seconds)
     console.print(f"{info.id} now ends {_when(info.expires_at)}")
 
@@ -249,7 +233,7 @@ def run(
 ) -> None:
     """Run a command in a new sandbox, stream its output, end the sandbox; exit with its code."""
     argv = _command(ctx)
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         with console.status("starting sandbox…"):
             sandbox = Sandbox.create(
                 image,
@@ -280,7 +264,7 @@ def exec_command(
 ) -> None:
     """Run a command in a sandbox, streaming its output; exit with its code."""
     argv = _command(ctx)
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         code = _stream(Sandbox.connect(sandbox_id, client=sdk), argv, timeout)
     raise typer.Exit(code)
 
@@ -290,7 +274,7 @@ def shell(sandbox_id: str, url: Url = None, api_key: ApiKey = None) -> None:
     """An interactive shell (bash, else sh) on a terminal in the sandbox."""
     if not os.isatty(0):
         fail(InvalidRequest("corral shell needs a terminal; use corral exec for scripts"))
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         sandbox = Sandbox.connect(sandbox_id, client=sdk)
         size = shutil.get_terminal_size()
 
@@ -367,7 +351,7 @@ def cp(
     dst_sandbox, dst = _split(target)
     if (src_sandbox is None) == (dst_sandbox is None):
         fail(InvalidRequest("exactly one side must be a sandbox path such as sb-…:/root/file"))
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         if dst_sandbox is not None:
             local = Path(src)
             if not local.is_file():
@@ -386,7 +370,7 @@ def cp(
 @pools_app.command("list")
 def pools_list(url: Url = None, api_key: ApiKey = None, as_json: Json = False) -> None:
     """Each pool: template, target size, idle sandboxes, hits and misses."""
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         pools = sdk.list_pools()
     if as_json:
         print(json.dumps(pools))
@@ -426,7 +410,7 @@ def pools_set(
     """Create or resize a pool (admin key); creates with the same settings claim from it."""
     template = {"image": image, "runtime": runtime, "cpu": cpu, "memory_mb": memory}
     template.update(disk_mb=disk, network=network)
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         pool = sdk.set_pool(name, size, **template)
     console.print(f"pool {pool['name']}: {pool['size']} x {pool['runtime']}/{pool['image']}")
 
@@ -434,6 +418,6 @@ def pools_set(
 @pools_app.command("remove")
 def pools_remove(name: str, url: Url = None, api_key: ApiKey = None) -> None:
     """Remove a pool and end its idle sandboxes (admin key)."""
-    with _session(url, api_key) as sdk:
+    with session(url, api_key) as sdk:
         sdk.remove_pool(name)
     console.print(f"pool {name} removed")

@@ -8,6 +8,7 @@ with the server's code and message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import weakref
@@ -21,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from corral.errors import AuthError, ConnectionFailed, CorralError, from_response
+from corral.models import BuiltImage
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -94,16 +96,64 @@ class AsyncClient:
         return response.json() if response.content else None
 
     @asynccontextmanager
-    async def download(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[httpx.Response]:
-        """A streamed GET whose errors are raised before any content is read."""
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """A request whose answer streams; its errors are raised before any content is read."""
         self._check_key()
         try:
-            async with self._http.stream("GET", path, params=params) as response:
+            async with self._http.stream(
+                method, path, params=params, json=json, timeout=httpx.Timeout(None, connect=10.0)
+            ) as response:
                 if response.status_code >= 400:
                     raise _error(response.status_code, await response.aread(), response.headers)
                 yield response
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
+
+    def download(
+        self, path: str, params: Mapping[str, Any]
+    ) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
+        """A streamed GET (see `stream`)."""
+        return self.stream("GET", path, params=params)
+
+    async def has_blob(self, digest: str) -> bool:
+        """Whether the server holds this uploaded content already."""
+        self._check_key()
+        try:
+            response = await self._http.head(f"/v1/blobs/{digest}")
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if response.status_code not in (200, 404):
+            raise _error(response.status_code, b"", response.headers)
+        return response.status_code == 200
+
+    async def list_images(self) -> list[BuiltImage]:
+        """Your built images, oldest first."""
+        return [BuiltImage.from_dict(i) for i in await self.request("GET", "/v1/images")]
+
+    async def get_image(self, ref: str) -> BuiltImage:
+        """One of your images by id or name (`ImageNotFound` if none)."""
+        return BuiltImage.from_dict(await self.request("GET", f"/v1/images/{ref}"))
+
+    async def remove_image(self, ref: str) -> None:
+        """Forget one of your images; `prune_images` frees its layers."""
+        await self.request("DELETE", f"/v1/images/{ref}")
+
+    async def prune_images(self) -> dict[str, int]:
+        """Free layers and uploads no image and no sandbox uses (admin key); what was freed."""
+        pruned: dict[str, int] = await self.request("POST", "/v1/images/prune")
+        return pruned
+
+    async def image_usage(self) -> dict[str, int]:
+        """Bytes on the server's disk: all layers, pending uploads."""
+        usage: dict[str, int] = await self.request("GET", "/v1/images/usage")
+        return usage
 
     async def websocket(self, path: str) -> ClientConnection:
         """Open a WebSocket to `path` with this client's key."""

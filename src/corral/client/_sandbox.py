@@ -12,9 +12,11 @@ from types import TracebackType
 from typing import IO, Any
 
 from corral.client._client import AsyncClient, default_client
+from corral.client._images import build_image
 from corral.client._process import AsyncProcess, OutputCallback
 from corral.errors import CommandTimeout, FileNotFound
-from corral.models import FileInfo, ProcessInfo, SandboxInfo, StateChange
+from corral.image import Image
+from corral.models import BuiltImage, FileInfo, ProcessInfo, SandboxInfo, StateChange
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState
 
@@ -90,7 +92,7 @@ class AsyncSandbox:
     @classmethod
     async def create(
         cls,
-        image: str | None = None,
+        image: str | Image | BuiltImage | None = None,
         runtime: str | None = None,
         *,
         cpu: float = 1.0,
@@ -106,10 +108,16 @@ class AsyncSandbox:
     ) -> AsyncSandbox:
         """Create a sandbox and return once it can run commands.
 
+        `image` is a built-in image ("debian", the default, or "host"), the id or name of an
+        image you built, or an `Image` recipe, built first (at once if cached).
         A warm pool on the server whose template matches hands over a started sandbox, which
         is much faster; `pool=False` insists on a fresh start.
         """
         client = client or default_client()
+        if isinstance(image, Image):
+            image = await build_image(image, client=client)
+        if isinstance(image, BuiltImage):
+            image = image.id
         body: dict[str, Any] = {
             "pool": pool,
             "runtime": runtime,

@@ -16,10 +16,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, S
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
+from corral.client import _images
 from corral.client._client import AsyncClient
 from corral.client._process import AsyncOutput, AsyncProcess, ProcessExit
 from corral.client._sandbox import AsyncFiles, AsyncSandbox, CommandResult
-from corral.models import FileInfo, ProcessInfo, SandboxInfo
+from corral.image import Image
+from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
 from corral.state import SandboxState
 
 T = TypeVar("T")
@@ -87,6 +89,21 @@ class Client:
     def remove_pool(self, name: str) -> None:
         self._portal.call(self._async.remove_pool(name))
 
+    def list_images(self) -> builtins.list[BuiltImage]:
+        return self._portal.call(self._async.list_images())
+
+    def get_image(self, ref: str) -> BuiltImage:
+        return self._portal.call(self._async.get_image(ref))
+
+    def remove_image(self, ref: str) -> None:
+        self._portal.call(self._async.remove_image(ref))
+
+    def prune_images(self) -> dict[str, int]:
+        return self._portal.call(self._async.prune_images())
+
+    def image_usage(self) -> dict[str, int]:
+        return self._portal.call(self._async.image_usage())
+
     def close(self) -> None:
         """Close the connections and stop the background event loop."""
         self._portal.call(self._async.aclose())
@@ -102,6 +119,18 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def build_image(
+    image: Image,
+    name: str | None = None,
+    *,
+    client: Client | None = None,
+    on_progress: Callable[[BuildEvent], object] | None = None,
+) -> BuiltImage:
+    """`Image.build` for synchronous code; `on_progress` runs on the client's portal thread."""
+    sync = _client(client)
+    return sync.call(_images.build_image(image, name, client=sync._async, on_progress=on_progress))
 
 
 _default: Client | None = None
@@ -146,7 +175,7 @@ class Sandbox:
     @classmethod
     def create(
         cls,
-        image: str | None = None,
+        image: str | Image | BuiltImage | None = None,
         runtime: str | None = None,
         *,
         cpu: float = 1.0,

@@ -17,14 +17,17 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from corral.runtimes import PREFERENCE
-from corral.server import errors, files, routes, stream
+from corral.server import errors, files, images, routes, stream
 from corral.server.auth import ServiceDep
 from corral.server.schemas import ErrorOut, Health
 from corral.server.service import ServerConfig, Service
 
 
 def _is_upload(scope: Scope) -> bool:
-    return scope.get("method") == "PUT" and str(scope.get("path", "")).endswith("/files/content")
+    path = str(scope.get("path", ""))
+    return scope.get("method") == "PUT" and (
+        path.endswith("/files/content") or path.startswith("/v1/blobs/")
+    )
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -52,6 +55,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(files.router)
     app.include_router(stream.router)
+    app.include_router(images.router)
 
     @app.get("/healthz", tags=["server"])
     async def healthz(service: ServiceDep) -> Health:

@@ -44,7 +44,11 @@ async def current_key(
 
 async def admin_key(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
     if not key.admin:
-        raise PermissionDenied("only an admin key can manage API keys", code="admin_required")
+        raise PermissionDenied(
+            "only an admin key can do this (manage keys, pools, prune images); "
+            "corral keys create --admin makes one",
+            code="admin_required",
+        )
     return key
 
 

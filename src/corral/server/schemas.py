@@ -6,7 +6,7 @@ than a silently ignored setting.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,7 +33,7 @@ class SpecBody(Request):
     )
     network: Literal["none", "internet"] = "none"
     env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = "/root"
+    workdir: str | None = Field(None, description="default: the image's, else /root")
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
@@ -261,3 +261,37 @@ class Health(BaseModel):
     status: str
     version: str
     runtimes: dict[str, str | None]
+
+
+class BuildImage(Request):
+    """POST /v1/images: a recipe (see `corral.Image.recipe`) and an optional name."""
+
+    recipe: dict[str, Any] = Field(description="{'base': {...}, 'steps': [...]}")
+    name: str | None = Field(None, description="name the image; moves from another image")
+
+
+class ImageOut(BaseModel):
+    id: str
+    name: str | None
+    created_at: float
+    size_bytes: int = Field(description="its layers on disk, shared ones included")
+    layers: int
+    steps: list[str]
+    env: list[str] = Field(description="names of the variables it sets")
+    workdir: str | None
+
+
+class ImageUsage(BaseModel):
+    layers_bytes: int
+    blobs_bytes: int
+
+
+class Pruned(ImageUsage):
+    removed_images: int
+    removed_layers: int
+    freed_bytes: int
+
+
+class BlobOut(BaseModel):
+    digest: str
+    size: int

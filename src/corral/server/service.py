@@ -12,23 +12,42 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.builder import Builder, Progress
 from corral.engine import Engine
-from corral.errors import LimitReached, SandboxNotFound
+from corral.errors import ImageNotFound, InvalidRequest, LimitReached, SandboxNotFound
 from corral.ids import check_id
+from corral.layers import Manifest
 from corral.models import SandboxInfo, StateChange
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState, parse_state
-from corral.store import ENDED_RETENTION, ApiKey, Store
+from corral.store import ENDED_RETENTION, ApiKey, ImageEntry, Store
 
 log = logging.getLogger("corral.server")
 
 PRUNE_EVERY = 3600.0
+_IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+RESERVED_IMAGE_NAMES = ("debian", "host", "usage", "prune")
+
+
+def check_image_name(name: str) -> str:
+    if (
+        not isinstance(name, str)
+        or not _IMAGE_NAME.match(name)
+        or name.startswith("im-")
+        or name in RESERVED_IMAGE_NAMES
+    ):
+        raise InvalidRequest(
+            f"{name!r} cannot name an image: use 1 to 128 lowercase letters, digits, '.', '_' "
+            f"or '-', not starting with 'im-' and not one of {', '.join(RESERVED_IMAGE_NAMES)}"
+        )
+    return name
 
 
 @dataclass
@@ -42,6 +61,7 @@ class ServerConfig:
     max_sandboxes: int = 2000  # live sandboxes on this node, all keys together
     pools: tuple[tuple[str, SandboxSpec, int], ...] = ()  # (name, template, size)
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
+    max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
 
     @property
     def database(self) -> Path:
@@ -62,6 +82,7 @@ class Service:
         self._creating_by: dict[str, int] = {}
         self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self.builder = Builder(self.engine)
 
     async def start(self) -> None:
         self.store = await Store.open(self.config.database)
@@ -158,6 +179,7 @@ class Service:
         return sandbox_id
 
     async def create(self, key: ApiKey, spec: SandboxSpec, *, pool: bool = True) -> SandboxInfo:
+        spec = dataclasses.replace(spec, image=await self.image_for(key, spec.image))
         # Refused at once, with a time to retry, rather than queued until the client times out.
         if len(self._owners) + self._creating >= self.config.max_sandboxes:
             raise LimitReached(
@@ -187,6 +209,70 @@ class Service:
         self._writes.put_nowait(("add", (key.id, info.id)))
         await self._writes.join()
         return self.engine.get(info.id)
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def image_for(self, key: ApiKey, ref: str) -> str:
+        """What the engine calls image `ref` of `key`: a built-in name, or a built image's id."""
+        if self.engine.images.is_builtin(ref):
+            return ref
+        entry = await self.db.find_image(key.id, ref)
+        if entry is None:
+            raise ImageNotFound(
+                f"no image {ref!r}: use debian, host, or the id or name of an image you built "
+                "(corral image list)"
+            )
+        return entry.id
+
+    async def build_image(
+        self, key: ApiKey, recipe: Any, name: str | None, progress: Progress
+    ) -> dict[str, Any]:
+        """Build `recipe` for `key` (see `corral.builder`); the image as `describe_image`."""
+        if name is not None:
+            check_image_name(name)
+        manifest = await self.builder.build(recipe, progress)
+        entry = await self.db.add_image(key.id, manifest.id, name)
+        return self._describe(entry, manifest)
+
+    async def list_images(self, key: ApiKey) -> list[dict[str, Any]]:
+        found = []
+        for entry in await self.db.list_images(key.id):
+            manifest = self.engine.images.built.manifest(entry.id)
+            if manifest is not None:
+                found.append(self._describe(entry, manifest))
+        return found
+
+    async def describe_image(self, key: ApiKey, ref: str) -> dict[str, Any]:
+        entry = await self.db.find_image(key.id, ref)
+        manifest = self.engine.images.built.manifest(entry.id) if entry else None
+        if entry is None or manifest is None:
+            raise ImageNotFound(f"you have no image {ref!r} (corral image list shows yours)")
+        return self._describe(entry, manifest)
+
+    async def remove_image(self, key: ApiKey, ref: str) -> None:
+        """Forget `key`'s image; its layers go at the next prune if no other image uses them."""
+        await self.db.remove_image(key.id, ref)
+
+    async def prune_images(self) -> dict[str, Any]:
+        """Remove the layers and blobs no key's image and no live sandbox uses."""
+        keep = await self.db.image_ids()
+        in_use = self.engine.layers_in_use()
+        store = self.engine.images.built
+        freed = await asyncio.to_thread(store.prune, keep, in_use)
+        return {**freed, **await asyncio.to_thread(store.usage)}
+
+    @staticmethod
+    def _describe(entry: ImageEntry, manifest: Manifest) -> dict[str, Any]:
+        return {
+            "id": manifest.id,
+            "name": entry.name,
+            "created_at": entry.created_at,
+            "size_bytes": manifest.size_bytes,
+            "layers": len(manifest.layers),
+            "steps": list(manifest.steps),
+            "env": sorted(manifest.env),
+            "workdir": manifest.workdir,
+        }
 
     async def info(self, key: ApiKey, sandbox_id: str) -> SandboxInfo:
         await self.owned(key, sandbox_id)
