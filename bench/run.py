@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -381,6 +382,53 @@ class Suite:
             samples.append(time.perf_counter() - start)
         self.record("podman run --rm echo ok", runtime, {**summary(samples), "oci": oci})
 
+    # -- images -----------------------------------------------------------------------------
+
+    async def image_rebuild(self) -> None:
+        """A 5-step recipe built once, then built again: every step a cache hit."""
+        image = fresh_image(5)
+        first = await self.timed(lambda: image.build_async(client=self.client))
+        samples = [
+            await self.timed(lambda: image.build_async(client=self.client))
+            for _ in range(max(5, self.args.samples // 10))
+        ]
+        self.record(
+            "image rebuild, 5 steps cached",
+            "namespaces",
+            {**summary(samples), "first_build_s": round(first, 1)},
+        )
+
+    async def layered_start(self, runtime: str) -> None:
+        """Cold time to first command from a 10-layer image and from its base, interleaved."""
+        layered = await fresh_image(10).build_async(client=self.client)
+        times: dict[str, list[float]] = {"debian": [], layered.id: []}
+        for _ in range(max(10, self.args.samples // 4)):
+            for image, samples in times.items():
+
+                async def first_command(image: str = image) -> None:
+                    sandbox = await AsyncSandbox.create(
+                        image=image, runtime=runtime, pool=False, client=self.client
+                    )
+                    try:
+                        assert (await sandbox.run("echo ok")).stdout == "ok\n"
+                    finally:
+                        await sandbox.terminate()
+
+                samples.append(await self.timed(first_command))
+        base, ten = summary(times["debian"]), summary(times[layered.id])
+        self.record(
+            "first command, 10-layer image vs base (cold)",
+            runtime,
+            {
+                "base_p50_ms": base["p50_ms"],
+                "layered_p50_ms": ten["p50_ms"],
+                "base_p95_ms": base["p95_ms"],
+                "layered_p95_ms": ten["p95_ms"],
+                "n": ten["n"],
+                "ratio": round(ten["p50_ms"] / base["p50_ms"], 3),
+            },
+        )
+
     # -- where one create's time goes -------------------------------------------------------
 
     async def stages(self, runtime: str) -> None:
@@ -402,6 +450,16 @@ class Suite:
             runtime,
             {stage: round(statistics.median(v) * 1000, 1) for stage, v in laps.items()},
         )
+
+
+def fresh_image(steps: int) -> corral.Image:
+    """A debian image of `steps` layers that no earlier run has built (a fresh token first)."""
+    image = corral.Image.debian_slim().run_commands(f"echo {secrets.token_hex(8)} > /etc/bench")
+    for index in range(1, steps):
+        image = image.run_commands(
+            f"mkdir -p /opt/layer{index} && echo {index} > /opt/layer{index}/n"
+        )
+    return image
 
 
 def machine() -> dict[str, str]:
@@ -449,6 +507,8 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             await suite.concurrent_execs(runtime)
             await suite.density(runtime)
             await suite.stages(runtime)
+            await suite.layered_start(runtime)
+        await suite.image_rebuild()
         return {"machine": machine(), "args": vars(args), "results": suite.results}
 
 

@@ -19,6 +19,7 @@ TARGET = Path(__file__).resolve().parent.parent / "docs" / "sdk.md"
 SECTIONS: list[tuple[str, list[type]]] = [
     ("Connecting", [corral.Client, corral.AsyncClient]),
     ("Sandboxes", [corral.Sandbox, corral.AsyncSandbox]),
+    ("Images", [corral.Image, corral.BuiltImage, corral.BuildEvent]),
     ("Commands", [corral.Process, corral.AsyncProcess, corral.CommandResult, corral.ProcessExit]),
     ("Files", [corral.Files, corral.AsyncFiles]),
     ("Data", [corral.SandboxInfo, corral.FileInfo, corral.ProcessInfo]),
