@@ -1015,13 +1015,19 @@ class Engine:
                 code="unsupported_runtime",
             )
         plan = sandbox.plan
-        await asyncio.to_thread(
-            export_changes,
-            plan.disk_dir / "upper",
-            dest,
-            userns.host_uid(plan.uid_slot),
-            userns.RANGE,
-        )
+        runtime = self.runtime(sandbox.runtime)
+        async with sandbox.lock:  # frozen while copied: one consistent moment of its files
+            await asyncio.to_thread(runtime.pause, plan)
+            try:
+                await asyncio.to_thread(
+                    export_changes,
+                    plan.disk_dir / "upper",
+                    dest,
+                    userns.host_uid(plan.uid_slot),
+                    userns.RANGE,
+                )
+            finally:
+                await asyncio.to_thread(runtime.resume, plan)
 
     def layers_in_use(self) -> set[str]:
         """Keys of the built layers that live sandboxes stack (never to be pruned)."""

@@ -42,6 +42,7 @@ from corral.errors import InvalidRequest, PayloadTooLarge, SandboxFailed
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # as corral.ids
 _KEY = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 NOBODY = 65534
 
 
@@ -113,7 +114,9 @@ class LayerStore:
         """Make the directories; sweep what an interrupted build or upload left."""
         for directory in (self.layers_dir, self.manifests_dir, self.blobs_dir, self.locks_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.layers_dir.chmod(0o711)  # sandboxes' idmapped mounts traverse it
+        # Root only: a layer may hold set-user-id files a build made, which no host user may
+        # reach. Sandboxes never traverse it; root stacks the layers for them (idmapped).
+        self.layers_dir.chmod(0o700)
         for leftover in self.layers_dir.glob(".*"):  # a layer being written or unpacked
             key = _KEY.search(leftover.name)
             if leftover.is_dir() and key is not None:
@@ -177,8 +180,8 @@ class LayerStore:
     # -- blobs ------------------------------------------------------------------------------
 
     def blob(self, digest: str) -> Path:
-        if not digest.startswith("sha256:") or len(digest) != 71:
-            raise InvalidRequest(f"{digest!r} is not a sha256: digest")
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise InvalidRequest(f"{digest!r} is not a digest like sha256:<64 hex digits>")
         return self.blobs_dir / digest.removeprefix("sha256:")
 
     def has_blob(self, digest: str) -> bool:

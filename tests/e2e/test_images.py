@@ -380,3 +380,22 @@ def test_broken_bases_fail_clearly_and_leave_nothing(
         Image.from_registry("not a reference!")
     with pytest.raises(corral.InvalidRequest):
         Image.from_oci_archive(tmp_path / "missing.tar")
+
+
+def test_set_user_id_files_a_build_makes_stay_out_of_host_users_reach(
+    server: Server, client: corral.Client
+) -> None:
+    made = (
+        fresh()
+        .run_commands("cp /bin/cat /usr/local/bin/rootcat && chmod 4755 /usr/local/bin/rootcat")
+        .build(client=client)
+    )
+    with Sandbox.create(image=made, client=client) as sandbox:
+        assert sandbox.run("stat -c %a /usr/local/bin/rootcat").stdout == "4755\n"
+    store = built(server)
+    manifest = store.manifest(made.id)
+    assert manifest is not None
+    binary = store.layer(manifest.layers[-1]) / "usr/local/bin/rootcat"
+    assert binary.stat().st_mode & 0o4000 and binary.stat().st_uid == 0
+    as_nobody = subprocess.run(["test", "-e", str(binary)], user=65534, check=False)
+    assert as_nobody.returncode != 0  # the layers directory is root's alone
