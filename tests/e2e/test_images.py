@@ -399,3 +399,17 @@ def test_set_user_id_files_a_build_makes_stay_out_of_host_users_reach(
     assert binary.stat().st_mode & 0o4000 and binary.stat().st_uid == 0
     as_nobody = subprocess.run(["test", "-e", str(binary)], user=65534, check=False)
     assert as_nobody.returncode != 0  # the layers directory is root's alone
+
+
+def test_a_local_rootfs_and_the_host_base(client: corral.Client, data_dir: Path) -> None:
+    rootfs = data_dir / "images" / "debian" / "rootfs"
+    image = Image.from_rootfs(rootfs).run_commands("echo from-rootfs > /etc/marker")
+    with Sandbox.create(image=image, runtime="namespaces", client=client) as sandbox:
+        script = (
+            "cat /etc/marker; stat -c %U /var/lib/apt/lists/partial; stat -c %a /usr/bin/newgrp"
+        )
+        assert sandbox.run(script).stdout == "from-rootfs\n_apt\n4755\n"  # owners, modes kept
+    host = Image.host().run_commands("echo on-the-host-base > /etc/marker")
+    with Sandbox.create(image=host, runtime="namespaces", client=client) as sandbox:
+        result = sandbox.run("cat /etc/marker; test -w /usr || echo usr-read-only")
+        assert result.stdout == "on-the-host-base\nusr-read-only\n", result.stderr
