@@ -399,7 +399,8 @@ class Suite:
         )
 
     async def layered_start(self, runtime: str) -> None:
-        """Cold time to first command from a 10-layer image and from its base, interleaved."""
+        """create → first command → terminate (no pool) from a 10-layer image and from its base,
+        interleaved, so that both see the same machine."""
         layered = await fresh_image(10).build_async(client=self.client)
         times: dict[str, list[float]] = {"debian": [], layered.id: []}
         for _ in range(max(10, self.args.samples // 4)):
@@ -417,7 +418,7 @@ class Suite:
                 samples.append(await self.timed(first_command))
         base, ten = summary(times["debian"]), summary(times[layered.id])
         self.record(
-            "first command, 10-layer image vs base (cold)",
+            "create, first command and terminate: 10-layer image vs base",
             runtime,
             {
                 "base_p50_ms": base["p50_ms"],
