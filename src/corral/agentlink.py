@@ -298,6 +298,28 @@ class AgentLink:
             if not channel.done:
                 await channel.cancel()
 
+    async def quiesce(self, timeout: float = 5.0) -> None:
+        """Stop listening and have the agent hang up, so that the sandbox holds no host socket
+        (gVisor cannot checkpoint one). The agent re-dials until `listen` is called again;
+        streams open at this moment end, their processes do not."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(OSError):
+            self.socket_path.unlink()
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            await conn.send(P.encode(0, P.QUIESCE))
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: self._conn is not conn)
+        except (OSError, TimeoutError, CorralError):
+            conn.close(AgentUnavailable(f"sandbox {self.sandbox_id} is being suspended"))
+            raise AgentUnavailable(
+                f"the guest agent of sandbox {self.sandbox_id} did not hang up when asked"
+            ) from None
+
     async def close(self) -> None:
         """Stop listening and drop the connection; the agent keeps re-dialling in vain."""
         if self._server is not None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -38,6 +40,7 @@ from corral.errors import (
     Conflict,
     CorralError,
     InvalidRequest,
+    InvalidState,
     RuntimeUnavailable,
     SandboxEnded,
     SandboxFailed,
@@ -61,6 +64,7 @@ log = logging.getLogger("corral.engine")
 
 MiB = 1024 * 1024
 DEFAULT_WORKDIR = "/root"
+CHECKPOINT_DIR = "checkpoint"  # in a hibernated sandbox's directory: its memory and files
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
 # CPU weights (cgroup v2 units, 100 is normal) of pooled sandboxes: low while one starts, so a
@@ -207,7 +211,7 @@ class Engine:
             if keep_sandboxes
             and sb.state is not SandboxState.CREATING
             and not sb.ending
-            and not sb.exited.is_set()
+            and (sb.state is SandboxState.HIBERNATED or not sb.exited.is_set())
         ]
         await asyncio.gather(*(self._release(sb) for sb in kept), return_exceptions=True)
         await asyncio.gather(
@@ -330,6 +334,12 @@ class Engine:
             raise ValueError(f"record of {sandbox.id} names another directory: {sandbox.plan.dir}")
         sandbox.on_change = self._notify
         runtime = self.runtime(sandbox.runtime)
+        if sandbox.state is SandboxState.HIBERNATED:  # nothing runs: its checkpoint is on disk
+            self._sandboxes[sandbox.id] = sandbox
+            sandbox.exited.set()
+            if not (sandbox.plan.dir / CHECKPOINT_DIR).is_dir():
+                await self._end(sandbox, EndReason.RUNTIME_ERROR, "its checkpoint is missing")
+            return sandbox
         pid, start_time = record.get("pid"), record.get("pid_start_time")
         handed_over = _HANDED_OVER.pop(pid, None) if isinstance(pid, int) else None
         alive = (
@@ -688,6 +698,9 @@ class Engine:
                 os.close(pidfd)
         if launch.child is not None:
             sandbox.exit_status = launch.child.wait()
+        if sandbox.suspending:  # hibernating: the runtime stops by design
+            sandbox.exited.set()
+            return
         detail = await asyncio.to_thread(read_runtime_log, sandbox.plan)
         sandbox.end_detail = detail or None
         sandbox.exited.set()
@@ -810,7 +823,8 @@ class Engine:
         return sandbox.info()
 
     async def pause(self, sandbox_id: str) -> SandboxInfo:
-        """Freeze every process of a running sandbox; memory stays, CPU use stops."""
+        """Freeze every process of a running sandbox: memory stays, CPU use and the lifetime
+        stop. Any use resumes it (unless its spec says `auto_resume=False`)."""
         sandbox = self._get(sandbox_id)
         async with sandbox.lock:
             sandbox.require("pause", SandboxState.RUNNING)
@@ -819,12 +833,102 @@ class Engine:
         return sandbox.info()
 
     async def resume(self, sandbox_id: str) -> SandboxInfo:
+        """Thaw a paused sandbox (`wake` is for a hibernated one)."""
         sandbox = self._get(sandbox_id)
         async with sandbox.lock:
             sandbox.require("resume", SandboxState.PAUSED)
             await asyncio.to_thread(self.runtime(sandbox.runtime).resume, sandbox.plan)
             sandbox.move(SandboxState.RUNNING)
         return sandbox.info()
+
+    async def hibernate(self, sandbox_id: str) -> SandboxInfo:
+        """Write a sandbox's memory and files to disk and stop it; `wake` (or any use) restores
+        it exactly: processes, open files, listeners, working directories.
+
+        A hibernated sandbox holds no memory and no CPU, its lifetime stops, and it survives a
+        restart of the engine. gvisor only (its checkpoints keep memory; CRIU, which the
+        namespaces runtime would need, does not work on this class of kernel), and not for
+        internet sandboxes, which this runsc cannot checkpoint. Streams open to the sandbox
+        (exec output, file transfers) end; the processes behind them go on.
+        """
+        sandbox = self._get(sandbox_id)
+        runtime = self.runtime(sandbox.runtime)
+        if not runtime.checkpoints:
+            raise InvalidRequest(
+                f"sandbox {sandbox_id} runs under {runtime.name}, which cannot save memory: "
+                "hibernate needs a gvisor sandbox (pause works under every runtime)",
+                code="not_supported",
+            )
+        if sandbox.plan.network.policy == "internet":
+            raise InvalidRequest(
+                f"sandbox {sandbox_id} has internet access, which runsc cannot checkpoint; "
+                "pause it instead",
+                code="not_supported",
+            )
+        plan = sandbox.plan
+        failure: CorralError | None = None
+        async with sandbox.lock:
+            sandbox.require("hibernate", SandboxState.RUNNING, SandboxState.PAUSED)
+            if sandbox.ending:
+                sandbox.require("hibernate")
+            if sandbox.state is SandboxState.PAUSED:  # runsc checkpoints a running sandbox
+                await asyncio.to_thread(runtime.resume, plan)
+                sandbox.move(SandboxState.RUNNING, "resumed to hibernate")
+            sandbox.suspending = True
+            try:
+                await sandbox.link.quiesce()
+                await asyncio.to_thread(runtime.checkpoint, plan, plan.dir / CHECKPOINT_DIR)
+            except CorralError as exc:
+                sandbox.suspending = False
+                failure = exc
+                with contextlib.suppress(OSError):
+                    await sandbox.link.listen()  # the agent dials back; the sandbox goes on
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sandbox.exited.wait(), 10)
+                sandbox.launch = None
+                sandbox.move(SandboxState.HIBERNATED)
+        if failure is not None:
+            if sandbox.exited.is_set():  # runsc kills a sandbox it fails to checkpoint
+                await self._end(sandbox, EndReason.RUNTIME_ERROR, f"hibernating failed: {failure}")
+            raise failure
+        return sandbox.info()
+
+    async def wake(self, sandbox_id: str) -> SandboxInfo:
+        """Restore a hibernated sandbox where it was; returns once its agent answers."""
+        sandbox = self._get(sandbox_id)
+        runtime = self.runtime(sandbox.runtime)
+        plan = sandbox.plan
+        async with sandbox.lock:
+            sandbox.require("wake", SandboxState.HIBERNATED)
+            sandbox.exited = asyncio.Event()
+            await sandbox.link.listen()
+            try:
+                launch = await asyncio.to_thread(runtime.restore, plan, plan.dir / CHECKPOINT_DIR)
+                launch.start_time = await asyncio.to_thread(process_start_time, launch.pid)
+            except CorralError:
+                await sandbox.link.close()
+                raise
+            sandbox.launch = launch
+            sandbox.suspending = False
+            self._watch_sandbox(sandbox)
+            await self._wait_for_agent(sandbox)
+            sandbox.move(SandboxState.RUNNING)
+            # The image is stale from the first write on: never restore it twice.
+            await asyncio.to_thread(shutil.rmtree, plan.dir / CHECKPOINT_DIR, True)
+        self._wake_reaper.set()
+        return sandbox.info()
+
+    async def _use(self, sandbox_id: str, action: str) -> Sandbox:
+        """The running sandbox `sandbox_id`, resumed or woken first if it sleeps and may."""
+        sandbox = self._get(sandbox_id)
+        if sandbox.spec.auto_resume and not sandbox.ending:
+            with contextlib.suppress(InvalidState):  # someone else woke it meanwhile
+                if sandbox.state is SandboxState.PAUSED:
+                    await self.resume(sandbox_id)
+                elif sandbox.state is SandboxState.HIBERNATED:
+                    await self.wake(sandbox_id)
+        return self._running(sandbox_id, action)
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         """Make the sandbox end `seconds` from now (at most 24 h)."""
@@ -837,8 +941,16 @@ class Engine:
             raise InvalidRequest(
                 f"timeout must be 1 to {MAX_TIMEOUT:g} seconds (24 h), got {seconds!r}"
             )
-        sandbox.require("set the timeout of", SandboxState.RUNNING, SandboxState.PAUSED)
-        sandbox.expires_at = time.time() + float(seconds)
+        sandbox.require(
+            "set the timeout of",
+            SandboxState.RUNNING,
+            SandboxState.PAUSED,
+            SandboxState.HIBERNATED,
+        )
+        if sandbox.state is SandboxState.RUNNING:
+            sandbox.expires_at = time.time() + float(seconds)
+        else:  # the lifetime counts only while running
+            sandbox.remaining = float(seconds)
         sandbox.save()
         self._wake_reaper.set()
         return sandbox.info()
@@ -864,7 +976,7 @@ class Engine:
         `pty=(rows, cols)` gives it a terminal (stdout and stderr then arrive merged);
         `timeout` kills it (and its process group) after that many seconds.
         """
-        sandbox = self._running(sandbox_id, "run a command in")
+        sandbox = await self._use(sandbox_id, "run a command in")
         params: dict[str, Any] = {"stdin": bool(stdin)}
         if (argv is None) == (cmd is None):
             raise InvalidRequest("give either argv (a list of strings) or cmd (a shell string)")
@@ -991,14 +1103,14 @@ class Engine:
 
     async def processes(self, sandbox_id: str) -> list[ProcessInfo]:
         """Processes the agent started in this sandbox (running and recently ended)."""
-        sandbox = self._running(sandbox_id, "list the processes of")
+        sandbox = await self._use(sandbox_id, "list the processes of")
         return [ProcessInfo.from_guest(p) for p in await sandbox.link.call(P.PROC_LIST, {})]
 
     async def signal(
         self, sandbox_id: str, process_id: int, sig: int | str = signal.SIGTERM
     ) -> None:
         """Send a signal to a process (and its group) by its id."""
-        sandbox = self._running(sandbox_id, "signal a process in")
+        sandbox = await self._use(sandbox_id, "signal a process in")
         name = sig.name if isinstance(sig, signal.Signals) else sig
         await sandbox.link.call(P.PROC_SIGNAL, {"id": process_id, "signal": name})
 
@@ -1044,11 +1156,16 @@ class Engine:
 
     def files(self, sandbox_id: str) -> SandboxFiles:
         """The file API of a running sandbox."""
-        return SandboxFiles(self._running(sandbox_id, "use the files of").link)
+        sandbox = self._get(sandbox_id)
+        if not sandbox.spec.auto_resume:
+            self._running(sandbox_id, "use the files of")
+        return SandboxFiles(
+            sandbox.link, ready=functools.partial(self._use, sandbox_id, "use the files of")
+        )
 
     async def ping(self, sandbox_id: str) -> float:
         """Round trip to the sandbox's guest agent, in seconds."""
-        sandbox = self._running(sandbox_id, "ping")
+        sandbox = await self._use(sandbox_id, "ping")
         start = time.perf_counter()
         await sandbox.link.call(P.PING, {})
         return time.perf_counter() - start

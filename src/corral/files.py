@@ -7,7 +7,7 @@ chunks under flow control: a 1 GiB file is never held in memory on either side.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any
 
 from corral.agent import protocol as P
@@ -20,13 +20,21 @@ from corral.spec import check_sandbox_path
 class SandboxFiles:
     """The file API of one sandbox."""
 
-    def __init__(self, link: AgentLink) -> None:
-        self._link = link
+    def __init__(
+        self, link: AgentLink, ready: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        self._agent = link
+        self._ready = ready  # run before each operation (the engine wakes a sleeping sandbox)
+
+    async def _link(self) -> AgentLink:
+        if self._ready is not None:
+            await self._ready()
+        return self._agent
 
     async def read(self, path: str) -> AsyncGenerator[bytes, None]:
         """Yield the file's content in chunks as it arrives."""
         check_sandbox_path(path)
-        async for kind, payload in self._link.stream(P.FS_READ, {"path": path}):
+        async for kind, payload in (await self._link()).stream(P.FS_READ, {"path": path}):
             if kind == P.FILE:
                 yield payload
             elif kind == P.REPLY:
@@ -54,7 +62,7 @@ class SandboxFiles:
         params: dict[str, Any] = {"path": path, "append": append}
         if mode is not None:
             params["mode"] = mode
-        channel = await self._link.open(P.FS_WRITE, params)
+        channel = await (await self._link()).open(P.FS_WRITE, params)
         try:
             if isinstance(data, str):
                 data = data.encode()
@@ -77,7 +85,7 @@ class SandboxFiles:
         check_sandbox_path(path)
         if not isinstance(depth, int) or not 1 <= depth <= 64:
             raise InvalidRequest("depth must be between 1 and 64")
-        result = await self._link.call(P.FS_LIST, {"path": path, "depth": depth})
+        result = await (await self._link()).call(P.FS_LIST, {"path": path, "depth": depth})
         return [FileInfo.from_guest(entry) for entry in result["entries"]]
 
     async def stat(self, path: str) -> FileInfo:
@@ -97,7 +105,7 @@ class SandboxFiles:
         )
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._link.call(
+        await (await self._link()).call(
             P.FS_REMOVE, {"path": check_sandbox_path(path), "recursive": recursive}
         )
 
@@ -115,4 +123,4 @@ class SandboxFiles:
         return await self._info(P.FS_CHMOD, {"path": check_sandbox_path(path), "mode": mode})
 
     async def _info(self, method: str, params: dict[str, Any]) -> FileInfo:
-        return FileInfo.from_guest(await self._link.call(method, params))
+        return FileInfo.from_guest(await (await self._link()).call(method, params))

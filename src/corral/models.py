@@ -32,6 +32,7 @@ class SandboxInfo:
     end_reason: EndReason | None = None
     end_detail: str | None = None
     history: tuple[StateChange, ...] = ()
+    timeout_remaining: float | None = None  # seconds of lifetime left while paused/hibernated
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -46,6 +47,7 @@ class SandboxInfo:
             "spec": self.spec.to_dict(),
             "created_at": self.created_at,
             "expires_at": self.expires_at,
+            "timeout_remaining": self.timeout_remaining,
             "ended_at": self.ended_at,
             "end_reason": self.end_reason.value if self.end_reason else None,
             "end_detail": self.end_detail,

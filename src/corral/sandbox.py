@@ -35,7 +35,9 @@ class Sandbox:
         self.link = AgentLink(plan.socket_path, self.id)
         self.state = SandboxState.CREATING
         self.created_at = time.time()
-        self.expires_at: float | None = None
+        self.expires_at: float | None = None  # while running; see `move`
+        self.remaining: float | None = None  # lifetime left, while paused or hibernated
+        self.suspending = False  # hibernating: the runtime's exit is expected
         self.ended_at: float | None = None
         self.end_reason: EndReason | None = None
         self.end_detail: str | None = None
@@ -63,6 +65,7 @@ class Sandbox:
         sandbox.state = SandboxState(record["state"])
         sandbox.created_at = float(record["created_at"])
         sandbox.expires_at = _float_or_none(record.get("expires_at"))
+        sandbox.remaining = _float_or_none(record.get("remaining"))
         sandbox.ended_at = _float_or_none(record.get("ended_at"))
         if record.get("end_reason") is not None:
             sandbox.end_reason = EndReason(record["end_reason"])
@@ -83,14 +86,23 @@ class Sandbox:
         return self.state is not SandboxState.TERMINATED
 
     def move(self, target: SandboxState, reason: str | None = None) -> None:
-        """Change state, refusing illegal transitions; record it in the history."""
+        """Change state, refusing illegal transitions; record it in the history.
+
+        The lifetime counts only while running: leaving `running` keeps what is left of it in
+        `remaining`, coming back sets a deadline that far ahead.
+        """
         check_transition(self.id, self.state, target)
-        self.state = target
         now = time.time()
+        if self.state is SandboxState.RUNNING and self.expires_at is not None:
+            if target in (SandboxState.PAUSED, SandboxState.HIBERNATED):
+                self.remaining, self.expires_at = max(0.0, self.expires_at - now), None
+        elif target is SandboxState.RUNNING and self.remaining is not None:
+            self.expires_at, self.remaining = now + self.remaining, None
+        self.state = target
         self.history.append(StateChange(target, now, reason))
         if target is SandboxState.TERMINATED:
             self.ended_at = now
-            self.expires_at = None
+            self.expires_at = self.remaining = None
         self.save()
         if self.on_change is not None:
             self.on_change(self)
@@ -111,6 +123,7 @@ class Sandbox:
             spec=self.spec,
             created_at=self.created_at,
             expires_at=self.expires_at,
+            timeout_remaining=self.remaining,
             ended_at=self.ended_at,
             end_reason=self.end_reason,
             end_detail=self.end_detail,
@@ -126,6 +139,7 @@ class Sandbox:
             "state": self.state.value,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
+            "remaining": self.remaining,
             "ended_at": self.ended_at,
             "end_reason": self.end_reason.value if self.end_reason else None,
             "end_detail": self.end_detail,

@@ -99,6 +99,7 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None  # None: the image's working directory, else /root
     metadata: Mapping[str, str] = field(default_factory=dict)
+    auto_resume: bool = True  # any use of a paused or hibernated sandbox resumes it first
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image:
@@ -123,6 +124,8 @@ class SandboxSpec:
             raise InvalidRequest(f"network={self.network!r} is unknown; use 'none' or 'internet'")
         if self.workdir is not None:
             check_sandbox_path(self.workdir, "workdir")
+        if not isinstance(self.auto_resume, bool):
+            raise InvalidRequest("auto_resume must be true or false")
         object.__setattr__(self, "env", MappingProxyType(check_env(self.env)))
         if not isinstance(self.metadata, Mapping) or len(self.metadata) > _MAX_METADATA:
             raise InvalidRequest(f"metadata must be a mapping of at most {_MAX_METADATA} entries")
@@ -149,6 +152,7 @@ class SandboxSpec:
             "env": dict(self.env),
             "workdir": self.workdir,
             "metadata": dict(self.metadata),
+            "auto_resume": self.auto_resume,
         }
 
     @classmethod

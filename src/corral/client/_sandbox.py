@@ -50,6 +50,7 @@ def parse_info(data: dict[str, Any]) -> SandboxInfo:
         spec=SandboxSpec.from_dict(data["spec"]),
         created_at=data["created_at"],
         expires_at=data.get("expires_at"),
+        timeout_remaining=data.get("timeout_remaining"),
         ended_at=data.get("ended_at"),
         end_reason=EndReason(data["end_reason"]) if data.get("end_reason") else None,
         end_detail=data.get("end_detail"),
@@ -104,6 +105,7 @@ class AsyncSandbox:
         workdir: str | None = None,
         network: str = "none",
         pool: bool = True,
+        auto_resume: bool = True,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox and return once it can run commands.
@@ -128,6 +130,7 @@ class AsyncSandbox:
             "network": network,
             "env": dict(env or {}),
             "metadata": dict(metadata or {}),
+            "auto_resume": auto_resume,
         }
         if image is not None:
             body["image"] = image
@@ -137,9 +140,21 @@ class AsyncSandbox:
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, client: AsyncClient | None = None) -> AsyncSandbox:
-        """An existing sandbox by id (`SandboxNotFound` if your key has none such)."""
+        """An existing sandbox by id (`SandboxNotFound` if your key has none such).
+
+        A paused or hibernated sandbox is resumed first, unless it was created with
+        `auto_resume=False`.
+        """
         client = client or default_client()
-        return cls(client, parse_info(await client.request("GET", f"/v1/sandboxes/{sandbox_id}")))
+        sandbox = cls(
+            client, parse_info(await client.request("GET", f"/v1/sandboxes/{sandbox_id}"))
+        )
+        if sandbox._info.spec.auto_resume:
+            if sandbox._info.state is SandboxState.PAUSED:
+                await sandbox.resume()
+            elif sandbox._info.state is SandboxState.HIBERNATED:
+                await sandbox.wake()
+        return sandbox
 
     @classmethod
     async def list(
@@ -177,11 +192,24 @@ class AsyncSandbox:
         return self._info
 
     async def pause(self) -> SandboxInfo:
+        """Freeze every process: memory stays, CPU use and the lifetime stop (~1 ms)."""
         self._info = parse_info(await self.client.request("POST", self._path("/pause")))
         return self._info
 
     async def resume(self) -> SandboxInfo:
+        """Thaw a paused sandbox (any use does it too, with `auto_resume`)."""
         self._info = parse_info(await self.client.request("POST", self._path("/resume")))
+        return self._info
+
+    async def hibernate(self) -> SandboxInfo:
+        """Write memory and files to disk and stop (gvisor): no memory or CPU used until
+        `wake` or any use; survives a server restart. Open streams to it end."""
+        self._info = parse_info(await self.client.request("POST", self._path("/hibernate")))
+        return self._info
+
+    async def wake(self) -> SandboxInfo:
+        """Restore a hibernated sandbox exactly: processes, memory, open files, listeners."""
+        self._info = parse_info(await self.client.request("POST", self._path("/wake")))
         return self._info
 
     async def run(

@@ -187,6 +187,7 @@ class Sandbox:
         workdir: str | None = None,
         network: str = "none",
         pool: bool = True,
+        auto_resume: bool = True,
         client: Client | None = None,
     ) -> Sandbox:
         """Create a sandbox and return once it can run commands."""
@@ -204,6 +205,7 @@ class Sandbox:
                 workdir=workdir,
                 network=network,
                 pool=pool,
+                auto_resume=auto_resume,
                 client=sync._async,
             )
         )
@@ -239,6 +241,12 @@ class Sandbox:
 
     def resume(self) -> SandboxInfo:
         return self.client.call(self._async.resume())
+
+    def hibernate(self) -> SandboxInfo:
+        return self.client.call(self._async.hibernate())
+
+    def wake(self) -> SandboxInfo:
+        return self.client.call(self._async.wake())
 
     def run(
         self,

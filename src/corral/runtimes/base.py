@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from corral import mounts, network
 from corral.cgroups import Cgroup, CgroupLimits
-from corral.errors import SandboxFailed
+from corral.errors import InvalidRequest, SandboxFailed
 from corral.plan import SandboxPlan
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -129,16 +129,22 @@ class Runtime(ABC):
         return cgroup_for(plan).oom_kills()
 
     # Hooks for memory snapshots; runtimes that can checkpoint override them.
-    def checkpoint(self, plan: SandboxPlan, image_dir: Path) -> None:
+    checkpoints = False  # whether checkpoint/restore keep a sandbox's memory
+
+    def checkpoint(
+        self, plan: SandboxPlan, image_dir: Path, *, leave_running: bool = False
+    ) -> None:
         """Save the running sandbox (memory and files) into `image_dir`."""
-        raise SandboxFailed(
-            f"the {self.name} runtime cannot checkpoint sandboxes", code="not_supported"
+        raise InvalidRequest(
+            f"the {self.name} runtime cannot save a sandbox's memory; use gvisor",
+            code="not_supported",
         )
 
     def restore(self, plan: SandboxPlan, image_dir: Path) -> Launch:
         """Start a sandbox from a checkpoint in `image_dir`."""
-        raise SandboxFailed(
-            f"the {self.name} runtime cannot restore sandboxes", code="not_supported"
+        raise InvalidRequest(
+            f"the {self.name} runtime cannot restore a sandbox's memory; use gvisor",
+            code="not_supported",
         )
 
 

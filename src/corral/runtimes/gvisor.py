@@ -49,6 +49,7 @@ class GVisorRuntime(Runtime):
     """Sandboxes as runsc containers, one sandbox per runsc sandbox."""
 
     name = "gvisor"
+    checkpoints = True
 
     def __init__(self, data_dir: Path, runsc: str = "runsc") -> None:
         super().__init__(data_dir)
@@ -246,11 +247,38 @@ class GVisorRuntime(Runtime):
         }
 
     def start(self, plan: SandboxPlan) -> Launch:
+        launch = self._launch(plan, "create")
+        self._runsc(plan, "start", plan.sandbox_id)
+        return launch
+
+    def checkpoint(
+        self, plan: SandboxPlan, image_dir: Path, *, leave_running: bool = False
+    ) -> None:
+        """Save the sandbox's memory and filesystem into `image_dir`; unless `leave_running`,
+        the sandbox stops and its runsc state is deleted (its directory, disk and mounts stay,
+        for `restore`). The agent must have hung up first (see `AgentLink.quiesce`)."""
+        image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        extra = ["--leave-running"] if leave_running else []
+        self._runsc(plan, "checkpoint", f"--image-path={image_dir}", *extra, plan.sandbox_id)
+        if not leave_running:
+            cgroup = cgroup_for(plan)
+            if cgroup.exists():
+                cgroup.kill_all()
+            self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
+
+    def restore(self, plan: SandboxPlan, image_dir: Path) -> Launch:
+        """Start the sandbox again from the checkpoint in `image_dir`, exactly where it was."""
+        return self._launch(plan, "restore", f"--image-path={image_dir}", "--detach")
+
+    def _launch(self, plan: SandboxPlan, command: str, *extra: str) -> Launch:
+        """`runsc create` or `runsc restore`, detached from the engine; the Sentry's pid."""
         pid_file = plan.dir / "sentry.pid"
+        pid_file.unlink(missing_ok=True)
         argv = [
             self.runsc,
             *self.flags(plan),
-            "create",
+            command,
+            *extra,
             "--bundle",
             str(plan.dir / "bundle"),
             "--pid-file",
@@ -263,7 +291,7 @@ class GVisorRuntime(Runtime):
         # stdio at /dev/null at once, so only runsc's own messages reach the log.
         log_fd = open_runtime_log(plan)
         try:
-            creating = subprocess.Popen(
+            launching = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -274,15 +302,14 @@ class GVisorRuntime(Runtime):
         finally:
             os.close(log_fd)
         try:
-            returncode = creating.wait(timeout=COMMAND_TIMEOUT)
+            returncode = launching.wait(timeout=COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
-            creating.kill()
-            creating.wait()
-            raise SandboxFailed("runsc create timed out", code="runtime_failed") from exc
+            launching.kill()
+            launching.wait()
+            raise SandboxFailed(f"runsc {command} timed out", code="runtime_failed") from exc
         if returncode != 0:
             detail = read_runtime_log(plan, 2000)
-            raise SandboxFailed(f"runsc create failed: {detail}", code="runtime_failed")
-        self._runsc(plan, "start", plan.sandbox_id)
+            raise SandboxFailed(f"runsc {command} failed: {detail}", code="runtime_failed")
         return Launch(int(pid_file.read_text()))
 
     def pause(self, plan: SandboxPlan) -> None:

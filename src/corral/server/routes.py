@@ -84,15 +84,30 @@ async def set_timeout(
 
 @router.post("/sandboxes/{sandbox_id}/pause", tags=["sandboxes"])
 async def pause(sandbox_id: str, key: Key, service: ServiceDep) -> SandboxOut:
-    """Freeze every process (memory kept, no CPU used); the lifetime keeps running."""
+    """Freeze every process (memory kept, no CPU used); the lifetime stops too."""
     await service.owned(key, sandbox_id)
     return SandboxOut.of(await service.engine.pause(sandbox_id))
 
 
 @router.post("/sandboxes/{sandbox_id}/resume", tags=["sandboxes"])
 async def resume(sandbox_id: str, key: Key, service: ServiceDep) -> SandboxOut:
+    """Thaw a paused sandbox."""
     await service.owned(key, sandbox_id)
     return SandboxOut.of(await service.engine.resume(sandbox_id))
+
+
+@router.post("/sandboxes/{sandbox_id}/hibernate", tags=["sandboxes"])
+async def hibernate(sandbox_id: str, key: Key, service: ServiceDep) -> SandboxOut:
+    """Write memory and files to disk and stop (gvisor): no memory, no CPU, no lifetime used."""
+    await service.owned(key, sandbox_id)
+    return SandboxOut.of(await service.engine.hibernate(sandbox_id))
+
+
+@router.post("/sandboxes/{sandbox_id}/wake", tags=["sandboxes"])
+async def wake(sandbox_id: str, key: Key, service: ServiceDep) -> SandboxOut:
+    """Restore a hibernated sandbox exactly where it was."""
+    await service.owned(key, sandbox_id)
+    return SandboxOut.of(await service.engine.wake(sandbox_id))
 
 
 @router.post("/sandboxes/{sandbox_id}/exec", tags=["processes"])

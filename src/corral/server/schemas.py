@@ -34,6 +34,7 @@ class SpecBody(Request):
     network: Literal["none", "internet"] = "none"
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = Field(None, description="default: the image's, else /root")
+    auto_resume: bool = Field(True, description="any use of a paused or hibernated one resumes it")
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
@@ -146,7 +147,8 @@ class SandboxOut(BaseModel):
     runtime: str
     image: str
     created_at: float
-    expires_at: float | None
+    expires_at: float | None = Field(description="while running; the lifetime counts only then")
+    timeout_remaining: float | None = Field(None, description="lifetime left, while not running")
     ended_at: float | None
     end_reason: str | None
     end_detail: str | None
@@ -164,6 +166,7 @@ class SandboxOut(BaseModel):
             image=info.spec.image,
             created_at=info.created_at,
             expires_at=info.expires_at,
+            timeout_remaining=info.timeout_remaining,
             ended_at=info.ended_at,
             end_reason=info.end_reason.value if info.end_reason else None,
             end_detail=info.end_detail,

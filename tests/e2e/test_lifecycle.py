@@ -1,0 +1,163 @@
+"""Pause, hibernate and wake through the SDK: state kept exactly, lifetimes that stop, restarts."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import corral
+from corral import Sandbox, SandboxState
+from tests.conftest import require_runtime
+from tests.e2e.conftest import SERVER_DIR, Server, start_server
+
+# A process whose state lives in its memory (n), in an open file descriptor (never reopened)
+# and in a listening socket: after a wake it must go on from where it was.
+COUNTER = """
+import socket, threading, time
+out = open('/root/count', 'w')
+server = socket.socket()
+server.bind(('127.0.0.1', 7000))
+server.listen()
+def answer():
+    while True:
+        conn, _ = server.accept()
+        conn.sendall(b'still listening')
+        conn.close()
+threading.Thread(target=answer, daemon=True).start()
+n = 0
+while True:
+    n += 1
+    out.seek(0)
+    out.write('%09d' % n)
+    out.flush()
+    time.sleep(0.05)
+"""
+ASK = (
+    "python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', 7000)); "
+    'print(s.recv(100).decode())"'
+)
+
+
+def count(sandbox: Sandbox) -> int:
+    return int(sandbox.files.read_text("/root/count"))
+
+
+def runsc_processes(sandbox_id: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"runsc") and sandbox_id.encode() in cmdline:
+                found.append(proc.name)
+    return found
+
+
+@pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
+def test_pause_stops_the_clock_and_any_use_resumes(client: corral.Client, runtime: str) -> None:
+    require_runtime(runtime)
+    with Sandbox.create(runtime=runtime, timeout=120, client=client) as sandbox:
+        sandbox.exec("python3", "-c", COUNTER)
+        time.sleep(0.5)
+        paused = sandbox.pause()
+        assert paused.state is SandboxState.PAUSED and paused.expires_at is None
+        left = paused.timeout_remaining
+        assert left is not None and 100 < left <= 120
+        frozen = count(sandbox)  # reading a file resumes it (auto_resume)
+        assert sandbox.info().state is SandboxState.RUNNING
+        time.sleep(0.3)
+        assert count(sandbox) > frozen
+        info = sandbox.info()
+        assert info.expires_at is not None and info.expires_at - time.time() > left - 5
+        stopped = sandbox.pause().timeout_remaining
+        time.sleep(1.5)
+        assert sandbox.info().timeout_remaining == stopped  # the clock does not run
+        assert sandbox.run("echo awake").stdout == "awake\n"  # exec resumes too
+    with Sandbox.create(runtime=runtime, auto_resume=False, client=client) as manual:
+        manual.pause()
+        with pytest.raises(corral.InvalidState):
+            manual.run("true")
+        with pytest.raises(corral.InvalidState):
+            manual.files.read_text("/etc/hostname")
+        manual.resume()
+        assert manual.run("echo ok").stdout == "ok\n"
+
+
+def test_hibernate_keeps_memory_files_descriptors_and_listeners(client: corral.Client) -> None:
+    require_runtime("gvisor")
+    with Sandbox.create(
+        runtime="gvisor", timeout=300, env={"STAGE": "before"}, workdir="/tmp", client=client
+    ) as sandbox:
+        sandbox.exec("python3", "-c", COUNTER)
+        time.sleep(0.5)
+        sandbox.files.write("/root/notes.txt", "written before")
+        before = count(sandbox)
+        slept = sandbox.hibernate()
+        assert slept.state is SandboxState.HIBERNATED and slept.expires_at is None
+        assert runsc_processes(sandbox.id) == []  # nothing runs: no memory, no CPU
+        assert [h.state for h in slept.history][-1] is SandboxState.HIBERNATED
+        time.sleep(1)
+        woken = sandbox.wake()
+        assert woken.state is SandboxState.RUNNING
+        after = count(sandbox)
+        assert before <= after < before + 20, (before, after)  # went on, did not restart
+        time.sleep(0.3)
+        assert count(sandbox) > after
+        assert sandbox.run(ASK).stdout == "still listening\n"
+        assert sandbox.run("pwd; echo $STAGE").stdout == "/tmp\nbefore\n"
+        assert sandbox.files.read_text("/root/notes.txt") == "written before"
+        # Any use of a hibernated sandbox wakes it.
+        sandbox.hibernate()
+        assert sandbox.run(ASK).stdout == "still listening\n"
+        assert sandbox.info().state is SandboxState.RUNNING
+
+
+def test_hibernate_is_refused_clearly_where_it_cannot_work(client: corral.Client) -> None:
+    with Sandbox.create(runtime="namespaces", client=client) as sandbox:
+        with pytest.raises(corral.InvalidRequest) as refused:
+            sandbox.hibernate()
+        assert refused.value.code == "not_supported" and "gvisor" in refused.value.message
+        with pytest.raises(corral.InvalidState):
+            sandbox.wake()
+        assert sandbox.run("echo fine").stdout == "fine\n"
+    require_runtime("gvisor")
+    with Sandbox.create(runtime="gvisor", network="internet", client=client) as online:
+        with pytest.raises(corral.InvalidRequest) as refused:
+            online.hibernate()
+        assert refused.value.code == "not_supported"
+        assert online.run("echo fine").stdout == "fine\n"
+
+
+@pytest.fixture
+def own_server(data_dir: Path) -> Iterator[Server]:
+    require_runtime("gvisor")
+    running = start_server(SERVER_DIR.with_name(SERVER_DIR.name + "-sleep"), data_dir / "images")
+    yield running
+    running.stop_and_clean()
+
+
+def test_a_hibernated_sandbox_wakes_after_a_server_sigkill(own_server: Server) -> None:
+    with own_server.client() as sdk:
+        sandbox = Sandbox.create(runtime="gvisor", timeout=300, client=sdk)
+        sandbox.exec("python3", "-c", COUNTER)
+        time.sleep(0.5)
+        before = count(sandbox)
+        left = sandbox.hibernate().timeout_remaining
+    own_server.stop(signal.SIGKILL)
+    time.sleep(1)
+    own_server.start()
+    with own_server.client() as sdk:
+        info = Sandbox.connect(sandbox.id, client=sdk).info()  # connect wakes it
+        assert info.state is SandboxState.RUNNING
+        assert info.expires_at is not None and left is not None
+        assert info.expires_at - time.time() == pytest.approx(left, abs=15)
+        again = Sandbox.connect(sandbox.id, client=sdk)
+        assert count(again) >= before
+        assert again.run(ASK).stdout == "still listening\n"
+        again.terminate()
