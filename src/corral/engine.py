@@ -26,7 +26,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -453,6 +453,14 @@ class Engine:
         spec = spec or SandboxSpec()
         runtime = self.check_runtime(spec.runtime or self.default_runtime)
         spec = spec.with_runtime(runtime.name)
+        if "hibernate" in (spec.on_idle, spec.on_timeout) and (
+            not runtime.checkpoints or spec.network == "internet"
+        ):
+            raise InvalidRequest(
+                "on_idle/on_timeout='hibernate' needs a gvisor sandbox without internet access "
+                f"(this one: {runtime.name}, network {spec.network}); use 'pause' or 'terminate'",
+                code="not_supported",
+            )
         if pool:
             claimed = self.pools.claim(spec)
             if claimed is not None:
@@ -747,23 +755,77 @@ class Engine:
             del self._sandboxes[sandbox.id]
 
     async def _reap_expired(self) -> None:
-        """End sandboxes whose lifetime is over; wakes at the next deadline or every second."""
+        """Apply lifetimes and idle timeouts; wakes at the next deadline or every second."""
         while True:
             now = time.time()
             next_deadline = now + 1.0
             for sandbox in list(self._sandboxes.values()):
-                if not sandbox.alive or sandbox.expires_at is None or sandbox.ending:
+                if not sandbox.alive or sandbox.ending or sandbox.settling:
                     continue
-                if sandbox.expires_at <= now:
-                    self._spawn(self._end(sandbox, EndReason.TIMEOUT, "lifetime timeout reached"))
-                else:
+                if sandbox.expires_at is not None and sandbox.expires_at <= now:
+                    sandbox.settling = True
+                    self._spawn(self._lifetime_over(sandbox))
+                    continue
+                if sandbox.expires_at is not None:
                     next_deadline = min(next_deadline, sandbox.expires_at)
+                idle_at = sandbox.idle_deadline()
+                if idle_at is not None:
+                    if idle_at <= now:
+                        sandbox.settling = True
+                        self._spawn(self._idle(sandbox))
+                    else:
+                        next_deadline = min(next_deadline, idle_at)
             self._wake_reaper.clear()
             # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives
             # just as the event is set, and `close` would wait for the reaper forever.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_deadline - time.time())):
                     await self._wake_reaper.wait()
+
+    async def _lifetime_over(self, sandbox: Sandbox) -> None:
+        """The lifetime ran out: end the sandbox, or hibernate it (`on_timeout`) with a fresh
+        lifetime for when it wakes."""
+        try:
+            if sandbox.spec.on_timeout == "hibernate":
+                try:
+                    await self.hibernate(sandbox.id, reason="timeout")
+                    sandbox.remaining = sandbox.spec.timeout
+                    sandbox.save()
+                    return
+                except CorralError as exc:
+                    log.warning("hibernating %s at its timeout failed: %s", sandbox.id, exc)
+            await self._end(sandbox, EndReason.TIMEOUT, "lifetime timeout reached")
+        finally:
+            sandbox.settling = False
+
+    async def _idle(self, sandbox: Sandbox) -> None:
+        """Nothing used the sandbox for its idle_timeout: pause, hibernate or end it."""
+        action = sandbox.spec.on_idle
+        reason = f"idle for {sandbox.spec.idle_timeout:g} s"
+        try:
+            if action == "terminate":
+                await self._end(sandbox, EndReason.IDLE, reason)
+            elif action == "hibernate":
+                await self.hibernate(sandbox.id, reason="idle")
+            else:
+                await self.pause(sandbox.id, reason="idle")
+        except CorralError as exc:  # it changed state meanwhile, or the runtime refused
+            log.warning("idle %s of %s failed: %s", action, sandbox.id, exc)
+            sandbox.touch()  # not again at once
+        finally:
+            sandbox.settling = False
+
+    @contextlib.contextmanager
+    def active(self, sandbox_id: str) -> Iterator[None]:
+        """Count the sandbox as in use for as long as the block runs (an attached stream)."""
+        sandbox = self._get(sandbox_id)
+        sandbox.holds += 1
+        sandbox.touch()
+        try:
+            yield
+        finally:
+            sandbox.holds -= 1
+            sandbox.touch()
 
     def _require_started(self) -> None:
         if not self._started:
@@ -784,6 +846,7 @@ class Engine:
         if sandbox.ending:
             sandbox.require(action)  # it is on its way out: no state allows the action
         self._last_use = time.monotonic()
+        sandbox.touch()
         return sandbox
 
     async def _quiet(self) -> None:
@@ -822,14 +885,14 @@ class Engine:
         await self._end(sandbox, EndReason.USER, "terminated by request")
         return sandbox.info()
 
-    async def pause(self, sandbox_id: str) -> SandboxInfo:
+    async def pause(self, sandbox_id: str, *, reason: str | None = None) -> SandboxInfo:
         """Freeze every process of a running sandbox: memory stays, CPU use and the lifetime
         stop. Any use resumes it (unless its spec says `auto_resume=False`)."""
         sandbox = self._get(sandbox_id)
         async with sandbox.lock:
             sandbox.require("pause", SandboxState.RUNNING)
             await asyncio.to_thread(self.runtime(sandbox.runtime).pause, sandbox.plan)
-            sandbox.move(SandboxState.PAUSED)
+            sandbox.move(SandboxState.PAUSED, reason)
         return sandbox.info()
 
     async def resume(self, sandbox_id: str) -> SandboxInfo:
@@ -841,7 +904,7 @@ class Engine:
             sandbox.move(SandboxState.RUNNING)
         return sandbox.info()
 
-    async def hibernate(self, sandbox_id: str) -> SandboxInfo:
+    async def hibernate(self, sandbox_id: str, *, reason: str | None = None) -> SandboxInfo:
         """Write a sandbox's memory and files to disk and stop it; `wake` (or any use) restores
         it exactly: processes, open files, listeners, working directories.
 
@@ -887,7 +950,7 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(sandbox.exited.wait(), 10)
                 sandbox.launch = None
-                sandbox.move(SandboxState.HIBERNATED)
+                sandbox.move(SandboxState.HIBERNATED, reason)
         if failure is not None:
             if sandbox.exited.is_set():  # runsc kills a sandbox it fails to checkpoint
                 await self._end(sandbox, EndReason.RUNTIME_ERROR, f"hibernating failed: {failure}")

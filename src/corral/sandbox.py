@@ -38,6 +38,9 @@ class Sandbox:
         self.expires_at: float | None = None  # while running; see `move`
         self.remaining: float | None = None  # lifetime left, while paused or hibernated
         self.suspending = False  # hibernating: the runtime's exit is expected
+        self.settling = False  # the reaper is applying its lifetime or idle action
+        self.last_active = time.monotonic()  # last use through the engine (see `touch`)
+        self.holds = 0  # streams attached now (`Engine.active`): never idle meanwhile
         self.ended_at: float | None = None
         self.end_reason: EndReason | None = None
         self.end_detail: str | None = None
@@ -106,6 +109,23 @@ class Sandbox:
         self.save()
         if self.on_change is not None:
             self.on_change(self)
+
+    def touch(self) -> None:
+        """Record a use: the idle timeout starts again."""
+        self.last_active = time.monotonic()
+
+    def idle_deadline(self) -> float | None:
+        """When (wall-clock) the sandbox becomes idle, if it can: running, an idle_timeout,
+        not keep_alive, no stream attached."""
+        spec = self.spec
+        if (
+            self.state is not SandboxState.RUNNING
+            or spec.idle_timeout is None
+            or spec.keep_alive
+            or self.holds
+        ):
+            return None
+        return time.time() + spec.idle_timeout - (time.monotonic() - self.last_active)
 
     def require(self, action: str, *allowed: SandboxState) -> None:
         require_state(self.id, action, self.state, *allowed)

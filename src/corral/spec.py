@@ -17,6 +17,10 @@ from corral.errors import InvalidPath, InvalidRequest
 
 NetworkPolicy = Literal["none", "internet"]
 NETWORK_POLICIES: tuple[NetworkPolicy, ...] = ("none", "internet")
+IdleAction = Literal["pause", "hibernate", "terminate"]
+IDLE_ACTIONS: tuple[IdleAction, ...] = ("pause", "hibernate", "terminate")
+TimeoutAction = Literal["terminate", "hibernate"]
+TIMEOUT_ACTIONS: tuple[TimeoutAction, ...] = ("terminate", "hibernate")
 
 DEFAULT_TIMEOUT = 300.0
 MAX_TIMEOUT = 24 * 3600.0
@@ -100,6 +104,10 @@ class SandboxSpec:
     workdir: str | None = None  # None: the image's working directory, else /root
     metadata: Mapping[str, str] = field(default_factory=dict)
     auto_resume: bool = True  # any use of a paused or hibernated sandbox resumes it first
+    idle_timeout: float | None = None  # seconds without use before `on_idle` (docs/lifecycle.md)
+    on_idle: IdleAction = "pause"
+    keep_alive: bool = False  # never idle, whatever idle_timeout says
+    on_timeout: TimeoutAction = "terminate"  # when the lifetime runs out
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image:
@@ -124,8 +132,19 @@ class SandboxSpec:
             raise InvalidRequest(f"network={self.network!r} is unknown; use 'none' or 'internet'")
         if self.workdir is not None:
             check_sandbox_path(self.workdir, "workdir")
-        if not isinstance(self.auto_resume, bool):
-            raise InvalidRequest("auto_resume must be true or false")
+        for name in ("auto_resume", "keep_alive"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false")
+        if self.idle_timeout is not None:
+            _check_range("idle_timeout", self.idle_timeout, (1.0, MAX_TIMEOUT), "seconds")
+        if self.on_idle not in IDLE_ACTIONS:
+            raise InvalidRequest(
+                f"on_idle={self.on_idle!r} is unknown; use {', '.join(IDLE_ACTIONS)}"
+            )
+        if self.on_timeout not in TIMEOUT_ACTIONS:
+            raise InvalidRequest(
+                f"on_timeout={self.on_timeout!r} is unknown; use {', '.join(TIMEOUT_ACTIONS)}"
+            )
         object.__setattr__(self, "env", MappingProxyType(check_env(self.env)))
         if not isinstance(self.metadata, Mapping) or len(self.metadata) > _MAX_METADATA:
             raise InvalidRequest(f"metadata must be a mapping of at most {_MAX_METADATA} entries")
@@ -153,6 +172,10 @@ class SandboxSpec:
             "workdir": self.workdir,
             "metadata": dict(self.metadata),
             "auto_resume": self.auto_resume,
+            "idle_timeout": self.idle_timeout,
+            "on_idle": self.on_idle,
+            "keep_alive": self.keep_alive,
+            "on_timeout": self.on_timeout,
         }
 
     @classmethod

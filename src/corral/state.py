@@ -1,7 +1,7 @@
 """The sandbox state machine: the only place that decides which transitions are legal.
 
 creating ──> running ⇄ paused
-             running ──> hibernated ──> running     (reserved for memory snapshots)
+             running ⇄ hibernated                   (memory and files on disk; gvisor)
 any state ──> terminated                            (with an EndReason)
 """
 
@@ -31,6 +31,7 @@ class EndReason(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     ENGINE_SHUTDOWN = "engine_shutdown"
     RUNTIME_ERROR = "runtime_error"  # the runtime failed to start it or it died unexpectedly
+    IDLE = "idle"  # unused for its idle_timeout, with on_idle="terminate"
 
 
 _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {

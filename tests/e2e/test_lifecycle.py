@@ -161,3 +161,64 @@ def test_a_hibernated_sandbox_wakes_after_a_server_sigkill(own_server: Server) -
         assert count(again) >= before
         assert again.run(ASK).stdout == "still listening\n"
         again.terminate()
+
+
+def wait_for_state(sandbox: Sandbox, state: SandboxState, within: float = 30) -> corral.SandboxInfo:
+    deadline = time.monotonic() + within
+    while True:
+        info = sandbox.info()
+        if info.state is state:
+            return info
+        assert time.monotonic() < deadline, f"still {info.state}, expected {state}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
+def test_idle_sandboxes_pause_or_end_and_streams_count_as_use(
+    client: corral.Client, runtime: str
+) -> None:
+    require_runtime(runtime)
+    with Sandbox.create(runtime=runtime, idle_timeout=2, client=client) as sandbox:
+        # A client attached to a command's output is use, however long it lasts.
+        assert sandbox.run("sleep 3; echo done").stdout == "done\n"
+        assert sandbox.info().state is SandboxState.RUNNING
+        paused = wait_for_state(sandbox, SandboxState.PAUSED)
+        assert paused.history[-1].reason == "idle"
+        assert sandbox.run("echo back").stdout == "back\n"  # any use resumes it
+    with Sandbox.create(runtime=runtime, idle_timeout=1, keep_alive=True, client=client) as kept:
+        time.sleep(2.5)
+        assert kept.info().state is SandboxState.RUNNING
+    ends = Sandbox.create(runtime=runtime, idle_timeout=1, on_idle="terminate", client=client)
+    ended = wait_for_state(ends, SandboxState.TERMINATED)
+    assert ended.end_reason is corral.EndReason.IDLE and "idle" in (ended.end_detail or "")
+
+
+def test_idle_and_timeout_can_hibernate(client: corral.Client) -> None:
+    require_runtime("gvisor")
+    with Sandbox.create(
+        runtime="gvisor", idle_timeout=1, on_idle="hibernate", client=client
+    ) as sandbox:
+        sandbox.files.write("/root/kept", "yes")
+        slept = wait_for_state(sandbox, SandboxState.HIBERNATED)
+        assert slept.history[-1].reason == "idle"
+        assert sandbox.files.read_text("/root/kept") == "yes"  # use wakes it
+    with Sandbox.create(runtime="gvisor", timeout=2, on_timeout="hibernate", client=client) as due:
+        due.files.write("/root/kept", "still")
+        slept = wait_for_state(due, SandboxState.HIBERNATED)
+        assert slept.history[-1].reason == "timeout"
+        assert slept.timeout_remaining == 2  # a fresh lifetime for when it wakes
+        assert due.files.read_text("/root/kept") == "still"
+        assert due.info().state is SandboxState.RUNNING
+
+
+def test_lifecycle_options_are_checked(client: corral.Client) -> None:
+    bad = [
+        {"idle_timeout": 0},
+        {"on_idle": "sleep"},
+        {"on_timeout": "pause"},
+        {"keep_alive": "yes"},
+        {"runtime": "namespaces", "on_idle": "hibernate", "idle_timeout": 5},
+    ]
+    for options in bad:
+        with pytest.raises(corral.InvalidRequest):
+            Sandbox.create(client=client, **options)  # type: ignore[arg-type]

@@ -106,12 +106,20 @@ class AsyncSandbox:
         network: str = "none",
         pool: bool = True,
         auto_resume: bool = True,
+        idle_timeout: float | None = None,
+        on_idle: str = "pause",
+        keep_alive: bool = False,
+        on_timeout: str = "terminate",
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox and return once it can run commands.
 
         `image` is a built-in image ("debian", the default, or "host"), the id or name of an
         image you built, or an `Image` recipe, built first (at once if cached).
+        `timeout` is the lifetime, counted only while running; `idle_timeout` seconds without
+        use (a command, a file operation, an attached stream) trigger `on_idle` ("pause",
+        "hibernate", "terminate") unless `keep_alive`; `on_timeout` may "hibernate" instead of
+        ending it. See docs/lifecycle.md.
         A warm pool on the server whose template matches hands over a started sandbox, which
         is much faster; `pool=False` insists on a fresh start.
         """
@@ -131,6 +139,10 @@ class AsyncSandbox:
             "env": dict(env or {}),
             "metadata": dict(metadata or {}),
             "auto_resume": auto_resume,
+            "idle_timeout": idle_timeout,
+            "on_idle": on_idle,
+            "keep_alive": keep_alive,
+            "on_timeout": on_timeout,
         }
         if image is not None:
             body["image"] = image

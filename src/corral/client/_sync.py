@@ -188,6 +188,10 @@ class Sandbox:
         network: str = "none",
         pool: bool = True,
         auto_resume: bool = True,
+        idle_timeout: float | None = None,
+        on_idle: str = "pause",
+        keep_alive: bool = False,
+        on_timeout: str = "terminate",
         client: Client | None = None,
     ) -> Sandbox:
         """Create a sandbox and return once it can run commands."""
@@ -206,6 +210,10 @@ class Sandbox:
                 network=network,
                 pool=pool,
                 auto_resume=auto_resume,
+                idle_timeout=idle_timeout,
+                on_idle=on_idle,
+                keep_alive=keep_alive,
+                on_timeout=on_timeout,
                 client=sync._async,
             )
         )

@@ -38,10 +38,11 @@ async def download(sandbox_id: str, path: str, key: Key, service: ServiceDep) ->
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            if first:
-                yield first
-            async for chunk in chunks:
-                yield chunk
+            with service.engine.active(sandbox_id):  # a transfer under way is use
+                if first:
+                    yield first
+                async for chunk in chunks:
+                    yield chunk
         finally:
             await chunks.aclose()  # a client that goes away cancels the read in the sandbox
 
@@ -64,7 +65,8 @@ async def upload(
     A whole-file write is atomic: an interrupted upload leaves the previous content.
     """
     files = await files_of(service, key, sandbox_id)
-    written = await files.write(path, request.stream(), mode=mode, append=append)
+    with service.engine.active(sandbox_id):  # a transfer under way is use
+        written = await files.write(path, request.stream(), mode=mode, append=append)
     return Written(path=path, bytes=written)
 
 

@@ -128,13 +128,14 @@ async def run_command(
     limit = service.config.max_output_bytes
     kept = {"stdout": bytearray(), "stderr": bytearray()}
     truncated = False
-    async for name, data in process.output():
-        buffer = kept[name]
-        room = limit - len(buffer)
-        if len(data) > room:
-            truncated = True  # keep draining, so the process is never blocked on its output
-        buffer += data[: max(room, 0)]
-    result = await process.wait()
+    with service.engine.active(sandbox_id):  # its client waits: the sandbox is in use
+        async for name, data in process.output():
+            buffer = kept[name]
+            room = limit - len(buffer)
+            if len(data) > room:
+                truncated = True  # keep draining, so the process is never blocked on output
+            buffer += data[: max(room, 0)]
+        result = await process.wait()
     result = dataclasses.replace(result, stdout=bytes(kept["stdout"]), stderr=bytes(kept["stderr"]))
     return CommandOut.of(result, truncated)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from corral.models import ExecResult, FileInfo, ProcessInfo, SandboxInfo
 from corral.spec import DEFAULT_TIMEOUT, MAX_TIMEOUT
@@ -34,7 +34,15 @@ class SpecBody(Request):
     network: Literal["none", "internet"] = "none"
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = Field(None, description="default: the image's, else /root")
-    auto_resume: bool = Field(True, description="any use of a paused or hibernated one resumes it")
+    auto_resume: StrictBool = Field(
+        True, description="any use of a paused or hibernated one resumes it"
+    )
+    idle_timeout: float | None = Field(None, description="seconds without use before on_idle")
+    on_idle: Literal["pause", "hibernate", "terminate"] = "pause"
+    keep_alive: StrictBool = Field(False, description="never idle")
+    on_timeout: Literal["terminate", "hibernate"] = Field(
+        "terminate", description="what happens when the lifetime runs out"
+    )
     metadata: dict[str, str] = Field(default_factory=dict)
 
 

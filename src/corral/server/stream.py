@@ -56,7 +56,8 @@ async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
         return
     except WebSocketDisconnect:
         return
-    await _relay(websocket, process)
+    with service.engine.active(sandbox_id):  # an attached client: the sandbox is in use
+        await _relay(websocket, process)
 
 
 async def _first_message(websocket: WebSocket) -> StreamExec:
