@@ -382,6 +382,63 @@ class Suite:
             samples.append(time.perf_counter() - start)
         self.record("podman run --rm echo ok", runtime, {**summary(samples), "oci": oci})
 
+    # -- sleeping and waking -----------------------------------------------------------------
+
+    async def pause_resume(self, runtime: str) -> None:
+        """POST pause and POST resume on one sandbox holding an idle Python process."""
+        sandbox = await AsyncSandbox.create(runtime=runtime, pool=False, client=self.client)
+        try:
+            await sandbox.exec("python3", "-c", "import time; time.sleep(3600)")
+            pauses, resumes = [], []
+            for _ in range(max(10, self.args.samples // 4)):
+                pauses.append(await self.timed(sandbox.pause))
+                resumes.append(await self.timed(sandbox.resume))
+        finally:
+            await sandbox.terminate()
+        self.record("pause", runtime, summary(pauses))
+        self.record("resume", runtime, summary(resumes))
+
+    async def hibernate_wake(self, size_mb: int) -> None:
+        """gvisor: hibernate and wake a sandbox whose Python holds `size_mb` MiB, and the
+        first command after waking; then a wake triggered by the command itself."""
+        hold = (
+            f"import time; data = bytearray(range(256)) * ({size_mb} * 4096); "
+            "open('/tmp/ready', 'w').close(); time.sleep(3600)"
+        )
+        sandbox = await AsyncSandbox.create(
+            runtime="gvisor", memory_mb=size_mb + 512, timeout=3600, pool=False, client=self.client
+        )
+        laps: dict[str, list[float]] = {"hibernate": [], "wake": [], "first_command": []}
+        on_use: list[float] = []
+        try:
+            await sandbox.exec("python3", "-c", hold)
+            while not await sandbox.files.exists("/tmp/ready"):  # noqa: ASYNC110 - in the sandbox
+                await asyncio.sleep(0.1)
+            for _ in range(3 if self.args.quick else 5):
+                laps["hibernate"].append(await self.timed(sandbox.hibernate))
+                laps["wake"].append(await self.timed(sandbox.wake))
+                laps["first_command"].append(await self.timed(lambda: sandbox.run("echo ok")))
+                await sandbox.hibernate()
+                on_use.append(await self.timed(lambda: sandbox.run("echo ok")))
+            image = sum(
+                f.stat().st_size
+                for f in (self.server.data_dir / "sandboxes" / sandbox.id).glob("*")
+                if f.is_file()
+            )
+        finally:
+            await sandbox.terminate()
+        self.record(
+            f"hibernate and wake, {size_mb} MiB of state",
+            "gvisor",
+            {
+                **{f"{k}_p50_ms": summary(v)["p50_ms"] for k, v in laps.items()},
+                **{f"{k}_max_ms": summary(v)["max_ms"] for k, v in laps.items()},
+                "command_waking_it_p50_ms": summary(on_use)["p50_ms"],
+                "n": len(on_use),
+                "sandbox_dir_MiB": round(image / MiB, 1),
+            },
+        )
+
     # -- images -----------------------------------------------------------------------------
 
     async def image_rebuild(self) -> None:
@@ -509,6 +566,10 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             await suite.density(runtime)
             await suite.stages(runtime)
             await suite.layered_start(runtime)
+            await suite.pause_resume(runtime)
+        if "gvisor" in runtimes:
+            for size_mb in (50, 500):
+                await suite.hibernate_wake(size_mb)
         await suite.image_rebuild()
         return {"machine": machine(), "args": vars(args), "results": suite.results}
 

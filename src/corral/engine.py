@@ -950,6 +950,7 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(sandbox.exited.wait(), 10)
                 sandbox.launch = None
+                sandbox.forgetting = self._spawn(asyncio.to_thread(runtime.forget, plan))
                 sandbox.move(SandboxState.HIBERNATED, reason)
         if failure is not None:
             if sandbox.exited.is_set():  # runsc kills a sandbox it fails to checkpoint
@@ -964,6 +965,11 @@ class Engine:
         plan = sandbox.plan
         async with sandbox.lock:
             sandbox.require("wake", SandboxState.HIBERNATED)
+            if sandbox.forgetting is not None:
+                await asyncio.wait({sandbox.forgetting})
+            else:  # hibernated by an earlier engine, which may have stopped before this
+                await asyncio.to_thread(runtime.forget, plan)
+            sandbox.forgetting = None
             sandbox.exited = asyncio.Event()
             await sandbox.link.listen()
             try:

@@ -38,6 +38,7 @@ class Sandbox:
         self.expires_at: float | None = None  # while running; see `move`
         self.remaining: float | None = None  # lifetime left, while paused or hibernated
         self.suspending = False  # hibernating: the runtime's exit is expected
+        self.forgetting: asyncio.Task[None] | None = None  # the runtime's cleanup after it
         self.settling = False  # the reaper is applying its lifetime or idle action
         self.last_active = time.monotonic()  # last use through the engine (see `touch`)
         self.holds = 0  # streams attached now (`Engine.active`): never idle meanwhile

@@ -140,6 +140,12 @@ class Runtime(ABC):
             code="not_supported",
         )
 
+    def forget(self, plan: SandboxPlan) -> None:
+        """Release what the runtime still holds of a checkpointed (stopped) sandbox."""
+        raise InvalidRequest(
+            f"the {self.name} runtime makes no checkpoints to forget", code="not_supported"
+        )
+
     def restore(self, plan: SandboxPlan, image_dir: Path) -> Launch:
         """Start a sandbox from a checkpoint in `image_dir`."""
         raise InvalidRequest(

@@ -264,7 +264,11 @@ class GVisorRuntime(Runtime):
             cgroup = cgroup_for(plan)
             if cgroup.exists():
                 cgroup.kill_all()
-            self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
+
+    def forget(self, plan: SandboxPlan) -> None:
+        """Delete runsc's state of a checkpointed sandbox (it takes a second or two, so the
+        engine does it in the background; `restore` needs it done)."""
+        self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
 
     def restore(self, plan: SandboxPlan, image_dir: Path) -> Launch:
         """Start the sandbox again from the checkpoint in `image_dir`, exactly where it was."""
