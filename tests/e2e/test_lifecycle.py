@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import corral
@@ -222,3 +225,45 @@ def test_lifecycle_options_are_checked(client: corral.Client) -> None:
     for options in bad:
         with pytest.raises(corral.InvalidRequest):
             Sandbox.create(client=client, **options)  # type: ignore[arg-type]
+
+
+def test_events_stream_every_state_change_to_its_owner_only(server: Server) -> None:
+    seen: list[dict[str, object]] = []
+    others: list[str] = []
+
+    def follow() -> None:
+        with server.client() as sdk:
+            for event in sdk.events():
+                seen.append(event)
+                if event.get("state") == "terminated":
+                    return
+
+    def overhear(key: str) -> None:  # another key's raw stream, until 3 s of silence
+        headers = {"Authorization": f"Bearer {key}"}
+        with (
+            contextlib.suppress(httpx.ReadTimeout),
+            httpx.stream("GET", f"{server.url}/v1/events", headers=headers, timeout=3) as response,
+        ):
+            others.extend(response.iter_lines())
+
+    with server.client() as sdk:
+        watcher = threading.Thread(target=follow, daemon=True)
+        stranger = threading.Thread(target=overhear, args=(server.new_key("stranger"),))
+        watcher.start()
+        stranger.start()
+        time.sleep(0.5)  # both are subscribed
+        sandbox = Sandbox.create(runtime="namespaces", client=sdk)
+        sandbox.pause()
+        sandbox.resume()
+        sandbox.terminate()
+        watcher.join(timeout=30)
+        stranger.join(timeout=30)
+    mine = [(e["sandbox_id"], e["state"]) for e in seen]
+    assert mine == [
+        (sandbox.id, "running"),
+        (sandbox.id, "paused"),
+        (sandbox.id, "running"),
+        (sandbox.id, "terminated"),
+    ]
+    assert seen[-1]["end_reason"] == "terminated_by_user"
+    assert others[0] == ": connected" and not any(sandbox.id in line for line in others)

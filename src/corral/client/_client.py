@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -132,6 +132,16 @@ class AsyncClient:
         if response.status_code not in (200, 404):
             raise _error(response.status_code, b"", response.headers)
         return response.status_code == 200
+
+    async def events(self, sandbox_id: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """State changes of your sandboxes (or of one) as they happen, from `GET /v1/events`:
+        `{"type": "sandbox.state", "sandbox_id", "state", "reason", "at", "end_reason", ...}`.
+        Runs until you stop iterating."""
+        params = {"sandbox_id": sandbox_id} if sandbox_id else None
+        async with self.stream("GET", "/v1/events", params=params) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line.removeprefix("data: "))
 
     async def list_images(self) -> list[BuiltImage]:
         """Your built images, oldest first."""

@@ -12,7 +12,15 @@ import asyncio
 import builtins
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
@@ -52,6 +60,10 @@ class _Portal:
         self._loop.close()
 
 
+async def _next(iterator: AsyncIterator[T]) -> T:
+    return await anext(iterator)
+
+
 async def _make_client(url: str | None, api_key: str | None, timeout: float) -> AsyncClient:
     return AsyncClient(url, api_key, timeout=timeout)
 
@@ -88,6 +100,18 @@ class Client:
 
     def remove_pool(self, name: str) -> None:
         self._portal.call(self._async.remove_pool(name))
+
+    def events(self, sandbox_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """State changes of your sandboxes as they happen (see `AsyncClient.events`)."""
+        stream = self._async.events(sandbox_id)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(_next(stream))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(stream.aclose())
 
     def list_images(self) -> builtins.list[BuiltImage]:
         return self._portal.call(self._async.list_images())

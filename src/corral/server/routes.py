@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from fastapi.responses import StreamingResponse
 
 from corral.errors import InvalidRequest, SandboxNotFound
 from corral.process import Process
@@ -29,6 +33,7 @@ from corral.server.service import Service
 from corral.spec import SandboxSpec
 
 router = APIRouter(prefix="/v1")
+EVENT_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
 
 
 @router.post("/sandboxes", status_code=201, tags=["sandboxes"])
@@ -218,3 +223,28 @@ async def create_key(body: CreateKey, key: AdminKey, service: ServiceDep) -> Key
 async def revoke_key(key_id: str, key: AdminKey, service: ServiceDep) -> KeyOut:
     """Revoke a key: it stops working at once; its sandboxes run until they end."""
     return KeyOut.of(await service.db.revoke_key(key_id))
+
+
+@router.get("/events", tags=["events"], response_class=StreamingResponse)
+async def events(key: Key, service: ServiceDep, sandbox_id: str | None = None) -> StreamingResponse:
+    """Server-sent events: every state change of your sandboxes (or of one), as it happens."""
+    if sandbox_id is not None:
+        await service.owned(key, sandbox_id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        with service.subscribe(key) as queue:
+            yield b": connected\n\n"
+            number = 0
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), EVENT_KEEPALIVE)
+                except TimeoutError:
+                    yield b": keepalive\n\n"  # proxies keep the connection; clients ignore it
+                    continue
+                if sandbox_id is not None and event.get("sandbox_id") not in (None, sandbox_id):
+                    continue
+                number += 1
+                data = json.dumps(event)
+                yield f"id: {number}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+
+    return StreamingResponse(stream(), media_type="text/event-stream")

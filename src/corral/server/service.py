@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from corral.store import ENDED_RETENTION, ApiKey, ImageEntry, Store
 log = logging.getLogger("corral.server")
 
 PRUNE_EVERY = 3600.0
+EVENT_BACKLOG = 1000  # events kept for one slow reader of /v1/events
 _IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 RESERVED_IMAGE_NAMES = ("debian", "host", "usage", "prune")
 
@@ -83,6 +84,7 @@ class Service:
         self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.builder = Builder(self.engine)
+        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
 
     async def start(self) -> None:
         self.store = await Store.open(self.config.database)
@@ -138,9 +140,45 @@ class Service:
                 self._owners[info.id] = owner
 
     def _changed(self, info: SandboxInfo) -> None:
+        owner = self._owners.get(info.id)
         if info.state is SandboxState.TERMINATED:
             self._owners.pop(info.id, None)
         self._writes.put_nowait(("update", info))
+        if owner is not None:
+            self._publish(owner, info)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _publish(self, owner: str, info: SandboxInfo) -> None:
+        """Tell `owner`'s event streams about the sandbox's latest state change."""
+        last = info.history[-1] if info.history else None
+        event = {
+            "type": "sandbox.state",
+            "sandbox_id": info.id,
+            "state": info.state.value,
+            "reason": last.reason if last else None,
+            "at": last.at if last else time.time(),
+            "end_reason": info.end_reason.value if info.end_reason else None,
+            "end_detail": info.end_detail,
+        }
+        for queue in self._subscribers.get(owner, ()):
+            if queue.full():  # a reader that does not keep up loses its stream, not memory
+                queue.get_nowait()
+                queue.put_nowait({"type": "events.lost", "at": time.time()})
+            else:
+                queue.put_nowait(event)
+
+    @contextlib.contextmanager
+    def subscribe(self, key: ApiKey) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue of the state changes of `key`'s sandboxes, for as long as the block runs."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_BACKLOG)
+        self._subscribers.setdefault(key.id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers[key.id].discard(queue)
+            if not self._subscribers[key.id]:
+                del self._subscribers[key.id]
 
     async def _write_loop(self) -> None:
         """Apply catalogue writes one at a time, in the order the changes happened."""
@@ -207,6 +245,7 @@ class Service:
         # No await between create and these two lines: the sandbox cannot change unrecorded.
         self._owners[info.id] = key.id
         self._writes.put_nowait(("add", (key.id, info.id)))
+        self._publish(key.id, self.engine.get(info.id))  # its earlier changes had no owner yet
         await self._writes.join()
         return self.engine.get(info.id)
 
