@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import shlex
 import tempfile
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral import oci
-from corral.errors import CorralError, ImageBuildFailed
+from corral.errors import CorralError, ImageBuildFailed, InvalidRequest
 from corral.image import check_recipe, describe
 from corral.layers import LayerStore, Manifest, chain_key, image_id
 from corral.spec import SandboxSpec
@@ -142,6 +143,48 @@ class Builder:
                     return
             except BlockingIOError:
                 await asyncio.sleep(0.2)
+
+    # -- snapshots of sandboxes ----------------------------------------------------------------
+
+    async def snapshot_filesystem(self, sandbox_id: str) -> Manifest:
+        """A new image: the sandbox's image with what the sandbox changed as one more layer.
+
+        The sandbox is frozen while its writable layer is copied, then goes on. Every snapshot
+        is a new image (its layer's key is random: the content of a live filesystem names
+        nothing reproducible).
+        """
+        info = self.engine.get(sandbox_id)
+        image = info.spec.image
+        if image.startswith("im-"):
+            parent = self.store.manifest(image)
+            if parent is None:
+                raise ImageBuildFailed(
+                    f"the image {image} of sandbox {sandbox_id} was pruned; cannot stack on it",
+                    code="image_not_found",
+                )
+        elif image not in ("debian", "host"):
+            raise InvalidRequest(
+                f"sandbox {sandbox_id} runs the locally registered image {image!r}, which "
+                "cannot be stacked on; snapshot sandboxes of debian, host or built images"
+            )
+        else:
+            base = {"kind": image}
+            parent = await self._once(
+                chain_key("", base), functools.partial(self._base, base=base, emit=_ignore)
+            )
+        key = chain_key(parent.key, {"kind": "snapshot", "nonce": secrets.token_hex(16)})
+        with self.store.new_layer(key) as layer:
+            await self.engine.export_changes(sandbox_id, layer)
+        return self._save(
+            replace(
+                parent,
+                id=image_id(key),
+                key=key,
+                layers=(*parent.layers, key),
+                steps=(*parent.steps, f"snapshot of {sandbox_id}"),
+                created_at=time.time(),
+            )
+        )
 
     # -- bases ------------------------------------------------------------------------------
 
@@ -336,6 +379,10 @@ def _base_line(base: Mapping[str, Any]) -> str:
     if kind in ("rootfs", "oci_archive"):
         return f"from_{kind} {base['blob'][:19]}…"
     return {"debian": "debian_slim", "host": "host"}[kind]
+
+
+def _ignore(_event: dict[str, Any]) -> None:
+    pass
 
 
 def _log(emit: Progress, step: int, line: str) -> None:

@@ -413,3 +413,25 @@ def test_a_local_rootfs_and_the_host_base(client: corral.Client, data_dir: Path)
     with Sandbox.create(image=host, runtime="namespaces", client=client) as sandbox:
         result = sandbox.run("cat /etc/marker; test -w /usr || echo usr-read-only")
         assert result.stdout == "on-the-host-base\nusr-read-only\n", result.stderr
+
+
+def test_a_sandbox_snapshot_becomes_an_image_for_every_runtime(client: corral.Client) -> None:
+    image = fresh().build(client=client)
+    with Sandbox.create(image=image, runtime="namespaces", client=client) as sandbox:
+        sandbox.run("echo made-here > /root/made; rm /etc/build-token; mkdir -p /opt/app")
+        sandbox.files.write("/opt/app/config", "x=1\n")
+        snap = sandbox.snapshot_filesystem(name="snapped")
+        assert sandbox.run("echo still running").stdout == "still running\n"  # it goes on
+    assert snap.layers == image.layers + 1 and snap.name == "snapped"
+    for runtime in ("namespaces", "gvisor"):
+        require_runtime(runtime)
+        with Sandbox.create(image="snapped", runtime=runtime, client=client) as copy:
+            result = copy.run(
+                "cat /root/made /opt/app/config; test -e /etc/build-token || echo gone"
+            )
+            assert result.stdout == "made-here\nx=1\ngone\n", result.stderr
+    require_runtime("gvisor")
+    with Sandbox.create(runtime="gvisor", client=client) as other:
+        with pytest.raises(corral.InvalidRequest) as refused:
+            other.snapshot_filesystem()
+        assert refused.value.code == "unsupported_runtime"

@@ -274,6 +274,9 @@ class Sandbox:
     def resume(self) -> SandboxInfo:
         return self.client.call(self._async.resume())
 
+    def snapshot_filesystem(self, name: str | None = None) -> BuiltImage:
+        return self.client.call(self._async.snapshot_filesystem(name))
+
     def hibernate(self) -> SandboxInfo:
         return self.client.call(self._async.hibernate())
 

@@ -19,7 +19,14 @@ from fastapi.responses import StreamingResponse
 from corral.errors import CorralError
 from corral.image import check_recipe
 from corral.server.auth import AdminKey, Key, ServiceDep
-from corral.server.schemas import BlobOut, BuildImage, ImageOut, ImageUsage, Pruned
+from corral.server.schemas import (
+    BlobOut,
+    BuildImage,
+    ImageOut,
+    ImageUsage,
+    Pruned,
+    SnapshotFilesystem,
+)
 from corral.server.service import check_image_name
 
 router = APIRouter(prefix="/v1", tags=["images"])
@@ -81,6 +88,14 @@ async def build_image(body: BuildImage, key: Key, service: ServiceDep) -> Respon
             raise error
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.post("/sandboxes/{sandbox_id}/filesystem-snapshot", status_code=201)
+async def snapshot_filesystem(
+    sandbox_id: str, body: SnapshotFilesystem, key: Key, service: ServiceDep
+) -> ImageOut:
+    """A new image of yours: the sandbox's image plus everything the sandbox changed."""
+    return ImageOut(**await service.snapshot_filesystem(key, sandbox_id, body.name))
 
 
 @router.get("/images")

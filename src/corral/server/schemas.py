@@ -306,3 +306,7 @@ class Pruned(ImageUsage):
 class BlobOut(BaseModel):
     digest: str
     size: int
+
+
+class SnapshotFilesystem(Request):
+    name: str | None = Field(None, description="name the new image")

@@ -273,6 +273,17 @@ class Service:
         entry = await self.db.add_image(key.id, manifest.id, name)
         return self._describe(entry, manifest)
 
+    async def snapshot_filesystem(
+        self, key: ApiKey, sandbox_id: str, name: str | None
+    ) -> dict[str, Any]:
+        """The sandbox's files as a new image of `key` (see `Builder.snapshot_filesystem`)."""
+        await self.owned(key, sandbox_id)
+        if name is not None:
+            check_image_name(name)
+        manifest = await self.builder.snapshot_filesystem(sandbox_id)
+        entry = await self.db.add_image(key.id, manifest.id, name)
+        return self._describe(entry, manifest)
+
     async def list_images(self, key: ApiKey) -> list[dict[str, Any]]:
         found = []
         for entry in await self.db.list_images(key.id):
