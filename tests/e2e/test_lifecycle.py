@@ -57,7 +57,10 @@ def runsc_processes(sandbox_id: str) -> list[str]:
                 cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline.startswith(b"runsc") and sandbox_id.encode() in cmdline:
+            # The Sentry and the Gofer (runsc's own commands may still be tidying up).
+            if cmdline.startswith((b"runsc-sandbox", b"runsc-gofer")) and (
+                sandbox_id.encode() in cmdline
+            ):
                 found.append(proc.name)
     return found
 

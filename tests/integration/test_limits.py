@@ -194,7 +194,7 @@ async def test_agent_death_is_recorded(engine: Engine, runtime: str) -> None:
 
 
 async def test_pause_and_resume(engine: Engine, runtime: str) -> None:
-    info = await engine.create(SandboxSpec(runtime=runtime))
+    info = await engine.create(SandboxSpec(runtime=runtime, auto_resume=False))
     try:
         proc = await engine.exec(
             info.id,

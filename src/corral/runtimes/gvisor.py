@@ -268,7 +268,11 @@ class GVisorRuntime(Runtime):
     def forget(self, plan: SandboxPlan) -> None:
         """Delete runsc's state of a checkpointed sandbox (it takes a second or two, so the
         engine does it in the background; `restore` needs it done)."""
-        self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
+        # Once may not do: right after a checkpoint runsc can still list it as running.
+        for _ in range(3):
+            self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
+            if self._runsc(plan, "state", plan.sandbox_id, check=False).returncode != 0:
+                return
 
     def restore(self, plan: SandboxPlan, image_dir: Path) -> Launch:
         """Start the sandbox again from the checkpoint in `image_dir`, exactly where it was."""
