@@ -47,6 +47,7 @@ from corral.errors import (
 )
 from corral.image import Image
 from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
+from corral.snapshots import SnapshotInfo
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState
 
@@ -94,4 +95,5 @@ __all__ = [
     "SandboxSpec",
     "SandboxState",
     "ServiceUnavailable",
+    "SnapshotInfo",
 ]

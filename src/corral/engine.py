@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -52,11 +53,12 @@ from corral.images import ImageStore, Progress, RootImage
 from corral.layers import export_changes
 from corral.models import ExecResult, ProcessInfo, SandboxInfo, StateChange
 from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
-from corral.pools import Pools
+from corral.pools import POOL_FIELDS, Pools
 from corral.process import Process
 from corral.runtimes import PREFERENCE, Launch, Runtime, make_runtime
 from corral.runtimes.base import cgroup_for, process_start_time, read_runtime_log
 from corral.sandbox import RECORD_NAME, Sandbox
+from corral.snapshots import SnapshotInfo, SnapshotStore
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
 from corral.state import EndReason, SandboxState, parse_state
 
@@ -65,6 +67,9 @@ log = logging.getLogger("corral.engine")
 MiB = 1024 * 1024
 DEFAULT_WORKDIR = "/root"
 CHECKPOINT_DIR = "checkpoint"  # in a hibernated sandbox's directory: its memory and files
+MAX_TTL = 30 * 24 * 3600.0  # of a snapshot
+MAX_FORK = 64
+FORK_CONCURRENCY = 3  # restores at once: 2 to 4 is fastest on 2 cores (measured)
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
 # CPU weights (cgroup v2 units, 100 is normal) of pooled sandboxes: low while one starts, so a
@@ -151,6 +156,7 @@ class Engine:
         self._unavailable: dict[str, str | None] = {}
         self.agent_timeout = agent_timeout
         self.images = ImageStore(self.data_dir / "images")
+        self.snapshots = SnapshotStore(self.data_dir / "snapshots")
         self._sandboxes: dict[str, Sandbox] = {}
         self._runtimes: dict[str, Runtime] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -282,6 +288,7 @@ class Engine:
         (self.data_dir / "images").mkdir(exist_ok=True)
         (self.data_dir / "images").chmod(0o711)
         self.images.built.prepare()
+        self.snapshots.load()
 
     # -- adoption -----------------------------------------------------------------------------
 
@@ -441,16 +448,26 @@ class Engine:
         *,
         pool: bool = True,
         progress: Progress | None = None,
+        snapshot: str | None = None,
     ) -> SandboxInfo:
         """Create and start a sandbox; return once its agent answers.
 
         A warm pool whose template matches `spec` hands over an idle sandbox instead (unless
-        `pool=False`); it is indistinguishable from a new one except in speed.
+        `pool=False`); it is indistinguishable from a new one except in speed. With
+        `snapshot`, the sandbox starts from that snapshot exactly where its source was: its
+        image, runtime and resources are the snapshot's; env, metadata, lifetime and the
+        lifecycle options come from `spec`.
         Raises `InvalidRequest`/`RuntimeUnavailable` for a bad spec, `SandboxFailed` if the
         runtime fails; either way nothing of the sandbox is left behind.
         """
         self._require_started()
         spec = spec or SandboxSpec()
+        restore_from = None
+        if snapshot is not None:
+            taken = self.snapshots.get(check_id(snapshot, "sn"))
+            fixed = {name: getattr(taken.spec, name) for name in POOL_FIELDS}
+            spec = dataclasses.replace(spec, env={**taken.spec.env, **spec.env}, **fixed)
+            restore_from, pool = taken.path, False
         runtime = self.check_runtime(spec.runtime or self.default_runtime)
         spec = spec.with_runtime(runtime.name)
         if "hibernate" in (spec.on_idle, spec.on_timeout) and (
@@ -469,7 +486,7 @@ class Engine:
         self._user_creates += 1
         self._no_user_creates.clear()
         try:
-            sandbox = await self._start_new(spec, runtime, progress)
+            sandbox = await self._start_new(spec, runtime, progress, restore_from=restore_from)
         finally:
             self._user_creates -= 1
             if not self._user_creates:
@@ -486,8 +503,10 @@ class Engine:
         progress: Progress | None,
         *,
         pooled: bool = False,
+        restore_from: Path | None = None,
     ) -> Sandbox:
-        """Build and start a sandbox for `spec`, up to its agent answering (still `creating`)."""
+        """Build and start a sandbox for `spec`, up to its agent answering (still `creating`);
+        from the checkpoint in `restore_from` if given."""
         stages = Stopwatch()
         image = await asyncio.to_thread(self.images.resolve, spec.image, progress)
         if spec.network == "internet":
@@ -510,7 +529,10 @@ class Engine:
             await asyncio.to_thread(runtime.create, plan)
             stages.mark("runtime_create")
             await sandbox.link.listen()
-            launch = await asyncio.to_thread(runtime.start, plan)
+            if restore_from is None:
+                launch = await asyncio.to_thread(runtime.start, plan)
+            else:
+                launch = await asyncio.to_thread(runtime.restore, plan, restore_from)
             launch.start_time = await asyncio.to_thread(process_start_time, launch.pid)
             sandbox.launch = launch
             self._watch_sandbox(sandbox)
@@ -775,6 +797,8 @@ class Engine:
                         self._spawn(self._idle(sandbox))
                     else:
                         next_deadline = min(next_deadline, idle_at)
+            for snapshot_id in self.snapshots.expired(now):
+                self._spawn(self.delete_snapshot(snapshot_id))
             self._wake_reaper.clear()
             # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives
             # just as the event is set, and `close` would wait for the reaper forever.
@@ -915,19 +939,7 @@ class Engine:
         (exec output, file transfers) end; the processes behind them go on.
         """
         sandbox = self._get(sandbox_id)
-        runtime = self.runtime(sandbox.runtime)
-        if not runtime.checkpoints:
-            raise InvalidRequest(
-                f"sandbox {sandbox_id} runs under {runtime.name}, which cannot save memory: "
-                "hibernate needs a gvisor sandbox (pause works under every runtime)",
-                code="not_supported",
-            )
-        if sandbox.plan.network.policy == "internet":
-            raise InvalidRequest(
-                f"sandbox {sandbox_id} has internet access, which runsc cannot checkpoint; "
-                "pause it instead",
-                code="not_supported",
-            )
+        runtime = self._checkpointing(sandbox, "hibernate")
         plan = sandbox.plan
         failure: CorralError | None = None
         async with sandbox.lock:
@@ -987,6 +999,113 @@ class Engine:
             await asyncio.to_thread(shutil.rmtree, plan.dir / CHECKPOINT_DIR, True)
         self._wake_reaper.set()
         return sandbox.info()
+
+    async def snapshot(
+        self,
+        sandbox_id: str,
+        *,
+        ttl: float | None = None,
+        name: str | None = None,
+        owner: str | None = None,
+    ) -> SnapshotInfo:
+        """Save the sandbox's memory and files as a snapshot; the sandbox goes on running.
+
+        `create(snapshot=...)` starts new sandboxes from it, each where this one was now.
+        gvisor sandboxes without internet access only, as for `hibernate`. `ttl` seconds
+        later the snapshot is deleted. Streams open to the sandbox end; its processes do not.
+        """
+        sandbox = self._get(sandbox_id)
+        runtime = self._checkpointing(sandbox, "snapshot")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= MAX_TTL
+        ):
+            raise InvalidRequest(f"ttl must be 1 to {MAX_TTL:g} seconds (30 days), or none")
+        plan = sandbox.plan
+        async with sandbox.lock:
+            sandbox.require("snapshot", SandboxState.RUNNING, SandboxState.PAUSED)
+            if sandbox.ending:
+                sandbox.require("snapshot")
+            paused = sandbox.state is SandboxState.PAUSED
+            with self.snapshots.writing() as (snapshot_id, temp):
+                if paused:  # runsc checkpoints a running sandbox
+                    await asyncio.to_thread(runtime.resume, plan)
+                try:
+                    await sandbox.link.quiesce()
+                    await asyncio.to_thread(runtime.checkpoint, plan, temp, leave_running=True)
+                finally:
+                    with contextlib.suppress(OSError):
+                        await sandbox.link.listen()  # the agent dials back
+                    if paused:
+                        await asyncio.to_thread(runtime.pause, plan)
+                now = time.time()
+                info = SnapshotInfo(
+                    id=snapshot_id,
+                    sandbox_id=sandbox.id,
+                    runtime=sandbox.runtime,
+                    image=sandbox.spec.image,
+                    created_at=now,
+                    expires_at=now + ttl if ttl is not None else None,
+                    size_bytes=0,
+                    name=name,
+                    owner=owner,
+                )
+                taken = await asyncio.to_thread(self.snapshots.commit, temp, info, sandbox.spec)
+        sandbox.touch()
+        return taken.info
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        return [snapshot.info for snapshot in self.snapshots.all()]
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        return self.snapshots.get(check_id(snapshot_id, "sn")).info
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        check_id(snapshot_id, "sn")
+        await asyncio.to_thread(self.snapshots.delete, snapshot_id)
+
+    async def fork(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        """`count` new sandboxes with this one's memory and files, diverging from now on.
+
+        A snapshot taken for the purpose and deleted after; the copies start a few at a time.
+        All or nothing: if one fails, the others are ended and the error is raised.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+            raise InvalidRequest(f"count must be 1 to {MAX_FORK}")
+        spec = self._get(sandbox_id).spec
+        taken = await self.snapshot(sandbox_id)
+        gate = asyncio.Semaphore(FORK_CONCURRENCY)
+
+        async def one() -> SandboxInfo:
+            async with gate:
+                return await self.create(spec, snapshot=taken.id)
+
+        try:
+            made = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        finally:
+            await self.delete_snapshot(taken.id)
+        failed = [r for r in made if isinstance(r, BaseException)]
+        if failed:
+            ok = [r for r in made if isinstance(r, SandboxInfo)]
+            await asyncio.gather(*(self.terminate(i.id) for i in ok), return_exceptions=True)
+            raise failed[0]
+        return [r for r in made if isinstance(r, SandboxInfo)]
+
+    def _checkpointing(self, sandbox: Sandbox, action: str) -> Runtime:
+        """The sandbox's runtime, if it can checkpoint this sandbox; else a clear refusal."""
+        runtime = self.runtime(sandbox.runtime)
+        if not runtime.checkpoints:
+            raise InvalidRequest(
+                f"sandbox {sandbox.id} runs under {runtime.name}, which cannot save memory: "
+                f"{action} needs a gvisor sandbox (pause works under every runtime)",
+                code="not_supported",
+            )
+        if sandbox.plan.network.policy == "internet":
+            raise InvalidRequest(
+                f"sandbox {sandbox.id} has internet access, which runsc cannot checkpoint; "
+                f"create it with network='none' to {action} it",
+                code="not_supported",
+            )
+        return runtime
 
     async def _use(self, sandbox_id: str, action: str) -> Sandbox:
         """The running sandbox `sandbox_id`, resumed or woken first if it sleeps and may."""

@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from corral.errors import AuthError, ConnectionFailed, CorralError, from_response
 from corral.models import BuiltImage
+from corral.snapshots import SnapshotInfo
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -142,6 +143,18 @@ class AsyncClient:
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
                     yield json.loads(line.removeprefix("data: "))
+
+    async def list_snapshots(self) -> list[SnapshotInfo]:
+        """Your snapshots, oldest first."""
+        return [SnapshotInfo(**s) for s in await self.request("GET", "/v1/snapshots")]
+
+    async def get_snapshot(self, ref: str) -> SnapshotInfo:
+        """One of your snapshots by id or name."""
+        return SnapshotInfo(**await self.request("GET", f"/v1/snapshots/{ref}"))
+
+    async def delete_snapshot(self, ref: str) -> None:
+        """Delete a snapshot; sandboxes started from it go on."""
+        await self.request("DELETE", f"/v1/snapshots/{ref}")
 
     async def list_images(self) -> list[BuiltImage]:
         """Your built images, oldest first."""

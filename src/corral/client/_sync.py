@@ -30,6 +30,7 @@ from corral.client._process import AsyncOutput, AsyncProcess, ProcessExit
 from corral.client._sandbox import AsyncFiles, AsyncSandbox, CommandResult
 from corral.image import Image
 from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
+from corral.snapshots import SnapshotInfo
 from corral.state import SandboxState
 
 T = TypeVar("T")
@@ -112,6 +113,15 @@ class Client:
                     return
         finally:
             self._portal.call(stream.aclose())
+
+    def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return self._portal.call(self._async.list_snapshots())
+
+    def get_snapshot(self, ref: str) -> SnapshotInfo:
+        return self._portal.call(self._async.get_snapshot(ref))
+
+    def delete_snapshot(self, ref: str) -> None:
+        self._portal.call(self._async.delete_snapshot(ref))
 
     def list_images(self) -> builtins.list[BuiltImage]:
         return self._portal.call(self._async.list_images())
@@ -216,6 +226,7 @@ class Sandbox:
         on_idle: str = "pause",
         keep_alive: bool = False,
         on_timeout: str = "terminate",
+        snapshot: str | SnapshotInfo | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         """Create a sandbox and return once it can run commands."""
@@ -238,6 +249,7 @@ class Sandbox:
                 on_idle=on_idle,
                 keep_alive=keep_alive,
                 on_timeout=on_timeout,
+                snapshot=snapshot,
                 client=sync._async,
             )
         )
@@ -276,6 +288,12 @@ class Sandbox:
 
     def snapshot_filesystem(self, name: str | None = None) -> BuiltImage:
         return self.client.call(self._async.snapshot_filesystem(name))
+
+    def snapshot(self, name: str | None = None, ttl: float | None = None) -> SnapshotInfo:
+        return self.client.call(self._async.snapshot(name, ttl))
+
+    def fork(self, count: int) -> builtins.list[Sandbox]:
+        return [Sandbox(self.client, made) for made in self.client.call(self._async.fork(count))]
 
     def hibernate(self) -> SandboxInfo:
         return self.client.call(self._async.hibernate())

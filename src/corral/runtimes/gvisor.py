@@ -259,7 +259,16 @@ class GVisorRuntime(Runtime):
         for `restore`). The agent must have hung up first (see `AgentLink.quiesce`)."""
         image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         extra = ["--leave-running"] if leave_running else []
-        self._runsc(plan, "checkpoint", f"--image-path={image_dir}", *extra, plan.sandbox_id)
+        # Uncompressed: faster both ways, and a compressed image leaves the Sentry and every
+        # restored copy holding 30 to 90 MiB more (measured).
+        self._runsc(
+            plan,
+            "checkpoint",
+            f"--image-path={image_dir}",
+            "--compression=none",
+            *extra,
+            plan.sandbox_id,
+        )
         if not leave_running:
             cgroup = cgroup_for(plan)
             if cgroup.exists():

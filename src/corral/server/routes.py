@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
 from corral.errors import InvalidRequest, SandboxNotFound
+from corral.pools import POOL_FIELDS
 from corral.process import Process
 from corral.server.auth import AdminKey, Key, ServiceDep
 from corral.server.schemas import (
@@ -20,6 +21,7 @@ from corral.server.schemas import (
     CreateKey,
     CreateSandbox,
     Exec,
+    Fork,
     KeyOut,
     PoolBody,
     PoolOut,
@@ -28,6 +30,8 @@ from corral.server.schemas import (
     SandboxOut,
     SetTimeout,
     Signal,
+    SnapshotOut,
+    TakeSnapshot,
 )
 from corral.server.service import Service
 from corral.spec import SandboxSpec
@@ -40,8 +44,15 @@ EVENT_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
 async def create_sandbox(body: CreateSandbox, key: Key, service: ServiceDep) -> SandboxOut:
     """Create a sandbox and return once it can run commands."""
     fields = body.model_dump()
-    pool = fields.pop("pool")
-    return SandboxOut.of(await service.create(key, SandboxSpec.from_dict(fields), pool=pool))
+    pool, snapshot = fields.pop("pool"), fields.pop("snapshot")
+    fixed = sorted(body.model_fields_set & set(POOL_FIELDS))
+    if snapshot is not None and fixed:
+        raise InvalidRequest(
+            f"a sandbox from a snapshot has the snapshot's {', '.join(POOL_FIELDS)}; "
+            f"leave out {', '.join(fixed)}"
+        )
+    spec = SandboxSpec.from_dict(fields)
+    return SandboxOut.of(await service.create(key, spec, pool=pool, snapshot=snapshot))
 
 
 @router.get("/sandboxes", tags=["sandboxes"])
@@ -99,6 +110,38 @@ async def resume(sandbox_id: str, key: Key, service: ServiceDep) -> SandboxOut:
     """Thaw a paused sandbox."""
     await service.owned(key, sandbox_id)
     return SandboxOut.of(await service.engine.resume(sandbox_id))
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshot", status_code=201, tags=["snapshots"])
+async def take_snapshot(
+    sandbox_id: str, body: TakeSnapshot, key: Key, service: ServiceDep
+) -> SnapshotOut:
+    """Save memory and files (gvisor); the sandbox goes on. New sandboxes start from it."""
+    return SnapshotOut.of(await service.snapshot(key, sandbox_id, body.name, body.ttl))
+
+
+@router.post("/sandboxes/{sandbox_id}/fork", status_code=201, tags=["snapshots"])
+async def fork(sandbox_id: str, body: Fork, key: Key, service: ServiceDep) -> list[SandboxOut]:
+    """`count` new sandboxes with this one's memory and files, diverging from now on."""
+    return [SandboxOut.of(info) for info in await service.fork(key, sandbox_id, body.count)]
+
+
+@router.get("/snapshots", tags=["snapshots"])
+async def list_snapshots(key: Key, service: ServiceDep) -> list[SnapshotOut]:
+    """Your snapshots, oldest first."""
+    return [SnapshotOut.of(info) for info in service.snapshots_of(key)]
+
+
+@router.get("/snapshots/{ref}", tags=["snapshots"])
+async def get_snapshot(ref: str, key: Key, service: ServiceDep) -> SnapshotOut:
+    return SnapshotOut.of(service.snapshot_for(key, ref))
+
+
+@router.delete("/snapshots/{ref}", status_code=204, tags=["snapshots"])
+async def delete_snapshot(ref: str, key: Key, service: ServiceDep) -> Response:
+    """Delete a snapshot (sandboxes started from it are not affected)."""
+    await service.delete_snapshot(key, ref)
+    return Response(status_code=204)
 
 
 @router.post("/sandboxes/{sandbox_id}/hibernate", tags=["sandboxes"])

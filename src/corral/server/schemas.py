@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from corral.models import ExecResult, FileInfo, ProcessInfo, SandboxInfo
+from corral.snapshots import SnapshotInfo
 from corral.spec import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from corral.store import ApiKey
 
@@ -50,6 +51,35 @@ class CreateSandbox(SpecBody):
     """POST /v1/sandboxes."""
 
     pool: bool = Field(True, description="take a matching warm sandbox if a pool has one")
+    snapshot: str | None = Field(
+        None, description="start from this snapshot (id or name): its image, runtime, resources"
+    )
+
+
+class TakeSnapshot(Request):
+    name: str | None = Field(None, description="name it (unique among your snapshots)")
+    ttl: float | None = Field(None, description="delete it this many seconds from now")
+
+
+class Fork(Request):
+    count: int = Field(description="how many copies (1 to 64)")
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str | None
+    sandbox_id: str
+    runtime: str
+    image: str
+    created_at: float
+    expires_at: float | None
+    size_bytes: int
+
+    @classmethod
+    def of(cls, info: SnapshotInfo) -> SnapshotOut:
+        fields = info.to_dict()
+        fields.pop("owner")
+        return cls(**fields)
 
 
 class PoolBody(Request):

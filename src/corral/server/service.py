@@ -14,17 +14,25 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.builder import Builder, Progress
 from corral.engine import Engine
-from corral.errors import ImageNotFound, InvalidRequest, LimitReached, SandboxNotFound
+from corral.errors import (
+    Conflict,
+    ImageNotFound,
+    InvalidRequest,
+    LimitReached,
+    NotFound,
+    SandboxNotFound,
+)
 from corral.ids import check_id
 from corral.layers import Manifest
 from corral.models import SandboxInfo, StateChange
+from corral.snapshots import SnapshotInfo
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState, parse_state
 from corral.store import ENDED_RETENTION, ApiKey, ImageEntry, Store
@@ -216,10 +224,40 @@ class Service:
             )
         return sandbox_id
 
-    async def create(self, key: ApiKey, spec: SandboxSpec, *, pool: bool = True) -> SandboxInfo:
-        spec = dataclasses.replace(spec, image=await self.image_for(key, spec.image))
-        # Refused at once, with a time to retry, rather than queued until the client times out.
-        if len(self._owners) + self._creating >= self.config.max_sandboxes:
+    async def create(
+        self,
+        key: ApiKey,
+        spec: SandboxSpec,
+        *,
+        pool: bool = True,
+        snapshot: str | None = None,
+    ) -> SandboxInfo:
+        """A sandbox for `key`: from `spec`, or from one of its snapshots (by id or name)."""
+        if snapshot is not None:
+            snapshot = self.snapshot_for(key, snapshot).id
+        else:
+            spec = dataclasses.replace(spec, image=await self.image_for(key, spec.image))
+        async with self._creating_for(key, 1):
+            info = await self.engine.create(spec, pool=pool, snapshot=snapshot)
+            self._adopt_new(key, info)
+        await self._writes.join()
+        return self.engine.get(info.id)
+
+    async def fork(self, key: ApiKey, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        """`count` copies of one of `key`'s sandboxes, memory and files (see `Engine.fork`)."""
+        await self.owned(key, sandbox_id)
+        async with self._creating_for(key, count if isinstance(count, int) else 1):
+            made = await self.engine.fork(sandbox_id, count)
+            for info in made:
+                self._adopt_new(key, info)
+        await self._writes.join()
+        return [self.engine.get(info.id) for info in made]
+
+    @contextlib.asynccontextmanager
+    async def _creating_for(self, key: ApiKey, count: int) -> AsyncIterator[None]:
+        """Count `count` creates in flight against the limits, or refuse them at once (429
+        with a time to retry, rather than queueing until the client times out)."""
+        if len(self._owners) + self._creating + count > self.config.max_sandboxes:
             raise LimitReached(
                 f"this node runs the most sandboxes it is configured for "
                 f"({self.config.max_sandboxes}); retry shortly",
@@ -228,26 +266,57 @@ class Service:
             )
         mine = sum(1 for owner in self._owners.values() if owner == key.id)
         mine += self._creating_by.get(key.id, 0)
-        if mine >= self.config.max_sandboxes_per_key:
+        if mine + count > self.config.max_sandboxes_per_key:
             raise LimitReached(
-                f"this API key already has {mine} live sandboxes, the most allowed; "
-                "terminate some and retry",
+                f"this API key has {mine} live sandboxes and may have "
+                f"{self.config.max_sandboxes_per_key}; terminate some and retry",
                 code="too_many_sandboxes",
                 retry_after=5,
             )
-        self._creating += 1
-        self._creating_by[key.id] = self._creating_by.get(key.id, 0) + 1
+        self._creating += count
+        self._creating_by[key.id] = self._creating_by.get(key.id, 0) + count
         try:
-            info = await self.engine.create(spec, pool=pool)
+            yield
         finally:
-            self._creating -= 1
-            self._creating_by[key.id] -= 1
-        # No await between create and these two lines: the sandbox cannot change unrecorded.
+            self._creating -= count
+            self._creating_by[key.id] -= count
+
+    def _adopt_new(self, key: ApiKey, info: SandboxInfo) -> None:
+        # No await between the engine's create and this: the sandbox cannot change unrecorded.
         self._owners[info.id] = key.id
         self._writes.put_nowait(("add", (key.id, info.id)))
         self._publish(key.id, self.engine.get(info.id))  # its earlier changes had no owner yet
-        await self._writes.join()
-        return self.engine.get(info.id)
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    async def snapshot(
+        self, key: ApiKey, sandbox_id: str, name: str | None, ttl: float | None
+    ) -> SnapshotInfo:
+        await self.owned(key, sandbox_id)
+        if name is not None:
+            check_image_name(name)
+            if any(s.name == name for s in self.snapshots_of(key)):
+                raise Conflict(
+                    f"you have a snapshot named {name!r} already; delete it or pick another name",
+                    code="name_taken",
+                )
+        return await self.engine.snapshot(sandbox_id, ttl=ttl, name=name, owner=key.id)
+
+    def snapshots_of(self, key: ApiKey) -> list[SnapshotInfo]:
+        return [s for s in self.engine.list_snapshots() if s.owner == key.id]
+
+    def snapshot_for(self, key: ApiKey, ref: str) -> SnapshotInfo:
+        """`key`'s snapshot whose id or name is `ref`; another key's is "not found" too."""
+        for snapshot in self.snapshots_of(key):
+            if ref in (snapshot.id, snapshot.name):
+                return snapshot
+        raise NotFound(
+            f"you have no snapshot {ref!r} (deleted, expired, or never taken)",
+            code="snapshot_not_found",
+        )
+
+    async def delete_snapshot(self, key: ApiKey, ref: str) -> None:
+        await self.engine.delete_snapshot(self.snapshot_for(key, ref).id)
 
     # -- images -----------------------------------------------------------------------------
 
@@ -306,6 +375,7 @@ class Service:
     async def prune_images(self) -> dict[str, Any]:
         """Remove the layers and blobs no key's image and no live sandbox uses."""
         keep = await self.db.image_ids()
+        keep |= {s.image for s in self.engine.list_snapshots()}  # their sandboxes need it
         in_use = self.engine.layers_in_use()
         store = self.engine.images.built
         freed = await asyncio.to_thread(store.prune, keep, in_use)
