@@ -12,12 +12,14 @@ from corral.client import (
     AsyncFiles,
     AsyncProcess,
     AsyncSandbox,
+    AsyncVolume,
     Client,
     CommandResult,
     Files,
     Process,
     ProcessExit,
     Sandbox,
+    Volume,
 )
 from corral.engine import Engine
 from corral.errors import (
@@ -44,6 +46,8 @@ from corral.errors import (
     SandboxFailed,
     SandboxNotFound,
     ServiceUnavailable,
+    VolumeInUse,
+    VolumeNotFound,
 )
 from corral.image import Image
 from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
@@ -56,6 +60,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncProcess",
     "AsyncSandbox",
+    "AsyncVolume",
     "AuthError",
     "BuildEvent",
     "BuiltImage",
@@ -94,4 +99,7 @@ __all__ = [
     "SandboxSpec",
     "SandboxState",
     "ServiceUnavailable",
+    "Volume",
+    "VolumeInUse",
+    "VolumeNotFound",
 ]

@@ -14,6 +14,7 @@ from typing import IO, Any
 from corral.client._client import AsyncClient, default_client
 from corral.client._images import build_image
 from corral.client._process import AsyncProcess, OutputCallback
+from corral.client._volumes import VolumeRef, mounts_body
 from corral.errors import CommandTimeout, FileNotFound
 from corral.image import Image
 from corral.models import BuiltImage, FileInfo, ProcessInfo, SandboxInfo, StateChange
@@ -103,6 +104,7 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         workdir: str | None = None,
         network: str = "none",
+        volumes: Mapping[str, VolumeRef] | None = None,
         pool: bool = True,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
@@ -110,8 +112,11 @@ class AsyncSandbox:
 
         `image` is a built-in image ("debian", the default, or "host"), the id or name of an
         image you built, or an `Image` recipe, built first (at once if cached).
+        `volumes` maps mount points to volumes (`AsyncVolume`, or a volume's name or id):
+        `{"/data": volume, "/ref": other.read_only()}`.
         A warm pool on the server whose template matches hands over a started sandbox, which
-        is much faster; `pool=False` insists on a fresh start.
+        is much faster; `pool=False` insists on a fresh start. Sandboxes with volumes always
+        start fresh.
         """
         client = client or default_client()
         if isinstance(image, Image):
@@ -133,6 +138,8 @@ class AsyncSandbox:
             body["image"] = image
         if workdir is not None:
             body["workdir"] = workdir
+        if volumes:
+            body["volumes"] = mounts_body(volumes)
         return cls(client, parse_info(await client.request("POST", "/v1/sandboxes", json=body)))
 
     @classmethod
