@@ -19,11 +19,13 @@ from corral.volumes import check_size
 
 
 def test_volume_specs_round_trip() -> None:
-    spec = SandboxSpec(
-        volumes=[
-            {"path": "/data", "volume": "vol-0123456789abcdef"},
-            VolumeMount("/ref", "reference", read_only=True),
-        ]
+    spec = SandboxSpec.from_dict(
+        {
+            "volumes": [
+                {"path": "/data", "volume": "vol-0123456789abcdef"},
+                VolumeMount("/ref", "reference", read_only=True),
+            ]
+        }
     )
     assert spec.volumes == (
         VolumeMount("/data", "vol-0123456789abcdef"),
@@ -75,15 +77,15 @@ def test_good_mount_paths(path: str) -> None:
 
 def test_mounts_are_unique_not_nested_and_few() -> None:
     with pytest.raises(InvalidPath, match="two volumes are mounted at /data"):
-        SandboxSpec(volumes=[VolumeMount("/data", "a"), VolumeMount("/data", "b")])
+        SandboxSpec(volumes=(VolumeMount("/data", "a"), VolumeMount("/data", "b")))
     with pytest.raises(InvalidPath, match="nested"):
-        SandboxSpec(volumes=[VolumeMount("/data", "a"), VolumeMount("/data/sub", "b")])
-    many = [VolumeMount(f"/v{i}", "a") for i in range(MAX_VOLUMES + 1)]
+        SandboxSpec(volumes=(VolumeMount("/data", "a"), VolumeMount("/data/sub", "b")))
+    many = tuple(VolumeMount(f"/v{i}", "a") for i in range(MAX_VOLUMES + 1))
     with pytest.raises(InvalidRequest, match=f"at most {MAX_VOLUMES}"):
         SandboxSpec(volumes=many)
     assert len(SandboxSpec(volumes=many[:MAX_VOLUMES]).volumes) == MAX_VOLUMES
     # The same volume twice, at two paths, is fine.
-    assert len(SandboxSpec(volumes=[VolumeMount("/a", "x"), VolumeMount("/b", "x")]).volumes) == 2
+    assert len(SandboxSpec(volumes=(VolumeMount("/a", "x"), VolumeMount("/b", "x"))).volumes) == 2
 
 
 @pytest.mark.parametrize(
@@ -105,7 +107,7 @@ def test_malformed_volumes_are_refused(bad: object) -> None:
 def test_pools_never_see_volumes() -> None:
     # A spec with volumes has the same pool key as one without: the engine must (and does)
     # skip pools for it rather than rely on the key.
-    assert pool_key(SandboxSpec(volumes=[VolumeMount("/d", "x")])) == pool_key(SandboxSpec())
+    assert pool_key(SandboxSpec(volumes=(VolumeMount("/d", "x"),))) == pool_key(SandboxSpec())
 
 
 def test_plan_stages_volumes_in_the_sandbox_directory() -> None:
