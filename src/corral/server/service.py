@@ -307,13 +307,16 @@ class Service:
 
     async def volume_for(self, key: ApiKey, ref: str) -> str:
         """The id of `key`'s volume named or numbered `ref`."""
+        return (await self._volume_entry(key, ref)).id
+
+    async def _volume_entry(self, key: ApiKey, ref: str) -> VolumeEntry:
         entry = await self.db.find_volume(key.id, ref)
         if entry is None:
             raise VolumeNotFound(
                 f"no volume {ref!r}: give the name or id of a volume you made "
                 "(corral volume list shows yours)"
             )
-        return entry.id
+        return entry
 
     async def create_volume(self, key: ApiKey, name: str, size_mb: int) -> dict[str, Any]:
         """Make an empty volume for `key`; `Conflict` (volume_exists) if it has the name."""
@@ -339,10 +342,7 @@ class Service:
         return self._describe_volume(entry, made)
 
     async def describe_volume(self, key: ApiKey, ref: str) -> dict[str, Any]:
-        entry = await self.db.find_volume(key.id, ref)
-        if entry is None:
-            await self.volume_for(key, ref)  # raises, with the message
-        assert entry is not None
+        entry = await self._volume_entry(key, ref)
         return self._describe_volume(entry, await self.engine.volume(entry.id))
 
     async def list_volumes(self, key: ApiKey) -> list[dict[str, Any]]:
