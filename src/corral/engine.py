@@ -306,20 +306,18 @@ class Engine:
     async def _adopt_all(self) -> None:
         """Adopt every sandbox recorded in the data directory (see `start`)."""
         adopted_internet = False
-        self._adopting = True
-        try:
-            for path, record in await asyncio.to_thread(self._read_records):
-                try:
-                    sandbox = await self._adopt(record)
-                except Exception as exc:  # one bad record must not keep the engine from starting
-                    log.error(
-                        "could not adopt the sandbox recorded in %s: %s", path, exc, exc_info=True
-                    )
-                    continue
-                if sandbox is not None and sandbox.alive and sandbox.spec.network == "internet":
-                    adopted_internet = True
-        finally:
-            self._adopting = False
+        self._adopting = True  # until every record is read: see `_release_volumes`
+        for path, record in await asyncio.to_thread(self._read_records):
+            try:
+                sandbox = await self._adopt(record)
+            except Exception as exc:  # one bad record must not keep the engine from starting
+                log.error(
+                    "could not adopt the sandbox recorded in %s: %s", path, exc, exc_info=True
+                )
+                continue
+            if sandbox is not None and sandbox.alive and sandbox.spec.network == "internet":
+                adopted_internet = True
+        self._adopting = False
         if adopted_internet:
             # The firewall lives in the kernel and survives the engine; writing it again is
             # idempotent and tells this engine it is there.
