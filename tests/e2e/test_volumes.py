@@ -271,7 +271,8 @@ def test_bad_volume_requests_are_clear_4xx(server: Server) -> None:
         assert http.delete("/v1/volumes/nope").status_code == 404
         assert http.delete(f"/v1/volumes/{vid}").status_code == 204
     # None of the refused creates left a sandbox behind.
-    running = Sandbox.list(state="running", client=server.client())
+    with server.client() as sdk:
+        running = Sandbox.list(state="running", client=sdk)
     assert not [s for s in running if s.spec.volumes]
 
 
