@@ -417,3 +417,25 @@ def test_cli_volumes(server: Server) -> None:
     assert removed.returncode == 0, removed.stderr
     missing = corral_cli(server, "volume", "rm", name)
     assert missing.returncode == 2 and "volume_not_found" in missing.stderr
+
+
+async def test_the_async_sdk(aclient: corral.AsyncClient) -> None:
+    name = fresh_name()
+    volume = await corral.AsyncVolume.from_name(
+        name, create_if_missing=True, size_mb=16, client=aclient
+    )
+    assert (volume.name, volume.size_mb, volume.is_read_only) == (name, 16, False)
+    assert volume.id in [v.id for v in await corral.AsyncVolume.list(client=aclient)]
+    async with await corral.AsyncSandbox.create(
+        runtime="namespaces", volumes={"/w": volume}, client=aclient
+    ) as writer:
+        assert (await writer.run("echo async > /w/f")).exit_code == 0
+        assert (await volume.refresh()).sandboxes == (writer.id,)
+    async with await corral.AsyncSandbox.create(
+        runtime="namespaces", volumes={"/r": volume.read_only()}, client=aclient
+    ) as reader:
+        assert (await reader.run("cat /r/f")).stdout == "async\n"
+        assert (await reader.info()).spec.volumes[0].read_only
+    await volume.delete()
+    with pytest.raises(corral.VolumeNotFound):
+        await corral.AsyncVolume.from_name(name, client=aclient)
