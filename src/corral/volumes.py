@@ -85,11 +85,9 @@ class VolumeStore:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def prepare(self) -> None:
-        """Make the directory (root's alone) and drop volumes whose creation never finished."""
+        """Make the directory, root's alone: nobody else has any business in volumes."""
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self.directory.chmod(0o700)
-        for partial in self.directory.glob(".new-*"):
-            mounts.remove_tree(partial)
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -214,7 +212,10 @@ class VolumeStore:
         mounts.unmount(mountpoint)
 
     async def sweep(self) -> None:
-        """Unmount every volume that no live sandbox uses (after adopting, after a crash)."""
+        """Unmount every volume that no live sandbox uses, and drop volumes whose creation a
+        crash interrupted. Only for the engine holding the data directory (after adopting)."""
+        for partial in await asyncio.to_thread(lambda: list(self.directory.glob(".new-*"))):
+            await asyncio.to_thread(mounts.remove_tree, partial)
         await self.release(await asyncio.to_thread(self.ids))
 
 
