@@ -20,6 +20,7 @@ SECTIONS: list[tuple[str, list[type]]] = [
     ("Connecting", [corral.Client, corral.AsyncClient]),
     ("Sandboxes", [corral.Sandbox, corral.AsyncSandbox]),
     ("Images", [corral.Image, corral.BuiltImage, corral.BuildEvent]),
+    ("Volumes", [corral.Volume, corral.AsyncVolume]),
     ("Commands", [corral.Process, corral.AsyncProcess, corral.CommandResult, corral.ProcessExit]),
     ("Files", [corral.Files, corral.AsyncFiles]),
     ("Data", [corral.SandboxInfo, corral.FileInfo, corral.ProcessInfo]),
@@ -64,6 +65,7 @@ ASYNC_OF: dict[type, type] = {
     corral.Sandbox: corral.AsyncSandbox,
     corral.Process: corral.AsyncProcess,
     corral.Files: corral.AsyncFiles,
+    corral.Volume: corral.AsyncVolume,
 }
 
 

@@ -67,7 +67,8 @@ async def sandbox(engine: Engine, runtime: str) -> AsyncIterator[SandboxInfo]:
 
 
 def leftovers(data_dir: Path) -> dict[str, list[str]]:
-    """What sandboxes leave on the host: their directories, cgroups, mounts, netns, processes."""
+    """What sandboxes leave on the host: their directories, cgroups, mounts (volumes' too),
+    netns, processes."""
     from corral.cgroups import ROOT, layout
 
     group = ROOT / ("memory" if layout() == "v1" else "") / "corral"
@@ -75,10 +76,12 @@ def leftovers(data_dir: Path) -> dict[str, list[str]]:
     return {
         "dirs": sorted(p.name for p in (data_dir / "sandboxes").glob("sb-*")),
         "cgroups": sorted(p.name for p in group.glob("sb-*")) if group.is_dir() else [],
-        "mounts": sorted(
-            line.split()[4]
+        "mounts": sorted(  # a volume's disk stays mounted only while a sandbox uses it
+            point
             for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if f"{data_dir}/sandboxes/" in line.split()[4]
+            if (point := line.split()[4]).startswith(
+                (f"{data_dir}/sandboxes/", f"{data_dir}/volumes/")
+            )
         ),
         "netns": sorted(p.name for p in netns.glob("sb-*")) if netns.is_dir() else [],
         "processes": sorted(

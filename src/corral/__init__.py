@@ -12,12 +12,14 @@ from corral.client import (
     AsyncFiles,
     AsyncProcess,
     AsyncSandbox,
+    AsyncVolume,
     Client,
     CommandResult,
     Files,
     Process,
     ProcessExit,
     Sandbox,
+    Volume,
 )
 from corral.engine import Engine
 from corral.errors import (
@@ -44,6 +46,8 @@ from corral.errors import (
     SandboxFailed,
     SandboxNotFound,
     ServiceUnavailable,
+    VolumeInUse,
+    VolumeNotFound,
 )
 from corral.image import Image
 from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
@@ -57,6 +61,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncProcess",
     "AsyncSandbox",
+    "AsyncVolume",
     "AuthError",
     "BuildEvent",
     "BuiltImage",
@@ -96,4 +101,7 @@ __all__ = [
     "SandboxState",
     "ServiceUnavailable",
     "SnapshotInfo",
+    "Volume",
+    "VolumeInUse",
+    "VolumeNotFound",
 ]

@@ -34,6 +34,7 @@ class Channel:
         self._window_open = asyncio.Event()
         self._window_open.set()
         self._done = False
+        self._replied = False  # a REPLY has arrived, read or not
         self._reply: dict[str, Any] | None = None
         self._unread_bytes = 0
         self._unread_messages = 0
@@ -50,6 +51,11 @@ class Channel:
             self._unread_messages += 1
             if self._unread_messages > MAX_UNREAD_MESSAGES:
                 raise P.ProtocolError(f"stream {self.id} sent too many messages")
+            if kind == P.REPLY:
+                # The guest has finished the stream, maybe early (a write that hit ENOSPC): it
+                # grants no more credit, so a sender waiting for some must stop now.
+                self._replied = True
+                self._window_open.set()
         self._inbox.put_nowait((kind, payload))
 
     def _grant(self, amount: int) -> None:
@@ -65,11 +71,11 @@ class Channel:
     async def send_data(self, kind: int, data: bytes) -> None:
         """Send `data` on this stream, waiting for credit when the guest is behind."""
         view = memoryview(data)
-        while view and not self._done:
-            while self._window <= 0 and not self._done:
+        while view and not self.finished:
+            while self._window <= 0 and not self.finished:
                 self._window_open.clear()
                 await self._window_open.wait()
-            if self._done:
+            if self.finished:
                 break
             chunk = bytes(view[: P.CHUNK])
             view = view[P.CHUNK :]
@@ -118,6 +124,11 @@ class Channel:
     @property
     def done(self) -> bool:
         return self._done
+
+    @property
+    def finished(self) -> bool:
+        """The guest has answered: sending more is pointless (`result()` says how it ended)."""
+        return self._done or self._replied
 
 
 def unwrap(reply: dict[str, Any]) -> Any:

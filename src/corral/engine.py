@@ -52,7 +52,7 @@ from corral.ids import check_id, new_id
 from corral.images import ImageStore, Progress, RootImage
 from corral.layers import export_changes
 from corral.models import ExecResult, ProcessInfo, SandboxInfo, StateChange
-from corral.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
+from corral.plan import Bind, PlanLimits, PlanNetwork, PlanVolume, SandboxPlan
 from corral.pools import POOL_FIELDS, Pools
 from corral.process import Process
 from corral.runtimes import PREFERENCE, Launch, Runtime, make_runtime
@@ -61,6 +61,7 @@ from corral.sandbox import RECORD_NAME, Sandbox
 from corral.snapshots import SnapshotInfo, SnapshotStore
 from corral.spec import MAX_TIMEOUT, SandboxSpec, check_env, check_sandbox_path
 from corral.state import EndReason, SandboxState, parse_state
+from corral.volumes import DEFAULT_SIZE_MB, VolumeInfo, VolumeStore
 
 log = logging.getLogger("corral.engine")
 
@@ -157,6 +158,7 @@ class Engine:
         self.agent_timeout = agent_timeout
         self.images = ImageStore(self.data_dir / "images")
         self.snapshots = SnapshotStore(self.data_dir / "snapshots")
+        self.volumes = VolumeStore(self.data_dir / "volumes", self._volume_users)
         self._sandboxes: dict[str, Sandbox] = {}
         self._runtimes: dict[str, Runtime] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -165,6 +167,7 @@ class Engine:
         self._watchers: dict[str, asyncio.Task[Any]] = {}
         self._on_change = on_change
         self._firewall_ready = False
+        self._adopting = False  # volumes are released by one sweep once adoption is done
         self._started = False
         self._lock_fd: int | None = None
         self._user_creates = 0  # in flight; pools fill only while there are none
@@ -289,6 +292,7 @@ class Engine:
         (self.data_dir / "images").chmod(0o711)
         self.images.built.prepare()
         self.snapshots.load()
+        self.volumes.prepare()
 
     # -- adoption -----------------------------------------------------------------------------
 
@@ -313,6 +317,7 @@ class Engine:
     async def _adopt_all(self) -> None:
         """Adopt every sandbox recorded in the data directory (see `start`)."""
         adopted_internet = False
+        self._adopting = True  # until every record is read: see `_release_volumes`
         for path, record in await asyncio.to_thread(self._read_records):
             try:
                 sandbox = await self._adopt(record)
@@ -323,6 +328,7 @@ class Engine:
                 continue
             if sandbox is not None and sandbox.alive and sandbox.spec.network == "internet":
                 adopted_internet = True
+        self._adopting = False
         if adopted_internet:
             # The firewall lives in the kernel and survives the engine; writing it again is
             # idempotent and tells this engine it is there.
@@ -330,6 +336,12 @@ class Engine:
                 await self._ensure_firewall()
             except CorralError as exc:
                 log.error("could not reinstall the sandbox firewall: %s", exc)
+        # Only now that every live sandbox is known: volumes nobody uses any more (their last
+        # sandbox ended while no engine ran) are unmounted, the others stay as they are.
+        try:
+            await self.volumes.sweep()
+        except CorralError as exc:
+            log.error("could not unmount unused volumes: %s", exc)
         self._wake_reaper.set()
 
     async def _adopt(self, record: dict[str, Any]) -> Sandbox | None:
@@ -465,7 +477,8 @@ class Engine:
         restore_from = None
         if snapshot is not None:
             taken = self.snapshots.get(check_id(snapshot, "sn"))
-            fixed = {name: getattr(taken.spec, name) for name in POOL_FIELDS}
+            # What is fixed at start, and the volumes its processes may have open.
+            fixed = {name: getattr(taken.spec, name) for name in (*POOL_FIELDS, "volumes")}
             spec = dataclasses.replace(spec, env={**taken.spec.env, **spec.env}, **fixed)
             restore_from, pool = taken.path, False
         runtime = self.check_runtime(spec.runtime or self.default_runtime)
@@ -478,7 +491,11 @@ class Engine:
                 f"(this one: {runtime.name}, network {spec.network}); use 'pause' or 'terminate'",
                 code="not_supported",
             )
-        if pool:
+        for mount in spec.volumes:
+            self.volumes.require(check_id(mount.volume, "vol"))
+        # Volumes are mounted when a sandbox starts, so a pooled sandbox (started without
+        # them) can never serve a create that has some.
+        if pool and not spec.volumes:
             claimed = self.pools.claim(spec)
             if claimed is not None:
                 self._last_use = time.monotonic()
@@ -526,6 +543,8 @@ class Engine:
             # crash in the middle would leave.
             await asyncio.to_thread(self._make_dir_and_save, sandbox)
             stages.mark("record")
+            if plan.volumes:  # registered above, so no `release` unmounts them under us
+                await self.volumes.acquire(v.volume_id for v in plan.volumes)
             await asyncio.to_thread(runtime.create, plan)
             stages.mark("runtime_create")
             await sandbox.link.listen()
@@ -545,6 +564,8 @@ class Engine:
             await sandbox.link.close()
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(runtime.destroy, plan)
+            with contextlib.suppress(Exception):
+                await self._release_volumes(sandbox)
             if isinstance(exc, CorralError | asyncio.CancelledError):
                 raise
             raise SandboxFailed(f"could not create the sandbox: {exc}") from exc
@@ -563,6 +584,8 @@ class Engine:
         network); env, metadata, workdir and lifetime come from each request.
         """
         self._require_started()
+        if template.volumes:
+            raise InvalidRequest("a pool's sandboxes cannot mount volumes; create those directly")
         runtime = self.check_runtime(template.runtime or self.default_runtime)
         return self.pools.configure(name, template.with_runtime(runtime.name), size).to_dict()
 
@@ -658,6 +681,10 @@ class Engine:
             uid_slot=userns.pick_slot({sb.plan.uid_slot for sb in live}),
             agent_dir=str(self.data_dir / "agent"),
             hostname=sandbox_id,
+            volumes=tuple(
+                PlanVolume(m.volume, str(self.volumes.mountpoint(m.volume)), m.path, m.read_only)
+                for m in spec.volumes
+            ),
         )
 
     async def _ensure_firewall(self) -> None:
@@ -767,6 +794,7 @@ class Engine:
                 detail = f"{detail or ''} (cleanup failed: {exc.message})".strip()
             sandbox.end(reason, detail)
             self._forget_old()
+        await self._release_volumes(sandbox)
         # The watcher reaps the runtime's process once it has gone; let it finish.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sandbox.exited.wait(), 10)
@@ -1357,3 +1385,38 @@ class Engine:
         start = time.perf_counter()
         await sandbox.link.call(P.PING, {})
         return time.perf_counter() - start
+
+    # -- volumes ----------------------------------------------------------------------------
+
+    async def create_volume(self, size_mb: int = DEFAULT_SIZE_MB) -> VolumeInfo:
+        """A new, empty volume of `size_mb` MiB (its quota), for sandboxes to mount."""
+        self._require_started()
+        return await self.volumes.create(size_mb)
+
+    async def volume(self, volume_id: str) -> VolumeInfo:
+        """Size, usage and the live sandboxes mounting a volume (`VolumeNotFound` if none)."""
+        return await self.volumes.info(volume_id)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume and its files; `VolumeInUse` while live sandboxes mount it."""
+        self._require_started()
+        await self.volumes.delete(volume_id)
+
+    def _volume_users(self, volume_id: str) -> list[str]:
+        """Live sandboxes (being created included) that mount `volume_id`."""
+        return [
+            sandbox.id
+            for sandbox in self._sandboxes.values()
+            if sandbox.alive and any(v.volume_id == volume_id for v in sandbox.plan.volumes)
+        ]
+
+    async def _release_volumes(self, sandbox: Sandbox) -> None:
+        """After `sandbox` ended: unmount its volumes from the host unless others use them.
+
+        Not while adopting: a sandbox not yet adopted may use them (`_adopt_all` sweeps after).
+        """
+        if sandbox.plan.volumes and not self._adopting:
+            try:
+                await self.volumes.release(v.volume_id for v in sandbox.plan.volumes)
+            except CorralError as exc:  # they stay mounted; the next sweep tries again
+                log.error("could not unmount the volumes of %s: %s", sandbox.id, exc)

@@ -11,11 +11,13 @@ says what happened and what to do about it.
     ├── NotFound                   404 not_found
     │   ├── SandboxNotFound        404 sandbox_not_found
     │   ├── FileNotFound           404 file_not_found
-    │   └── ImageNotFound          404 image_not_found
+    │   ├── ImageNotFound          404 image_not_found
+    │   └── VolumeNotFound         404 volume_not_found
     ├── CommandTimeout             408 command_timeout
     ├── Conflict                   409 conflict
     │   ├── InvalidState           409 invalid_state
-    │   └── FileExists             409 file_exists
+    │   ├── FileExists             409 file_exists
+    │   └── VolumeInUse            409 volume_in_use
     ├── PayloadTooLarge            413 payload_too_large
     ├── RuntimeUnavailable         422 runtime_unavailable
     ├── LimitReached               429 limit_reached
@@ -110,6 +112,12 @@ class ImageNotFound(NotFound):
     default_code = "image_not_found"
 
 
+class VolumeNotFound(NotFound):
+    """No volume has this name or id (or it belongs to another API key)."""
+
+    default_code = "volume_not_found"
+
+
 class CommandTimeout(CorralError):
     """A command ran past its timeout and was killed; `result` holds what it printed."""
 
@@ -135,6 +143,12 @@ class FileExists(Conflict):
     """Something already exists at this path inside the sandbox."""
 
     default_code = "file_exists"
+
+
+class VolumeInUse(Conflict):
+    """The volume is mounted by live sandboxes (named in the message); end them first."""
+
+    default_code = "volume_in_use"
 
 
 class PayloadTooLarge(CorralError):

@@ -70,7 +70,7 @@ class SandboxFiles:
                 await channel.send_data(P.FILE, data)
             else:
                 async for chunk in data:
-                    if channel.done:
+                    if channel.finished:
                         break
                     await channel.send_data(P.FILE, chunk)
             await channel.send_eof(P.FILE)

@@ -39,6 +39,7 @@ OPEN_TREE_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x00000001
 MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
@@ -109,11 +110,12 @@ def remove_tree(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def idmapped_bind(source: Path, target: Path, userns_fd: int) -> None:
+def idmapped_bind(source: Path, target: Path, userns_fd: int, *, readonly: bool = False) -> None:
     """Bind `source` at `target`, with ownership translated through `userns_fd`'s uid map.
 
     A file owned by host uid 0 appears owned by whatever host uid the namespace maps its root
-    to, so the sandbox's (unprivileged) root owns its root filesystem.
+    to, so the sandbox's (unprivileged) root owns its root filesystem. `readonly` makes the
+    new mount itself read-only, whatever the runtime later does with it.
     """
     tree = _check(
         _libc.syscall(
@@ -125,7 +127,8 @@ def idmapped_bind(source: Path, target: Path, userns_fd: int) -> None:
         f"open_tree {source}",
     )
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        flags = MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if readonly else 0)
+        attr = _MountAttr(flags, 0, 0, userns_fd)
         _check(
             _libc.syscall(
                 SYS_MOUNT_SETATTR,
@@ -156,34 +159,67 @@ def overlay(lower: Sequence[Path], upper: Path, work: Path, target: Path) -> Non
     mount("overlay", target, "overlay", MS_NODEV | MS_NOSUID, options)
 
 
-def create_disk(image: Path, size_mb: int, mountpoint: Path) -> None:
-    """Make a sparse ext4 disk of `size_mb` MiB at `image` and mount it at `mountpoint`.
+def format_disk(image: Path, size_mb: int, *, journal: bool = False) -> None:
+    """Make a sparse ext4 disk of `size_mb` MiB at `image` (it takes only what is written).
 
-    The file takes only the space actually written. No journal: a sandbox's writable layer is
-    as ephemeral as the sandbox; no root reserve: the sandbox may use all of its quota.
+    No root reserve: its user may fill all of it. A journal only where the data must survive
+    a host crash (volumes); a sandbox's writable layer is as ephemeral as the sandbox.
     """
     with image.open("wb") as handle:
         handle.truncate(size_mb * 1024 * 1024)
-    _run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-O",
-            "^has_journal",
-            "-E",
-            "lazy_itable_init=1,nodiscard",
-            str(image),
-        ],
-        "format the sandbox disk",
-    )
+    features = ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+    if not journal:
+        features = ["-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"]
+    _run(["mkfs.ext4", "-q", "-F", "-m", "0", *features, str(image)], "format the disk")
+
+
+def create_disk(image: Path, size_mb: int, mountpoint: Path) -> None:
+    """Make a sparse ext4 disk of `size_mb` MiB at `image` and mount it at `mountpoint`.
+
+    The disk's size is the sandbox's quota: a full disk is ENOSPC inside.
+    """
+    format_disk(image, size_mb)
     mountpoint.mkdir(exist_ok=True)
     _run(
         ["mount", "-o", "loop,nodev,nosuid,noatime", str(image), str(mountpoint)],
         "mount the sandbox disk",
     )
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether something is mounted exactly at `path` (bind mounts included)."""
+    return Path(os.path.realpath(path)) in mounts_under(path)
+
+
+def loop_device_of(image: Path) -> str | None:
+    """The loop device already backed by the file `image`, if any (from /sys/block).
+
+    A disk image must have one filesystem instance at a time: mounting it through a second
+    loop device would give two independent ext4 instances writing one disk, and corrupt it.
+    """
+    wanted = os.path.realpath(image)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().rstrip("\n") == wanted:
+                return "/dev/" + backing.parent.parent.name
+        except OSError:
+            continue  # detached meanwhile
+    return None
+
+
+def mount_disk(image: Path, mountpoint: Path) -> None:
+    """Mount the ext4 disk `image` at `mountpoint` (nodev, nosuid), reusing its loop device.
+
+    If the disk is still attached (its filesystem kept alive by a mount elsewhere), that same
+    device is mounted, so the kernel hands back the same filesystem instance.
+    """
+    options = "nodev,nosuid,noatime"
+    device = loop_device_of(image)
+    if device is None:
+        argv = ["mount", "-o", f"loop,{options}", str(image), str(mountpoint)]
+    else:
+        argv = ["mount", "-o", options, device, str(mountpoint)]
+    _run(argv, f"mount the disk {image.name}")
 
 
 def _run(argv: list[str], what: str) -> None:

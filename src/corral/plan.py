@@ -35,6 +35,18 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class PlanVolume:
+    """A persistent volume in the sandbox: `source` is its filesystem, mounted on the host by
+    the engine (`corral.volumes`); the runtime binds it at `target` through an idmapped mount
+    staged in the sandbox's directory (`SandboxPlan.volume_binds`)."""
+
+    volume_id: str
+    source: str  # host mount point of the volume's disk
+    target: str  # sandbox path
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class PlanLimits:
     """Resource limits, in the units the kernel wants."""
 
@@ -74,6 +86,7 @@ class SandboxPlan:
     agent_dir: str  # host directory holding the guest agent's code
     hostname: str = "sandbox"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    volumes: tuple[PlanVolume, ...] = ()
 
     # Paths derived from `directory`; nothing else decides where a sandbox's files live.
     @property
@@ -104,6 +117,15 @@ class SandboxPlan:
     @property
     def rootfs(self) -> Path:
         return self.dir / "rootfs"
+
+    @property
+    def volume_binds(self) -> tuple[Bind, ...]:
+        """Each volume as the runtime binds it: from its staged, idmapped mount (made by
+        `runtimes.base.prepare_host` under ``volumes/N``), never from the volume's own mount."""
+        return tuple(
+            Bind(str(self.dir / "volumes" / str(index)), volume.target, volume.readonly)
+            for index, volume in enumerate(self.volumes)
+        )
 
     @property
     def etc_binds(self) -> list[tuple[str, str]]:
@@ -149,6 +171,8 @@ class SandboxPlan:
         values = dict(data)
         values["layers"] = tuple(values["layers"])
         values["binds"] = tuple(Bind(**b) for b in values["binds"])
+        # Records written before volumes existed have none.
+        values["volumes"] = tuple(PlanVolume(**v) for v in values.get("volumes", ()))
         values["limits"] = PlanLimits(**values["limits"])
         network = dict(values["network"])
         network["nameservers"] = tuple(network.get("nameservers", ()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
@@ -30,6 +30,20 @@ CPU_RANGE = (0.05, 256.0)
 MEMORY_MB_RANGE = (32, 1024 * 1024)
 DISK_MB_RANGE = (16, 4 * 1024 * 1024)
 PROCESSES_RANGE = (8, 1 << 20)
+
+MAX_VOLUMES = 16  # per sandbox
+# Where a volume may not be mounted: the kernel's and the runtime's own filesystems, and the
+# directory of the guest agent and its socket. A volume on, above or below one of these would
+# hide it (or be hidden by it), so the sandbox would not start or would not behave.
+RESERVED_PATHS = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run/corral",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/ssl/certs/ca-certificates.crt",
+)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_ENV_BYTES = 1 << 20
@@ -53,6 +67,93 @@ def check_sandbox_path(path: str, what: str = "path") -> str:
     if len(path.encode()) > 4096:
         raise InvalidPath(f"{what} is longer than 4096 bytes")
     return path
+
+
+def check_mount_path(path: str) -> str:
+    """Return `path` if a volume may be mounted there, else raise `InvalidPath` saying why.
+
+    Unlike command paths, mount points must be normal: absolute, no `.` or `..` parts, no
+    doubled or trailing slashes. The runtimes create the mount point inside the sandbox's own
+    root filesystem, so a symlink on the way is resolved there, never on the host.
+    """
+    check_sandbox_path(path, "volume path")
+    parts = path.split("/")[1:]
+    if path == "/":
+        raise InvalidPath("a volume cannot be mounted at /; choose a directory such as /data")
+    if any(part in ("", ".", "..") for part in parts):
+        raise InvalidPath(
+            f"volume path {path!r} must be a normal absolute path "
+            "(no '.', '..', doubled or trailing '/'), such as /data"
+        )
+    for reserved in RESERVED_PATHS:
+        if _overlaps(path, reserved):
+            raise InvalidPath(
+                f"a volume cannot be mounted at {path}: it would hide or be hidden by "
+                f"{reserved}, which the sandbox needs; choose another directory such as /data"
+            )
+    return path
+
+
+def _overlaps(path: str, other: str) -> bool:
+    """Whether one of two normal absolute paths is the other or lies below it."""
+    return path == other or path.startswith(other + "/") or other.startswith(path + "/")
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """One volume in a sandbox: which volume (its id, or a name the server resolves to the
+    id), where it appears, and whether the sandbox may write to it."""
+
+    path: str
+    volume: str
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        check_mount_path(self.path)
+        if not isinstance(self.volume, str) or not 0 < len(self.volume) <= 128:
+            raise InvalidRequest(
+                f"the volume for {self.path} must be a volume's name or id (1 to 128 characters)"
+            )
+        if not isinstance(self.read_only, bool):
+            raise InvalidRequest(f"read_only for {self.path} must be true or false")
+
+    @classmethod
+    def parse(cls, value: Any) -> VolumeMount:
+        """A mount from itself or from plain data `{path, volume, read_only}`."""
+        if isinstance(value, VolumeMount):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidRequest("each volume must be an object {path, volume, read_only}")
+        unknown = sorted(set(value) - {"path", "volume", "read_only"})
+        if unknown or "path" not in value or "volume" not in value:
+            raise InvalidRequest(
+                "each volume must be an object {path, volume, read_only}"
+                + (f"; unknown field(s) {', '.join(map(str, unknown))}" if unknown else "")
+            )
+        return cls(value["path"], value["volume"], value.get("read_only", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "volume": self.volume, "read_only": self.read_only}
+
+
+def check_volumes(volumes: Any) -> tuple[VolumeMount, ...]:
+    """Validate a sandbox's volumes: at most `MAX_VOLUMES`, each path unique and not inside
+    another's (a mount point inside a volume would be made in that volume's files)."""
+    if isinstance(volumes, str | bytes | Mapping) or not isinstance(volumes, Sequence):
+        raise InvalidRequest("volumes must be a list of {path, volume, read_only} objects")
+    mounts = tuple(VolumeMount.parse(v) for v in volumes)
+    if len(mounts) > MAX_VOLUMES:
+        raise InvalidRequest(f"a sandbox can mount at most {MAX_VOLUMES} volumes")
+    for index, mount in enumerate(mounts):
+        for other in mounts[:index]:
+            if mount.path == other.path:
+                raise InvalidPath(f"two volumes are mounted at {mount.path}; give each its own")
+            if _overlaps(mount.path, other.path):
+                raise InvalidPath(
+                    f"volume paths {other.path} and {mount.path} are nested; "
+                    "mount volumes side by side, such as /data and /ref"
+                )
+    return mounts
 
 
 def check_env(env: Mapping[str, str], what: str = "env") -> dict[str, str]:
@@ -108,6 +209,8 @@ class SandboxSpec:
     on_idle: IdleAction = "pause"
     keep_alive: bool = False  # never idle, whatever idle_timeout says
     on_timeout: TimeoutAction = "terminate"  # when the lifetime runs out
+    # Mounted at start, so never served from a warm pool (see `corral.pools`).
+    volumes: tuple[VolumeMount, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image:
@@ -152,6 +255,7 @@ class SandboxSpec:
             if not isinstance(key, str) or not isinstance(value, str) or len(key) > 256:
                 raise InvalidRequest("metadata keys and values must be strings (keys ≤ 256 chars)")
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        object.__setattr__(self, "volumes", check_volumes(self.volumes))
 
     def with_runtime(self, runtime: str) -> SandboxSpec:
         """A copy of this spec that names `runtime` explicitly."""
@@ -176,6 +280,7 @@ class SandboxSpec:
             "on_idle": self.on_idle,
             "keep_alive": self.keep_alive,
             "on_timeout": self.on_timeout,
+            "volumes": [mount.to_dict() for mount in self.volumes],
         }
 
     @classmethod

@@ -1,10 +1,11 @@
 """The store: what must outlive the server process, kept in SQLite (or any SQLAlchemy database).
 
-Two tables for now. `api_keys` holds each key's SHA-256 digest, never the key itself (keys are
+`api_keys` holds each key's SHA-256 digest, never the key itself (keys are
 256 random bits, so a fast hash is as safe as a slow one and keeps every request cheap).
 `sandboxes` is the service's catalogue: which key owns which sandbox, its spec, and its state and
 end reason, which stay readable for `ENDED_RETENTION` after the sandbox ended. The engine keeps
 its own per-sandbox runtime record next to each sandbox; this is the tenant-facing view.
+`images` and `volumes` say which key owns which image and volume, and the names it gave them.
 
 The schema is created and upgraded by the Alembic migrations in `corral.migrations`.
 """
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    Integer,
     String,
     Text,
     delete,
@@ -38,10 +40,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from corral.errors import ImageNotFound, InvalidRequest, NotFound
+from corral.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
 from corral.ids import new_id
 from corral.models import SandboxInfo, StateChange
 from corral.spec import SandboxSpec
@@ -86,6 +89,31 @@ class ImageEntry:
     id: str
     name: str | None
     created_at: float
+
+
+class VolumeRow(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (Index("ix_volumes_owner_name", "owner", "name", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    size_mb: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class VolumeEntry:
+    """A volume as its key sees it in the store (its usage is the engine's to tell)."""
+
+    id: str
+    name: str
+    size_mb: int
+    created_at: float
+
+
+def _volume(row: VolumeRow) -> VolumeEntry:
+    return VolumeEntry(row.id, row.name, row.size_mb, row.created_at)
 
 
 class SandboxRow(Base):
@@ -354,6 +382,41 @@ class Store:
         """Every image some key still has: what pruning keeps."""
         async with self._session() as session:
             return set(await session.scalars(select(ImageRow.id)))
+
+    # -- volumes ----------------------------------------------------------------------------
+
+    async def add_volume(self, owner: str, entry: VolumeEntry) -> None:
+        """Record `owner`'s new volume; `Conflict` (volume_exists) if the name is taken."""
+        try:
+            async with self._session.begin() as session:
+                session.add(VolumeRow(owner=owner, **entry.__dict__))
+        except IntegrityError as exc:
+            raise Conflict(
+                f"you already have a volume named {entry.name!r}", code="volume_exists"
+            ) from exc
+
+    async def find_volume(self, owner: str, ref: str) -> VolumeEntry | None:
+        """`owner`'s volume whose id or name is `ref` (another key's is None, like no volume)."""
+        async with self._session() as session:
+            row = await session.scalar(
+                select(VolumeRow).where(
+                    VolumeRow.owner == owner, (VolumeRow.id == ref) | (VolumeRow.name == ref)
+                )
+            )
+        return _volume(row) if row is not None else None
+
+    async def list_volumes(self, owner: str) -> list[VolumeEntry]:
+        async with self._session() as session:
+            rows = await session.scalars(
+                select(VolumeRow).where(VolumeRow.owner == owner).order_by(VolumeRow.created_at)
+            )
+            return [_volume(row) for row in rows]
+
+    async def remove_volume(self, owner: str, volume_id: str) -> None:
+        async with self._session.begin() as session:
+            await session.execute(
+                delete(VolumeRow).where(VolumeRow.owner == owner, VolumeRow.id == volume_id)
+            )
 
     # -- sandboxes --------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
     corral keys create|list|revoke       manage API keys (on the server's machine)
     corral doctor                        which runtimes this machine can run
     corral image build FILE.py:VAR       build an image (list, rm, prune)
+    corral volume create|list|rm         persistent volumes (mount with --volume NAME:/path[:ro])
     corral sandbox create|list|info|kill|timeout
     corral run [OPTIONS] -- CMD ...      run one command in a fresh sandbox, then end it
     corral exec ID -- CMD ...            run a command in a sandbox, streaming its output
@@ -13,11 +14,11 @@
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
 
-from corral.cli import _images, _local, _remote
+from corral.cli import _images, _local, _remote, _volumes
 from corral.cli._common import app
 
 __all__ = ["app", "main"]
-_commands = (_images, _local, _remote)  # importing them registers their commands
+_commands = (_images, _local, _remote, _volumes)  # importing them registers their commands
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import typer
 from rich.table import Column, Table
 
 from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, session
+from corral.cli._volumes import Volumes, volume_mounts
 from corral.client import Process, Sandbox
 from corral.errors import CorralError, InvalidRequest
 
@@ -70,6 +71,7 @@ def sandbox_create(
     network: str = typer.Option("none", help="none or internet."),
     env: Pairs = None,
     metadata: Pairs = None,
+    volume: Volumes = None,
     no_pool: NoPool = False,
     url: Url = None,
     api_key: ApiKey = None,
@@ -77,6 +79,7 @@ def sandbox_create(
 ) -> None:
     """Create a sandbox and print its id."""
     with session(url, api_key) as sdk, console.status("creating sandbox…"):
+        mounts = volume_mounts(volume, sdk)
         sandbox = Sandbox.create(
             image,
             runtime,
@@ -87,6 +90,7 @@ def sandbox_create(
             env=_pairs(env, "env"),
             metadata=_pairs(metadata, "metadata"),
             network=network,
+            volumes=mounts,
             pool=not no_pool,
             client=sdk,
         )
@@ -149,6 +153,9 @@ def sandbox_info(
         "image": spec.image,
         "limits": f"{spec.cpu:g} cpu, {spec.memory_mb} MiB memory, {spec.disk_mb} MiB disk",
         "network": spec.network,
+        "volumes": " ".join(
+            f"{m.volume}:{m.path}{':ro' if m.read_only else ''}" for m in spec.volumes
+        ),
         "created": _when(info.created_at),
         "expires": _when(info.expires_at),
         "metadata": " ".join(f"{k}={v}" for k, v in info.metadata.items()),
@@ -227,6 +234,7 @@ def run(
     memory: int = typer.Option(512, help="Memory limit in MiB."),
     cpu: float = typer.Option(1.0, help="CPU limit in cores."),
     timeout: float = typer.Option(300, help="Lifetime of the sandbox in seconds."),
+    volume: Volumes = None,
     no_pool: NoPool = False,
     url: Url = None,
     api_key: ApiKey = None,
@@ -242,6 +250,7 @@ def run(
                 memory_mb=memory,
                 timeout=timeout,
                 network=network,
+                volumes=volume_mounts(volume, sdk),
                 pool=not no_pool,
                 client=sdk,
             )

@@ -14,6 +14,7 @@ from typing import IO, Any
 from corral.client._client import AsyncClient, default_client
 from corral.client._images import build_image
 from corral.client._process import AsyncProcess, OutputCallback
+from corral.client._volumes import VolumeRef, mounts_body
 from corral.errors import CommandTimeout, FileNotFound
 from corral.image import Image
 from corral.models import BuiltImage, FileInfo, ProcessInfo, SandboxInfo, StateChange
@@ -110,6 +111,7 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         workdir: str | None = None,
         network: str = "none",
+        volumes: Mapping[str, VolumeRef] | None = None,
         pool: bool = True,
         auto_resume: bool = True,
         idle_timeout: float | None = None,
@@ -129,8 +131,11 @@ class AsyncSandbox:
         ending it. See docs/lifecycle.md. `snapshot` (a `SnapshotInfo`, or an id or name)
         starts the sandbox where that snapshot's sandbox was, with its image, runtime and
         resources (gvisor).
+        `volumes` maps mount points to volumes (`AsyncVolume`, or a volume's name or id):
+        `{"/data": volume, "/ref": other.read_only()}`.
         A warm pool on the server whose template matches hands over a started sandbox, which
-        is much faster; `pool=False` insists on a fresh start.
+        is much faster; `pool=False` insists on a fresh start. Sandboxes with volumes always
+        start fresh.
         """
         client = client or default_client()
         if isinstance(image, Image):
@@ -161,6 +166,8 @@ class AsyncSandbox:
             for name in ("runtime", "cpu", "memory_mb", "disk_mb", "network", "image"):
                 body.pop(name, None)
             body["snapshot"] = snapshot.id if isinstance(snapshot, SnapshotInfo) else snapshot
+        if volumes:
+            body["volumes"] = mounts_body(volumes)
         return cls(client, parse_info(await client.request("POST", "/v1/sandboxes", json=body)))
 
     @classmethod

@@ -28,6 +28,7 @@ from corral.client import _images
 from corral.client._client import AsyncClient
 from corral.client._process import AsyncOutput, AsyncProcess, ProcessExit
 from corral.client._sandbox import AsyncFiles, AsyncSandbox, CommandResult
+from corral.client._volumes import AsyncVolume
 from corral.image import Image
 from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
 from corral.snapshots import SnapshotInfo
@@ -220,6 +221,7 @@ class Sandbox:
         metadata: Mapping[str, str] | None = None,
         workdir: str | None = None,
         network: str = "none",
+        volumes: Mapping[str, Volume | str] | None = None,
         pool: bool = True,
         auto_resume: bool = True,
         idle_timeout: float | None = None,
@@ -229,8 +231,16 @@ class Sandbox:
         snapshot: str | SnapshotInfo | None = None,
         client: Client | None = None,
     ) -> Sandbox:
-        """Create a sandbox and return once it can run commands."""
+        """Create a sandbox and return once it can run commands.
+
+        `volumes` maps mount points to volumes (`Volume`, or a volume's name or id):
+        `{"/data": volume, "/ref": other.read_only()}`.
+        """
         sync = _client(client)
+        mounts = {
+            path: volume._async if isinstance(volume, Volume) else volume
+            for path, volume in (volumes or {}).items()
+        }
         created = sync.call(
             AsyncSandbox.create(
                 image,
@@ -243,6 +253,7 @@ class Sandbox:
                 metadata=metadata,
                 workdir=workdir,
                 network=network,
+                volumes=mounts,
                 pool=pool,
                 auto_resume=auto_resume,
                 idle_timeout=idle_timeout,
@@ -359,6 +370,104 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         self.terminate()
+
+
+class Volume:
+    """A persistent volume, for synchronous code (see `AsyncVolume` for details).
+
+    Example:
+        >>> data = corral.Volume.from_name("data", create_if_missing=True)
+        >>> with corral.Sandbox.create(volumes={"/data": data}) as sandbox:
+        ...     sandbox.run("echo kept > /data/notes.txt")
+        >>> with corral.Sandbox.create(volumes={"/data": data.read_only()}) as sandbox:
+        ...     sandbox.run("cat /data/notes.txt").stdout
+        'kept\\n'
+    """
+
+    def __init__(self, client: Client, volume: AsyncVolume) -> None:
+        self.client = client
+        self._async = volume
+
+    @property
+    def id(self) -> str:
+        """The volume's id (`vol-…`)."""
+        return self._async.id
+
+    @property
+    def name(self) -> str:
+        """Its name, unique among your volumes."""
+        return self._async.name
+
+    @property
+    def size_mb(self) -> int:
+        """Its size in MiB, which is its quota."""
+        return self._async.size_mb
+
+    @property
+    def created_at(self) -> float:
+        """When it was made (Unix time)."""
+        return self._async.created_at
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes its files take, as of when fetched (`refresh()` fetches again)."""
+        return self._async.used_bytes
+
+    @property
+    def sandboxes(self) -> tuple[str, ...]:
+        """Your live sandboxes that mount it, as of when fetched."""
+        return self._async.sandboxes
+
+    @property
+    def is_read_only(self) -> bool:
+        """Whether this handle mounts the volume read-only."""
+        return self._async.is_read_only
+
+    def __repr__(self) -> str:
+        mode = " read-only" if self.is_read_only else ""
+        return f"<Volume {self.id} {self.name!r} {self.size_mb} MiB{mode}>"
+
+    @classmethod
+    def create(cls, name: str, *, size_mb: int = 1024, client: Client | None = None) -> Volume:
+        """Make an empty volume (see `AsyncVolume.create`)."""
+        sync = _client(client)
+        return cls(sync, sync.call(AsyncVolume.create(name, size_mb=size_mb, client=sync._async)))
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        *,
+        create_if_missing: bool = False,
+        size_mb: int = 1024,
+        client: Client | None = None,
+    ) -> Volume:
+        """Your volume by name or id, made if missing and asked to (see `AsyncVolume`)."""
+        sync = _client(client)
+        found = sync.call(
+            AsyncVolume.from_name(
+                name, create_if_missing=create_if_missing, size_mb=size_mb, client=sync._async
+            )
+        )
+        return cls(sync, found)
+
+    @classmethod
+    def list(cls, *, client: Client | None = None) -> builtins.list[Volume]:
+        """Your volumes, oldest first."""
+        sync = _client(client)
+        return [cls(sync, v) for v in sync.call(AsyncVolume.list(client=sync._async))]
+
+    def refresh(self) -> Volume:
+        """The volume as it is now (usage, sandboxes mounting it)."""
+        return Volume(self.client, self.client.call(self._async.refresh()))
+
+    def delete(self) -> None:
+        """Delete the volume and its files (`VolumeInUse` while sandboxes mount it)."""
+        self.client.call(self._async.delete())
+
+    def read_only(self) -> Volume:
+        """A handle on the same volume that sandboxes mount read-only."""
+        return Volume(self.client, self._async.read_only())
 
 
 class Output:

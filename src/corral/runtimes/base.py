@@ -179,6 +179,11 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     writes its /etc files, makes its network namespace if it has internet, and stages each
     image layer under ``lower/N`` through an idmapped mount: files root owns on the host appear
     owned by the sandbox's own root (its unprivileged host uid, mapped by `userns_fd`).
+
+    Each volume is staged the same way under ``volumes/N`` (see `SandboxPlan.volume_binds`),
+    read-only at the mount itself when the sandbox may not write. Volumes keep their files'
+    owners as uids inside sandboxes (0 for root): each sandbox's own mapping translates them,
+    so a file root wrote in one sandbox belongs to root in every other, under either runtime.
     """
     plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     plan.socket_dir.mkdir(mode=0o755, exist_ok=True)
@@ -192,6 +197,16 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
         lower.mkdir(parents=True, exist_ok=True)
         mounts.idmapped_bind(Path(layer), lower, userns_fd)
         lowers.append(lower)
+    for volume, bind in zip(plan.volumes, plan.volume_binds, strict=True):
+        source = Path(volume.source)
+        # The engine mounts the volume before the runtime runs; binding an empty directory
+        # instead would let the sandbox write into the host's data directory.
+        if not mounts.is_mount_point(source):
+            raise SandboxFailed(f"volume {volume.volume_id} is not mounted", code="mount_failed")
+        staged = Path(bind.source)
+        staged.parent.mkdir(mode=0o711, exist_ok=True)
+        staged.mkdir(mode=0o700, exist_ok=True)
+        mounts.idmapped_bind(source, staged, userns_fd, readonly=volume.readonly)
     return lowers
 
 

@@ -170,7 +170,7 @@ class GVisorRuntime(Runtime):
                     "source": b.source,
                     "options": ro if b.readonly else ["rbind", "rw", "nosuid", "nodev"],
                 }
-                for b in plan.binds
+                for b in (*plan.binds, *plan.volume_binds)
             ),
         ]
         net: dict[str, str] = {"type": "network"}

@@ -150,7 +150,7 @@ class NamespacesRuntime(Runtime):
         ]
         if plan.network.policy != "internet":
             argv.append("--unshare-net")
-        for bind in plan.binds:
+        for bind in (*plan.binds, *plan.volume_binds):
             argv += ["--ro-bind" if bind.readonly else "--bind", bind.source, bind.target]
         for source, target in plan.etc_binds:
             argv += ["--ro-bind", source, target]

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from corral.runtimes import PREFERENCE
-from corral.server import errors, files, images, routes, stream
+from corral.server import errors, files, images, routes, stream, volumes
 from corral.server.auth import ServiceDep
 from corral.server.schemas import ErrorOut, Health
 from corral.server.service import ServerConfig, Service
@@ -56,6 +56,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(files.router)
     app.include_router(stream.router)
     app.include_router(images.router)
+    app.include_router(volumes.router)
 
     @app.get("/healthz", tags=["server"])
     async def healthz(service: ServiceDep) -> Health:

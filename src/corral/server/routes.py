@@ -45,10 +45,11 @@ async def create_sandbox(body: CreateSandbox, key: Key, service: ServiceDep) -> 
     """Create a sandbox and return once it can run commands."""
     fields = body.model_dump()
     pool, snapshot = fields.pop("pool"), fields.pop("snapshot")
-    fixed = sorted(body.model_fields_set & set(POOL_FIELDS))
+    from_snapshot = (*POOL_FIELDS, "volumes")
+    fixed = sorted(body.model_fields_set & set(from_snapshot))
     if snapshot is not None and fixed:
         raise InvalidRequest(
-            f"a sandbox from a snapshot has the snapshot's {', '.join(POOL_FIELDS)}; "
+            f"a sandbox from a snapshot has the snapshot's {', '.join(from_snapshot)}; "
             f"leave out {', '.join(fixed)}"
         )
     spec = SandboxSpec.from_dict(fields)

@@ -20,6 +20,14 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class VolumeMountBody(Request):
+    """One volume in a sandbox's spec."""
+
+    path: str = Field(description="absolute mount point inside the sandbox, such as /data")
+    volume: str = Field(description="the volume's name or id (an id in answers)")
+    read_only: bool = False
+
+
 class SpecBody(Request):
     """A sandbox's spec. Omitted fields take the secure defaults."""
 
@@ -45,6 +53,9 @@ class SpecBody(Request):
         "terminate", description="what happens when the lifetime runs out"
     )
     metadata: dict[str, str] = Field(default_factory=dict)
+    volumes: list[VolumeMountBody] = Field(
+        default_factory=list, description="persistent volumes to mount (at most 16)"
+    )
 
 
 class CreateSandbox(SpecBody):
@@ -340,3 +351,19 @@ class BlobOut(BaseModel):
 
 class SnapshotFilesystem(Request):
     name: str | None = Field(None, description="name the new image")
+
+
+class CreateVolume(Request):
+    """POST /v1/volumes."""
+
+    name: str = Field(description="unique among your volumes: a-z, 0-9, '.', '_', '-'")
+    size_mb: int = Field(1024, description="the volume's size, which is its quota (16 MiB-1 TiB)")
+
+
+class VolumeOut(BaseModel):
+    id: str
+    name: str
+    size_mb: int
+    created_at: float
+    used_bytes: int = Field(description="live while mounted, else as of its last unmount")
+    sandboxes: list[str] = Field(description="your live sandboxes that mount it")

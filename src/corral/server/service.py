@@ -1,7 +1,9 @@
-"""The service: the engine as tenants see it. Every sandbox belongs to the API key that made it.
+"""The service: the engine as tenants see it. Every sandbox, image and volume belongs to the API
+key that made it.
 
 It owns the engine and the store, records each sandbox's owner and every state change in the
-store, and answers "not found" for another key's sandbox, so ids cannot be probed. On start it
+store, and answers "not found" for another key's sandbox, image or volume (by id or by name),
+so ids cannot be probed. On start it
 reconciles the store with what the engine re-adopted: sandboxes that did not survive a restart
 are marked ended with the reason, sandboxes nobody owns are ended.
 """
@@ -28,6 +30,7 @@ from corral.errors import (
     LimitReached,
     NotFound,
     SandboxNotFound,
+    VolumeNotFound,
 )
 from corral.ids import check_id
 from corral.layers import Manifest
@@ -35,7 +38,8 @@ from corral.models import SandboxInfo, StateChange
 from corral.snapshots import SnapshotInfo
 from corral.spec import SandboxSpec
 from corral.state import EndReason, SandboxState, parse_state
-from corral.store import ENDED_RETENTION, ApiKey, ImageEntry, Store
+from corral.store import ENDED_RETENTION, ApiKey, ImageEntry, Store, VolumeEntry
+from corral.volumes import VolumeInfo, check_size
 
 log = logging.getLogger("corral.server")
 
@@ -43,6 +47,7 @@ PRUNE_EVERY = 3600.0
 EVENT_BACKLOG = 1000  # events kept for one slow reader of /v1/events
 _IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 RESERVED_IMAGE_NAMES = ("debian", "host", "usage", "prune")
+_VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def check_image_name(name: str) -> str:
@@ -59,6 +64,15 @@ def check_image_name(name: str) -> str:
     return name
 
 
+def check_volume_name(name: str) -> str:
+    if not isinstance(name, str) or not _VOLUME_NAME.match(name) or name.startswith("vol-"):
+        raise InvalidRequest(
+            f"{name!r} cannot name a volume: use 1 to 64 lowercase letters, digits, '.', '_' "
+            "or '-', not starting with 'vol-'"
+        )
+    return name
+
+
 @dataclass
 class ServerConfig:
     """How the server runs; every field has an embedded default."""
@@ -71,6 +85,7 @@ class ServerConfig:
     pools: tuple[tuple[str, SandboxSpec, int], ...] = ()  # (name, template, size)
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
+    max_volumes_per_key: int = 100
 
     @property
     def database(self) -> Path:
@@ -233,6 +248,13 @@ class Service:
         snapshot: str | None = None,
     ) -> SandboxInfo:
         """A sandbox for `key`: from `spec`, or from one of its snapshots (by id or name)."""
+        # The engine takes ids only: names and ids of this key's own images, volumes and
+        # snapshots are resolved here, so another key's are "not found" before it sees them.
+        volumes = [
+            dataclasses.replace(mount, volume=await self.volume_for(key, mount.volume))
+            for mount in spec.volumes
+        ]
+        spec = dataclasses.replace(spec, volumes=tuple(volumes))
         if snapshot is not None:
             snapshot = self.snapshot_for(key, snapshot).id
         else:
@@ -392,6 +414,76 @@ class Service:
             "steps": list(manifest.steps),
             "env": sorted(manifest.env),
             "workdir": manifest.workdir,
+        }
+
+    # -- volumes ----------------------------------------------------------------------------
+
+    async def volume_for(self, key: ApiKey, ref: str) -> str:
+        """The id of `key`'s volume named or numbered `ref`."""
+        return (await self._volume_entry(key, ref)).id
+
+    async def _volume_entry(self, key: ApiKey, ref: str) -> VolumeEntry:
+        entry = await self.db.find_volume(key.id, ref)
+        if entry is None:
+            raise VolumeNotFound(
+                f"no volume {ref!r}: give the name or id of a volume you made "
+                "(corral volume list shows yours)"
+            )
+        return entry
+
+    async def create_volume(self, key: ApiKey, name: str, size_mb: int) -> dict[str, Any]:
+        """Make an empty volume for `key`; `Conflict` (volume_exists) if it has the name."""
+        check_volume_name(name)
+        check_size(size_mb)
+        if await self.db.find_volume(key.id, name) is not None:
+            raise Conflict(f"you already have a volume named {name!r}", code="volume_exists")
+        if len(await self.db.list_volumes(key.id)) >= self.config.max_volumes_per_key:
+            raise LimitReached(
+                f"this API key has {self.config.max_volumes_per_key} volumes, the most allowed; "
+                "delete some first",
+                code="too_many_volumes",
+            )
+        # The disk first, then the row: a crash in between leaves a disk nobody sees (space
+        # only for its empty filesystem), never a volume whose data is missing.
+        made = await self.engine.create_volume(size_mb)
+        entry = VolumeEntry(made.id, name, made.size_mb, made.created_at)
+        try:
+            await self.db.add_volume(key.id, entry)
+        except BaseException:
+            await self.engine.delete_volume(made.id)  # e.g. the same name made concurrently
+            raise
+        return self._describe_volume(entry, made)
+
+    async def describe_volume(self, key: ApiKey, ref: str) -> dict[str, Any]:
+        entry = await self._volume_entry(key, ref)
+        return self._describe_volume(entry, await self.engine.volume(entry.id))
+
+    async def list_volumes(self, key: ApiKey) -> list[dict[str, Any]]:
+        found = []
+        for entry in await self.db.list_volumes(key.id):
+            try:
+                info = await self.engine.volume(entry.id)
+            except VolumeNotFound:  # its disk is gone (deleted by hand): listed, empty
+                info = VolumeInfo(entry.id, entry.size_mb, entry.created_at, 0)
+            found.append(self._describe_volume(entry, info))
+        return found
+
+    async def delete_volume(self, key: ApiKey, ref: str) -> None:
+        """Delete `key`'s volume and its data; `VolumeInUse` while sandboxes mount it."""
+        volume_id = await self.volume_for(key, ref)
+        with contextlib.suppress(VolumeNotFound):  # its disk is gone already: forget it
+            await self.engine.delete_volume(volume_id)
+        await self.db.remove_volume(key.id, volume_id)
+
+    @staticmethod
+    def _describe_volume(entry: VolumeEntry, info: VolumeInfo) -> dict[str, Any]:
+        return {
+            "id": entry.id,
+            "name": entry.name,
+            "size_mb": entry.size_mb,
+            "created_at": entry.created_at,
+            "used_bytes": info.used_bytes,
+            "sandboxes": list(info.sandboxes),
         }
 
     async def info(self, key: ApiKey, sandbox_id: str) -> SandboxInfo:
