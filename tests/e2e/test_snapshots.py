@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 import corral
-from corral import Sandbox, SandboxState
+from corral import Sandbox, SandboxState, Volume
 from tests.conftest import require_runtime
 from tests.e2e.conftest import SERVER_DIR, Server, start_server
 from tests.e2e.test_lifecycle import COUNTER, count
@@ -147,3 +148,27 @@ def test_snapshots_survive_restarts_and_a_crash_never_leaves_a_broken_one(
                 assert copy.run("wc -c < /root/blob").stdout == f"{256 * 2**20}\n"
                 assert count(copy) > 0
         Sandbox.connect(sandbox.id, client=sdk).terminate()
+
+
+def test_forks_and_hibernation_keep_their_volumes(client: corral.Client) -> None:
+    volume = Volume.create(f"fork-{secrets.token_hex(4)}", size_mb=64, client=client)
+    try:
+        with Sandbox.create(runtime="gvisor", volumes={"/data": volume}, client=client) as origin:
+            origin.files.write("/data/before", "shared")
+            copies = origin.fork(2)
+            try:
+                for index, copy in enumerate(copies):
+                    assert copy.files.read_text("/data/before") == "shared"
+                    copy.files.write(f"/data/copy-{index}", "written by a copy")
+                assert sorted(f.name for f in origin.files.list("/data")) == [
+                    "before",
+                    "copy-0",
+                    "copy-1",
+                ]
+            finally:
+                for copy in copies:
+                    copy.terminate()
+            origin.hibernate()
+            assert origin.files.read_text("/data/copy-1") == "written by a copy"  # woke
+    finally:
+        volume.delete()
