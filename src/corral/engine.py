@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from corral import network, userns
+from corral import fsdiff, network, oci, userns
 from corral.agent import protocol as P
 from corral.agentlink import unwrap
 from corral.errors import (
@@ -70,6 +70,7 @@ DEFAULT_WORKDIR = "/root"
 CHECKPOINT_DIR = "checkpoint"  # in a hibernated sandbox's directory: its memory and files
 MAX_TTL = 30 * 24 * 3600.0  # of a snapshot
 MAX_FORK = 64
+PACK_CHANGED = ("tar", "--null", "--no-recursion", "--numeric-owner", "-C", "/", "-cf", "-")
 FORK_CONCURRENCY = 3  # restores at once: 2 to 4 is fastest on 2 cores (measured)
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
 ENDED_KEPT = 1000  # terminated sandboxes remembered for `get` and `list`
@@ -1334,14 +1335,16 @@ class Engine:
 
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
         """Copy what the sandbox changed in its filesystem into the empty directory `dest`,
-        as an image layer (see `corral.layers`). Only the namespaces runtime keeps its
-        writable layer as a host directory."""
+        as an image layer (see `corral.layers`), from one consistent moment.
+
+        namespaces: the sandbox is frozen while its writable layer (a host directory) is
+        copied. gvisor: a fork of the sandbox is listed and compared with the image (see
+        `corral.fsdiff`); the sandbox itself is not disturbed.
+        """
         sandbox = self._running(sandbox_id, "export the files of")
         if sandbox.runtime != "namespaces":
-            raise InvalidRequest(
-                f"exporting a sandbox's files needs the namespaces runtime, not {sandbox.runtime}",
-                code="unsupported_runtime",
-            )
+            await self._export_by_diff(sandbox, dest)
+            return
         plan = sandbox.plan
         runtime = self.runtime(sandbox.runtime)
         async with sandbox.lock:  # frozen while copied: one consistent moment of its files
@@ -1356,6 +1359,53 @@ class Engine:
                 )
             finally:
                 await asyncio.to_thread(runtime.resume, plan)
+
+    async def _export_by_diff(self, sandbox: Sandbox, dest: Path) -> None:
+        self._checkpointing(sandbox, "export the files of")
+        copy = (await self.fork(sandbox.id, 1))[0]  # a still picture of this moment
+        archive = dest.with_name(f"{dest.name}.tar")
+        try:
+            # Stop every process of the copy but its agent (pid 1), so nothing writes while
+            # it is listed and packed.
+            await self.run(copy.id, "kill -STOP -1 2>/dev/null; true")
+            listing = await self.run(copy.id, ["sh", "-c", fsdiff.LISTING], timeout=600)
+            if listing.exit_code != 0:
+                raise SandboxFailed(
+                    "listing the sandbox's files failed (it needs GNU find): "
+                    + listing.stderr.decode(errors="replace")[-500:]
+                )
+            guest, mounts = fsdiff.parse_listing(listing.stdout)
+            plan = self._get(copy.id).plan
+            bundle = json.loads((plan.dir / "bundle" / "config.json").read_text())
+            lower = await asyncio.to_thread(
+                fsdiff.host_listing,
+                Path(bundle["root"]["path"]),
+                userns.host_uid(plan.uid_slot),
+                userns.RANGE,
+            )
+            changed, deleted = fsdiff.changes(guest, lower, mounts)
+            names = "\0".join(path.lstrip("/") for path in changed)
+            await self.files(copy.id).write("/tmp/.corral-changed", names)
+            packing = await self.exec(
+                copy.id,
+                [*PACK_CHANGED, "-T", "/tmp/.corral-changed"],
+            )
+            with archive.open("wb") as out:
+                async for stream, data in packing.output():
+                    if stream == "stdout":
+                        await asyncio.to_thread(out.write, data)
+            packed = await packing.wait()
+            if packed.exit_code != 0:
+                raise SandboxFailed(
+                    "packing the sandbox's changed files failed (it needs GNU tar): "
+                    + packed.stderr.decode(errors="replace")[-500:]
+                )
+            await asyncio.to_thread(fsdiff.add_whiteouts, archive, deleted)
+            await asyncio.to_thread(dest.rmdir)  # unpack_layer makes it, atomically
+            await asyncio.to_thread(oci.unpack_layer, archive, dest)
+        finally:
+            archive.unlink(missing_ok=True)
+            await self.terminate(copy.id)
 
     def layers_in_use(self) -> set[str]:
         """Keys of the built layers that live sandboxes stack (never to be pruned)."""

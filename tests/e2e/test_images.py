@@ -415,23 +415,39 @@ def test_a_local_rootfs_and_the_host_base(client: corral.Client, data_dir: Path)
         assert result.stdout == "on-the-host-base\nusr-read-only\n", result.stderr
 
 
-def test_a_sandbox_snapshot_becomes_an_image_for_every_runtime(client: corral.Client) -> None:
-    image = fresh().build(client=client)
-    with Sandbox.create(image=image, runtime="namespaces", client=client) as sandbox:
-        sandbox.run("echo made-here > /root/made; rm /etc/build-token; mkdir -p /opt/app")
+@pytest.mark.parametrize("source", ["namespaces", "gvisor"])
+def test_a_sandbox_snapshot_becomes_an_image_for_every_runtime(
+    client: corral.Client, source: str
+) -> None:
+    require_runtime(source)
+    image = fresh().run_commands("useradd -m bob").build(client=client)
+    with Sandbox.create(image=image, runtime=source, client=client) as sandbox:
+        sandbox.exec("sh", "-c", "while true; do date > /root/clock; sleep 0.1; done")
+        sandbox.run(
+            "echo made-here > /root/made; rm /etc/build-token; mkdir -p /opt/app; "
+            "echo bob > /home/bob/owned; chown bob:bob /home/bob/owned; "
+            "rm -rf /usr/share/common-licenses; ln -s /root/made /opt/link"
+        )
         sandbox.files.write("/opt/app/config", "x=1\n")
-        snap = sandbox.snapshot_filesystem(name="snapped")
+        snap = sandbox.snapshot_filesystem(name=f"snapped-{source}")
         assert sandbox.run("echo still running").stdout == "still running\n"  # it goes on
-    assert snap.layers == image.layers + 1 and snap.name == "snapped"
+        assert sandbox.run("test -s /root/clock && echo ticking").stdout == "ticking\n"
+    assert snap.layers == image.layers + 1 and snap.name == f"snapped-{source}"
     for runtime in ("namespaces", "gvisor"):
         require_runtime(runtime)
-        with Sandbox.create(image="snapped", runtime=runtime, client=client) as copy:
+        with Sandbox.create(image=snap.id, runtime=runtime, client=client) as copy:
             result = copy.run(
-                "cat /root/made /opt/app/config; test -e /etc/build-token || echo gone"
+                "cat /root/made /opt/app/config /opt/link; "
+                "test -e /etc/build-token || echo gone; "
+                "test -e /usr/share/common-licenses || echo licenses-gone; "
+                "stat -c '%U %a' /home/bob/owned /opt/app/config"
             )
-            assert result.stdout == "made-here\nx=1\ngone\n", result.stderr
-    require_runtime("gvisor")
-    with Sandbox.create(runtime="gvisor", client=client) as other:
-        with pytest.raises(corral.InvalidRequest) as refused:
-            other.snapshot_filesystem()
-        assert refused.value.code == "unsupported_runtime"
+            assert result.stdout.splitlines() == [
+                "made-here",
+                "x=1",
+                "made-here",
+                "gone",
+                "licenses-gone",
+                "bob 644",
+                "root 644",
+            ], result.stderr

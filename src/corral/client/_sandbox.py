@@ -234,8 +234,8 @@ class AsyncSandbox:
         return self._info
 
     async def snapshot_filesystem(self, name: str | None = None) -> BuiltImage:
-        """A new image: this sandbox's image plus every file it changed (namespaces; the
-        sandbox is frozen for the copy, then goes on). Start any runtime's sandboxes from it."""
+        """A new image: this sandbox's image plus every file it changed, from one consistent
+        moment (the sandbox goes on). Start any runtime's sandboxes from it."""
         data = await self.client.request(
             "POST", self._path("/filesystem-snapshot"), json={"name": name}
         )
