@@ -42,6 +42,7 @@ from corral.errors import (
     CorralError,
     InvalidRequest,
     InvalidState,
+    PayloadTooLarge,
     RuntimeUnavailable,
     SandboxEnded,
     SandboxFailed,
@@ -70,6 +71,7 @@ DEFAULT_WORKDIR = "/root"
 CHECKPOINT_DIR = "checkpoint"  # in a hibernated sandbox's directory: its memory and files
 MAX_TTL = 30 * 24 * 3600.0  # of a snapshot
 MAX_FORK = 64
+MAX_LISTING = 64 * MiB  # a sandbox's list of its files, for snapshot_filesystem (gvisor)
 PACK_CHANGED = ("tar", "--null", "--no-recursion", "--numeric-owner", "-C", "/", "-cf", "-")
 FORK_CONCURRENCY = 3  # restores at once: 2 to 4 is fastest on 2 cores (measured)
 AGENT_FILES = ("guest.py", "fileops.py", "protocol.py")
@@ -1368,13 +1370,16 @@ class Engine:
             # Stop every process of the copy but its agent (pid 1), so nothing writes while
             # it is listed and packed.
             await self.run(copy.id, "kill -STOP -1 2>/dev/null; true")
-            listing = await self.run(copy.id, ["sh", "-c", fsdiff.LISTING], timeout=600)
-            if listing.exit_code != 0:
-                raise SandboxFailed(
-                    "listing the sandbox's files failed (it needs GNU find): "
-                    + listing.stderr.decode(errors="replace")[-500:]
-                )
-            guest, mounts = fsdiff.parse_listing(listing.stdout)
+            # What the copy prints is the sandbox's to choose: bounded, in memory and on disk.
+            listed = bytearray()
+            listing = await self.exec(copy.id, ["sh", "-c", fsdiff.LISTING], timeout=600)
+            async for stream, data in listing.output():
+                if stream == "stdout":
+                    listed += data
+                    _within(len(listed), MAX_LISTING, "its list of files")
+            if (await listing.wait()).exit_code != 0:
+                raise SandboxFailed("listing the sandbox's files failed (it needs GNU find)")
+            guest, mounts = fsdiff.parse_listing(bytes(listed))
             plan = self._get(copy.id).plan
             bundle = json.loads((plan.dir / "bundle" / "config.json").read_text())
             lower = await asyncio.to_thread(
@@ -1390,9 +1395,12 @@ class Engine:
                 copy.id,
                 [*PACK_CHANGED, "-T", "/tmp/.corral-changed"],
             )
+            written, most = 0, sandbox.plan.limits.disk_bytes + 64 * MiB
             with archive.open("wb") as out:
                 async for stream, data in packing.output():
                     if stream == "stdout":
+                        written += len(data)
+                        _within(written, most, "its changed files")
                         await asyncio.to_thread(out.write, data)
             packed = await packing.wait()
             if packed.exit_code != 0:
@@ -1470,3 +1478,12 @@ class Engine:
                 await self.volumes.release(v.volume_id for v in sandbox.plan.volumes)
             except CorralError as exc:  # they stay mounted; the next sweep tries again
                 log.error("could not unmount the volumes of %s: %s", sandbox.id, exc)
+
+
+def _within(size: int, limit: int, what: str) -> None:
+    """Refuse sandbox output past `limit` bytes (a sandbox could print without end)."""
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the sandbox sent more than {limit // MiB} MiB as {what}; a sandbox's changes "
+            "cannot exceed its disk"
+        )
