@@ -622,6 +622,7 @@ class Engine:
             StateChange(SandboxState.RUNNING, now),
         ]
         sandbox.expires_at = now + spec.timeout
+        sandbox.touch()  # its idle time starts now, not when the pool started it
         sandbox.save()
         self._wake_reaper.set()
         return sandbox.info()
