@@ -175,16 +175,7 @@ class Builder:
         key = chain_key(parent.key, {"kind": "snapshot", "nonce": secrets.token_hex(16)})
         with self.store.new_layer(key) as layer:
             await self.engine.export_changes(sandbox_id, layer)
-        return self._save(
-            replace(
-                parent,
-                id=image_id(key),
-                key=key,
-                layers=(*parent.layers, key),
-                steps=(*parent.steps, f"snapshot of {sandbox_id}"),
-                created_at=time.time(),
-            )
-        )
+        return self._on_top(parent, key, f"snapshot of {sandbox_id}", layer=True)
 
     # -- bases ------------------------------------------------------------------------------
 
@@ -250,29 +241,11 @@ class Builder:
         kind = step["kind"]
         line = describe(step)
         if kind == "env":
-            return self._save(
-                replace(
-                    parent,
-                    id=image_id(key),
-                    key=key,
-                    env={**parent.env, **step["env"]},
-                    steps=(*parent.steps, line),
-                    created_at=time.time(),
-                )
-            )
+            return self._on_top(parent, key, line, env={**parent.env, **step["env"]})
         if not self.store.has_layer(key):  # it may outlive a pruned manifest
             await self._run_in_sandbox(key, parent, step, number, emit)
-        return self._save(
-            replace(
-                parent,
-                id=image_id(key),
-                key=key,
-                layers=(*parent.layers, key),
-                workdir=step["path"] if kind == "workdir" else parent.workdir,
-                steps=(*parent.steps, line),
-                created_at=time.time(),
-            )
-        )
+        workdir = step["path"] if kind == "workdir" else parent.workdir
+        return self._on_top(parent, key, line, layer=True, workdir=workdir)
 
     async def _run_in_sandbox(
         self, key: str, parent: Manifest, step: Mapping[str, Any], number: int, emit: Progress
@@ -364,6 +337,22 @@ class Builder:
         if result.timed_out:
             return None
         return result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
+
+    def _on_top(
+        self, parent: Manifest, key: str, line: str, *, layer: bool = False, **changes: Any
+    ) -> Manifest:
+        """Save image `key`: `parent` plus one step (its layer `key`, if it made one)."""
+        return self._save(
+            replace(
+                parent,
+                id=image_id(key),
+                key=key,
+                layers=(*parent.layers, key) if layer else parent.layers,
+                steps=(*parent.steps, line),
+                created_at=time.time(),
+                **changes,
+            )
+        )
 
     def _save(self, manifest: Manifest) -> Manifest:
         size = sum(self.store.layer_size(k) for k in manifest.layers)
