@@ -29,9 +29,9 @@ from typing import Any
 
 import corral
 from corral import AsyncClient, AsyncSandbox
-from corral.cgroups import Cgroup
+from corral.core.spec import SandboxSpec
 from corral.engine import Engine
-from corral.spec import SandboxSpec
+from corral.host.cgroups import Cgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.e2e.conftest import Server, start_server
@@ -116,6 +116,27 @@ class Suite:
         start = time.perf_counter()
         await action()
         return time.perf_counter() - start
+
+    # -- the SDK ----------------------------------------------------------------------------
+
+    def import_time(self) -> None:
+        """`import corral` in a fresh interpreter, beside importing only the SDK's own
+        dependencies (httpx, websockets) the same way: what Corral adds to a user's start."""
+        samples = 5 if self.args.quick else 30
+        for figure, code in (
+            ("import corral (SDK)", "import corral"),
+            ("import httpx, websockets", "import httpx, websockets.asyncio.client"),
+        ):
+            timer = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+            times = [
+                float(
+                    subprocess.run(
+                        [sys.executable, "-c", timer], capture_output=True, text=True, check=True
+                    ).stdout
+                )
+                for _ in range(samples)
+            ]
+            self.record(figure, "python", summary(times))
 
     # -- time to first command --------------------------------------------------------------
 
@@ -573,6 +594,7 @@ def machine() -> dict[str, str]:
 async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     async with AsyncClient(url=server.url, api_key=server.admin_key) as client:
         suite = Suite(server, client, args)
+        suite.import_time()
         runtimes = [r for r in RUNTIMES if r in args.runtime]
         for runtime in runtimes:
             await (await AsyncSandbox.create(runtime=runtime, client=client)).terminate()

@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-from corral.cgroups import Cgroup
+from corral.core.spec import SandboxSpec
 from corral.engine import Engine
-from corral.spec import SandboxSpec
+from corral.host.cgroups import Cgroup
 
 
 def pss_kib(pid: int) -> int:

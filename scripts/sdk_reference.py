@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import corral
-from corral import errors
+from corral.core import errors
 
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "sdk.md"
 SECTIONS: list[tuple[str, list[type]]] = [
@@ -55,6 +55,8 @@ def _members(cls: type) -> list[tuple[str, object]]:
             continue
         if isinstance(member, classmethod | staticmethod):
             member = member.__func__
+        elif hasattr(member, "__get__") and not inspect.isfunction(member):
+            member = getattr(cls, name)  # a sync twin of an async classmethod
         if isinstance(member, property) or inspect.isfunction(member):
             found.append((name, member))
     return found

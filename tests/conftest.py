@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from corral import runtimes
+from corral.core.models import SandboxInfo
+from corral.core.spec import SandboxSpec
 from corral.engine import Engine
-from corral.models import SandboxInfo
-from corral.spec import SandboxSpec
 
 DATA_DIR = Path(os.environ.get("CORRAL_TEST_DATA_DIR", "/var/tmp/corral-test"))
 RUNTIME_NAMES = ("namespaces", "gvisor")
@@ -69,7 +69,7 @@ async def sandbox(engine: Engine, runtime: str) -> AsyncIterator[SandboxInfo]:
 def leftovers(data_dir: Path) -> dict[str, list[str]]:
     """What sandboxes leave on the host: their directories, cgroups, mounts (volumes' too),
     netns, processes."""
-    from corral.cgroups import ROOT, layout
+    from corral.host.cgroups import ROOT, layout
 
     group = ROOT / ("memory" if layout() == "v1" else "") / "corral"
     netns = Path("/run/netns")

@@ -1,11 +1,17 @@
 """Corral: self-hosted secure sandboxes for AI agents.
 
+`import corral` is the SDK: it loads no server, engine, runtime or host code, and works on a
+machine without bubblewrap or runsc. `corral.Engine`, the server's in-process API, is loaded on
+first use.
+
 Example:
     >>> import corral
     >>> with corral.Sandbox.create() as sandbox:     # CORRAL_URL, CORRAL_API_KEY
     ...     print(sandbox.run("python3 -c 'print(6*7)'").stdout)
     42
 """
+
+import typing as _typing
 
 from corral.client import (
     AsyncClient,
@@ -16,13 +22,13 @@ from corral.client import (
     Client,
     CommandResult,
     Files,
+    Image,
     Process,
     ProcessExit,
     Sandbox,
     Volume,
 )
-from corral.engine import Engine
-from corral.errors import (
+from corral.core.errors import (
     AgentUnavailable,
     AuthError,
     CommandTimeout,
@@ -49,11 +55,28 @@ from corral.errors import (
     VolumeInUse,
     VolumeNotFound,
 )
-from corral.image import Image
-from corral.models import BuildEvent, BuiltImage, FileInfo, ProcessInfo, SandboxInfo
-from corral.snapshots import SnapshotInfo
-from corral.spec import SandboxSpec
-from corral.state import EndReason, SandboxState
+from corral.core.models import (
+    BuildEvent,
+    BuiltImage,
+    FileInfo,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
+
+if _typing.TYPE_CHECKING:
+    from corral.engine import Engine
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name == "Engine":
+        from corral.engine import Engine  # noqa: PLC0415 - the SDK never needs it
+
+        return Engine
+    raise AttributeError(f"module 'corral' has no attribute {name!r}")
+
 
 __all__ = [
     "AgentUnavailable",

@@ -22,7 +22,7 @@ import pytest
 
 import corral
 from corral import BuildEvent, Image, ImageBuildFailed, Sandbox
-from corral.layers import LayerStore, chain_key, image_id
+from corral.images.layers import LayerStore, chain_key, image_id
 from tests.conftest import require_runtime
 from tests.e2e.conftest import Server, free_port
 from tests.integration.test_oci import Registry, push_image, start_registry, stop

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from corral.core.errors import InvalidPath, InvalidRequest, InvalidState, SandboxNotFound
+from corral.core.models import SandboxInfo
 from corral.engine import Engine
-from corral.errors import InvalidPath, InvalidRequest, InvalidState, SandboxNotFound
-from corral.models import SandboxInfo
 
 
 async def test_run_returns_exit_code_and_separate_streams(
@@ -147,7 +147,7 @@ async def test_exec_in_unknown_or_ended_sandbox(engine: Engine, sandbox: Sandbox
 
 
 async def test_host_image_uses_the_hosts_usr(engine: Engine, runtime: str) -> None:
-    from corral.spec import SandboxSpec
+    from corral.core.spec import SandboxSpec
 
     info = await engine.create(SandboxSpec(runtime=runtime, image="host"))
     try:

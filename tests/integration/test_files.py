@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from corral.core.errors import FileExists, FileNotFound, InvalidPath, InvalidRequest
+from corral.core.models import SandboxInfo
 from corral.engine import Engine
-from corral.errors import FileExists, FileNotFound, InvalidPath, InvalidRequest
-from corral.models import SandboxInfo
 
 
 async def test_write_read_roundtrip(engine: Engine, sandbox: SandboxInfo) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.engine import Engine
-from corral.errors import (
+from corral.core.errors import (
     Conflict,
     ImageNotFound,
     InvalidPath,
@@ -19,9 +18,10 @@ from corral.errors import (
     RuntimeUnavailable,
     SandboxEnded,
 )
-from corral.models import SandboxInfo
-from corral.spec import SandboxSpec
-from corral.state import EndReason, SandboxState
+from corral.core.models import SandboxInfo
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
+from corral.engine import Engine
 from tests.conftest import leftovers
 
 
@@ -224,7 +224,7 @@ async def test_concurrent_creates_get_their_own_identity(engine: Engine, runtime
         *(engine.create(SandboxSpec(runtime=runtime, network="internet")) for _ in range(4))
     )
     try:
-        sandboxes = [engine._sandboxes[info.id] for info in infos]
+        sandboxes = [engine.registry.get(info.id) for info in infos]
         assert len({sb.plan.uid_slot for sb in sandboxes}) == 4
         assert len({sb.plan.network.index for sb in sandboxes}) == 4
         results = await asyncio.gather(*(engine.run(info.id, "hostname") for info in infos))

@@ -1,6 +1,6 @@
 """Pulling images from a real registry: Debian's docker-registry, started by the tests on a free port.
 
-Images are pushed with plain calls to the registry API, then pulled with `corral.oci.pull`. A
+Images are pushed with plain calls to the registry API, then pulled with `corral.images.oci.pull`. A
 second registry demands bearer tokens from a token server the tests run, as Docker Hub does.
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.errors import ImageNotFound, InvalidRequest, ServiceUnavailable
-from corral.oci import machine_platform, pull, unpack_layer
+from corral.core.errors import ImageNotFound, InvalidRequest, ServiceUnavailable
+from corral.images.oci import machine_platform, pull, unpack_layer
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

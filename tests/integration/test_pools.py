@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from corral.core.errors import InvalidRequest, SandboxNotFound
+from corral.core.spec import SandboxSpec
+from corral.core.state import SandboxState
 from corral.engine import Engine
-from corral.errors import InvalidRequest, SandboxNotFound
-from corral.spec import SandboxSpec
-from corral.state import SandboxState
 from tests.conftest import leftovers
 
 

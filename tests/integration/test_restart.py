@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 import corral
+from corral.core.models import SandboxInfo
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
-from corral.models import SandboxInfo
-from corral.runtimes.base import process_start_time
-from corral.spec import SandboxSpec
-from corral.state import EndReason, SandboxState
+from corral.host.procs import process_start_time
 from tests.conftest import leftovers
 
 HANG = 60.0  # seconds: only to catch hangs
@@ -84,7 +84,7 @@ async def test_graceful_restart_adopts_running_sandboxes(data_dir: Path, runtime
 ENGINE_SCRIPT = """
 import asyncio, sys
 from corral.engine import Engine
-from corral.spec import SandboxSpec
+from corral.core.spec import SandboxSpec
 
 async def main() -> None:
     engine = Engine(sys.argv[1])

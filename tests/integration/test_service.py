@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from corral.models import SandboxInfo, StateChange
-from corral.server.service import ServerConfig, Service
-from corral.spec import SandboxSpec
-from corral.state import EndReason, SandboxState
-from corral.store import Store
+from corral.core.models import SandboxInfo, StateChange
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
+from corral.server.config import ServerConfig
+from corral.server.resources.sandboxes import Sandboxes
+from corral.server.service import Service
+from corral.server.store import Store
+from corral.server.tenancy import Tenant
 
 
 async def test_a_sandbox_gone_across_a_restart_is_marked_ended(data_dir: Path) -> None:
@@ -34,7 +37,7 @@ async def test_a_sandbox_gone_across_a_restart_is_marked_ended(data_dir: Path) -
     service = Service(config)
     await service.start()
     try:
-        info = await service.info(key, vanished.id)
+        info = await Sandboxes(Tenant(service, key)).info(vanished.id)
     finally:
         await service.close()
     assert info.state is SandboxState.TERMINATED

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from corral.core.errors import InvalidRequest, VolumeInUse, VolumeNotFound
+from corral.core.spec import SandboxSpec, VolumeMount
 from corral.engine import Engine
-from corral.errors import InvalidRequest, VolumeInUse, VolumeNotFound
-from corral.spec import SandboxSpec, VolumeMount
 from tests.conftest import leftovers
 
 

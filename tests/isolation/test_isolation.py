@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from corral.cgroups import Cgroup
+from corral.core.errors import FileNotFound
+from corral.core.models import SandboxInfo
+from corral.core.spec import SandboxSpec
 from corral.engine import Engine
-from corral.errors import FileNotFound
-from corral.models import SandboxInfo
-from corral.spec import SandboxSpec
-from corral.userns import UID_BASE
+from corral.host.cgroups import Cgroup
+from corral.host.userns import UID_BASE
 
 SECRET = "corral-host-secret-4f1d"
 

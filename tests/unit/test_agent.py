@@ -17,9 +17,9 @@ import pytest
 
 import corral.agent.guest as guest_module
 from corral.agent import protocol as P
-from corral.agentlink import AgentLink
-from corral.errors import AgentUnavailable, FileNotFound, InvalidRequest
-from corral.files import SandboxFiles
+from corral.core.errors import AgentUnavailable, FileNotFound, InvalidRequest
+from corral.engine.agentlink import AgentLink
+from corral.engine.files import SandboxFiles
 
 
 @pytest.fixture

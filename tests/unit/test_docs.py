@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import BaseRoute
 
 from corral.server.app import create_app
-from corral.server.service import ServerConfig
+from corral.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def test_every_route_is_in_the_http_api_doc(tmp_path: Path) -> None:
 
 
 def test_error_codes_in_the_doc_exist() -> None:
-    from corral import errors
+    from corral.core import errors
 
     documented = set(re.findall(r"`([a-z_]+)`", (ROOT / "docs" / "http-api.md").read_text()))
     known = {cls.default_code for cls in errors._subclasses(errors.CorralError)}

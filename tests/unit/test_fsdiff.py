@@ -6,8 +6,8 @@ import os
 import tarfile
 from pathlib import Path
 
-from corral import fsdiff
-from corral.fsdiff import Entry
+from corral.images import fsdiff
+from corral.images.fsdiff import Entry
 
 
 def record(path: str, kind: str, mode: str, *, uid: int, size: int, mtime: float) -> bytes:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from corral import network, seccomp, userns
-from corral.images import apt_sources
+from corral.host import network, seccomp, userns
+from corral.images.store import apt_sources
 
 
 def test_seccomp_program_is_bpf_and_cached() -> None:

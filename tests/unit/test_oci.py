@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from corral.errors import Conflict, InvalidRequest
-from corral.oci import OciImage, _parse_reference, machine_platform, read_archive, unpack_layer
+from corral.core.errors import Conflict, InvalidRequest
+from corral.images.oci import (
+    OciImage,
+    machine_platform,
+    read_archive,
+    unpack_layer,
+)
+from corral.images.oci.registry import _parse_reference
 
 MTIME = 1_600_000_000
 OTHER_PLATFORM = {"os": "linux", "architecture": "s390x"}

@@ -8,14 +8,14 @@ import pytest
 
 import corral
 from corral.client._volumes import AsyncVolume, mounts_body
-from corral.errors import Conflict, InvalidPath, InvalidRequest, from_response
-from corral.ids import check_id, new_id
-from corral.plan import Bind, PlanLimits, PlanNetwork, PlanVolume, SandboxPlan
-from corral.pools import pool_key
-from corral.server.service import check_volume_name
-from corral.spec import MAX_VOLUMES, SandboxSpec, VolumeMount, check_mount_path
-from corral.store import Store, VolumeEntry
-from corral.volumes import check_size
+from corral.core.errors import Conflict, InvalidPath, InvalidRequest, from_response
+from corral.core.ids import check_id, new_id
+from corral.core.names import check_volume_name
+from corral.core.spec import MAX_VOLUMES, SandboxSpec, VolumeMount, check_mount_path
+from corral.core.spec import check_volume_size as check_size
+from corral.engine.pools import pool_key
+from corral.runtimes.plan import Bind, PlanLimits, PlanNetwork, PlanVolume, SandboxPlan
+from corral.server.store import Store, VolumeEntry
 
 
 def test_volume_specs_round_trip() -> None:

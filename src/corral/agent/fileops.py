@@ -68,6 +68,19 @@ async def fs_read(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
         os.close(fd)
 
 
+async def _receive(stream: Any, fd: int) -> int:
+    """Write the host's FILE data for `stream` to `fd` until EOF; how many bytes came."""
+    total = 0
+    while True:
+        chunk = await stream.read_input()
+        if chunk is None:
+            return total
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        total += len(chunk)
+
+
 async def fs_write(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
     path = check_path(params)
     mode = params.get("mode")
@@ -92,16 +105,8 @@ async def fs_write(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
         raise os_error(exc, path) from None
-    total = 0
     try:
-        while True:
-            chunk = await stream.read_input()
-            if chunk is None:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-            total += len(chunk)
+        total = await _receive(stream, fd)
         if stream.cancelled:
             raise GuestError("cancelled", "upload to %s was cancelled" % path)
         if temp is not None:

@@ -16,26 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import functools
 import os
-import pwd
 import signal
-import struct
-import subprocess
 import sys
-import termios
 import time
 
 try:
-    from corral.agent import fileops
+    from corral.agent import fileops, procs
     from corral.agent import protocol as P
     from corral.agent.fileops import GuestError
+    from corral.agent.procs import Proc
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import fileops  # type: ignore[import-not-found,no-redef]
+    import procs  # type: ignore[import-not-found,no-redef]
     import protocol as P  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[no-redef]
+    from procs import Proc  # type: ignore[no-redef]
 
 from typing import Any, Dict, List, Optional
 
@@ -89,64 +87,6 @@ class Stream:
         if chunk:
             await self.agent.send(P.encode(self.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(chunk))))
         return chunk
-
-
-class Proc:
-    """A process started by the host."""
-
-    def __init__(
-        self, proc_id: int, popen: "subprocess.Popen[bytes]", argv: List[str], tag: str
-    ) -> None:
-        self.id = proc_id
-        self.popen = popen
-        self.pid = popen.pid
-        self.argv = argv
-        self.tag = tag
-        self.exited = asyncio.Event()
-        self.status: Optional[int] = None
-        self.timed_out = False
-        self.stdin_fd: Optional[int] = None
-        self.pty_fd: Optional[int] = None
-        self.started = time.time()
-
-    def result(self) -> Dict[str, Any]:
-        status = self.status or 0
-        exit_code = None
-        sig = None
-        if os.WIFEXITED(status):
-            exit_code = os.WEXITSTATUS(status)
-        elif os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            exit_code = 128 + sig
-        return {
-            "id": self.id,
-            "pid": self.pid,
-            "exit_code": exit_code,
-            "signal": sig,
-            "timed_out": self.timed_out,
-        }
-
-    def describe(self) -> Dict[str, Any]:
-        info = {
-            "id": self.id,
-            "pid": self.pid,
-            "tag": self.tag,
-            "argv": self.argv,
-            "running": not self.exited.is_set(),
-            "started_at": self.started,
-        }
-        if self.exited.is_set():
-            info.update(self.result())
-        return info
-
-    def kill_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)
-        except OSError:
-            try:
-                os.kill(self.pid, sig)
-            except OSError:
-                pass
 
 
 class Agent:
@@ -329,114 +269,10 @@ class Agent:
         finally:
             os.close(fd)
 
-    def resolve_user(self, user: Any) -> Optional[pwd.struct_passwd]:
-        if user in (None, "", 0, "root"):
-            return None
-        try:
-            return pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(str(user))
-        except KeyError:
-            raise GuestError(
-                "invalid_user", "user %r does not exist in this sandbox" % (user,)
-            ) from None
-
     async def proc_start(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
-        argv = params.get("argv")
-        cmd = params.get("cmd")
-        if cmd is not None:
-            if not isinstance(cmd, str) or "\0" in cmd:
-                raise GuestError("invalid_request", "cmd must be a string without NUL bytes")
-            shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-            argv = [shell, "-c", cmd]
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or not all(isinstance(a, str) and "\0" not in a for a in argv)
-        ):
-            raise GuestError(
-                "invalid_request", "argv must be a non-empty list of strings without NUL"
-            )
-        cwd = params.get("cwd") or self.base_env.get("HOME") or "/"
-        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
-            raise GuestError("invalid_cwd", "cwd must be an absolute path")
-        if not os.path.isdir(cwd):
-            raise GuestError(
-                "invalid_cwd", "working directory %s does not exist in the sandbox" % cwd
-            )
-        user = self.resolve_user(params.get("user"))
-        env = dict(self.base_env)
-        if user is not None:
-            env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
-        extra_env = params.get("env") or {}
-        if not isinstance(extra_env, dict):
-            raise GuestError("invalid_request", "env must be an object")
-        env.update({str(k): str(v) for k, v in extra_env.items()})
-        pty = params.get("pty")
-        use_stdin = bool(params.get("stdin"))
-        timeout = params.get("timeout")
-        tag = str(params.get("tag") or "")
-
-        kwargs: Dict[str, Any] = {
-            "cwd": cwd,
-            "env": env,
-            "start_new_session": True,
-            "close_fds": True,
-        }
-        if user is not None:
-            kwargs.update(
-                user=user.pw_uid,
-                group=user.pw_gid,
-                extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
-            )
-        child_fds: List[int] = []
-        ours: Dict[str, int] = {}
-        try:
-            if pty:
-                master, slave = os.openpty()
-                child_fds.append(slave)
-                rows, cols = int(pty.get("rows", 24)), int(pty.get("cols", 80))
-                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-                if user is not None:
-                    os.fchown(slave, user.pw_uid, user.pw_gid)
-                env.setdefault("TERM", "xterm-256color")
-                kwargs.update(
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-                )
-                ours["pty"] = master
-            else:
-                out_r, out_w = os.pipe()
-                err_r, err_w = os.pipe()
-                child_fds += [out_w, err_w]
-                ours.update(stdout=out_r, stderr=err_r)
-                stdin_arg: Any = subprocess.DEVNULL
-                if use_stdin:
-                    in_r, in_w = os.pipe()
-                    child_fds.append(in_r)
-                    ours["stdin"] = in_w
-                    stdin_arg = in_r
-                kwargs.update(stdin=stdin_arg, stdout=out_w, stderr=err_w)
-            try:
-                popen = subprocess.Popen(argv, **kwargs)
-            except FileNotFoundError:
-                raise GuestError("command_not_found", "command not found: %s" % argv[0]) from None
-            except PermissionError:
-                raise GuestError("EACCES", "permission denied: %s" % argv[0]) from None
-            except BlockingIOError:
-                raise GuestError(
-                    "limit_reached",
-                    "cannot start %s: the sandbox is at its process limit" % argv[0],
-                ) from None
-        except BaseException:
-            for fd in list(ours.values()):
-                os.close(fd)
-            raise
-        finally:
-            for fd in child_fds:
-                os.close(fd)
-
-        proc = Proc(self.next_proc_id, popen, argv, tag)
+        command = procs.Command(params, self.base_env)
+        popen, ours = procs.spawn(command)
+        proc = Proc(self.next_proc_id, popen, command.argv, command.tag)
         self.next_proc_id += 1
         self.procs[proc.id] = proc
         self.by_pid[proc.pid] = proc
@@ -447,29 +283,20 @@ class Agent:
         proc.stdin_fd = ours.get("stdin", proc.pty_fd)
         stream.on_input = lambda data: self.loop.create_task(self.feed_stdin(proc, stream, data))
         timer = None
-        if isinstance(timeout, (int, float)) and timeout > 0:
+        if isinstance(command.timeout, (int, float)) and command.timeout > 0:
 
             def expire() -> None:
                 if not proc.exited.is_set():
                     proc.timed_out = True
                     proc.kill_group(signal.SIGKILL)
 
-            timer = self.loop.call_later(float(timeout), expire)
-
+            timer = self.loop.call_later(float(command.timeout), expire)
         try:
             await stream.event({"type": "started", "id": proc.id, "pid": proc.pid})
         except OSError:  # the host went away: the process runs on, its output is drained
             stream.cancelled = True
-        if proc.pty_fd is not None:
-            pumps = [self.pump(stream, proc, os.dup(proc.pty_fd), P.STDOUT)]
-        else:
-            pumps = [
-                self.pump(stream, proc, ours["stdout"], P.STDOUT),
-                self.pump(stream, proc, ours["stderr"], P.STDERR),
-            ]
         try:
-            await asyncio.gather(*pumps)
-            await proc.exited.wait()
+            await self.drain(stream, proc, ours)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -482,6 +309,18 @@ class Agent:
             proc.stdin_fd = proc.pty_fd = None
             self.forget_old()
         return proc.result()
+
+    async def drain(self, stream: Stream, proc: Proc, ours: Dict[str, int]) -> None:
+        """Pump the process's output to the host until it ends and has exited."""
+        if proc.pty_fd is not None:
+            pumps = [self.pump(stream, proc, os.dup(proc.pty_fd), P.STDOUT)]
+        else:
+            pumps = [
+                self.pump(stream, proc, ours["stdout"], P.STDOUT),
+                self.pump(stream, proc, ours["stderr"], P.STDERR),
+            ]
+        await asyncio.gather(*pumps)
+        await proc.exited.wait()
 
     async def feed_stdin(self, proc: Proc, stream: Stream, data: Optional[bytes]) -> None:
         fd = proc.stdin_fd
@@ -544,7 +383,7 @@ class Agent:
         rows, cols = int(params.get("rows", 24)), int(params.get("cols", 80))
         if not (0 < rows < 10000 and 0 < cols < 10000):
             raise GuestError("invalid_request", "rows and cols must be between 1 and 9999")
-        fcntl.ioctl(proc.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        procs.set_size(proc.pty_fd, rows, cols)
         return {"id": proc.id, "rows": rows, "cols": cols}
 
     async def proc_list(self, stream: Stream, params: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from corral.client import Client
-from corral.errors import CorralError
+from corral.core.errors import CorralError
 
 app = typer.Typer(
     help="Corral: secure sandboxes for AI agents.",

@@ -12,9 +12,9 @@ import typer
 from rich.table import Column, Table
 
 from corral.cli._common import ApiKey, DataDir, Json, Url, app, console, fail, out, session
-from corral.errors import CorralError, InvalidRequest
-from corral.image import Image
-from corral.models import BuildEvent
+from corral.client import Image
+from corral.core.errors import CorralError, InvalidRequest
+from corral.core.models import BuildEvent
 
 image_app = typer.Typer(help="Build and manage images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")

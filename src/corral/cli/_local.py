@@ -14,14 +14,14 @@ import typer
 from rich.table import Table
 
 from corral.cli._common import DataDir, Json, app, console, fail, out
+from corral.core.errors import CorralError, InvalidRequest
+from corral.core.spec import SandboxSpec
 from corral.engine import Engine, default_data_dir, lock_data_dir
-from corral.errors import CorralError, InvalidRequest
 from corral.runtimes import PREFERENCE
-from corral.spec import SandboxSpec
 
 if TYPE_CHECKING:
-    from corral.server.service import ServerConfig
-    from corral.store import Store
+    from corral.server.config import ServerConfig
+    from corral.server.store import Store
 
 T = TypeVar("T")
 PoolOption = Annotated[
@@ -67,7 +67,7 @@ def serve(
     import uvicorn
 
     from corral.server.app import create_app
-    from corral.server.service import ServerConfig
+    from corral.server.config import ServerConfig
 
     try:
         config = ServerConfig(
@@ -107,7 +107,7 @@ def _parse_pool(item: str) -> tuple[str, SandboxSpec, int]:
 
 async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
     """("env" | "new" | "existing", the secret to show once)."""
-    from corral.store import Store
+    from corral.server.store import Store
 
     store = await Store.open(config.database)
     try:
@@ -160,8 +160,8 @@ def _banner(url: str, key_note: tuple[str, str | None]) -> None:
 
 
 def _with_store(data_dir: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
-    from corral.server.service import ServerConfig
-    from corral.store import Store
+    from corral.server.config import ServerConfig
+    from corral.server.store import Store
 
     async def go() -> T:
         store = await Store.open(ServerConfig(data_dir or default_data_dir()).database)

@@ -15,23 +15,21 @@ import threading
 import time
 import tty
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.table import Column, Table
 
+from corral.cli import _spec as S
 from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, session
 from corral.cli._volumes import Volumes, volume_mounts
 from corral.client import Process, Sandbox
-from corral.errors import CorralError, InvalidRequest
+from corral.core.errors import CorralError, InvalidRequest
 
 sandbox_app = typer.Typer(help="Create, list, inspect and end sandboxes.", no_args_is_help=True)
 pools_app = typer.Typer(help="Warm pools of started sandboxes.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(pools_app, name="pools")
-NoPool = Annotated[bool, typer.Option("--no-pool", help="Start fresh, even if a pool matches.")]
-
-Pairs = Annotated[list[str] | None, typer.Option(help="KEY=VALUE; repeat for more.")]
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -62,17 +60,24 @@ def _when(timestamp: float | None) -> str:
 
 @sandbox_app.command("create")
 def sandbox_create(
-    image: str | None = typer.Option(None, help="Image (default debian)."),
-    runtime: str | None = typer.Option(None, help="namespaces or gvisor (default: strongest)."),
-    cpu: float = typer.Option(1.0, help="CPU limit in cores."),
-    memory: int = typer.Option(512, help="Memory limit in MiB."),
-    disk: int = typer.Option(2048, help="Disk quota in MiB."),
-    timeout: float = typer.Option(300, help="Lifetime in seconds (at most 24 h)."),
-    network: str = typer.Option("none", help="none or internet."),
-    env: Pairs = None,
-    metadata: Pairs = None,
+    image: S.Image = S.IMAGE,
+    runtime: S.Runtime = None,
+    cpu: S.Cpu = S.CPU,
+    memory: S.Memory = S.MEMORY,
+    disk: S.Disk = S.DISK,
+    max_processes: S.MaxProcesses = S.MAX_PROCESSES,
+    timeout: S.Timeout = S.TIMEOUT,
+    network: S.Network = S.NETWORK,
+    env: S.Pairs = None,
+    workdir: S.Workdir = S.WORKDIR,
+    metadata: S.Pairs = None,
+    auto_resume: S.AutoResume = S.AUTO_RESUME,
+    idle_timeout: S.IdleTimeout = S.IDLE_TIMEOUT,
+    on_idle: S.OnIdle = S.ON_IDLE,
+    keep_alive: S.KeepAlive = S.KEEP_ALIVE,
+    on_timeout: S.OnTimeout = S.ON_TIMEOUT,
     volume: Volumes = None,
-    no_pool: NoPool = False,
+    no_pool: S.NoPool = False,
     url: Url = None,
     api_key: ApiKey = None,
     as_json: Json = False,
@@ -86,12 +91,19 @@ def sandbox_create(
             cpu=cpu,
             memory_mb=memory,
             disk_mb=disk,
+            max_processes=max_processes,
             timeout=timeout,
             env=_pairs(env, "env"),
             metadata=_pairs(metadata, "metadata"),
+            workdir=workdir,
             network=network,
             volumes=mounts,
             pool=not no_pool,
+            auto_resume=auto_resume,
+            idle_timeout=idle_timeout,
+            on_idle=on_idle,
+            keep_alive=keep_alive,
+            on_timeout=on_timeout,
             client=sdk,
         )
         info = sandbox.info()
@@ -104,7 +116,7 @@ def sandbox_create(
 @sandbox_app.command("list")
 def sandbox_list(
     state: str | None = typer.Option(None, help="Only sandboxes in this state."),
-    metadata: Pairs = None,
+    metadata: S.Pairs = None,
     url: Url = None,
     api_key: ApiKey = None,
     as_json: Json = False,
@@ -228,14 +240,14 @@ def _stream(sandbox: Sandbox, argv: list[str], timeout: float | None) -> int:
 @app.command(context_settings=PASS_THROUGH)
 def run(
     ctx: typer.Context,
-    image: str | None = typer.Option(None, help="Image to start from (default debian)."),
-    runtime: str | None = typer.Option(None, help="namespaces or gvisor (default: strongest)."),
-    network: str = typer.Option("none", help="none or internet."),
-    memory: int = typer.Option(512, help="Memory limit in MiB."),
-    cpu: float = typer.Option(1.0, help="CPU limit in cores."),
-    timeout: float = typer.Option(300, help="Lifetime of the sandbox in seconds."),
+    image: S.Image = S.IMAGE,
+    runtime: S.Runtime = None,
+    network: S.Network = S.NETWORK,
+    memory: S.Memory = S.MEMORY,
+    cpu: S.Cpu = S.CPU,
+    timeout: S.Timeout = S.TIMEOUT,
     volume: Volumes = None,
-    no_pool: NoPool = False,
+    no_pool: S.NoPool = False,
     url: Url = None,
     api_key: ApiKey = None,
 ) -> None:

@@ -11,7 +11,7 @@ from rich.table import Column, Table
 
 from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, session
 from corral.client import Client, Volume
-from corral.errors import InvalidRequest
+from corral.core.errors import InvalidRequest
 
 volume_app = typer.Typer(help="Persistent volumes that outlive sandboxes.", no_args_is_help=True)
 app.add_typer(volume_app, name="volume")

@@ -1,10 +1,13 @@
-"""The Corral SDK: sandboxes on a Corral server, from async or sync Python code."""
+"""The SDK: talk to a Corral server from Python, with asyncio (`AsyncSandbox`) or without
+(`Sandbox`, its twin). Imports only `corral.core`; never the server, engine or runtimes."""
 
 from corral.client._client import AsyncClient
-from corral.client._process import AsyncProcess, ProcessExit
-from corral.client._sandbox import AsyncFiles, AsyncSandbox, CommandResult
-from corral.client._sync import Client, Files, Process, Sandbox, Volume
-from corral.client._volumes import AsyncVolume
+from corral.client._files import AsyncFiles, Files
+from corral.client._image import Image
+from corral.client._process import AsyncProcess, Process, ProcessExit
+from corral.client._sandbox import AsyncSandbox, CommandResult, Sandbox
+from corral.client._sync import Client
+from corral.client._volumes import AsyncVolume, Volume
 
 __all__ = [
     "AsyncClient",
@@ -15,6 +18,7 @@ __all__ = [
     "Client",
     "CommandResult",
     "Files",
+    "Image",
     "Process",
     "ProcessExit",
     "Sandbox",

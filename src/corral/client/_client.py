@@ -7,23 +7,23 @@ with the server's code and message.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from corral.core.errors import AuthError
+from corral.core.models import BuiltImage, SnapshotInfo
 
-from corral.errors import AuthError, ConnectionFailed, CorralError, from_response
-from corral.models import BuiltImage
-from corral.snapshots import SnapshotInfo
+if TYPE_CHECKING:
+    import asyncio
+
+    import httpx
+
+    from corral.client._transport import Socket, Transport
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -44,19 +44,25 @@ class AsyncClient:
     ) -> None:
         self.url = (url or os.environ.get("CORRAL_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("CORRAL_API_KEY") or None
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=10.0),
-        )
-        self._sockets: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
+        self._timeout = timeout
+        self._transport: Transport | None = None  # made on first use (see _transport.py)
+
+    @property
+    def _wire(self) -> Transport:
+        if self._transport is None:
+            if not self.api_key:
+                raise AuthError(
+                    "no API key: set CORRAL_API_KEY or pass api_key= (corral serve prints one)"
+                )
+            from corral.client._transport import Transport
+
+            self._transport = Transport(self.url, self.api_key, self._timeout)
+        return self._transport
 
     async def aclose(self) -> None:
         """Close the client's connections (exec streams still open are hung up)."""
-        for ws in list(self._sockets):
-            await ws.close()
-        await self._http.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -69,12 +75,6 @@ class AsyncClient:
     ) -> None:
         await self.aclose()
 
-    def _check_key(self) -> None:
-        if not self.api_key:
-            raise AuthError(
-                "no API key: set CORRAL_API_KEY or pass api_key= (corral serve prints one)"
-            )
-
     async def request(
         self,
         method: str,
@@ -85,37 +85,18 @@ class AsyncClient:
         content: bytes | AsyncIterable[bytes] | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON answer (None for an empty one)."""
-        self._check_key()
-        try:
-            response = await self._http.request(
-                method, path, json=json, params=params, content=content
-            )
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        if response.status_code >= 400:
-            raise _error(response.status_code, response.content, response.headers)
-        return response.json() if response.content else None
+        return await self._wire.request(method, path, json=json, params=params, content=content)
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         method: str,
         path: str,
         *,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
         """A request whose answer streams; its errors are raised before any content is read."""
-        self._check_key()
-        try:
-            async with self._http.stream(
-                method, path, params=params, json=json, timeout=httpx.Timeout(None, connect=10.0)
-            ) as response:
-                if response.status_code >= 400:
-                    raise _error(response.status_code, await response.aread(), response.headers)
-                yield response
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
+        return self._wire.stream(method, path, params=params, json=json)
 
     def download(
         self, path: str, params: Mapping[str, Any]
@@ -125,14 +106,11 @@ class AsyncClient:
 
     async def has_blob(self, digest: str) -> bool:
         """Whether the server holds this uploaded content already."""
-        self._check_key()
-        try:
-            response = await self._http.head(f"/v1/blobs/{digest}")
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        if response.status_code not in (200, 404):
-            raise _error(response.status_code, b"", response.headers)
-        return response.status_code == 200
+        return await self._wire.exists(f"/v1/blobs/{digest}")
+
+    async def websocket(self, path: str) -> Socket:
+        """Open a WebSocket to `path` with this client's key."""
+        return await self._wire.websocket(path)
 
     async def events(self, sandbox_id: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """State changes of your sandboxes (or of one) as they happen, from `GET /v1/events`:
@@ -178,28 +156,12 @@ class AsyncClient:
         usage: dict[str, int] = await self.request("GET", "/v1/images/usage")
         return usage
 
-    async def websocket(self, path: str) -> ClientConnection:
-        """Open a WebSocket to `path` with this client's key."""
-        self._check_key()
-        url = "ws" + self.url.removeprefix("http") + path
-        try:
-            ws = await connect(
-                url,
-                additional_headers={"Authorization": f"Bearer {self.api_key}"},
-                max_size=None,  # the agent's chunks are bounded; frames are never huge
-                open_timeout=10,
-            )
-        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-            raise self._unreachable(exc) from exc
-        self._sockets.add(ws)
-        return ws
-
     async def list_pools(self) -> list[dict[str, Any]]:
         """The server's warm pools: template, target size, idle, hits, misses."""
         pools: list[dict[str, Any]] = await self.request("GET", "/v1/pools")
         return pools
 
-    async def set_pool(self, name: str, size: int, **template: Any) -> dict[str, Any]:
+    async def set_pool(self, /, name: str, size: int, **template: Any) -> dict[str, Any]:
         """Create or resize pool `name` (admin key): `template` as in `AsyncSandbox.create`."""
         pool: dict[str, Any] = await self.request(
             "PUT", f"/v1/pools/{name}", json={**template, "size": size}
@@ -210,25 +172,6 @@ class AsyncClient:
         """Remove a pool and end its idle sandboxes (admin key)."""
         await self.request("DELETE", f"/v1/pools/{name}")
 
-    def _unreachable(self, exc: Exception) -> CorralError:
-        return ConnectionFailed(
-            f"cannot reach the Corral server at {self.url} ({type(exc).__name__}: {exc}); "
-            "is `corral serve` running, and is CORRAL_URL right?"
-        )
-
-
-def _error(status: int, body: bytes, headers: Mapping[str, str]) -> CorralError:
-    try:
-        error = json.loads(body)["error"]
-        made = from_response(status, str(error["code"]), str(error["message"]))
-    except (ValueError, KeyError, TypeError):
-        text = body.decode(errors="replace")[:500]
-        made = from_response(status, "http_error", f"HTTP {status}: {text}")
-    retry_after = headers.get("retry-after", "")
-    if retry_after.isdigit():
-        made.retry_after = int(retry_after)
-    return made
-
 
 # One default client per event loop: an httpx client cannot move between loops.
 _defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
@@ -238,6 +181,8 @@ _defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
 
 def default_client() -> AsyncClient:
     """The client for this event loop, configured from the environment."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     client = _defaults.get(loop)
     if client is None:

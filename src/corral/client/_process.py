@@ -1,19 +1,20 @@
-"""A process running in a sandbox, driven over the exec WebSocket (see `corral.server.stream`)."""
+"""A process running in a sandbox, driven over the exec WebSocket: `AsyncProcess` and its
+synchronous twin `Process`."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from corral.client._sync import Client, Twin, blocking
+from corral.core.errors import ConnectionFailed, CorralError, from_response
 
-from corral.errors import ConnectionFailed, CorralError, from_response
+if TYPE_CHECKING:
+    from corral.client._transport import Socket
 
 OutputCallback = Callable[[bytes], Awaitable[None] | None]
 STDIN, STDOUT, STDERR = 0, 1, 2
@@ -33,6 +34,8 @@ class AsyncOutput:
     """One output stream of a process: iterate it for chunks of bytes as they arrive."""
 
     def __init__(self) -> None:
+        import asyncio
+
         self._chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._ended = False
 
@@ -87,11 +90,13 @@ class AsyncProcess:
 
     def __init__(
         self,
-        ws: ClientConnection,
+        ws: Socket,
         started: dict[str, Any],
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
     ) -> None:
+        import asyncio
+
         self._ws = ws
         self.id: int = started["id"]
         self.pid: int = started["pid"]
@@ -106,16 +111,13 @@ class AsyncProcess:
     @classmethod
     async def start(
         cls,
-        ws: ClientConnection,
+        ws: Socket,
         request: dict[str, Any],
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> AsyncProcess:
-        try:
-            await ws.send(json.dumps(request))
-            first = json.loads(await ws.recv())
-        except ConnectionClosed as exc:
-            raise ConnectionFailed(f"the server closed the exec stream: {exc}") from exc
+        await ws.send(json.dumps(request))
+        first = json.loads(await ws.recv())
         if first.get("type") == "error":
             await ws.close()
             raise _stream_error(first)
@@ -124,7 +126,7 @@ class AsyncProcess:
     async def _read(self) -> None:
         outputs = {STDOUT: self.stdout, STDERR: self.stderr}
         try:
-            async for message in self._ws:
+            async for message in self._ws.messages():
                 if isinstance(message, bytes):
                     channel, data = message[0], message[1:]
                     callback = self._callbacks.get(channel)
@@ -145,25 +147,20 @@ class AsyncProcess:
                     )
                 elif event.get("type") == "error":
                     self._error = _stream_error(event)
-        except ConnectionClosed:
-            pass
         finally:
             if self._exit is None and self._error is None:
                 self._error = ConnectionFailed("the exec stream closed before the process ended")
             self.stdout._put(None)
             self.stderr._put(None)
 
-    async def _send(self, frame: bytes) -> None:
+    async def _send(self, frame: bytes | str) -> None:
         try:
             await self._ws.send(frame)
-        except ConnectionClosed as exc:
-            raise self._error or ConnectionFailed(f"the exec stream is closed: {exc}") from exc
+        except ConnectionFailed as exc:
+            raise self._error or exc from exc
 
     async def _control(self, message: dict[str, Any]) -> None:
-        try:
-            await self._ws.send(json.dumps(message))
-        except ConnectionClosed as exc:
-            raise self._error or ConnectionFailed(f"the exec stream is closed: {exc}") from exc
+        await self._send(json.dumps(message))
 
     async def wait(self) -> int:
         """Wait for the process to end; its exit code (128 + the signal if killed, as in sh)."""
@@ -174,6 +171,8 @@ class AsyncProcess:
 
     async def result(self) -> ProcessExit:
         """Wait for the process to end; how it ended, in full."""
+        import asyncio
+
         await asyncio.shield(self._reader)
         if self._exit is None:
             assert self._error is not None
@@ -185,6 +184,7 @@ class AsyncProcess:
         await self._control({"type": "signal", "signal": sig})
 
     async def kill(self) -> None:
+        """Kill the process and its process group (SIGKILL)."""
         await self.signal("SIGKILL")
 
     async def resize(self, rows: int, cols: int) -> None:
@@ -193,6 +193,8 @@ class AsyncProcess:
 
     async def close(self) -> None:
         """Hang up: the server kills the process if it is still running."""
+        import asyncio
+
         await self._ws.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
@@ -205,3 +207,46 @@ def _stream_error(event: dict[str, Any]) -> CorralError:
         str(error.get("code", "stream_error")),
         str(error.get("message", "the exec stream failed")),
     )
+
+
+class Output(Twin[AsyncOutput]):
+    """One output stream of a process: iterate it for chunks of bytes as they arrive."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                yield self._run(_next_chunk(self._async))
+            except StopAsyncIteration:
+                return
+
+    read = blocking(AsyncOutput.read)
+
+
+async def _next_chunk(output: AsyncOutput) -> bytes:
+    return await anext(output)
+
+
+class Stdin(Twin[AsyncStdin]):
+    """The process's standard input (or its terminal's keyboard)."""
+
+    write = blocking(AsyncStdin.write)
+    close = blocking(AsyncStdin.close)
+
+
+class Process(Twin[AsyncProcess]):
+    """A process started with `Sandbox.exec` (see `AsyncProcess`)."""
+
+    def __init__(self, client: Client, process: AsyncProcess) -> None:
+        super().__init__(client, process)
+        self.id = process.id
+        self.pid = process.pid
+        self.stdout = Output(client, process.stdout)
+        self.stderr = Output(client, process.stderr)
+        self.stdin = Stdin(client, process.stdin)
+
+    wait = blocking(AsyncProcess.wait)
+    result = blocking(AsyncProcess.result)
+    signal = blocking(AsyncProcess.signal)
+    kill = blocking(AsyncProcess.kill)
+    resize = blocking(AsyncProcess.resize)
+    close = blocking(AsyncProcess.close)

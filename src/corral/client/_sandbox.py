@@ -1,29 +1,32 @@
-"""Sandboxes as the SDK sees them: `AsyncSandbox`, its files and its commands."""
+"""Sandboxes as the SDK sees them: `AsyncSandbox` and its synchronous twin `Sandbox`."""
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import os
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
-from corral.client._client import AsyncClient, default_client
-from corral.client._images import build_image
-from corral.client._process import AsyncProcess, OutputCallback
+from corral.client._client import AsyncClient
+from corral.client._files import AsyncFiles, Files
+from corral.client._image import Image
+from corral.client._process import AsyncProcess, OutputCallback, Process
+from corral.client._sync import (
+    Client,
+    Twin,
+    async_client,
+    blocking,
+    blocking_as,
+    blocking_self_each,
+    constructor,
+    static,
+)
 from corral.client._volumes import VolumeRef, mounts_body
-from corral.errors import CommandTimeout, FileNotFound
-from corral.image import Image
-from corral.models import BuiltImage, FileInfo, ProcessInfo, SandboxInfo, StateChange
-from corral.snapshots import SnapshotInfo
-from corral.spec import SandboxSpec
-from corral.state import EndReason, SandboxState
-
-CHUNK = 1024 * 1024
-Data = bytes | str | IO[bytes] | AsyncIterable[bytes]
+from corral.core.errors import CommandTimeout
+from corral.core.models import BuiltImage, ProcessInfo, SandboxInfo, SnapshotInfo, StateChange
+from corral.core.spec import DEFAULT_SPEC, FIXED_AT_START, SandboxSpec
+from corral.core.state import EndReason, SandboxState
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,29 @@ def parse_info(data: dict[str, Any]) -> SandboxInfo:
     )
 
 
+def _create_body(
+    spec: dict[str, Any],
+    image: str | BuiltImage | None,
+    volumes: Mapping[str, VolumeRef] | None,
+    snapshot: str | SnapshotInfo | None,
+    pool: bool,
+) -> dict[str, Any]:
+    """The body of `POST /v1/sandboxes`: the spec's fields, what the server would default to
+    left out (the image, the workdir)."""
+    body: dict[str, Any] = {"pool": pool, **spec}
+    if body["workdir"] is None:
+        del body["workdir"]
+    if image is not None:
+        body["image"] = image.id if isinstance(image, BuiltImage) else image
+    if snapshot is not None:  # the snapshot decides what is fixed at start
+        for name in FIXED_AT_START:
+            body.pop(name, None)
+        body["snapshot"] = snapshot.id if isinstance(snapshot, SnapshotInfo) else snapshot
+    if volumes:
+        body["volumes"] = mounts_body(volumes)
+    return body
+
+
 class AsyncSandbox:
     """A sandbox on a Corral server. Create one with `await AsyncSandbox.create()`.
 
@@ -83,7 +109,7 @@ class AsyncSandbox:
     def __init__(self, client: AsyncClient, info: SandboxInfo) -> None:
         self.client = client
         self._info = info
-        self.files = AsyncFiles(self)
+        self.files = AsyncFiles(client, info.id)
 
     @property
     def id(self) -> str:
@@ -103,23 +129,24 @@ class AsyncSandbox:
         image: str | Image | BuiltImage | None = None,
         runtime: str | None = None,
         *,
-        cpu: float = 1.0,
-        memory_mb: int = 512,
-        disk_mb: int = 2048,
-        timeout: float = 300,
+        cpu: float = DEFAULT_SPEC.cpu,
+        memory_mb: int = DEFAULT_SPEC.memory_mb,
+        disk_mb: int = DEFAULT_SPEC.disk_mb,
+        max_processes: int = DEFAULT_SPEC.max_processes,
+        timeout: float = DEFAULT_SPEC.timeout,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
-        workdir: str | None = None,
-        network: str = "none",
+        workdir: str | None = DEFAULT_SPEC.workdir,
+        network: str = DEFAULT_SPEC.network,
         volumes: Mapping[str, VolumeRef] | None = None,
         pool: bool = True,
-        auto_resume: bool = True,
-        idle_timeout: float | None = None,
-        on_idle: str = "pause",
-        keep_alive: bool = False,
-        on_timeout: str = "terminate",
+        auto_resume: bool = DEFAULT_SPEC.auto_resume,
+        idle_timeout: float | None = DEFAULT_SPEC.idle_timeout,
+        on_idle: str = DEFAULT_SPEC.on_idle,
+        keep_alive: bool = DEFAULT_SPEC.keep_alive,
+        on_timeout: str = DEFAULT_SPEC.on_timeout,
         snapshot: str | SnapshotInfo | None = None,
-        client: AsyncClient | None = None,
+        client: AsyncClient | Client | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox and return once it can run commands.
 
@@ -131,56 +158,36 @@ class AsyncSandbox:
         ending it. See docs/lifecycle.md. `snapshot` (a `SnapshotInfo`, or an id or name)
         starts the sandbox where that snapshot's sandbox was, with its image, runtime and
         resources (gvisor).
-        `volumes` maps mount points to volumes (`AsyncVolume`, or a volume's name or id):
+        `volumes` maps mount points to volumes (a `Volume`, or a volume's name or id):
         `{"/data": volume, "/ref": other.read_only()}`.
         A warm pool on the server whose template matches hands over a started sandbox, which
         is much faster; `pool=False` insists on a fresh start. Sandboxes with volumes always
         start fresh.
         """
-        client = client or default_client()
+        aio = async_client(client)
         if isinstance(image, Image):
-            image = await build_image(image, client=client)
-        if isinstance(image, BuiltImage):
-            image = image.id
-        body: dict[str, Any] = {
-            "pool": pool,
-            "runtime": runtime,
-            "cpu": cpu,
-            "memory_mb": memory_mb,
-            "disk_mb": disk_mb,
-            "timeout": timeout,
-            "network": network,
-            "env": dict(env or {}),
-            "metadata": dict(metadata or {}),
-            "auto_resume": auto_resume,
-            "idle_timeout": idle_timeout,
-            "on_idle": on_idle,
-            "keep_alive": keep_alive,
-            "on_timeout": on_timeout,
+            image = await image.build_async(client=aio)
+        spec = {
+            **dict(runtime=runtime, cpu=cpu, memory_mb=memory_mb, disk_mb=disk_mb),
+            **dict(max_processes=max_processes, timeout=timeout, network=network),
+            **dict(env=dict(env or {}), metadata=dict(metadata or {}), workdir=workdir),
+            **dict(auto_resume=auto_resume, idle_timeout=idle_timeout, on_idle=on_idle),
+            **dict(keep_alive=keep_alive, on_timeout=on_timeout),
         }
-        if image is not None:
-            body["image"] = image
-        if workdir is not None:
-            body["workdir"] = workdir
-        if snapshot is not None:  # the snapshot decides what is fixed at start
-            for name in ("runtime", "cpu", "memory_mb", "disk_mb", "network", "image"):
-                body.pop(name, None)
-            body["snapshot"] = snapshot.id if isinstance(snapshot, SnapshotInfo) else snapshot
-        if volumes:
-            body["volumes"] = mounts_body(volumes)
-        return cls(client, parse_info(await client.request("POST", "/v1/sandboxes", json=body)))
+        body = _create_body(spec, image, volumes, snapshot, pool)
+        return cls(aio, parse_info(await aio.request("POST", "/v1/sandboxes", json=body)))
 
     @classmethod
-    async def connect(cls, sandbox_id: str, *, client: AsyncClient | None = None) -> AsyncSandbox:
+    async def connect(
+        cls, sandbox_id: str, *, client: AsyncClient | Client | None = None
+    ) -> AsyncSandbox:
         """An existing sandbox by id (`SandboxNotFound` if your key has none such).
 
         A paused or hibernated sandbox is resumed first, unless it was created with
         `auto_resume=False`.
         """
-        client = client or default_client()
-        sandbox = cls(
-            client, parse_info(await client.request("GET", f"/v1/sandboxes/{sandbox_id}"))
-        )
+        aio = async_client(client)
+        sandbox = cls(aio, parse_info(await aio.request("GET", f"/v1/sandboxes/{sandbox_id}")))
         if sandbox._info.spec.auto_resume:
             if sandbox._info.state is SandboxState.PAUSED:
                 await sandbox.resume()
@@ -194,17 +201,17 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         state: SandboxState | str | None = None,
         *,
-        client: AsyncClient | None = None,
-    ) -> list[SandboxInfo]:
+        client: AsyncClient | Client | None = None,
+    ) -> builtins.list[SandboxInfo]:
         """Your sandboxes (ended ones for 7 days), optionally filtered."""
-        client = client or default_client()
+        aio = async_client(client)
         params: list[tuple[str, str]] = [
             ("metadata", f"{k}={v}") for k, v in (metadata or {}).items()
         ]
         if state is not None:
             params.append(("state", str(state)))
         return [
-            parse_info(item) for item in await client.request("GET", "/v1/sandboxes", params=params)
+            parse_info(item) for item in await aio.request("GET", "/v1/sandboxes", params=params)
         ]
 
     async def info(self) -> SandboxInfo:
@@ -360,118 +367,55 @@ class AsyncSandbox:
         await self.terminate()
 
 
-class AsyncFiles:
-    """The files of a sandbox. Paths are absolute paths inside the sandbox."""
+class Sandbox(Twin[AsyncSandbox]):
+    """A sandbox on a Corral server, for synchronous code (see `AsyncSandbox` for details).
 
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sandbox = sandbox
+    Example:
+        >>> with corral.Sandbox.create() as sandbox:
+        ...     sandbox.run("python3 -c 'print(6*7)'").stdout
+        '42\\n'
+    """
+
+    def __init__(self, client: Client, sandbox: AsyncSandbox) -> None:
+        super().__init__(client, sandbox)
+        self.files = Files(client, sandbox.files)
 
     @property
-    def _client(self) -> AsyncClient:
-        return self._sandbox.client
+    def id(self) -> str:
+        return self._async.id
 
-    def _path(self, suffix: str = "") -> str:
-        return self._sandbox._path("/files" + suffix)
+    @property
+    def state(self) -> SandboxState:
+        """The state when last fetched; `info()` refreshes it."""
+        return self._async.state
 
-    async def write(
-        self, path: str, data: Data, *, mode: int | None = None, append: bool = False
-    ) -> int:
-        """Write bytes, text, a binary file object or an async iterable, streamed; bytes written."""
-        params: dict[str, Any] = {"path": path, "append": append}
-        if mode is not None:
-            params["mode"] = mode
-        content: bytes | AsyncIterable[bytes]
-        if isinstance(data, str):
-            content = data.encode()
-        elif isinstance(data, bytes | bytearray | memoryview):
-            content = bytes(data)
-        elif isinstance(data, AsyncIterable):
-            content = data
-        else:
-            content = _chunks_of(data)
-        result = await self._client.request(
-            "PUT", self._path("/content"), params=params, content=content
-        )
-        return int(result["bytes"])
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {self.state.value}>"
 
-    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
-        """The file's content in chunks, as it arrives."""
-        async with self._client.download(self._path("/content"), {"path": path}) as response:
-            async for chunk in response.aiter_bytes():
-                yield chunk
+    create = constructor(AsyncSandbox.create)
+    connect = constructor(AsyncSandbox.connect)
+    list = static(AsyncSandbox.list)
+    info = blocking(AsyncSandbox.info)
+    set_timeout = blocking(AsyncSandbox.set_timeout)
+    terminate = blocking(AsyncSandbox.terminate)
+    pause = blocking(AsyncSandbox.pause)
+    resume = blocking(AsyncSandbox.resume)
+    snapshot_filesystem = blocking(AsyncSandbox.snapshot_filesystem)
+    snapshot = blocking(AsyncSandbox.snapshot)
+    fork = blocking_self_each(AsyncSandbox.fork)
+    hibernate = blocking(AsyncSandbox.hibernate)
+    wake = blocking(AsyncSandbox.wake)
+    run = blocking(AsyncSandbox.run)
+    exec = blocking_as(Process, AsyncSandbox.exec)
+    processes = blocking(AsyncSandbox.processes)
 
-    async def read(self, path: str) -> bytes:
-        return b"".join([chunk async for chunk in self.read_stream(path)])
+    def __enter__(self) -> Sandbox:
+        return self
 
-    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read(path)).decode(encoding)
-
-    async def upload(self, local: str | os.PathLike[str], remote: str) -> int:
-        """Copy a local file into the sandbox, streamed."""
-        handle = await asyncio.to_thread(open, local, "rb")
-        try:
-            return await self.write(remote, handle)
-        finally:
-            handle.close()
-
-    async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
-        """Copy a file out of the sandbox, streamed; the local file appears only when complete."""
-        target = Path(local)
-        partial = target.with_name(f".{target.name}.part")
-        written = 0
-        handle = await asyncio.to_thread(open, partial, "wb")
-        try:
-            async for chunk in self.read_stream(remote):
-                await asyncio.to_thread(handle.write, chunk)
-                written += len(chunk)
-        except BaseException:
-            handle.close()
-            partial.unlink(missing_ok=True)
-            raise
-        handle.close()
-        os.replace(partial, target)
-        return written
-
-    async def list(self, path: str, depth: int = 1) -> list[FileInfo]:
-        data = await self._client.request(
-            "GET", self._path(), params={"path": path, "depth": depth}
-        )
-        return [FileInfo(**item) for item in data]
-
-    async def stat(self, path: str) -> FileInfo:
-        """What is at `path` (`FileNotFound` if nothing is)."""
-        return FileInfo(
-            **await self._client.request("GET", self._path("/stat"), params={"path": path})
-        )
-
-    async def exists(self, path: str) -> bool:
-        try:
-            await self.stat(path)
-        except FileNotFound:
-            return False
-        return True
-
-    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> FileInfo:
-        body = {"path": path, "parents": parents, "mode": mode}
-        return FileInfo(**await self._client.request("POST", self._path("/mkdir"), json=body))
-
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._client.request(
-            "DELETE", self._path(), params={"path": path, "recursive": recursive}
-        )
-
-    async def rename(self, src: str, dst: str, *, overwrite: bool = False) -> FileInfo:
-        body = {"src": src, "dst": dst, "overwrite": overwrite}
-        return FileInfo(**await self._client.request("POST", self._path("/rename"), json=body))
-
-    async def chmod(self, path: str, mode: int) -> FileInfo:
-        body = {"path": path, "mode": mode}
-        return FileInfo(**await self._client.request("POST", self._path("/chmod"), json=body))
-
-
-async def _chunks_of(handle: IO[bytes]) -> AsyncIterator[bytes]:
-    while True:
-        chunk = await asyncio.to_thread(handle.read, CHUNK)
-        if not chunk:
-            return
-        yield chunk
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.terminate()

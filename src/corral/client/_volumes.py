@@ -1,4 +1,4 @@
-"""Persistent volumes as the SDK sees them: `AsyncVolume` (the sync `Volume` wraps it)."""
+"""Persistent volumes as the SDK sees them: `AsyncVolume` and its synchronous twin `Volume`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral.client._client import AsyncClient, default_client
-from corral.errors import Conflict, VolumeNotFound
+from corral.client._sync import (
+    Client,
+    Twin,
+    async_client,
+    blocking,
+    blocking_self,
+    constructor,
+    constructor_each,
+)
+from corral.core.errors import Conflict, VolumeNotFound
 
 
 @dataclass(frozen=True)
@@ -48,15 +57,15 @@ class AsyncVolume:
 
     @classmethod
     async def create(
-        cls, name: str, *, size_mb: int = 1024, client: AsyncClient | None = None
+        cls, name: str, *, size_mb: int = 1024, client: AsyncClient | Client | None = None
     ) -> AsyncVolume:
         """Make an empty volume named `name` (unique among your volumes) of `size_mb` MiB.
 
         Raises `Conflict` (code `volume_exists`) if you already have one by that name.
         """
-        client = client or default_client()
+        aio = async_client(client)
         body = {"name": name, "size_mb": size_mb}
-        return cls._from_dict(await client.request("POST", "/v1/volumes", json=body), client)
+        return cls._from_dict(await aio.request("POST", "/v1/volumes", json=body), aio)
 
     @classmethod
     async def from_name(
@@ -65,28 +74,30 @@ class AsyncVolume:
         *,
         create_if_missing: bool = False,
         size_mb: int = 1024,
-        client: AsyncClient | None = None,
+        client: AsyncClient | Client | None = None,
     ) -> AsyncVolume:
         """Your volume called `name` (or with that id); made with `size_mb` if missing and
         `create_if_missing`, else `VolumeNotFound`."""
-        client = client or default_client()
+        aio = async_client(client)
         try:
-            return cls._from_dict(await client.request("GET", f"/v1/volumes/{name}"), client)
+            return cls._from_dict(await aio.request("GET", f"/v1/volumes/{name}"), aio)
         except VolumeNotFound:
             if not create_if_missing:
                 raise
         try:
-            return await cls.create(name, size_mb=size_mb, client=client)
+            return await cls.create(name, size_mb=size_mb, client=aio)
         except Conflict as exc:  # made meanwhile by someone else with this key
             if exc.code != "volume_exists":
                 raise
-            return cls._from_dict(await client.request("GET", f"/v1/volumes/{name}"), client)
+            return cls._from_dict(await aio.request("GET", f"/v1/volumes/{name}"), aio)
 
     @classmethod
-    async def list(cls, *, client: AsyncClient | None = None) -> builtins.list[AsyncVolume]:
+    async def list(
+        cls, *, client: AsyncClient | Client | None = None
+    ) -> builtins.list[AsyncVolume]:
         """Your volumes, oldest first."""
-        client = client or default_client()
-        return [cls._from_dict(v, client) for v in await client.request("GET", "/v1/volumes")]
+        aio = async_client(client)
+        return [cls._from_dict(v, aio) for v in await aio.request("GET", "/v1/volumes")]
 
     async def refresh(self) -> AsyncVolume:
         """The volume as it is now (usage, sandboxes mounting it); this handle's mode kept."""
@@ -107,7 +118,69 @@ class AsyncVolume:
         return self.client or default_client()
 
 
-VolumeRef = AsyncVolume | str  # a volume, or the name or id of one of yours
+class Volume(Twin[AsyncVolume]):
+    """A persistent volume, for synchronous code (see `AsyncVolume` for details).
+
+    Example:
+        >>> data = corral.Volume.from_name("data", create_if_missing=True)
+        >>> with corral.Sandbox.create(volumes={"/data": data}) as sandbox:
+        ...     sandbox.run("echo kept > /data/notes.txt")
+        >>> with corral.Sandbox.create(volumes={"/data": data.read_only()}) as sandbox:
+        ...     sandbox.run("cat /data/notes.txt").stdout
+        'kept\\n'
+    """
+
+    @property
+    def id(self) -> str:
+        """The volume's id (`vol-…`)."""
+        return self._async.id
+
+    @property
+    def name(self) -> str:
+        """Its name, unique among your volumes."""
+        return self._async.name
+
+    @property
+    def size_mb(self) -> int:
+        """Its size in MiB, which is its quota."""
+        return self._async.size_mb
+
+    @property
+    def created_at(self) -> float:
+        """When it was made (Unix time)."""
+        return self._async.created_at
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes its files take, as of when fetched (`refresh()` fetches again)."""
+        return self._async.used_bytes
+
+    @property
+    def sandboxes(self) -> tuple[str, ...]:
+        """Your live sandboxes that mount it, as of when fetched."""
+        return self._async.sandboxes
+
+    @property
+    def is_read_only(self) -> bool:
+        """Whether this handle mounts the volume read-only."""
+        return self._async.is_read_only
+
+    def __repr__(self) -> str:
+        mode = " read-only" if self.is_read_only else ""
+        return f"<Volume {self.id} {self.name!r} {self.size_mb} MiB{mode}>"
+
+    create = constructor(AsyncVolume.create)
+    from_name = constructor(AsyncVolume.from_name)
+    list = constructor_each(AsyncVolume.list)
+    refresh = blocking_self(AsyncVolume.refresh)
+    delete = blocking(AsyncVolume.delete)
+
+    def read_only(self) -> Volume:
+        """A handle on the same volume that sandboxes mount read-only."""
+        return Volume(self.client, self._async.read_only())
+
+
+VolumeRef = AsyncVolume | Volume | str  # a volume, or the name or id of one of yours
 
 
 def mounts_body(volumes: Mapping[str, VolumeRef] | None) -> builtins.list[dict[str, Any]]:
@@ -115,6 +188,8 @@ def mounts_body(volumes: Mapping[str, VolumeRef] | None) -> builtins.list[dict[s
     read-write."""
     body = []
     for path, volume in (volumes or {}).items():
+        if isinstance(volume, Volume):
+            volume = volume._async
         if isinstance(volume, AsyncVolume):
             body.append({"path": path, "volume": volume.id, "read_only": volume.is_read_only})
         else:

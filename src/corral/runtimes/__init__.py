@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from corral.errors import RuntimeUnavailable
+from corral.core.errors import RuntimeUnavailable
 from corral.runtimes.base import Launch, Runtime
 from corral.runtimes.gvisor import GVisorRuntime
 from corral.runtimes.namespaces import NamespacesRuntime

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from corral import mounts, network
-from corral.cgroups import Cgroup, CgroupLimits
-from corral.errors import InvalidRequest, SandboxFailed
-from corral.plan import SandboxPlan
+from corral.core.errors import InvalidRequest, SandboxFailed
+from corral.host import mounts, network
+from corral.host.cgroups import Cgroup, CgroupLimits
+from corral.runtimes.plan import SandboxPlan
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -32,32 +32,13 @@ RUNTIME_LOG_TAIL = 4000  # bytes of the runtime's log quoted in errors
 class Launch:
     """A started sandbox: the host pid whose exit ends it, and that process if it is our child.
 
-    `start_time` (from /proc, see `process_start_time`) tells that pid apart from a later
+    `start_time` (from /proc, see `corral.host.procs`) tells that pid apart from a later
     process that reuses the number, so a restarted engine never adopts a stranger.
     """
 
     pid: int
     child: subprocess.Popen[bytes] | None = None
     start_time: int | None = None
-
-
-def process_start_time(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22).
-
-    None if there is no such process or it has already exited (a zombie).
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        if fields[0] in (b"Z", b"X"):  # field 3, the state: exited, not yet reaped
-            return None
-        return int(fields[19])  # field 22
-    except (IndexError, ValueError):
-        return None
 
 
 def open_runtime_log(plan: SandboxPlan) -> int:
@@ -128,8 +109,32 @@ class Runtime(ABC):
         """How many of the sandbox's processes the kernel has killed for lack of memory."""
         return cgroup_for(plan).oom_kills()
 
+    def set_cpu_weight(self, plan: SandboxPlan, weight: int) -> None:
+        """Change the sandbox's CPU share under contention (1 to 10000; 100 is normal)."""
+        cgroup_for(plan).set_weight(weight)
+
+    def log_tail(self, plan: SandboxPlan) -> str:
+        """The end of what the runtime's own processes wrote about the sandbox ("" if none)."""
+        return read_runtime_log(plan)
+
+    def writable_layer(self, plan: SandboxPlan) -> Path | None:
+        """The host directory holding what the sandbox changed in its files, as an overlay's
+        upper layer, if the runtime keeps it on the host (None: only the sandbox sees it)."""
+        return None
+
+    def image_root(self, plan: SandboxPlan) -> Path:
+        """The host directory showing the sandbox's image as the sandbox sees it (ownership
+        mapped), for comparing its files with the image's."""
+        raise InvalidRequest(
+            f"the {self.name} runtime shows no image root on the host", code="not_supported"
+        )
+
     # Hooks for memory snapshots; runtimes that can checkpoint override them.
     checkpoints = False  # whether checkpoint/restore keep a sandbox's memory
+
+    def checkpoint_refusal(self, network: str) -> str | None:
+        """Why a sandbox with `network` cannot be checkpointed here, or None if it can."""
+        return f"the {self.name} runtime cannot save a sandbox's memory; use gvisor"
 
     def checkpoint(
         self, plan: SandboxPlan, image_dir: Path, *, leave_running: bool = False
@@ -190,7 +195,7 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
     write_etc_files(plan)
     if plan.network.policy == "internet":
-        network.create(plan)
+        network.create(plan.sandbox_id, plan.network.index)
     lowers = []
     for index, layer in enumerate(plan.layers):
         lower = plan.dir / "lower" / str(index)

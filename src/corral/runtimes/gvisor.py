@@ -23,10 +23,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from corral import mounts, network, userns
-from corral.cgroups import CPU_PERIOD_US, layout, shares
-from corral.errors import SandboxFailed
-from corral.plan import SandboxPlan
+from corral.core.errors import SandboxFailed
+from corral.host import mounts, network, userns
+from corral.host.cgroups import CPU_PERIOD_US, layout, shares
 from corral.runtimes.base import (
     SANDBOX_CAPS,
     Launch,
@@ -36,6 +35,7 @@ from corral.runtimes.base import (
     prepare_host,
     read_runtime_log,
 )
+from corral.runtimes.plan import Bind, MountOp, SandboxPlan, Tmpfs
 
 # gVisor's host pids cgroup counts the Sentry's threads and one stub per guest process (about
 # 25 + 2.2 per process, measured) and reaching it crashes the Sentry, so it only backs up the
@@ -125,7 +125,7 @@ class GVisorRuntime(Runtime):
         uid = userns.host_uid(plan.uid_slot)
         plan.disk_dir.chmod(0o700)
         os.chown(plan.disk_dir, uid, uid)
-        root = lowers[0]
+        root = self.image_root(plan)
         if len(lowers) > 1:  # gVisor takes one root directory: stack the layers on the host
             plan.rootfs.mkdir(exist_ok=True)
             try:
@@ -138,95 +138,23 @@ class GVisorRuntime(Runtime):
                 )
             finally:
                 mounts.unmount_all(lowers)
-            root = plan.rootfs
         bundle = plan.dir / "bundle"
         bundle.mkdir(mode=0o700, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(self.oci_spec(plan, root), indent=1))
 
     def oci_spec(self, plan: SandboxPlan, root: Path) -> dict[str, Any]:
         """The OCI runtime spec for `plan` (printable, for debugging)."""
-        ro = ["rbind", "ro", "nosuid", "nodev"]
-        binds = [
-            {
-                "destination": "/run/corral/agent",
-                "type": "bind",
-                "source": plan.agent_dir,
-                "options": ro,
-            },
-            {
-                "destination": "/run/corral/sock",
-                "type": "bind",
-                "source": str(plan.socket_dir),
-                "options": ro,
-            },
-            *(
-                {"destination": target, "type": "bind", "source": source, "options": ro}
-                for source, target in plan.etc_binds
-            ),
-            *(
-                {
-                    "destination": b.target,
-                    "type": "bind",
-                    "source": b.source,
-                    "options": ro if b.readonly else ["rbind", "rw", "nosuid", "nodev"],
-                }
-                for b in (*plan.binds, *plan.volume_binds)
-            ),
-        ]
         net: dict[str, str] = {"type": "network"}
         if plan.network.policy == "internet":
-            net["path"] = str(network.netns_path(plan))
-        caps = list(SANDBOX_CAPS)
+            net["path"] = str(network.netns_path(plan.sandbox_id))
         uid = userns.host_uid(plan.uid_slot)
         ids = [{"containerID": 0, "hostID": uid, "size": userns.RANGE}]
         return {
             "ociVersion": "1.0.2",
             "hostname": plan.hostname,
             "root": {"path": str(root), "readonly": False},
-            "process": {
-                "terminal": False,
-                "user": {"uid": 0, "gid": 0},
-                "args": plan.agent_argv,
-                "env": [f"{k}={v}" for k, v in plan.guest_env.items()],
-                "cwd": "/",
-                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-                "noNewPrivileges": True,
-                "rlimits": [
-                    {
-                        "type": "RLIMIT_NPROC",
-                        "hard": plan.limits.max_processes,
-                        "soft": plan.limits.max_processes,
-                    },
-                ],
-            },
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {
-                    "destination": "/dev",
-                    "type": "tmpfs",
-                    "source": "tmpfs",
-                    "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-                },
-                {
-                    "destination": "/sys",
-                    "type": "sysfs",
-                    "source": "sysfs",
-                    "options": ["nosuid", "noexec", "nodev", "ro"],
-                },
-                {
-                    "destination": "/tmp",
-                    "type": "tmpfs",
-                    "source": "tmpfs",
-                    "options": ["nosuid", "nodev", "mode=1777", f"size={plan.limits.tmp_bytes}"],
-                },
-                {
-                    "destination": "/run",
-                    "type": "tmpfs",
-                    "source": "tmpfs",
-                    "options": ["nosuid", "nodev", "mode=755", "size=16m"],
-                },
-                *binds,
-            ],
+            "process": _oci_process(plan),
+            "mounts": [_oci_mount(operation) for operation in plan.mounts()],
             "linux": {
                 # A user namespace with the sandbox's private uid range: the Sentry, which serves
                 # every system call of the sandbox, runs as an unprivileged host uid.
@@ -250,6 +178,17 @@ class GVisorRuntime(Runtime):
         launch = self._launch(plan, "create")
         self._runsc(plan, "start", plan.sandbox_id)
         return launch
+
+    def checkpoint_refusal(self, network: str) -> str | None:
+        if network == "internet":
+            # Internet sandboxes run with --network=host in their own namespace (see the
+            # module's docstring), and runsc refuses to checkpoint hostinet.
+            return "runsc cannot checkpoint a sandbox with internet access"
+        return None
+
+    def image_root(self, plan: SandboxPlan) -> Path:
+        # What `build` hands runsc as the root: the one staged layer, or their stack.
+        return plan.rootfs if len(plan.layers) > 1 else plan.dir / "lower" / "0"
 
     def checkpoint(
         self, plan: SandboxPlan, image_dir: Path, *, leave_running: bool = False
@@ -343,5 +282,58 @@ class GVisorRuntime(Runtime):
             self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
         if cgroup.exists():
             cgroup.destroy()
-        network.destroy(plan)
+        network.destroy(plan.sandbox_id, plan.network.index)
         mounts.remove_tree(plan.dir)
+
+
+def _oci_process(plan: SandboxPlan) -> dict[str, Any]:
+    """The sandbox's first process, its guest agent: root inside, the sandbox's capabilities,
+    RLIMIT_NPROC as the process limit (the Sentry enforces it)."""
+    caps = list(SANDBOX_CAPS)
+    nproc = plan.limits.max_processes
+    return {
+        "terminal": False,
+        "user": {"uid": 0, "gid": 0},
+        "args": plan.agent_argv,
+        "env": [f"{k}={v}" for k, v in plan.guest_env.items()],
+        "cwd": "/",
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "noNewPrivileges": True,
+        "rlimits": [{"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc}],
+    }
+
+
+def _oci_mount(operation: MountOp) -> dict[str, Any]:
+    """One planned mount as an OCI mount; the Sentry serves every one of them itself."""
+    if isinstance(operation, Bind):
+        access = "ro" if operation.readonly else "rw"
+        return {
+            "destination": operation.target,
+            "type": "bind",
+            "source": operation.source,
+            "options": ["rbind", access, "nosuid", "nodev"],
+        }
+    if isinstance(operation, Tmpfs):
+        options = [f"mode={operation.mode:o}", f"size={operation.size_bytes}"]
+        return {
+            "destination": operation.target,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", *options],
+        }
+    if operation.kind == "proc":
+        return {"destination": operation.target, "type": "proc", "source": "proc"}
+    if operation.kind == "dev":
+        options = ["nosuid", "strictatime", "mode=755", "size=65536k"]
+        return {
+            "destination": operation.target,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": options,
+        }
+    return {
+        "destination": operation.target,
+        "type": "sysfs",
+        "source": "sysfs",
+        "options": ["nosuid", "noexec", "nodev", "ro"],
+    }

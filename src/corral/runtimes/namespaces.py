@@ -3,14 +3,14 @@
 Security model, layer by layer:
 
 - **Unprivileged on the host.** bubblewrap runs as the sandbox's own host uid (a private range
-  above 2,000,000,000, see `corral.userns`), inside a user namespace where that uid is root. Root
-  in the sandbox can therefore do nothing on the host that an unknown user could not.
+  above 2,000,000,000, see `corral.host.userns`), inside a user namespace where that uid is root.
+  Root in the sandbox can therefore do nothing on the host that an unknown user could not.
 - **Namespaces.** Mount, pid, ipc, uts, cgroup and network namespaces are all new: the sandbox
   sees its own root filesystem, its own process tree and (unless `internet`) only a loopback.
 - **Capabilities.** Root inside keeps only what package managers and `su` need within its own
   uid range (chown, dac_override, fowner, fsetid, kill, setuid, setgid, setpcap, setfcap,
   net_bind_service, sys_chroot); no CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE.
-- **seccomp.** `corral.seccomp` refuses mount, ptrace, namespace and kernel-loading calls.
+- **seccomp.** `corral.host.seccomp` refuses mount, ptrace, namespace and kernel-loading calls.
 - **cgroups.** Memory, pids and CPU limits, and the freezer for pause, applied before the first
   process of the sandbox runs.
 - **Filesystem.** The root is an overlay built on the host; the writable layer is a quota disk.
@@ -26,10 +26,9 @@ import shutil
 import time
 from pathlib import Path
 
-from corral import mounts, network, seccomp, userns
-from corral.cgroups import layout
-from corral.errors import SandboxFailed
-from corral.plan import SandboxPlan
+from corral.core.errors import SandboxFailed
+from corral.host import mounts, network, seccomp, userns
+from corral.host.cgroups import layout
 from corral.runtimes.base import (
     SANDBOX_CAPS,
     Launch,
@@ -40,6 +39,7 @@ from corral.runtimes.base import (
     prepare_host,
     spawn,
 )
+from corral.runtimes.plan import Bind, MountOp, SandboxPlan, Tmpfs
 
 
 class NamespacesRuntime(Runtime):
@@ -99,7 +99,9 @@ class NamespacesRuntime(Runtime):
             child = spawn(
                 argv,
                 cgroup=cgroup_for(plan),
-                netns=network.netns_path(plan) if plan.network.policy == "internet" else None,
+                netns=network.netns_path(plan.sandbox_id)
+                if plan.network.policy == "internet"
+                else None,
                 uid=userns.host_uid(plan.uid_slot),
                 log_fd=log_fd,
                 pass_fds=(fd, program),
@@ -112,48 +114,13 @@ class NamespacesRuntime(Runtime):
 
     def bwrap_argv(self, plan: SandboxPlan, *, userns_fd: int, seccomp_fd: int) -> list[str]:
         """The bubblewrap command line for `plan` (printable, for debugging)."""
-        argv = [
-            "bwrap",
-            "--userns",
-            str(userns_fd),
-            "--uid",
-            "0",
-            "--gid",
-            "0",
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup",
-            "--hostname",
-            plan.hostname,
-            "--bind",
-            str(plan.rootfs),
-            "/",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--perms",
-            "1777",
-            "--size",
-            str(plan.limits.tmp_bytes),
-            "--tmpfs",
-            "/tmp",
-            "--tmpfs",
-            "/run",
-            "--ro-bind",
-            plan.agent_dir,
-            "/run/corral/agent",
-            "--ro-bind",
-            str(plan.socket_dir),
-            "/run/corral/sock",
-        ]
+        argv = ["bwrap", "--userns", str(userns_fd), "--uid", "0", "--gid", "0"]
+        argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
         if plan.network.policy != "internet":
-            argv.append("--unshare-net")
-        for bind in (*plan.binds, *plan.volume_binds):
-            argv += ["--ro-bind" if bind.readonly else "--bind", bind.source, bind.target]
-        for source, target in plan.etc_binds:
-            argv += ["--ro-bind", source, target]
+            argv.append("--unshare-net")  # its own loopback, nothing else
+        argv += ["--hostname", plan.hostname, "--bind", str(plan.rootfs), "/"]
+        for operation in plan.mounts():
+            argv += _bwrap_mount(operation)
         argv += ["--chdir", "/", "--new-session", "--cap-drop", "ALL"]
         for cap in SANDBOX_CAPS:
             argv += ["--cap-add", cap]
@@ -161,6 +128,9 @@ class NamespacesRuntime(Runtime):
         for key, value in plan.guest_env.items():
             argv += ["--setenv", key, value]
         return [*argv, "--", *plan.agent_argv]
+
+    def writable_layer(self, plan: SandboxPlan) -> Path | None:
+        return plan.disk_dir / "upper"
 
     def pause(self, plan: SandboxPlan) -> None:
         cgroup_for(plan).freeze()
@@ -178,7 +148,21 @@ class NamespacesRuntime(Runtime):
             deadline = time.monotonic() + 5
             while cgroup.pids() and time.monotonic() < deadline:
                 time.sleep(0.005)
-        network.destroy(plan)
+        network.destroy(plan.sandbox_id, plan.network.index)
         if cgroup.exists():
             cgroup.destroy()
         mounts.remove_tree(plan.dir)
+
+
+def _bwrap_mount(operation: MountOp) -> list[str]:
+    """One planned mount as bubblewrap arguments."""
+    if isinstance(operation, Bind):
+        return ["--ro-bind" if operation.readonly else "--bind", operation.source, operation.target]
+    if isinstance(operation, Tmpfs):
+        mode, size = f"{operation.mode:04o}", str(operation.size_bytes)
+        return ["--perms", mode, "--size", size, "--tmpfs", operation.target]
+    if operation.kind == "sys":
+        # bubblewrap can only bind the host's own /sys, which would show the host's devices
+        # and cgroups: sandboxes under this runtime get none.
+        return []
+    return [f"--{operation.kind}", operation.target]  # --proc, --dev

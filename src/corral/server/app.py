@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.types import Scope
 
-from corral.runtimes import PREFERENCE
-from corral.server import errors, files, images, routes, stream, volumes
-from corral.server.auth import ServiceDep
+from corral.server import errors
+from corral.server.auth import service_of
+from corral.server.config import ServerConfig
+from corral.server.routes import ROUTERS
 from corral.server.schemas import ErrorOut, Health
-from corral.server.service import ServerConfig, Service
+from corral.server.service import Service
 
 
 def _is_upload(scope: Scope) -> bool:
@@ -52,19 +53,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.service = service
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=config.max_body_bytes, unlimited=_is_upload)
-    app.include_router(routes.router)
-    app.include_router(files.router)
-    app.include_router(stream.router)
-    app.include_router(images.router)
-    app.include_router(volumes.router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.get("/healthz", tags=["server"])
-    async def healthz(service: ServiceDep) -> Health:
+    async def healthz(request: Request) -> Health:
         """Liveness, with which runtimes this machine can run (no key needed)."""
-        return Health(
-            status="ok",
-            version=version("corral"),
-            runtimes={name: service.engine.unavailable_reason(name) for name in PREFERENCE},
-        )
+        runtimes = service_of(request).runtimes()
+        return Health(status="ok", version=version("corral"), runtimes=runtimes)
 
     return app

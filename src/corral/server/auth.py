@@ -1,4 +1,5 @@
-"""Who is calling: every request carries `Authorization: Bearer <API key>`."""
+"""Who is calling: every request carries `Authorization: Bearer <API key>`, which becomes the
+`Tenant` every resource service is made for (FastAPI dependencies)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ from typing import Annotated
 from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from corral.errors import AuthError, PermissionDenied
+from corral.core.errors import AuthError, PermissionDenied
+from corral.server.resources.admin import Keys, Pools
+from corral.server.resources.images import Images
+from corral.server.resources.sandboxes import Sandboxes
+from corral.server.resources.snapshots import Snapshots
+from corral.server.resources.volumes import Volumes
 from corral.server.service import Service
-from corral.store import ApiKey
+from corral.server.tenancy import Tenant
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `corral keys create`")
 
 
-def service_of(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-async def check_key(service: Service, header: str | None) -> ApiKey:
-    """The key in an `Authorization` header value, or `AuthError` saying what is wrong."""
+async def tenant_of(service: Service, header: str | None) -> Tenant:
+    """The tenant whose key is in an `Authorization` header value, or `AuthError` saying what
+    is wrong."""
     if not header:
         raise AuthError(
             "send your API key as 'Authorization: Bearer <key>' "
@@ -29,34 +31,81 @@ async def check_key(service: Service, header: str | None) -> ApiKey:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise AuthError("the Authorization header must read 'Bearer <key>'")
-    key = await service.db.authenticate(secret.strip())
+    key = await service.store.authenticate(secret.strip())
     if key is None:
         raise AuthError("this API key is unknown or revoked")
-    return key
+    return Tenant(service, key)
 
 
-async def current_key(
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+async def current_tenant(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> ApiKey:
-    return await check_key(service_of(request), request.headers.get("authorization"))
+) -> Tenant:
+    return await tenant_of(service_of(request), request.headers.get("authorization"))
 
 
-async def admin_key(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
-    if not key.admin:
+async def admin_tenant(tenant: Annotated[Tenant, Depends(current_tenant)]) -> Tenant:
+    if not tenant.key.admin:
         raise PermissionDenied(
             "only an admin key can do this (manage keys, pools, prune images); "
             "corral keys create --admin makes one",
             code="admin_required",
         )
-    return key
+    return tenant
 
 
-async def websocket_key(websocket: WebSocket) -> ApiKey:
+async def websocket_tenant(websocket: WebSocket) -> Tenant:
     service: Service = websocket.app.state.service
-    return await check_key(service, websocket.headers.get("authorization"))
+    return await tenant_of(service, websocket.headers.get("authorization"))
 
 
-Key = Annotated[ApiKey, Depends(current_key)]
-AdminKey = Annotated[ApiKey, Depends(admin_key)]
-ServiceDep = Annotated[Service, Depends(service_of)]
+Me = Annotated[Tenant, Depends(current_tenant)]
+Admin = Annotated[Tenant, Depends(admin_tenant)]
+
+
+# Each resource service, made for the calling tenant (or, for the admin's, an admin tenant).
+def _sandboxes(tenant: Me) -> Sandboxes:
+    return Sandboxes(tenant)
+
+
+def _snapshots(tenant: Me) -> Snapshots:
+    return Snapshots(tenant)
+
+
+def _images(tenant: Me) -> Images:
+    return Images(tenant)
+
+
+def _volumes(tenant: Me) -> Volumes:
+    return Volumes(tenant)
+
+
+def _pools(tenant: Me) -> Pools:
+    return Pools(tenant)
+
+
+def _admin_images(tenant: Admin) -> Images:
+    return Images(tenant)
+
+
+def _admin_pools(tenant: Admin) -> Pools:
+    return Pools(tenant)
+
+
+def _keys(tenant: Admin) -> Keys:
+    return Keys(tenant)
+
+
+SandboxesDep = Annotated[Sandboxes, Depends(_sandboxes)]
+SnapshotsDep = Annotated[Snapshots, Depends(_snapshots)]
+ImagesDep = Annotated[Images, Depends(_images)]
+VolumesDep = Annotated[Volumes, Depends(_volumes)]
+PoolsDep = Annotated[Pools, Depends(_pools)]
+AdminImagesDep = Annotated[Images, Depends(_admin_images)]
+AdminPoolsDep = Annotated[Pools, Depends(_admin_pools)]
+KeysDep = Annotated[Keys, Depends(_keys)]

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from corral.errors import CorralError, InvalidRequest, PayloadTooLarge
+from corral.core.errors import CorralError, InvalidRequest, PayloadTooLarge
 
 log = logging.getLogger("corral.server")
 

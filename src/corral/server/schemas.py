@@ -10,10 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from corral.models import ExecResult, FileInfo, ProcessInfo, SandboxInfo
-from corral.snapshots import SnapshotInfo
-from corral.spec import DEFAULT_TIMEOUT, MAX_TIMEOUT
-from corral.store import ApiKey
+from corral.core.models import ExecResult, FileInfo, ProcessInfo, SandboxInfo, SnapshotInfo
+from corral.core.spec import FIELD
+from corral.server.store import ApiKey
 
 
 class Request(BaseModel):
@@ -28,34 +27,36 @@ class VolumeMountBody(Request):
     read_only: bool = False
 
 
-class SpecBody(Request):
-    """A sandbox's spec. Omitted fields take the secure defaults."""
+def _spec(name: str) -> Any:
+    """The default and description of spec field `name`, from its one definition."""
+    spec_field = FIELD[name]
+    default = spec_field.default
+    if isinstance(default, dict | tuple):  # a fresh one per request
+        return Field(default_factory=type(default) if isinstance(default, dict) else list)
+    return Field(default, description=spec_field.description)
 
-    image: str = "debian"
-    runtime: str | None = Field(None, description="namespaces or gvisor; default: strongest")
-    cpu: float = 1.0
-    memory_mb: int = 512
-    disk_mb: int = 2048
-    max_processes: int = 512
-    timeout: float = Field(
-        DEFAULT_TIMEOUT, description=f"lifetime in seconds, 1 to {MAX_TIMEOUT:g}"
-    )
-    network: Literal["none", "internet"] = "none"
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = Field(None, description="default: the image's, else /root")
-    auto_resume: StrictBool = Field(
-        True, description="any use of a paused or hibernated one resumes it"
-    )
-    idle_timeout: float | None = Field(None, description="seconds without use before on_idle")
-    on_idle: Literal["pause", "hibernate", "terminate"] = "pause"
-    keep_alive: StrictBool = Field(False, description="never idle")
-    on_timeout: Literal["terminate", "hibernate"] = Field(
-        "terminate", description="what happens when the lifetime runs out"
-    )
-    metadata: dict[str, str] = Field(default_factory=dict)
-    volumes: list[VolumeMountBody] = Field(
-        default_factory=list, description="persistent volumes to mount (at most 16)"
-    )
+
+class SpecBody(Request):
+    """A sandbox's spec (`corral.core.spec.SPEC_FIELDS`). Omitted fields take the secure
+    defaults; values are checked there, with messages that say what to send."""
+
+    image: str = _spec("image")
+    runtime: str | None = _spec("runtime")
+    cpu: float = _spec("cpu")
+    memory_mb: int = _spec("memory_mb")
+    disk_mb: int = _spec("disk_mb")
+    max_processes: int = _spec("max_processes")
+    timeout: float = _spec("timeout")
+    network: Literal["none", "internet"] = _spec("network")
+    env: dict[str, str] = _spec("env")
+    workdir: str | None = _spec("workdir")
+    auto_resume: StrictBool = _spec("auto_resume")
+    idle_timeout: float | None = _spec("idle_timeout")
+    on_idle: Literal["pause", "hibernate", "terminate"] = _spec("on_idle")
+    keep_alive: StrictBool = _spec("keep_alive")
+    on_timeout: Literal["terminate", "hibernate"] = _spec("on_timeout")
+    metadata: dict[str, str] = _spec("metadata")
+    volumes: list[VolumeMountBody] = _spec("volumes")
 
 
 class CreateSandbox(SpecBody):
@@ -94,15 +95,16 @@ class SnapshotOut(BaseModel):
 
 
 class PoolBody(Request):
-    """PUT /v1/pools/{name}: what the pool's sandboxes are started with, and how many."""
+    """PUT /v1/pools/{name}: what the pool's sandboxes are started with (the spec's fields
+    fixed at start), and how many."""
 
-    image: str = "debian"
-    runtime: str | None = Field(None, description="namespaces or gvisor; default: strongest")
-    cpu: float = 1.0
-    memory_mb: int = 512
-    disk_mb: int = 2048
-    max_processes: int = 512
-    network: Literal["none", "internet"] = "none"
+    image: str = _spec("image")
+    runtime: str | None = _spec("runtime")
+    cpu: float = _spec("cpu")
+    memory_mb: int = _spec("memory_mb")
+    disk_mb: int = _spec("disk_mb")
+    max_processes: int = _spec("max_processes")
+    network: Literal["none", "internet"] = _spec("network")
     size: int = Field(description="idle sandboxes to keep started")
 
 

@@ -1,0 +1,220 @@
+"""Processes the guest agent starts for the host: how a request becomes a child process (its
+argv, working directory, environment, user, terminal or pipes), and what is kept of it.
+
+Standard library only, for any Python >= 3.8, like the rest of the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import pwd
+import struct
+import subprocess
+import termios
+import time
+
+try:
+    from corral.agent.fileops import GuestError
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    from fileops import GuestError  # type: ignore[import-not-found,no-redef]
+
+from typing import Any, Dict, List, Optional, Tuple
+
+
+class Proc:
+    """A process started by the host."""
+
+    def __init__(
+        self, proc_id: int, popen: "subprocess.Popen[bytes]", argv: List[str], tag: str
+    ) -> None:
+        self.id = proc_id
+        self.popen = popen
+        self.pid = popen.pid
+        self.argv = argv
+        self.tag = tag
+        self.exited = asyncio.Event()
+        self.status: Optional[int] = None
+        self.timed_out = False
+        self.stdin_fd: Optional[int] = None
+        self.pty_fd: Optional[int] = None
+        self.started = time.time()
+
+    def result(self) -> Dict[str, Any]:
+        status = self.status or 0
+        exit_code = None
+        sig = None
+        if os.WIFEXITED(status):
+            exit_code = os.WEXITSTATUS(status)
+        elif os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            exit_code = 128 + sig
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "exit_code": exit_code,
+            "signal": sig,
+            "timed_out": self.timed_out,
+        }
+
+    def describe(self) -> Dict[str, Any]:
+        info = {
+            "id": self.id,
+            "pid": self.pid,
+            "tag": self.tag,
+            "argv": self.argv,
+            "running": not self.exited.is_set(),
+            "started_at": self.started,
+        }
+        if self.exited.is_set():
+            info.update(self.result())
+        return info
+
+    def kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except OSError:
+            try:
+                os.kill(self.pid, sig)
+            except OSError:
+                pass
+
+
+class Command:
+    """A process as the host asked for it, checked: argv, cwd, env, user, terminal, stdin."""
+
+    def __init__(self, params: Dict[str, Any], base_env: Dict[str, str]) -> None:
+        argv = params.get("argv")
+        cmd = params.get("cmd")
+        if cmd is not None:
+            if not isinstance(cmd, str) or "\0" in cmd:
+                raise GuestError("invalid_request", "cmd must be a string without NUL bytes")
+            shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+            argv = [shell, "-c", cmd]
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) and "\0" not in a for a in argv)
+        ):
+            raise GuestError(
+                "invalid_request", "argv must be a non-empty list of strings without NUL"
+            )
+        self.argv: List[str] = argv
+        self.cwd = params.get("cwd") or base_env.get("HOME") or "/"
+        if not isinstance(self.cwd, str) or not self.cwd.startswith("/") or "\0" in self.cwd:
+            raise GuestError("invalid_cwd", "cwd must be an absolute path")
+        if not os.path.isdir(self.cwd):
+            raise GuestError(
+                "invalid_cwd", "working directory %s does not exist in the sandbox" % self.cwd
+            )
+        self.user = resolve_user(params.get("user"))
+        self.env = dict(base_env)
+        if self.user is not None:
+            name = self.user.pw_name
+            self.env.update(HOME=self.user.pw_dir, USER=name, LOGNAME=name)
+        extra_env = params.get("env") or {}
+        if not isinstance(extra_env, dict):
+            raise GuestError("invalid_request", "env must be an object")
+        self.env.update({str(k): str(v) for k, v in extra_env.items()})
+        pty = params.get("pty")
+        self.pty: Optional[Dict[str, Any]] = pty if isinstance(pty, dict) else None
+        self.stdin = bool(params.get("stdin"))
+        self.timeout = params.get("timeout")
+        self.tag = str(params.get("tag") or "")
+
+
+def resolve_user(user: Any) -> Optional[pwd.struct_passwd]:
+    if user in (None, "", 0, "root"):
+        return None
+    try:
+        return pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(str(user))
+    except KeyError:
+        raise GuestError(
+            "invalid_user", "user %r does not exist in this sandbox" % (user,)
+        ) from None
+
+
+def spawn(command: Command) -> Tuple["subprocess.Popen[bytes]", Dict[str, int]]:
+    """Start `command` in a session of its own; the process and the agent's ends of its
+    terminal ("pty") or pipes ("stdout", "stderr", "stdin")."""
+    kwargs: Dict[str, Any] = {
+        "cwd": command.cwd,
+        "env": command.env,
+        "start_new_session": True,
+        "close_fds": True,
+    }
+    user = command.user
+    if user is not None:
+        groups = os.getgrouplist(user.pw_name, user.pw_gid)
+        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=groups)
+    child_fds: List[int] = []
+    ours: Dict[str, int] = {}
+    try:
+        if command.pty:
+            _terminal(command, kwargs, child_fds, ours)
+        else:
+            _pipes(command, kwargs, child_fds, ours)
+        popen = _popen(command.argv, kwargs)
+    except BaseException:
+        for fd in list(ours.values()):
+            os.close(fd)
+        raise
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+    return popen, ours
+
+
+def _terminal(
+    command: Command, kwargs: Dict[str, Any], child_fds: List[int], ours: Dict[str, int]
+) -> None:
+    master, slave = os.openpty()
+    child_fds.append(slave)
+    pty = command.pty or {}
+    rows, cols = int(pty.get("rows", 24)), int(pty.get("cols", 80))
+    set_size(master, rows, cols)
+    if command.user is not None:
+        os.fchown(slave, command.user.pw_uid, command.user.pw_gid)
+    command.env.setdefault("TERM", "xterm-256color")
+    kwargs.update(
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
+    ours["pty"] = master
+
+
+def _pipes(
+    command: Command, kwargs: Dict[str, Any], child_fds: List[int], ours: Dict[str, int]
+) -> None:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    child_fds += [out_w, err_w]
+    ours.update(stdout=out_r, stderr=err_r)
+    stdin_arg: Any = subprocess.DEVNULL
+    if command.stdin:
+        in_r, in_w = os.pipe()
+        child_fds.append(in_r)
+        ours["stdin"] = in_w
+        stdin_arg = in_r
+    kwargs.update(stdin=stdin_arg, stdout=out_w, stderr=err_w)
+
+
+def _popen(argv: List[str], kwargs: Dict[str, Any]) -> "subprocess.Popen[bytes]":
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    except FileNotFoundError:
+        raise GuestError("command_not_found", "command not found: %s" % argv[0]) from None
+    except PermissionError:
+        raise GuestError("EACCES", "permission denied: %s" % argv[0]) from None
+    except BlockingIOError:
+        raise GuestError(
+            "limit_reached", "cannot start %s: the sandbox is at its process limit" % argv[0]
+        ) from None
+
+
+def set_size(fd: int, rows: int, cols: int) -> None:
+    """Set the size of the terminal whose master is `fd`."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

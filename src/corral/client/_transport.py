@@ -1,0 +1,150 @@
+"""The SDK's wire: HTTP (httpx) and WebSockets (websockets), with their errors turned into
+Corral's at this boundary.
+
+Loaded on a client's first request, not by `import corral`: httpx alone takes longer to import
+than the rest of the SDK together, and a program that imports Corral without calling it (or
+before it does) should not pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from corral.core.errors import ConnectionFailed, CorralError, from_response
+
+
+class Socket:
+    """A WebSocket to the server; a closed one raises `ConnectionFailed` or ends iteration."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    async def send(self, message: str | bytes) -> None:
+        try:
+            await self._ws.send(message)
+        except ConnectionClosed as exc:
+            raise ConnectionFailed(f"the stream is closed: {exc}") from exc
+
+    async def recv(self) -> str | bytes:
+        try:
+            return await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise ConnectionFailed(f"the server closed the stream: {exc}") from exc
+
+    async def messages(self) -> AsyncIterator[str | bytes]:
+        """Every message until the socket closes, however it closes."""
+        try:
+            async for message in self._ws:
+                yield message
+        except ConnectionClosed:
+            return
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+
+class Transport:
+    """One server's HTTP connection pool and WebSockets, with one API key."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
+        self.url = url
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=url, headers=self._headers, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
+        self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
+
+    async def aclose(self) -> None:
+        for socket in list(self._sockets):
+            await socket.close()
+        await self._http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+    ) -> Any:
+        try:
+            response = await self._http.request(
+                method, path, json=json, params=params, content=content
+            )
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise _error(response.status_code, response.content, response.headers)
+        return response.json() if response.content else None
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+    ) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self._http.stream(
+                method, path, params=params, json=json, timeout=httpx.Timeout(None, connect=10.0)
+            ) as response:
+                if response.status_code >= 400:
+                    raise _error(response.status_code, await response.aread(), response.headers)
+                yield response
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+
+    async def exists(self, path: str) -> bool:
+        """Whether HEAD `path` finds something (200) rather than nothing (404)."""
+        try:
+            response = await self._http.head(path)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if response.status_code not in (200, 404):
+            raise _error(response.status_code, b"", response.headers)
+        return response.status_code == 200
+
+    async def websocket(self, path: str) -> Socket:
+        url = "ws" + self.url.removeprefix("http") + path
+        try:
+            ws = await connect(
+                url,
+                additional_headers=self._headers,
+                max_size=None,  # the agent's chunks are bounded; frames are never huge
+                open_timeout=10,
+            )
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+            raise self.unreachable(exc) from exc
+        socket = Socket(ws)
+        self._sockets.add(socket)
+        return socket
+
+    def unreachable(self, exc: Exception) -> CorralError:
+        return ConnectionFailed(
+            f"cannot reach the Corral server at {self.url} ({type(exc).__name__}: {exc}); "
+            "is `corral serve` running, and is CORRAL_URL right?"
+        )
+
+
+def _error(status: int, body: bytes, headers: Mapping[str, str]) -> CorralError:
+    try:
+        error = json.loads(body)["error"]
+        made = from_response(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        text = body.decode(errors="replace")[:500]
+        made = from_response(status, "http_error", f"HTTP {status}: {text}")
+    retry_after = headers.get("retry-after", "")
+    if retry_after.isdigit():
+        made.retry_after = int(retry_after)
+    return made

@@ -1,0 +1,220 @@
+"""Plain result types the engine returns: sandbox info, command results, file and process info."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One entry of a sandbox's history."""
+
+    state: SandboxState
+    at: float  # Unix time
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A snapshot of what the engine knows about one sandbox."""
+
+    id: str
+    state: SandboxState
+    runtime: str
+    spec: SandboxSpec
+    created_at: float
+    expires_at: float | None
+    ended_at: float | None = None
+    end_reason: EndReason | None = None
+    end_detail: str | None = None
+    history: tuple[StateChange, ...] = ()
+    timeout_remaining: float | None = None  # seconds of lifetime left while paused/hibernated
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.spec.metadata)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "runtime": self.runtime,
+            "spec": self.spec.to_dict(),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "timeout_remaining": self.timeout_remaining,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+            "end_detail": self.end_detail,
+            "history": [
+                {"state": h.state.value, "at": h.at, "reason": h.reason} for h in self.history
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a command ended, with the output nobody streamed elsewhere."""
+
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    pid: int | None = None
+    id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def text(self, stream: str = "stdout") -> str:
+        data = self.stdout if stream == "stdout" else self.stderr
+        return data.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file, directory or symlink inside a sandbox."""
+
+    name: str
+    path: str
+    type: str  # "file", "dir", "symlink" or "other"
+    size: int
+    mode: int
+    mtime: float
+    uid: int
+    gid: int
+    target: str | None = None  # where a symlink points
+
+    @classmethod
+    def from_guest(cls, data: dict[str, Any]) -> FileInfo:
+        return cls(
+            name=data["name"],
+            path=data["path"],
+            type=data["type"],
+            size=data["size"],
+            mode=data["mode"],
+            mtime=data["mtime"],
+            uid=data["uid"],
+            gid=data["gid"],
+            target=data.get("target"),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process the guest agent started (running, or recently ended)."""
+
+    id: int
+    pid: int
+    argv: tuple[str, ...]
+    tag: str
+    running: bool
+    exit_code: int | None = None
+
+    @classmethod
+    def from_guest(cls, data: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            id=data["id"],
+            pid=data["pid"],
+            argv=tuple(data["argv"]),
+            tag=data.get("tag", ""),
+            running=data["running"],
+            exit_code=data.get("exit_code"),
+        )
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress of a build: a step starting (`kind="step"`) or a line of its output ("log").
+
+    Step 0 is the base; `cached` says a step was found built and did not run.
+    """
+
+    kind: str
+    step: int
+    steps: int | None = None
+    description: str | None = None
+    cached: bool | None = None
+    line: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "log":
+            return f"  {self.line}"
+        suffix = " (cached)" if self.cached else ""
+        return f"[{self.step}/{self.steps}] {self.description}{suffix}"
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """An image built on the server; give it (or its `id`, or its `name`) to `create`."""
+
+    id: str
+    name: str | None
+    created_at: float
+    size_bytes: int
+    layers: int
+    steps: tuple[str, ...]
+    env: tuple[str, ...]  # names of the variables it sets
+    workdir: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuiltImage:
+        return cls(
+            id=data["id"],
+            name=data.get("name"),
+            created_at=data["created_at"],
+            size_bytes=data["size_bytes"],
+            layers=data["layers"],
+            steps=tuple(data["steps"]),
+            env=tuple(data["env"]),
+            workdir=data.get("workdir"),
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A memory and filesystem snapshot of a gvisor sandbox; `Sandbox.create(snapshot=...)`
+    starts new sandboxes from it, each exactly where the source was."""
+
+    id: str
+    sandbox_id: str  # the sandbox it was taken of
+    runtime: str
+    image: str
+    created_at: float
+    expires_at: float | None  # ttl; None: kept until deleted
+    size_bytes: int
+    name: str | None = None
+    owner: str | None = None  # the service's key id; None for engine users
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume as the engine knows it: size, use, and the live sandboxes mounting it."""
+
+    id: str
+    size_mb: int
+    created_at: float
+    # Bytes its files take: measured live while it is mounted, else as of its last unmount.
+    used_bytes: int
+    sandboxes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "size_mb": self.size_mb,
+            "created_at": self.created_at,
+            "used_bytes": self.used_bytes,
+            "sandboxes": list(self.sandboxes),
+        }

@@ -1,0 +1,343 @@
+"""The host's end of the agent protocol: one listening socket per sandbox, many streams on it.
+
+The host listens; the guest agent dials in (and re-dials after any drop) and introduces itself
+with HELLO. A `Channel` is one CALL and everything that flows on its stream until the REPLY.
+See `corral.agent.protocol` for the frame format and flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from corral.agent import protocol as P
+from corral.core.errors import AgentUnavailable, CorralError, from_guest
+
+HELLO_TIMEOUT = 5.0
+MAX_UNREAD_MESSAGES = 64  # EVENTs a stream may have waiting (one or two in practice)
+MAX_HANDSHAKES = 4  # connections allowed to be waiting for their HELLO at once
+
+
+class Channel:
+    """One stream: a CALL, the frames it produces, and finally its REPLY."""
+
+    def __init__(self, link: _Connection, stream_id: int) -> None:
+        self._conn = link
+        self.id = stream_id
+        self._inbox: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._window = P.WINDOW_INITIAL
+        self._window_open = asyncio.Event()
+        self._window_open.set()
+        self._done = False
+        self._replied = False  # a REPLY has arrived, read or not
+        self._reply: dict[str, Any] | None = None
+        self._unread_bytes = 0
+        self._unread_messages = 0
+
+    # Called by the connection's reader.
+    def _deliver(self, kind: int, payload: Any) -> None:
+        # The guest runs inside the sandbox, beside untrusted code that can reach its socket:
+        # a peer that ignores flow control must not make the host buffer without bound.
+        if kind in P.DATA_KINDS:
+            self._unread_bytes += len(payload)
+            if self._unread_bytes > P.WINDOW_INITIAL + P.CHUNK:  # a sender may overshoot a chunk
+                raise P.ProtocolError(f"stream {self.id} sent past its window")
+        else:
+            self._unread_messages += 1
+            if self._unread_messages > MAX_UNREAD_MESSAGES:
+                raise P.ProtocolError(f"stream {self.id} sent too many messages")
+            if kind == P.REPLY:
+                # The guest has finished the stream, maybe early (a write that hit ENOSPC): it
+                # grants no more credit, so a sender waiting for some must stop now.
+                self._replied = True
+                self._window_open.set()
+        self._inbox.put_nowait((kind, payload))
+
+    def _grant(self, amount: int) -> None:
+        self._window += amount
+        if self._window > 0:
+            self._window_open.set()
+
+    def _fail(self, error: CorralError) -> None:
+        self._unread_messages += 1
+        self._inbox.put_nowait((P.REPLY, {"error": {"code": error.code, "message": error.message}}))
+        self._window_open.set()
+
+    async def send_data(self, kind: int, data: bytes) -> None:
+        """Send `data` on this stream, waiting for credit when the guest is behind."""
+        view = memoryview(data)
+        while view and not self.finished:
+            while self._window <= 0 and not self.finished:
+                self._window_open.clear()
+                await self._window_open.wait()
+            if self.finished:
+                break
+            chunk = bytes(view[: P.CHUNK])
+            view = view[P.CHUNK :]
+            self._window -= len(chunk)
+            await self._conn.send(P.encode(self.id, kind, chunk))
+
+    async def send_eof(self, kind: int) -> None:
+        if not self._done:
+            await self._conn.send(P.encode(self.id, P.EOF, bytes([kind])))
+
+    async def cancel(self) -> None:
+        """Ask the guest to stop this stream; it still answers with a REPLY."""
+        if not self._done:
+            with contextlib.suppress(CorralError, OSError):
+                await self._conn.send(P.encode(self.id, P.CANCEL))
+
+    async def receive(self) -> tuple[int, Any]:
+        """The next (kind, payload): EVENT and REPLY payloads are dicts, data kinds are bytes.
+
+        Data is acknowledged to the guest as it is taken from here, so an unread stream holds
+        at most one window of data in memory.
+        """
+        kind, payload = await self._inbox.get()
+        if kind in P.DATA_KINDS:
+            self._unread_bytes -= len(payload)
+        else:
+            self._unread_messages -= 1
+        if kind in P.DATA_KINDS and payload:
+            with contextlib.suppress(CorralError, OSError):
+                await self._conn.send(
+                    P.encode(self.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(payload)))
+                )
+        elif kind == P.REPLY:
+            self._done = True
+            self._reply = payload
+            self._window_open.set()
+            self._conn.forget(self.id)
+        return kind, payload
+
+    async def result(self) -> Any:
+        """Wait for the REPLY (dropping anything before it); its result, or its error raised."""
+        while self._reply is None:
+            await self.receive()
+        return unwrap(self._reply)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def finished(self) -> bool:
+        """The guest has answered: sending more is pointless (`result()` says how it ended)."""
+        return self._done or self._replied
+
+
+def unwrap(reply: dict[str, Any]) -> Any:
+    """The result of a REPLY, or its error as a `CorralError`."""
+    error = reply.get("error")
+    if error is not None:
+        code = str(error.get("code", ""))
+        message = str(error.get("message", "the guest agent reported an error"))
+        if code == AgentUnavailable.default_code:
+            raise AgentUnavailable(message)
+        raise from_guest(code, message)
+    return reply.get("result")
+
+
+class _Connection:
+    """One accepted connection from the guest agent."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: dict[str, Any]
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.hello = hello
+        self.channels: dict[int, Channel] = {}
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self.closed = False
+
+    async def send(self, frame: bytes) -> None:
+        if self.closed:
+            raise AgentUnavailable("the connection to the guest agent was lost")
+        async with self._lock:
+            try:
+                self.writer.write(frame)
+                await self.writer.drain()
+            except (OSError, RuntimeError) as exc:
+                self.close(AgentUnavailable(f"the connection to the guest agent was lost: {exc}"))
+                raise AgentUnavailable("the connection to the guest agent was lost") from exc
+
+    async def call(self, method: str, params: dict[str, Any]) -> Channel:
+        channel = Channel(self, next(self._ids))
+        self.channels[channel.id] = channel
+        await self.send(P.encode_json(channel.id, P.CALL, {"method": method, "params": params}))
+        return channel
+
+    def forget(self, stream_id: int) -> None:
+        self.channels.pop(stream_id, None)
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                length, stream_id, kind = P.decode_header(
+                    await self.reader.readexactly(P.HEADER.size)
+                )
+                payload = await self.reader.readexactly(length) if length else b""
+                channel = self.channels.get(stream_id)
+                if channel is None:
+                    continue
+                if kind in (P.REPLY, P.EVENT):
+                    channel._deliver(kind, P.decode_json(payload))
+                elif kind in P.DATA_KINDS:
+                    channel._deliver(kind, payload)
+                elif kind == P.WINDOW_UPDATE:
+                    channel._grant(P.WINDOW.unpack(payload)[0])
+        except (asyncio.IncompleteReadError, OSError, P.ProtocolError) as exc:
+            self.close(
+                AgentUnavailable(
+                    f"the connection to the guest agent was lost ({type(exc).__name__})"
+                )
+            )
+
+    def close(self, error: CorralError) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for channel in list(self.channels.values()):
+            channel._fail(error)
+        self.channels.clear()
+        self.writer.close()
+
+
+class AgentLink:
+    """The host's listening end for one sandbox's guest agent."""
+
+    def __init__(self, socket_path: Path, sandbox_id: str) -> None:
+        self.socket_path = socket_path
+        self.sandbox_id = sandbox_id
+        self._server: asyncio.AbstractServer | None = None
+        self._conn: _Connection | None = None
+        self._changed = asyncio.Condition()
+        self._handshakes = 0
+
+    async def listen(self) -> None:
+        """Listen on the socket, replacing whatever a previous host left there."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
+        # The directory is root's and read-only inside the sandbox, so this cannot be raced.
+        os.chmod(self.socket_path, 0o666)  # noqa: S103 - the sandbox must be able to connect
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._handshakes >= MAX_HANDSHAKES:  # someone inside is opening connections in bulk
+            writer.close()
+            return
+        self._handshakes += 1
+        try:
+            header = await asyncio.wait_for(reader.readexactly(P.HEADER.size), HELLO_TIMEOUT)
+            length, _stream, kind = P.decode_header(header)
+            if kind != P.HELLO or length > 4096:
+                raise P.ProtocolError(f"unexpected first frame (kind {kind})")
+            payload = await asyncio.wait_for(reader.readexactly(length), HELLO_TIMEOUT)
+            hello = P.decode_json(payload)
+            if hello.get("version") != P.VERSION:
+                raise P.ProtocolError(f"unsupported agent protocol version {hello.get('version')}")
+        except (TimeoutError, asyncio.IncompleteReadError, OSError, P.ProtocolError):
+            writer.close()
+            return
+        finally:
+            self._handshakes -= 1
+        conn = _Connection(reader, writer, hello)
+        async with self._changed:
+            if self._conn is not None:
+                self._conn.close(AgentUnavailable("the guest agent reconnected"))
+            self._conn = conn
+            self._changed.notify_all()
+        try:
+            await conn.read_loop()
+        finally:
+            async with self._changed:
+                if self._conn is conn:
+                    self._conn = None
+                self._changed.notify_all()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    @property
+    def hello(self) -> dict[str, Any]:
+        return self._conn.hello if self._conn is not None else {}
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the guest agent is connected, or raise `AgentUnavailable`."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: self.connected)
+        except TimeoutError:
+            raise AgentUnavailable(
+                f"the guest agent of sandbox {self.sandbox_id} did not connect within {timeout:g}s"
+            ) from None
+
+    async def open(
+        self, method: str, params: dict[str, Any], connect_timeout: float = 10.0
+    ) -> Channel:
+        """Send a CALL and return its channel."""
+        if self._server is None:
+            raise AgentUnavailable(f"sandbox {self.sandbox_id} is not listening for its agent")
+        if not self.connected:
+            await self.wait_connected(connect_timeout)
+        assert self._conn is not None
+        return await self._conn.call(method, params)
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """A CALL whose only answer is its REPLY."""
+        channel = await self.open(method, params)
+        return await channel.result()
+
+    async def stream(self, method: str, params: dict[str, Any]) -> AsyncIterator[tuple[int, Any]]:
+        """Every frame of a CALL's stream up to and including its REPLY (cancelled if abandoned)."""
+        channel = await self.open(method, params)
+        try:
+            while True:
+                kind, payload = await channel.receive()
+                yield kind, payload
+                if kind == P.REPLY:
+                    return
+        finally:
+            if not channel.done:
+                await channel.cancel()
+
+    async def quiesce(self, timeout: float = 5.0) -> None:
+        """Stop listening and have the agent hang up, so that the sandbox holds no host socket
+        (gVisor cannot checkpoint one). The agent re-dials until `listen` is called again;
+        streams open at this moment end, their processes do not."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(OSError):
+            self.socket_path.unlink()
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            await conn.send(P.encode(0, P.QUIESCE))
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: self._conn is not conn)
+        except (OSError, TimeoutError, CorralError):
+            conn.close(AgentUnavailable(f"sandbox {self.sandbox_id} is being suspended"))
+            raise AgentUnavailable(
+                f"the guest agent of sandbox {self.sandbox_id} did not hang up when asked"
+            ) from None
+
+    async def close(self) -> None:
+        """Stop listening and drop the connection; the agent keeps re-dialling in vain."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._conn is not None:
+            self._conn.close(AgentUnavailable(f"sandbox {self.sandbox_id} is shutting down"))
+            self._conn = None
+        with contextlib.suppress(OSError):
+            self.socket_path.unlink()

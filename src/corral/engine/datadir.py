@@ -1,0 +1,79 @@
+"""The engine's data directory: where it is, who may use it, and what it holds.
+
+<data>/engine.lock     held by the one engine using the directory
+<data>/agent/          the guest agent's code, bound read-only into every sandbox
+<data>/sandboxes/      one directory per sandbox: its record, plan, disk and sockets
+<data>/images/         built-in images, layers, manifests, uploaded blobs
+<data>/snapshots/      memory snapshots
+<data>/volumes/        persistent volumes
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from importlib import resources
+from pathlib import Path
+
+from corral.core.errors import Conflict, SandboxFailed
+
+AGENT_FILES = ("guest.py", "fileops.py", "procs.py", "protocol.py")
+
+
+def default_data_dir() -> Path:
+    """/var/lib/corral for root, else the user's data directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/corral")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data directory for this engine alone; the lock goes with the fd (or process).
+
+    A second engine on the same directory would adopt the first one's sandboxes and take over
+    their agents' sockets, cutting the first off from them, so it is refused instead.
+    """
+    fd = os.open(data_dir / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Conflict(
+            f"another Corral engine uses the data directory {data_dir} (is `corral serve` "
+            "already running?); stop it, or choose another --data-dir",
+            code="data_dir_in_use",
+        ) from None
+    return fd
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Make the directory's skeleton with the permissions sandboxes need, and install the
+    guest agent's current code."""
+    for directory in (data_dir, data_dir / "sandboxes", data_dir / "agent", data_dir / "images"):
+        directory.mkdir(parents=True, exist_ok=True)
+        # Sandboxes run as unprivileged host uids that must reach their own directory,
+        # the agent's code and the images: traverse, but never list or write.
+        directory.chmod(0o711)
+    for parent in data_dir.resolve().parents:
+        if not parent.stat().st_mode & 0o001:
+            raise SandboxFailed(
+                f"data directory {data_dir} is inside {parent}, which other users cannot "
+                "enter; sandboxes run as unprivileged users and must reach it. Choose another "
+                "data directory (default /var/lib/corral)",
+                code="bad_data_dir",
+            )
+    install_agent(data_dir / "agent")
+
+
+def install_agent(agent_dir: Path) -> None:
+    """Write the guest agent's code into `agent_dir` where it differs, atomically per file."""
+    agent_dir.chmod(0o755)  # Python lists a directory to import from it
+    for name in AGENT_FILES:
+        source = resources.files("corral.agent").joinpath(name).read_bytes()
+        target = agent_dir / name
+        if not target.exists() or target.read_bytes() != source:
+            temp = agent_dir / f".{name}.tmp"
+            temp.write_bytes(source)
+            temp.chmod(0o644)
+            os.replace(temp, target)

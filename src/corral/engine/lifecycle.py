@@ -1,0 +1,353 @@
+"""Sandboxes from start to end: start one, watch its runtime, pause and resume it, end it and
+release everything it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from corral.core.errors import CorralError, InvalidRequest, SandboxFailed
+from corral.core.ids import check_id
+from corral.core.models import SandboxInfo
+from corral.core.spec import MAX_TIMEOUT, SandboxSpec
+from corral.core.state import EndReason, SandboxState
+from corral.engine.planner import plan_sandbox
+from corral.engine.record import Phase, SandboxRecord
+from corral.engine.registry import Registry
+from corral.engine.runtime_set import RuntimeSet
+from corral.engine.tasks import Tasks
+from corral.engine.volumes import VolumeStore
+from corral.host import network
+from corral.host.procs import process_start_time
+from corral.images.store import ImageStore, StatusLine
+from corral.runtimes import Launch, Runtime
+
+log = logging.getLogger("corral.engine")
+
+FILL_WEIGHT = 10  # CPU weight of a sandbox starting for a pool: it yields to live work
+
+
+class Stopwatch:
+    """Seconds between consecutive marks, by the name of the stage each ends."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
+
+
+class Lifecycle:
+    """Starts, watches, pauses, resumes and ends the sandboxes of one engine."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        registry: Registry,
+        runtimes: RuntimeSet,
+        images: ImageStore,
+        volumes: VolumeStore,
+        tasks: Tasks,
+        agent_timeout: float,
+    ) -> None:
+        self._data_dir = data_dir
+        self._registry = registry
+        self._runtimes = runtimes
+        self._images = images
+        self._volumes = volumes
+        self._tasks = tasks
+        self._agent_timeout = agent_timeout
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._firewall_ready = False
+        # While the engine adopts what a previous one left, volumes are released by one sweep
+        # at the end: a sandbox not yet adopted may still use them.
+        self.adopting = False
+
+    def prepare(self, spec: SandboxSpec) -> tuple[SandboxSpec, Runtime]:
+        """`spec` with its runtime named, and that runtime; refuses what cannot start."""
+        runtime = self._runtimes.check(spec.runtime or self._runtimes.default)
+        spec = spec.with_runtime(runtime.name)
+        refusal = runtime.checkpoint_refusal(spec.network)
+        if "hibernate" in (spec.on_idle, spec.on_timeout) and refusal is not None:
+            raise InvalidRequest(
+                f"on_idle/on_timeout='hibernate' needs a sandbox that can be checkpointed, and "
+                f"this one ({runtime.name}, network {spec.network}) cannot: {refusal}; "
+                "use 'pause' or 'terminate'",
+                code="not_supported",
+            )
+        for mount in spec.volumes:
+            self._volumes.require(check_id(mount.volume, "vol"))
+        return spec, runtime
+
+    async def create(
+        self,
+        spec: SandboxSpec,
+        runtime: Runtime,
+        progress: StatusLine | None,
+        *,
+        restore_from: Path | None = None,
+    ) -> SandboxInfo:
+        """A new running sandbox for `spec` (from the checkpoint in `restore_from`, if given)."""
+        record = await self.start(spec, runtime, progress, restore_from=restore_from)
+        record.start_lifetime(spec)
+        return record.info()
+
+    async def start(
+        self,
+        spec: SandboxSpec,
+        runtime: Runtime,
+        progress: StatusLine | None,
+        *,
+        for_pool: bool = False,
+        restore_from: Path | None = None,
+    ) -> SandboxRecord:
+        """Build and start a sandbox for `spec`, up to its agent answering (still creating);
+        on any failure nothing of it is left behind."""
+        stages = Stopwatch()
+        image = await asyncio.to_thread(self._images.resolve, spec.image, progress)
+        if spec.network == "internet":
+            await self.ensure_firewall()
+        stages.mark("image")
+        # Planning picks a free uid range and address among registered sandboxes: register the
+        # new one before the next await, so concurrent creates never pick the same.
+        plan = plan_sandbox(
+            spec,
+            image,
+            data_dir=self._data_dir,
+            live=[record.plan for record in self._registry.live()],
+            volume_mountpoint=self._volumes.mountpoint,
+            cpu_weight=FILL_WEIGHT if for_pool else 100,
+        )
+        record = SandboxRecord(spec, plan, for_pool=for_pool)
+        record.timings = stages.laps
+        self._registry.add(record)
+        stages.mark("plan")
+        try:
+            await self._build(record, runtime, stages, restore_from)
+        except BaseException as exc:
+            await self._abandon(record, runtime)
+            if isinstance(exc, CorralError | asyncio.CancelledError):
+                raise
+            raise SandboxFailed(f"could not create the sandbox: {exc}") from exc
+        return record
+
+    async def _build(
+        self, record: SandboxRecord, runtime: Runtime, stages: Stopwatch, restore_from: Path | None
+    ) -> None:
+        plan = record.plan
+        # Recorded before anything is built, so a later engine finds and cleans up what a
+        # crash in the middle would leave.
+        await asyncio.to_thread(_make_dir_and_save, record)
+        stages.mark("record")
+        if plan.volumes:  # registered above, so no `release` unmounts them under us
+            await self._volumes.acquire(v.volume_id for v in plan.volumes)
+        await asyncio.to_thread(runtime.create, plan)
+        stages.mark("runtime_create")
+        if restore_from is None:
+            await self.start_runtime(record, lambda: runtime.start(plan))
+        else:
+            await self.start_runtime(record, lambda: runtime.restore(plan, restore_from))
+        stages.mark("runtime_start")
+        await self.wait_for_agent(record)
+        stages.mark("agent_ready")
+
+    async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:
+        """Undo a start that failed half-way."""
+        self._registry.discard(record.id)
+        record.move(Phase.ENDING)
+        await record.link.close()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(runtime.destroy, record.plan)
+        with contextlib.suppress(Exception):
+            await self.release_volumes(record)
+
+    async def start_runtime(self, record: SandboxRecord, launch: Callable[[], Launch]) -> None:
+        """Listen for the sandbox's agent, start its runtime with `launch` and watch it."""
+        record.exited = asyncio.Event()
+        await record.link.listen()
+        try:
+            started = await asyncio.to_thread(launch)
+            started.start_time = await asyncio.to_thread(process_start_time, started.pid)
+        except CorralError:
+            await record.link.close()
+            raise
+        record.launch = started
+        self.watch(record)
+
+    async def wait_for_agent(self, record: SandboxRecord) -> None:
+        """Return once the sandbox's agent answers; `SandboxFailed` if its runtime exits
+        first, `AgentUnavailable` if the agent does not answer in time."""
+        connected = asyncio.ensure_future(record.link.wait_connected(self._agent_timeout))
+        exited = asyncio.ensure_future(record.exited.wait())
+        try:
+            await asyncio.wait({connected, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if connected.done():
+            connected.result()  # raises AgentUnavailable on timeout
+            return
+        connected.cancel()
+        raise SandboxFailed(
+            f"the {record.runtime} runtime exited while starting the sandbox"
+            + (f": {record.end_detail}" if record.end_detail else ""),
+            code="runtime_failed",
+        )
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def watch(self, record: SandboxRecord) -> None:
+        """Wait, in the background, for the sandbox's runtime to exit; then record why."""
+        task = self._tasks.spawn(self._watch(record))
+        self._watchers[record.id] = task
+        task.add_done_callback(lambda done: self._forget_watcher(record.id, done))
+
+    def _forget_watcher(self, sandbox_id: str, task: asyncio.Task[None]) -> None:
+        if self._watchers.get(sandbox_id) is task:
+            del self._watchers[sandbox_id]
+
+    async def stop_watching(self, record: SandboxRecord) -> None:
+        watcher = self._watchers.pop(record.id, None)
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch(self, record: SandboxRecord) -> None:
+        launch = record.launch
+        assert launch is not None
+        await _exit_of(launch)
+        if launch.child is not None:
+            record.exit_status = launch.child.wait()
+        if record.phase is Phase.HIBERNATING:  # its runtime stops by design
+            record.exited.set()
+            return
+        runtime = self._runtimes.get(record.runtime)
+        detail = await asyncio.to_thread(runtime.log_tail, record.plan)
+        record.end_detail = detail or None
+        record.exited.set()
+        if record.phase in (Phase.CREATING, Phase.WARMING):
+            return  # `start` reports the failure itself
+        if record.ending or not record.alive:
+            return
+        oom = await asyncio.to_thread(runtime.oom_kills, record.plan)
+        status = record.exit_status
+        if status == 0:
+            reason = EndReason.EXITED
+        elif oom:
+            reason = EndReason.OUT_OF_MEMORY
+        else:
+            reason = EndReason.RUNTIME_ERROR
+        unknown = f"exit status {status}" if status is not None else "exit status unknown"
+        await self.end(record, reason, detail or unknown)
+
+    # -- changes of a running sandbox ----------------------------------------------------------
+
+    async def pause(self, record: SandboxRecord, reason: str | None = None) -> SandboxInfo:
+        async with record.lock:
+            record.require("pause", SandboxState.RUNNING)
+            await asyncio.to_thread(self._runtimes.get(record.runtime).pause, record.plan)
+            record.move(Phase.PAUSED, reason)
+        return record.info()
+
+    async def resume(self, record: SandboxRecord) -> SandboxInfo:
+        async with record.lock:
+            record.require("resume", SandboxState.PAUSED)
+            await asyncio.to_thread(self._runtimes.get(record.runtime).resume, record.plan)
+            record.move(Phase.RUNNING)
+        return record.info()
+
+    def set_timeout(self, record: SandboxRecord, seconds: float) -> SandboxInfo:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 1 <= seconds <= MAX_TIMEOUT
+        ):
+            raise InvalidRequest(
+                f"timeout must be 1 to {MAX_TIMEOUT:g} seconds (24 h), got {seconds!r}"
+            )
+        record.require(
+            "set the timeout of",
+            SandboxState.RUNNING,
+            SandboxState.PAUSED,
+            SandboxState.HIBERNATED,
+        )
+        if record.state is SandboxState.RUNNING:
+            record.expires_at = time.time() + float(seconds)
+        else:  # the lifetime counts only while running
+            record.remaining = float(seconds)
+        record.save()
+        return record.info()
+
+    # -- the end ------------------------------------------------------------------------------
+
+    async def end(
+        self, record: SandboxRecord, reason: EndReason, detail: str | None = None
+    ) -> None:
+        """Stop the sandbox for `reason` and release everything it holds. Idempotent."""
+        async with record.lock:
+            if not record.alive:
+                return
+            if not record.ending:
+                record.move(Phase.ENDING)
+            await record.link.close()
+            try:
+                await asyncio.to_thread(self._runtimes.get(record.runtime).destroy, record.plan)
+            except CorralError as exc:
+                log.error("cleaning up %s failed: %s", record.id, exc)
+                detail = f"{detail or ''} (cleanup failed: {exc.message})".strip()
+            record.end(reason, detail)
+            self._registry.forget_old()
+        await self.release_volumes(record)
+        # The watcher reaps the runtime's process once it has gone; let it finish.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(record.exited.wait(), 10)
+
+    async def release_volumes(self, record: SandboxRecord) -> None:
+        """After the sandbox ended: unmount its volumes from the host unless others use them."""
+        if record.plan.volumes and not self.adopting:
+            try:
+                await self._volumes.release(v.volume_id for v in record.plan.volumes)
+            except CorralError as exc:  # they stay mounted; the next sweep tries again
+                log.error("could not unmount the volumes of %s: %s", record.id, exc)
+
+    async def ensure_firewall(self) -> None:
+        """Install the internet sandboxes' firewall, once per engine (it is idempotent)."""
+        if not self._firewall_ready:
+            await asyncio.to_thread(network.install_firewall, network.nameservers())
+            self._firewall_ready = True
+
+
+def _make_dir_and_save(record: SandboxRecord) -> None:
+    record.plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    record.save()
+
+
+async def _exit_of(launch: Launch) -> None:
+    """Return once the process `launch` started has exited. Works for processes an earlier
+    engine started too (pidfds need no parenthood), and never mistakes a later process that
+    reuses the pid for it."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(launch.pid)
+    except ProcessLookupError:
+        return
+    reused = launch.start_time is not None and process_start_time(launch.pid) != launch.start_time
+    if reused:  # it has exited (its number may already be another's)
+        os.close(pidfd)
+        return
+    gone = loop.create_future()
+    loop.add_reader(pidfd, lambda: None if gone.done() else gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)

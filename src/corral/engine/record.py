@@ -1,0 +1,271 @@
+"""The engine's record of one sandbox: its spec, plan, phase, history and agent link.
+
+A sandbox's life is an explicit state machine, and `SandboxRecord.move` is the only way to
+change where a sandbox is in it. The engine works in *phases*, which add to the public states
+(`corral.core.state`) the moments a caller never sees:
+
+    warming ──> pooled ──> running            (started for a warm pool, idle, then claimed)
+    creating ──> running ⇄ paused
+                 running ──> hibernating ──> hibernated ──> running
+                 (any alive phase) ──> ending ──> terminated
+
+`warming`, `pooled`, `hibernating` and `ending` show as the public state before them (a
+sandbox in a pool is nobody's and shows nowhere); only public changes enter the history and
+are told to `on_change`. Each change is saved to the sandbox's directory (`sandbox.json`),
+from which a restarted engine adopts the sandbox (`SandboxRecord.from_saved`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any
+
+from corral.core.errors import InvalidState
+from corral.core.models import SandboxInfo, StateChange
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState, require_state
+from corral.engine.agentlink import AgentLink
+from corral.runtimes import Launch
+from corral.runtimes.plan import SandboxPlan
+
+RECORD_NAME = "sandbox.json"
+
+
+class Phase(StrEnum):
+    """Where the engine has a sandbox: the public states, and three it keeps to itself."""
+
+    CREATING = "creating"
+    WARMING = "warming"  # being started for a warm pool
+    POOLED = "pooled"  # started and idle in a warm pool; nobody's until claimed
+    RUNNING = "running"
+    PAUSED = "paused"
+    HIBERNATING = "hibernating"  # being checkpointed: its runtime's exit is expected
+    HIBERNATED = "hibernated"
+    ENDING = "ending"  # being torn down
+    TERMINATED = "terminated"
+
+
+_ALIVE_EXITS = frozenset({Phase.ENDING, Phase.TERMINATED})
+_ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.CREATING: frozenset({Phase.RUNNING}) | _ALIVE_EXITS,
+    Phase.WARMING: frozenset({Phase.POOLED}) | _ALIVE_EXITS,
+    Phase.POOLED: frozenset({Phase.RUNNING}) | _ALIVE_EXITS,
+    Phase.RUNNING: frozenset({Phase.PAUSED, Phase.HIBERNATING}) | _ALIVE_EXITS,
+    Phase.PAUSED: frozenset({Phase.RUNNING}) | _ALIVE_EXITS,
+    Phase.HIBERNATING: frozenset({Phase.HIBERNATED, Phase.RUNNING}) | _ALIVE_EXITS,
+    Phase.HIBERNATED: frozenset({Phase.RUNNING}) | _ALIVE_EXITS,
+    Phase.ENDING: frozenset({Phase.TERMINATED}),
+    Phase.TERMINATED: frozenset(),
+}
+# The public state each phase shows; None: the state before it.
+_PUBLIC: dict[Phase, SandboxState | None] = {
+    Phase.CREATING: SandboxState.CREATING,
+    Phase.WARMING: None,
+    Phase.POOLED: None,
+    Phase.RUNNING: SandboxState.RUNNING,
+    Phase.PAUSED: SandboxState.PAUSED,
+    Phase.HIBERNATING: None,
+    Phase.HIBERNATED: SandboxState.HIBERNATED,
+    Phase.ENDING: None,
+    Phase.TERMINATED: SandboxState.TERMINATED,
+}
+
+
+class SandboxRecord:
+    """One sandbox owned by the engine: what it is, where it is in its life, its link."""
+
+    def __init__(self, spec: SandboxSpec, plan: SandboxPlan, *, for_pool: bool = False) -> None:
+        self.id = plan.sandbox_id
+        self.spec = spec
+        self.plan = plan
+        self.link = AgentLink(plan.socket_path, self.id)
+        self.phase = Phase.WARMING if for_pool else Phase.CREATING
+        self.state = SandboxState.CREATING  # the public state: see `move`
+        self.created_at = time.time()
+        self.expires_at: float | None = None  # while running; see `move`
+        self.remaining: float | None = None  # lifetime left, while paused or hibernated
+        self.last_active = time.monotonic()  # last use through the engine (see `touch`)
+        self.holds = 0  # streams attached now (`Engine.active`): never idle meanwhile
+        self.ended_at: float | None = None
+        self.end_reason: EndReason | None = None
+        self.end_detail: str | None = None
+        self.history: list[StateChange] = [StateChange(SandboxState.CREATING, self.created_at)]
+        self.launch: Launch | None = None
+        self.exit_status: int | None = None
+        self.exited = asyncio.Event()  # its runtime's main process has exited
+        self.lock = asyncio.Lock()  # held by whatever changes the running sandbox
+        self.timings: dict[str, float] = {}  # seconds per stage of its start
+        # Told of every public state change, after it is saved (the engine's `on_change`).
+        self.on_change: Callable[[SandboxRecord], None] | None = None
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> SandboxRecord:
+        """The sandbox a previous engine saved as `saved` (see `to_saved`), without its launch.
+
+        Raises KeyError, TypeError or ValueError (among others) for a record that does not
+        parse; the caller decides what to do with it.
+        """
+        record = cls(SandboxSpec.from_dict(saved["spec"]), SandboxPlan.from_dict(saved["plan"]))
+        if saved["id"] != record.id:
+            raise ValueError(f"record of {saved['id']!r} holds the plan of {record.id!r}")
+        record.state = SandboxState(saved["state"])
+        # Records of engines before phases existed say `pooled`; their pooled ones ran. A
+        # checkpoint or an ending that a crash cut short is undone: the public state holds.
+        public = Phase(record.state.value)
+        legacy = Phase.POOLED if saved.get("pooled") else public
+        record.phase = Phase(saved.get("phase", legacy))
+        if record.phase in (Phase.HIBERNATING, Phase.ENDING):
+            record.phase = public
+        record.created_at = float(saved["created_at"])
+        record.expires_at = _float_or_none(saved.get("expires_at"))
+        record.remaining = _float_or_none(saved.get("remaining"))
+        record.ended_at = _float_or_none(saved.get("ended_at"))
+        if saved.get("end_reason") is not None:
+            record.end_reason = EndReason(saved["end_reason"])
+        record.end_detail = saved.get("end_detail")
+        record.history = [
+            StateChange(SandboxState(state), float(at), reason)
+            for state, at, reason in saved["history"]
+        ]
+        return record
+
+    @property
+    def runtime(self) -> str:
+        return self.plan.runtime
+
+    @property
+    def alive(self) -> bool:
+        return self.phase is not Phase.TERMINATED
+
+    @property
+    def pooled(self) -> bool:
+        """Whether it belongs to a warm pool (starting or idle): nobody's, shown nowhere."""
+        return self.phase in (Phase.WARMING, Phase.POOLED)
+
+    @property
+    def ending(self) -> bool:
+        return self.phase is Phase.ENDING
+
+    def move(self, target: Phase, reason: str | None = None) -> None:
+        """Change phase, refusing illegal transitions; a public change enters the history.
+
+        The lifetime counts only while running: leaving `running` keeps what is left of it in
+        `remaining`, coming back sets a deadline that far ahead.
+        """
+        if target not in _ALLOWED[self.phase]:
+            raise InvalidState(f"cannot move sandbox {self.id} from {self.phase} to {target}")
+        self.phase = target
+        public = _PUBLIC[target]
+        if public is None or public is self.state:
+            self.save()  # a pooled sandbox is recorded as such, for the next engine
+            return
+        now = time.time()
+        if self.state is SandboxState.RUNNING and self.expires_at is not None:
+            self.remaining, self.expires_at = max(0.0, self.expires_at - now), None
+        elif public is SandboxState.RUNNING and self.remaining is not None:
+            self.expires_at, self.remaining = now + self.remaining, None
+        self.state = public
+        self.history.append(StateChange(public, now, reason))
+        if public is SandboxState.TERMINATED:
+            self.ended_at = now
+            self.expires_at = self.remaining = None
+        self.save()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def start_lifetime(self, spec: SandboxSpec) -> None:
+        """Begin the life a user asked for: `spec`, a fresh history and a deadline. For a
+        sandbox claimed from a pool, this is where its public life starts."""
+        now = time.time()
+        if self.phase is Phase.POOLED:
+            self.spec = spec
+            self.created_at = now
+            self.history = [StateChange(SandboxState.CREATING, now)]
+            self.touch()  # its idle time starts now, not when the pool started it
+        self.expires_at = now + spec.timeout
+        self.move(Phase.RUNNING)
+
+    def end(self, reason: EndReason, detail: str | None = None) -> None:
+        self.end_reason = reason
+        self.end_detail = detail
+        self.move(Phase.TERMINATED, reason.value)
+
+    def touch(self) -> None:
+        """Record a use: the idle timeout starts again."""
+        self.last_active = time.monotonic()
+
+    def idle_deadline(self) -> float | None:
+        """When (wall-clock) the sandbox becomes idle, if it can: running, an idle_timeout,
+        not keep_alive, no stream attached."""
+        spec = self.spec
+        if (
+            self.phase is not Phase.RUNNING
+            or spec.idle_timeout is None
+            or spec.keep_alive
+            or self.holds
+        ):
+            return None
+        return time.time() + spec.idle_timeout - (time.monotonic() - self.last_active)
+
+    def require(self, action: str, *allowed: SandboxState) -> None:
+        """Refuse `action` unless the sandbox is in one of `allowed` and not on its way out."""
+        if self.phase is Phase.ENDING:
+            raise InvalidState(f"cannot {action} sandbox {self.id}: it is ending")
+        require_state(self.id, action, self.state, *allowed)
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(
+            id=self.id,
+            state=self.state,
+            runtime=self.runtime,
+            spec=self.spec,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            timeout_remaining=self.remaining,
+            ended_at=self.ended_at,
+            end_reason=self.end_reason,
+            end_detail=self.end_detail,
+            history=tuple(self.history),
+        )
+
+    def to_saved(self) -> dict[str, Any]:
+        """What a restarted engine needs to find this sandbox again."""
+        return {
+            "id": self.id,
+            "spec": self.spec.to_dict(),
+            "plan": self.plan.to_dict(),
+            "state": self.state.value,
+            "phase": self.phase.value,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "remaining": self.remaining,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+            "end_detail": self.end_detail,
+            "pid": self.launch.pid if self.launch else None,
+            "pid_start_time": self.launch.start_time if self.launch else None,
+            "pooled": self.pooled,
+            "history": [[h.state.value, h.at, h.reason] for h in self.history],
+        }
+
+    def save(self) -> None:
+        """Write `to_saved()` atomically into the sandbox's directory (while it has one)."""
+        directory = self.plan.dir
+        if not directory.is_dir():
+            return
+        path = directory / RECORD_NAME
+        temp = f"{path}.tmp"
+        # Owner-only: the spec's environment may hold the user's secrets.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(self.to_saved()))
+        os.replace(temp, path)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,108 @@
+"""Memory snapshots on disk: a gvisor checkpoint and what is needed to start sandboxes from it.
+
+``<data>/snapshots/<sn-id>/`` holds runsc's checkpoint image and ``snapshot.json`` (the source
+sandbox's spec, so a new sandbox gets the same image, runtime and limits). A snapshot is written
+under ``.tmp-<sn-id>`` and renamed when complete, so a crash mid-write leaves a temporary
+directory (swept at the next start), never a snapshot that looks usable and is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.core.errors import NotFound
+from corral.core.ids import new_id
+from corral.core.models import SnapshotInfo
+from corral.core.spec import SandboxSpec
+
+META_NAME = "snapshot.json"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete snapshot on disk: its description, the spec to start from, the image."""
+
+    info: SnapshotInfo
+    spec: SandboxSpec
+    path: Path  # runsc's checkpoint image directory
+
+
+class SnapshotStore:
+    """The snapshots of one data directory, kept in memory after `load`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._snapshots: dict[str, Snapshot] = {}
+
+    def load(self) -> None:
+        """Read every complete snapshot; remove what an interrupted write left."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in self.root.iterdir():
+            if path.name.startswith(".tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            try:
+                meta = json.loads((path / META_NAME).read_text())
+                info = SnapshotInfo(**meta["info"])
+                spec = SandboxSpec.from_dict(meta["spec"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not ours, or damaged by hand: left alone
+            self._snapshots[info.id] = Snapshot(info, spec, path)
+
+    @contextmanager
+    def writing(self) -> Iterator[tuple[str, Path]]:
+        """A new id and a directory to write its checkpoint into; `commit` makes it real."""
+        snapshot_id = new_id("sn")
+        temp = self.root / f".tmp-{snapshot_id}"
+        temp.mkdir(mode=0o700)
+        try:
+            yield snapshot_id, temp
+        finally:
+            if temp.exists():
+                shutil.rmtree(temp, ignore_errors=True)
+
+    def commit(self, temp: Path, info: SnapshotInfo, spec: SandboxSpec) -> Snapshot:
+        """Describe the checkpoint in `temp` and make it visible, atomically."""
+        size = sum(f.stat().st_size for f in temp.rglob("*") if f.is_file())
+        info = SnapshotInfo(**{**info.to_dict(), "size_bytes": size})
+        meta = temp / META_NAME
+        meta.write_text(json.dumps({"info": info.to_dict(), "spec": spec.to_dict()}))
+        with meta.open("rb") as handle:
+            os.fsync(handle.fileno())
+        final = self.root / info.id
+        temp.rename(final)
+        snapshot = Snapshot(info, spec, final)
+        self._snapshots[info.id] = snapshot
+        return snapshot
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        found = self._snapshots.get(snapshot_id)
+        if found is None:
+            raise NotFound(f"no snapshot {snapshot_id}", code="snapshot_not_found")
+        return found
+
+    def all(self) -> list[Snapshot]:
+        return sorted(self._snapshots.values(), key=lambda s: s.info.created_at)
+
+    def delete(self, snapshot_id: str) -> None:
+        snapshot = self.get(snapshot_id)
+        del self._snapshots[snapshot_id]
+        # Renamed first, so a crash mid-delete leaves a temporary directory, not half a snapshot.
+        doomed = self.root / f".tmp-{snapshot_id}"
+        snapshot.path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def expired(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        return [
+            s.info.id
+            for s in self._snapshots.values()
+            if s.info.expires_at is not None and s.info.expires_at <= now
+        ]

@@ -1,0 +1,213 @@
+"""Per-sandbox control groups: memory, pids and CPU limits, freezing, killing, OOM counts.
+
+Both layouts are supported: the unified cgroup2 hierarchy, and cgroup v1 controllers mounted
+one per directory (which may sit beside an empty cgroup2 mount, the "hybrid" layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.core.errors import SandboxFailed
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """The limits one sandbox's cgroup enforces."""
+
+    memory_bytes: int
+    max_processes: int
+    cpu: float  # cores; the CFS quota per period
+    cpu_weight: int = 100  # share under contention, as cgroup v2's cpu.weight (1 to 10000)
+
+
+def shares(weight: int) -> int:
+    """cgroup v1's cpu.shares (default 1024) for a v2 cpu.weight (default 100)."""
+    return max(2, weight * 1024 // 100)
+
+
+@functools.cache
+def layout() -> str:
+    """'v2' for a unified hierarchy, 'v1' for per-controller mounts, '' if neither is usable.
+
+    Read once: the hierarchy does not change under a running host."""
+    if (ROOT / "cgroup.controllers").exists():
+        return "v2"
+    if all((ROOT / c / "cgroup.procs").exists() for c in ("memory", "pids", "cpu", "freezer")):
+        return "v1"
+    return ""
+
+
+def _write(path: Path, value: str) -> None:
+    with path.open("w") as handle:
+        handle.write(value)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+class Cgroup:
+    """One sandbox's cgroup, named by a relative path such as ``corral/sb-…``."""
+
+    def __init__(self, name: str, version: str | None = None) -> None:
+        self.name = name.strip("/")
+        self.version = version if version is not None else layout()
+        if self.version not in ("v1", "v2"):
+            raise SandboxFailed(
+                "no usable cgroup hierarchy under /sys/fs/cgroup", code="no_cgroups"
+            )
+
+    def _dir(self, controller: str) -> Path:
+        if self.version == "v2":
+            return ROOT / self.name
+        return ROOT / controller / self.name
+
+    def _dirs(self) -> list[Path]:
+        if self.version == "v2":
+            return [ROOT / self.name]
+        return [ROOT / c / self.name for c in V1_CONTROLLERS if (ROOT / c).is_dir()]
+
+    @property
+    def procs_files(self) -> list[str]:
+        """The files a process writes "0" into to join this cgroup (every controller in v1)."""
+        return [str(d / "cgroup.procs") for d in self._dirs()]
+
+    def create(self, limits: CgroupLimits) -> None:
+        """Create the cgroup (and its parents) and apply `limits`."""
+        if self.version == "v2":
+            self._enable_v2_controllers()
+        for directory in self._dirs():
+            directory.mkdir(parents=True, exist_ok=True)
+        quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
+        if self.version == "v2":
+            d = self._dir("")
+            _write(d / "memory.max", str(limits.memory_bytes))
+            with contextlib.suppress(OSError):
+                _write(d / "memory.swap.max", "0")
+            _write(d / "pids.max", str(limits.max_processes))
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            self.set_weight(limits.cpu_weight)
+            return
+        memory = self._dir("memory")
+        _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
+        memsw = memory / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # swap accounting on: forbid swapping past the limit too
+            with contextlib.suppress(OSError):
+                _write(memsw, str(limits.memory_bytes))
+        _write(self._dir("pids") / "pids.max", str(limits.max_processes))
+        cpu = self._dir("cpu")
+        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(cpu / "cpu.cfs_quota_us", str(quota))
+        self.set_weight(limits.cpu_weight)
+
+    def set_weight(self, weight: int) -> None:
+        """The cgroup's CPU share under contention (cgroup v2 units: 1 to 10000, default 100)."""
+        if self.version == "v2":
+            _write(self._dir("") / "cpu.weight", str(weight))
+        else:
+            _write(self._dir("cpu") / "cpu.shares", str(shares(weight)))
+
+    def _enable_v2_controllers(self) -> None:
+        parts = Path(self.name).parts[:-1]
+        current = ROOT
+        for part in parts:
+            with contextlib.suppress(OSError):
+                _write(current / "cgroup.subtree_control", "+memory +pids +cpu")
+            current = current / part
+            current.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            _write(current / "cgroup.subtree_control", "+memory +pids +cpu")
+
+    def exists(self) -> bool:
+        return self._dir("memory").is_dir()
+
+    def pids(self) -> list[int]:
+        """Every process in the cgroup."""
+        found: set[int] = set()
+        for directory in self._dirs():
+            for line in _read(directory / "cgroup.procs").split():
+                found.add(int(line))
+        return sorted(found)
+
+    def freeze(self) -> None:
+        """Stop every process in the cgroup; they keep their memory and use no CPU."""
+        self._set_frozen(True)
+
+    def thaw(self) -> None:
+        self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        if self.version == "v2":
+            d = self._dir("")
+            _write(d / "cgroup.freeze", "1" if frozen else "0")
+            want = "frozen 1" if frozen else "frozen 0"
+            check = d / "cgroup.events"
+        else:
+            d = self._dir("freezer")
+            _write(d / "freezer.state", "FROZEN" if frozen else "THAWED")
+            want = "FROZEN" if frozen else "THAWED"
+            check = d / "freezer.state"
+        deadline = time.monotonic() + 5
+        while want not in _read(check):
+            if time.monotonic() > deadline:
+                raise SandboxFailed(
+                    f"cgroup {self.name} did not become {want}", code="freeze_failed"
+                )
+            time.sleep(0.001)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the cgroup, including ones that forked meanwhile."""
+        if self.version == "v2" and (self._dir("") / "cgroup.kill").exists():
+            _write(self._dir("") / "cgroup.kill", "1")
+            return
+        # Freeze first so nothing can fork between reading the list and killing it.
+        with contextlib.suppress(OSError, SandboxFailed):
+            self.freeze()
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, SandboxFailed):
+            self.thaw()
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel's OOM killer has killed in this cgroup."""
+        if self.version == "v2":
+            text = _read(self._dir("") / "memory.events")
+        else:
+            text = _read(self._dir("memory") / "memory.oom_control")
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def destroy(self, timeout: float = 5.0) -> None:
+        """Kill what is left and remove the cgroup; missing is fine."""
+        deadline = time.monotonic() + timeout
+        for directory in self._dirs():
+            while directory.exists():
+                try:
+                    directory.rmdir()
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SandboxFailed(
+                            f"cgroup {directory} still has processes", code="cleanup_failed"
+                        ) from None
+                    self.kill_all()
+                    time.sleep(0.01)

@@ -1,0 +1,27 @@
+"""How a server runs: every setting has an embedded default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.core.spec import SandboxSpec
+
+
+@dataclass
+class ServerConfig:
+    """The settings of one `corral serve`."""
+
+    data_dir: Path
+    default_runtime: str | None = None
+    max_body_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are not limited
+    max_sandboxes_per_key: int = 100
+    max_sandboxes: int = 2000  # live sandboxes on this node, all keys together
+    pools: tuple[tuple[str, SandboxSpec, int], ...] = ()  # (name, template, size)
+    max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
+    max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
+    max_volumes_per_key: int = 100
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "corral.db"

@@ -1,0 +1,51 @@
+"""State changes of sandboxes as events, for each API key's event streams (`GET /v1/events`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from corral.core.models import SandboxInfo
+
+EVENT_BACKLOG = 1000  # events kept for one slow reader
+
+
+class EventHub:
+    """Fans each sandbox's state changes out to the streams of the key that owns it."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+
+    def publish(self, owner: str, info: SandboxInfo) -> None:
+        """Tell `owner`'s event streams about the sandbox's latest state change."""
+        last = info.history[-1] if info.history else None
+        event = {
+            "type": "sandbox.state",
+            "sandbox_id": info.id,
+            "state": info.state.value,
+            "reason": last.reason if last else None,
+            "at": last.at if last else time.time(),
+            "end_reason": info.end_reason.value if info.end_reason else None,
+            "end_detail": info.end_detail,
+        }
+        for queue in self._subscribers.get(owner, ()):
+            if queue.full():  # a reader that does not keep up loses its stream, not memory
+                queue.get_nowait()
+                queue.put_nowait({"type": "events.lost", "at": time.time()})
+            else:
+                queue.put_nowait(event)
+
+    @contextlib.contextmanager
+    def subscribe(self, owner: str) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue of the state changes of `owner`'s sandboxes, for as long as the block runs."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_BACKLOG)
+        self._subscribers.setdefault(owner, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers[owner].discard(queue)
+            if not self._subscribers[owner]:
+                del self._subscribers[owner]

@@ -1,0 +1,184 @@
+"""Sandboxes for one tenant: create and fork, look, change, end; commands, files and events."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from corral.core.errors import SandboxNotFound
+from corral.core.models import ExecResult, ProcessInfo, SandboxInfo
+from corral.core.spec import SandboxSpec
+from corral.core.state import parse_state
+from corral.engine.files import SandboxFiles
+from corral.engine.process import Process
+from corral.server.tenancy import Tenant
+
+__all__ = ["Command", "Process", "SandboxFiles", "Sandboxes"]  # the routes use these types
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A command as a request describes it: `cmd` through the shell, or an `argv`."""
+
+    cmd: str | None = None
+    argv: Sequence[str] | None = None
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    user: str | int | None = None
+    timeout: float | None = None
+    tag: str | None = None
+
+
+class Sandboxes:
+    """The sandboxes of one tenant."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self._tenant = tenant
+        self._service = tenant.service
+        self._engine = tenant.service.engine
+
+    async def create(
+        self, spec: SandboxSpec, *, pool: bool = True, snapshot: str | None = None
+    ) -> SandboxInfo:
+        """A sandbox: from `spec`, or from one of the tenant's snapshots (by id or name)."""
+        tenant = self._tenant
+        snapshot_id = tenant.snapshot(snapshot).id if snapshot is not None else None
+        spec = await tenant.spec(spec, image=snapshot_id is None)
+        async with self._service.admitting(tenant.id, 1):
+            info = await self._engine.create(spec, pool=pool, snapshot=snapshot_id)
+            self._service.own(tenant.id, info)
+        await self._service.recorded()
+        return self._engine.get(info.id)
+
+    async def fork(self, sandbox_id: str, count: int) -> builtins.list[SandboxInfo]:
+        """`count` copies of one of the tenant's sandboxes, memory and files."""
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        async with self._service.admitting(self._tenant.id, count if isinstance(count, int) else 1):
+            made = await self._engine.fork(sandbox_id, count)
+            for info in made:
+                self._service.own(self._tenant.id, info)
+        await self._service.recorded()
+        return [self._engine.get(info.id) for info in made]
+
+    async def info(self, sandbox_id: str) -> SandboxInfo:
+        """The sandbox as it is now, or as it ended (for 7 days)."""
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        with contextlib.suppress(SandboxNotFound):
+            return self._engine.get(sandbox_id)
+        found = await self._service.store.get_sandbox(sandbox_id)
+        if found is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        return found[1]
+
+    async def list(self, state: str | None, metadata: Mapping[str, str]) -> list[SandboxInfo]:
+        """The tenant's sandboxes, oldest first, optionally filtered."""
+        wanted = parse_state(state) if state is not None else None
+        found = []
+        for stored in await self._service.store.list_sandboxes(owner=self._tenant.id):
+            try:
+                info = self._engine.get(stored.id)
+            except SandboxNotFound:
+                info = stored
+            if wanted is not None and info.state is not wanted:
+                continue
+            if any(info.spec.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            found.append(info)
+        return found
+
+    async def terminate(self, sandbox_id: str) -> SandboxInfo:
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        with contextlib.suppress(SandboxNotFound):  # ended long ago: only the store knows it
+            await self._engine.terminate(sandbox_id)
+        return await self.info(sandbox_id)
+
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
+        return await self._engine.set_timeout(await self._tenant.sandbox(sandbox_id), seconds)
+
+    async def pause(self, sandbox_id: str) -> SandboxInfo:
+        return await self._engine.pause(await self._tenant.sandbox(sandbox_id))
+
+    async def resume(self, sandbox_id: str) -> SandboxInfo:
+        return await self._engine.resume(await self._tenant.sandbox(sandbox_id))
+
+    async def hibernate(self, sandbox_id: str) -> SandboxInfo:
+        return await self._engine.hibernate(await self._tenant.sandbox(sandbox_id))
+
+    async def wake(self, sandbox_id: str) -> SandboxInfo:
+        return await self._engine.wake(await self._tenant.sandbox(sandbox_id))
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def start(
+        self,
+        sandbox_id: str,
+        command: Command,
+        *,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+    ) -> Process:
+        """Start `command` in the sandbox; returns once it runs."""
+        return await self._engine.exec(
+            await self._tenant.sandbox(sandbox_id),
+            command.argv,
+            cmd=command.cmd,
+            env=command.env,
+            cwd=command.cwd,
+            user=command.user,
+            stdin=stdin,
+            pty=pty,
+            timeout=command.timeout,
+            tag=command.tag,
+        )
+
+    async def run(
+        self, sandbox_id: str, command: Command, stdin: str | None = None
+    ) -> tuple[ExecResult, bool]:
+        """Run `command` to completion; its result, each stream cut at the server's limit, and
+        whether anything was cut."""
+        process = await self.start(sandbox_id, command, stdin=stdin is not None)
+        if stdin is not None:
+            await process.write_stdin(stdin)
+            await process.close_stdin()
+        limit = self._service.config.max_output_bytes
+        kept = {"stdout": bytearray(), "stderr": bytearray()}
+        truncated = False
+        async with self.active(sandbox_id):  # its client waits: the sandbox is in use
+            async for name, data in process.output():
+                buffer = kept[name]
+                room = limit - len(buffer)
+                if len(data) > room:
+                    truncated = True  # keep draining, so the process is never blocked on output
+                buffer += data[: max(room, 0)]
+            result = await process.wait()
+        stdout, stderr = bytes(kept["stdout"]), bytes(kept["stderr"])
+        return dataclasses.replace(result, stdout=stdout, stderr=stderr), truncated
+
+    async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
+        return await self._engine.processes(await self._tenant.sandbox(sandbox_id))
+
+    async def signal(self, sandbox_id: str, process_id: int, sig: str | int) -> None:
+        await self._engine.signal(await self._tenant.sandbox(sandbox_id), process_id, sig)
+
+    # -- files, attached streams, events ----------------------------------------------------------
+
+    async def files(self, sandbox_id: str) -> SandboxFiles:
+        return self._engine.files(await self._tenant.sandbox(sandbox_id))
+
+    @contextlib.asynccontextmanager
+    async def active(self, sandbox_id: str) -> AsyncIterator[None]:
+        """Count the sandbox as in use while the block runs (a transfer, an attached client)."""
+        with self._engine.active(await self._tenant.sandbox(sandbox_id)):
+            yield
+
+    async def events(
+        self, sandbox_id: str | None
+    ) -> contextlib.AbstractContextManager[asyncio.Queue[dict[str, Any]]]:
+        """A subscription to the state changes of the tenant's sandboxes (or of one)."""
+        if sandbox_id is not None:
+            await self._tenant.sandbox(sandbox_id)
+        return self._service.events.subscribe(self._tenant.id)

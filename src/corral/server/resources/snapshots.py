@@ -1,0 +1,37 @@
+"""Memory snapshots for one tenant: take, list, look up and delete them."""
+
+from __future__ import annotations
+
+from corral.core.errors import Conflict
+from corral.core.models import SnapshotInfo
+from corral.core.names import check_image_name
+from corral.server.tenancy import Tenant
+
+
+class Snapshots:
+    """The snapshots of one tenant."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self._tenant = tenant
+        self._engine = tenant.service.engine
+
+    async def take(self, sandbox_id: str, name: str | None, ttl: float | None) -> SnapshotInfo:
+        """Save one of the tenant's sandboxes, memory and files; it goes on running."""
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        if name is not None:
+            check_image_name(name)
+            if any(s.name == name for s in self._tenant.snapshots()):
+                raise Conflict(
+                    f"you have a snapshot named {name!r} already; delete it or pick another name",
+                    code="name_taken",
+                )
+        return await self._engine.snapshot(sandbox_id, ttl=ttl, name=name, owner=self._tenant.id)
+
+    def list(self) -> list[SnapshotInfo]:
+        return self._tenant.snapshots()
+
+    def get(self, ref: str) -> SnapshotInfo:
+        return self._tenant.snapshot(ref)
+
+    async def delete(self, ref: str) -> None:
+        await self._engine.delete_snapshot(self._tenant.snapshot(ref).id)

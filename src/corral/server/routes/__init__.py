@@ -1,0 +1,34 @@
+"""The HTTP API's routes, one module per resource. Routes only turn HTTP into calls of the
+resource services (`corral.server.resources`) and their answers back into HTTP; they never
+reach into the engine or the store."""
+
+from fastapi import APIRouter
+
+from corral.server.routes import (
+    events,
+    files,
+    images,
+    keys,
+    pools,
+    processes,
+    sandboxes,
+    snapshots,
+    stream,
+    volumes,
+)
+
+ROUTERS: tuple[APIRouter, ...] = tuple(
+    module.router
+    for module in (
+        sandboxes,
+        processes,
+        files,
+        stream,
+        snapshots,
+        images,
+        volumes,
+        pools,
+        keys,
+        events,
+    )
+)

@@ -1,0 +1,29 @@
+"""HTTP routes for API keys (admin keys only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from corral.server.auth import KeysDep
+from corral.server.schemas import CreateKey, KeyOut
+
+router = APIRouter(prefix="/v1", tags=["keys"])
+
+
+@router.get("/keys")
+async def list_keys(keys: KeysDep) -> list[KeyOut]:
+    """Every API key (never their secrets). Admin keys only."""
+    return [KeyOut.of(key) for key in await keys.list()]
+
+
+@router.post("/keys", status_code=201)
+async def create_key(body: CreateKey, keys: KeysDep) -> KeyOut:
+    """A new API key; its secret is in this response only. Admin keys only."""
+    made, secret = await keys.create(body.name, admin=body.admin)
+    return KeyOut.of(made, secret)
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, keys: KeysDep) -> KeyOut:
+    """Revoke a key: it stops working at once; its sandboxes run until they end."""
+    return KeyOut.of(await keys.revoke(key_id))

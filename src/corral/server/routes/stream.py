@@ -1,0 +1,138 @@
+"""The exec WebSocket: a process's output as it happens, its stdin, a terminal and signals.
+
+    client                                           server
+    text   {"cmd"|"argv", env, cwd, user, timeout, stdin: bool, pty: {rows, cols}}
+                                                     text   {"type": "started", "id", "pid"}
+    binary 0x00 + bytes            (stdin)           binary 0x01 + bytes   (stdout)
+    text   {"type": "stdin_close"}                   binary 0x02 + bytes   (stderr)
+    text   {"type": "resize", "rows", "cols"}
+    text   {"type": "signal", "signal": "SIGINT"}
+                                                     text   {"type": "exit", "exit_code",
+                                                             "signal", "timed_out", "oom_killed"}
+Errors arrive as `{"type": "error", "status", "error": {"code", "message"}}` and the socket
+closes with 4000 + the HTTP status (4401, 4404, ...). A client that disconnects kills its
+process: a stream nobody reads would otherwise leave it running unseen. A server that shuts
+down does not: the process keeps running and the restarted server lists it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from corral.core.errors import CorralError, InvalidRequest
+from corral.server.auth import websocket_tenant
+from corral.server.errors import describe_validation
+from corral.server.resources.sandboxes import Process, Sandboxes
+from corral.server.routes.processes import command_of
+from corral.server.schemas import StreamExec
+
+log = logging.getLogger("corral.server")
+router = APIRouter(prefix="/v1")
+
+STDIN, STDOUT, STDERR = 0, 1, 2
+FIRST_MESSAGE_TIMEOUT = 30.0
+SERVER_GOING_AWAY = 1012  # the close code uvicorn reports when the server shuts down
+
+
+@router.websocket("/sandboxes/{sandbox_id}/exec/stream")
+async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
+    await websocket.accept()
+    try:
+        sandboxes = Sandboxes(await websocket_tenant(websocket))
+        await sandboxes.info(sandbox_id)  # not yours: 4404 before the command is read
+        request = await _first_message(websocket)
+        pty = (request.pty.rows, request.pty.cols) if request.pty else None
+        command = command_of(request)
+        process = await sandboxes.start(sandbox_id, command, stdin=request.stdin, pty=pty)
+    except CorralError as error:
+        await _close_with(websocket, error)
+        return
+    except WebSocketDisconnect:
+        return
+    async with sandboxes.active(sandbox_id):  # an attached client: the sandbox is in use
+        await _relay(websocket, process)
+
+
+async def _first_message(websocket: WebSocket) -> StreamExec:
+    try:
+        text = await asyncio.wait_for(websocket.receive_text(), FIRST_MESSAGE_TIMEOUT)
+    except TimeoutError:
+        raise InvalidRequest("send the command as the first message within 30 s") from None
+    except KeyError:  # a binary first message
+        raise InvalidRequest("the first message must be the command, as JSON text") from None
+    try:
+        return StreamExec.model_validate_json(text)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation(exc.errors())) from None
+
+
+async def _relay(websocket: WebSocket, process: Process) -> None:
+    # Killed when its client leaves, but not when the server stops: a restarted server
+    # re-adopts the sandbox, and the process must still be running there.
+    keep = False
+    feeder = asyncio.create_task(_feed(websocket, process))
+    try:
+        await websocket.send_json({"type": "started", "id": process.id, "pid": process.pid})
+        async for name, data in process.output():
+            await websocket.send_bytes(bytes((STDOUT if name == "stdout" else STDERR,)) + data)
+        result = await process.wait()
+        keep = True
+        await websocket.send_json(
+            {
+                "type": "exit",
+                "exit_code": result.exit_code,
+                "signal": result.signal,
+                "timed_out": result.timed_out,
+                "oom_killed": result.oom_killed,
+            }
+        )
+        await websocket.close(1000)
+    except CorralError as error:
+        keep = True  # the sandbox or its agent went away: say so
+        with contextlib.suppress(Exception):
+            await _close_with(websocket, error)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the connection is gone; the feeder knows whether the client or the server left
+    finally:
+        if not feeder.done():
+            feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            keep = keep or await feeder == SERVER_GOING_AWAY
+        if not keep:
+            with contextlib.suppress(CorralError):
+                await process.kill()
+
+
+async def _feed(websocket: WebSocket, process: Process) -> int:
+    """Client messages to the process, until the connection ends; its close code."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return int(message.get("code") or 1005)
+        try:
+            if message.get("bytes") is not None:
+                data: bytes = message["bytes"]
+                if data[:1] == bytes((STDIN,)):
+                    await process.write_stdin(data[1:])
+                continue
+            control = json.loads(message.get("text") or "{}")
+            kind = control.get("type")
+            if kind == "stdin_close":
+                await process.close_stdin()
+            elif kind == "resize":
+                await process.resize(int(control["rows"]), int(control["cols"]))
+            elif kind == "signal":
+                await process.signal(control.get("signal", "SIGTERM"))
+        except (CorralError, ValueError, KeyError, TypeError) as error:
+            log.debug("exec stream control message failed: %s", error)
+
+
+async def _close_with(websocket: WebSocket, error: CorralError) -> None:
+    await websocket.send_json({"type": "error", "status": error.status_code, **error.to_dict()})
+    await websocket.close(4000 + error.status_code, error.code[:120])

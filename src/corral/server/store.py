@@ -1,0 +1,468 @@
+"""The store: what must outlive the server process, kept in SQLite (or any SQLAlchemy database).
+
+`api_keys` holds each key's SHA-256 digest, never the key itself (keys are
+256 random bits, so a fast hash is as safe as a slow one and keeps every request cheap).
+`sandboxes` is the service's catalogue: which key owns which sandbox, its spec, and its state and
+end reason, which stay readable for `ENDED_RETENTION` after the sandbox ended. The engine keeps
+its own per-sandbox runtime record next to each sandbox; this is the tenant-facing view.
+`images` and `volumes` say which key owns which image and volume, and the names it gave them.
+
+The schema is created and upgraded by the Alembic migrations in `corral.server.migrations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from corral.core.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
+from corral.core.ids import new_id
+from corral.core.models import SandboxInfo, StateChange
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
+
+KEY_PREFIX = "corral_"
+ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
+KEY_CACHE_SECONDS = 1.0  # see Store.authenticate
+KEY_CACHE_SIZE = 10_000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class KeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    hint: Mapped[str] = mapped_column(String(16))  # the key's first characters, for lists
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_owner_name", "owner", "name", unique=True),)
+
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """A built image as one key sees it."""
+
+    id: str
+    name: str | None
+    created_at: float
+
+
+class VolumeRow(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (Index("ix_volumes_owner_name", "owner", "name", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    size_mb: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class VolumeEntry:
+    """A volume as its key sees it in the store (its usage is the engine's to tell)."""
+
+    id: str
+    name: str
+    size_mb: int
+    created_at: float
+
+
+def _volume(row: VolumeRow) -> VolumeEntry:
+    return VolumeEntry(row.id, row.name, row.size_mb, row.created_at)
+
+
+class SandboxRow(Base):
+    __tablename__ = "sandboxes"
+    __table_args__ = (Index("ix_sandboxes_owner_state", "owner", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    runtime: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[str] = mapped_column(Text)  # JSON
+    history: Mapped[str] = mapped_column(Text, default="[]")  # JSON
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    end_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as listed: never the secret, which is shown once, on creation."""
+
+    id: str
+    name: str
+    hint: str
+    admin: bool
+    created_at: float
+    revoked_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "hint": self.hint,
+            "admin": self.admin,
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _key(row: KeyRow) -> ApiKey:
+    return ApiKey(row.id, row.name, row.hint, row.admin, row.created_at, row.revoked_at)
+
+
+def _info(row: SandboxRow) -> SandboxInfo:
+    return SandboxInfo(
+        id=row.id,
+        state=SandboxState(row.state),
+        runtime=row.runtime,
+        spec=SandboxSpec.from_dict(json.loads(row.spec)),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        ended_at=row.ended_at,
+        end_reason=EndReason(row.end_reason) if row.end_reason else None,
+        end_detail=row.end_detail,
+        history=tuple(
+            StateChange(SandboxState(state), at, reason)
+            for state, at, reason in json.loads(row.history)
+        ),
+    )
+
+
+def _columns(info: SandboxInfo) -> dict[str, Any]:
+    return {
+        "state": info.state.value,
+        "runtime": info.runtime,
+        "spec": json.dumps(info.spec.to_dict()),
+        "history": json.dumps([[h.state.value, h.at, h.reason] for h in info.history]),
+        "created_at": info.created_at,
+        "expires_at": info.expires_at,
+        "ended_at": info.ended_at,
+        "end_reason": info.end_reason.value if info.end_reason else None,
+        "end_detail": info.end_detail,
+    }
+
+
+def migrate(url: str) -> None:
+    """Bring the database at `url` (a synchronous SQLAlchemy URL) to the newest schema."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("corral.server") / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")
+
+
+def _prepare_sqlite(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    migrate(f"sqlite:///{path}")
+    path.chmod(0o600)  # key digests and sandbox environments are nobody else's business
+    with sqlite3.connect(path) as db:  # WAL: the CLI reads while the server writes
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+def _on_connect(connection: Any, _record: Any) -> None:
+    # With WAL, NORMAL syncs at checkpoints rather than at every commit: a crash of the server
+    # loses nothing and the database never corrupts; a power cut may forget the last commits,
+    # which at most concern sandboxes that the power cut ended anyway.
+    connection.execute("PRAGMA synchronous=NORMAL")
+
+
+class Store:
+    """Keys and the sandbox catalogue in one database. Open with `await Store.open(path)`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._session = async_sessionmaker(engine, expire_on_commit=False)
+        self._active_keys: dict[str, tuple[ApiKey, float]] = {}  # digest -> key, good until
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        """Open (creating and migrating as needed) the SQLite database at `path`."""
+        await asyncio.to_thread(_prepare_sqlite, path)
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        event.listen(engine.sync_engine, "connect", _on_connect)
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def create_key(
+        self, name: str, *, admin: bool = False, secret: str | None = None
+    ) -> tuple[ApiKey, str]:
+        """A new key and its secret (shown once; only its digest is stored)."""
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise InvalidRequest("a key's name must be 1 to 200 characters")
+        secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
+        row = KeyRow(
+            id=new_id("key"),
+            name=name,
+            digest=digest(secret),
+            hint=secret[: len(KEY_PREFIX) + 4],
+            admin=admin,
+            created_at=time.time(),
+            revoked_at=None,
+        )
+        async with self._session.begin() as session:
+            session.add(row)
+        return _key(row), secret
+
+    async def ensure_key(self, secret: str, name: str, *, admin: bool) -> ApiKey:
+        """The key with this secret, created if no key has it (for `CORRAL_API_KEY`)."""
+        found = await self.authenticate(secret, include_revoked=True)
+        if found is not None:
+            return found
+        key, _ = await self.create_key(name, admin=admin, secret=secret)
+        return key
+
+    async def authenticate(self, secret: str, *, include_revoked: bool = False) -> ApiKey | None:
+        """The key whose secret this is, or None (also for a revoked key).
+
+        Active keys are remembered for KEY_CACHE_SECONDS, which saves a query on every request:
+        a key revoked through this store stops working at once, one revoked by another process
+        on the same database (`corral keys revoke`) within that time.
+        """
+        hashed = digest(secret)
+        cached = self._active_keys.get(hashed)
+        if cached is not None and cached[1] > time.monotonic() and not include_revoked:
+            return cached[0]
+        async with self._session() as session:
+            row = await session.scalar(select(KeyRow).where(KeyRow.digest == hashed))
+        if row is None or (row.revoked_at is not None and not include_revoked):
+            self._active_keys.pop(hashed, None)
+            return None
+        key = _key(row)
+        if key.active:
+            if len(self._active_keys) >= KEY_CACHE_SIZE:
+                self._active_keys.clear()
+            self._active_keys[hashed] = (key, time.monotonic() + KEY_CACHE_SECONDS)
+        return key
+
+    async def list_keys(self) -> list[ApiKey]:
+        async with self._session() as session:
+            rows = await session.scalars(select(KeyRow).order_by(KeyRow.created_at))
+            return [_key(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke a key by id or name; its sandboxes keep running until they end."""
+        async with self._session.begin() as session:
+            rows = list(
+                await session.scalars(
+                    select(KeyRow).where((KeyRow.id == key_id) | (KeyRow.name == key_id))
+                )
+            )
+            if len(rows) != 1:
+                raise NotFound(
+                    f"no key {key_id!r}"
+                    if not rows
+                    else f"several keys are named {key_id!r}; revoke by id (corral keys list)",
+                    code="key_not_found",
+                )
+            if rows[0].revoked_at is None:
+                rows[0].revoked_at = time.time()
+            key = _key(rows[0])
+        self._active_keys.clear()  # after the commit, so no request re-caches the key
+        return key
+
+    async def has_keys(self) -> bool:
+        async with self._session() as session:
+            return await session.scalar(select(KeyRow.id).limit(1)) is not None
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def add_image(self, owner: str, image_id: str, name: str | None) -> ImageEntry:
+        """Record that `owner` built `image_id`; a `name` moves to it from any other image."""
+        async with self._session.begin() as session:
+            if name is not None:
+                await session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.owner == owner, ImageRow.name == name, ImageRow.id != image_id)
+                    .values(name=None)
+                )
+            # An upsert: concurrent builds of one recipe by one key record it once.
+            insert = sqlite_insert(ImageRow).values(
+                owner=owner, id=image_id, name=name, created_at=time.time()
+            )
+            await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["owner", "id"],
+                    set_={"name": func.coalesce(insert.excluded.name, ImageRow.name)},
+                )
+            )
+            row = await session.get_one(ImageRow, (owner, image_id))
+            return ImageEntry(row.id, row.name, row.created_at)
+
+    async def find_image(self, owner: str, ref: str) -> ImageEntry | None:
+        """`owner`'s image whose id or name is `ref`."""
+        async with self._session() as session:
+            row = await session.scalar(
+                select(ImageRow).where(
+                    ImageRow.owner == owner, (ImageRow.id == ref) | (ImageRow.name == ref)
+                )
+            )
+        return ImageEntry(row.id, row.name, row.created_at) if row is not None else None
+
+    async def list_images(self, owner: str) -> list[ImageEntry]:
+        async with self._session() as session:
+            rows = await session.scalars(
+                select(ImageRow).where(ImageRow.owner == owner).order_by(ImageRow.created_at)
+            )
+            return [ImageEntry(r.id, r.name, r.created_at) for r in rows]
+
+    async def remove_image(self, owner: str, ref: str) -> ImageEntry:
+        async with self._session.begin() as session:
+            row = await session.scalar(
+                select(ImageRow).where(
+                    ImageRow.owner == owner, (ImageRow.id == ref) | (ImageRow.name == ref)
+                )
+            )
+            if row is None:
+                raise ImageNotFound(f"you have no image {ref!r} (corral image list shows yours)")
+            entry = ImageEntry(row.id, row.name, row.created_at)
+            await session.delete(row)
+        return entry
+
+    async def image_ids(self) -> set[str]:
+        """Every image some key still has: what pruning keeps."""
+        async with self._session() as session:
+            return set(await session.scalars(select(ImageRow.id)))
+
+    # -- volumes ----------------------------------------------------------------------------
+
+    async def add_volume(self, owner: str, entry: VolumeEntry) -> None:
+        """Record `owner`'s new volume; `Conflict` (volume_exists) if the name is taken."""
+        try:
+            async with self._session.begin() as session:
+                session.add(VolumeRow(owner=owner, **entry.__dict__))
+        except IntegrityError as exc:
+            raise Conflict(
+                f"you already have a volume named {entry.name!r}", code="volume_exists"
+            ) from exc
+
+    async def find_volume(self, owner: str, ref: str) -> VolumeEntry | None:
+        """`owner`'s volume whose id or name is `ref` (another key's is None, like no volume)."""
+        async with self._session() as session:
+            row = await session.scalar(
+                select(VolumeRow).where(
+                    VolumeRow.owner == owner, (VolumeRow.id == ref) | (VolumeRow.name == ref)
+                )
+            )
+        return _volume(row) if row is not None else None
+
+    async def list_volumes(self, owner: str) -> list[VolumeEntry]:
+        async with self._session() as session:
+            rows = await session.scalars(
+                select(VolumeRow).where(VolumeRow.owner == owner).order_by(VolumeRow.created_at)
+            )
+            return [_volume(row) for row in rows]
+
+    async def remove_volume(self, owner: str, volume_id: str) -> None:
+        async with self._session.begin() as session:
+            await session.execute(
+                delete(VolumeRow).where(VolumeRow.owner == owner, VolumeRow.id == volume_id)
+            )
+
+    # -- sandboxes --------------------------------------------------------------------------
+
+    async def add_sandbox(self, owner: str, info: SandboxInfo) -> None:
+        async with self._session.begin() as session:
+            session.add(SandboxRow(id=info.id, owner=owner, **_columns(info)))
+
+    async def update_sandbox(self, info: SandboxInfo) -> None:
+        """Record the engine's newest view of a sandbox (a no-op for unknown ids)."""
+        async with self._session.begin() as session:
+            await session.execute(
+                update(SandboxRow).where(SandboxRow.id == info.id).values(**_columns(info))
+            )
+
+    async def owner(self, sandbox_id: str) -> str | None:
+        async with self._session() as session:
+            return await session.scalar(select(SandboxRow.owner).where(SandboxRow.id == sandbox_id))
+
+    async def get_sandbox(self, sandbox_id: str) -> tuple[str, SandboxInfo] | None:
+        async with self._session() as session:
+            row = await session.get(SandboxRow, sandbox_id)
+        return None if row is None else (row.owner, _info(row))
+
+    async def list_sandboxes(
+        self, *, owner: str | None = None, state: SandboxState | None = None
+    ) -> list[SandboxInfo]:
+        query = select(SandboxRow).order_by(SandboxRow.created_at)
+        if owner is not None:
+            query = query.where(SandboxRow.owner == owner)
+        if state is not None:
+            query = query.where(SandboxRow.state == state.value)
+        async with self._session() as session:
+            return [_info(row) for row in await session.scalars(query)]
+
+    async def live_sandboxes(self) -> list[SandboxInfo]:
+        """Sandboxes the catalogue believes are not terminated."""
+        query = select(SandboxRow).where(SandboxRow.state != SandboxState.TERMINATED.value)
+        async with self._session() as session:
+            return [_info(row) for row in await session.scalars(query)]
+
+    async def forget_ended(self, before: float) -> int:
+        """Drop ended sandboxes that ended before `before`; return how many."""
+        async with self._session.begin() as session:
+            result = await session.execute(
+                delete(SandboxRow).where(
+                    SandboxRow.state == SandboxState.TERMINATED.value, SandboxRow.ended_at < before
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,193 @@
+"""Tenancy, route by route: every route of the API, called with a second key on the first key's
+sandbox, image, volume, snapshot and process, answers "not found", and changes nothing.
+
+The walk goes over the app's own route table, so a new route fails this test until it is
+classified below: either it names a tenant's resource (and must 404 for anyone else), or it is
+node-wide, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.routing import BaseRoute
+from websockets.asyncio.client import connect
+
+import corral
+from corral import Image, Sandbox, Volume
+from corral.server.app import create_app
+from corral.server.config import ServerConfig
+from tests.conftest import require_runtime
+from tests.e2e.conftest import Server
+
+# Node-wide routes: they name no tenant's resource.
+NODE_WIDE = {
+    ("GET", "/healthz"): "liveness, no key",
+    **{
+        (method, path): "the schema"
+        for method in ("GET", "HEAD")
+        for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+    },
+    ("PUT", "/v1/blobs/{digest}"): "content-addressed uploads, named by what they hold",
+    ("HEAD", "/v1/blobs/{digest}"): "content-addressed uploads, named by what they hold",
+    ("POST", "/v1/images"): "builds an image of the caller's own",
+    ("GET", "/v1/images/usage"): "the node's disk use",
+    ("POST", "/v1/images/prune"): "an admin's: the node's storage",
+    ("POST", "/v1/volumes"): "makes a volume of the caller's own (names are per key)",
+    ("GET", "/v1/pools"): "the node's warm pools",
+    ("PUT", "/v1/pools/{name}"): "an admin's: the node's warm pools",
+    ("DELETE", "/v1/pools/{name}"): "an admin's: the node's warm pools",
+    ("GET", "/v1/keys"): "an admin's: the node's keys",
+    ("POST", "/v1/keys"): "an admin's: the node's keys",
+    ("DELETE", "/v1/keys/{key_id}"): "an admin's: the node's keys",
+}
+# Lists and the event stream: the other key sees nothing of the owner's.
+LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots"}
+# What each resource route needs besides its path to get past validation to the tenant check.
+BODIES: dict[str, Any] = {
+    "/timeout": {"timeout": 60},
+    "/snapshot": {},
+    "/fork": {"count": 1},
+    "/exec": {"cmd": "true"},
+    "/signal": {},
+    "/filesystem-snapshot": {},
+    "/files/mkdir": {"path": "/root/new"},
+    "/files/rename": {"src": "/root/a", "dst": "/root/b"},
+    "/files/chmod": {"path": "/root/a", "mode": 0o600},
+}
+
+
+def _routes(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        nested = getattr(route, "original_router", None)
+        yield from _routes(nested.routes) if nested is not None else [route]
+
+
+def every_route(tmp_path: Path) -> list[tuple[str, str]]:
+    app = create_app(ServerConfig(data_dir=tmp_path))
+    found = []
+    for route in _routes(list(app.routes)):
+        if isinstance(route, APIRoute):
+            found += [(method, route.path) for method in sorted(route.methods)]
+        elif isinstance(route, APIWebSocketRoute):
+            found.append(("WEBSOCKET", route.path))
+        else:
+            found += [(m, route.path) for m in sorted(getattr(route, "methods", None) or ())]
+    return found
+
+
+@pytest.fixture(scope="module")
+def owned(server: Server) -> Iterator[dict[str, str]]:
+    """One of everything, owned by a fresh key: sandbox, process, volume, image, snapshot."""
+    owner = server.client(server.new_key("owner"))
+    made: dict[str, str] = {"key": owner._async.api_key or ""}
+    sandbox = Sandbox.create(runtime="namespaces", pool=False, client=owner)
+    sandbox.files.write("/root/a", "mine")
+    made["sandbox"] = sandbox.id
+    made["process"] = str(sandbox.exec("sleep", "600").id)
+    made["volume"] = Volume.create("owned-volume", size_mb=16, client=owner).id
+    made["image"] = Image.debian_slim().env({"OWNED": "1"}).build("owned-image", client=owner).id
+    require_runtime("gvisor")
+    sleeper = Sandbox.create(runtime="gvisor", pool=False, client=owner)
+    made["snapshot"] = sleeper.snapshot(name="owned-snapshot").id
+    sleeper.terminate()
+    yield made
+    sandbox.terminate()
+    owner.close()
+
+
+def test_every_route_hides_one_keys_resources_from_another(
+    server: Server, owned: dict[str, str], tmp_path: Path
+) -> None:
+    other = {"Authorization": f"Bearer {server.admin_key}"}  # an admin, but not the owner
+    unclassified, leaked = [], []
+    with httpx.Client(base_url=server.url, headers=other, timeout=60) as http:
+        for method, path in every_route(tmp_path):
+            if (method, path) in NODE_WIDE:
+                continue
+            if method == "WEBSOCKET":
+                code = asyncio.run(_websocket_close_code(server, path, owned, other))
+                if code != 4404:
+                    leaked.append(f"{path}: closed with {code}")
+                continue
+            if method == "GET" and path in LISTS:
+                answer = http.get(path)
+                mine = [owned[kind] for kind in ("sandbox", "volume", "image", "snapshot")]
+                if answer.status_code != 200 or any(v in answer.text for v in mine):
+                    leaked.append(f"GET {path} shows the owner's: {answer.text[:300]}")
+                continue
+            requests = _requests(method, path, owned)
+            if not requests:
+                unclassified.append(f"{method} {path}")
+            for url, params, body in requests:
+                answer = http.request(method, url, params=params, **body)
+                if answer.status_code != 404:
+                    leaked.append(f"{method} {url}: {answer.status_code} {answer.text[:200]}")
+    assert not unclassified, f"classify these routes in test_tenancy.py: {unclassified}"
+    assert not leaked, "\n".join(leaked)
+    # And nothing of the owner's moved.
+    with server.client(owned["key"]) as owner:
+        sandbox = Sandbox.connect(owned["sandbox"], client=owner)
+        assert sandbox.info().state is corral.SandboxState.RUNNING
+        assert sandbox.files.read_text("/root/a") == "mine"
+        assert any(p.id == int(owned["process"]) and p.running for p in sandbox.processes())
+        assert owner.get_snapshot("owned-snapshot").id == owned["snapshot"]
+        assert owner.get_image("owned-image").id == owned["image"]
+        assert Volume.from_name("owned-volume", client=owner).name == "owned-volume"
+
+
+def _requests(
+    method: str, path: str, owned: dict[str, str]
+) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """The calls that try `path` on the owner's resources: (url, query, body)."""
+    if path == "/v1/sandboxes" and method == "POST":  # a new sandbox made of the owner's things
+        return [
+            (path, {}, {"json": {"image": "owned-image"}}),
+            (path, {}, {"json": {"image": owned["image"]}}),
+            (path, {}, {"json": {"snapshot": "owned-snapshot"}}),
+            (path, {}, {"json": {"volumes": [{"path": "/d", "volume": "owned-volume"}]}}),
+        ]
+    if path == "/v1/events":
+        return [(path, {"sandbox_id": owned["sandbox"]}, {})]
+    names = {
+        "sandbox_id": owned["sandbox"],
+        "process_id": owned["process"],
+        "ref": owned[_kind_of(path)] if "{ref}" in path else "",
+    }
+    url = re.sub(r"\{(\w+)\}", lambda m: names.get(m.group(1), "?"), path)
+    if "?" in url or url == path:
+        return []
+    body: dict[str, Any] = {}
+    for suffix, json_body in BODIES.items():
+        if path.endswith(suffix):
+            body = {"json": json_body}
+    if method == "PUT":
+        body = {"content": b"overwritten"}
+    params = {"path": "/root/a"} if "/files" in path else {}
+    calls = [(url, params, body)]
+    if "{ref}" in path:  # by name as well as by id
+        calls.append((path.replace("{ref}", f"owned-{_kind_of(path)}"), params, body))
+    return calls
+
+
+def _kind_of(path: str) -> str:
+    return {"images": "image", "volumes": "volume", "snapshots": "snapshot"}[path.split("/")[2]]
+
+
+async def _websocket_close_code(
+    server: Server, path: str, owned: dict[str, str], headers: dict[str, str]
+) -> int | None:
+    url = f"ws://127.0.0.1:{server.port}" + path.replace("{sandbox_id}", owned["sandbox"])
+    async with connect(url, additional_headers=headers) as ws:
+        message = json.loads(await ws.recv())
+        assert message["type"] == "error" and message["status"] == 404, message
+        await ws.wait_closed()
+        return ws.close_code

@@ -1,0 +1,121 @@
+"""The sandbox state machine (`SandboxRecord.move`): legal and illegal moves, what callers see
+of the phases they never should, and what a restarted engine reads back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from corral.core.errors import InvalidState
+from corral.core.models import SandboxInfo
+from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason, SandboxState
+from corral.engine.record import Phase, SandboxRecord
+from corral.engine.registry import Registry
+from corral.runtimes.plan import PlanLimits, PlanNetwork, SandboxPlan
+
+
+def _record(tmp_path: Path, *, for_pool: bool = False) -> SandboxRecord:
+    plan = SandboxPlan(
+        sandbox_id="sb-0000000000000000",
+        runtime="namespaces",
+        directory=str(tmp_path / "sb-0000000000000000"),
+        layers=(),
+        binds=(),
+        env={},
+        workdir="/root",
+        limits=PlanLimits(cpu=1, memory_bytes=1, disk_bytes=1, max_processes=8, tmp_bytes=1),
+        network=PlanNetwork("none"),
+        uid_slot=0,
+        agent_dir="/agent",
+    )
+    Path(plan.directory).mkdir()
+    return SandboxRecord(SandboxSpec(timeout=60), plan, for_pool=for_pool)
+
+
+def test_public_states_and_history(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    record.start_lifetime(record.spec)
+    record.move(Phase.PAUSED, "idle")
+    assert record.expires_at is None and record.remaining is not None  # the lifetime stops
+    record.move(Phase.RUNNING)
+    record.move(Phase.HIBERNATING)
+    assert record.state is SandboxState.RUNNING  # a checkpoint in progress is not a state
+    record.move(Phase.HIBERNATED, "timeout")
+    record.move(Phase.RUNNING)
+    record.move(Phase.ENDING)
+    assert record.state is SandboxState.RUNNING and record.ending
+    record.end(EndReason.USER, "terminated by request")
+    states = [(change.state, change.reason) for change in record.history]
+    assert states == [
+        (SandboxState.CREATING, None),
+        (SandboxState.RUNNING, None),
+        (SandboxState.PAUSED, "idle"),
+        (SandboxState.RUNNING, None),
+        (SandboxState.HIBERNATED, "timeout"),
+        (SandboxState.RUNNING, None),
+        (SandboxState.TERMINATED, "terminated_by_user"),
+    ]
+    assert not record.alive and record.ended_at is not None
+
+
+@pytest.mark.parametrize(
+    ("path", "illegal"),
+    [
+        ((), Phase.PAUSED),  # creating: nothing runs yet
+        ((), Phase.POOLED),  # only a sandbox started for a pool joins one
+        ((Phase.RUNNING,), Phase.HIBERNATED),  # not without its checkpoint
+        ((Phase.RUNNING, Phase.ENDING), Phase.RUNNING),  # no way back from ending
+        ((Phase.TERMINATED,), Phase.RUNNING),
+    ],
+)
+def test_illegal_moves_name_both_phases(
+    tmp_path: Path, path: tuple[Phase, ...], illegal: Phase
+) -> None:
+    record = _record(tmp_path)
+    for phase in path:
+        record.move(phase)
+    with pytest.raises(InvalidState) as refused:
+        record.move(illegal)
+    assert str(record.phase) in refused.value.message and str(illegal) in refused.value.message
+
+
+def test_an_ending_sandbox_refuses_everything(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    record.start_lifetime(record.spec)
+    record.move(Phase.ENDING)
+    with pytest.raises(InvalidState) as refused:
+        record.require("pause", SandboxState.RUNNING)
+    assert refused.value.message == f"cannot pause sandbox {record.id}: it is ending"
+
+
+def test_a_pooled_sandbox_is_nobodys_until_claimed(tmp_path: Path) -> None:
+    heard: list[SandboxInfo] = []
+    registry = Registry(heard.append)
+    record = _record(tmp_path, for_pool=True)
+    registry.add(record)
+    record.move(Phase.POOLED)
+    assert registry.list() == [] and heard == []
+    saved = json.loads((record.plan.dir / "sandbox.json").read_text())
+    assert saved["pooled"] and SandboxRecord.from_saved(saved).phase is Phase.POOLED
+    claim = SandboxSpec(timeout=30, metadata={"who": "me"})
+    record.start_lifetime(claim)
+    assert [change.state for change in record.history] == [
+        SandboxState.CREATING,
+        SandboxState.RUNNING,
+    ]
+    assert record.spec is claim and record.expires_at is not None
+    assert [info.id for info in registry.list()] == [record.id]
+    assert [info.state for info in heard] == [SandboxState.RUNNING]
+
+
+def test_records_read_back_as_written(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    record.start_lifetime(record.spec)
+    record.move(Phase.PAUSED, "by hand")
+    saved = json.loads((record.plan.dir / "sandbox.json").read_text())
+    again = SandboxRecord.from_saved(saved)
+    assert again.info() == record.info()
+    assert again.phase is Phase.PAUSED
