@@ -20,20 +20,27 @@ from corral.engine import Engine
 
 DATA_DIR = Path(os.environ.get("CORRAL_TEST_DATA_DIR", "/var/tmp/corral-test"))
 RUNTIME_NAMES = ("namespaces", "gvisor")
+# Runtimes this machine must run (CI sets both): one that cannot run fails its tests, rather
+# than skipping them and leaving a green run that proved nothing about it.
+REQUIRED = {name for name in os.environ.get("CORRAL_REQUIRE_RUNTIMES", "").split(",") if name}
 
 
 def pytest_report_header() -> list[str]:
     lines = []
     for name in RUNTIME_NAMES:
         reason = runtimes.unavailable_reason(name)
-        lines.append(f"runtime {name}: {'available' if reason is None else 'SKIPPED: ' + reason}")
+        missing = "FAILS (required): " if name in REQUIRED else "SKIPPED: "
+        lines.append(f"runtime {name}: {'available' if reason is None else missing + reason}")
     return lines
 
 
 def require_runtime(name: str) -> None:
     reason = runtimes.unavailable_reason(name)
-    if reason is not None:
-        pytest.skip(f"runtime {name} unavailable: {reason}")
+    if reason is None:
+        return
+    if name in REQUIRED:
+        pytest.fail(f"runtime {name} is required here (CORRAL_REQUIRE_RUNTIMES) but: {reason}")
+    pytest.skip(f"runtime {name} unavailable: {reason}")
 
 
 @pytest.fixture(params=RUNTIME_NAMES)

@@ -44,6 +44,7 @@ class Server:
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
+        images.mkdir(parents=True, exist_ok=True)  # on a fresh machine no engine made it yet
         link = data_dir / "images"
         if not link.exists():
             link.symlink_to(images)

@@ -23,6 +23,7 @@ import pytest
 import corral
 from corral import BuildEvent, Image, ImageBuildFailed, Sandbox
 from corral.images.layers import LayerStore, chain_key, image_id
+from corral.images.store import ImageStore
 from tests.conftest import require_runtime
 from tests.e2e.conftest import Server, free_port
 from tests.integration.test_oci import Registry, push_image, start_registry, stop
@@ -264,7 +265,8 @@ def debian_tar(data_dir: Path) -> Path:
     """The debian test image as one uncompressed layer tar (made once, kept with the images)."""
     path = data_dir / "debian-rootfs.tar"
     if not path.exists():
-        rootfs = data_dir / "images" / "debian" / "rootfs"
+        # Built here if no test built it before (a fresh machine, this file run alone).
+        rootfs = ImageStore(data_dir / "images").resolve("debian").layers[0]
         partial = path.with_suffix(".partial")
         subprocess.run(
             ["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."], check=True

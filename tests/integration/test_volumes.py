@@ -121,3 +121,22 @@ async def test_a_create_with_volumes_never_takes_a_pooled_sandbox(engine: Engine
         await engine.terminate(info.id)
         engine.remove_pool("warm")
         await engine.delete_volume(volume.id)
+
+
+async def test_shared_image_layers_get_no_mount_points(engine: Engine, runtime: str) -> None:
+    """The mount points of a sandbox's binds (its volumes here) are the sandbox's own: the
+    image's layers, shared by every sandbox, are read-only to everything a runtime runs, and
+    never gain them (under gVisor the Gofer once made them inside the shared base layer)."""
+    volume = await engine.create_volume(16)
+    point = "/corral-mount-point-test"
+    layer = Path(engine.images.resolve("debian").layers[0])
+    spec = SandboxSpec(runtime=runtime, volumes=(VolumeMount(point, volume.id),))
+    info = await engine.create(spec)
+    try:
+        assert (await engine.run(info.id, f"echo in > {point}/f && cat {point}/f")).ok
+        assert (await engine.run(info.id, "test -d /run/corral/agent")).ok
+        assert not (layer / point.lstrip("/")).exists()
+    finally:
+        await engine.terminate(info.id)
+        await engine.delete_volume(volume.id)
+    assert not (layer / point.lstrip("/")).exists()

@@ -51,6 +51,14 @@ def prepare_data_dir(data_dir: Path) -> None:
     """Make the directory's skeleton with the permissions sandboxes need, and install the
     guest agent's current code."""
     for directory in (data_dir, data_dir / "sandboxes", data_dir / "agent", data_dir / "images"):
+        # A dangling link (to a directory that another setup removed) is a clear error, not
+        # a FileExistsError from deep inside.
+        if directory.is_symlink() and not directory.exists():
+            raise SandboxFailed(
+                f"{directory} is a link to {os.readlink(directory)}, which does not exist; "
+                "create that directory or remove the link",
+                code="bad_data_dir",
+            )
         directory.mkdir(parents=True, exist_ok=True)
         # Sandboxes run as unprivileged host uids that must reach their own directory,
         # the agent's code and the images: traverse, but never list or write.

@@ -40,6 +40,8 @@ AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_NOSUID = 0x00000002
+MOUNT_ATTR_NODEV = 0x00000004
 MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
@@ -127,7 +129,10 @@ def idmapped_bind(source: Path, target: Path, userns_fd: int, *, readonly: bool 
         f"open_tree {source}",
     )
     try:
-        flags = MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if readonly else 0)
+        # Never set-user-id programs or device nodes through it: whatever the files say, they
+        # mean nothing on the host side of a sandbox.
+        flags = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        flags |= MOUNT_ATTR_RDONLY if readonly else 0
         attr = _MountAttr(flags, 0, 0, userns_fd)
         _check(
             _libc.syscall(

@@ -200,7 +200,9 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     for index, layer in enumerate(plan.layers):
         lower = plan.dir / "lower" / str(index)
         lower.mkdir(parents=True, exist_ok=True)
-        mounts.idmapped_bind(Path(layer), lower, userns_fd)
+        # Read-only at the mount: whatever process of the sandbox's runtime sees a layer, it
+        # is shared by every sandbox of the image and must never change.
+        mounts.idmapped_bind(Path(layer), lower, userns_fd, readonly=True)
         lowers.append(lower)
     for volume, bind in zip(plan.volumes, plan.volume_binds, strict=True):
         source = Path(volume.source)

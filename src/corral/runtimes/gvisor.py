@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from corral.core.errors import SandboxFailed
@@ -125,19 +126,21 @@ class GVisorRuntime(Runtime):
         uid = userns.host_uid(plan.uid_slot)
         plan.disk_dir.chmod(0o700)
         os.chown(plan.disk_dir, uid, uid)
+        # gVisor takes one root directory: the image's layers stacked on the host, read-only,
+        # under a layer with the mount points of the sandbox's binds.
+        plan.rootfs.mkdir(exist_ok=True)
+        try:
+            points = _mount_points(plan, lowers, uid)
+            mounts.mount(
+                "overlay",
+                plan.rootfs,
+                "overlay",
+                mounts.MS_RDONLY | mounts.MS_NODEV | mounts.MS_NOSUID,
+                "lowerdir=" + ":".join(str(lower) for lower in (points, *lowers)),
+            )
+        finally:
+            mounts.unmount_all(lowers)
         root = self.image_root(plan)
-        if len(lowers) > 1:  # gVisor takes one root directory: stack the layers on the host
-            plan.rootfs.mkdir(exist_ok=True)
-            try:
-                mounts.mount(
-                    "overlay",
-                    plan.rootfs,
-                    "overlay",
-                    mounts.MS_RDONLY | mounts.MS_NODEV | mounts.MS_NOSUID,
-                    "lowerdir=" + ":".join(str(lower) for lower in lowers),
-                )
-            finally:
-                mounts.unmount_all(lowers)
         bundle = plan.dir / "bundle"
         bundle.mkdir(mode=0o700, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(self.oci_spec(plan, root), indent=1))
@@ -187,8 +190,7 @@ class GVisorRuntime(Runtime):
         return None
 
     def image_root(self, plan: SandboxPlan) -> Path:
-        # What `build` hands runsc as the root: the one staged layer, or their stack.
-        return plan.rootfs if len(plan.layers) > 1 else plan.dir / "lower" / "0"
+        return plan.rootfs  # what `build` hands runsc as the root
 
     def checkpoint(
         self, plan: SandboxPlan, image_dir: Path, *, leave_running: bool = False
@@ -337,3 +339,48 @@ def _oci_mount(operation: MountOp) -> dict[str, Any]:
         "source": "sysfs",
         "options": ["nosuid", "noexec", "nodev", "ro"],
     }
+
+
+def _mount_points(plan: SandboxPlan, lowers: list[Path], uid: int) -> Path:
+    """A layer holding a mount point for each of the sandbox's binds, to lie on top of its
+    image, with the metadata the image gives those paths (else the sandbox root's, 0755).
+
+    runsc's Gofer makes the mount points of bind mounts in the root it is handed, which is the
+    image, read-only and shared with other sandboxes. Made here, per sandbox, they need neither
+    a writable image (a Gofer that can write into a layer every sandbox stacks) nor an image
+    that happens to have them.
+    """
+    top = plan.dir / "mountpoints"
+    top.mkdir(mode=0o755, exist_ok=True)
+    _like(top, lowers, (), uid)  # the merged root takes its owner and mode from here
+    for operation in plan.mounts():
+        if not isinstance(operation, Bind):
+            continue
+        parts = PurePosixPath(operation.target).relative_to("/").parts
+        path = top
+        for depth, part in enumerate(parts):
+            path = path / part
+            if path.exists():
+                continue
+            if depth == len(parts) - 1 and not Path(operation.source).is_dir():
+                path.touch(mode=0o644)
+            else:
+                path.mkdir(mode=0o755)
+            _like(path, lowers, parts[: depth + 1], uid)
+    return top
+
+
+def _like(path: Path, lowers: list[Path], parts: tuple[str, ...], uid: int) -> None:
+    """Give `path` the owner and mode of the image's own entry at `parts` (the topmost layer
+    that has one), else the sandbox root's and what it was made with."""
+    for lower in lowers:
+        try:
+            found = os.lstat(lower.joinpath(*parts))
+        except OSError:
+            continue
+        if stat.S_ISDIR(found.st_mode) == path.is_dir() and not stat.S_ISLNK(found.st_mode):
+            os.chown(path, found.st_uid, found.st_gid)
+            path.chmod(stat.S_IMODE(found.st_mode))
+            return
+        break  # something else is there (a symlink, a file): ours lies on top of it
+    os.chown(path, uid, uid)
