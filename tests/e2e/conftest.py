@@ -51,7 +51,10 @@ class Server:
         self.log = data_dir / "server.log"
 
     def start(self) -> None:
+        # `localhost` registries (the tests start their own) may be pulled from; 127.0.0.1 ones
+        # may not, as on any server (test_images.py checks both).
         env = {**os.environ, "CORRAL_API_KEY": self.admin_key}
+        env["CORRAL_ALLOWED_REGISTRIES"] = "localhost"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [

@@ -343,7 +343,8 @@ def test_a_registry_image(client: corral.Client, debian_tar: Path, tmp_path: Pat
             base = gzip.compress(debian_tar.read_bytes(), compresslevel=1, mtime=0)
             top = gzip.compress(small_layer(TOP_LAYER), mtime=0)
             push_image(registry, "corral/debian", "test", [base, top], ENV)
-        image = Image.from_registry(f"{host}/corral/debian:test").run_commands(
+        allowed = host.replace("127.0.0.1", "localhost")  # allowed by name (see conftest)
+        image = Image.from_registry(f"{allowed}/corral/debian:test").run_commands(
             "cp /srv/hello.txt /srv/copied"
         )
         for runtime in ("namespaces", "gvisor"):
@@ -351,7 +352,7 @@ def test_a_registry_image(client: corral.Client, debian_tar: Path, tmp_path: Pat
             with Sandbox.create(image=image, runtime=runtime, client=client) as sandbox:
                 assert sandbox.run(CHECK).stdout.splitlines() == EXPECTED
         with pytest.raises(ImageBuildFailed) as unknown:
-            Image.from_registry(f"{host}/corral/debian:no-such-tag").build(client=client)
+            Image.from_registry(f"{allowed}/corral/debian:no-such-tag").build(client=client)
         assert (unknown.value.code, unknown.value.step) == ("image_not_found", 0)
     finally:
         stop(process)
@@ -362,12 +363,14 @@ def test_broken_bases_fail_clearly_and_leave_nothing(
 ) -> None:
     garbage = tmp_path / "not-an-image.tar"
     garbage.write_bytes(b"this is not a tar archive" * 100)
-    down = f"127.0.0.1:{free_port()}/corral/debian:test"
+    down = f"localhost:{free_port()}/corral/debian:test"  # allowed, but nothing listens
+    private = f"127.0.0.1:{free_port()}/corral/debian:test"  # never allowed to be tried
     store = built(server)
     layers_before = set(store.layers_dir.iterdir())
     for image, code in (
         (Image.from_oci_archive(garbage), "invalid_oci_archive"),
         (Image.from_registry(down), "registry_unreachable"),
+        (Image.from_registry(private), "registry_not_allowed"),
     ):
         with pytest.raises(ImageBuildFailed) as failed:
             image.build(client=client)

@@ -29,6 +29,7 @@ import pytest
 
 from corral.core.errors import ImageNotFound, InvalidRequest, ServiceUnavailable
 from corral.images.oci import machine_platform, pull, unpack_layer
+from corral.images.oci.egress import Egress
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -59,6 +60,10 @@ def layer(files: dict[str, bytes]) -> bytes:
 
 
 # -- registries ------------------------------------------------------------------------------------
+
+# The tests' registries and token servers listen on loopback, which pulls may reach only when
+# the operator allows it by name (tests/isolation/test_egress.py checks the refusals).
+LOCAL = Egress.of(["127.0.0.1"])
 
 
 @dataclass
@@ -216,7 +221,9 @@ def test_pull_index_by_tag_picks_this_platform(
     registry: Registry, multiplatform: Pushed, tmp_path: Path
 ) -> None:
     lines: list[str] = []
-    image = pull(f"{registry.host}/tools/python:3.12", tmp_path, progress=lines.append)
+    image = pull(
+        f"{registry.host}/tools/python:3.12", tmp_path, egress=LOCAL, progress=lines.append
+    )
     assert [path.read_bytes() for path in image.layers] == multiplatform.layers
     assert image.digests == tuple(sha(blob) for blob in multiplatform.layers)
     assert image.config.env == {"PLATFORM": "ours", "PATH": "/bin"}
@@ -239,13 +246,13 @@ def test_pull_by_digest_of_index_and_of_manifest(
     ):
         workdir = tmp_path / str(number)
         workdir.mkdir()
-        image = pull(f"{registry.host}/tools/python@{digest}", workdir)
+        image = pull(f"{registry.host}/tools/python@{digest}", workdir, egress=LOCAL)
         assert image.digests == tuple(sha(blob) for blob in multiplatform.layers)
         assert image.config.env["PLATFORM"] == "ours"
 
 
 def test_pull_docker_v2_manifest(registry: Registry, multiplatform: Pushed, tmp_path: Path) -> None:
-    image = pull(f"{registry.host}/tools/python:other", tmp_path)
+    image = pull(f"{registry.host}/tools/python:other", tmp_path, egress=LOCAL)
     assert image.config.env == {"PLATFORM": "other"}
     assert [path.read_bytes() for path in image.layers] == [layer({"bin/app": b"s390x"})]
 
@@ -254,7 +261,7 @@ def test_pulled_layers_unpack(registry: Registry, multiplatform: Pushed, tmp_pat
     if os.geteuid() != 0:
         pytest.skip("unpacking layers chowns files: root only")
     (workdir := tmp_path / "blobs").mkdir()
-    image = pull(f"{registry.host}/tools/python:3.12", workdir)
+    image = pull(f"{registry.host}/tools/python:3.12", workdir, egress=LOCAL)
     unpack_layer(image.layers[0], tmp_path / "layer-0")
     assert (tmp_path / "layer-0/bin/app").read_bytes() == b"#!/bin/sh\necho ours\n"
 
@@ -267,7 +274,7 @@ def test_unknown_image_is_not_found(
 ) -> None:
     reference = f"{registry.host}/{name}"
     with pytest.raises(ImageNotFound) as caught:
-        pull(reference, tmp_path)
+        pull(reference, tmp_path, egress=LOCAL)
     assert reference in caught.value.message and caught.value.code == "image_not_found"
     assert os.listdir(tmp_path) == []
 
@@ -275,7 +282,7 @@ def test_unknown_image_is_not_found(
 def test_down_registry_fails_fast(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as caught:
-        pull(f"127.0.0.1:{free_port()}/tools/python:3.12", tmp_path)
+        pull(f"127.0.0.1:{free_port()}/tools/python:3.12", tmp_path, egress=LOCAL)
     assert caught.value.code == "registry_unreachable"
     assert time.monotonic() - started < 10
     assert os.listdir(tmp_path) == []
@@ -292,7 +299,7 @@ def test_corrupt_blob_in_registry_is_refused(registry: Registry, tmp_path: Path)
     data[-20] ^= 0xFF  # same size, different content: the registry serves it as it is
     stored.write_bytes(bytes(data))
     with pytest.raises(InvalidRequest) as caught:
-        pull(f"{registry.host}/tools/corrupt:1", tmp_path)
+        pull(f"{registry.host}/tools/corrupt:1", tmp_path, egress=LOCAL)
     assert caught.value.code == "invalid_oci_image" and hex_digest in caught.value.message
     assert os.listdir(tmp_path) == []  # the first, good layer is removed too
 
@@ -389,7 +396,7 @@ def test_pull_with_anonymous_bearer_token(
     assert httpx.get(f"http://{registry.host}/v2/private/app/tags/list").status_code == 401
     pushed = push_image(registry, "private/app", "1", [layer({"x": b"behind a token"})], ["A=1"])
     issuer.requests.clear()
-    image = pull(f"{registry.host}/private/app:1", tmp_path)
+    image = pull(f"{registry.host}/private/app:1", tmp_path, egress=LOCAL)
     assert [path.read_bytes() for path in image.layers] == pushed.layers
     assert issuer.requests == [
         {"service": ["corral-test-registry"], "scope": ["repository:private/app:pull"]}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,17 +20,17 @@ import pytest
 import corral.agent.guest as guest_module
 from corral.agent import protocol as P
 from corral.core.errors import AgentUnavailable, FileNotFound, InvalidRequest
-from corral.engine.agentlink import AgentLink
+from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink
 from corral.engine.files import SandboxFiles
+from corral.engine.record import new_secret
 
 
 @pytest.fixture
 async def link(tmp_path: Path) -> AsyncIterator[AgentLink]:
-    link = AgentLink(tmp_path / "agent.sock", "sb-test")
+    link = AgentLink(tmp_path, "sb-test", new_secret())
+    link.write_key(os.getuid())
     await link.listen()
-    agent = subprocess.Popen(
-        [sys.executable, "-I", "-S", guest_module.__file__, str(tmp_path / "agent.sock")]
-    )
+    agent = subprocess.Popen([sys.executable, "-I", "-S", guest_module.__file__, str(tmp_path)])
     try:
         await link.wait_connected(10)
         yield link
@@ -91,11 +93,15 @@ async def test_agent_redials_after_the_host_restarts(link: AgentLink) -> None:
 
 
 async def test_a_peer_ignoring_flow_control_is_cut_off(tmp_path: Path) -> None:
-    """Untrusted code in the sandbox can reach the socket; it cannot make the host buffer."""
-    link = AgentLink(tmp_path / "agent.sock", "sb-test")
+    """Even a peer that holds the secret (an agent gone wrong) cannot make the host buffer."""
+    secret = new_secret()
+    link = AgentLink(tmp_path, "sb-test", secret)
     await link.listen()
-    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "agent.sock"))
-    writer.write(P.encode_json(0, P.HELLO, {"version": P.VERSION, "pid": 1}))
+    reader, writer = await asyncio.open_unix_connection(str(link.socket_path))
+    length, _stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+    challenge = await reader.readexactly(length)
+    hello = {"version": P.VERSION, "pid": 1, "proof": P.proof(secret, challenge)}
+    writer.write(P.encode_json(0, P.HELLO, hello))
     await link.wait_connected(5)
     channel = await link.open(P.PROC_START, {"argv": ["true"]})
     header = await reader.readexactly(P.HEADER.size)
@@ -144,3 +150,89 @@ async def test_output_is_drained_while_no_host_listens(link: AgentLink, tmp_path
     (listed,) = await link.call(P.PROC_LIST, {})
     assert listed["running"]
     await link.call(P.PROC_SIGNAL, {"id": started["id"], "signal": "SIGKILL"})
+
+
+# -- only the agent speaks for the sandbox --------------------------------------------------------
+
+
+async def _impostor(link: AgentLink, hello: dict[str, object], *, answer: bool = True) -> bytes:
+    """Connect as someone who knows the socket's name but not the secret; what is left to read
+    once the host has judged the HELLO (b"" if it hung up)."""
+    reader, writer = await asyncio.open_unix_connection(str(link.socket_path))
+    try:
+        if not answer:  # speak first, as an old agent did
+            writer.write(P.encode_json(0, P.HELLO, hello))
+        length, _stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+        assert kind == P.CHALLENGE
+        await reader.readexactly(length)
+        if answer:
+            writer.write(P.encode_json(0, P.HELLO, hello))
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_the_key_is_read_once_and_the_socket_is_named_by_the_secret(
+    link: AgentLink, tmp_path: Path
+) -> None:
+    assert not (tmp_path / P.KEY_NAME).exists()  # gone once the agent proved it held it
+    assert link.secret is not None
+    assert link.socket_path.name == P.socket_name(link.secret) != P.LEGACY_SOCKET_NAME
+    assert [p.name for p in tmp_path.iterdir()] == [link.socket_path.name]
+
+
+async def test_a_peer_without_the_secret_is_refused_and_replaces_nothing(
+    link: AgentLink,
+) -> None:
+    hello = link.hello
+    for forged in (
+        {"version": P.VERSION, "pid": 1, "proof": "00" * 32},
+        {"version": P.VERSION, "pid": 1},
+        {"version": 1, "pid": 1},  # an old agent's HELLO, unasked for
+    ):
+        assert await _impostor(link, forged) == b"", forged
+    assert await _impostor(link, {"version": 1, "pid": 1}, answer=False) == b""
+    assert link.hello is hello  # the agent's connection is the one still in place
+    assert (await link.call(P.PING, {}))["pong"] is True
+
+
+async def test_connections_that_never_answer_cannot_keep_the_agent_out(link: AgentLink) -> None:
+    idle = [
+        await asyncio.open_unix_connection(str(link.socket_path)) for _ in range(MAX_HANDSHAKES * 3)
+    ]
+    try:
+        await asyncio.sleep(0.2)  # all accepted: asyncio leaks one still being set up on close
+        await link.quiesce()  # the agent hangs up and re-dials, into a crowd of silent peers
+        await link.listen()
+        await link.wait_connected(10)
+        assert (await link.call(P.PING, {}))["pong"] is True
+    finally:
+        for _reader, writer in idle:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await asyncio.sleep(0.2)  # the host sees them go
+
+
+async def test_an_agent_from_before_version_2_is_still_adopted(tmp_path: Path) -> None:
+    """A sandbox started by an older Corral, adopted after an upgrade: its agent (old code, in
+    memory) dials the old socket and says HELLO unasked, without a proof."""
+    legacy = AgentLink(tmp_path, "sb-old", None)
+    await legacy.listen()
+    assert legacy.socket_path.name == P.LEGACY_SOCKET_NAME
+    reader, writer = await asyncio.open_unix_connection(str(legacy.socket_path))
+    try:
+        writer.write(P.encode_json(0, P.HELLO, {"version": 1, "pid": 7}))
+        await legacy.wait_connected(10)
+        assert legacy.hello == {"version": 1, "pid": 7}
+        ping = asyncio.ensure_future(legacy.call(P.PING, {}))
+        length, stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+        assert kind == P.CALL
+        assert json.loads(await reader.readexactly(length))["method"] == P.PING
+        writer.write(P.encode_json(stream, P.REPLY, {"result": {"pong": True}}))
+        assert (await ping)["pong"] is True
+    finally:
+        writer.close()
+        await legacy.close()

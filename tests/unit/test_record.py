@@ -12,7 +12,7 @@ from corral.core.errors import InvalidState
 from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
-from corral.engine.record import Phase, SandboxRecord
+from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
 from corral.runtimes.plan import PlanLimits, PlanNetwork, SandboxPlan
 
@@ -32,7 +32,7 @@ def _record(tmp_path: Path, *, for_pool: bool = False) -> SandboxRecord:
         agent_dir="/agent",
     )
     Path(plan.directory).mkdir()
-    return SandboxRecord(SandboxSpec(timeout=60), plan, for_pool=for_pool)
+    return SandboxRecord(SandboxSpec(timeout=60), plan, for_pool=for_pool, secret=new_secret())
 
 
 def test_public_states_and_history(tmp_path: Path) -> None:

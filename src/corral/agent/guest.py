@@ -1,6 +1,7 @@
 """The guest agent: the supervisor inside every sandbox that does what the host asks.
 
-It dials the host's Unix socket (bind-mounted at /run/corral/sock), says HELLO and serves CALLs:
+It dials the host's Unix socket (in /run/corral/sock), proves with its HELLO that it holds the
+sandbox's secret (see `protocol`) and serves CALLs:
 start processes and stream their output, write their stdin, signal them; read, write and manage
 files. It re-dials whenever the connection drops, so a restarted host (or a restored checkpoint)
 finds it again; running processes are unaffected by a lost connection.
@@ -9,7 +10,10 @@ Standard library only, and written for any Python ≥ 3.8, so it runs in any ima
 Every path it receives is resolved here, inside the sandbox's own root: `..` and symlinks are
 interpreted by the sandbox's filesystem and cannot name anything on the host.
 
-Usage: python3 -I -S guest.py SOCKET_PATH
+It runs as the sandbox's pid 1, non-dumpable: nothing in the sandbox, root included, can signal,
+stop, trace or read it, so nothing can take its secret or its place.
+
+Usage: python3 -I -S guest.py SOCKET_DIR
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ class Stream:
 
 
 class Agent:
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
+    def __init__(self, socket_dir: str, secret: bytes) -> None:
+        self.socket_path = os.path.join(socket_dir, P.socket_name(secret))
+        self.secret = secret
         self.loop = asyncio.get_event_loop()
         self.writer: Optional[asyncio.StreamWriter] = None
         self.write_lock = asyncio.Lock()
@@ -114,17 +119,7 @@ class Agent:
                 continue
             self.writer = writer
             try:
-                await self.send(
-                    P.encode_json(
-                        0,
-                        P.HELLO,
-                        {
-                            "version": P.VERSION,
-                            "pid": os.getpid(),
-                            "python": "%d.%d.%d" % sys.version_info[:3],
-                        },
-                    )
-                )
+                await self.hello(reader)
                 await self.serve(reader)
             except (OSError, EOFError, asyncio.IncompleteReadError, P.ProtocolError):
                 pass
@@ -141,6 +136,20 @@ class Agent:
                     stream.window_open.set()
                 self.streams = {}
             await asyncio.sleep(REDIAL_DELAY)
+
+    async def hello(self, reader: asyncio.StreamReader) -> None:
+        """Answer the host's CHALLENGE, proving this is the sandbox's agent."""
+        length, _stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+        if kind != P.CHALLENGE or length > 1024:
+            raise P.ProtocolError("the host did not open with a challenge")
+        challenge = await reader.readexactly(length)
+        message = {
+            "version": P.VERSION,
+            "pid": os.getpid(),
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "proof": P.proof(self.secret, challenge),
+        }
+        await self.send(P.encode_json(0, P.HELLO, message))
 
     async def send(self, frame: bytes) -> None:
         writer = self.writer
@@ -413,30 +422,70 @@ FILE_HANDLERS = {
 
 
 def harden() -> None:
-    """Keep sandboxed code from reading or writing the agent's memory through /proc."""
+    """Keep sandboxed code away from the agent: no core dumps, ptrace or /proc access to its
+    memory (it holds the sandbox's secret), no signal it has not asked for (as pid 1 it gets
+    only those)."""
     try:
-        import ctypes  # noqa: PLC0415 - optional: some minimal Pythons lack it
+        import ctypes  # noqa: PLC0415 - only here, to say clearly when it is missing
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
-    except (OSError, AttributeError, ImportError):
-        pass
-    # The host's stdio may be a pipe it stops reading; nothing here writes to it.
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 0
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    except (OSError, AttributeError, ImportError) as exc:
+        # Without it, any process of the sandbox's uid could read the secret from memory.
+        sys.stderr.write(
+            "corral agent: cannot protect itself (%s); the image's python3 needs ctypes\n" % (exc,)
+        )
+        sys.exit(3)
+    # As pid 1 under bubblewrap the kernel already drops every signal it does not handle; the
+    # Sentry does not, so a handler (a no-op: reset to the default in every program the agent
+    # starts) keeps `kill -TERM 1` and the like from ending it. SIGKILL and SIGSTOP cannot be
+    # handled: under gVisor the engine notices an agent that stops answering and ends the
+    # sandbox, saying why (never a silent hang, never a stand-in).
+    faults = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGSYS", "SIGTRAP"}
+    for sig in signal.valid_signals():
+        name = getattr(sig, "name", "")  # real-time signals have none
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) or name in faults:
+            continue
+        try:
+            signal.signal(sig, _ignore)
+        except (OSError, ValueError):  # reserved by the C library (some real-time signals)
+            pass
+
+
+def _ignore(_signum: int, _frame: Any) -> None:
+    pass
+
+
+def quiet() -> None:
+    """Leave the host's stdio: it may be a pipe the host stops reading."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
 
 
+def read_secret(socket_dir: str) -> bytes:
+    """The sandbox's secret, from the file the host deletes once the agent has proved it."""
+    with open(os.path.join(socket_dir, P.KEY_NAME), "rb") as handle:
+        return bytes.fromhex(handle.read().decode().strip())
+
+
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.stderr.write("usage: guest.py SOCKET_PATH\n")
+        sys.stderr.write("usage: guest.py SOCKET_DIR\n")
         sys.exit(2)
-    socket_path = sys.argv[1]
+    socket_dir = sys.argv[1]
     harden()
+    try:
+        secret = read_secret(socket_dir)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write("corral agent: cannot read the sandbox's key: %s\n" % (exc,))
+        sys.exit(3)
+    quiet()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(Agent(socket_path).run())
+    loop.run_until_complete(Agent(socket_dir, secret).run())
 
 
 if __name__ == "__main__":

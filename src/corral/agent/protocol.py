@@ -14,16 +14,28 @@ come before it. Data flows under per-stream credit, like HTTP/2: a sender may ha
 WINDOW_INITIAL unacknowledged bytes in flight on a stream (plus the one chunk that used its
 last credit) and the receiver returns credit with WINDOW frames as it consumes data. That keeps
 a 1 GiB file or a chatty process from filling memory on either side, and one slow stream from
-stalling the others. The host cuts off a guest that sends past its window, since untrusted code
-can reach the guest's socket too.
+stalling the others. The host cuts off a guest that sends past its window.
+
+Only the agent may speak for a sandbox, and any process in it could try: root in the sandbox
+included. The host and the agent share a per-sandbox secret, which the agent reads once, at its
+start, from a file the host deletes as soon as the agent has proved it holds it (no other
+process runs in the sandbox before that). The secret names the socket (its directory can be
+entered but not listed, so no other process can find it), and each connection opens with a
+CHALLENGE from the host that the agent answers in its HELLO with an HMAC of it: a connection
+that cannot answer is closed, and only one that can replaces the agent's current connection.
+The agent keeps the secret in memory only, as a non-dumpable pid 1 that nothing in the sandbox
+can stop, trace or read; a memory snapshot keeps it, so hibernated, restored and forked
+sandboxes' agents answer as before.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 
-VERSION = 1
+VERSION = 2
 
 HEADER = struct.Struct("!IIB")
 WINDOW = struct.Struct("!I")
@@ -42,8 +54,9 @@ FILE = 7  # either way: file content
 EOF = 8  # either way: payload is the data kind (STDIN or FILE) that has ended
 WINDOW_UPDATE = 9  # either way: the receiver consumed this many bytes of the stream's data
 CANCEL = 10  # host → guest: stop the stream now; the guest still sends its REPLY
-HELLO = 11  # guest → host, first frame on every connection: {"version", "pid", ...}
+HELLO = 11  # guest → host, the answer to CHALLENGE: {"version", "pid", "proof", ...}
 QUIESCE = 12  # host → guest: close the connection and re-dial later (before a checkpoint)
+CHALLENGE = 13  # host → guest, first frame on every connection: random bytes to prove against
 
 DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, FILE})
 
@@ -84,7 +97,19 @@ METHODS = frozenset(
 GUEST_DIR = "/run/corral"
 GUEST_AGENT_DIR = GUEST_DIR + "/agent"
 GUEST_SOCKET_DIR = GUEST_DIR + "/sock"
-SOCKET_NAME = "agent.sock"
+KEY_NAME = "agent.key"  # in the socket directory, until the agent has proved it read it
+LEGACY_SOCKET_NAME = "agent.sock"  # of agents before version 2, which sent HELLO unasked
+SECRET_BYTES = 32
+
+
+def socket_name(secret: bytes) -> str:
+    """The name of the agent's socket in its directory: unguessable without the secret."""
+    return hmac.new(secret, b"corral agent socket", hashlib.sha256).hexdigest()[:32] + ".sock"
+
+
+def proof(secret: bytes, challenge: bytes) -> str:
+    """What the agent answers a CHALLENGE with (hex)."""
+    return hmac.new(secret, b"corral agent hello" + challenge, hashlib.sha256).hexdigest()
 
 
 class ProtocolError(Exception):

@@ -29,6 +29,15 @@ PoolOption = Annotated[
     typer.Option(help="A warm pool, RUNTIME:IMAGE:SIZE (IMAGE 'default' is debian); repeatable."),
 ]
 
+RegistryOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar="CORRAL_ALLOWED_REGISTRIES",
+        help="A registry (host or host:port) image pulls may reach though it is not a public "
+        "address; repeatable. Without it, pulls reach public addresses only.",
+    ),
+]
+
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -60,6 +69,7 @@ def serve(
     max_sandboxes_per_key: int = typer.Option(100, help="Live sandboxes one API key may have."),
     max_sandboxes: int = typer.Option(2000, help="Live sandboxes on this node, all keys."),
     pool: PoolOption = None,
+    allow_registry: RegistryOption = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
@@ -76,6 +86,9 @@ def serve(
             max_sandboxes_per_key=max_sandboxes_per_key,
             max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()),
+            allowed_registries=tuple(
+                name for item in allow_registry or () for name in item.split(",") if name
+            ),
         )
         key_note = asyncio.run(_bootstrap_keys(config))
         os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner

@@ -1,16 +1,21 @@
 """The host's end of the agent protocol: one listening socket per sandbox, many streams on it.
 
-The host listens; the guest agent dials in (and re-dials after any drop) and introduces itself
-with HELLO. A `Channel` is one CALL and everything that flows on its stream until the REPLY.
-See `corral.agent.protocol` for the frame format and flow control.
+The host listens; the guest agent dials in (and re-dials after any drop), is challenged, and
+proves with its HELLO that it holds the sandbox's secret. Nothing else is ever read from a
+connection that has not proved it, and only a connection that has may replace the agent's
+current one. A `Channel` is one CALL and everything that flows on its stream until the REPLY.
+See `corral.agent.protocol` for the frame format, the secret and flow control.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import os
+import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,10 @@ from corral.core.errors import AgentUnavailable, CorralError, from_guest
 
 HELLO_TIMEOUT = 5.0
 MAX_UNREAD_MESSAGES = 64  # EVENTs a stream may have waiting (one or two in practice)
-MAX_HANDSHAKES = 4  # connections allowed to be waiting for their HELLO at once
+# Connections waiting for their HELLO at once. Past it the oldest is dropped, not the newest,
+# so connections that never answer cannot keep the agent out for long. (Only a process that
+# knows the socket's secret name can connect at all.)
+MAX_HANDSHAKES = 8
 
 
 class Channel:
@@ -156,6 +164,7 @@ class _Connection:
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self.closed = False
+        self.heard_at = time.monotonic()  # when the agent last sent anything
 
     async def send(self, frame: bytes) -> None:
         if self.closed:
@@ -184,6 +193,7 @@ class _Connection:
                     await self.reader.readexactly(P.HEADER.size)
                 )
                 payload = await self.reader.readexactly(length) if length else b""
+                self.heard_at = time.monotonic()
                 channel = self.channels.get(stream_id)
                 if channel is None:
                     continue
@@ -211,48 +221,78 @@ class _Connection:
 
 
 class AgentLink:
-    """The host's listening end for one sandbox's guest agent."""
+    """The host's listening end for one sandbox's guest agent.
 
-    def __init__(self, socket_path: Path, sandbox_id: str) -> None:
-        self.socket_path = socket_path
+    `secret` is the sandbox's (see `corral.agent.protocol`); None for the agent of a sandbox
+    made before agents proved themselves (version 1), which is only ever adopted, never made.
+    """
+
+    def __init__(self, socket_dir: Path, sandbox_id: str, secret: bytes | None) -> None:
+        self.socket_dir = socket_dir
         self.sandbox_id = sandbox_id
+        self.secret = secret
+        name = P.socket_name(secret) if secret is not None else P.LEGACY_SOCKET_NAME
+        self.socket_path = socket_dir / name
         self._server: asyncio.AbstractServer | None = None
         self._conn: _Connection | None = None
         self._changed = asyncio.Condition()
-        self._handshakes = 0
+        self._pending: list[asyncio.StreamWriter] = []
+        self._lost_at: float | None = time.monotonic()  # since when no agent is connected
+
+    def write_key(self, owner: int) -> None:
+        """Leave the secret where the agent, starting, reads it (owned by the sandbox's root,
+        `owner` on the host); deleted once the agent has proved it holds it."""
+        assert self.secret is not None
+        key = self.socket_dir / P.KEY_NAME
+        fd = os.open(
+            key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400
+        )
+        try:
+            os.fchown(fd, owner, owner)
+            os.write(fd, self.secret.hex().encode())
+        finally:
+            os.close(fd)
+
+    def forget_key(self) -> None:
+        """Delete the key file: the agent holds the secret (it proved it), or never will."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.socket_dir / P.KEY_NAME).unlink()
 
     async def listen(self) -> None:
         """Listen on the socket, replacing whatever a previous host left there."""
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
+        if not self.connected:
+            self._lost_at = time.monotonic()  # the agent's absence counts from now
         # The directory is root's and read-only inside the sandbox, so this cannot be raced.
         os.chmod(self.socket_path, 0o666)  # noqa: S103 - the sandbox must be able to connect
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._handshakes >= MAX_HANDSHAKES:  # someone inside is opening connections in bulk
-            writer.close()
-            return
-        self._handshakes += 1
+        self._pending.append(writer)
+        if len(self._pending) > MAX_HANDSHAKES:  # someone inside opens connections in bulk
+            self._pending.pop(0).close()
         try:
-            header = await asyncio.wait_for(reader.readexactly(P.HEADER.size), HELLO_TIMEOUT)
-            length, _stream, kind = P.decode_header(header)
-            if kind != P.HELLO or length > 4096:
-                raise P.ProtocolError(f"unexpected first frame (kind {kind})")
-            payload = await asyncio.wait_for(reader.readexactly(length), HELLO_TIMEOUT)
-            hello = P.decode_json(payload)
-            if hello.get("version") != P.VERSION:
-                raise P.ProtocolError(f"unsupported agent protocol version {hello.get('version')}")
-        except (TimeoutError, asyncio.IncompleteReadError, OSError, P.ProtocolError):
+            hello = await asyncio.wait_for(self._handshake(reader, writer), HELLO_TIMEOUT)
+        except BaseException as exc:  # cancelled too: the connection must not be left open
             writer.close()
-            return
+            if isinstance(exc, TimeoutError | asyncio.IncompleteReadError | OSError):
+                return
+            if isinstance(exc, P.ProtocolError):
+                return
+            raise
         finally:
-            self._handshakes -= 1
+            with contextlib.suppress(ValueError):
+                self._pending.remove(writer)
+        if writer.is_closing():  # dropped while it handshook
+            return
+        self.forget_key()
         conn = _Connection(reader, writer, hello)
         async with self._changed:
             if self._conn is not None:
                 self._conn.close(AgentUnavailable("the guest agent reconnected"))
             self._conn = conn
+            self._lost_at = None
             self._changed.notify_all()
         try:
             await conn.read_loop()
@@ -260,11 +300,48 @@ class AgentLink:
             async with self._changed:
                 if self._conn is conn:
                     self._conn = None
+                    self._lost_at = time.monotonic()
                 self._changed.notify_all()
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> dict[str, Any]:
+        """The HELLO of a connection that proves it is the agent; `ProtocolError` else."""
+        challenge = secrets.token_bytes(32)
+        if self.secret is not None:
+            writer.write(P.encode(0, P.CHALLENGE, challenge))
+            await writer.drain()
+        length, _stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+        if kind != P.HELLO or length > 4096:
+            raise P.ProtocolError(f"unexpected first frame (kind {kind})")
+        hello = P.decode_json(await reader.readexactly(length))
+        if self.secret is None:  # an agent from before version 2, adopted
+            if hello.get("version") != 1:
+                raise P.ProtocolError(f"unexpected agent protocol version {hello.get('version')}")
+            return hello
+        if hello.get("version") != P.VERSION:
+            raise P.ProtocolError(f"unsupported agent protocol version {hello.get('version')}")
+        answer = hello.get("proof")
+        expected = P.proof(self.secret, challenge)
+        if not isinstance(answer, str) or not hmac.compare_digest(answer, expected):
+            raise P.ProtocolError("the connection could not prove it is the sandbox's agent")
+        return hello
 
     @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
+
+    def silence(self) -> float:
+        """Seconds the agent has kept silent while calls wait for it (0 if none waits): long
+        silence under a call means a stopped agent, or a command that prints nothing."""
+        conn = self._conn
+        if conn is None or conn.closed or not conn.channels:
+            return 0.0
+        return time.monotonic() - conn.heard_at
+
+    def absence(self) -> float:
+        """Seconds since the agent was last connected (0 while it is)."""
+        return 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
 
     @property
     def hello(self) -> dict[str, Any]:
@@ -318,6 +395,7 @@ class AgentLink:
             self._server = None
         with contextlib.suppress(OSError):
             self.socket_path.unlink()
+        self._drop_pending()
         conn = self._conn
         if conn is None or conn.closed:
             return
@@ -331,13 +409,24 @@ class AgentLink:
                 f"the guest agent of sandbox {self.sandbox_id} did not hang up when asked"
             ) from None
 
+    def _drop_pending(self) -> None:
+        for writer in self._pending:
+            writer.close()
+        self._pending.clear()
+
     async def close(self) -> None:
         """Stop listening and drop the connection; the agent keeps re-dialling in vain."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        closing = [*self._pending]
+        self._drop_pending()
         if self._conn is not None:
+            closing.append(self._conn.writer)
             self._conn.close(AgentUnavailable(f"sandbox {self.sandbox_id} is shutting down"))
             self._conn = None
         with contextlib.suppress(OSError):
             self.socket_path.unlink()
+        for writer in closing:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

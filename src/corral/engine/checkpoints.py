@@ -26,7 +26,7 @@ from corral.engine.lifecycle import Lifecycle
 from corral.engine.record import Phase, SandboxRecord
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
-from corral.engine.snapshots import SnapshotStore
+from corral.engine.snapshots import Snapshot, SnapshotStore
 from corral.engine.tasks import Tasks
 from corral.runtimes import Runtime
 
@@ -171,7 +171,9 @@ class Checkpoints:
                     name=name,
                     owner=owner,
                 )
-                taken = await asyncio.to_thread(self.snapshots.commit, temp, info, record.spec)
+                taken = await asyncio.to_thread(
+                    self.snapshots.commit, temp, info, record.spec, record.link.secret
+                )
         record.touch()
         return taken.info
 
@@ -190,14 +192,14 @@ class Checkpoints:
             if paused:
                 await asyncio.to_thread(runtime.pause, plan)
 
-    def spec_from(self, snapshot_id: str, spec: SandboxSpec) -> tuple[SandboxSpec, Path]:
-        """The spec of a sandbox started from a snapshot, and the snapshot's checkpoint: what
-        is fixed at start (and the volumes its processes may have open) is the snapshot's;
-        env, metadata, lifetime and the lifecycle options come from `spec`."""
+    def restoring(self, snapshot_id: str, spec: SandboxSpec) -> tuple[SandboxSpec, Snapshot]:
+        """The spec of a sandbox started from a snapshot, and the snapshot: what is fixed at
+        start (and the volumes its processes may have open) is the snapshot's; env, metadata,
+        lifetime and the lifecycle options come from `spec`."""
         taken = self.snapshots.get(check_id(snapshot_id, "sn"))
         fixed = {name: getattr(taken.spec, name) for name in (*FIXED_AT_START, "volumes")}
         env = {**taken.spec.env, **spec.env}
-        return dataclasses.replace(spec, env=env, **fixed), taken.path
+        return dataclasses.replace(spec, env=env, **fixed), taken
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         check_id(snapshot_id, "sn")

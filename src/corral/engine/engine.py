@@ -231,19 +231,23 @@ class Engine:
         """
         self._require_started()
         spec = spec or SandboxSpec()
-        restore_from = None
+        taken = None
         if snapshot is not None:
-            spec, restore_from = self._checkpoints.spec_from(snapshot, spec)
+            spec, taken = self._checkpoints.restoring(snapshot, spec)
         spec, runtime = self._lifecycle.prepare(spec)
         # Volumes are mounted when a sandbox starts, so a pooled sandbox (started without
         # them) can never serve a create that has some.
         claimed = None
-        if pool and restore_from is None and not spec.volumes:
+        if pool and taken is None and not spec.volumes:
             claimed = self._pools.claim(spec)
         if claimed is None:
             async with self._pools.user_create():
                 claimed = await self._lifecycle.create(
-                    spec, runtime, progress, restore_from=restore_from
+                    spec,
+                    runtime,
+                    progress,
+                    restore_from=taken.path if taken else None,
+                    secret=taken.agent_secret if taken else None,
                 )
         self._supervisor.wake()
         return claimed

@@ -17,15 +17,16 @@ from corral.core.models import SandboxInfo
 from corral.core.spec import MAX_TIMEOUT, SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine.planner import plan_sandbox
-from corral.engine.record import Phase, SandboxRecord
+from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
 from corral.engine.tasks import Tasks
 from corral.engine.volumes import VolumeStore
-from corral.host import network
+from corral.host import network, userns
 from corral.host.procs import process_start_time
 from corral.images.store import ImageStore, StatusLine
 from corral.runtimes import Launch, Runtime
+from corral.runtimes.base import make_sandbox_dir
 
 log = logging.getLogger("corral.engine")
 
@@ -95,9 +96,11 @@ class Lifecycle:
         progress: StatusLine | None,
         *,
         restore_from: Path | None = None,
+        secret: bytes | None = None,
     ) -> SandboxInfo:
-        """A new running sandbox for `spec` (from the checkpoint in `restore_from`, if given)."""
-        record = await self.start(spec, runtime, progress, restore_from=restore_from)
+        """A new running sandbox for `spec` (from the checkpoint in `restore_from`, if given,
+        whose agent holds `secret`)."""
+        record = await self.start(spec, runtime, progress, restore_from=restore_from, secret=secret)
         record.start_lifetime(spec)
         return record.info()
 
@@ -109,6 +112,7 @@ class Lifecycle:
         *,
         for_pool: bool = False,
         restore_from: Path | None = None,
+        secret: bytes | None = None,
     ) -> SandboxRecord:
         """Build and start a sandbox for `spec`, up to its agent answering (still creating);
         on any failure nothing of it is left behind."""
@@ -127,7 +131,9 @@ class Lifecycle:
             volume_mountpoint=self._volumes.mountpoint,
             cpu_weight=FILL_WEIGHT if for_pool else 100,
         )
-        record = SandboxRecord(spec, plan, for_pool=for_pool)
+        if restore_from is None:
+            secret = new_secret()
+        record = SandboxRecord(spec, plan, for_pool=for_pool, secret=secret)
         record.timings = stages.laps
         self._registry.add(record)
         stages.mark("plan")
@@ -153,6 +159,8 @@ class Lifecycle:
         await asyncio.to_thread(runtime.create, plan)
         stages.mark("runtime_create")
         if restore_from is None:
+            # A restored agent holds its secret already; a new one reads it, once.
+            record.link.write_key(userns.host_uid(plan.uid_slot))
             await self.start_runtime(record, lambda: runtime.start(plan))
         else:
             await self.start_runtime(record, lambda: runtime.restore(plan, restore_from))
@@ -327,7 +335,7 @@ class Lifecycle:
 
 
 def _make_dir_and_save(record: SandboxRecord) -> None:
-    record.plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    make_sandbox_dir(record.plan)
     record.save()
 
 

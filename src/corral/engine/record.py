@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
+from corral.agent import protocol
 from corral.core.errors import InvalidState
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.spec import SandboxSpec
@@ -79,11 +81,21 @@ _PUBLIC: dict[Phase, SandboxState | None] = {
 class SandboxRecord:
     """One sandbox owned by the engine: what it is, where it is in its life, its link."""
 
-    def __init__(self, spec: SandboxSpec, plan: SandboxPlan, *, for_pool: bool = False) -> None:
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        plan: SandboxPlan,
+        *,
+        for_pool: bool = False,
+        secret: bytes | None,
+    ) -> None:
+        """A sandbox's record; `secret` is its agent's (see `corral.agent.protocol`): a new
+        one for a new sandbox, the snapshot's for one restored from it, None for an agent from
+        before agents proved themselves."""
         self.id = plan.sandbox_id
         self.spec = spec
         self.plan = plan
-        self.link = AgentLink(plan.socket_path, self.id)
+        self.link = AgentLink(plan.socket_dir, self.id, secret)
         self.phase = Phase.WARMING if for_pool else Phase.CREATING
         self.state = SandboxState.CREATING  # the public state: see `move`
         self.created_at = time.time()
@@ -110,7 +122,10 @@ class SandboxRecord:
         Raises KeyError, TypeError or ValueError (among others) for a record that does not
         parse; the caller decides what to do with it.
         """
-        record = cls(SandboxSpec.from_dict(saved["spec"]), SandboxPlan.from_dict(saved["plan"]))
+        # Records of engines whose agents did not prove themselves have no secret.
+        secret = bytes.fromhex(saved["agent_secret"]) if saved.get("agent_secret") else None
+        spec, plan = SandboxSpec.from_dict(saved["spec"]), SandboxPlan.from_dict(saved["plan"])
+        record = cls(spec, plan, secret=secret)
         if saved["id"] != record.id:
             raise ValueError(f"record of {saved['id']!r} holds the plan of {record.id!r}")
         record.state = SandboxState(saved["state"])
@@ -250,6 +265,8 @@ class SandboxRecord:
             "pid": self.launch.pid if self.launch else None,
             "pid_start_time": self.launch.start_time if self.launch else None,
             "pooled": self.pooled,
+            # Owner-only, like the whole record (see `save`).
+            "agent_secret": self.link.secret.hex() if self.link.secret else None,
             "history": [[h.state.value, h.at, h.reason] for h in self.history],
         }
 
@@ -260,11 +277,17 @@ class SandboxRecord:
             return
         path = directory / RECORD_NAME
         temp = f"{path}.tmp"
-        # Owner-only: the spec's environment may hold the user's secrets.
+        # Owner-only: the spec's environment may hold the user's secrets, and it holds the
+        # agent's.
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(self.to_saved()))
         os.replace(temp, path)
+
+
+def new_secret() -> bytes:
+    """A fresh secret for a new sandbox's agent."""
+    return secrets.token_bytes(protocol.SECRET_BYTES)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -32,6 +32,9 @@ class Snapshot:
     info: SnapshotInfo
     spec: SandboxSpec
     path: Path  # runsc's checkpoint image directory
+    # The secret of the agent in its memory (see `corral.agent.protocol`); None for snapshots
+    # taken before agents proved themselves.
+    agent_secret: bytes | None = None
 
 
 class SnapshotStore:
@@ -52,9 +55,10 @@ class SnapshotStore:
                 meta = json.loads((path / META_NAME).read_text())
                 info = SnapshotInfo(**meta["info"])
                 spec = SandboxSpec.from_dict(meta["spec"])
+                secret = bytes.fromhex(meta["agent_secret"]) if meta.get("agent_secret") else None
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not ours, or damaged by hand: left alone
-            self._snapshots[info.id] = Snapshot(info, spec, path)
+            self._snapshots[info.id] = Snapshot(info, spec, path, secret)
 
     @contextmanager
     def writing(self) -> Iterator[tuple[str, Path]]:
@@ -68,17 +72,24 @@ class SnapshotStore:
             if temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
 
-    def commit(self, temp: Path, info: SnapshotInfo, spec: SandboxSpec) -> Snapshot:
+    def commit(
+        self, temp: Path, info: SnapshotInfo, spec: SandboxSpec, agent_secret: bytes | None
+    ) -> Snapshot:
         """Describe the checkpoint in `temp` and make it visible, atomically."""
         size = sum(f.stat().st_size for f in temp.rglob("*") if f.is_file())
         info = SnapshotInfo(**{**info.to_dict(), "size_bytes": size})
         meta = temp / META_NAME
-        meta.write_text(json.dumps({"info": info.to_dict(), "spec": spec.to_dict()}))
+        secret = agent_secret.hex() if agent_secret is not None else None
+        record = {"info": info.to_dict(), "spec": spec.to_dict(), "agent_secret": secret}
+        # Root's alone, like the directory: it holds the agent's secret.
+        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(record))
         with meta.open("rb") as handle:
             os.fsync(handle.fileno())
         final = self.root / info.id
         temp.rename(final)
-        snapshot = Snapshot(info, spec, final)
+        snapshot = Snapshot(info, spec, final, agent_secret)
         self._snapshots[info.id] = snapshot
         return snapshot
 

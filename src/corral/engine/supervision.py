@@ -1,7 +1,14 @@
-"""The reaper: applies every sandbox's lifetime and idle timeout, and every snapshot's ttl.
+"""The reaper: applies every sandbox's lifetime and idle timeout, and every snapshot's ttl, and
+ends sandboxes whose agent has stopped answering.
 
 It sleeps until the next deadline (at most a second) or until woken by a change that may bring
 one closer (`wake`). What it decides runs as a background task, one per sandbox at a time.
+
+An agent cannot be stopped or killed from inside under bubblewrap (it is pid 1), but under
+gVisor SIGSTOP and SIGKILL reach it. A killed agent ends its sandbox (its runtime exits); a
+stopped one would leave every call waiting, so a running sandbox whose agent keeps silent for
+`AGENT_SILENCE` while calls wait is pinged, and ended if the ping gets no answer either, as is
+one whose agent has not connected for `AGENT_ABSENCE`. Its end says why.
 """
 
 from __future__ import annotations
@@ -13,15 +20,19 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from corral.core.errors import CorralError
+from corral.agent import protocol as P
+from corral.core.errors import AgentUnavailable, CorralError
 from corral.core.state import EndReason
 from corral.engine.checkpoints import Checkpoints
 from corral.engine.lifecycle import Lifecycle
-from corral.engine.record import SandboxRecord
+from corral.engine.record import Phase, SandboxRecord
 from corral.engine.registry import Registry
 from corral.engine.tasks import Tasks
 
 log = logging.getLogger("corral.engine")
+
+AGENT_SILENCE = 10.0  # seconds without a frame while a call waits: then the agent is pinged
+AGENT_ABSENCE = 30.0  # seconds a running sandbox's agent may stay disconnected
 
 
 class Supervisor:
@@ -83,6 +94,7 @@ class Supervisor:
                 self._settle(record, self._idle(record))
             elif idle_at is not None:
                 next_deadline = min(next_deadline, idle_at)
+        self._check_agents()
         for snapshot_id in self._checkpoints.snapshots.expired(now):
             self._tasks.spawn(self._checkpoints.delete_snapshot(snapshot_id))
         return next_deadline
@@ -91,6 +103,29 @@ class Supervisor:
         self._settling.add(record.id)
         task = self._tasks.spawn(action)
         task.add_done_callback(lambda _task: self._settling.discard(record.id))
+
+    def _check_agents(self) -> None:
+        """Probe silent agents, end absent ones (see the module's docstring)."""
+        for record in self._registry:
+            if record.phase is not Phase.RUNNING or record.id in self._settling:
+                continue
+            if record.lock.locked():  # a snapshot or a pause is under way: it hangs up on purpose
+                continue
+            if record.link.silence() > AGENT_SILENCE:
+                self._settle(record, self._probe(record))
+            elif record.link.absence() > AGENT_ABSENCE:
+                detail = f"the guest agent has not connected for {AGENT_ABSENCE:g} s"
+                self._settle(record, self._lifecycle.end(record, EndReason.RUNTIME_ERROR, detail))
+
+    async def _probe(self, record: SandboxRecord) -> None:
+        try:
+            async with asyncio.timeout(AGENT_SILENCE):
+                await record.link.call(P.PING, {})
+        except (TimeoutError, AgentUnavailable):
+            if record.phase is Phase.RUNNING and not record.lock.locked():
+                detail = "the guest agent stopped answering (stopped or killed inside the sandbox)"
+                log.warning("ending %s: %s", record.id, detail)
+                await self._lifecycle.end(record, EndReason.RUNTIME_ERROR, detail)
 
     async def _lifetime_over(self, record: SandboxRecord) -> None:
         """The lifetime ran out: end the sandbox, or hibernate it (`on_timeout`) with a fresh

@@ -35,6 +35,7 @@ from corral.core.recipe import check_recipe, describe
 from corral.core.spec import SandboxSpec
 from corral.images import oci
 from corral.images.layers import LayerStore, Manifest, chain_key, image_id
+from corral.images.oci.egress import Egress
 from corral.images.store import ImageStore
 
 log = logging.getLogger("corral.images.builder")
@@ -103,8 +104,9 @@ class SandboxHost(Protocol):
 class Builder:
     """Builds recipes into manifests of `engine`'s layer store."""
 
-    def __init__(self, engine: SandboxHost) -> None:
+    def __init__(self, engine: SandboxHost, egress: Egress) -> None:
         self.engine = engine
+        self.egress = egress  # where registry pulls may connect
         self.store: LayerStore = engine.images.built
         self._building: dict[str, asyncio.Future[Manifest]] = {}
 
@@ -233,7 +235,11 @@ class Builder:
                 image = await asyncio.to_thread(oci.read_archive, blob, work)
             else:
                 image = await asyncio.to_thread(
-                    oci.pull, base["reference"], work, progress=lambda line: _log(emit, 0, line)
+                    oci.pull,
+                    base["reference"],
+                    work,
+                    egress=self.egress,
+                    progress=lambda line: _log(emit, 0, line),
                 )
             layers: list[str] = []
             parent = key

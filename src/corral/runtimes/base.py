@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from corral.core.errors import InvalidRequest, SandboxFailed
-from corral.host import mounts, network
+from corral.host import mounts, network, userns
 from corral.host.cgroups import Cgroup, CgroupLimits
 from corral.runtimes.plan import SandboxPlan
 
@@ -179,8 +179,9 @@ SANDBOX_CAPS = (
 def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     """The host-side setup both runtimes share; returns the image's layers, staged.
 
-    Makes the sandbox's directory and its socket directory (root's, read-only inside, so the
-    sandbox can connect to the socket but never replace it), formats and mounts its quota disk,
+    Makes the sandbox's directory and its socket directory (root's, read-only inside and not
+    listable, so the sandbox can reach the agent's socket by its secret name but never find,
+    replace or add one), formats and mounts its quota disk,
     writes its /etc files, makes its network namespace if it has internet, and stages each
     image layer under ``lower/N`` through an idmapped mount: files root owns on the host appear
     owned by the sandbox's own root (its unprivileged host uid, mapped by `userns_fd`).
@@ -190,8 +191,9 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     owners as uids inside sandboxes (0 for root): each sandbox's own mapping translates them,
     so a file root wrote in one sandbox belongs to root in every other, under either runtime.
     """
-    plan.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-    plan.socket_dir.mkdir(mode=0o755, exist_ok=True)
+    make_sandbox_dir(plan)
+    # Entered, never listed, from inside: the agent's socket is named after its secret.
+    plan.socket_dir.mkdir(mode=0o711, exist_ok=True)
     mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
     write_etc_files(plan)
     if plan.network.policy == "internet":
@@ -215,6 +217,15 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
         staged.mkdir(mode=0o700, exist_ok=True)
         mounts.idmapped_bind(source, staged, userns_fd, readonly=volume.readonly)
     return lowers
+
+
+def make_sandbox_dir(plan: SandboxPlan) -> None:
+    """The sandbox's directory on the host: root's, entered by the sandbox's own host uid range
+    (through its group: the runtime's processes reach their root, socket and volumes from it)
+    and by nobody else, so no other local user can read a sandbox's files or its image."""
+    plan.dir.mkdir(mode=0o710, parents=True, exist_ok=True)
+    os.chown(plan.dir, 0, userns.host_uid(plan.uid_slot))
+    plan.dir.chmod(0o710)
 
 
 def write_etc_files(plan: SandboxPlan) -> None:

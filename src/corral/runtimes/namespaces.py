@@ -105,6 +105,7 @@ class NamespacesRuntime(Runtime):
                 uid=userns.host_uid(plan.uid_slot),
                 log_fd=log_fd,
                 pass_fds=(fd, program),
+                env=plan.guest_env,
             )
         finally:
             os.close(fd)
@@ -116,6 +117,9 @@ class NamespacesRuntime(Runtime):
         """The bubblewrap command line for `plan` (printable, for debugging)."""
         argv = ["bwrap", "--userns", str(userns_fd), "--uid", "0", "--gid", "0"]
         argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
+        # The agent is the sandbox's pid 1, as under gVisor: nothing inside can stop or kill
+        # it (a pid namespace's init gets only the signals it handles), and it reaps orphans.
+        argv.append("--as-pid-1")
         if plan.network.policy != "internet":
             argv.append("--unshare-net")  # its own loopback, nothing else
         argv += ["--hostname", plan.hostname, "--bind", str(plan.rootfs), "/"]
@@ -124,9 +128,9 @@ class NamespacesRuntime(Runtime):
         argv += ["--chdir", "/", "--new-session", "--cap-drop", "ALL"]
         for cap in SANDBOX_CAPS:
             argv += ["--cap-add", cap]
-        argv += ["--seccomp", str(seccomp_fd), "--clearenv"]
-        for key, value in plan.guest_env.items():
-            argv += ["--setenv", key, value]
+        # The agent's environment is bubblewrap's own (`spawn`'s env), never on its command
+        # line, which every local user can read.
+        argv += ["--seccomp", str(seccomp_fd)]
         return [*argv, "--", *plan.agent_argv]
 
     def writable_layer(self, plan: SandboxPlan) -> Path | None:

@@ -127,10 +127,6 @@ class SandboxPlan:
         return self.dir / "sock"
 
     @property
-    def socket_path(self) -> Path:
-        return self.socket_dir / protocol.SOCKET_NAME
-
-    @property
     def runtime_log(self) -> Path:
         """Where the runtime's own processes write their errors (never a pipe to the engine)."""
         return self.dir / "runtime.log"
@@ -200,7 +196,7 @@ class SandboxPlan:
             "-I",
             "-S",
             f"{protocol.GUEST_AGENT_DIR}/guest.py",
-            f"{protocol.GUEST_SOCKET_DIR}/{protocol.SOCKET_NAME}",
+            protocol.GUEST_SOCKET_DIR,
         ]
 
     @property

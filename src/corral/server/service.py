@@ -23,6 +23,7 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
 from corral.images.builder import Builder
+from corral.images.oci.egress import Egress
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
 from corral.server.store import ENDED_RETENTION, Store
@@ -40,7 +41,7 @@ class Service:
         self.engine = Engine(
             config.data_dir, default_runtime=config.default_runtime, on_change=self._changed
         )
-        self.builder = Builder(self.engine)
+        self.builder = Builder(self.engine, Egress.of(config.allowed_registries))
         self.events = EventHub()
         self._store: Store | None = None
         self._owners: dict[str, str] = {}  # live sandbox id -> key id

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from corral.core.errors import ImageNotFound, InvalidRequest, ServiceUnavailable
+from corral.core.errors import ImageNotFound, InvalidRequest, PermissionDenied, ServiceUnavailable
+from corral.images.oci.egress import REFUSED, Egress, GuardedTransport
 from corral.images.oci.manifest import (
     _CHUNK,
     _DIGEST,
@@ -110,8 +111,11 @@ def _scheme(registry: str) -> str:
     return "http" if host in _LOCAL_HOSTS or {host, registry} & insecure else "https"
 
 
-def pull(reference: str, workdir: Path, *, progress: StatusLine | None = None) -> OciImage:
-    """Pull an image from a registry (HTTP API v2, anonymous) into `workdir`.
+def pull(
+    reference: str, workdir: Path, *, egress: Egress, progress: StatusLine | None = None
+) -> OciImage:
+    """Pull an image from a registry (HTTP API v2, anonymous) into `workdir`, connecting only
+    where `egress` allows (see `corral.images.oci.egress`).
 
     Layers are streamed to disk and verified against their sha256 digests; an index yields this
     machine's platform.
@@ -120,6 +124,8 @@ def pull(reference: str, workdir: Path, *, progress: StatusLine | None = None) -
         InvalidRequest: code ``invalid_image_reference`` for a malformed reference,
             ``invalid_oci_image`` for a manifest, config or blob that breaks the format.
         ImageNotFound: the registry has no such image or tag (or keeps it private).
+        PermissionDenied: code ``registry_not_allowed`` when the registry, a redirect or a
+            token realm is not a public address and the operator has not allowed it by name.
         ServiceUnavailable: code ``registry_unreachable`` when the registry cannot be reached,
             times out or fails; retry later.
 
@@ -132,7 +138,13 @@ def pull(reference: str, workdir: Path, *, progress: StatusLine | None = None) -
     with (
         _removing_new_entries(workdir),
         _registry_errors(reference, ref),
-        httpx.Client(timeout=_TIMEOUT, follow_redirects=True) as client,
+        httpx.Client(
+            timeout=_TIMEOUT,
+            follow_redirects=True,
+            max_redirects=5,
+            transport=GuardedTransport(egress),
+            trust_env=False,
+        ) as client,
     ):
         registry = _Registry(reference, ref, client)
         top = registry.manifest(ref.name, top=True)
@@ -158,12 +170,26 @@ def _registry_errors(reference: str, ref: _Reference) -> Iterator[None]:
             "Check the reference or re-push the image",
             code="invalid_oci_image",
         ) from exc
+    except httpx.ConnectError as exc:
+        if str(exc) != REFUSED:
+            raise _unreachable(ref, exc) from exc
+        # Worded the same whatever is (or is not) behind the address: nothing was sent there.
+        raise PermissionDenied(
+            f"image {reference}: {ref.registry} (or where it sent the pull) is not a public "
+            "registry; this server pulls only from public registries and from those its "
+            "operator allows (corral serve --allow-registry NAME)",
+            code="registry_not_allowed",
+        ) from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # refused, timed out, broken transfer
-        raise ServiceUnavailable(
-            f"cannot reach or talk to registry {ref.registry} ({type(exc).__name__}: {exc}); "
-            "check the registry name and this machine's network, then retry",
-            code="registry_unreachable",
-        ) from exc
+        raise _unreachable(ref, exc) from exc
+
+
+def _unreachable(ref: _Reference, exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"cannot reach or talk to registry {ref.registry} ({type(exc).__name__}: {exc}); "
+        "check the registry name and this machine's network, then retry",
+        code="registry_unreachable",
+    )
 
 
 class _Registry:
