@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 import corral
 from corral import Sandbox
@@ -205,10 +206,26 @@ async def test_client_that_disconnects_mid_stream(server: Server, sandbox_id: st
 
 
 async def test_websocket_errors_are_json_too(server: Server, sandbox_id: str) -> None:
+    """Unauthenticated or not the caller's: refused before a socket is accepted, with the HTTP
+    status and JSON a request would get. Later errors come as messages."""
     url = f"ws://127.0.0.1:{server.port}/v1/sandboxes/{sandbox_id}/exec/stream"
-    async with connect(url) as ws:  # no key
-        message = json.loads(await ws.recv())
-        assert message["type"] == "error" and message["error"]["code"] == "unauthorized"
+    for headers, status, code in (
+        ({}, 401, "unauthorized"),
+        ({"Authorization": "Bearer corral_wrong"}, 401, "unauthorized"),
+        ({"Authorization": f"Bearer {server.new_key('ws-stranger')}"}, 404, "sandbox_not_found"),
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, additional_headers=headers):
+                pass
+        answer = refused.value.response
+        assert answer.status_code == status
+        assert json.loads(bytes(answer.body or b""))["error"]["code"] == code
+    stranger = corral.AsyncClient(url=server.url, api_key=server.new_key("sdk-stranger"))
+    try:
+        with pytest.raises(corral.SandboxNotFound):  # the SDK turns the refusal into its error
+            await stranger.websocket(f"/v1/sandboxes/{sandbox_id}/exec/stream")
+    finally:
+        await stranger.aclose()
     headers = {"Authorization": f"Bearer {server.admin_key}"}
     async with connect(url, additional_headers=headers) as ws:
         await ws.send(json.dumps({"cmd": "true", "bogus": 1}))

@@ -118,6 +118,21 @@ def _parse_pool(item: str) -> tuple[str, SandboxSpec, int]:
     return f"{runtime}-{image}", SandboxSpec(image=image, runtime=runtime), int(size)
 
 
+MIN_KEY_LENGTH = 32
+MIN_KEY_SYMBOLS = 16
+
+
+def check_key_strength(secret: str) -> None:
+    """Refuse a key an operator chose that could be guessed: short, or of few symbols."""
+    if len(secret) < MIN_KEY_LENGTH or len(set(secret)) < MIN_KEY_SYMBOLS:
+        raise InvalidRequest(
+            f"CORRAL_API_KEY is too weak: use at least {MIN_KEY_LENGTH} characters of at least "
+            f"{MIN_KEY_SYMBOLS} different symbols, such as the output of "
+            "python3 -c 'import secrets; print(\"corral_\" + secrets.token_urlsafe(32))'",
+            code="weak_key",
+        )
+
+
 async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
     """("env" | "new" | "existing", the secret to show once)."""
     from corral.server.store import Store
@@ -126,8 +141,9 @@ async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
     try:
         secret = os.environ.get("CORRAL_API_KEY")
         if secret:
+            check_key_strength(secret)
             await store.ensure_key(secret, "admin (CORRAL_API_KEY)", admin=True)
-            return "env", secret
+            return "env", None  # the operator's own: never printed
         if not await store.has_keys():
             _, secret = await store.create_key("admin", admin=True)
             return "new", secret
@@ -149,13 +165,14 @@ def _prepare_image(config: ServerConfig) -> None:
 
 def _banner(url: str, key_note: tuple[str, str | None]) -> None:
     kind, secret = key_note
-    shown = secret or "<your key>"
+    # A key is printed once, when it is made: never again, so never into a log of every start.
+    shown = secret if kind == "new" else "<your key>"
     say = console.print
     say(f"\n[bold green]Corral[/bold green] serves on [bold]{url}[/bold] (API: {url}/docs)")
     if kind == "new":
         say(f"Admin API key (shown once, keep it): [bold]{secret}[/bold]", soft_wrap=True)
     elif kind == "env":
-        say("Using the API key in CORRAL_API_KEY (admin).")
+        say("Using the API key in CORRAL_API_KEY (admin); it is not shown.")
     else:
         say("API keys exist already; `corral keys create NAME` makes another.")
     python = (

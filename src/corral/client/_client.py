@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from corral.core.errors import AuthError
-from corral.core.models import BuiltImage, SnapshotInfo
+from corral.core.models import BuiltImage, SandboxInfo, SnapshotInfo
 
 if TYPE_CHECKING:
     import asyncio
@@ -167,6 +167,16 @@ class AsyncClient:
             "PUT", f"/v1/pools/{name}", json={**template, "size": size}
         )
         return pool
+
+    async def list_all_sandboxes(self) -> list[tuple[str, SandboxInfo]]:
+        """Every live sandbox of every key, with the id of the key that owns it (admin key)."""
+        listed = await self.request("GET", "/v1/admin/sandboxes")
+        return [(item["owner"], SandboxInfo.from_dict(item["sandbox"])) for item in listed]
+
+    async def end_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        """End any live sandbox, whoever owns it (admin key; `terminated_by_admin`)."""
+        ended = await self.request("DELETE", f"/v1/admin/sandboxes/{sandbox_id}")
+        return SandboxInfo.from_dict(ended)
 
     async def remove_pool(self, name: str) -> None:
         """Remove a pool and end its idle sandboxes (admin key)."""

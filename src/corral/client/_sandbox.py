@@ -24,9 +24,9 @@ from corral.client._sync import (
 )
 from corral.client._volumes import VolumeRef, mounts_body
 from corral.core.errors import CommandTimeout
-from corral.core.models import BuiltImage, ProcessInfo, SandboxInfo, SnapshotInfo, StateChange
-from corral.core.spec import DEFAULT_SPEC, FIXED_AT_START, SandboxSpec
-from corral.core.state import EndReason, SandboxState
+from corral.core.models import BuiltImage, ProcessInfo, SandboxInfo, SnapshotInfo
+from corral.core.spec import DEFAULT_SPEC, FIXED_AT_START
+from corral.core.state import SandboxState
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,7 @@ def parse_snapshot(data: dict[str, Any]) -> SnapshotInfo:
 
 def parse_info(data: dict[str, Any]) -> SandboxInfo:
     """A `SandboxInfo` from the server's JSON."""
-    return SandboxInfo(
-        id=data["id"],
-        state=SandboxState(data["state"]),
-        runtime=data["runtime"],
-        spec=SandboxSpec.from_dict(data["spec"]),
-        created_at=data["created_at"],
-        expires_at=data.get("expires_at"),
-        timeout_remaining=data.get("timeout_remaining"),
-        ended_at=data.get("ended_at"),
-        end_reason=EndReason(data["end_reason"]) if data.get("end_reason") else None,
-        end_detail=data.get("end_detail"),
-        history=tuple(
-            StateChange(SandboxState(h["state"]), h["at"], h.get("reason"))
-            for h in data.get("history", ())
-        ),
-    )
+    return SandboxInfo.from_dict(data)
 
 
 def _create_body(

@@ -282,6 +282,8 @@ class Client(Twin[AsyncClient]):
     list_pools = blocking(AsyncClient.list_pools)
     set_pool = blocking(AsyncClient.set_pool)
     remove_pool = blocking(AsyncClient.remove_pool)
+    list_all_sandboxes = blocking(AsyncClient.list_all_sandboxes)
+    end_sandbox = blocking(AsyncClient.end_sandbox)
     events = blocking_iter(AsyncClient.events)
     list_snapshots = blocking(AsyncClient.list_snapshots)
     get_snapshot = blocking(AsyncClient.get_snapshot)

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from corral.core.errors import ConnectionFailed, CorralError, from_response
 
@@ -124,6 +124,9 @@ class Transport:
                 max_size=None,  # the agent's chunks are bounded; frames are never huge
                 open_timeout=10,
             )
+        except InvalidStatus as exc:  # refused with an answer: the server's error
+            answer = exc.response
+            raise _error(answer.status_code, bytes(answer.body or b""), answer.headers) from None
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise self.unreachable(exc) from exc
         socket = Socket(ws)

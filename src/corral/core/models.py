@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +38,26 @@ class SandboxInfo:
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self.spec.metadata)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SandboxInfo:
+        """A `SandboxInfo` from its JSON (`to_dict`, or the server's answer)."""
+        return cls(
+            id=data["id"],
+            state=SandboxState(data["state"]),
+            runtime=data["runtime"],
+            spec=SandboxSpec.from_dict(data["spec"]),
+            created_at=data["created_at"],
+            expires_at=data.get("expires_at"),
+            timeout_remaining=data.get("timeout_remaining"),
+            ended_at=data.get("ended_at"),
+            end_reason=EndReason(data["end_reason"]) if data.get("end_reason") else None,
+            end_detail=data.get("end_detail"),
+            history=tuple(
+                StateChange(SandboxState(h["state"]), h["at"], h.get("reason"))
+                for h in data.get("history", ())
+            ),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""

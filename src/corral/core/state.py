@@ -35,6 +35,8 @@ class EndReason(StrEnum):
     ENGINE_SHUTDOWN = "engine_shutdown"
     RUNTIME_ERROR = "runtime_error"  # the runtime failed to start it or it died unexpectedly
     IDLE = "idle"  # unused for its idle_timeout, with on_idle="terminate"
+    KEY_REVOKED = "key_revoked"  # the API key that owned it was revoked
+    ADMIN = "terminated_by_admin"  # an admin key ended it
 
 
 def require_state(

@@ -222,12 +222,10 @@ class Engine:
         """Create and start a sandbox; return once its agent answers.
 
         A warm pool whose template matches `spec` hands over an idle sandbox instead (unless
-        `pool=False`); it is indistinguishable from a new one except in speed. With
-        `snapshot`, the sandbox starts from that snapshot exactly where its source was: its
-        image, runtime and resources are the snapshot's; env, metadata, lifetime and the
-        lifecycle options come from `spec`.
-        Raises `InvalidRequest`/`RuntimeUnavailable` for a bad spec, `SandboxFailed` if the
-        runtime fails; either way nothing of the sandbox is left behind.
+        `pool=False`). With `snapshot`, it starts where that snapshot's sandbox was, with its
+        image, runtime and resources (`Checkpoints.restoring`). Raises `InvalidRequest` or
+        `RuntimeUnavailable` for a bad spec, `SandboxFailed` if the runtime fails; either
+        way nothing of the sandbox is left behind.
         """
         self._require_started()
         spec = spec or SandboxSpec()
@@ -242,13 +240,7 @@ class Engine:
             claimed = self._pools.claim(spec)
         if claimed is None:
             async with self._pools.user_create():
-                claimed = await self._lifecycle.create(
-                    spec,
-                    runtime,
-                    progress,
-                    restore_from=taken.path if taken else None,
-                    secret=taken.agent_secret if taken else None,
-                )
+                claimed = await self._lifecycle.create(spec, runtime, progress, taken)
         self._supervisor.wake()
         return claimed
 
@@ -266,10 +258,16 @@ class Engine:
         """Sandboxes in creation order, optionally only those in `state` whose metadata match."""
         return self.registry.list(state=state, metadata=metadata)
 
-    async def terminate(self, sandbox_id: str) -> SandboxInfo:
-        """End a sandbox now (reason: terminated by user). Ending an ended sandbox is a no-op."""
+    async def terminate(
+        self,
+        sandbox_id: str,
+        *,
+        reason: EndReason = EndReason.USER,
+        detail: str = "terminated by request",
+    ) -> SandboxInfo:
+        """End a sandbox now (for `reason`). Ending an ended sandbox is a no-op."""
         record = self.registry.get(sandbox_id)
-        await self._lifecycle.end(record, EndReason.USER, "terminated by request")
+        await self._lifecycle.end(record, reason, detail)
         return record.info()
 
     async def pause(self, sandbox_id: str, *, reason: str | None = None) -> SandboxInfo:

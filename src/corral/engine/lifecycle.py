@@ -20,6 +20,7 @@ from corral.engine.planner import plan_sandbox
 from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
+from corral.engine.snapshots import Snapshot
 from corral.engine.tasks import Tasks
 from corral.engine.volumes import VolumeStore
 from corral.host import network, userns
@@ -94,13 +95,10 @@ class Lifecycle:
         spec: SandboxSpec,
         runtime: Runtime,
         progress: StatusLine | None,
-        *,
-        restore_from: Path | None = None,
-        secret: bytes | None = None,
+        restore: Snapshot | None = None,
     ) -> SandboxInfo:
-        """A new running sandbox for `spec` (from the checkpoint in `restore_from`, if given,
-        whose agent holds `secret`)."""
-        record = await self.start(spec, runtime, progress, restore_from=restore_from, secret=secret)
+        """A new running sandbox for `spec` (started from snapshot `restore`, if given)."""
+        record = await self.start(spec, runtime, progress, restore=restore)
         record.start_lifetime(spec)
         return record.info()
 
@@ -111,8 +109,7 @@ class Lifecycle:
         progress: StatusLine | None,
         *,
         for_pool: bool = False,
-        restore_from: Path | None = None,
-        secret: bytes | None = None,
+        restore: Snapshot | None = None,
     ) -> SandboxRecord:
         """Build and start a sandbox for `spec`, up to its agent answering (still creating);
         on any failure nothing of it is left behind."""
@@ -131,14 +128,14 @@ class Lifecycle:
             volume_mountpoint=self._volumes.mountpoint,
             cpu_weight=FILL_WEIGHT if for_pool else 100,
         )
-        if restore_from is None:
-            secret = new_secret()
+        # A restored agent holds its snapshot's secret already (None: a v1 agent).
+        secret = new_secret() if restore is None else restore.agent_secret
         record = SandboxRecord(spec, plan, for_pool=for_pool, secret=secret)
         record.timings = stages.laps
         self._registry.add(record)
         stages.mark("plan")
         try:
-            await self._build(record, runtime, stages, restore_from)
+            await self._build(record, runtime, stages, restore.path if restore else None)
         except BaseException as exc:
             await self._abandon(record, runtime)
             if isinstance(exc, CorralError | asyncio.CancelledError):

@@ -9,7 +9,7 @@ from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corral.core.errors import AuthError, PermissionDenied
-from corral.server.resources.admin import Keys, Pools
+from corral.server.resources.admin import AllSandboxes, Keys, Pools
 from corral.server.resources.images import Images
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.resources.snapshots import Snapshots
@@ -20,9 +20,18 @@ from corral.server.tenancy import Tenant
 bearer = HTTPBearer(auto_error=False, description="an API key from `corral keys create`")
 
 
-async def tenant_of(service: Service, header: str | None) -> Tenant:
+async def tenant_of(service: Service, header: str | None, address: str) -> Tenant:
     """The tenant whose key is in an `Authorization` header value, or `AuthError` saying what
-    is wrong."""
+    is wrong; an `address` that failed too often lately is refused first (`FailedLogins`)."""
+    service.failed_logins.check(address)
+    try:
+        return await _authenticate(service, header)
+    except AuthError:
+        service.failed_logins.failed(address)
+        raise
+
+
+async def _authenticate(service: Service, header: str | None) -> Tenant:
     if not header:
         raise AuthError(
             "send your API key as 'Authorization: Bearer <key>' "
@@ -46,7 +55,8 @@ async def current_tenant(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Tenant:
-    return await tenant_of(service_of(request), request.headers.get("authorization"))
+    address = request.client.host if request.client else "unknown"
+    return await tenant_of(service_of(request), request.headers.get("authorization"), address)
 
 
 async def admin_tenant(tenant: Annotated[Tenant, Depends(current_tenant)]) -> Tenant:
@@ -61,7 +71,8 @@ async def admin_tenant(tenant: Annotated[Tenant, Depends(current_tenant)]) -> Te
 
 async def websocket_tenant(websocket: WebSocket) -> Tenant:
     service: Service = websocket.app.state.service
-    return await tenant_of(service, websocket.headers.get("authorization"))
+    address = websocket.client.host if websocket.client else "unknown"
+    return await tenant_of(service, websocket.headers.get("authorization"), address)
 
 
 Me = Annotated[Tenant, Depends(current_tenant)]
@@ -101,6 +112,10 @@ def _keys(tenant: Admin) -> Keys:
     return Keys(tenant)
 
 
+def _all_sandboxes(tenant: Admin) -> AllSandboxes:
+    return AllSandboxes(tenant)
+
+
 SandboxesDep = Annotated[Sandboxes, Depends(_sandboxes)]
 SnapshotsDep = Annotated[Snapshots, Depends(_snapshots)]
 ImagesDep = Annotated[Images, Depends(_images)]
@@ -109,3 +124,4 @@ PoolsDep = Annotated[Pools, Depends(_pools)]
 AdminImagesDep = Annotated[Images, Depends(_admin_images)]
 AdminPoolsDep = Annotated[Pools, Depends(_admin_pools)]
 KeysDep = Annotated[Keys, Depends(_keys)]
+AllSandboxesDep = Annotated[AllSandboxes, Depends(_all_sandboxes)]

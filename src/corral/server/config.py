@@ -21,6 +21,7 @@ class ServerConfig:
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
     max_volumes_per_key: int = 100
+    auth_failures_per_minute: int = 30  # per client address, then 429 until the minute passes
     # Registries image pulls may reach though they are not public addresses (`host[:port]`).
     allowed_registries: tuple[str, ...] = ()
 

@@ -230,6 +230,13 @@ class SandboxOut(BaseModel):
         )
 
 
+class OwnedSandboxOut(BaseModel):
+    """A sandbox as an admin lists it: with the id of the key that owns it."""
+
+    owner: str
+    sandbox: SandboxOut
+
+
 class CommandOut(BaseModel):
     exit_code: int | None
     stdout: str

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from corral.core.errors import LimitReached
+from corral.core.errors import CorralError, LimitReached
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
@@ -27,10 +27,12 @@ from corral.images.oci.egress import Egress
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
 from corral.server.store import ENDED_RETENTION, Store
+from corral.server.throttle import FailedLogins
 
 log = logging.getLogger("corral.server")
 
 PRUNE_EVERY = 3600.0
+REVOKED_EVERY = 5.0  # seconds between looks for keys revoked by another process
 
 
 class Service:
@@ -43,6 +45,7 @@ class Service:
         )
         self.builder = Builder(self.engine, Egress.of(config.allowed_registries))
         self.events = EventHub()
+        self.failed_logins = FailedLogins(config.auth_failures_per_minute)
         self._store: Store | None = None
         self._owners: dict[str, str] = {}  # live sandbox id -> key id
         self._creating = 0  # creates in flight count against the limits too
@@ -59,6 +62,7 @@ class Service:
         self._tasks = [
             asyncio.create_task(self._write_loop()),
             asyncio.create_task(self._prune_loop()),
+            asyncio.create_task(self._revoked_loop()),
         ]
 
     async def close(self) -> None:
@@ -123,6 +127,21 @@ class Service:
         self._writes.put_nowait(("add", (key_id, info.id)))
         self.events.publish(key_id, self.engine.get(info.id))  # its earlier changes had no owner
 
+    def owners(self) -> dict[str, str]:
+        """Every live sandbox's owner: sandbox id -> key id (for admins)."""
+        return dict(self._owners)
+
+    async def end_sandboxes_of(self, key_id: str) -> int:
+        """End every live sandbox of a revoked key (a documented choice: a revoked key's
+        work stops with it); how many."""
+        mine = [sandbox for sandbox, owner in self._owners.items() if owner == key_id]
+        for sandbox_id in mine:
+            with contextlib.suppress(CorralError):
+                await self.engine.terminate(
+                    sandbox_id, reason=EndReason.KEY_REVOKED, detail="its API key was revoked"
+                )
+        return len(mine)
+
     async def recorded(self) -> None:
         """Wait until every change so far is in the store."""
         await self._writes.join()
@@ -177,6 +196,17 @@ class Service:
                 log.exception("could not record a sandbox change")
             finally:
                 self._writes.task_done()
+
+    async def _revoked_loop(self) -> None:
+        """End the sandboxes of keys revoked elsewhere (`corral keys revoke` on this machine):
+        revocations through the API end them at once."""
+        while True:
+            await asyncio.sleep(REVOKED_EVERY)
+            try:
+                for key_id in await self.store.revoked(set(self._owners.values())):
+                    await self.end_sandboxes_of(key_id)
+            except Exception:
+                log.exception("could not end the sandboxes of revoked keys")
 
     async def _prune_loop(self) -> None:
         while True:

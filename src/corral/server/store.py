@@ -18,6 +18,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -300,7 +301,7 @@ class Store:
             return [_key(row) for row in rows]
 
     async def revoke_key(self, key_id: str) -> ApiKey:
-        """Revoke a key by id or name; its sandboxes keep running until they end."""
+        """Revoke a key by id or name (the service then ends its sandboxes)."""
         async with self._session.begin() as session:
             rows = list(
                 await session.scalars(
@@ -319,6 +320,17 @@ class Store:
             key = _key(rows[0])
         self._active_keys.clear()  # after the commit, so no request re-caches the key
         return key
+
+    async def revoked(self, key_ids: Iterable[str]) -> set[str]:
+        """Those of `key_ids` that are revoked."""
+        wanted = list(key_ids)
+        if not wanted:
+            return set()
+        async with self._session() as session:
+            rows = await session.scalars(
+                select(KeyRow.id).where(KeyRow.id.in_(wanted), KeyRow.revoked_at.is_not(None))
+            )
+            return set(rows)
 
     async def has_keys(self) -> bool:
         async with self._session() as session:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.core.errors import SandboxNotFound
+from corral.core.ids import check_id
+from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
+from corral.core.state import EndReason
 from corral.server.store import ApiKey
 from corral.server.tenancy import Tenant
 
@@ -31,6 +35,7 @@ class Keys:
     """The node's API keys (never their secrets, but once, on creation)."""
 
     def __init__(self, tenant: Tenant) -> None:
+        self._service = tenant.service
         self._store = tenant.service.store
 
     async def list(self) -> list[ApiKey]:
@@ -40,4 +45,30 @@ class Keys:
         return await self._store.create_key(name, admin=admin)
 
     async def revoke(self, key_id: str) -> ApiKey:
-        return await self._store.revoke_key(key_id)
+        """Revoke a key: it stops working at once, and its sandboxes end (`key_revoked`)."""
+        key = await self._store.revoke_key(key_id)
+        await self._service.end_sandboxes_of(key.id)
+        return key
+
+
+class AllSandboxes:
+    """Every tenant's sandboxes, as an admin sees them: to list, and to end any one."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self._admin = tenant
+        self._service = tenant.service
+
+    def list(self) -> list[tuple[str, SandboxInfo]]:
+        """Every live sandbox, with the id of the key that owns it."""
+        engine = self._service.engine
+        return [(owner, engine.get(sid)) for sid, owner in self._service.owners().items()]
+
+    async def terminate(self, sandbox_id: str) -> SandboxInfo:
+        """End any live sandbox (`terminated_by_admin`)."""
+        check_id(sandbox_id, "sb")
+        if sandbox_id not in self._service.owners():
+            raise SandboxNotFound(f"no live sandbox {sandbox_id}")
+        detail = f"ended by the admin key {self._admin.key.name!r}"
+        return await self._service.engine.terminate(
+            sandbox_id, reason=EndReason.ADMIN, detail=detail
+        )

@@ -5,6 +5,7 @@ reach into the engine or the store."""
 from fastapi import APIRouter
 
 from corral.server.routes import (
+    admin,
     events,
     files,
     images,
@@ -30,5 +31,6 @@ ROUTERS: tuple[APIRouter, ...] = tuple(
         pools,
         keys,
         events,
+        admin,
     )
 )

@@ -9,8 +9,10 @@
     text   {"type": "signal", "signal": "SIGINT"}
                                                      text   {"type": "exit", "exit_code",
                                                              "signal", "timed_out", "oom_killed"}
-Errors arrive as `{"type": "error", "status", "error": {"code", "message"}}` and the socket
-closes with 4000 + the HTTP status (4401, 4404, ...). A client that disconnects kills its
+A missing or unknown key and a sandbox that is not the caller's are refused before the socket
+is accepted, with the HTTP status and JSON error a request would get. Later errors arrive as
+`{"type": "error", "status", "error": {"code", "message"}}` and the socket closes with 4000 +
+the HTTP status (4404, 4409, ...). A client that disconnects kills its
 process: a stream nobody reads would otherwise leave it running unseen. A server that shuts
 down does not: the process keeps running and the restarted server lists it.
 """
@@ -27,7 +29,7 @@ from pydantic import ValidationError
 
 from corral.core.errors import CorralError, InvalidRequest
 from corral.server.auth import websocket_tenant
-from corral.server.errors import describe_validation
+from corral.server.errors import describe_validation, error_response
 from corral.server.resources.sandboxes import Process, Sandboxes
 from corral.server.routes.processes import command_of
 from corral.server.schemas import StreamExec
@@ -42,10 +44,16 @@ SERVER_GOING_AWAY = 1012  # the close code uvicorn reports when the server shuts
 
 @router.websocket("/sandboxes/{sandbox_id}/exec/stream")
 async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
+    try:
+        # The key, and whose sandbox this is, are checked before the socket is accepted: an
+        # unknown caller never gets one (an HTTP answer, the same JSON error as a request's).
+        sandboxes = Sandboxes(await websocket_tenant(websocket))
+        await sandboxes.info(sandbox_id)
+    except CorralError as error:
+        await _deny(websocket, error)
+        return
     await websocket.accept()
     try:
-        sandboxes = Sandboxes(await websocket_tenant(websocket))
-        await sandboxes.info(sandbox_id)  # not yours: 4404 before the command is read
         request = await _first_message(websocket)
         pty = (request.pty.rows, request.pty.cols) if request.pty else None
         command = command_of(request)
@@ -131,6 +139,14 @@ async def _feed(websocket: WebSocket, process: Process) -> int:
                 await process.signal(control.get("signal", "SIGTERM"))
         except (CorralError, ValueError, KeyError, TypeError) as error:
             log.debug("exec stream control message failed: %s", error)
+
+
+async def _deny(websocket: WebSocket, error: CorralError) -> None:
+    """Refuse the WebSocket with an HTTP answer, where the server can send one."""
+    try:
+        await websocket.send_denial_response(error_response(error))
+    except RuntimeError:  # a server without the denial extension: a bare refusal
+        await websocket.close(4000 + error.status_code, error.code[:120])
 
 
 async def _close_with(websocket: WebSocket, error: CorralError) -> None:
