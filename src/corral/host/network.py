@@ -11,12 +11,19 @@ reconfigure it), with one veth whose host end is its gateway, addresses from 100
 - nothing may open a connection *into* a sandbox; replies to its own connections pass;
 - the rest is masqueraded out of the host's default route.
 
+Forwarding is switched on per interface, never for the whole host: on each sandbox's veth and on
+the interfaces of the default route (replies come in there). An uplink whose forwarding Corral
+turned on is listed in the table's ``routed`` set, and what comes in on it is forwarded only to
+sandboxes, so the host never starts routing for its neighbours. An uplink that already forwarded
+is the operator's choice and left alone. Both the setting and the table live until reboot.
+
 `none` sandboxes need none of this: they get a fresh namespace with only a loopback.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 from pathlib import Path
 
@@ -26,6 +33,7 @@ POOL = ipaddress.ip_network("100.96.0.0/16")
 POOL_SIZE = POOL.num_addresses // 4
 IFACE_PREFIX = "crx"
 NETNS_DIR = Path("/run/netns")
+SYSCTL_DIR = Path("/proc/sys/net/ipv4/conf")
 
 BLOCKED_RANGES = (
     "0.0.0.0/8",
@@ -90,8 +98,42 @@ def netns_path(name: str) -> Path:
     return NETNS_DIR / name
 
 
+def forwarding(iface: str) -> Path:
+    """The IPv4 forwarding switch of one interface (``all`` and ``default`` are left alone)."""
+    return SYSCTL_DIR / iface / "forwarding"
+
+
+def uplinks() -> tuple[str, ...]:
+    """The interfaces of the host's IPv4 default routes."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "route", "show", "default"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    ).stdout
+    return tuple(dict.fromkeys(re.findall(r"\bdev (\S+)", out)))
+
+
+def routed_by_corral() -> set[str]:
+    """Uplinks whose forwarding Corral switched on (the ``routed`` set of its table)."""
+    listed = subprocess.run(
+        ["nft", "list", "set", "inet", "corral", "routed"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    elements = re.search(r"elements = \{([^}]*)\}", listed.stdout)
+    return set(re.findall(r'"([^"]+)"', elements.group(1))) if elements else set()
+
+
 def install_firewall(dns: tuple[str, ...]) -> None:
-    """(Re)write the ``inet corral`` nftables table and turn on IPv4 forwarding."""
+    """(Re)write the ``inet corral`` nftables table and turn on forwarding on the uplinks."""
+    routed = routed_by_corral()
+    for iface in uplinks():
+        if forwarding(iface).read_text().strip() == "0":
+            routed.add(iface)
     blocked = ", ".join(BLOCKED_RANGES)
     dns_rules = ""
     if dns:
@@ -100,16 +142,22 @@ def install_firewall(dns: tuple[str, ...]) -> None:
             f'    iifname "{IFACE_PREFIX}*" ip daddr {{ {servers} }} udp dport 53 accept\n'
             f'    iifname "{IFACE_PREFIX}*" ip daddr {{ {servers} }} tcp dport 53 accept\n'
         )
+    elements = ", ".join(f'"{iface}"' for iface in sorted(routed))
+    routed_set = f"    elements = {{ {elements} }}\n" if routed else ""
     ruleset = f"""
 table inet corral
 delete table inet corral
 table inet corral {{
+  set routed {{
+    type ifname
+{routed_set}  }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
     iifname "{IFACE_PREFIX}*" drop
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
+    iifname @routed oifname != "{IFACE_PREFIX}*" drop
     oifname "{IFACE_PREFIX}*" ct state established,related accept
     oifname "{IFACE_PREFIX}*" drop
     iifname "{IFACE_PREFIX}*" meta nfproto ipv6 drop
@@ -122,7 +170,9 @@ table inet corral {{
 }}
 """
     _run(["nft", "-f", "-"], "install the sandbox firewall", stdin=ruleset)
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    for iface in routed:  # only now that the table guards what comes in on them
+        if forwarding(iface).exists():
+            forwarding(iface).write_text("1\n")
 
 
 def create(ns: str, index: int) -> Path:
@@ -146,7 +196,8 @@ def create(ns: str, index: int) -> Path:
     try:
         _run(["ip", "-batch", "-"], "set up the sandbox network", stdin=outside)
         _run(["ip", "-n", ns, "-batch", "-"], "set up the sandbox network", stdin=inside)
-    except SandboxFailed:
+        forwarding(iface).write_text("1\n")
+    except (SandboxFailed, OSError):
         destroy(ns, index)
         raise
     return netns_path(ns)

@@ -3,7 +3,10 @@
 The filter allows by default and refuses, with EPERM, the system calls that let a process
 escape or attack the kernel from inside a user namespace: tracing other processes, mounting,
 creating or entering namespaces, loading code into the kernel (modules, BPF, kexec), the
-keyring, userfaultfd (a favourite of kernel exploits), io_uring, and netlink or packet sockets.
+keyring, userfaultfd (a favourite of kernel exploits) and io_uring. Sockets are an allow-list:
+Unix, IPv4 and IPv6 only; every other address family (netlink, packet, vsock, AF_ALG, TIPC,
+RDS... rarely used, often buggy, some reaching the hypervisor) answers EAFNOSUPPORT, as if the
+kernel had none.
 Docker's default profile and bubblewrap's own documentation are the references for the list.
 
 libseccomp is loaded with ctypes from the system's libseccomp2 (present on every Debian and
@@ -29,6 +32,7 @@ def _act_errno(code: int) -> int:
 
 
 CMP_EQ = 4
+CMP_GE = 5
 CMP_MASKED_EQ = 7
 
 DENIED_SYSCALLS = (
@@ -91,9 +95,10 @@ DENIED_SYSCALLS = (
     "_sysctl",
 )
 
-AF_NETLINK = 16
-AF_PACKET = 17
-DENIED_SOCKET_FAMILIES = (AF_NETLINK, AF_PACKET)
+AF_UNIX = 1
+AF_INET = 2
+AF_INET6 = 10
+ALLOWED_SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6)
 
 # clone(2) flags that create namespaces; clone3 hides its flags in memory seccomp cannot read,
 # so it answers ENOSYS and the C library falls back to clone(2), where the flags are checked.
@@ -165,9 +170,14 @@ def filter_program() -> bytes:
         eperm = _act_errno(errno.EPERM)
         for name in DENIED_SYSCALLS:
             rule(name, eperm)
-        for family in DENIED_SOCKET_FAMILIES:
-            rule("socket", _act_errno(errno.EAFNOSUPPORT), (0, CMP_EQ, family, 0))
-            rule("socketpair", _act_errno(errno.EAFNOSUPPORT), (0, CMP_EQ, family, 0))
+        no_family = _act_errno(errno.EAFNOSUPPORT)
+        highest = max(ALLOWED_SOCKET_FAMILIES)
+        for call in ("socket", "socketpair"):
+            # Every family below the highest allowed one that is not allowed, then all above
+            # it (the comparison is unsigned: a negative family is above too).
+            for family in set(range(highest)) - set(ALLOWED_SOCKET_FAMILIES):
+                rule(call, no_family, (0, CMP_EQ, family, 0))
+            rule(call, no_family, (0, CMP_GE, highest + 1, 0))
         for flag in CLONE_NAMESPACE_FLAGS:
             rule("clone", eperm, (0, CMP_MASKED_EQ, flag, flag))
         rule("clone3", _act_errno(errno.ENOSYS))
