@@ -93,6 +93,10 @@ def test_sandbox_commands_exec_and_cp(server: Server, tmp_path: Path) -> None:
         assert both_local.returncode == 2 and "invalid_request" in both_local.stderr
 
         assert corral(server, "sandbox", "timeout", sandbox_id, "600").returncode == 0
+        left = corral(server, "exec", sandbox_id, "--", "setsid -f sleep 900; setsid -f sleep 901")
+        assert left.returncode == 0
+        cleared = corral(server, "sandbox", "kill-all", sandbox_id)
+        assert cleared.stderr == f"{sandbox_id}: 2 processes killed\n", cleared
     finally:
         assert corral(server, "sandbox", "kill", sandbox_id).returncode == 0
     info = json.loads(corral(server, "sandbox", "info", sandbox_id, "--json").stdout)
@@ -137,6 +141,9 @@ def test_shell_is_an_interactive_terminal(server: Server) -> None:
     os.close(follower)
     try:
         _read_until(leader, b"# ")  # the prompt: bash drops what is typed before it
+        # ...and readline may still flush the terminal's input just after printing it (what
+        # pexpect's `delaybeforesend` is for): give it a moment.
+        time.sleep(0.5)
         os.write(leader, b"echo $((6*7)) $(tty)\n")
         _read_until(leader, b"42 /dev/pts/")
         os.write(leader, b"exit 7\n")
@@ -145,6 +152,7 @@ def test_shell_is_an_interactive_terminal(server: Server) -> None:
         os.close(leader)
         if shell.poll() is None:
             shell.kill()
+            shell.wait(timeout=30)
         corral(server, "sandbox", "kill", sandbox_id)
 
 

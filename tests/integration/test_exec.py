@@ -76,14 +76,48 @@ async def test_pty_gives_a_terminal_that_resizes(engine: Engine, sandbox: Sandbo
     assert "40 120" in result.stdout.decode(errors="replace")
 
 
-async def test_timeout_kills_the_process_group(engine: Engine, sandbox: SandboxInfo) -> None:
+# Every way a command can put a process out of its own process group, each a `sleep 10NN`.
+RUNAWAY = (
+    "sleep 1001 & "  # a background job
+    "setsid sleep 1002 & "  # a session of its own
+    "(set -m; sleep 1003 &); "  # another process group (job control)
+    "setsid -f sleep 1004; "  # detached: its parent is gone at once
+    "python3 -c 'import os\nif os.fork() == 0:\n os.setsid()\n if os.fork() == 0:\n  "
+    'os.execlp("sleep", "sleep", "1005")\'; '  # a daemon's double fork
+    "sleep 1; echo started; sleep 600"
+)
+COUNT_SLEEPS = "ps -eo args | grep -c '^sleep 10' || true"
+
+
+async def test_timeout_ends_everything_the_command_started(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
     start = time.monotonic()
-    result = await engine.run(sandbox.id, "sleep 30 & sleep 30", timeout=1)
+    result = await engine.run(sandbox.id, RUNAWAY, timeout=4)
     assert result.timed_out
     assert result.signal == 9
-    assert time.monotonic() - start < 20
-    left = await engine.run(sandbox.id, "ps -eo comm | grep -c '^sleep$' || true")
-    assert left.stdout.strip() == b"0"
+    assert result.stdout == b"started\n", result.stderr
+    assert time.monotonic() - start < 30
+    assert (await engine.run(sandbox.id, COUNT_SLEEPS)).stdout.strip() == b"0"
+
+
+async def test_sigkill_ends_everything_but_what_outlived_its_command(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    # Started on purpose and left behind by a command that ended normally: it keeps running.
+    kept = await engine.run(sandbox.id, "nohup sleep 1010 >/dev/null 2>&1 & echo ok")
+    assert kept.stdout == b"ok\n"
+    proc = await engine.exec(sandbox.id, cmd=RUNAWAY)
+    for _ in range(100):  # until all five runaways and the kept one are there
+        if (await engine.run(sandbox.id, COUNT_SLEEPS)).stdout.strip() == b"6":
+            break
+        await asyncio.sleep(0.2)
+    await proc.kill()
+    assert (await proc.wait()).signal == 9
+    left = await engine.run(sandbox.id, "ps -eo args | grep '^sleep 10'")
+    assert left.stdout == b"sleep 1010\n"
+    assert await engine.kill_all(sandbox.id) == 1
+    assert (await engine.run(sandbox.id, COUNT_SLEEPS)).stdout.strip() == b"0"
 
 
 async def test_signal_and_process_list(engine: Engine, sandbox: SandboxInfo) -> None:

@@ -10,8 +10,7 @@ Standard library only, and written for any Python ≥ 3.8, so it runs in any ima
 Every path it receives is resolved here, inside the sandbox's own root: `..` and symlinks are
 interpreted by the sandbox's filesystem and cannot name anything on the host.
 
-It runs as the sandbox's pid 1, non-dumpable: nothing in the sandbox, root included, can signal,
-stop, trace or read it, so nothing can take its secret or its place.
+It runs as the sandbox's pid 1, non-dumpable, handling every signal it can (see `harden`).
 
 Usage: python3 -I -S guest.py SOCKET_DIR
 """
@@ -27,7 +26,7 @@ import sys
 import time
 
 try:
-    from corral.agent import fileops, procs
+    from corral.agent import fileops, procs, tree
     from corral.agent import protocol as P
     from corral.agent.fileops import GuestError
     from corral.agent.procs import Proc
@@ -36,6 +35,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
     import fileops  # type: ignore[import-not-found,no-redef]
     import procs  # type: ignore[import-not-found,no-redef]
     import protocol as P  # type: ignore[import-not-found,no-redef]
+    import tree  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[no-redef]
     from procs import Proc  # type: ignore[no-redef]
 
@@ -297,7 +297,7 @@ class Agent:
             def expire() -> None:
                 if not proc.exited.is_set():
                     proc.timed_out = True
-                    proc.kill_group(signal.SIGKILL)
+                    tree.end_all(tree.family(proc.pid))
 
             timer = self.loop.call_later(float(command.timeout), expire)
         try:
@@ -381,9 +381,14 @@ class Agent:
             signal.Signals(signum)
         except (AttributeError, ValueError):
             raise GuestError("invalid_request", "unknown signal %r" % (sig,)) from None
-        if not proc.exited.is_set():
+        if signum == signal.SIGKILL and not proc.exited.is_set():
+            tree.end_all(tree.family(proc.pid))  # everything the command started goes with it
+        elif not proc.exited.is_set():
             proc.kill_group(signum)
         return {"id": proc.id, "running": not proc.exited.is_set()}
+
+    async def proc_kill_all(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        return {"killed": tree.end_all(tree.everyone)}
 
     async def proc_resize(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
         proc = self.find_proc(params)
@@ -408,6 +413,7 @@ HANDLERS = {
     P.PROC_SIGNAL: Agent.proc_signal,
     P.PROC_RESIZE: Agent.proc_resize,
     P.PROC_LIST: Agent.proc_list,
+    P.PROC_KILL_ALL: Agent.proc_kill_all,
 }
 FILE_HANDLERS = {
     P.FS_READ: fileops.fs_read,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import pwd
 import struct
@@ -17,8 +18,10 @@ import time
 
 try:
     from corral.agent.fileops import GuestError
+    from corral.agent.tree import PR_SET_CHILD_SUBREAPER
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
+    from tree import PR_SET_CHILD_SUBREAPER  # type: ignore[import-not-found,no-redef]
 
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -136,13 +139,14 @@ def resolve_user(user: Any) -> Optional[pwd.struct_passwd]:
 
 
 def spawn(command: Command) -> Tuple["subprocess.Popen[bytes]", Dict[str, int]]:
-    """Start `command` in a session of its own; the process and the agent's ends of its
-    terminal ("pty") or pipes ("stdout", "stderr", "stdin")."""
+    """Start `command` in a session of its own, as a child subreaper (see `tree`); the process
+    and the agent's ends of its terminal ("pty") or pipes ("stdout", "stderr", "stdin")."""
     kwargs: Dict[str, Any] = {
         "cwd": command.cwd,
         "env": command.env,
         "start_new_session": True,
         "close_fds": True,
+        "preexec_fn": functools.partial(_in_child, _libc(), bool(command.pty)),
     }
     user = command.user
     if user is not None:
@@ -177,13 +181,23 @@ def _terminal(
     if command.user is not None:
         os.fchown(slave, command.user.pw_uid, command.user.pw_gid)
     command.env.setdefault("TERM", "xterm-256color")
-    kwargs.update(
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-    )
+    kwargs.update(stdin=slave, stdout=slave, stderr=slave)
     ours["pty"] = master
+
+
+def _in_child(libc: Any, terminal: bool) -> None:
+    """In the new process, before it runs the command: keep what it starts in its tree, and
+    take its terminal as the session's."""
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if terminal:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> Any:
+    import ctypes  # noqa: PLC0415 - the agent has checked it is there (guest.harden)
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _pipes(

@@ -66,6 +66,7 @@ PROC_START = "proc.start"
 PROC_SIGNAL = "proc.signal"
 PROC_RESIZE = "proc.resize"
 PROC_LIST = "proc.list"
+PROC_KILL_ALL = "proc.kill_all"
 FS_READ = "fs.read"
 FS_WRITE = "fs.write"
 FS_LIST = "fs.list"
@@ -82,6 +83,7 @@ METHODS = frozenset(
         PROC_SIGNAL,
         PROC_RESIZE,
         PROC_LIST,
+        PROC_KILL_ALL,
         FS_READ,
         FS_WRITE,
         FS_LIST,

@@ -188,6 +188,14 @@ def sandbox_kill(sandbox_id: str, url: Url = None, api_key: ApiKey = None) -> No
     console.print(f"{info.id}: {info.state.value}")
 
 
+@sandbox_app.command("kill-all")
+def sandbox_kill_all(sandbox_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """Kill every process in a sandbox but Corral's agent (the sandbox and its files stay)."""
+    with session(url, api_key) as sdk:
+        killed = Sandbox.connect(sandbox_id, client=sdk).kill_all()
+    console.print(f"{sandbox_id}: {killed} processes killed")
+
+
 @sandbox_app.command("timeout")
 def sandbox_timeout(
     sandbox_id: str,

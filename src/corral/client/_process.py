@@ -184,7 +184,7 @@ class AsyncProcess:
         await self._control({"type": "signal", "signal": sig})
 
     async def kill(self) -> None:
-        """Kill the process and its process group (SIGKILL)."""
+        """Kill the process and everything it started, whatever its group (SIGKILL)."""
         await self.signal("SIGKILL")
 
     async def resize(self, rows: int, cols: int) -> None:

@@ -337,6 +337,13 @@ class AsyncSandbox:
         data = await self.client.request("GET", self._path("/processes"))
         return [ProcessInfo.from_guest(item) for item in data]
 
+    async def kill_all(self) -> int:
+        """Kill every process in the sandbox but Corral's agent; return how many there were.
+        The way back for a sandbox whose processes are out of control: its files stay, and
+        new commands run as before."""
+        data = await self.client.request("POST", self._path("/processes/kill-all"))
+        return int(data["killed"])
+
     def _path(self, suffix: str = "") -> str:
         return f"/v1/sandboxes/{self.id}{suffix}"
 
@@ -393,6 +400,7 @@ class Sandbox(Twin[AsyncSandbox]):
     run = blocking(AsyncSandbox.run)
     exec = blocking_as(Process, AsyncSandbox.exec)
     processes = blocking(AsyncSandbox.processes)
+    kill_all = blocking(AsyncSandbox.kill_all)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -180,6 +180,11 @@ class Commands:
         name = sig.name if isinstance(sig, signals.Signals) else sig
         await record.link.call(P.PROC_SIGNAL, {"id": process_id, "signal": name})
 
+    async def kill_all(self, sandbox_id: str) -> int:
+        record = await self._access.use(sandbox_id, "kill the processes of")
+        result = await record.link.call(P.PROC_KILL_ALL, {})
+        return int(result["killed"])
+
     async def ping(self, sandbox_id: str) -> float:
         record = await self._access.use(sandbox_id, "ping")
         start = time.perf_counter()

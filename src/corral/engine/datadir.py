@@ -17,7 +17,7 @@ from pathlib import Path
 
 from corral.core.errors import Conflict, SandboxFailed
 
-AGENT_FILES = ("guest.py", "fileops.py", "procs.py", "protocol.py")
+AGENT_FILES = ("guest.py", "fileops.py", "procs.py", "protocol.py", "tree.py")
 
 
 def default_data_dir() -> Path:

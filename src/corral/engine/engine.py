@@ -296,8 +296,7 @@ class Engine:
     # -- memory: hibernate, snapshots, forks -------------------------------------------------------
 
     async def hibernate(self, sandbox_id: str, *, reason: str | None = None) -> SandboxInfo:
-        """Write a sandbox's memory and files to disk and stop it; `wake` (or any use) restores
-        it exactly (see `Checkpoints.hibernate`)."""
+        """Save a sandbox's memory and files to disk and stop it; `wake` or any use restores it."""
         return await self._checkpoints.hibernate(self.registry.get(sandbox_id), reason)
 
     async def wake(self, sandbox_id: str) -> SandboxInfo:
@@ -329,8 +328,7 @@ class Engine:
         await self._checkpoints.delete_snapshot(snapshot_id)
 
     async def fork(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
-        """`count` new sandboxes with this one's memory and files, diverging from now on;
-        all or nothing (see `Checkpoints.fork`)."""
+        """`count` new sandboxes with this one's memory and files (all or nothing)."""
         record = self.registry.get(sandbox_id)
         return await self._checkpoints.fork(record, count, self.create)
 
@@ -399,8 +397,12 @@ class Engine:
     async def signal(
         self, sandbox_id: str, process_id: int, sig: int | str = signal.SIGTERM
     ) -> None:
-        """Send a signal to a process (and its group) by its id."""
+        """Send a signal to a process (and its group; SIGKILL: everything it started)."""
         await self._commands.signal(sandbox_id, process_id, sig)
+
+    async def kill_all(self, sandbox_id: str) -> int:
+        """Kill every process in the sandbox but its agent; return how many there were."""
+        return await self._commands.kill_all(sandbox_id)
 
     async def ping(self, sandbox_id: str) -> float:
         """Round trip to the sandbox's guest agent, in seconds."""
@@ -419,8 +421,7 @@ class Engine:
         )
 
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
-        """Copy what the sandbox changed in its files into the empty directory `dest`, as an
-        image layer, from one consistent moment (see `corral.engine.export`)."""
+        """Copy what the sandbox changed, as an image layer, into the empty directory `dest`."""
         await self._exporter.export_changes(sandbox_id, dest)
 
     def layers_in_use(self) -> set[str]:
@@ -430,8 +431,7 @@ class Engine:
     # -- pools -------------------------------------------------------------------------------------
 
     def configure_pool(self, name: str, template: SandboxSpec, size: int) -> dict[str, Any]:
-        """Keep `size` idle sandboxes like `template` started, for `create` to claim (see
-        `corral.engine.pools`)."""
+        """Keep `size` idle sandboxes like `template` started for `create` to claim."""
         self._require_started()
         return self._pools.configure(name, template, size)
 

@@ -65,7 +65,8 @@ class Process:
         await self._channel.send_eof(P.STDIN)
 
     async def signal(self, sig: int | str = signals.SIGTERM) -> None:
-        """Send a signal to the process's group (default SIGTERM)."""
+        """Send a signal to the process's group (default SIGTERM); SIGKILL ends everything
+        the process started, whatever its group or session."""
         name = sig.name if isinstance(sig, signals.Signals) else sig
         await self._link.call(P.PROC_SIGNAL, {"id": self.id, "signal": name})
 

@@ -295,6 +295,10 @@ class ProcessOut(BaseModel):
         return cls(**{**info.__dict__, "argv": list(info.argv)})
 
 
+class KilledOut(BaseModel):
+    killed: int  # how many processes there were, the agent's own not counted
+
+
 class KeyOut(BaseModel):
     id: str
     name: str

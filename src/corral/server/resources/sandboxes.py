@@ -164,6 +164,9 @@ class Sandboxes:
     async def signal(self, sandbox_id: str, process_id: int, sig: str | int) -> None:
         await self._engine.signal(await self._tenant.sandbox(sandbox_id), process_id, sig)
 
+    async def kill_all(self, sandbox_id: str) -> int:
+        return await self._engine.kill_all(await self._tenant.sandbox(sandbox_id))
+
     # -- files, attached streams, events ----------------------------------------------------------
 
     async def files(self, sandbox_id: str) -> SandboxFiles:

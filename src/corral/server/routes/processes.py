@@ -1,4 +1,4 @@
-"""HTTP routes for commands in a sandbox: run one to completion, list them, signal them.
+"""HTTP routes for commands in a sandbox: run one to completion, list, signal or kill them.
 (Streaming a command: `corral.server.routes.stream`.)"""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 
 from corral.server.auth import SandboxesDep
 from corral.server.resources.sandboxes import Command
-from corral.server.schemas import CommandOut, Exec, ProcessOut, RunCommand, Signal
+from corral.server.schemas import CommandOut, Exec, KilledOut, ProcessOut, RunCommand, Signal
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["processes"])
 
@@ -47,6 +47,14 @@ async def list_processes(sandbox_id: str, sandboxes: SandboxesDep) -> list[Proce
 async def signal_process(
     sandbox_id: str, process_id: int, body: Signal, sandboxes: SandboxesDep
 ) -> Response:
-    """Send a signal (default SIGTERM) to a process and its process group."""
+    """Send a signal (default SIGTERM) to a process and its process group. SIGKILL kills
+    everything the process started, whatever its group or session."""
     await sandboxes.signal(sandbox_id, process_id, body.signal)
     return Response(status_code=204)
+
+
+@router.post("/processes/kill-all")
+async def kill_all_processes(sandbox_id: str, sandboxes: SandboxesDep) -> KilledOut:
+    """Kill every process in the sandbox but Corral's agent: the way back for a sandbox whose
+    processes are out of control. Its files stay; new commands run as before."""
+    return KilledOut(killed=await sandboxes.kill_all(sandbox_id))
