@@ -22,6 +22,7 @@ from corral.runtimes import PREFERENCE
 if TYPE_CHECKING:
     from corral.server.config import ServerConfig
     from corral.server.store import Store
+    from corral.server.tls import TlsFiles
 
 T = TypeVar("T")
 PoolOption = Annotated[
@@ -36,6 +37,22 @@ RegistryOption = Annotated[
         help="A registry (host or host:port) image pulls may reach though it is not a public "
         "address; repeatable. Without it, pulls reach public addresses only.",
     ),
+]
+
+TlsOption = Annotated[
+    str,
+    typer.Option(
+        help="'auto': serve TLS 1.3 with a certificate from a local CA kept in the data "
+        "directory (clients trust it with CORRAL_CA); 'off': plain HTTP, for loopback."
+    ),
+]
+TlsCert = Annotated[
+    Path | None, typer.Option(help="Serve TLS 1.3 with this certificate (PEM, chain included).")
+]
+TlsKey = Annotated[Path | None, typer.Option(help="The private key of --tls-cert (PEM).")]
+TlsName = Annotated[
+    list[str] | None,
+    typer.Option(help="Another name or address clients use, for --tls auto; repeatable."),
 ]
 
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
@@ -70,6 +87,10 @@ def serve(
     max_sandboxes: int = typer.Option(2000, help="Live sandboxes on this node, all keys."),
     pool: PoolOption = None,
     allow_registry: RegistryOption = None,
+    tls: TlsOption = "off",
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_name: TlsName = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
@@ -90,14 +111,16 @@ def serve(
                 name for item in allow_registry or () for name in item.split(",") if name
             ),
         )
+        secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         key_note = asyncio.run(_bootstrap_keys(config))
         os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner
         if prepare:
             _prepare_image(config)
     except CorralError as error:
         fail(error)
-    url = f"http://{host}:{port}"
-    _banner(url, key_note)
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"{'https' if secure else 'http'}://{shown_host}:{port}"
+    _banner(url, key_note, secure, host)
     uvicorn.run(
         create_app(config),
         host=host,
@@ -105,7 +128,33 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=10,
         ws_max_size=16 * 1024 * 1024,
+        ssl_context_factory=(lambda _config, _default: secure.context()) if secure else None,
     )
+
+
+def _tls_files(
+    data_dir: Path,
+    host: str,
+    mode: str,
+    cert: Path | None,
+    key: Path | None,
+    names: tuple[str, ...],
+) -> TlsFiles | None:
+    """What `--tls`, `--tls-cert/--tls-key` and `--tls-name` ask for, checked."""
+    from corral.server import tls
+
+    if mode not in ("off", "auto"):
+        raise InvalidRequest(f"--tls must be 'auto' or 'off', not {mode!r}", code="invalid_tls")
+    if mode == "auto" and (cert or key):
+        raise InvalidRequest(
+            "--tls auto makes its own certificate: drop --tls-cert/--tls-key, or --tls auto",
+            code="invalid_tls",
+        )
+    if names and mode != "auto":
+        raise InvalidRequest("--tls-name is for --tls auto certificates", code="invalid_tls")
+    if mode == "auto":
+        return tls.auto_files(data_dir / "tls", host, names)
+    return tls.operator_files(cert, key)
 
 
 def _parse_pool(item: str) -> tuple[str, SandboxSpec, int]:
@@ -163,12 +212,23 @@ def _prepare_image(config: ServerConfig) -> None:
         engine.images.resolve("debian", progress=lambda line: status.update(line[:100]))
 
 
-def _banner(url: str, key_note: tuple[str, str | None]) -> None:
+def _banner(url: str, key_note: tuple[str, str | None], secure: TlsFiles | None, host: str) -> None:
+    from corral.server.tls import plain_http_warning
+
     kind, secret = key_note
     # A key is printed once, when it is made: never again, so never into a log of every start.
     shown = secret if kind == "new" else "<your key>"
     say = console.print
     say(f"\n[bold green]Corral[/bold green] serves on [bold]{url}[/bold] (API: {url}/docs)")
+    exports = f"CORRAL_URL={url} CORRAL_API_KEY={shown}"
+    if secure is not None and secure.ca is not None:
+        say(f"TLS 1.3, certificate from the local CA {secure.ca}", highlight=False, soft_wrap=True)
+        say(f"  its SHA-256 fingerprint: {secure.fingerprint()}", highlight=False, soft_wrap=True)
+        exports += f" CORRAL_CA={secure.ca}"
+    elif secure is not None:
+        say(f"TLS 1.3 with {secure.cert} (SHA-256 {secure.fingerprint()})", soft_wrap=True)
+    elif warning := plain_http_warning(host):
+        say(f"[yellow]warning[/yellow]: {warning}", highlight=False, soft_wrap=True)
     if kind == "new":
         say(f"Admin API key (shown once, keep it): [bold]{secret}[/bold]", soft_wrap=True)
     elif kind == "env":
@@ -181,7 +241,7 @@ def _banner(url: str, key_note: tuple[str, str | None]) -> None:
     )
     say(
         "Try it from another terminal:\n"
-        f"  export CORRAL_URL={url} CORRAL_API_KEY={shown}\n"
+        f"  export {exports}\n"
         "  .venv/bin/corral run -- python3 -c 'print(6*7)'\n"
         f"  .venv/bin/python -c '{python}'\n",
         highlight=False,
@@ -241,6 +301,6 @@ def keys_list(data_dir: DataDir = None, as_json: Json = False) -> None:
 def keys_revoke(
     key: str = typer.Argument(help="Key id or name."), data_dir: DataDir = None
 ) -> None:
-    """Revoke a key: it stops working at once; its sandboxes run until they end."""
+    """Revoke a key: it stops working at once, and the server ends its live sandboxes."""
     revoked = _with_store(data_dir, lambda store: store.revoke_key(key))
     console.print(f"revoked {revoked.id} ({revoked.name})")

@@ -32,7 +32,10 @@ class AsyncClient:
     """A connection to one Corral server, configured by arguments or the environment.
 
     `url` defaults to `$CORRAL_URL` (else http://127.0.0.1:8470), `api_key` to
-    `$CORRAL_API_KEY`.
+    `$CORRAL_API_KEY`. An `https` server's certificate is checked against the CA file `ca`
+    (default `$CORRAL_CA`, the path `corral serve --tls auto` prints), else the system's CAs;
+    `verify=False` (or `CORRAL_TLS_VERIFY=0`) skips the check, which lets anyone in between
+    read your key.
 
     Example:
         >>> async with corral.AsyncClient(url="http://127.0.0.1:8470", api_key=key) as client:
@@ -40,11 +43,21 @@ class AsyncClient:
     """
 
     def __init__(
-        self, url: str | None = None, api_key: str | None = None, *, timeout: float = 300.0
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 300.0,
+        ca: str | None = None,
+        verify: bool | None = None,
     ) -> None:
         self.url = (url or os.environ.get("CORRAL_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("CORRAL_API_KEY") or None
         self._timeout = timeout
+        self._ca = ca or os.environ.get("CORRAL_CA") or None
+        if verify is None:
+            verify = os.environ.get("CORRAL_TLS_VERIFY", "1").lower() not in ("0", "false", "no")
+        self._verify = verify
         self._transport: Transport | None = None  # made on first use (see _transport.py)
 
     @property
@@ -56,7 +69,9 @@ class AsyncClient:
                 )
             from corral.client._transport import Transport
 
-            self._transport = Transport(self.url, self.api_key, self._timeout)
+            self._transport = Transport(
+                self.url, self.api_key, self._timeout, ca=self._ca, verify=self._verify
+            )
         return self._transport
 
     async def aclose(self) -> None:

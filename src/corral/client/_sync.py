@@ -246,15 +246,16 @@ class static(Generic[P, R]):
 # -- the client ---------------------------------------------------------------------------------
 
 
-async def _make_client(url: str | None, api_key: str | None, timeout: float) -> AsyncClient:
-    return AsyncClient(url, api_key, timeout=timeout)
+async def _make_client(url: str | None, api_key: str | None, **options: Any) -> AsyncClient:
+    return AsyncClient(url, api_key, **options)
 
 
 class Client(Twin[AsyncClient]):
     """A connection to a Corral server for synchronous code.
 
     `url` defaults to `$CORRAL_URL` (else http://127.0.0.1:8470), `api_key` to
-    `$CORRAL_API_KEY`.
+    `$CORRAL_API_KEY`; `ca` and `verify` check an `https` server's certificate (see
+    `AsyncClient`).
 
     Example:
         >>> client = corral.Client(url="http://127.0.0.1:8470", api_key="corral_...")
@@ -264,10 +265,17 @@ class Client(Twin[AsyncClient]):
     """
 
     def __init__(
-        self, url: str | None = None, api_key: str | None = None, *, timeout: float = 300.0
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 300.0,
+        ca: str | None = None,
+        verify: bool | None = None,
     ) -> None:
         self._portal = Portal()
-        super().__init__(self, self._portal.call(_make_client(url, api_key, timeout)))
+        made = _make_client(url, api_key, timeout=timeout, ca=ca, verify=verify)
+        super().__init__(self, self._portal.call(made))
         self.url = self._async.url
 
     @property

@@ -9,6 +9,7 @@ before it does) should not pay for it.
 from __future__ import annotations
 
 import json
+import ssl
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from corral.core.errors import ConnectionFailed, CorralError, from_response
+from corral.core.errors import ConnectionFailed, CorralError, InvalidRequest, from_response
 
 
 class Socket:
@@ -54,11 +55,17 @@ class Socket:
 class Transport:
     """One server's HTTP connection pool and WebSockets, with one API key."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
+    def __init__(
+        self, url: str, api_key: str | None, timeout: float, *, ca: str | None, verify: bool
+    ) -> None:
         self.url = url
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._tls = tls_context(ca, verify) if url.startswith("https:") else None
         self._http = httpx.AsyncClient(
-            base_url=url, headers=self._headers, timeout=httpx.Timeout(timeout, connect=10.0)
+            base_url=url,
+            headers=self._headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            verify=self._tls or True,
         )
         self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
 
@@ -123,6 +130,7 @@ class Transport:
                 additional_headers=self._headers,
                 max_size=None,  # the agent's chunks are bounded; frames are never huge
                 open_timeout=10,
+                ssl=self._tls,
             )
         except InvalidStatus as exc:  # refused with an answer: the server's error
             answer = exc.response
@@ -134,10 +142,41 @@ class Transport:
         return socket
 
     def unreachable(self, exc: Exception) -> CorralError:
+        if _untrusted(exc):
+            return ConnectionFailed(
+                f"the Corral server at {self.url} has a TLS certificate this client does not "
+                f"trust ({exc}): set CORRAL_CA (or ca=) to the CA file `corral serve` printed, "
+                "or, only if you accept anyone in between reading your key, verify=False"
+            )
         return ConnectionFailed(
             f"cannot reach the Corral server at {self.url} ({type(exc).__name__}: {exc}); "
             "is `corral serve` running, and is CORRAL_URL right?"
         )
+
+
+def tls_context(ca: str | None, verify: bool) -> ssl.SSLContext:
+    """The client's TLS: the CA in `ca` only if given, else the system's; verified unless
+    `verify` is False."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidRequest(
+            f"cannot use {ca} as the Corral server's CA (CORRAL_CA or ca=): {exc}",
+            code="invalid_tls",
+        ) from exc
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _untrusted(exc: BaseException | None) -> bool:
+    """Whether `exc`, or what caused it, is a failed certificate check."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _error(status: int, body: bytes, headers: Mapping[str, str]) -> CorralError:
