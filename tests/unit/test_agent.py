@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -236,3 +237,27 @@ async def test_an_agent_from_before_version_2_is_still_adopted(tmp_path: Path) -
     finally:
         writer.close()
         await legacy.close()
+
+
+async def test_the_socket_is_bound_however_deep_its_directory(tmp_path: Path) -> None:
+    """A socket's address holds 107 bytes; a data directory may be deeper than that."""
+    deep = tmp_path.joinpath(*["a-rather-long-directory-name"] * 5)
+    deep.mkdir(parents=True)
+    link = AgentLink(deep, "sb-deep", new_secret())
+    await link.listen()
+    try:
+        assert len(str(link.socket_path)) > 108
+        assert stat.S_ISSOCK(link.socket_path.lstat().st_mode)
+        fd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
+        try:
+            _, writer = await asyncio.open_unix_connection(
+                f"/proc/self/fd/{fd}/{link.socket_path.name}"
+            )
+        finally:
+            os.close(fd)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.2)  # the host sees it go
+    finally:
+        await link.close()
+    assert not link.socket_path.exists()

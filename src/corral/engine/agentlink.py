@@ -15,6 +15,7 @@ import hmac
 import itertools
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,21 @@ MAX_UNREAD_MESSAGES = 64  # EVENTs a stream may have waiting (one or two in prac
 # so connections that never answer cannot keep the agent out for long. (Only a process that
 # knows the socket's secret name can connect at all.)
 MAX_HANDSHAKES = 8
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening socket bound at `path`, however deep: a socket's address holds at most 107
+    bytes, so it is bound through the directory's descriptor, whose name is always short."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.bind(f"/proc/self/fd/{fd}/{path.name}")
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(fd)
+    return sock
 
 
 class Channel:
@@ -262,7 +278,9 @@ class AgentLink:
         """Listen on the socket, replacing whatever a previous host left there."""
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
+        self._server = await asyncio.start_unix_server(
+            self._accept, sock=bind_unix(self.socket_path)
+        )
         if not self.connected:
             self._lost_at = time.monotonic()  # the agent's absence counts from now
         # The directory is root's and read-only inside the sandbox, so this cannot be raced.
