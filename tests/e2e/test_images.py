@@ -427,7 +427,11 @@ def test_a_sandbox_snapshot_becomes_an_image_for_every_runtime(
     require_runtime(source)
     image = fresh().run_commands("useradd -m bob").build(client=client)
     with Sandbox.create(image=image, runtime=source, client=client) as sandbox:
-        sandbox.exec("sh", "-c", "while true; do date > /root/clock; sleep 0.1; done")
+        # Written aside and renamed: a reader never catches the file just truncated.
+        tick = (
+            "while true; do date > /root/clock.new; mv /root/clock.new /root/clock; sleep 0.1; done"
+        )
+        sandbox.exec("sh", "-c", tick)
         sandbox.run(
             "echo made-here > /root/made; rm /etc/build-token; mkdir -p /opt/app; "
             "echo bob > /home/bob/owned; chown bob:bob /home/bob/owned; "

@@ -8,7 +8,8 @@ has exited, what it left running is on its own (the sandbox's, like `nohup serve
 `kill_all` ends everything but the agent.
 
 Ending is freeze-then-kill: every member is stopped (a stopped process cannot fork) until a scan
-finds no new one, then all are killed, so a fork bomb cannot outrun it.
+finds no new one, then all are killed, and again until a scan finds nobody, so a fork bomb
+cannot outrun it.
 
 Standard library only, for any Python >= 3.8, like the rest of the agent.
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Callable, Dict, Iterable, NamedTuple, Set
 
-MAX_ROUNDS = 64  # freeze scans before killing what was found anyway
+MAX_ROUNDS = 64  # freeze scans before killing what was found anyway; kill rounds
+SETTLE = 0.005  # seconds between kill rounds
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -74,8 +77,21 @@ def everyone(table: Dict[int, Entry]) -> Set[int]:
 
 
 def end_all(members: Callable[[Dict[int, Entry]], Iterable[int]]) -> int:
-    """Stop what `members` finds until it finds nothing new, then kill all of it; return how
-    many processes that was."""
+    """Stop what `members` finds until it finds nothing new, then kill all of it, and again
+    until nothing is left (a process forking as it was stopped may have a child the last scan
+    missed); return how many processes that was."""
+    ended: Set[int] = set()
+    for _ in range(MAX_ROUNDS):
+        stopped = _freeze(members)
+        if not stopped:
+            break
+        _send(stopped, signal.SIGKILL)
+        ended |= stopped
+        time.sleep(SETTLE)  # the kills take effect
+    return len(ended)
+
+
+def _freeze(members: Callable[[Dict[int, Entry]], Iterable[int]]) -> Set[int]:
     stopped: Set[int] = set()
     for _ in range(MAX_ROUNDS):
         fresh = set(members(scan())) - stopped
@@ -83,8 +99,7 @@ def end_all(members: Callable[[Dict[int, Entry]], Iterable[int]]) -> int:
             break
         _send(fresh, signal.SIGSTOP)
         stopped |= fresh
-    _send(stopped, signal.SIGKILL)
-    return len(stopped)
+    return stopped
 
 
 def _send(pids: Iterable[int], sig: int) -> None:
