@@ -22,25 +22,45 @@ from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
-from tests.conftest import leftovers
+from tests.conftest import leftovers, require_runtime
 
 
-async def test_memory_over_limit_is_oom_killed(engine: Engine, runtime: str) -> None:
-    info = await engine.create(SandboxSpec(runtime=runtime, memory_mb=128))
+async def test_memory_over_limit_kills_the_process_alone(engine: Engine, runtime: str) -> None:
+    """Under every runtime: the process that outgrows the sandbox dies (137, oom_killed), and
+    the sandbox, its other processes and its files live on. (gVisor's Sentry is one host
+    process, which the host's OOM killer would take whole: the agent kills first.)"""
+    info = await engine.create(SandboxSpec(runtime=runtime, memory_mb=256))
     try:
-        hog = "x = bytearray(400 * 1024 * 1024); print('survived')"
-        if runtime == "gvisor":
-            # The host's OOM killer takes gVisor's kernel, so the whole sandbox, with it.
-            with pytest.raises(SandboxEnded) as ended:
-                await engine.run(info.id, ["python3", "-c", hog], timeout=120)
-            assert "out_of_memory" in ended.value.message
-            assert engine.get(info.id).end_reason is EndReason.OUT_OF_MEMORY
-        else:
-            result = await engine.run(info.id, ["python3", "-c", hog], timeout=120)
-            assert b"survived" not in result.stdout
-            assert result.oom_killed, result
-            assert result.signal == 9
-            assert (await engine.run(info.id, "echo still here")).stdout == b"still here\n"
+        await engine.files(info.id).write("/tmp/notes.txt", b"kept")
+        bystander = await engine.run(info.id, "sleep 600 >/dev/null 2>&1 & echo $!")
+        hog = "x = bytearray(600 * 1024 * 1024); print('survived')"
+        result = await engine.run(info.id, ["python3", "-c", hog], timeout=120)
+        assert b"survived" not in result.stdout
+        assert result.oom_killed, result
+        assert (result.exit_code, result.signal) == (137, 9)
+        assert engine.get(info.id).state is SandboxState.RUNNING
+        assert await engine.files(info.id).read_bytes("/tmp/notes.txt") == b"kept"
+        pid = bystander.stdout.decode().strip()
+        alive = await engine.run(info.id, f"kill -0 {pid} && echo alive")
+        assert alive.stdout == b"alive\n"
+        # A process that stays within the budget is not blamed for anything.
+        fits = await engine.run(info.id, ["python3", "-c", "x = bytearray(64 << 20)"])
+        assert (fits.exit_code, fits.oom_killed) == (0, False)
+    finally:
+        await engine.terminate(info.id)
+
+
+async def test_memory_no_kill_can_free_ends_a_gvisor_sandbox_saying_so(engine: Engine) -> None:
+    """Files in a memory filesystem past the budget: killing processes would free nothing,
+    so none is killed and the host's limit ends the sandbox, as out_of_memory."""
+    require_runtime("gvisor")
+    info = await engine.create(SandboxSpec(runtime="gvisor", memory_mb=256))
+    try:
+        fill = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=1024"
+        with pytest.raises(SandboxEnded) as ended:
+            await engine.run(info.id, fill, timeout=120)
+        assert "out_of_memory" in ended.value.message
+        assert engine.get(info.id).end_reason is EndReason.OUT_OF_MEMORY
     finally:
         await engine.terminate(info.id)
 

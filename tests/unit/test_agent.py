@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import corral.agent.guest as guest_module
+from corral.agent import memory
 from corral.agent import protocol as P
 from corral.core.errors import AgentUnavailable, FileNotFound, InvalidRequest
 from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink
@@ -261,3 +262,17 @@ async def test_the_socket_is_bound_however_deep_its_directory(tmp_path: Path) ->
     finally:
         await link.close()
     assert not link.socket_path.exists()
+
+
+def test_the_memory_guard_reads_use_and_the_largest_process(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  327680 kB\nMemFree:  100000 kB\nMemAvailable:  294912 kB\n")
+    assert memory.in_use(str(meminfo)) == (327680 - 294912) * 1024
+    for pid, pages in ((10, 100), (11, 5000), (os.getpid(), 99999)):  # the agent aside
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "statm").write_text(f"9999 {pages} 0 0 0 0 0\n")
+    (tmp_path / "12").mkdir()  # gone while it looked: no statm
+    (tmp_path / "self").mkdir()
+    victim, held = memory.processes(str(tmp_path))
+    assert victim == (11, 5000 * memory.PAGE)
+    assert held == 5100 * memory.PAGE

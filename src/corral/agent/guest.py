@@ -10,7 +10,7 @@ Standard library only, and written for any Python ≥ 3.8, so it runs in any ima
 Every path it receives is resolved here, inside the sandbox's own root: `..` and symlinks are
 interpreted by the sandbox's filesystem and cannot name anything on the host.
 
-It runs as the sandbox's pid 1, non-dumpable, handling every signal it can (see `harden`).
+It runs as the sandbox's pid 1, non-dumpable, handling every signal it can (see `shield.harden`).
 
 Usage: python3 -I -S guest.py SOCKET_DIR
 """
@@ -26,15 +26,17 @@ import sys
 import time
 
 try:
-    from corral.agent import fileops, procs, tree
+    from corral.agent import fileops, memory, procs, shield, tree
     from corral.agent import protocol as P
     from corral.agent.fileops import GuestError
     from corral.agent.procs import Proc
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import fileops  # type: ignore[import-not-found,no-redef]
+    import memory  # type: ignore[import-not-found,no-redef]
     import procs  # type: ignore[import-not-found,no-redef]
     import protocol as P  # type: ignore[import-not-found,no-redef]
+    import shield  # type: ignore[import-not-found,no-redef]
     import tree  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[no-redef]
     from procs import Proc  # type: ignore[no-redef]
@@ -94,8 +96,9 @@ class Stream:
 
 
 class Agent:
-    def __init__(self, socket_dir: str, secret: bytes) -> None:
+    def __init__(self, socket_dir: str, secret: bytes, memory_budget: int = 0) -> None:
         self.socket_path = os.path.join(socket_dir, P.socket_name(secret))
+        self.guard = memory.Guard(memory_budget) if memory_budget > 0 else None
         self.secret = secret
         self.loop = asyncio.get_event_loop()
         self.writer: Optional[asyncio.StreamWriter] = None
@@ -111,6 +114,8 @@ class Agent:
 
     async def run(self) -> None:
         self.loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        if self.guard is not None:
+            self.loop.create_task(self.guard.watch(self.blame))
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self.socket_path)
@@ -226,6 +231,13 @@ class Agent:
                 pass
 
     # -- processes --------------------------------------------------------------------------
+
+    def blame(self, pid: int) -> None:
+        """Mark the command `pid` belongs to as killed for the sandbox's memory."""
+        table = tree.scan()
+        for proc in self.procs.values():
+            if not proc.exited.is_set() and pid in tree.family(proc.pid)(table):
+                proc.oom_killed = True
 
     def reap(self) -> None:
         while True:
@@ -427,50 +439,6 @@ FILE_HANDLERS = {
 }
 
 
-def harden() -> None:
-    """Keep sandboxed code away from the agent: no core dumps, ptrace or /proc access to its
-    memory (it holds the sandbox's secret), no signal it has not asked for (as pid 1 it gets
-    only those)."""
-    try:
-        import ctypes  # noqa: PLC0415 - only here, to say clearly when it is missing
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 0
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
-    except (OSError, AttributeError, ImportError) as exc:
-        # Without it, any process of the sandbox's uid could read the secret from memory.
-        sys.stderr.write(
-            "corral agent: cannot protect itself (%s); the image's python3 needs ctypes\n" % (exc,)
-        )
-        sys.exit(3)
-    # As pid 1 under bubblewrap the kernel already drops every signal it does not handle; the
-    # Sentry does not, so a handler (a no-op: reset to the default in every program the agent
-    # starts) keeps `kill -TERM 1` and the like from ending it. SIGKILL and SIGSTOP cannot be
-    # handled: under gVisor the engine notices an agent that stops answering and ends the
-    # sandbox, saying why (never a silent hang, never a stand-in).
-    faults = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGSYS", "SIGTRAP"}
-    for sig in signal.valid_signals():
-        name = getattr(sig, "name", "")  # real-time signals have none
-        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) or name in faults:
-            continue
-        try:
-            signal.signal(sig, _ignore)
-        except (OSError, ValueError):  # reserved by the C library (some real-time signals)
-            pass
-
-
-def _ignore(_signum: int, _frame: Any) -> None:
-    pass
-
-
-def quiet() -> None:
-    """Leave the host's stdio: it may be a pipe the host stops reading."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def read_secret(socket_dir: str) -> bytes:
     """The sandbox's secret, from the file the host deletes once the agent has proved it."""
     with open(os.path.join(socket_dir, P.KEY_NAME), "rb") as handle:
@@ -478,20 +446,22 @@ def read_secret(socket_dir: str) -> bytes:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.stderr.write("usage: guest.py SOCKET_DIR\n")
+    args = sys.argv[1:]
+    if len(args) not in (1, 2) or (len(args) == 2 and not args[1].isdigit()):
+        sys.stderr.write("usage: guest.py SOCKET_DIR [MEMORY_BUDGET_BYTES]\n")
         sys.exit(2)
-    socket_dir = sys.argv[1]
-    harden()
+    socket_dir = args[0]
+    budget = int(args[1]) if len(args) == 2 else 0
+    shield.harden()
     try:
         secret = read_secret(socket_dir)
     except (OSError, ValueError) as exc:
         sys.stderr.write("corral agent: cannot read the sandbox's key: %s\n" % (exc,))
         sys.exit(3)
-    quiet()
+    shield.quiet()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(Agent(socket_dir, secret).run())
+    loop.run_until_complete(Agent(socket_dir, secret, budget).run())
 
 
 if __name__ == "__main__":

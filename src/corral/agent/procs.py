@@ -40,6 +40,7 @@ class Proc:
         self.exited = asyncio.Event()
         self.status: Optional[int] = None
         self.timed_out = False
+        self.oom_killed = False  # by the agent's memory guard (see `memory`)
         self.stdin_fd: Optional[int] = None
         self.pty_fd: Optional[int] = None
         self.started = time.time()
@@ -59,6 +60,7 @@ class Proc:
             "exit_code": exit_code,
             "signal": sig,
             "timed_out": self.timed_out,
+            "oom_killed": self.oom_killed,
         }
 
     def describe(self) -> Dict[str, Any]:

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from corral.core.errors import Conflict, SandboxFailed
 
-AGENT_FILES = ("guest.py", "fileops.py", "procs.py", "protocol.py", "tree.py")
+AGENT_FILES = (
+    "guest.py",
+    "fileops.py",
+    "memory.py",
+    "procs.py",
+    "protocol.py",
+    "shield.py",
+    "tree.py",
+)
 
 
 def default_data_dir() -> Path:

@@ -101,7 +101,8 @@ class Process:
             stderr=b"".join(err),
             signal=result.get("signal"),
             timed_out=bool(result.get("timed_out")),
-            oom_killed=killed and self._oom_check(),
+            # The kernel's OOM killer, or the agent's (gVisor), which says so itself.
+            oom_killed=bool(result.get("oom_killed")) or (killed and self._oom_check()),
             pid=self.pid,
             id=self.id,
         )

@@ -7,11 +7,11 @@ never talks to the host kernel directly.
 Configured so that a later memory checkpoint captures everything: the root overlay lives inside
 the sandbox (`--overlay2`, its file store on the sandbox's quota disk, so the disk quota gives
 ENOSPC inside) and the agent reaches the host only through a Unix socket it dials
-(`--host-uds=open`). Measured behaviour on this class of machine is recorded
-in docs/runtimes.md: notably the whole sandbox (not one process) ends when it exceeds its
-memory limit, and `--network=sandbox` cannot run on kernels where runsc mistakes every network
-namespace for the root one, so internet sandboxes use `--network=host` inside their own network
-namespace (checkpoints then are refused).
+(`--host-uds=open`). Measured behaviour on this class of machine is recorded in
+docs/runtimes.md: notably the host's OOM killer would end the whole sandbox (so the agent kills
+the largest process first: see `memory_headroom`), and `--network=sandbox` cannot run on
+kernels where runsc mistakes every network namespace for the root one, so internet sandboxes
+use `--network=host` inside their own network namespace (checkpoints then are refused).
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ from corral.runtimes.plan import Bind, MountOp, SandboxPlan, Tmpfs
 PIDS_BASE = 64
 PIDS_PER_PROCESS = 3
 COMMAND_TIMEOUT = 60
+# The host cgroup's memory limit above the budget (see `memory_headroom`; measured in
+# docs/runtimes.md).
+HEADROOM_MIN = 64 << 20
+HEADROOM_FRACTION = 4
 
 
 class GVisorRuntime(Runtime):
@@ -166,7 +170,7 @@ class GVisorRuntime(Runtime):
                 "gidMappings": ids,
                 "cgroupsPath": "/" + plan.cgroup_name,
                 "resources": {
-                    "memory": {"limit": plan.limits.memory_bytes},
+                    "memory": {"limit": plan.limits.memory_bytes + memory_headroom(plan)},
                     "cpu": {
                         "quota": max(1000, int(plan.limits.cpu * CPU_PERIOD_US)),
                         "period": CPU_PERIOD_US,
@@ -288,6 +292,14 @@ class GVisorRuntime(Runtime):
         mounts.remove_tree(plan.dir)
 
 
+def memory_headroom(plan: SandboxPlan) -> int:
+    """What the host's cgroup allows above the sandbox's budget. The Sentry is one host
+    process, so the host's OOM killer would end the whole sandbox; inside, the agent kills the
+    largest process past the budget instead, and the headroom absorbs what an allocation adds
+    before the agent sees it and what the Sentry has not yet handed back to the host."""
+    return max(HEADROOM_MIN, plan.limits.memory_bytes // HEADROOM_FRACTION)
+
+
 def _oci_process(plan: SandboxPlan) -> dict[str, Any]:
     """The sandbox's first process, its guest agent: root inside, the sandbox's capabilities,
     RLIMIT_NPROC as the process limit (the Sentry enforces it)."""
@@ -296,7 +308,8 @@ def _oci_process(plan: SandboxPlan) -> dict[str, Any]:
     return {
         "terminal": False,
         "user": {"uid": 0, "gid": 0},
-        "args": plan.agent_argv,
+        # The agent kills the largest process past the budget (see `corral.agent.memory`).
+        "args": [*plan.agent_argv, str(plan.limits.memory_bytes)],
         "env": [f"{k}={v}" for k, v in plan.guest_env.items()],
         "cwd": "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},

@@ -1,0 +1,56 @@
+"""How the guest agent keeps sandboxed code away from itself: it holds the sandbox's secret
+and is the only process whose word the host takes.
+
+Standard library only, for any Python >= 3.8, like the rest of the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+
+def harden() -> None:
+    """Keep sandboxed code away from the agent: no core dumps, ptrace or /proc access to its
+    memory (it holds the sandbox's secret), no signal it has not asked for (as pid 1 it gets
+    only those)."""
+    try:
+        import ctypes  # noqa: PLC0415 - only here, to say clearly when it is missing
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 0
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    except (OSError, AttributeError, ImportError) as exc:
+        # Without it, any process of the sandbox's uid could read the secret from memory.
+        sys.stderr.write(
+            "corral agent: cannot protect itself (%s); the image's python3 needs ctypes\n" % (exc,)
+        )
+        sys.exit(3)
+    # As pid 1 under bubblewrap the kernel already drops every signal it does not handle; the
+    # Sentry does not, so a handler (a no-op: reset to the default in every program the agent
+    # starts) keeps `kill -TERM 1` and the like from ending it. SIGKILL and SIGSTOP cannot be
+    # handled: under gVisor the engine notices an agent that stops answering and ends the
+    # sandbox, saying why (never a silent hang, never a stand-in).
+    faults = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGSYS", "SIGTRAP"}
+    for sig in signal.valid_signals():
+        name = getattr(sig, "name", "")  # real-time signals have none
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) or name in faults:
+            continue
+        try:
+            signal.signal(sig, _ignore)
+        except (OSError, ValueError):  # reserved by the C library (some real-time signals)
+            pass
+
+
+def _ignore(_signum: int, _frame: Any) -> None:
+    pass
+
+
+def quiet() -> None:
+    """Leave the host's stdio: it may be a pipe the host stops reading."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
