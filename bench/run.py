@@ -21,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ import corral
 from corral import AsyncClient, AsyncSandbox
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine
+from corral.engine.sealing import KeyRing
 from corral.host.cgroups import Cgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -465,6 +467,39 @@ class Suite:
             },
         )
 
+    def sealing_cost(self, size_mb: int) -> None:
+        """What sealing at rest adds to a hibernation (seal) and a wake (open) of an image of
+        `size_mb` MiB, beside a plain copy of the same file, in this process (tmpfs to tmpfs,
+        as the engine does it: the staging side is memory)."""
+        keys = KeyRing([secrets.token_bytes(32)])
+        laps: dict[str, list[float]] = {"copy": [], "seal": [], "open": []}
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as scratch:
+            plain, sealed, back = (Path(scratch) / n for n in ("plain", "sealed", "back"))
+            with plain.open("wb") as handle:
+                for _ in range(size_mb):
+                    handle.write(os.urandom(MiB))
+            for _ in range(3 if self.args.quick else 5):
+                started = time.perf_counter()
+                shutil.copyfile(plain, back)
+                laps["copy"].append(time.perf_counter() - started)
+                with plain.open("rb") as source, sealed.open("wb") as target:
+                    started = time.perf_counter()
+                    keys.seal_file(source, target)
+                    laps["seal"].append(time.perf_counter() - started)
+                with sealed.open("rb") as source, back.open("wb") as target:
+                    started = time.perf_counter()
+                    keys.open_file(source, target)
+                    laps["open"].append(time.perf_counter() - started)
+        self.record(
+            f"sealing at rest, {size_mb} MiB image",
+            "any",
+            {
+                **{f"{k}_p50_ms": summary(v)["p50_ms"] for k, v in laps.items()},
+                "seal_MiB_per_s": round(size_mb / statistics.median(laps["seal"])),
+                "open_MiB_per_s": round(size_mb / statistics.median(laps["open"])),
+            },
+        )
+
     async def fork_ten(self) -> None:
         """gvisor: fork(10) of a sandbox with a running Python, to all ten answering."""
         source = await AsyncSandbox.create(runtime="gvisor", pool=False, client=self.client)
@@ -613,6 +648,7 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         if "gvisor" in runtimes:
             for size_mb in (50, 500):
                 await suite.hibernate_wake(size_mb)
+                suite.sealing_cost(size_mb)
             await suite.fork_ten()
         await suite.image_rebuild()
         return {"machine": machine(), "args": vars(args), "results": suite.results}

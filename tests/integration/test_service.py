@@ -19,7 +19,7 @@ async def test_a_sandbox_gone_across_a_restart_is_marked_ended(data_dir: Path) -
     config = ServerConfig(data_dir=data_dir.with_name(data_dir.name + "-service"))
     config.database.parent.mkdir(parents=True, exist_ok=True)
     config.database.unlink(missing_ok=True)
-    store = await Store.open(config.database)
+    store = await Store.open(config.database, config.key_ring())
     key, _ = await store.create_key("owner")
     now = time.time()
     vanished = SandboxInfo(

@@ -14,10 +14,15 @@ from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
+from corral.engine.sealing import KeyRing
 from corral.runtimes.plan import PlanLimits, PlanNetwork, SandboxPlan
 
+KEYS = KeyRing([bytes(range(32))])
 
-def _record(tmp_path: Path, *, for_pool: bool = False) -> SandboxRecord:
+
+def _record(
+    tmp_path: Path, *, for_pool: bool = False, spec: SandboxSpec | None = None
+) -> SandboxRecord:
     plan = SandboxPlan(
         sandbox_id="sb-0000000000000000",
         runtime="namespaces",
@@ -32,7 +37,8 @@ def _record(tmp_path: Path, *, for_pool: bool = False) -> SandboxRecord:
         agent_dir="/agent",
     )
     Path(plan.directory).mkdir()
-    return SandboxRecord(SandboxSpec(timeout=60), plan, for_pool=for_pool, secret=new_secret())
+    spec = spec or SandboxSpec(timeout=60)
+    return SandboxRecord(spec, plan, for_pool=for_pool, secret=new_secret(), keys=KEYS)
 
 
 def test_public_states_and_history(tmp_path: Path) -> None:
@@ -99,7 +105,7 @@ def test_a_pooled_sandbox_is_nobodys_until_claimed(tmp_path: Path) -> None:
     record.move(Phase.POOLED)
     assert registry.list() == [] and heard == []
     saved = json.loads((record.plan.dir / "sandbox.json").read_text())
-    assert saved["pooled"] and SandboxRecord.from_saved(saved).phase is Phase.POOLED
+    assert saved["pooled"] and SandboxRecord.from_saved(saved, KEYS).phase is Phase.POOLED
     claim = SandboxSpec(timeout=30, metadata={"who": "me"})
     record.start_lifetime(claim)
     assert [change.state for change in record.history] == [
@@ -116,6 +122,23 @@ def test_records_read_back_as_written(tmp_path: Path) -> None:
     record.start_lifetime(record.spec)
     record.move(Phase.PAUSED, "by hand")
     saved = json.loads((record.plan.dir / "sandbox.json").read_text())
-    again = SandboxRecord.from_saved(saved)
+    again = SandboxRecord.from_saved(saved, KEYS)
     assert again.info() == record.info()
     assert again.phase is Phase.PAUSED
+
+
+def test_records_keep_the_environment_and_the_agent_secret_sealed(tmp_path: Path) -> None:
+    record = _record(tmp_path, spec=SandboxSpec(env={"API_TOKEN": "hunter2-marker"}))
+    record.start_lifetime(record.spec)
+    raw = (record.plan.dir / "sandbox.json").read_text()
+    assert record.link.secret is not None
+    assert "hunter2-marker" not in raw and record.link.secret.hex() not in raw
+    again = SandboxRecord.from_saved(json.loads(raw), KEYS)
+    assert again.spec.env == {"API_TOKEN": "hunter2-marker"}
+    assert again.link.secret == record.link.secret
+    # A record written before sealing existed reads as it was written.
+    legacy = {**json.loads(raw), "spec": {**record.spec.to_dict()}}
+    legacy["agent_secret"] = record.link.secret.hex()
+    old = SandboxRecord.from_saved(legacy, KEYS)
+    assert old.spec.env == {"API_TOKEN": "hunter2-marker"}
+    assert old.link.secret == record.link.secret

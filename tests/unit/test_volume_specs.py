@@ -14,6 +14,7 @@ from corral.core.names import check_volume_name
 from corral.core.spec import MAX_VOLUMES, SandboxSpec, VolumeMount, check_mount_path
 from corral.core.spec import check_volume_size as check_size
 from corral.engine.pools import pool_key
+from corral.engine.sealing import KeyRing
 from corral.runtimes.plan import Bind, PlanLimits, PlanNetwork, PlanVolume, SandboxPlan
 from corral.server.store import Store, VolumeEntry
 
@@ -188,7 +189,7 @@ def test_cli_volume_syntax() -> None:
 
 
 async def test_store_keeps_volumes_per_key(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "corral.db")
+    store = await Store.open(tmp_path / "corral.db", KeyRing([bytes(32)]))
     try:
         alice, _ = await store.create_key("alice")
         bob, _ = await store.create_key("bob")

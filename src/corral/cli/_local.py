@@ -55,6 +55,16 @@ TlsName = Annotated[
     typer.Option(help="Another name or address clients use, for --tls auto; repeatable."),
 ]
 
+AtRestKey = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="CORRAL_AT_REST_KEY",
+        help="Key file sealing hibernation images, snapshots and sandbox secrets (0600, one "
+        "hex key per line, the first seals). Default: at-rest.key in the data directory, "
+        "made on first start.",
+    ),
+]
+
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -91,6 +101,7 @@ def serve(
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     tls_name: TlsName = None,
+    at_rest_key: AtRestKey = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
@@ -110,8 +121,10 @@ def serve(
             allowed_registries=tuple(
                 name for item in allow_registry or () for name in item.split(",") if name
             ),
+            at_rest_key=at_rest_key,
         )
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
+        config.key_ring().check()  # an unusable key file is refused before anything starts
         key_note = asyncio.run(_bootstrap_keys(config))
         os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner
         if prepare:
@@ -186,7 +199,7 @@ async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
     """("env" | "new" | "existing", the secret to show once)."""
     from corral.server.store import Store
 
-    store = await Store.open(config.database)
+    store = await Store.open(config.database, config.key_ring())
     try:
         secret = os.environ.get("CORRAL_API_KEY")
         if secret:
@@ -254,7 +267,8 @@ def _with_store(data_dir: Path | None, action: Callable[[Store], Awaitable[T]]) 
     from corral.server.store import Store
 
     async def go() -> T:
-        store = await Store.open(ServerConfig(data_dir or default_data_dir()).database)
+        config = ServerConfig(data_dir or default_data_dir())
+        store = await Store.open(config.database, config.key_ring())
         try:
             return await action(store)
         finally:

@@ -67,6 +67,8 @@ class Adoption:
 
     async def adopt_all(self) -> None:
         """Adopt every sandbox recorded in the data directory."""
+        # A checkpoint or restore the previous engine was in the middle of is over.
+        await asyncio.to_thread(self._lifecycle.sealed.clear_leftovers)
         adopted_internet = False
         self._lifecycle.adopting = True  # volumes are released by one sweep, below
         for path, saved in await asyncio.to_thread(self._read_records):
@@ -114,7 +116,7 @@ class Adoption:
 
     async def _adopt(self, saved: dict[str, Any]) -> SandboxRecord | None:
         """Take over the sandbox `saved` describes, or record how it ended; None if known."""
-        record = SandboxRecord.from_saved(saved)
+        record = SandboxRecord.from_saved(saved, self._lifecycle.sealed.keys)
         if self._registry.find(record.id) is not None:
             return None
         expected = (self._data_dir / "sandboxes" / record.id).resolve()

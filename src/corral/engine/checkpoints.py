@@ -58,6 +58,7 @@ class Checkpoints:
         snapshots: SnapshotStore,
         tasks: Tasks,
     ) -> None:
+        self._sealed = lifecycle.sealed
         self._registry = registry
         self._runtimes = runtimes
         self._lifecycle = lifecycle
@@ -99,7 +100,8 @@ class Checkpoints:
             record.move(Phase.HIBERNATING)
             try:
                 await record.link.quiesce()
-                await asyncio.to_thread(runtime.checkpoint, plan, plan.dir / CHECKPOINT_DIR)
+                image = plan.dir / CHECKPOINT_DIR
+                await asyncio.to_thread(self._sealed.checkpoint, runtime, plan, image)
             except CorralError as exc:
                 failure = exc
                 record.move(Phase.RUNNING)
@@ -132,8 +134,9 @@ class Checkpoints:
             else:  # hibernated by an earlier engine, which may have stopped before this
                 await asyncio.to_thread(runtime.forget, plan)
             image = plan.dir / CHECKPOINT_DIR
-            await self._lifecycle.start_runtime(record, lambda: runtime.restore(plan, image))
-            await self._lifecycle.wait_for_agent(record)
+            async with self._sealed.opened(image) as clear:
+                await self._lifecycle.start_runtime(record, lambda: runtime.restore(plan, clear))
+                await self._lifecycle.wait_for_agent(record)
             record.move(Phase.RUNNING)
             # The image is stale from the first write on: never restore it twice.
             await asyncio.to_thread(shutil.rmtree, image, True)
@@ -185,7 +188,7 @@ class Checkpoints:
             await asyncio.to_thread(runtime.resume, plan)
         try:
             await record.link.quiesce()
-            await asyncio.to_thread(runtime.checkpoint, plan, to, leave_running=True)
+            await asyncio.to_thread(self._sealed.checkpoint, runtime, plan, to, leave_running=True)
         finally:
             with contextlib.suppress(OSError):
                 await record.link.listen()  # the agent dials back

@@ -30,7 +30,6 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from corral.core.errors import SandboxFailed
@@ -51,6 +50,8 @@ from corral.engine.process import Process
 from corral.engine.record import SandboxRecord
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
+from corral.engine.sealed_images import SealedImages
+from corral.engine.sealing import KEY_FILE, KeyRing
 from corral.engine.snapshots import SnapshotStore
 from corral.engine.supervision import Supervisor
 from corral.engine.tasks import Tasks
@@ -78,10 +79,12 @@ class Engine:
         runsc_path: str | None = None,
         agent_timeout: float = 30.0,
         on_change: Callable[[SandboxInfo], None] | None = None,
+        at_rest_key: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
         self.images = ImageStore(self.data_dir / "images")
-        self.snapshots = SnapshotStore(self.data_dir / "snapshots")
+        self.snapshots = SnapshotStore(self.data_dir / "snapshots", self.keys)
         self.registry = registry = Registry(on_change)
         self.volumes = VolumeStore(self.data_dir / "volumes", registry.volume_users)
         self.runtimes = runtimes = RuntimeSet(
@@ -96,6 +99,7 @@ class Engine:
             volumes=self.volumes,
             tasks=tasks,
             agent_timeout=agent_timeout,
+            sealed=SealedImages(self.keys, self.data_dir / "staging"),
         )
         checkpoints = self._checkpoints = Checkpoints(
             registry=registry,
@@ -148,6 +152,7 @@ class Engine:
 
     def _prepare(self) -> None:
         prepare_data_dir(self.data_dir)
+        self.keys.check()
         self.images.built.prepare()
         self.snapshots.load()
         self.volumes.prepare()
@@ -176,12 +181,7 @@ class Engine:
     async def __aenter__(self) -> Engine:
         return await self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     def _require_started(self) -> None:

@@ -20,6 +20,7 @@ from corral.engine.planner import plan_sandbox
 from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
+from corral.engine.sealed_images import SealedImages
 from corral.engine.snapshots import Snapshot
 from corral.engine.tasks import Tasks
 from corral.engine.volumes import VolumeStore
@@ -60,8 +61,10 @@ class Lifecycle:
         volumes: VolumeStore,
         tasks: Tasks,
         agent_timeout: float,
+        sealed: SealedImages,
     ) -> None:
         self._data_dir = data_dir
+        self.sealed = sealed
         self._registry = registry
         self._runtimes = runtimes
         self._images = images
@@ -130,7 +133,7 @@ class Lifecycle:
         )
         # A restored agent holds its snapshot's secret already (None: a v1 agent).
         secret = new_secret() if restore is None else restore.agent_secret
-        record = SandboxRecord(spec, plan, for_pool=for_pool, secret=secret)
+        record = SandboxRecord(spec, plan, for_pool=for_pool, secret=secret, keys=self.sealed.keys)
         record.timings = stages.laps
         self._registry.add(record)
         stages.mark("plan")
@@ -159,10 +162,13 @@ class Lifecycle:
             # A restored agent holds its secret already; a new one reads it, once.
             record.link.write_key(userns.host_uid(plan.uid_slot))
             await self.start_runtime(record, lambda: runtime.start(plan))
+            stages.mark("runtime_start")
+            await self.wait_for_agent(record)
         else:
-            await self.start_runtime(record, lambda: runtime.restore(plan, restore_from))
-        stages.mark("runtime_start")
-        await self.wait_for_agent(record)
+            async with self.sealed.opened(restore_from) as image:
+                await self.start_runtime(record, lambda: runtime.restore(plan, image))
+                stages.mark("runtime_start")
+                await self.wait_for_agent(record)
         stages.mark("agent_ready")
 
     async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:

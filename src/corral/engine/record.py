@@ -32,6 +32,7 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState, require_state
 from corral.engine.agentlink import AgentLink
+from corral.engine.sealing import KeyRing, open_secret, open_spec, seal_secret, seal_spec
 from corral.runtimes import Launch
 from corral.runtimes.plan import SandboxPlan
 
@@ -88,11 +89,13 @@ class SandboxRecord:
         *,
         for_pool: bool = False,
         secret: bytes | None,
+        keys: KeyRing,
     ) -> None:
         """A sandbox's record; `secret` is its agent's (see `corral.agent.protocol`): a new
         one for a new sandbox, the snapshot's for one restored from it, None for an agent from
-        before agents proved themselves."""
+        before agents proved themselves. `keys` seal the secrets in what `save` writes."""
         self.id = plan.sandbox_id
+        self.keys = keys
         self.spec = spec
         self.plan = plan
         self.link = AgentLink(plan.socket_dir, self.id, secret)
@@ -116,16 +119,16 @@ class SandboxRecord:
         self.on_change: Callable[[SandboxRecord], None] | None = None
 
     @classmethod
-    def from_saved(cls, saved: Mapping[str, Any]) -> SandboxRecord:
+    def from_saved(cls, saved: Mapping[str, Any], keys: KeyRing) -> SandboxRecord:
         """The sandbox a previous engine saved as `saved` (see `to_saved`), without its launch.
 
         Raises KeyError, TypeError or ValueError (among others) for a record that does not
         parse; the caller decides what to do with it.
         """
         # Records of engines whose agents did not prove themselves have no secret.
-        secret = bytes.fromhex(saved["agent_secret"]) if saved.get("agent_secret") else None
-        spec, plan = SandboxSpec.from_dict(saved["spec"]), SandboxPlan.from_dict(saved["plan"])
-        record = cls(spec, plan, secret=secret)
+        secret = open_secret(keys, saved.get("agent_secret"))
+        spec, plan = open_spec(keys, saved["spec"]), SandboxPlan.from_dict(saved["plan"])
+        record = cls(spec, plan, secret=secret, keys=keys)
         if saved["id"] != record.id:
             raise ValueError(f"record of {saved['id']!r} holds the plan of {record.id!r}")
         record.state = SandboxState(saved["state"])
@@ -252,7 +255,7 @@ class SandboxRecord:
         """What a restarted engine needs to find this sandbox again."""
         return {
             "id": self.id,
-            "spec": self.spec.to_dict(),
+            "spec": seal_spec(self.keys, self.spec),
             "plan": self.plan.to_dict(),
             "state": self.state.value,
             "phase": self.phase.value,
@@ -265,8 +268,8 @@ class SandboxRecord:
             "pid": self.launch.pid if self.launch else None,
             "pid_start_time": self.launch.start_time if self.launch else None,
             "pooled": self.pooled,
-            # Owner-only, like the whole record (see `save`).
-            "agent_secret": self.link.secret.hex() if self.link.secret else None,
+            # Owner-only, like the whole record (see `save`), and sealed.
+            "agent_secret": seal_secret(self.keys, self.link.secret),
             "history": [[h.state.value, h.at, h.reason] for h in self.history],
         }
 

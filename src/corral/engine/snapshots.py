@@ -9,6 +9,7 @@ directory (swept at the next start), never a snapshot that looks usable and is n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,9 @@ from corral.core.errors import NotFound
 from corral.core.ids import new_id
 from corral.core.models import SnapshotInfo
 from corral.core.spec import SandboxSpec
+from corral.engine.sealing import KeyRing, SealError, open_secret, open_spec, seal_secret, seal_spec
+
+log = logging.getLogger("corral.engine")
 
 META_NAME = "snapshot.json"
 
@@ -40,8 +44,9 @@ class Snapshot:
 class SnapshotStore:
     """The snapshots of one data directory, kept in memory after `load`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keys: KeyRing) -> None:
         self.root = root
+        self.keys = keys
         self._snapshots: dict[str, Snapshot] = {}
 
     def load(self) -> None:
@@ -54,8 +59,11 @@ class SnapshotStore:
             try:
                 meta = json.loads((path / META_NAME).read_text())
                 info = SnapshotInfo(**meta["info"])
-                spec = SandboxSpec.from_dict(meta["spec"])
-                secret = bytes.fromhex(meta["agent_secret"]) if meta.get("agent_secret") else None
+                spec = open_spec(self.keys, meta["spec"])
+                secret = open_secret(self.keys, meta.get("agent_secret"))
+            except SealError as exc:
+                log.warning("snapshot %s left alone: %s", path.name, exc)
+                continue
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not ours, or damaged by hand: left alone
             self._snapshots[info.id] = Snapshot(info, spec, path, secret)
@@ -79,8 +87,11 @@ class SnapshotStore:
         size = sum(f.stat().st_size for f in temp.rglob("*") if f.is_file())
         info = SnapshotInfo(**{**info.to_dict(), "size_bytes": size})
         meta = temp / META_NAME
-        secret = agent_secret.hex() if agent_secret is not None else None
-        record = {"info": info.to_dict(), "spec": spec.to_dict(), "agent_secret": secret}
+        record = {
+            "info": info.to_dict(),
+            "spec": seal_spec(self.keys, spec),
+            "agent_secret": seal_secret(self.keys, agent_secret),
+        }
         # Root's alone, like the directory: it holds the agent's secret.
         fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as handle:

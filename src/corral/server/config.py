@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.core.spec import SandboxSpec
+from corral.engine.sealing import KEY_FILE, KeyRing
 
 
 @dataclass
@@ -24,7 +25,14 @@ class ServerConfig:
     auth_failures_per_minute: int = 30  # per client address, then 429 until the minute passes
     # Registries image pulls may reach though they are not public addresses (`host[:port]`).
     allowed_registries: tuple[str, ...] = ()
+    # The operator's key file for data at rest; without it, the data directory's own.
+    at_rest_key: Path | None = None
 
     @property
     def database(self) -> Path:
         return self.data_dir / "corral.db"
+
+    def key_ring(self) -> KeyRing:
+        """The keys of data at rest (read when first used; see `corral.engine.sealing`)."""
+        path = self.at_rest_key or self.data_dir / KEY_FILE
+        return KeyRing(path=path, create=self.at_rest_key is None)

@@ -41,7 +41,10 @@ class Service:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.engine = Engine(
-            config.data_dir, default_runtime=config.default_runtime, on_change=self._changed
+            config.data_dir,
+            default_runtime=config.default_runtime,
+            on_change=self._changed,
+            at_rest_key=config.at_rest_key,
         )
         self.builder = Builder(self.engine, Egress.of(config.allowed_registries))
         self.events = EventHub()
@@ -54,7 +57,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._store = await Store.open(self.config.database)
+        self._store = await Store.open(self.config.database, self.engine.keys)
         await self.engine.start()  # re-adopts the sandboxes a previous server left running
         await self._reconcile()
         for name, template, size in self.config.pools:

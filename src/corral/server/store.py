@@ -48,8 +48,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from corral.core.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
 from corral.core.ids import new_id
 from corral.core.models import SandboxInfo, StateChange
-from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
+from corral.engine.sealing import KeyRing, open_spec, seal_spec
 
 KEY_PREFIX = "corral_"
 ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
@@ -168,12 +168,12 @@ def _key(row: KeyRow) -> ApiKey:
     return ApiKey(row.id, row.name, row.hint, row.admin, row.created_at, row.revoked_at)
 
 
-def _info(row: SandboxRow) -> SandboxInfo:
+def _info(row: SandboxRow, keys: KeyRing) -> SandboxInfo:
     return SandboxInfo(
         id=row.id,
         state=SandboxState(row.state),
         runtime=row.runtime,
-        spec=SandboxSpec.from_dict(json.loads(row.spec)),
+        spec=open_spec(keys, json.loads(row.spec)),
         created_at=row.created_at,
         expires_at=row.expires_at,
         ended_at=row.ended_at,
@@ -186,11 +186,11 @@ def _info(row: SandboxRow) -> SandboxInfo:
     )
 
 
-def _columns(info: SandboxInfo) -> dict[str, Any]:
+def _columns(info: SandboxInfo, keys: KeyRing) -> dict[str, Any]:
     return {
         "state": info.state.value,
         "runtime": info.runtime,
-        "spec": json.dumps(info.spec.to_dict()),
+        "spec": json.dumps(seal_spec(keys, info.spec)),
         "history": json.dumps([[h.state.value, h.at, h.reason] for h in info.history]),
         "created_at": info.created_at,
         "expires_at": info.expires_at,
@@ -226,18 +226,19 @@ def _on_connect(connection: Any, _record: Any) -> None:
 class Store:
     """Keys and the sandbox catalogue in one database. Open with `await Store.open(path)`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, keys: KeyRing) -> None:
         self._engine = engine
+        self._keys = keys  # seal each sandbox's environment
         self._session = async_sessionmaker(engine, expire_on_commit=False)
         self._active_keys: dict[str, tuple[ApiKey, float]] = {}  # digest -> key, good until
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, keys: KeyRing) -> Store:
         """Open (creating and migrating as needed) the SQLite database at `path`."""
         await asyncio.to_thread(_prepare_sqlite, path)
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
         event.listen(engine.sync_engine, "connect", _on_connect)
-        return cls(engine)
+        return cls(engine, keys)
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -434,13 +435,15 @@ class Store:
 
     async def add_sandbox(self, owner: str, info: SandboxInfo) -> None:
         async with self._session.begin() as session:
-            session.add(SandboxRow(id=info.id, owner=owner, **_columns(info)))
+            session.add(SandboxRow(id=info.id, owner=owner, **_columns(info, self._keys)))
 
     async def update_sandbox(self, info: SandboxInfo) -> None:
         """Record the engine's newest view of a sandbox (a no-op for unknown ids)."""
         async with self._session.begin() as session:
             await session.execute(
-                update(SandboxRow).where(SandboxRow.id == info.id).values(**_columns(info))
+                update(SandboxRow)
+                .where(SandboxRow.id == info.id)
+                .values(**_columns(info, self._keys))
             )
 
     async def owner(self, sandbox_id: str) -> str | None:
@@ -450,7 +453,7 @@ class Store:
     async def get_sandbox(self, sandbox_id: str) -> tuple[str, SandboxInfo] | None:
         async with self._session() as session:
             row = await session.get(SandboxRow, sandbox_id)
-        return None if row is None else (row.owner, _info(row))
+        return None if row is None else (row.owner, _info(row, self._keys))
 
     async def list_sandboxes(
         self, *, owner: str | None = None, state: SandboxState | None = None
@@ -461,13 +464,13 @@ class Store:
         if state is not None:
             query = query.where(SandboxRow.state == state.value)
         async with self._session() as session:
-            return [_info(row) for row in await session.scalars(query)]
+            return [_info(row, self._keys) for row in await session.scalars(query)]
 
     async def live_sandboxes(self) -> list[SandboxInfo]:
         """Sandboxes the catalogue believes are not terminated."""
         query = select(SandboxRow).where(SandboxRow.state != SandboxState.TERMINATED.value)
         async with self._session() as session:
-            return [_info(row) for row in await session.scalars(query)]
+            return [_info(row, self._keys) for row in await session.scalars(query)]
 
     async def forget_ended(self, before: float) -> int:
         """Drop ended sandboxes that ended before `before`; return how many."""
