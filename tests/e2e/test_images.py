@@ -25,7 +25,7 @@ from corral import BuildEvent, Image, ImageBuildFailed, Sandbox
 from corral.images.layers import LayerStore, chain_key, image_id
 from corral.images.store import ImageStore
 from tests.conftest import require_runtime
-from tests.e2e.conftest import Server, free_port
+from tests.e2e.conftest import SERVER_DIR, Server, free_port, start_server
 from tests.integration.test_oci import Registry, push_image, start_registry, stop
 
 
@@ -36,6 +36,13 @@ def fresh() -> Image:
 
 def built(server: Server) -> LayerStore:
     return LayerStore(server.data_dir / "images")
+
+
+def scope(server: Server) -> str:
+    """Where the admin key's build cache starts (a build's layer keys chain from its key)."""
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
+    keys = httpx.get(f"{server.url}/v1/keys", headers=headers, timeout=30).json()
+    return next(k["id"] for k in keys if k["name"] == "admin (CORRAL_API_KEY)")
 
 
 def test_apt_and_pip_packages_under_each_runtime(client: corral.Client) -> None:
@@ -117,7 +124,7 @@ def test_a_failing_step_says_which_and_leaves_nothing(
     assert "step 2" in failed.value.message and "exited with 3" in failed.value.message
     assert "building" in failed.value.log and "oops" in failed.value.log
     recipe = image.recipe()
-    first = chain_key(chain_key("", recipe["base"]), recipe["steps"][0])
+    first = chain_key(chain_key(scope(server), recipe["base"]), recipe["steps"][0])
     failed_key = chain_key(first, recipe["steps"][1])
     store = built(server)
     assert store.manifest(image_id(first)) is not None  # the good step stays cached
@@ -161,13 +168,11 @@ def test_bad_input_is_refused_clearly(
     response = httpx.put(f"{server.url}/v1/blobs/{digest}", content=b"x", headers=headers)
     assert response.status_code == 400 and response.json()["error"]["code"] == "digest_mismatch"
     assert not built(server).has_blob(digest)
-    # A copy whose upload is missing fails its step, naming what to do.
+    # A copy whose upload is missing is refused before anything runs, naming what to do.
     recipe = {"steps": [{"kind": "copy", "blob": digest, "dst": "/x"}]}
-    with httpx.stream(
-        "POST", f"{server.url}/v1/images", json={"recipe": recipe}, headers=headers
-    ) as response:
-        last = json.loads(list(response.iter_lines())[-1])
-    assert last["event"] == "error" and last["error"]["code"] == "blob_not_found"
+    response = httpx.post(f"{server.url}/v1/images", json={"recipe": recipe}, headers=headers)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "blob_not_found"
+    assert "upload it first" in response.json()["error"]["message"]
     with pytest.raises(corral.ImageNotFound):
         Sandbox.create(image="no-such-image", client=client)
     with pytest.raises(corral.ImageNotFound):
@@ -379,7 +384,8 @@ def test_broken_bases_fail_clearly_and_leave_nothing(
             blobs = {
                 i: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for i, p in files.items()
             }
-        assert store.manifest(image_id(chain_key("", image.recipe(blobs)["base"]))) is None
+        base = chain_key(scope(server), image.recipe(blobs)["base"])
+        assert store.manifest(image_id(base)) is None
     assert set(store.layers_dir.iterdir()) == layers_before
     with pytest.raises(corral.InvalidRequest):
         Image.from_registry("not a reference!")
@@ -460,3 +466,25 @@ def test_a_sandbox_snapshot_becomes_an_image_for_every_runtime(
                 "bob 644",
                 "root 644",
             ], result.stderr
+
+
+def test_a_key_past_its_image_quota_is_refused_before_building(data_dir: Path) -> None:
+    require_runtime("namespaces")
+    quota = start_server(
+        SERVER_DIR.with_name(SERVER_DIR.name + "-quota"),
+        data_dir / "images",
+        "--max-image-mib-per-key",
+        "1",
+    )
+    try:
+        key = quota.new_key("builder")
+        with quota.client(key) as client:
+            fresh().run_commands("head -c 3000000 /dev/urandom > /opt/blob").build(client=client)
+            with pytest.raises(corral.LimitReached) as refused:
+                fresh().run_commands("true").build(client=client)
+            assert refused.value.code == "image_quota_exceeded"
+            assert "corral image rm" in refused.value.message
+        with quota.client() as admin:  # the quota is per key
+            fresh().run_commands("true").build(client=admin)
+    finally:
+        quota.stop_and_clean()

@@ -9,7 +9,12 @@ node-wide, with the reason.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
+import json
 import re
+import secrets
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +41,8 @@ NODE_WIDE = {
         for method in ("GET", "HEAD")
         for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
     },
-    ("PUT", "/v1/blobs/{digest}"): "content-addressed uploads, named by what they hold",
-    ("HEAD", "/v1/blobs/{digest}"): "content-addressed uploads, named by what they hold",
+    ("PUT", "/v1/blobs/{digest}"): "an upload proves the key holds the content",
+    ("HEAD", "/v1/blobs/{digest}"): "per key: see test_blobs_and_build_caches_are_per_key",
     ("POST", "/v1/images"): "builds an image of the caller's own",
     ("GET", "/v1/images/usage"): "the node's disk use",
     ("POST", "/v1/images/prune"): "an admin's: the node's storage",
@@ -194,3 +199,74 @@ async def _websocket_status(
             return None
     except InvalidStatus as refused:
         return refused.response.status_code
+
+
+def _build(server: Server, key: str, recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST /v1/images as the SDK does; every event of the answer."""
+    headers = {"Authorization": f"Bearer {key}"}
+    answer = httpx.post(
+        f"{server.url}/v1/images", json={"recipe": recipe}, headers=headers, timeout=600
+    )
+    if answer.status_code != 200:
+        return [{"event": "refused", "status": answer.status_code, **answer.json()}]
+    return [json.loads(line) for line in answer.text.splitlines() if line]
+
+
+def test_blobs_and_build_caches_are_per_key(server: Server) -> None:
+    """Another key can neither see nor use content it did not send, nor tell from `cached`
+    what another key built; the host image is an admin's."""
+    owner, other = server.new_key("blob-owner"), server.new_key("blob-other")
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as archive:  # a copy step's content: a tar
+        data = secrets.token_bytes(2048)
+        member = tarfile.TarInfo("data.bin")
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    content = packed.getvalue()
+    blob = "sha256:" + hashlib.sha256(content).hexdigest()
+
+    def http(key: str, method: str, **extra: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.request(
+            method, f"{server.url}/v1/blobs/{blob}", headers=headers, timeout=60, **extra
+        )
+
+    assert http(owner, "PUT", content=content).status_code == 201
+    assert http(owner, "HEAD").status_code == 200
+    assert http(other, "HEAD").status_code == 404  # as if it were not on the node
+    marker = secrets.token_hex(6)
+    recipe = {
+        "base": {"kind": "debian"},
+        "steps": [
+            {"kind": "run_commands", "commands": [f"echo {marker}"]},
+            {"kind": "copy", "blob": blob, "dst": "/opt/data"},
+        ],
+    }
+    refused = _build(server, other, recipe)
+    assert refused[0]["status"] == 404 and refused[0]["error"]["code"] == "blob_not_found"
+    assert "upload it first" in refused[0]["error"]["message"]
+    first = _build(server, owner, recipe)
+    assert first[-1]["event"] == "done", first[-1]
+    assert not [e for e in first if e["event"] == "step" and e["step"] and e["cached"]]
+    again = _build(server, owner, recipe)
+    assert all(e["cached"] for e in again if e["event"] == "step")  # the owner's own cache
+    # Sending the content proves holding it; the other key's build is its own, not cached.
+    assert http(other, "PUT", content=content).status_code == 201
+    assert http(other, "HEAD").status_code == 200
+    theirs = _build(server, other, recipe)
+    assert theirs[-1]["event"] == "done", theirs[-1]
+    assert not [e for e in theirs if e["event"] == "step" and e["cached"]]
+    assert theirs[-1]["image"]["id"] != first[-1]["image"]["id"]
+    # The host image: refused to a tenant, as a sandbox's image and as a recipe's base.
+    headers = {"Authorization": f"Bearer {other}"}
+    made = httpx.post(
+        f"{server.url}/v1/sandboxes", json={"image": "host"}, headers=headers, timeout=60
+    )
+    assert made.status_code == 403 and made.json()["error"]["code"] == "host_image_refused"
+    hosted = _build(server, other, {"base": {"kind": "host"}, "steps": []})
+    assert hosted[0]["status"] == 403
+    with (
+        server.client() as admin,
+        Sandbox.create(image="host", runtime="namespaces", client=admin) as sandbox,
+    ):
+        assert sandbox.run("echo admin on host").stdout == "admin on host\n"

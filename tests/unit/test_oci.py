@@ -19,11 +19,14 @@ import pytest
 
 from corral.core.errors import Conflict, InvalidRequest
 from corral.images.oci import (
+    Budget,
     OciImage,
     machine_platform,
     read_archive,
     unpack_layer,
 )
+from corral.images.oci import archive as archive_module
+from corral.images.oci import unpack as unpack_module
 from corral.images.oci.registry import _parse_reference
 
 MTIME = 1_600_000_000
@@ -606,3 +609,103 @@ def test_malformed_references_are_refused(reference: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         _parse_reference(reference)
     assert caught.value.code == "invalid_image_reference"
+
+
+# -- unbounded unpacking -------------------------------------------------------------------------
+
+
+def _header_only(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """A member header declaring `size` bytes, and none of them: what a bomb looks like."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _gnu_sparse() -> bytes:
+    """An old-style GNU sparse member ('S'), with a real size far above what it holds."""
+    raw = bytearray(tar_bytes([file("f", b"x" * 512)]))
+    raw[156:157] = tarfile.GNUTYPE_SPARSE
+    raw[148:156] = b" " * 8
+    raw[148:156] = b"%06o\0 " % sum(raw[:512])
+    return bytes(raw)
+
+
+def _pax_sparse() -> bytes:
+    """A PAX (GNU 0.1) sparse member: its map declares 10 GB of holes."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.size = 512
+        info.pax_headers = {
+            "GNU.sparse.numblocks": "1",
+            "GNU.sparse.offset": "10000000000",
+            "GNU.sparse.numbytes": "512",
+            "GNU.sparse.map": "10000000000,512",
+            "GNU.sparse.size": "10000000512",
+        }
+        tar.addfile(info, io.BytesIO(b"x" * 512))
+    return out.getvalue()
+
+
+def _huge_pax_header() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tar.addfile(info, io.BytesIO(b""))
+    return out.getvalue()
+
+
+def bombs() -> dict[str, tuple[bytes, str]]:
+    many = tar_bytes([file(f"f{i}") for i in range(150)])
+    zeros = tar_bytes([file("zeros", b"\0" * (3 << 20))])
+    return {
+        "gnu sparse": (_gnu_sparse(), "sparse"),
+        "pax sparse": (_pax_sparse(), "sparse"),
+        "huge declared size": (_header_only("big", 20 << 30), "more than 16 GiB"),
+        "huge declared size of a device": (
+            _header_only("dev", 20 << 30, tarfile.CHRTYPE),
+            "more than 16 GiB",
+        ),
+        "huge extended header": (_huge_pax_header(), "extended header"),
+        "many entries": (many, "more than 100 entries"),
+        "gzip bomb": (gzip.compress(zeros), "more than 0.00195312 GiB"),
+    }
+
+
+@pytest.mark.usefixtures("root_only")
+@pytest.mark.parametrize("case", list(bombs()))
+def test_layers_that_unpack_without_bound_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    monkeypatch.setattr(unpack_module, "MAX_MEMBERS", 100)
+    monkeypatch.setattr(
+        unpack_module, "MAX_LAYER_BYTES", 2 << 20 if case == "gzip bomb" else 16 << 30
+    )
+    data, reason = bombs()[case]
+    blob = write(tmp_path, "blob", data)
+    (tmp_path / "layers").mkdir()
+    with pytest.raises(InvalidRequest, match=reason) as caught:
+        unpack_layer(blob, tmp_path / "layers/out")
+    assert caught.value.code == "invalid_oci_archive"
+    assert os.listdir(tmp_path / "layers") == []
+
+
+@pytest.mark.usefixtures("root_only")
+def test_an_image_budget_spans_its_layers(tmp_path: Path) -> None:
+    budget = Budget(3 << 20, what="the image")
+    layer = write(tmp_path, "blob", tar_bytes([file("data", os.urandom(2 << 20))]))
+    unpack_layer(layer, tmp_path / "one", budget)
+    with pytest.raises(InvalidRequest, match="the image unpacks to more than"):
+        unpack_layer(layer, tmp_path / "two", budget)
+    assert not (tmp_path / "two").exists()
+
+
+def test_an_archive_of_countless_entries_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive_module, "MAX_ARCHIVE_MEMBERS", 50)
+    blob = write(tmp_path, "image.tar", tar_bytes([file(f"f{i}") for i in range(80)]))
+    (tmp_path / "work").mkdir()
+    with pytest.raises(InvalidRequest, match="more than 50 entries"):
+        read_archive(blob, tmp_path / "work")

@@ -65,6 +65,14 @@ AtRestKey = Annotated[
     ),
 ]
 
+ImageQuota = Annotated[
+    int, typer.Option(help="Disk one API key's images may take (MiB); checked before each build.")
+]
+OpenHostImage = Annotated[
+    bool,
+    typer.Option(help="Let every key use the host image (this machine's files), not only admins."),
+]
+
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -102,6 +110,8 @@ def serve(
     tls_key: TlsKey = None,
     tls_name: TlsName = None,
     at_rest_key: AtRestKey = None,
+    max_image_mib_per_key: ImageQuota = 65536,
+    open_host_image: OpenHostImage = False,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
@@ -122,6 +132,8 @@ def serve(
                 name for item in allow_registry or () for name in item.split(",") if name
             ),
             at_rest_key=at_rest_key,
+            open_host_image=open_host_image,
+            max_image_bytes_per_key=max_image_mib_per_key << 20,
         )
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         config.key_ring().check()  # an unusable key file is refused before anything starts

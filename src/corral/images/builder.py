@@ -33,7 +33,7 @@ from corral.core.errors import CorralError, ImageBuildFailed, InvalidRequest
 from corral.core.models import ExecResult, SandboxInfo
 from corral.core.recipe import check_recipe, describe
 from corral.core.spec import SandboxSpec
-from corral.images import oci
+from corral.images import lanes, oci
 from corral.images.layers import LayerStore, Manifest, chain_key, image_id
 from corral.images.oci.egress import Egress
 from corral.images.store import ImageStore
@@ -110,8 +110,13 @@ class Builder:
         self.store: LayerStore = engine.images.built
         self._building: dict[str, asyncio.Future[Manifest]] = {}
 
-    async def build(self, recipe: Any, progress: BuildProgress | None = None) -> Manifest:
+    async def build(
+        self, recipe: Any, progress: BuildProgress | None = None, *, scope: str = ""
+    ) -> Manifest:
         """Build `recipe` (JSON, see `Image.recipe`); returns the image of its last step.
+
+        Builds in different `scope`s (the server's API keys) share no cached layer, so a build
+        cannot tell, by `cached` or by its speed, what another scope has built.
 
         Any failure is an `ImageBuildFailed` naming the step (0 is the base), with the code
         of what went wrong (`invalid_oci_archive`, `registry_unreachable`, …).
@@ -121,7 +126,7 @@ class Builder:
         lines = [_base_line(base), *(describe(step) for step in steps)]
         image: Manifest | None = None
         for number, step in enumerate([base, *steps]):
-            key = chain_key(image.key if image else "", step)
+            key = chain_key(image.key if image else scope, step)
             emit(
                 {
                     "event": "step",
@@ -219,7 +224,7 @@ class Builder:
     async def _base(self, key: str, *, base: Mapping[str, Any], emit: BuildProgress) -> Manifest:
         kind = base["kind"]
         if kind in ("debian", "host"):
-            await asyncio.to_thread(
+            await lanes.IMAGES.run(
                 self.engine.images.resolve, kind, lambda line: _log(emit, 0, line)
             )
             return self._save(Manifest(image_id(key), key, kind, (), steps=(_base_line(base),)))
@@ -232,9 +237,9 @@ class Builder:
             elif kind == "oci_archive":
                 blob = self.store.blob(base["blob"])
                 self._need_blob(blob, 0)
-                image = await asyncio.to_thread(oci.read_archive, blob, work)
+                image = await lanes.IMAGES.run(oci.read_archive, blob, work)
             else:
-                image = await asyncio.to_thread(
+                image = await lanes.IMAGES.run(
                     oci.pull,
                     base["reference"],
                     work,
@@ -243,11 +248,12 @@ class Builder:
                 )
             layers: list[str] = []
             parent = key
+            budget = oci.Budget(oci.MAX_IMAGE_BYTES, 4 * oci.MAX_MEMBERS, "the image")
             for path, digest in zip(image.layers, image.digests, strict=True):
                 parent = chain_key(parent, {"kind": "layer", "digest": digest})
                 if not self.store.has_layer(parent):
                     _log(emit, 0, f"unpacking layer {digest[:19]}…")
-                    await asyncio.to_thread(self._unpack, path, parent)
+                    await lanes.IMAGES.run(self._unpack, path, parent, budget)
                 layers.append(parent)
         config = image.config
         return self._save(
@@ -262,8 +268,8 @@ class Builder:
             )
         )
 
-    def _unpack(self, blob: Path, key: str) -> None:
-        oci.unpack_layer(blob, self.store.layer(key))  # atomic: unpacked aside, then renamed
+    def _unpack(self, blob: Path, key: str, budget: oci.Budget) -> None:
+        oci.unpack_layer(blob, self.store.layer(key), budget)  # atomic: aside, then renamed
 
     def _need_blob(self, blob: Path, step: int) -> None:
         if not blob.is_file():

@@ -22,9 +22,11 @@ class ServerConfig:
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
     max_volumes_per_key: int = 100
+    max_image_bytes_per_key: int = 64 * 1024**3  # what one key's images take, checked per build
     auth_failures_per_minute: int = 30  # per client address, then 429 until the minute passes
     # Registries image pulls may reach though they are not public addresses (`host[:port]`).
     allowed_registries: tuple[str, ...] = ()
+    open_host_image: bool = False  # the `host` image for every key, not only admin keys
     # The operator's key file for data at rest; without it, the data directory's own.
     at_rest_key: Path | None = None
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from corral.images.oci.egress import Egress
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
 from corral.server.store import ENDED_RETENTION, Store
-from corral.server.throttle import FailedLogins
+from corral.server.throttle import FailedLogins, InFlight
 
 log = logging.getLogger("corral.server")
 
@@ -49,6 +50,7 @@ class Service:
         self.builder = Builder(self.engine, Egress.of(config.allowed_registries))
         self.events = EventHub()
         self.failed_logins = FailedLogins(config.auth_failures_per_minute)
+        self.in_flight = InFlight()
         self._store: Store | None = None
         self._owners: dict[str, str] = {}  # live sandbox id -> key id
         self._creating = 0  # creates in flight count against the limits too
@@ -57,6 +59,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        raise_open_files_limit()
         self._store = await Store.open(self.config.database, self.engine.keys)
         await self.engine.start()  # re-adopts the sandboxes a previous server left running
         await self._reconcile()
@@ -216,3 +219,11 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.store.forget_ended(time.time() - ENDED_RETENTION)
             await asyncio.sleep(PRUNE_EVERY)
+
+
+def raise_open_files_limit() -> None:
+    """As many open files as the system lets this process have: every sandbox holds a few
+    (its agent's socket, its runtime's pipes, volumes), every client connection one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

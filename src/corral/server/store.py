@@ -5,7 +5,8 @@
 `sandboxes` is the service's catalogue: which key owns which sandbox, its spec, and its state and
 end reason, which stay readable for `ENDED_RETENTION` after the sandbox ended. The engine keeps
 its own per-sandbox runtime record next to each sandbox; this is the tenant-facing view.
-`images` and `volumes` say which key owns which image and volume, and the names it gave them.
+`images` and `volumes` say which key owns which image and volume, and the names it gave them;
+`blobs` which key uploaded which content (the files themselves are shared by digest).
 
 The schema is created and upgraded by the Alembic migrations in `corral.server.migrations`.
 """
@@ -26,61 +27,22 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import (
-    Boolean,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    delete,
-    event,
-    func,
-    select,
-    update,
-)
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from corral.core.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
 from corral.core.ids import new_id
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine.sealing import KeyRing, open_spec, seal_spec
+from corral.server.tables import BlobRow, ImageRow, KeyRow, SandboxRow, VolumeRow
 
 KEY_PREFIX = "corral_"
 ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
 KEY_CACHE_SECONDS = 1.0  # see Store.authenticate
 KEY_CACHE_SIZE = 10_000
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class KeyRow(Base):
-    __tablename__ = "api_keys"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    digest: Mapped[str] = mapped_column(String(64), unique=True)
-    hint: Mapped[str] = mapped_column(String(16))  # the key's first characters, for lists
-    admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[float] = mapped_column(Float)
-    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class ImageRow(Base):
-    __tablename__ = "images"
-    __table_args__ = (Index("ix_images_owner_name", "owner", "name", unique=True),)
-
-    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    created_at: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -90,17 +52,6 @@ class ImageEntry:
     id: str
     name: str | None
     created_at: float
-
-
-class VolumeRow(Base):
-    __tablename__ = "volumes"
-    __table_args__ = (Index("ix_volumes_owner_name", "owner", "name", unique=True),)
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
-    name: Mapped[str] = mapped_column(String(64))
-    size_mb: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -115,23 +66,6 @@ class VolumeEntry:
 
 def _volume(row: VolumeRow) -> VolumeEntry:
     return VolumeEntry(row.id, row.name, row.size_mb, row.created_at)
-
-
-class SandboxRow(Base):
-    __tablename__ = "sandboxes"
-    __table_args__ = (Index("ix_sandboxes_owner_state", "owner", "state"),)
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
-    state: Mapped[str] = mapped_column(String(16))
-    runtime: Mapped[str] = mapped_column(String(32))
-    spec: Mapped[str] = mapped_column(Text)  # JSON
-    history: Mapped[str] = mapped_column(Text, default="[]")  # JSON
-    created_at: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    end_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -336,6 +270,21 @@ class Store:
     async def has_keys(self) -> bool:
         async with self._session() as session:
             return await session.scalar(select(KeyRow.id).limit(1)) is not None
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    async def add_blob(self, owner: str, digest: str, size: int) -> None:
+        """Record that `owner` uploaded the content `digest`."""
+        async with self._session.begin() as session:
+            row = {"owner": owner, "digest": digest, "size": size, "created_at": time.time()}
+            await session.execute(sqlite_insert(BlobRow).values(**row).on_conflict_do_nothing())
+
+    async def blobs_of(self, owner: str, digests: Iterable[str]) -> set[str]:
+        """Which of `digests` `owner` has uploaded."""
+        wanted = set(digests)
+        async with self._session() as session:
+            query = select(BlobRow.digest).where(BlobRow.owner == owner, BlobRow.digest.in_(wanted))
+            return set(await session.scalars(query))
 
     # -- images -----------------------------------------------------------------------------
 

@@ -9,9 +9,17 @@ take only what a `Tenant` hands them; routes take only resource services.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterable
 
-from corral.core.errors import ImageNotFound, NotFound, SandboxNotFound, VolumeNotFound
+from corral.core.errors import (
+    ImageNotFound,
+    NotFound,
+    PermissionDenied,
+    SandboxNotFound,
+    VolumeNotFound,
+)
 from corral.core.ids import check_id
 from corral.core.models import SnapshotInfo
 from corral.core.spec import SandboxSpec
@@ -30,6 +38,10 @@ class Tenant:
     def id(self) -> str:
         return self.key.id
 
+    def hold(self, kind: str) -> contextlib.AbstractContextManager[None]:
+        """One of this key's calls of `kind` in flight (see `InFlight`): 429 past its limit."""
+        return self.service.in_flight.hold(self.key.id, kind)
+
     async def sandbox(self, sandbox_id: str) -> str:
         """`sandbox_id`, if this key owns it (ended ones for 7 days)."""
         check_id(sandbox_id, "sb")
@@ -44,6 +56,7 @@ class Tenant:
         """What the engine calls image `ref`: a built-in name, or the id of this key's image
         whose id or name is `ref`."""
         if self.service.engine.images.is_builtin(ref):
+            self.builtin(ref)
             return ref
         entry = await self.service.store.find_image(self.key.id, ref)
         if entry is None:
@@ -52,6 +65,28 @@ class Tenant:
                 "(corral image list)"
             )
         return entry.id
+
+    def builtin(self, name: str) -> None:
+        """Refuse the built-in image `name` if this key may not use it: `host` (this
+        machine's own files) is for admin keys unless the operator opened it to all."""
+        if name == "host" and not (self.key.admin or self.service.config.open_host_image):
+            raise PermissionDenied(
+                "the host image (this machine's own files) is for admin keys; use debian, or "
+                "ask the operator to open it to every key (corral serve --open-host-image)",
+                code="host_image_refused",
+            )
+
+    async def blobs(self, digests: Iterable[str]) -> None:
+        """Refuse unless this key uploaded every one of `digests` (content is stored once
+        per node, but only a key that sent it, and so holds it, may use it)."""
+        wanted = set(digests)
+        missing = wanted - await self.service.store.blobs_of(self.key.id, wanted)
+        if missing:
+            raise NotFound(
+                f"no blob {min(missing)}: upload it first (PUT /v1/blobs/{{digest}}; the SDK "
+                "uploads local files itself)",
+                code="blob_not_found",
+            )
 
     async def image_entry(self, ref: str) -> ImageEntry:
         """This key's built image whose id or name is `ref`."""

@@ -1,10 +1,14 @@
-"""Failed authentications, counted per client address, so keys cannot be guessed at speed."""
+"""Failed authentications, counted per client address, so keys cannot be guessed at speed; and
+expensive calls in flight, counted per key, so one tenant cannot take the node's memory and
+threads from the others."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 
 from corral.core.errors import LimitReached
 
@@ -52,3 +56,64 @@ class FailedLogins:
             return None
         self._failures.move_to_end(address)
         return failures
+
+
+# Calls of each kind one key may have in flight at once. A build holds a sandbox and an image
+# lane thread, an upload a connection and a disk write; commands run to completion are many in
+# an agent's work (and cheap), so their bound is on what they buffer instead: BUFFERED_BYTES.
+IN_FLIGHT = {"exec": 1024, "build": 2, "upload": 4}
+BUFFERED_BYTES = 256 << 20  # output one key's commands run to completion may hold at once
+
+
+class InFlight:
+    """Counts each key's expensive calls in flight; past the kind's limit a call is refused at
+    once (429 `too_many_requests`, Retry-After 1) rather than queued."""
+
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
+        self.limits = dict(IN_FLIGHT if limits is None else limits)
+        self._counts: dict[tuple[str, str], int] = {}
+        self._buffered: dict[str, int] = {}
+
+    def buffer(self, key_id: str, wanted: int) -> int:
+        """How many of `wanted` more output bytes the key's commands may hold now (the rest
+        is dropped and the result says `truncated`); give them back with `release`."""
+        held = self._buffered.get(key_id, 0)
+        granted = max(0, min(wanted, BUFFERED_BYTES - held))
+        if granted:
+            self._buffered[key_id] = held + granted
+        return granted
+
+    def release(self, key_id: str, count: int) -> None:
+        left = self._buffered.get(key_id, 0) - count
+        if left > 0:
+            self._buffered[key_id] = left
+        else:
+            self._buffered.pop(key_id, None)
+
+    def enter(self, key_id: str, kind: str) -> None:
+        slot = (key_id, kind)
+        count = self._counts.get(slot, 0)
+        if count >= self.limits[kind]:
+            raise LimitReached(
+                f"this key has {count} {kind} calls in flight, the most this server allows at "
+                "once; wait for some to finish and retry",
+                code="too_many_requests",
+                retry_after=1,
+            )
+        self._counts[slot] = count + 1
+
+    def leave(self, key_id: str, kind: str) -> None:
+        slot = (key_id, kind)
+        count = self._counts.get(slot, 0) - 1
+        if count > 0:
+            self._counts[slot] = count
+        else:
+            self._counts.pop(slot, None)
+
+    @contextlib.contextmanager
+    def hold(self, key_id: str, kind: str) -> Iterator[None]:
+        self.enter(key_id, kind)
+        try:
+            yield
+        finally:
+            self.leave(key_id, kind)

@@ -13,9 +13,12 @@ every path is resolved one component at a time without following symlinks.
 from corral.images.oci.archive import read_archive
 from corral.images.oci.manifest import OciConfig, OciImage, StatusLine, machine_platform
 from corral.images.oci.registry import pull
-from corral.images.oci.unpack import unpack_layer
+from corral.images.oci.unpack import MAX_IMAGE_BYTES, MAX_MEMBERS, Budget, unpack_layer
 
 __all__ = [
+    "MAX_IMAGE_BYTES",
+    "MAX_MEMBERS",
+    "Budget",
     "OciConfig",
     "OciImage",
     "StatusLine",

@@ -33,6 +33,8 @@ from corral.images.oci.manifest import (
     _strings,
 )
 
+MAX_HEADER_BYTES = 1 << 20  # a long name or a PAX extended header, which tarfile reads whole
+MAX_ARCHIVE_MEMBERS = 10_000  # an image archive holds a few blobs and JSON files
 _ARCHIVE_READ_ERRORS = (_Malformed, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
@@ -71,9 +73,29 @@ def read_archive(path: Path, workdir: Path) -> OciImage:
             ) from exc
 
 
+class _Header(tarfile.TarInfo):
+    """tarfile's header parsing, minus what a hostile layer could use against the host: an
+    extended header or long name is read whole into memory, and a sparse member expands to
+    its declared size on disk however little the layer holds."""
+
+    _EXTENDED = (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+    )
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in self._EXTENDED and self.size > MAX_HEADER_BYTES:
+            raise _Malformed(f"an extended header of {self.size:,} bytes (at most 1 MiB)")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Malformed(f"member {self.name!r} is a sparse file, which layers may not hold")
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
 def _open_tar(source: IO[bytes], mode: Literal["r:*", "r|*"]) -> tarfile.TarFile:
     try:
-        return tarfile.open(fileobj=source, mode=mode)
+        return tarfile.open(fileobj=source, mode=mode, tarinfo=_Header)
     except tarfile.ReadError as exc:  # its message lists every compression tried
         raise _Malformed("it is not a tar file, plain or compressed") from exc
 
@@ -84,7 +106,11 @@ class _Archive:
     def __init__(self, tar: tarfile.TarFile, workdir: Path) -> None:
         self._tar = tar
         self._workdir = workdir
-        self._members = {_archive_name(member.name): member for member in tar.getmembers()}
+        self._members: dict[str, tarfile.TarInfo] = {}
+        for count, member in enumerate(tar, 1):
+            if count > MAX_ARCHIVE_MEMBERS:
+                raise _Malformed(f"it has more than {MAX_ARCHIVE_MEMBERS:,} entries")
+            self._members[_archive_name(member.name)] = member
 
     def image(self) -> OciImage:
         if "index.json" in self._members:  # OCI layout, also written by Docker 25 and later

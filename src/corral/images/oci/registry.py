@@ -32,6 +32,7 @@ from corral.images.oci.manifest import (
     _size_of,
     _store_blob,
 )
+from corral.images.oci.unpack import MAX_IMAGE_BYTES
 
 _MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
@@ -151,6 +152,9 @@ def pull(
         manifest = _resolve(top, lambda entry: registry.manifest(_digest_of(entry), top=False))
         config = _parse_config(registry.json_blob(manifest["config"]))
         descriptors = _descriptors(manifest, "layers")
+        declared = sum(_size_of(layer) for layer in descriptors)
+        if declared > MAX_IMAGE_BYTES:  # nothing is downloaded of an image too big to unpack
+            raise _Malformed(f"its layers take {declared / _MIB:,.0f} MiB, more than 32 GiB")
         layers = []
         for number, layer in enumerate(descriptors, 1):
             digest, size = _digest_of(layer), _size_of(layer)

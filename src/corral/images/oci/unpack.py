@@ -30,9 +30,34 @@ _LAYER_ERRNOS = (errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EMLINK)
 
 log = logging.getLogger(__name__)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_GiB = 1 << 30
+MAX_LAYER_BYTES = 16 * _GiB  # what one layer may unpack to, by the sizes its members declare
+MAX_IMAGE_BYTES = 32 * _GiB  # what all the layers of one image may, together
+MAX_MEMBERS = 1_000_000  # entries in one layer
+_MEMBER_OVERHEAD = 512  # counted for every entry, whatever it holds
 
 
-def unpack_layer(blob: Path, dest: Path) -> None:
+class Budget:
+    """What is left to unpack: bytes (every member counts its declared size and a header's
+    worth) and entries. One per layer, and one an image's layers share."""
+
+    def __init__(
+        self, max_bytes: int | None = None, max_members: int | None = None, what: str = "a layer"
+    ) -> None:
+        self.limit = MAX_LAYER_BYTES if max_bytes is None else max_bytes
+        self.max_members = MAX_MEMBERS if max_members is None else max_members
+        self.bytes_left, self.members_left, self.what = self.limit, self.max_members, what
+
+    def spend(self, member: tarfile.TarInfo) -> None:
+        self.bytes_left -= max(member.size, 0) + _MEMBER_OVERHEAD
+        self.members_left -= 1
+        if self.bytes_left < 0:
+            raise _Malformed(f"{self.what} unpacks to more than {self.limit / _GiB:g} GiB")
+        if self.members_left < 0:
+            raise _Malformed(f"{self.what} has more than {self.max_members:,} entries")
+
+
+def unpack_layer(blob: Path, dest: Path, image: Budget | None = None) -> None:
     """Apply one layer blob (a tar, possibly gzip'd) into the new directory `dest`.
 
     The result is an overlayfs lower layer: whiteouts become 0:0 character devices, opaque
@@ -42,7 +67,9 @@ def unpack_layer(blob: Path, dest: Path) -> None:
     Directories a layer does not list get mode 0755 and root ownership.
 
     The layer is unpacked into a hidden sibling and renamed to `dest` at the end, so `dest` is
-    either complete or absent.
+    either complete or absent. It may unpack to at most `MAX_LAYER_BYTES` in `MAX_MEMBERS`
+    entries, and spends `image`, the budget of the image it belongs to; sparse members and
+    extended headers over `MAX_HEADER_BYTES` are refused (streamed: nothing is held whole).
 
     Raises:
         Conflict: `dest` already exists.
@@ -66,19 +93,23 @@ def unpack_layer(blob: Path, dest: Path) -> None:
         source.seek(0)
         temporary = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
-            _unpack_into(source, temporary, blob)
+            _unpack_into(source, temporary, blob, image)
             temporary.rename(dest)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
 
 
-def _unpack_into(source: IO[bytes], root: Path, blob: Path) -> None:
+def _unpack_into(source: IO[bytes], root: Path, blob: Path, image: Budget | None) -> None:
     unpacker = _Unpacker(root)
+    budgets = [Budget(), *([image] if image is not None else [])]
     try:
         # Stream mode reads the layer once, front to back, never holding it in memory.
         with _open_tar(source, "r|*") as tar:
             for member in tar:
+                tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header
+                for budget in budgets:
+                    budget.spend(member)
                 with _member_errors(member.name):
                     unpacker.apply(member, tar)
         with _member_errors("(directory metadata)"):
@@ -144,6 +175,8 @@ class _Unpacker:
         if member.ischr() or member.isblk():
             self.skipped_devices += 1
             return
+        if member.sparse is not None:  # PAX sparse (GNU.sparse.* keys)
+            raise _Malformed(f"member {member.name!r} is a sparse file, which layers may not hold")
         parent, name = path[:-1], path[-1]
         with self._open_dir(parent, create=True) as fd:
             if name.startswith(_WHITEOUT_PREFIX):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from corral.server.store import Base
+from corral.server.tables import Base
 
 url = context.config.get_main_option("sqlalchemy.url")
 assert url is not None

@@ -3,16 +3,20 @@ remove; and the uploads builds need."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterable
+import functools
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
-from corral.core.errors import ImageNotFound
+from corral.core.errors import ImageNotFound, LimitReached
 from corral.core.names import check_image_name
+from corral.core.recipe import check_recipe
 from corral.images.builder import BuildProgress
+from corral.images.lanes import IMAGES
 from corral.images.layers import Manifest
 from corral.server.store import ImageEntry
 from corral.server.tenancy import Tenant
+
+MiB = 1 << 20
 
 
 class Images:
@@ -23,11 +27,36 @@ class Images:
         self._service = tenant.service
         self._layers = tenant.service.engine.images.built
 
-    async def build(self, recipe: Any, name: str | None, progress: BuildProgress) -> dict[str, Any]:
-        """Build `recipe` (see `corral.images.builder`) as an image of the tenant's."""
+    async def check(self, recipe: Any, name: str | None) -> None:
+        """Refuse, before anything starts, a recipe this key may not build: malformed, on
+        an image it may not use, or naming content it has not uploaded."""
         if name is not None:
             check_image_name(name)
-        manifest = await self._service.builder.build(recipe, progress)
+        base, steps = check_recipe(recipe)
+        if self._service.engine.images.is_builtin(base["kind"]):
+            self._tenant.builtin(base["kind"])
+        await self._tenant.blobs(step["blob"] for step in (base, *steps) if "blob" in step)
+        quota = self._service.config.max_image_bytes_per_key
+        used = sum(image["size_bytes"] for image in await self.list())
+        if used >= quota:
+            raise LimitReached(
+                f"your images take {used / MiB:,.0f} MiB, and this server allows each key "
+                f"{quota / MiB:,.0f} MiB: remove some (corral image rm NAME) and build again",
+                code="image_quota_exceeded",
+            )
+
+    def start_build(self) -> Callable[[], None]:
+        """Count a build of this key's in flight (429 past its limit); call what it returns
+        once the build has finished."""
+        in_flight, key_id = self._service.in_flight, self._tenant.id
+        in_flight.enter(key_id, "build")
+        return functools.partial(in_flight.leave, key_id, "build")
+
+    async def build(self, recipe: Any, name: str | None, progress: BuildProgress) -> dict[str, Any]:
+        """Build `recipe` (see `corral.images.builder`, checked by `check`) as an image of
+        the tenant's."""
+        # Scoped to the key: no cached layer of another key's build is used, or shown as such.
+        manifest = await self._service.builder.build(recipe, progress, scope=self._tenant.id)
         entry = await self._service.store.add_image(self._tenant.id, manifest.id, name)
         return _describe(entry, manifest)
 
@@ -65,18 +94,25 @@ class Images:
         engine = self._service.engine
         keep = await self._service.store.image_ids()
         keep |= {s.image for s in engine.list_snapshots()}  # their sandboxes need it
-        freed = await asyncio.to_thread(self._layers.prune, keep, engine.layers_in_use())
-        return {**freed, **await asyncio.to_thread(self._layers.usage)}
+        freed = await IMAGES.run(self._layers.prune, keep, engine.layers_in_use())
+        return {**freed, **await IMAGES.run(self._layers.usage)}
 
     async def usage(self) -> dict[str, int]:
-        return await asyncio.to_thread(self._layers.usage)
+        return await IMAGES.run(self._layers.usage)
 
     async def add_blob(self, digest: str, chunks: AsyncIterable[bytes]) -> int:
-        """Store content a recipe names by digest; its size."""
-        return await self._layers.add_blob(digest, chunks, self._service.config.max_blob_bytes)
+        """Store content a recipe names by digest (checked: sending it proves holding it);
+        its size."""
+        limit = self._service.config.max_blob_bytes
+        with self._tenant.hold("upload"):
+            size = await self._layers.add_blob(digest, chunks, limit)
+        await self._service.store.add_blob(self._tenant.id, digest, size)
+        return size
 
-    def has_blob(self, digest: str) -> bool:
-        return self._layers.has_blob(digest)
+    async def has_blob(self, digest: str) -> bool:
+        """Whether this key sent the content `digest` and the node still holds it."""
+        mine = digest in await self._service.store.blobs_of(self._tenant.id, [digest])
+        return mine and self._layers.has_blob(digest)
 
 
 def _describe(entry: ImageEntry, manifest: Manifest) -> dict[str, Any]:

@@ -140,6 +140,12 @@ class Sandboxes:
     ) -> tuple[ExecResult, bool]:
         """Run `command` to completion; its result, each stream cut at the server's limit, and
         whether anything was cut."""
+        with self._tenant.hold("exec"):
+            return await self._run(sandbox_id, command, stdin)
+
+    async def _run(
+        self, sandbox_id: str, command: Command, stdin: str | None
+    ) -> tuple[ExecResult, bool]:
         process = await self.start(sandbox_id, command, stdin=stdin is not None)
         if stdin is not None:
             await process.write_stdin(stdin)
@@ -147,14 +153,21 @@ class Sandboxes:
         limit = self._service.config.max_output_bytes
         kept = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = False
-        async with self.active(sandbox_id):  # its client waits: the sandbox is in use
-            async for name, data in process.output():
-                buffer = kept[name]
-                room = limit - len(buffer)
-                if len(data) > room:
-                    truncated = True  # keep draining, so the process is never blocked on output
-                buffer += data[: max(room, 0)]
-            result = await process.wait()
+        budget, key_id, held = self._service.in_flight, self._tenant.id, 0
+        try:
+            async with self.active(sandbox_id):  # its client waits: the sandbox is in use
+                async for name, data in process.output():
+                    buffer = kept[name]
+                    # Each stream keeps its first `limit` bytes, and all the key's commands
+                    # together hold at most BUFFERED_BYTES; the rest is drained and dropped,
+                    # so the process is never blocked on its output.
+                    granted = budget.buffer(key_id, min(len(data), max(limit - len(buffer), 0)))
+                    held += granted
+                    truncated = truncated or granted < len(data)
+                    buffer += data[:granted]
+                result = await process.wait()
+        finally:
+            budget.release(key_id, held)
         stdout, stderr = bytes(kept["stdout"]), bytes(kept["stderr"])
         return dataclasses.replace(result, stdout=stdout, stderr=stderr), truncated
 
@@ -171,6 +184,10 @@ class Sandboxes:
 
     async def files(self, sandbox_id: str) -> SandboxFiles:
         return self._engine.files(await self._tenant.sandbox(sandbox_id))
+
+    def hold(self, kind: str) -> contextlib.AbstractContextManager[None]:
+        """One of the key's expensive calls of `kind` in flight: 429 past its limit."""
+        return self._tenant.hold(kind)
 
     @contextlib.asynccontextmanager
     async def active(self, sandbox_id: str) -> AsyncIterator[None]:

@@ -56,8 +56,9 @@ async def upload(
     A whole-file write is atomic: an interrupted upload leaves the previous content.
     """
     files = await sandboxes.files(sandbox_id)
-    async with sandboxes.active(sandbox_id):  # a transfer under way is use
-        written = await files.write(path, request.stream(), mode=mode, append=append)
+    with sandboxes.hold("upload"):
+        async with sandboxes.active(sandbox_id):  # a transfer under way is use
+            written = await files.write(path, request.stream(), mode=mode, append=append)
     return Written(path=path, bytes=written)
 
 

@@ -17,8 +17,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from corral.core.errors import CorralError
-from corral.core.names import check_image_name
-from corral.core.recipe import check_recipe
 from corral.server.auth import AdminImagesDep, ImagesDep
 from corral.server.schemas import (
     BlobOut,
@@ -43,19 +41,19 @@ async def upload_blob(digest: str, request: Request, images: ImagesDep) -> BlobO
 @router.head("/blobs/{digest}")
 async def has_blob(digest: str, images: ImagesDep) -> Response:
     """200 if the server holds this content already (no need to upload it), else 404."""
-    return Response(status_code=200 if images.has_blob(digest) else 404)
+    return Response(status_code=200 if await images.has_blob(digest) else 404)
 
 
 @router.post("/images", response_class=StreamingResponse)
 async def build_image(body: BuildImage, images: ImagesDep) -> Response:
     """Build a recipe; the answer streams progress events, one JSON object per line."""
-    check_recipe(body.recipe)  # a malformed recipe is a 400, before any streaming
-    if body.name is not None:
-        check_image_name(body.name)
+    await images.check(body.recipe, body.name)  # refused with a 4xx, before any streaming
+    finished = images.start_build()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     task = asyncio.create_task(images.build(body.recipe, body.name, events.put_nowait))
     _builds.add(task)
     task.add_done_callback(_builds.discard)
+    task.add_done_callback(lambda _task: finished())
 
     async def lines() -> AsyncIterator[bytes]:
         while not (task.done() and events.empty()):

@@ -1,0 +1,73 @@
+"""The store's schema (see `corral.server.store`); the Alembic migrations in
+`corral.server.migrations` create and upgrade it."""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class KeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    hint: Mapped[str] = mapped_column(String(16))  # the key's first characters, for lists
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_owner_name", "owner", "name", unique=True),)
+
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class VolumeRow(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (Index("ix_volumes_owner_name", "owner", "name", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    size_mb: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SandboxRow(Base):
+    __tablename__ = "sandboxes"
+    __table_args__ = (Index("ix_sandboxes_owner_state", "owner", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    runtime: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[str] = mapped_column(Text)  # JSON
+    history: Mapped[str] = mapped_column(Text, default="[]")  # JSON
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    end_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class BlobRow(Base):
+    """Content a key uploaded (or proved it holds by uploading it): the files are shared by
+    digest, the right to use them is not."""
+
+    __tablename__ = "blobs"
+
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
