@@ -233,7 +233,9 @@ def test_blobs_and_build_caches_are_per_key(server: Server) -> None:
 
     assert http(owner, "PUT", content=content).status_code == 201
     assert http(owner, "HEAD").status_code == 200
-    assert http(other, "HEAD").status_code == 404  # as if it were not on the node
+    missing = http(other, "HEAD")
+    assert missing.status_code == 404  # as if it were not on the node
+    assert missing.headers["content-type"] == "application/json"  # as documented
     marker = secrets.token_hex(6)
     recipe = {
         "base": {"kind": "debian"},

@@ -193,3 +193,26 @@ async def test_host_image_uses_the_hosts_usr(engine: Engine, runtime: str) -> No
         assert b"rc=0" not in denied.stdout  # the host's /usr is read-only
     finally:
         await engine.terminate(info.id)
+
+
+async def test_calls_during_a_snapshot_wait_for_it(engine: Engine) -> None:
+    """A snapshot hangs up the agent's link for its moment; a command, a process list or a
+    kill_all sent meanwhile waits for it, rather than failing with agent_unavailable."""
+    from corral.core.spec import SandboxSpec
+    from tests.conftest import require_runtime
+
+    require_runtime("gvisor")
+    info = await engine.create(SandboxSpec(runtime="gvisor"))
+    try:
+        taken, ran, listed = await asyncio.gather(
+            engine.snapshot(info.id),
+            engine.run(info.id, "echo after"),
+            engine.processes(info.id),
+        )
+        assert ran.stdout == b"after\n" and isinstance(listed, list)
+        again, killed = await asyncio.gather(engine.snapshot(info.id), engine.kill_all(info.id))
+        assert killed >= 0
+        for snapshot in (taken, again):
+            await engine.delete_snapshot(snapshot.id)
+    finally:
+        await engine.terminate(info.id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,15 @@ OpenHostImage = Annotated[
     typer.Option(help="Let every key use the host image (this machine's files), not only admins."),
 ]
 
+Overcommit = Annotated[
+    str,
+    typer.Option(
+        help="What live sandboxes may ask for together, as multiples of this machine's CPUs, "
+        "memory and data disk: e.g. 'cpu=128,memory=16,disk=8' (the defaults); past it, "
+        "creates get 429 node_full."
+    ),
+]
+
 keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -112,6 +122,7 @@ def serve(
     at_rest_key: AtRestKey = None,
     max_image_mib_per_key: ImageQuota = 65536,
     open_host_image: OpenHostImage = False,
+    overcommit: Overcommit = "",
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
@@ -135,6 +146,7 @@ def serve(
             open_host_image=open_host_image,
             max_image_bytes_per_key=max_image_mib_per_key << 20,
         )
+        config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         config.key_ring().check()  # an unusable key file is refused before anything starts
         key_note = asyncio.run(_bootstrap_keys(config))
@@ -143,9 +155,7 @@ def serve(
             _prepare_image(config)
     except CorralError as error:
         fail(error)
-    shown_host = f"[{host}]" if ":" in host else host
-    url = f"{'https' if secure else 'http'}://{shown_host}:{port}"
-    _banner(url, key_note, secure, host)
+    _banner(host, port, key_note, secure)
     uvicorn.run(
         create_app(config),
         host=host,
@@ -154,6 +164,30 @@ def serve(
         timeout_graceful_shutdown=10,
         ws_max_size=16 * 1024 * 1024,
         ssl_context_factory=(lambda _config, _default: secure.context()) if secure else None,
+    )
+
+
+def _with_overcommit(config: ServerConfig, text: str) -> ServerConfig:
+    """`config` with `--overcommit`'s 'cpu=N,memory=N,disk=N' (any of them)."""
+    ratios: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if name not in ("cpu", "memory", "disk") or not 0 < ratio <= 10_000:
+            raise InvalidRequest(
+                f"--overcommit {item!r}: give cpu=, memory= or disk= with a ratio above 0, "
+                "e.g. --overcommit memory=4",
+                code="invalid_overcommit",
+            )
+        ratios[name] = ratio
+    return dataclasses.replace(
+        config,
+        cpu_overcommit=ratios.get("cpu", config.cpu_overcommit),
+        memory_overcommit=ratios.get("memory", config.memory_overcommit),
+        disk_overcommit=ratios.get("disk", config.disk_overcommit),
     )
 
 
@@ -237,9 +271,13 @@ def _prepare_image(config: ServerConfig) -> None:
         engine.images.resolve("debian", progress=lambda line: status.update(line[:100]))
 
 
-def _banner(url: str, key_note: tuple[str, str | None], secure: TlsFiles | None, host: str) -> None:
+def _banner(
+    host: str, port: int, key_note: tuple[str, str | None], secure: TlsFiles | None
+) -> None:
     from corral.server.tls import plain_http_warning
 
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"{'https' if secure else 'http'}://{shown_host}:{port}"
     kind, secret = key_note
     # A key is printed once, when it is made: never again, so never into a log of every start.
     shown = secret if kind == "new" else "<your key>"

@@ -38,8 +38,13 @@ class Access:
         return record
 
     async def use(self, sandbox_id: str, action: str) -> SandboxRecord:
-        """The running sandbox, resumed or woken first if it sleeps and may."""
+        """The running sandbox, resumed or woken first if it sleeps and may. A change under
+        way (a snapshot, which hangs up the agent's link for its moment; a hibernation; a
+        pause) finishes first, so the call sees where it left the sandbox."""
         record = self._registry.get(sandbox_id)
+        if record.lock.locked():
+            async with record.lock:
+                pass
         if record.spec.auto_resume and not record.ending:
             with contextlib.suppress(InvalidState):  # someone else woke it meanwhile
                 if record.state is SandboxState.PAUSED:

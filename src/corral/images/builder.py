@@ -160,7 +160,13 @@ class Builder:
         if found is not None:
             return found
         if key in self._building:
-            return await asyncio.shield(self._building[key])
+            building = self._building[key]
+            try:
+                return await asyncio.shield(building)
+            except asyncio.CancelledError:
+                if not building.cancelled():
+                    raise  # this build was cancelled, not the one it waited for
+                return await self._once(key, make)  # that one's client left: build it here
         future: asyncio.Future[Manifest] = asyncio.get_running_loop().create_future()
         self._building[key] = future
         try:
@@ -169,6 +175,9 @@ class Builder:
                 manifest = found if found is not None else await make(key)
             future.set_result(manifest)
             return manifest
+        except asyncio.CancelledError:
+            future.cancel()  # those waiting build it themselves
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: nobody else may be waiting

@@ -9,6 +9,7 @@ a lane of its own instead, so it can only queue behind its own kind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,15 @@ class Lane:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"corral-{self.name}")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(func, *args, **kwargs))
+        future = loop.run_in_executor(self._pool, functools.partial(func, *args, **kwargs))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped: the caller stays until it is free, so that what
+            # counts the caller's work (a key's builds in flight) counts it until then.
+            with contextlib.suppress(Exception):
+                await future
+            raise
 
 
 # Image work a tenant starts: registry pulls, archive reads, unpacking, walks of the store.

@@ -23,6 +23,12 @@ class ServerConfig:
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
     max_volumes_per_key: int = 100
     max_image_bytes_per_key: int = 64 * 1024**3  # what one key's images take, checked per build
+    # What live sandboxes may ask for together, as multiples of the machine's CPUs, memory and
+    # data disk: limits are ceilings (an idle sandbox uses a few MiB of its memory_mb, CPU is
+    # a share, disks are sparse), so the node holds more than it could if all were used at once.
+    cpu_overcommit: float = 128.0
+    memory_overcommit: float = 16.0
+    disk_overcommit: float = 8.0
     auth_failures_per_minute: int = 30  # per client address, then 429 until the minute passes
     # Registries image pulls may reach though they are not public addresses (`host[:port]`).
     allowed_registries: tuple[str, ...] = ()

@@ -16,15 +16,17 @@ import dataclasses
 import logging
 import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from corral.core.errors import CorralError, LimitReached
 from corral.core.models import SandboxInfo, StateChange
+from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
 from corral.images.builder import Builder
 from corral.images.oci.egress import Egress
+from corral.server.admission import Admission, machine_capacity
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
 from corral.server.store import ENDED_RETENTION, Store
@@ -51,6 +53,15 @@ class Service:
         self.events = EventHub()
         self.failed_logins = FailedLogins(config.auth_failures_per_minute)
         self.in_flight = InFlight()
+        self.admission = Admission(
+            self.engine,
+            machine_capacity(
+                config.data_dir,
+                config.cpu_overcommit,
+                config.memory_overcommit,
+                config.disk_overcommit,
+            ),
+        )
         self._store: Store | None = None
         self._owners: dict[str, str] = {}  # live sandbox id -> key id
         self._creating = 0  # creates in flight count against the limits too
@@ -99,9 +110,22 @@ class Service:
     # -- limits and new sandboxes ---------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def admitting(self, key_id: str, count: int) -> AsyncIterator[None]:
-        """Count `count` creates by `key_id` in flight against the limits, or refuse them at
-        once (429 with a time to retry, rather than queueing until the client times out)."""
+    async def admitting(self, key_id: str, count: int, spec: SandboxSpec) -> AsyncIterator[None]:
+        """`admit` for the length of the block."""
+        release = self.admit(key_id, count, spec)
+        try:
+            yield
+        finally:
+            release()
+
+    def admit(
+        self, key_id: str, count: int, spec: SandboxSpec, *, reserve: bool = True
+    ) -> Callable[[], None]:
+        """Count `count` sandboxes like `spec` that `key_id` starts against the limits and the
+        node's room, or refuse them at once (429 with a time to retry, rather than queueing
+        until the client times out); call what it returns once they run or have failed. An
+        image build counts as one of its key's sandboxes while it runs; it does not `reserve`
+        node room, since its step sandboxes count as they run."""
         if len(self._owners) + self._creating + count > self.config.max_sandboxes:
             raise LimitReached(
                 f"this node runs the most sandboxes it is configured for "
@@ -118,13 +142,24 @@ class Service:
                 code="too_many_sandboxes",
                 retry_after=5,
             )
+        if reserve:
+            release_room = self.admission.reserve(spec, count)
+        else:
+            self.admission.check(spec, count)
+            release_room = _nothing
         self._creating += count
         self._creating_by[key_id] = self._creating_by.get(key_id, 0) + count
-        try:
-            yield
-        finally:
-            self._creating -= count
-            self._creating_by[key_id] -= count
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                release_room()
+                self._creating -= count
+                self._creating_by[key_id] -= count
+
+        return release
 
     def own(self, key_id: str, info: SandboxInfo) -> None:
         """Record `key_id` as the owner of the sandbox the engine has just made."""
@@ -219,6 +254,10 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.store.forget_ended(time.time() - ENDED_RETENTION)
             await asyncio.sleep(PRUNE_EVERY)
+
+
+def _nothing() -> None:
+    pass
 
 
 def raise_open_files_limit() -> None:

@@ -3,14 +3,14 @@ remove; and the uploads builds need."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 from corral.core.errors import ImageNotFound, LimitReached
 from corral.core.names import check_image_name
 from corral.core.recipe import check_recipe
-from corral.images.builder import BuildProgress
+from corral.core.spec import SandboxSpec
+from corral.images.builder import BUILD_SPEC, BuildProgress
 from corral.images.lanes import IMAGES
 from corral.images.layers import Manifest
 from corral.server.store import ImageEntry
@@ -46,11 +46,22 @@ class Images:
             )
 
     def start_build(self) -> Callable[[], None]:
-        """Count a build of this key's in flight (429 past its limit); call what it returns
-        once the build has finished."""
+        """Count a build of this key's in flight (429 past its limit), and as one of its
+        sandboxes (a build runs one at a time) if the node has room; call what it returns once
+        the build has finished."""
         in_flight, key_id = self._service.in_flight, self._tenant.id
         in_flight.enter(key_id, "build")
-        return functools.partial(in_flight.leave, key_id, "build")
+        try:
+            admitted = self._service.admit(key_id, 1, BUILD_SPEC, reserve=False)
+        except BaseException:
+            in_flight.leave(key_id, "build")
+            raise
+
+        def finished() -> None:
+            admitted()
+            in_flight.leave(key_id, "build")
+
+        return finished
 
     async def build(self, recipe: Any, name: str | None, progress: BuildProgress) -> dict[str, Any]:
         """Build `recipe` (see `corral.images.builder`, checked by `check`) as an image of
@@ -65,9 +76,14 @@ class Images:
         sandbox_id = await self._tenant.sandbox(sandbox_id)
         if name is not None:
             check_image_name(name)
-        manifest = await self._service.builder.snapshot_filesystem(sandbox_id)
+        # A gVisor sandbox's files are exported from a copy of it: one more sandbox.
+        async with self._service.admitting(self._tenant.id, 1, self._engine_spec(sandbox_id)):
+            manifest = await self._service.builder.snapshot_filesystem(sandbox_id)
         entry = await self._service.store.add_image(self._tenant.id, manifest.id, name)
         return _describe(entry, manifest)
+
+    def _engine_spec(self, sandbox_id: str) -> SandboxSpec:
+        return self._service.engine.get(sandbox_id).spec
 
     async def list(self) -> list[dict[str, Any]]:
         found = []

@@ -48,7 +48,7 @@ class Sandboxes:
         tenant = self._tenant
         snapshot_id = tenant.snapshot(snapshot).id if snapshot is not None else None
         spec = await tenant.spec(spec, image=snapshot_id is None)
-        async with self._service.admitting(tenant.id, 1):
+        async with self._service.admitting(tenant.id, 1, spec):
             info = await self._engine.create(spec, pool=pool, snapshot=snapshot_id)
             self._service.own(tenant.id, info)
         await self._service.recorded()
@@ -57,7 +57,9 @@ class Sandboxes:
     async def fork(self, sandbox_id: str, count: int) -> builtins.list[SandboxInfo]:
         """`count` copies of one of the tenant's sandboxes, memory and files."""
         sandbox_id = await self._tenant.sandbox(sandbox_id)
-        async with self._service.admitting(self._tenant.id, count if isinstance(count, int) else 1):
+        source = self._engine.get(sandbox_id).spec
+        copies = count if isinstance(count, int) else 1
+        async with self._service.admitting(self._tenant.id, copies, source):
             made = await self._engine.fork(sandbox_id, count)
             for info in made:
                 self._service.own(self._tenant.id, info)

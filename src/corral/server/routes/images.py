@@ -2,8 +2,8 @@
 
 A build is one POST whose answer streams as it happens, one JSON object per line
 (`application/x-ndjson`): the events of `corral.images.builder`, then `done` with the image
-or `error` with the failed step and its output. A client that goes away does not stop the build: it
-finishes and its layers are cached for the next try.
+or `error` with the failed step and its output. A client that goes away cancels its build (the
+step under way stops and its sandbox ends); the steps already done stay cached for the next try.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from corral.server.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
-_builds: set[asyncio.Task[dict[str, Any]]] = set()  # running even if their client left
+_builds: set[asyncio.Task[dict[str, Any]]] = set()  # the builds under way
 
 
 @router.put("/blobs/{digest}", status_code=201)
@@ -41,7 +41,8 @@ async def upload_blob(digest: str, request: Request, images: ImagesDep) -> BlobO
 @router.head("/blobs/{digest}")
 async def has_blob(digest: str, images: ImagesDep) -> Response:
     """200 if the server holds this content already (no need to upload it), else 404."""
-    return Response(status_code=200 if await images.has_blob(digest) else 404)
+    found = await images.has_blob(digest)
+    return Response(status_code=200 if found else 404, media_type="application/json")
 
 
 @router.post("/images", response_class=StreamingResponse)
@@ -56,30 +57,37 @@ async def build_image(body: BuildImage, images: ImagesDep) -> Response:
     task.add_done_callback(lambda _task: finished())
 
     async def lines() -> AsyncIterator[bytes]:
-        while not (task.done() and events.empty()):
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield _line(getter.result())
+        try:
+            while not (task.done() and events.empty()):
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield _line(getter.result())
+                else:
+                    getter.cancel()
+            error = task.exception()
+            if error is None:
+                yield _line({"event": "done", "image": task.result()})
+            elif isinstance(error, CorralError):
+                yield _line(
+                    {
+                        "event": "error",
+                        "step": getattr(error, "step", None),
+                        "log": getattr(error, "log", ""),
+                        **error.to_dict(),
+                    }
+                )
             else:
-                getter.cancel()
-        error = task.exception()
-        if error is None:
-            yield _line({"event": "done", "image": task.result()})
-        elif isinstance(error, CorralError):
-            yield _line(
-                {
-                    "event": "error",
-                    "step": getattr(error, "step", None),
-                    "log": getattr(error, "log", ""),
-                    **error.to_dict(),
-                }
-            )
-        else:
-            yield _line(
-                {"event": "error", "error": {"code": "internal_error", "message": "build failed"}}
-            )
-            raise error
+                yield _line(
+                    {
+                        "event": "error",
+                        "error": {"code": "internal_error", "message": "build failed"},
+                    }
+                )
+                raise error
+        finally:
+            if not task.done():  # its client went away: the build stops, its sandbox ends
+                task.cancel()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
