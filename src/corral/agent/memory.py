@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 IDLE_INTERVAL = 0.25
 BUSY_INTERVAL = 0.01
+SETTLE = 1.0  # seconds a kill's memory may take to show as freed
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -60,11 +62,13 @@ def processes(proc: str = "/proc") -> Tuple[Optional[Tuple[int, int]], int]:
 
 
 class Guard:
-    """The budget, and the last process killed for it until that one is gone."""
+    """The budget, and the last process killed for it until its memory is back."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.dying: Optional[int] = None
+        self.used_at_kill = 0
+        self.settle_until = 0.0
 
     async def watch(self, blame: Callable[[int], None]) -> None:
         """Check, for as long as the agent runs."""
@@ -82,8 +86,14 @@ class Guard:
         if used <= self.limit:
             self.dying = None
             return BUSY_INTERVAL if used * 2 > self.limit else IDLE_INTERVAL
-        if self.dying is not None and _alive(self.dying):
-            return BUSY_INTERVAL  # its memory is on the way back: one kill at a time
+        if self.dying is not None and (
+            _alive(self.dying)
+            or (time.monotonic() < self.settle_until and used <= self.used_at_kill)
+        ):
+            # One kill at a time: the kernel counts a dead process's memory as freed a moment
+            # after it has gone. Only use still growing meanwhile (another process allocating)
+            # makes a second victim before then.
+            return BUSY_INTERVAL
         victim, held = processes()
         # Past the budget by more than every process holds, files in memory (/dev/shm) hold
         # the rest, and no kill can bring the sandbox back: the host's limit ends it instead.
@@ -92,6 +102,7 @@ class Guard:
             try:
                 os.kill(victim[0], signal.SIGKILL)
                 self.dying = victim[0]
+                self.used_at_kill, self.settle_until = used, time.monotonic() + SETTLE
             except OSError:  # it exited meanwhile
                 pass
         return BUSY_INTERVAL
