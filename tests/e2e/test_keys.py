@@ -3,10 +3,13 @@ sandboxes; an admin can see and end any sandbox."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -119,3 +122,60 @@ def _keys(server: Server) -> list[dict[str, object]]:
     )
     listed.raise_for_status()
     return list(listed.json())
+
+
+def test_quotas_limit_a_key_and_show_its_usage(server: Server) -> None:
+    tenant = server.new_key("quota-tenant")
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    quota_url = f"{server.url}/v1/keys/quota-tenant/quota"
+    for bad in ({"memory_mb": -1}, {"memory": 5}, {"cpu": "lots"}):
+        refused = httpx.put(quota_url, json=bad, headers=admin, timeout=30)
+        assert refused.status_code == 400, refused.text
+    limits = {"memory_mb": 1024, "volume_mb": 64, "blob_bytes": 100}
+    assert httpx.put(quota_url, json=limits, headers=admin, timeout=30).status_code == 200
+    blob = b"x" * 200
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    mine = {"Authorization": f"Bearer {tenant}"}
+    with server.client(tenant) as client:
+        first = Sandbox.create(runtime="namespaces", memory_mb=512, client=client)
+        try:
+            with pytest.raises(corral.LimitReached) as past:
+                Sandbox.create(runtime="namespaces", memory_mb=1024, client=client)
+            assert past.value.code == "quota_exceeded" and "memory_mb" in past.value.message
+            corral.Volume.create("quota-vol", size_mb=64, client=client)
+            with pytest.raises(corral.LimitReached):
+                corral.Volume.create("quota-vol-2", size_mb=16, client=client)
+            put = httpx.put(f"{server.url}/v1/blobs/{digest}", content=blob, headers=mine)
+            assert put.status_code == 201
+            again = httpx.put(f"{server.url}/v1/blobs/{digest}", content=blob, headers=mine)
+            assert again.status_code == 429 and again.json()["error"]["code"] == "quota_exceeded"
+            shown = httpx.get(quota_url, headers=admin, timeout=30).json()
+            assert shown["quota"]["memory_mb"] == 1024 and shown["quota"]["cpu"] is None
+            used = shown["usage"]
+            assert (used["memory_mb"], used["volume_mb"], used["blob_bytes"]) == (512, 64, 200)
+            cli = [sys.executable, "-m", "corral", "keys", "quota", "quota-tenant"]
+            cli += ["--data-dir", str(server.data_dir)]
+            listed = subprocess.run([*cli, "--json"], capture_output=True, text=True, check=True)
+            assert json.loads(listed.stdout)["usage"]["volume_mb"] == 64
+            lifted = subprocess.run(
+                [*cli, "--set", "memory_mb=none", "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert json.loads(lifted.stdout)["quota"]["memory_mb"] is None
+            wrong = subprocess.run(
+                [*cli, "--set", "cpu=lots"], capture_output=True, text=True, check=False
+            )
+            assert wrong.returncode != 0 and "invalid_quota" in wrong.stdout + wrong.stderr
+            deadline = time.monotonic() + 30  # the server rereads quotas every few seconds
+            while True:
+                try:
+                    Sandbox.create(runtime="namespaces", memory_mb=1024, client=client).terminate()
+                    break
+                except corral.LimitReached:
+                    assert time.monotonic() < deadline, "the lifted quota never took effect"
+                    time.sleep(1)
+        finally:
+            first.terminate()
+            corral.Volume.from_name("quota-vol", client=client).delete()

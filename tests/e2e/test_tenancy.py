@@ -55,6 +55,8 @@ NODE_WIDE = {
     ("DELETE", "/v1/admin/sandboxes/{sandbox_id}"): "an admin's: ends any sandbox",
     ("POST", "/v1/keys"): "an admin's: the node's keys",
     ("DELETE", "/v1/keys/{key_id}"): "an admin's: the node's keys",
+    ("GET", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
+    ("PUT", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
 }
 # Lists and the event stream: the other key sees nothing of the owner's.
 LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots"}

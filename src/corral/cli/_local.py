@@ -9,7 +9,7 @@ import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
@@ -18,6 +18,7 @@ from corral.cli._common import DataDir, Json, app, console, fail, out
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine, default_data_dir, lock_data_dir
+from corral.engine.snapshots import SnapshotStore
 from corral.runtimes import PREFERENCE
 
 if TYPE_CHECKING:
@@ -80,6 +81,15 @@ Overcommit = Annotated[
         help="What live sandboxes may ask for together, as multiples of this machine's CPUs, "
         "memory and data disk: e.g. 'cpu=128,memory=16,disk=8' (the defaults); past it, "
         "creates get 429 node_full."
+    ),
+]
+
+QuotaLimits = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="A limit, NAME=VALUE (cpu, memory_mb, disk_mb, volume_mb, snapshot_bytes, "
+        "blob_bytes; VALUE 'none' for no limit); repeatable.",
     ),
 ]
 
@@ -359,6 +369,64 @@ def keys_list(data_dir: DataDir = None, as_json: Json = False) -> None:
         status = "[green]active[/green]" if key.active else "[red]revoked[/red]"
         table.add_row(key.id, key.name, key.hint + "…", "yes" if key.admin else "", created, status)
     out.print(table)
+
+
+@keys_app.command("quota")
+def keys_quota(
+    key: str = typer.Argument(help="Key id or name."),
+    limit: QuotaLimits = None,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """Show a key's quota and what it takes now; change limits with --set."""
+    from corral.core.quota import Quota
+
+    async def act(store: Store) -> dict[str, Any]:
+        found = await store.find_key(key)
+        quota = (await store.quotas()).get(found.id, Quota())
+        if limit:
+            changes = dict(_quota_item(item) for item in limit)
+            quota = Quota.from_dict({**quota.to_dict(), **changes})
+            await store.set_quota(found.id, quota)
+        snapshots = _snapshot_bytes(data_dir, found.id)
+        usage = await store.usage(found.id, snapshot_bytes=snapshots)
+        return {"key_id": found.id, "quota": quota.to_dict(), "usage": usage.to_dict()}
+
+    shown = _with_store(data_dir, act)
+    if as_json:
+        print(json.dumps(shown))
+        return
+    table = Table("of key " + shown["key_id"], "quota", "in use")
+    for name, used in shown["usage"].items():
+        limit_value = shown["quota"][name]
+        table.add_row(name, "none" if limit_value is None else f"{limit_value:g}", f"{used:g}")
+    out.print(table)
+
+
+def _quota_item(item: str) -> tuple[str, float | None]:
+    name, _, value = item.partition("=")
+    if value == "none":
+        return name, None
+    try:
+        return name, float(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"--set {item!r}: give NAME=NUMBER or NAME=none, e.g. --set memory_mb=8192",
+            code="invalid_quota",
+        ) from None
+
+
+def _snapshot_bytes(data_dir: Path | None, key_id: str) -> int:
+    """The bytes of the key's snapshots, as the engine keeps them on this machine."""
+    from corral.server.config import ServerConfig
+
+    config = ServerConfig(data_dir or default_data_dir())
+    root = config.data_dir / "snapshots"
+    if not root.is_dir():
+        return 0
+    snapshots = SnapshotStore(root, config.key_ring())
+    snapshots.load()
+    return sum(s.info.size_bytes for s in snapshots.all() if s.info.owner == key_id)
 
 
 @keys_app.command("revoke")

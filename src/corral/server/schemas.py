@@ -313,6 +313,23 @@ class KeyOut(BaseModel):
         return cls(**key.to_dict(), secret=secret)
 
 
+class QuotaBody(Request):
+    """A key's limits; a field left out or null is no limit (see `corral.core.quota`)."""
+
+    cpu: float | None = Field(None, ge=0, description="CPUs its live sandboxes may ask for")
+    memory_mb: int | None = Field(None, ge=0, description="MiB of memory, likewise")
+    disk_mb: int | None = Field(None, ge=0, description="MiB of disk, likewise")
+    volume_mb: int | None = Field(None, ge=0, description="MiB of volumes")
+    snapshot_bytes: int | None = Field(None, ge=0, description="bytes of snapshots")
+    blob_bytes: int | None = Field(None, ge=0, description="bytes of uploaded content")
+
+
+class QuotaOut(BaseModel):
+    key_id: str
+    quota: dict[str, float | int | None]
+    usage: dict[str, float | int | None]
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

@@ -19,8 +19,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from corral.core.errors import CorralError, LimitReached
+from corral.core.errors import CorralError, LimitReached, SandboxNotFound
 from corral.core.models import SandboxInfo, StateChange
+from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
@@ -53,6 +54,7 @@ class Service:
         self.events = EventHub()
         self.failed_logins = FailedLogins(config.auth_failures_per_minute)
         self.in_flight = InFlight()
+        self.quotas: dict[str, Quota] = {}  # by key id; set by admins, reread every few seconds
         self.admission = Admission(
             self.engine,
             machine_capacity(
@@ -72,6 +74,7 @@ class Service:
     async def start(self) -> None:
         raise_open_files_limit()
         self._store = await Store.open(self.config.database, self.engine.keys)
+        self.quotas = await self._store.quotas()
         await self.engine.start()  # re-adopts the sandboxes a previous server left running
         await self._reconcile()
         for name, template, size in self.config.pools:
@@ -142,7 +145,10 @@ class Service:
                 code="too_many_sandboxes",
                 retry_after=5,
             )
-        if reserve:
+        if reserve:  # a build's sandbox is sized by Corral, not the tenant: not their quota
+            n = count
+            adding = Quota(cpu=spec.cpu * n, memory_mb=spec.memory_mb * n, disk_mb=spec.disk_mb * n)
+            self.refuse_past_quota(key_id, self.live_usage(key_id), adding)
             release_room = self.admission.reserve(spec, count)
         else:
             self.admission.check(spec, count)
@@ -160,6 +166,44 @@ class Service:
                 self._creating_by[key_id] -= count
 
         return release
+
+    # -- quotas ----------------------------------------------------------------------------------
+
+    def live_usage(self, key_id: str) -> Quota:
+        """What the key's live sandboxes ask for now (hibernated ones: disk only)."""
+        used = Quota()
+        for sandbox_id, owner in list(self._owners.items()):
+            if owner != key_id:
+                continue
+            with contextlib.suppress(SandboxNotFound):  # gone meanwhile
+                info = self.engine.get(sandbox_id)
+                awake = info.state is not SandboxState.HIBERNATED
+                spec = info.spec
+                cpu, memory = (spec.cpu, spec.memory_mb) if awake else (0.0, 0)
+                used = used.plus(Quota(cpu=cpu, memory_mb=memory, disk_mb=spec.disk_mb))
+        return used
+
+    async def usage(self, key_id: str) -> Quota:
+        """Everything the key takes that a quota limits."""
+        snapshots = sum(s.size_bytes for s in self.engine.list_snapshots() if s.owner == key_id)
+        return await self.store.usage(key_id, snapshot_bytes=snapshots)
+
+    def refuse_past_quota(self, key_id: str, used: Quota, adding: Quota) -> None:
+        """429 `quota_exceeded` if `adding` to `used` goes past the key's quota."""
+        quota = self.quotas.get(key_id)
+        past = quota.exceeded_by(used.plus(adding)) if quota is not None else None
+        if past is not None:
+            raise LimitReached(
+                f"this API key's quota does not allow it ({past}): end or delete something of "
+                "yours, or ask an admin for a larger quota",
+                code="quota_exceeded",
+                retry_after=60,
+            )
+
+    async def check_quota(self, key_id: str, adding: Quota) -> None:
+        """`refuse_past_quota` against everything the key takes (volumes, snapshots, uploads)."""
+        if key_id in self.quotas:
+            self.refuse_past_quota(key_id, await self.usage(key_id), adding)
 
     def own(self, key_id: str, info: SandboxInfo) -> None:
         """Record `key_id` as the owner of the sandbox the engine has just made."""
@@ -246,6 +290,7 @@ class Service:
             try:
                 for key_id in await self.store.revoked(set(self._owners.values())):
                     await self.end_sandboxes_of(key_id)
+                self.quotas = await self.store.quotas()  # set with `corral keys quota` too
             except Exception:
                 log.exception("could not end the sandboxes of revoked keys")
 

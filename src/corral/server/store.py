@@ -30,14 +30,20 @@ from alembic.config import Config
 from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from corral.core.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
 from corral.core.ids import new_id
 from corral.core.models import SandboxInfo, StateChange
+from corral.core.quota import UNITS, Quota
 from corral.core.state import EndReason, SandboxState
 from corral.engine.sealing import KeyRing, open_spec, seal_spec
-from corral.server.tables import BlobRow, ImageRow, KeyRow, SandboxRow, VolumeRow
+from corral.server.tables import BlobRow, ImageRow, KeyRow, QuotaRow, SandboxRow, VolumeRow
 
 KEY_PREFIX = "corral_"
 ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
@@ -96,6 +102,25 @@ class ApiKey:
 
 def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def _one_key(session: AsyncSession, ref: str) -> KeyRow:
+    """The key whose id or name is `ref`."""
+    rows = list(
+        await session.scalars(select(KeyRow).where((KeyRow.id == ref) | (KeyRow.name == ref)))
+    )
+    if len(rows) != 1:
+        raise NotFound(
+            f"no key {ref!r}"
+            if not rows
+            else f"several keys are named {ref!r}; name it by id (corral keys list)",
+            code="key_not_found",
+        )
+    return rows[0]
+
+
+def _quota(row: QuotaRow) -> Quota:
+    return Quota(**{name: getattr(row, name) for name in UNITS})
 
 
 def _key(row: KeyRow) -> ApiKey:
@@ -235,21 +260,15 @@ class Store:
             rows = await session.scalars(select(KeyRow).order_by(KeyRow.created_at))
             return [_key(row) for row in rows]
 
+    async def find_key(self, ref: str) -> ApiKey:
+        """The key whose id or name is `ref` (`NotFound` if none, or several by that name)."""
+        async with self._session() as session:
+            return _key(await _one_key(session, ref))
+
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Revoke a key by id or name (the service then ends its sandboxes)."""
         async with self._session.begin() as session:
-            rows = list(
-                await session.scalars(
-                    select(KeyRow).where((KeyRow.id == key_id) | (KeyRow.name == key_id))
-                )
-            )
-            if len(rows) != 1:
-                raise NotFound(
-                    f"no key {key_id!r}"
-                    if not rows
-                    else f"several keys are named {key_id!r}; revoke by id (corral keys list)",
-                    code="key_not_found",
-                )
+            rows = [await _one_key(session, key_id)]
             if rows[0].revoked_at is None:
                 rows[0].revoked_at = time.time()
             key = _key(rows[0])
@@ -270,6 +289,47 @@ class Store:
     async def has_keys(self) -> bool:
         async with self._session() as session:
             return await session.scalar(select(KeyRow.id).limit(1)) is not None
+
+    # -- quotas -----------------------------------------------------------------------------
+
+    async def quotas(self) -> dict[str, Quota]:
+        """Every key's quota that sets any limit, by key id."""
+        async with self._session() as session:
+            return {row.key_id: _quota(row) for row in await session.scalars(select(QuotaRow))}
+
+    async def set_quota(self, key_ref: str, quota: Quota) -> ApiKey:
+        """Set the quota of the key whose id or name is `key_ref`; the key."""
+        async with self._session.begin() as session:
+            key = _key(await _one_key(session, key_ref))
+            values = {"key_id": key.id, **quota.to_dict()}
+            insert = sqlite_insert(QuotaRow).values(**values)
+            await session.execute(
+                insert.on_conflict_do_update(index_elements=["key_id"], set_=quota.to_dict())
+            )
+        return key
+
+    async def usage(self, key_id: str, snapshot_bytes: int = 0) -> Quota:
+        """What the key's live sandboxes ask for (hibernated ones: disk only), its volumes and
+        its uploads take; its snapshots' bytes are the engine's to tell."""
+        used = Quota(snapshot_bytes=snapshot_bytes)
+        for info in await self.live_sandboxes(owner=key_id):
+            awake = info.state is not SandboxState.HIBERNATED
+            spec = info.spec
+            used = used.plus(
+                Quota(
+                    cpu=spec.cpu if awake else 0,
+                    memory_mb=spec.memory_mb if awake else 0,
+                    disk_mb=spec.disk_mb,
+                )
+            )
+        async with self._session() as session:
+            volume_mb = await session.scalar(
+                select(func.sum(VolumeRow.size_mb)).where(VolumeRow.owner == key_id)
+            )
+            blob_bytes = await session.scalar(
+                select(func.sum(BlobRow.size)).where(BlobRow.owner == key_id)
+            )
+        return used.plus(Quota(volume_mb=volume_mb or 0, blob_bytes=blob_bytes or 0))
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -415,9 +475,11 @@ class Store:
         async with self._session() as session:
             return [_info(row, self._keys) for row in await session.scalars(query)]
 
-    async def live_sandboxes(self) -> list[SandboxInfo]:
-        """Sandboxes the catalogue believes are not terminated."""
+    async def live_sandboxes(self, owner: str | None = None) -> list[SandboxInfo]:
+        """Sandboxes the catalogue believes are not terminated (of `owner`, if given)."""
         query = select(SandboxRow).where(SandboxRow.state != SandboxState.TERMINATED.value)
+        if owner is not None:
+            query = query.where(SandboxRow.owner == owner)
         async with self._session() as session:
             return [_info(row, self._keys) for row in await session.scalars(query)]
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -71,3 +71,18 @@ class BlobRow(Base):
     digest: Mapped[str] = mapped_column(String(71), primary_key=True)
     size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class QuotaRow(Base):
+    """A key's quota (see `corral.core.quota`); a key without a row, or a null field, has no
+    limit there."""
+
+    __tablename__ = "quotas"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    cpu: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_mb: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    disk_mb: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    volume_mb: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    snapshot_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    blob_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -9,6 +9,7 @@ from typing import Any
 from corral.core.errors import SandboxNotFound
 from corral.core.ids import check_id
 from corral.core.models import SandboxInfo
+from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason
 from corral.server.store import ApiKey
@@ -43,6 +44,17 @@ class Keys:
 
     async def create(self, name: str, *, admin: bool) -> tuple[ApiKey, str]:
         return await self._store.create_key(name, admin=admin)
+
+    async def quota(self, key_ref: str, new: Quota | None = None) -> dict[str, Any]:
+        """A key's quota and what it takes now, after setting the quota to `new` if given."""
+        if new is not None:
+            key = await self._store.set_quota(key_ref, new)
+            self._service.quotas = await self._store.quotas()
+        else:
+            key = await self._store.find_key(key_ref)
+        quota = self._service.quotas.get(key.id, Quota())
+        usage = await self._service.usage(key.id)
+        return {"key_id": key.id, "quota": quota.to_dict(), "usage": usage.to_dict()}
 
     async def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key: it stops working at once, and its sandboxes end (`key_revoked`)."""

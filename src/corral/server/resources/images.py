@@ -8,6 +8,7 @@ from typing import Any
 
 from corral.core.errors import ImageNotFound, LimitReached
 from corral.core.names import check_image_name
+from corral.core.quota import Quota
 from corral.core.recipe import check_recipe
 from corral.core.spec import SandboxSpec
 from corral.images.builder import BUILD_SPEC, BuildProgress
@@ -120,6 +121,8 @@ class Images:
         """Store content a recipe names by digest (checked: sending it proves holding it);
         its size."""
         limit = self._service.config.max_blob_bytes
+        # Its size is known once it is sent: refused if the quota is already full.
+        await self._service.check_quota(self._tenant.id, Quota(blob_bytes=1))
         with self._tenant.hold("upload"):
             size = await self._layers.add_blob(digest, chunks, limit)
         await self._service.store.add_blob(self._tenant.id, digest, size)

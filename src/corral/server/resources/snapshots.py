@@ -5,6 +5,7 @@ from __future__ import annotations
 from corral.core.errors import Conflict
 from corral.core.models import SnapshotInfo
 from corral.core.names import check_image_name
+from corral.core.quota import Quota
 from corral.server.tenancy import Tenant
 
 
@@ -25,6 +26,8 @@ class Snapshots:
                     f"you have a snapshot named {name!r} already; delete it or pick another name",
                     code="name_taken",
                 )
+        # A snapshot's size is known once it is taken: refused if the quota is already full.
+        await self._tenant.service.check_quota(self._tenant.id, Quota(snapshot_bytes=1))
         return await self._engine.snapshot(sandbox_id, ttl=ttl, name=name, owner=self._tenant.id)
 
     def list(self) -> list[SnapshotInfo]:

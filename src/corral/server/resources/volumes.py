@@ -8,6 +8,7 @@ from typing import Any
 from corral.core.errors import Conflict, LimitReached, VolumeNotFound
 from corral.core.models import VolumeInfo
 from corral.core.names import check_volume_name
+from corral.core.quota import Quota
 from corral.core.spec import check_volume_size
 from corral.server.store import VolumeEntry
 from corral.server.tenancy import Tenant
@@ -28,6 +29,7 @@ class Volumes:
         store, owner = self._service.store, self._tenant.id
         if await store.find_volume(owner, name) is not None:
             raise Conflict(f"you already have a volume named {name!r}", code="volume_exists")
+        await self._service.check_quota(owner, Quota(volume_mb=size_mb))
         most = self._service.config.max_volumes_per_key
         if len(await store.list_volumes(owner)) >= most:
             raise LimitReached(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from corral.core.quota import Quota
 from corral.server.auth import KeysDep
-from corral.server.schemas import CreateKey, KeyOut
+from corral.server.schemas import CreateKey, KeyOut, QuotaBody, QuotaOut
 
 router = APIRouter(prefix="/v1", tags=["keys"])
 
@@ -27,3 +28,15 @@ async def create_key(body: CreateKey, keys: KeysDep) -> KeyOut:
 async def revoke_key(key_id: str, keys: KeysDep) -> KeyOut:
     """Revoke a key: it stops working at once; its sandboxes run until they end."""
     return KeyOut.of(await keys.revoke(key_id))
+
+
+@router.get("/keys/{key_id}/quota")
+async def get_quota(key_id: str, keys: KeysDep) -> QuotaOut:
+    """A key's quota (null: no limit) and what it takes now. Admin keys only."""
+    return QuotaOut(**await keys.quota(key_id))
+
+
+@router.put("/keys/{key_id}/quota")
+async def set_quota(key_id: str, body: QuotaBody, keys: KeysDep) -> QuotaOut:
+    """Set a key's quota (fields left out or null: no limit). Admin keys only."""
+    return QuotaOut(**await keys.quota(key_id, Quota.from_dict(body.model_dump())))
