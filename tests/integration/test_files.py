@@ -108,5 +108,10 @@ async def test_file_errors_are_clear(engine: Engine, sandbox: SandboxInfo) -> No
         await files.remove("/", recursive=True)
     with pytest.raises(FileNotFound):
         await files.remove("/root/missing", recursive=True)
+    for mode in (36469918188906112, -1, 0o10000, True):  # the first found by the fuzzer
+        with pytest.raises(InvalidRequest, match="0o7777"):
+            await files.mkdir("/root/moded", mode=mode)
+        with pytest.raises(InvalidRequest, match="0o7777"):
+            await files.chmod("/root", mode)
     # Nothing was harmed.
     assert (await engine.run(sandbox.id, "ls /usr/bin/python3")).exit_code == 0

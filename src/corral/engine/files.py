@@ -57,8 +57,8 @@ class SandboxFiles:
         failed write leaves the old content.
         """
         check_sandbox_path(path)
-        if mode is not None and not (isinstance(mode, int) and 0 <= mode <= 0o7777):
-            raise InvalidRequest("mode must be an integer between 0 and 0o7777")
+        if mode is not None:
+            check_mode(mode)
         params: dict[str, Any] = {"path": path, "append": append}
         if mode is not None:
             params["mode"] = mode
@@ -101,7 +101,8 @@ class SandboxFiles:
 
     async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> FileInfo:
         return await self._info(
-            P.FS_MKDIR, {"path": check_sandbox_path(path), "parents": parents, "mode": mode}
+            P.FS_MKDIR,
+            {"path": check_sandbox_path(path), "parents": parents, "mode": check_mode(mode)},
         )
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
@@ -118,9 +119,15 @@ class SandboxFiles:
         return await self._info(P.FS_RENAME, params)
 
     async def chmod(self, path: str, mode: int) -> FileInfo:
-        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise InvalidRequest("mode must be an integer between 0 and 0o7777")
-        return await self._info(P.FS_CHMOD, {"path": check_sandbox_path(path), "mode": mode})
+        params = {"path": check_sandbox_path(path), "mode": check_mode(mode)}
+        return await self._info(P.FS_CHMOD, params)
 
     async def _info(self, method: str, params: dict[str, Any]) -> FileInfo:
         return FileInfo.from_guest(await (await self._link()).call(method, params))
+
+
+def check_mode(mode: object) -> int:
+    """A file mode as the file API takes it: permission and special bits, nothing more."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise InvalidRequest("mode must be an integer between 0 and 0o7777 (e.g. 0o755)")
+    return mode
