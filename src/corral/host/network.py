@@ -98,6 +98,12 @@ def netns_path(name: str) -> Path:
     return NETNS_DIR / name
 
 
+def _query(argv: list[str]) -> str:
+    """What a read-only command prints (nothing if it fails: the thing asked about is absent)."""
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    return done.stdout
+
+
 def forwarding(iface: str) -> Path:
     """The IPv4 forwarding switch of one interface (``all`` and ``default`` are left alone)."""
     return SYSCTL_DIR / iface / "forwarding"
@@ -105,26 +111,14 @@ def forwarding(iface: str) -> Path:
 
 def uplinks() -> tuple[str, ...]:
     """The interfaces of the host's IPv4 default routes."""
-    out = subprocess.run(
-        ["ip", "-4", "-o", "route", "show", "default"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    ).stdout
+    out = _query(["ip", "-4", "-o", "route", "show", "default"])
     return tuple(dict.fromkeys(re.findall(r"\bdev (\S+)", out)))
 
 
 def routed_by_corral() -> set[str]:
     """Uplinks whose forwarding Corral switched on (the ``routed`` set of its table)."""
-    listed = subprocess.run(
-        ["nft", "list", "set", "inet", "corral", "routed"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
-    elements = re.search(r"elements = \{([^}]*)\}", listed.stdout)
+    listed = _query(["nft", "list", "set", "inet", "corral", "routed"])
+    elements = re.search(r"elements = \{([^}]*)\}", listed)
     return set(re.findall(r'"([^"]+)"', elements.group(1))) if elements else set()
 
 
