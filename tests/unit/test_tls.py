@@ -95,3 +95,28 @@ def test_the_client_refuses_a_ca_it_cannot_read(tmp_path: Path) -> None:
         assert refused.value.code == "invalid_tls"
         assert "CORRAL_CA" in refused.value.message
     assert tls_context(None, verify=False).verify_mode is ssl.CERT_NONE
+
+
+def test_the_banner_prints_the_fingerprint_verbatim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`:AB:` in a fingerprint is rich's emoji code for 🆎; a CI run once printed that."""
+    from corral.cli._local import _banner
+
+    files = tls.auto_files(tmp_path / "[/tls]", "127.0.0.1")
+    fingerprint = "6A:AB:DE:74:CL:ID:" + files.fingerprint()
+    monkeypatch.setattr(tls.TlsFiles, "fingerprint", lambda _self: fingerprint)
+    _banner("127.0.0.1", 8000, ("env", None), files)
+    banner = capsys.readouterr().err
+    assert fingerprint in banner.replace("\n", "")
+    assert f"CORRAL_CA={files.ca}" in banner
+
+
+def test_an_error_message_is_printed_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from corral.cli._common import fail
+
+    with pytest.raises(typer.Exit):
+        fail(InvalidRequest("no such file [/etc/x] :ab:", code="invalid_path"))
+    assert "error (invalid_path): no such file [/etc/x] :ab:" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from corral.client import Client
 from corral.core.errors import CorralError
@@ -18,8 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+# No emoji codes: `:ab:` in a fingerprint, a path or a command's output is text, not 🆎.
+console = Console(stderr=True, emoji=False)
+out = Console(emoji=False)
 if not out.is_terminal:
     out.width = 160  # piped tables: wide enough for ids and end reasons on one line
 
@@ -35,7 +37,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
 
 def fail(error: CorralError) -> NoReturn:
-    console.print(f"[red]error[/red] ({error.code}): {error.message}", highlight=False)
+    console.print(f"[red]error[/red] ({error.code}): {escape(error.message)}", highlight=False)
     raise typer.Exit(2)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from corral.cli._common import DataDir, Json, app, console, fail, out
@@ -275,7 +277,7 @@ def _prepare_image(config: ServerConfig) -> None:
     try:
         engine.default_runtime  # noqa: B018 - raises, with the reason, when no runtime can run
     except CorralError as error:
-        console.print(f"[yellow]warning[/yellow]: {error.message}")
+        console.print(f"[yellow]warning[/yellow]: {escape(error.message)}")
         return
     with console.status("preparing the debian image (about 30 s, once)…") as status:
         engine.images.resolve("debian", progress=lambda line: status.update(line[:100]))
@@ -292,16 +294,17 @@ def _banner(
     # A key is printed once, when it is made: never again, so never into a log of every start.
     shown = secret if kind == "new" else "<your key>"
     say = console.print
+    text = functools.partial(say, highlight=False, soft_wrap=True, markup=False)  # paths, keys
     say(f"\n[bold green]Corral[/bold green] serves on [bold]{url}[/bold] (API: {url}/docs)")
     exports = f"CORRAL_URL={url} CORRAL_API_KEY={shown}"
     if secure is not None and secure.ca is not None:
-        say(f"TLS 1.3, certificate from the local CA {secure.ca}", highlight=False, soft_wrap=True)
-        say(f"  its SHA-256 fingerprint: {secure.fingerprint()}", highlight=False, soft_wrap=True)
+        text(f"TLS 1.3, certificate from the local CA {secure.ca}")
+        text(f"  its SHA-256 fingerprint: {secure.fingerprint()}")
         exports += f" CORRAL_CA={secure.ca}"
     elif secure is not None:
-        say(f"TLS 1.3 with {secure.cert} (SHA-256 {secure.fingerprint()})", soft_wrap=True)
+        text(f"TLS 1.3 with {secure.cert} (SHA-256 {secure.fingerprint()})")
     elif warning := plain_http_warning(host):
-        say(f"[yellow]warning[/yellow]: {warning}", highlight=False, soft_wrap=True)
+        say(f"[yellow]warning[/yellow]: {escape(warning)}", highlight=False, soft_wrap=True)
     if kind == "new":
         say(f"Admin API key (shown once, keep it): [bold]{secret}[/bold]", soft_wrap=True)
     elif kind == "env":
@@ -312,13 +315,11 @@ def _banner(
         "import corral; sb = corral.Sandbox.create(); "
         'print(sb.run(["python3", "-c", "print(6*7)"]).stdout); sb.terminate()'
     )
-    say(
+    text(
         "Try it from another terminal:\n"
         f"  export {exports}\n"
         "  .venv/bin/corral run -- python3 -c 'print(6*7)'\n"
-        f"  .venv/bin/python -c '{python}'\n",
-        highlight=False,
-        soft_wrap=True,
+        f"  .venv/bin/python -c '{python}'\n"
     )
 
 

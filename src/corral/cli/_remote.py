@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Column, Table
 
 from corral.cli import _spec as S
@@ -177,7 +178,7 @@ def sandbox_info(
         rows["detail"] = info.end_detail or ""
     for name, value in rows.items():
         if value:
-            out.print(f"[bold]{name:>9}[/bold]  {value}", highlight=False)
+            out.print(f"[bold]{name:>9}[/bold]  {escape(str(value))}", highlight=False)
 
 
 @sandbox_app.command("kill")
@@ -275,7 +276,7 @@ def run(
                 client=sdk,
             )
         try:
-            console.print(f"[dim]{sandbox.id}: {shlex.join(argv)}[/dim]", highlight=False)
+            console.print(f"[dim]{sandbox.id}: {escape(shlex.join(argv))}[/dim]", highlight=False)
             code = _stream(sandbox, argv, None)
         finally:
             with contextlib.suppress(CorralError):
