@@ -26,12 +26,13 @@ import sys
 import time
 
 try:
-    from corral.agent import fileops, memory, procs, shield, tree
+    from corral.agent import contexts, fileops, memory, procs, shield, tree
     from corral.agent import protocol as P
     from corral.agent.fileops import GuestError
     from corral.agent.procs import Proc
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import contexts  # type: ignore[import-not-found,no-redef]
     import fileops  # type: ignore[import-not-found,no-redef]
     import memory  # type: ignore[import-not-found,no-redef]
     import procs  # type: ignore[import-not-found,no-redef]
@@ -109,6 +110,7 @@ class Agent:
         self.next_proc_id = 1
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_AGENT_")}
         self.base_env.setdefault("PATH", DEFAULT_PATH)
+        self.contexts = contexts.Contexts(self)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -290,14 +292,19 @@ class Agent:
         finally:
             os.close(fd)
 
-    async def proc_start(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
-        command = procs.Command(params, self.base_env)
-        popen, ours = procs.spawn(command)
-        proc = Proc(self.next_proc_id, popen, command.argv, command.tag)
+    def adopt(self, popen: Any, argv: List[str], tag: str) -> Proc:
+        """Keep a process just started: listed, reaped, and blamed for memory like the rest."""
+        proc = Proc(self.next_proc_id, popen, argv, tag)
         self.next_proc_id += 1
         self.procs[proc.id] = proc
         self.by_pid[proc.pid] = proc
         self.reap()  # it may already have exited before the handler was registered for it
+        return proc
+
+    async def proc_start(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        command = procs.Command(params, self.base_env)
+        popen, ours = procs.spawn(command)
+        proc = self.adopt(popen, command.argv, command.tag)
         for fd in ours.values():
             os.set_blocking(fd, False)
         proc.pty_fd = ours.get("pty")
@@ -426,6 +433,11 @@ HANDLERS = {
     P.PROC_RESIZE: Agent.proc_resize,
     P.PROC_LIST: Agent.proc_list,
     P.PROC_KILL_ALL: Agent.proc_kill_all,
+    P.CODE_RUN: contexts.code_run,
+    P.CODE_CREATE: contexts.code_create,
+    P.CODE_LIST: contexts.code_list,
+    P.CODE_RESTART: contexts.code_restart,
+    P.CODE_REMOVE: contexts.code_remove,
 }
 FILE_HANDLERS = {
     P.FS_READ: fileops.fs_read,

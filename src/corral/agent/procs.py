@@ -140,14 +140,18 @@ def resolve_user(user: Any) -> Optional[pwd.struct_passwd]:
         ) from None
 
 
-def spawn(command: Command) -> Tuple["subprocess.Popen[bytes]", Dict[str, int]]:
+def spawn(
+    command: Command, pass_fds: Tuple[int, ...] = ()
+) -> Tuple["subprocess.Popen[bytes]", Dict[str, int]]:
     """Start `command` in a session of its own, as a child subreaper (see `tree`); the process
-    and the agent's ends of its terminal ("pty") or pipes ("stdout", "stderr", "stdin")."""
+    and the agent's ends of its terminal ("pty") or pipes ("stdout", "stderr", "stdin").
+    `pass_fds` stay open in the process, under the same numbers."""
     kwargs: Dict[str, Any] = {
         "cwd": command.cwd,
         "env": command.env,
         "start_new_session": True,
         "close_fds": True,
+        "pass_fds": pass_fds,
         "preexec_fn": functools.partial(_in_child, _libc(), bool(command.pty)),
     }
     user = command.user

@@ -75,6 +75,11 @@ FS_MKDIR = "fs.mkdir"
 FS_REMOVE = "fs.remove"
 FS_RENAME = "fs.rename"
 FS_CHMOD = "fs.chmod"
+CODE_RUN = "code.run"
+CODE_CREATE = "code.create"
+CODE_LIST = "code.list"
+CODE_RESTART = "code.restart"
+CODE_REMOVE = "code.remove"
 
 METHODS = frozenset(
     {
@@ -92,6 +97,11 @@ METHODS = frozenset(
         FS_REMOVE,
         FS_RENAME,
         FS_CHMOD,
+        CODE_RUN,
+        CODE_CREATE,
+        CODE_LIST,
+        CODE_RESTART,
+        CODE_REMOVE,
     }
 )
 

@@ -118,6 +118,12 @@ class VolumeNotFound(NotFound):
     default_code = "volume_not_found"
 
 
+class ContextNotFound(NotFound):
+    """No code context with that id in the sandbox (list them with `code_contexts`)."""
+
+    default_code = "context_not_found"
+
+
 class CommandTimeout(CorralError):
     """A command ran past its timeout and was killed; `result` holds what it printed."""
 
@@ -174,6 +180,13 @@ class RuntimeUnavailable(CorralError):
 
     status_code = 422
     default_code = "runtime_unavailable"
+
+
+class UnsupportedLanguage(CorralError):
+    """The code interpreter has no such language in this sandbox; the message lists those it has."""
+
+    status_code = 422
+    default_code = "unsupported_language"
 
 
 class NoSpace(CorralError):
@@ -263,6 +276,8 @@ _GUEST_CODES: dict[str, type[CorralError]] = {
     "process_not_found": NotFound,
     "cancelled": Conflict,
     "limit_reached": LimitReached,
+    "unsupported_language": UnsupportedLanguage,
+    "context_not_found": ContextNotFound,
 }
 
 

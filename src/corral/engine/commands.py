@@ -173,26 +173,26 @@ class Commands:
 
     async def processes(self, sandbox_id: str) -> list[ProcessInfo]:
         record = await self._access.use(sandbox_id, "list the processes of")
-        return [ProcessInfo.from_guest(p) for p in await _call(record, P.PROC_LIST, {})]
+        return [ProcessInfo.from_guest(p) for p in await agent_call(record, P.PROC_LIST, {})]
 
     async def signal(self, sandbox_id: str, process_id: int, sig: int | str) -> None:
         record = await self._access.use(sandbox_id, "signal a process in")
         name = sig.name if isinstance(sig, signals.Signals) else sig
-        await _call(record, P.PROC_SIGNAL, {"id": process_id, "signal": name})
+        await agent_call(record, P.PROC_SIGNAL, {"id": process_id, "signal": name})
 
     async def kill_all(self, sandbox_id: str) -> int:
         record = await self._access.use(sandbox_id, "kill the processes of")
-        result = await _call(record, P.PROC_KILL_ALL, {})
+        result = await agent_call(record, P.PROC_KILL_ALL, {})
         return int(result["killed"])
 
     async def ping(self, sandbox_id: str) -> float:
         record = await self._access.use(sandbox_id, "ping")
         start = time.perf_counter()
-        await _call(record, P.PING, {})
+        await agent_call(record, P.PING, {})
         return time.perf_counter() - start
 
 
-async def _call(record: SandboxRecord, method: str, params: dict[str, Any]) -> Any:
+async def agent_call(record: SandboxRecord, method: str, params: dict[str, Any]) -> Any:
     """One CALL to the sandbox's agent; a connection lost because the sandbox ended meanwhile
     (terminated, out of memory) is `SandboxEnded`, saying why."""
     try:

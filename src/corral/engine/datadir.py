@@ -19,6 +19,8 @@ from corral.core.errors import Conflict, SandboxFailed
 
 AGENT_FILES = (
     "guest.py",
+    "contexts.py",
+    "kernel.py",
     "fileops.py",
     "memory.py",
     "procs.py",

@@ -5,6 +5,7 @@
     supervisor    lifetimes, idle timeouts, snapshot ttls                (supervision.py)
     adoption      handing sandboxes from one engine to the next          (adoption.py)
     commands      processes and the agent's answers                      (commands.py)
+    interpreter   code contexts, run_code                                (interpreter.py)
     checkpoints   hibernate, wake, snapshots, forks                      (checkpoints.py)
     pools         warm pools                                             (pools.py)
     exporter      a sandbox's changes as an image layer                  (export.py)
@@ -44,6 +45,7 @@ from corral.engine.commands import Commands
 from corral.engine.datadir import default_data_dir, lock_data_dir, prepare_data_dir
 from corral.engine.export import Exporter
 from corral.engine.files import SandboxFiles
+from corral.engine.interpreter import Interpreter
 from corral.engine.lifecycle import Lifecycle
 from corral.engine.pools import PoolKeeper
 from corral.engine.process import Process
@@ -110,6 +112,7 @@ class Engine:
         )
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
         commands = self._commands = Commands(access, runtimes)
+        self.interpreter = Interpreter(access)  # code contexts and run_code
         self._supervisor = Supervisor(
             registry=registry, lifecycle=lifecycle, checkpoints=checkpoints, tasks=tasks
         )

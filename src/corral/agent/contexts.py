@@ -1,0 +1,472 @@
+"""Code contexts in the guest agent: one kernel process each (see `kernel`), kept across calls.
+
+A context runs one execution at a time (others wait their turn); several contexts run in
+parallel. An execution streams the kernel's messages to the host as EVENTs, within bounds:
+each of stdout and stderr keeps OUTPUT_LIMIT bytes and the results RESULTS_LIMIT together (a
+result over RESULT_LIMIT is dropped with a note), so no code can flood the host. A timeout or
+the host's CANCEL interrupts the code (SIGINT) and keeps the context; a kernel that dies (its
+code called `os._exit`, crashed it, ran it out of memory) is reported as lost and restarted.
+
+Standard library only, for any Python >= 3.8, like the rest of the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any, Awaitable, Callable, Dict, List, Optional
+
+try:
+    from corral.agent import procs, tree
+    from corral.agent import protocol as P
+    from corral.agent.fileops import GuestError
+    from corral.agent.procs import Proc
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    import procs  # type: ignore[import-not-found,no-redef]
+    import protocol as P  # type: ignore[import-not-found,no-redef]
+    import tree  # type: ignore[import-not-found,no-redef]
+    from fileops import GuestError  # type: ignore[import-not-found,no-redef]
+    from procs import Proc  # type: ignore[no-redef]
+
+KERNEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
+LANGUAGES = ("python",)
+OUTPUT_LIMIT = 4 * 1024 * 1024  # per stream, per execution
+RESULT_LIMIT = 8 * 1024 * 1024  # one result's JSON
+RESULTS_LIMIT = 32 * 1024 * 1024  # all of an execution's results
+MAX_CONTEXTS = 32
+READ_CHUNK = 65536
+INTERRUPT_GRACE = 2.0
+CHUNK = 64 * 1024  # protocol.CHUNK
+FILE = 7  # protocol.FILE  # after SIGINT, before a context that does not stop is killed
+
+Send = Callable[[Dict[str, Any]], Awaitable[None]]
+
+
+def check_language(language: Any) -> str:
+    if language not in LANGUAGES:
+        raise GuestError(
+            "unsupported_language",
+            "language %r is not available in this sandbox; available: %s"
+            % (language, ", ".join(LANGUAGES)),
+        )
+    return str(language)
+
+
+class Lines:
+    """JSON lines from a kernel's descriptor; a line over `limit` becomes a `too_big` note."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.pending = b""
+        self.skipping = 0  # bytes of an oversized line dropped so far
+        self.ready: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue()
+
+    def feed(self) -> bool:
+        """Read what is there; False at end of file."""
+        try:
+            chunk = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.ready.put_nowait(None)
+            return False
+        self.pending += chunk
+        while True:
+            end = self.pending.find(b"\n")
+            if end < 0:
+                if self.skipping or len(self.pending) > self.limit:
+                    self.skipping += len(self.pending)
+                    self.pending = b""
+                return True
+            line, self.pending = self.pending[:end], self.pending[end + 1 :]
+            if self.skipping:
+                self.ready.put_nowait({"type": "too_big", "bytes": self.skipping + len(line)})
+                self.skipping = 0
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                self.ready.put_nowait(message)
+
+
+class Context:
+    """One code context: its kernel process and what streams to the running execution."""
+
+    def __init__(self, context_id: str, params: Dict[str, Any], base_env: Dict[str, str]) -> None:
+        self.id = context_id
+        self.language = check_language(params.get("language") or "python")
+        argv = [sys.executable, KERNEL, "3", "4"]  # renumbered below, after the pipes exist
+        wanted = {key: params.get(key) for key in ("cwd", "env", "user")}
+        self.command = procs.Command(dict(wanted, argv=argv), base_env)
+        self.lock = asyncio.Lock()
+        self.proc: Optional[Proc] = None
+        self.lines: Optional[Lines] = None
+        self.requests = -1
+        self.sink: Optional[Callable[[str, bytes], None]] = None  # the kernel's raw fd 1 and 2
+        self.restarts = 0
+        self.executions = 0
+
+    def describe(self) -> Dict[str, Any]:
+        running = self.proc is not None and not self.proc.exited.is_set()
+        return {
+            "id": self.id,
+            "language": self.language,
+            "cwd": self.command.cwd,
+            "running": running,
+            "pid": self.proc.pid if running and self.proc else None,
+            "execution_count": self.executions,
+            "restarts": self.restarts,
+        }
+
+    def start(self, agent: Any) -> None:
+        """Start the kernel; the agent registers it like any process (so it is reaped)."""
+        loop = asyncio.get_event_loop()
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        self.command.argv[2:4] = [str(in_r), str(out_w)]
+        try:
+            popen, ours = procs.spawn(self.command, pass_fds=(in_r, out_w))
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w):
+                os.close(fd)
+            raise
+        os.close(in_r)
+        os.close(out_w)
+        self.proc = agent.adopt(popen, self.command.argv, "code-context:" + self.id)
+        self.requests = in_w
+        self.lines = Lines(out_r, RESULT_LIMIT)
+        for fd in (out_r, *ours.values()):
+            os.set_blocking(fd, False)
+        loop.add_reader(out_r, self._feed, loop, out_r)
+        for name in ("stdout", "stderr"):
+            loop.add_reader(ours[name], self._raw, loop, ours[name], name)
+        self.executions = 0
+
+    def _feed(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        lines = self.lines
+        if lines is None or lines.fd != fd or not lines.feed():
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def _raw(self, loop: asyncio.AbstractEventLoop, fd: int, name: str) -> None:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            os.close(fd)
+        elif self.sink is not None:
+            self.sink(name, data)
+
+    def stop(self) -> None:
+        """Kill the kernel and everything it started; its descriptors close as they drain."""
+        if self.proc is not None and not self.proc.exited.is_set():
+            tree.end_all(tree.family(self.proc.pid))
+        if self.requests >= 0:
+            os.close(self.requests)
+            self.requests = -1
+        self.proc = None
+
+    def interrupt(self) -> None:
+        if self.proc is not None and not self.proc.exited.is_set():
+            try:
+                os.kill(self.proc.pid, signal.SIGINT)
+            except OSError:
+                pass
+
+    async def execute(
+        self, agent: Any, code: str, env: Dict[str, str], timeout: Optional[float], send: Send
+    ) -> Dict[str, Any]:
+        """Run `code`, streaming its messages through `send`; the execution's summary."""
+        if self.proc is None or self.proc.exited.is_set():
+            self.start(agent)
+        run = Execution(send)
+        self.sink = run.raw
+        loop = asyncio.get_event_loop()
+        timer = None
+        if timeout is not None and timeout > 0:
+            timer = loop.call_later(timeout, self._expire, run)
+        try:
+            request = json.dumps({"code": code, "env": env}) + "\n"
+            await self._write(request.encode())
+            await run.follow(self)
+        finally:
+            self.sink = None
+            if timer is not None:
+                timer.cancel()
+        if run.lost:
+            await run.lose(self)
+            self.stop()
+            self.restarts += 1
+        elif run.count is not None:
+            self.executions = run.count
+        return run.summary(self)
+
+    def _expire(self, run: "Execution") -> None:
+        run.timed_out = True
+        self.interrupt()
+        asyncio.get_event_loop().call_later(INTERRUPT_GRACE, self._kill_if_stuck, run)
+
+    def _kill_if_stuck(self, run: "Execution") -> None:
+        if not run.over and self.proc is not None:
+            run.stuck = True
+            tree.end_all(tree.family(self.proc.pid))
+
+    async def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        loop = asyncio.get_event_loop()
+        while view:
+            try:
+                view = view[os.write(self.requests, view) :]
+            except BlockingIOError:
+                future = loop.create_future()
+                loop.add_writer(self.requests, _settle, future)
+                try:
+                    await future
+                finally:
+                    loop.remove_writer(self.requests)
+            except OSError:  # the kernel is gone: follow() sees its end
+                return
+
+
+def _settle(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Execution:
+    """One run of code in a context: what it sent, within its bounds."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.sent = {"stdout": 0, "stderr": 0, "results": 0}
+        self.cut = {"stdout": False, "stderr": False, "results": False}
+        self.errors = 0
+        self.count: Optional[int] = None
+        self.timed_out = False
+        self.stuck = False
+        self.lost = False
+        self.over = False
+        self.pending: List[Dict[str, Any]] = []
+
+    def raw(self, name: str, data: bytes) -> None:
+        """Output a process the code started wrote straight to the kernel's fd 1 or 2."""
+        self.pending.append({"type": name, "text": data.decode("utf-8", "replace")})
+
+    async def follow(self, context: Context) -> None:
+        lines = context.lines
+        proc = context.proc
+        assert lines is not None and proc is not None
+        while True:
+            message = await lines.ready.get()
+            for early in self.pending:
+                await self.forward(early)
+            self.pending = []
+            if message is None:
+                self.lost = True
+                await proc.exited.wait()
+                break
+            if message.get("type") == "done":
+                self.count = int(message.get("execution_count") or 0)
+                break
+            await self.forward(message)
+        self.over = True
+
+    async def forward(self, message: Dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind in ("stdout", "stderr"):
+            await self._output(kind, str(message.get("text", "")))
+        elif kind == "result":
+            size = len(json.dumps(message))
+            if self.sent["results"] + size > RESULTS_LIMIT:
+                await self._drop("the execution's results are over %d MiB" % (RESULTS_LIMIT >> 20))
+                return
+            self.sent["results"] += size
+            await self.send(message)
+        elif kind == "too_big":
+            await self._drop(
+                "a result of %d bytes is over %d MiB" % (message["bytes"], RESULT_LIMIT >> 20)
+            )
+        elif kind == "error":
+            self.errors += 1
+            if self.timed_out and message.get("name") == "KeyboardInterrupt":
+                message = dict(
+                    message,
+                    name="TimeoutError",
+                    value="the execution timed out; the context and its variables are kept",
+                )
+            await self.send(message)
+
+    async def _output(self, kind: str, text: str) -> None:
+        """Pass output on up to OUTPUT_LIMIT bytes of its stream; then one note, and no more."""
+        if self.cut[kind]:
+            return
+        data = text.encode()
+        room = OUTPUT_LIMIT - self.sent[kind]
+        if len(data) <= room:
+            self.sent[kind] += len(data)
+            await self.send({"type": kind, "text": text})
+            return
+        self.cut[kind] = True
+        note = "\n[output cut: over %d MiB of %s in this execution]\n" % (OUTPUT_LIMIT >> 20, kind)
+        await self.send({"type": kind, "text": data[:room].decode("utf-8", "ignore") + note})
+
+    async def _drop(self, why: str) -> None:
+        self.cut["results"] = True
+        await self.send({"type": "stderr", "text": "[result dropped: %s]\n" % why})
+
+    async def lose(self, context: Context) -> None:
+        proc = context.proc
+        oom = proc is not None and proc.oom_killed
+        if self.stuck:
+            why = "did not stop after its timeout and was killed"
+        elif oom:
+            why = "ran out of memory"
+        else:
+            status = proc.result() if proc is not None else {}
+            why = "exited (exit code %s, signal %s)" % (
+                status.get("exit_code"),
+                status.get("signal"),
+            )
+        await self.send(
+            {
+                "type": "error",
+                "name": "ContextLost",
+                "value": "the context's interpreter %s; it was restarted and its variables are lost"
+                % why,
+                "traceback": "",
+            }
+        )
+
+    def summary(self, context: Context) -> Dict[str, Any]:
+        return {
+            "context": context.id,
+            "execution_count": self.count if self.count is not None else 0,
+            "timed_out": self.timed_out,
+            "context_lost": self.lost,
+            "truncated": any(self.cut.values()),
+        }
+
+
+class Contexts:
+    """The sandbox's code contexts, by id; a default one per language made on first use."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.by_id: Dict[str, Context] = {}
+        self.next_id = 1
+
+    def create(self, params: Dict[str, Any], context_id: Optional[str] = None) -> Context:
+        if len(self.by_id) >= MAX_CONTEXTS:
+            raise GuestError(
+                "limit_reached",
+                "the sandbox has %d code contexts, the most it may; remove one" % MAX_CONTEXTS,
+            )
+        if context_id is None:
+            context_id = "ctx-%d" % self.next_id
+            self.next_id += 1
+        context = Context(context_id, params, self.agent.base_env)
+        context.start(self.agent)
+        self.by_id[context.id] = context
+        return context
+
+    def find(self, params: Dict[str, Any]) -> Context:
+        wanted = params.get("context")
+        if wanted is None:
+            language = check_language(params.get("language") or "python")
+            default = self.by_id.get(language)
+            if default is None:
+                start = {"language": language, "cwd": params.get("cwd")}
+                default = self.create(dict(start, env=params.get("context_env")), language)
+            return default
+        context = self.by_id.get(str(wanted))
+        if context is None:
+            raise GuestError("context_not_found", "no code context %r in this sandbox" % (wanted,))
+        asked = params.get("language")
+        if asked is not None and asked != context.language:
+            raise GuestError(
+                "invalid_request",
+                "context %s runs %s, not %s" % (context.id, context.language, asked),
+            )
+        return context
+
+    def remove(self, context: Context) -> None:
+        context.stop()
+        self.by_id.pop(context.id, None)
+
+
+# -- the agent's handlers --------------------------------------------------------------------
+
+
+async def code_run(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+    code = params.get("code")
+    if not isinstance(code, str):
+        raise GuestError("invalid_request", "code must be a string")
+    env = params.get("env") or {}
+    timeout = params.get("timeout")
+    if not isinstance(env, dict) or not (timeout is None or isinstance(timeout, (int, float))):
+        raise GuestError("invalid_request", "env must be an object and timeout a number")
+    context: Context = agent.contexts.find(params)
+
+    async def send(message: Dict[str, Any]) -> None:
+        """One message as a JSON line in FILE frames: under the stream's credit, so a host that
+        reads slowly slows the code's output down rather than filling memory."""
+        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        for start in range(0, len(line), P.CHUNK):
+            if stream.cancelled:
+                return
+            try:
+                await stream.send_data(P.FILE, line[start : start + P.CHUNK])
+            except OSError:  # the host went away: the code runs on, its output is dropped
+                stream.cancelled = True
+
+    async def on_cancel() -> None:
+        await stream.incoming.get()  # None: the host cancelled, or the connection ended
+        if not stream.detached:  # a checkpoint's pause of the connection is no reason
+            context.interrupt()
+
+    async with context.lock:
+        watch = asyncio.get_event_loop().create_task(on_cancel())
+        try:
+            await send({"type": "started", "context": context.id})
+            env = {str(k): str(v) for k, v in env.items()}
+            return await context.execute(agent, code, env, timeout, send)
+        finally:
+            watch.cancel()
+
+
+async def code_create(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+    contexts: Contexts = agent.contexts
+    return contexts.create(params).describe()
+
+
+async def code_list(agent: Any, stream: Any, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [context.describe() for context in agent.contexts.by_id.values()]
+
+
+async def code_restart(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+    context: Context = agent.contexts.find({"context": params.get("context")})
+    context.stop()  # a running execution sees its kernel go, reports it lost and restarts it
+    async with context.lock:
+        if context.proc is None:
+            context.start(agent)
+        context.restarts += 1
+    return context.describe()
+
+
+async def code_remove(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+    contexts: Contexts = agent.contexts
+    context = contexts.find({"context": params.get("context")})
+    contexts.remove(context)
+    return {"id": context.id, "removed": True}

@@ -1,0 +1,345 @@
+"""A code interpreter's kernel: one Python process per code context, run by the guest agent.
+
+It keeps a namespace across executions. The agent sends it one request per line on the control
+descriptor it names (`{"code": str, "env": {...}}`) and reads its messages, one JSON object per
+line, from the other:
+
+    {"type": "stdout" | "stderr", "text": str}     what the code printed, in order
+    {"type": "result", "data": {mime: value}, "is_main_result": bool}
+    {"type": "error", "name": str, "value": str, "traceback": str}
+    {"type": "done", "execution_count": int}        after every request
+
+The value of a cell's last expression is its main result; `display(obj)` publishes others, and
+so does each matplotlib figure left open. Rich results come from the objects' own display
+methods (`_repr_html_`, `_repr_png_`, ...): binary kinds travel as base64. SIGINT interrupts the
+running code with KeyboardInterrupt and keeps the namespace.
+
+Where the image has IPython its shell runs the code (magics such as `%pip install`, its display
+formatters and tracebacks); otherwise plain Python does. Standard library only, any Python 3.8+.
+
+Usage: python3 kernel.py CONTROL_IN_FD CONTROL_OUT_FD
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib
+import io
+import json
+import linecache
+import os
+import re
+import signal
+import sys
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+# MIME type → (display method, binary?). Binary values are sent as base64.
+REPRS = (
+    ("text/html", "_repr_html_", False),
+    ("text/markdown", "_repr_markdown_", False),
+    ("image/svg+xml", "_repr_svg_", False),
+    ("image/png", "_repr_png_", True),
+    ("image/jpeg", "_repr_jpeg_", True),
+    ("text/latex", "_repr_latex_", False),
+    ("application/json", "_repr_json_", False),
+    ("application/pdf", "_repr_pdf_", True),
+    ("application/javascript", "_repr_javascript_", False),
+)
+BINARY = frozenset(mime for mime, _method, binary in REPRS if binary)
+CELL = "<cell-%d>"
+TEXT_CHUNK = 8192
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class Channel:
+    """The kernel's side of the control descriptors."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.pending = b""
+        self.text: List[Tuple[str, str]] = []  # printed, not yet sent (see `Output`)
+        self.text_size = 0
+
+    def print(self, name: str, text: str) -> None:
+        """Output, sent a line (or TEXT_CHUNK characters) at a time."""
+        if self.text and self.text[-1][0] == name:
+            self.text[-1] = (name, self.text[-1][1] + text)
+        else:
+            self.text.append((name, text))
+        self.text_size += len(text)
+        if "\n" in text or self.text_size >= TEXT_CHUNK:
+            self.send({"type": "flush"})
+
+    def send(self, message: Dict[str, Any]) -> None:
+        """Write one message whole, after the output before it; an interrupt waits until it is
+        out (then raises)."""
+        lines = [{"type": name, "text": text} for name, text in self.text]
+        self.text, self.text_size = [], 0
+        if message["type"] != "flush":
+            lines.append(message)
+        data = "".join(json.dumps(m, separators=(",", ":")) + "\n" for m in lines).encode()
+        if not data:
+            return
+        view = memoryview(data)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            while view:
+                view = view[os.write(self.out_fd, view) :]
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    def receive(self) -> Optional[Dict[str, Any]]:
+        while b"\n" not in self.pending:
+            try:
+                chunk = os.read(self.in_fd, 65536)
+            except KeyboardInterrupt:  # an interrupt that came after its code ended
+                continue
+            if not chunk:
+                return None
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        message = json.loads(line)
+        return message if isinstance(message, dict) else None
+
+
+class Output(io.TextIOBase):
+    """sys.stdout or sys.stderr: each write is a message, in order with the results."""
+
+    def __init__(self, channel: Channel, name: str) -> None:
+        self.channel = channel
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
+        if text:
+            self.channel.print(self.name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.channel.send({"type": "flush"})
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+def bundle(obj: Any) -> Dict[str, Any]:
+    """The MIME bundle of `obj`, from its own display methods, always with text/plain."""
+    data: Dict[str, Any] = {}
+    if not isinstance(obj, type):  # a class's _repr_*_ are unbound functions
+        found = _call(obj, "_repr_mimebundle_")
+        if isinstance(found, tuple) and found:
+            found = found[0]
+        if isinstance(found, dict):
+            data.update({str(k): v for k, v in found.items()})
+        for mime, method, _binary in REPRS:
+            if mime not in data:
+                value = _call(obj, method)
+                if isinstance(value, tuple) and value:
+                    value = value[0]  # (data, metadata)
+                if value is not None:
+                    data[mime] = value
+    data.setdefault("text/plain", _plain(obj))
+    return {mime: _wire(mime, value) for mime, value in data.items()}
+
+
+def _call(obj: Any, method: str) -> Any:
+    function = getattr(obj, method, None)
+    if not callable(function):
+        return None
+    try:
+        return function()
+    except Exception:  # a broken display method costs only its own representation
+        return None
+
+
+def _plain(obj: Any) -> str:
+    try:
+        return repr(obj)
+    except Exception as exc:
+        return "<%s object: repr failed: %s>" % (type(obj).__name__, exc)
+
+
+def _wire(mime: str, value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if mime == "application/json" or isinstance(value, (dict, list)):
+        return value
+    return str(value)
+
+
+class Kernel:
+    """One code context's interpreter."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.count = 0
+        self.namespace: Dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.namespace["display"] = self.display
+        self.shell = _ipython(self)
+
+    def publish(self, data: Dict[str, Any], main: bool) -> None:
+        self.channel.send({"type": "result", "data": data, "is_main_result": main})
+
+    def display(self, *objects: Any) -> None:
+        """Publish each object as a result beside the cell's value (like IPython's display)."""
+        for obj in objects:
+            self.publish(bundle(obj), False)
+
+    def error(self, name: str, value: str, trace: str) -> None:
+        self.channel.send({"type": "error", "name": name, "value": value, "traceback": trace})
+
+    def execute(self, code: str, env: Dict[str, str]) -> None:
+        self.count += 1
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            if self.shell is not None:
+                self.shell(code)
+            else:
+                self.run_plain(code)
+            self.show_figures()
+        except KeyboardInterrupt:
+            self.error("KeyboardInterrupt", "interrupted", "KeyboardInterrupt: interrupted\n")
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+    def run_plain(self, code: str) -> None:
+        filename = CELL % self.count
+        # Tracebacks quote the cell's lines, as they quote a file's.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        try:
+            body, last = _split(code, filename)
+            exec(compile(body, filename, "exec"), self.namespace)  # noqa: S102 - its purpose
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), self.namespace)  # noqa: S307
+                if value is not None:
+                    self.namespace["_"] = value
+                    self.publish(bundle(value), True)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self.error("SystemExit", str(exc.code), "SystemExit: %s\n" % (exc.code,))
+        except BaseException as exc:  # the code's error is the execution's error
+            self.error(type(exc).__name__, str(exc), _traceback(exc, filename))
+
+    def show_figures(self) -> None:
+        """Publish matplotlib figures the code left open, as PNG (and close them)."""
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None:
+            return
+        for number in pyplot.get_fignums():
+            figure = pyplot.figure(number)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png")
+            data = {"text/plain": repr(figure), "image/png": _wire("image/png", buffer.getvalue())}
+            self.publish(data, False)
+        pyplot.close("all")
+
+
+def _split(code: str, filename: str) -> Tuple[ast.Module, Optional[ast.Expression]]:
+    """The cell's statements, and its last expression (whose value is the main result)."""
+    tree = ast.parse(code, filename, "exec")
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
+        return tree, last
+    return tree, None
+
+
+def _traceback(exc: BaseException, filename: str) -> str:
+    """The traceback from the cell down, without the kernel's own frames."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    while frames and frames[0].filename != filename:
+        frames.pop(0)
+    if isinstance(exc, SyntaxError):
+        frames = traceback.StackSummary()
+    lines = ["Traceback (most recent call last):\n"] if frames else []
+    lines += traceback.format_list(frames)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def _ipython(kernel: Kernel) -> Optional[Callable[[str], None]]:
+    """A runner on IPython's interactive shell, where the image has IPython; else None."""
+    try:
+        shell_module = importlib.import_module("IPython.core.interactiveshell")
+    except Exception:
+        return None
+    shell = shell_module.InteractiveShell.instance(user_ns=kernel.namespace)
+    shell.colors = "NoColor"
+    formatter = shell.display_formatter
+
+    def rich(obj: Any) -> Dict[str, Any]:
+        data, _metadata = formatter.format(obj)
+        return {mime: _wire(mime, value) for mime, value in data.items()}
+
+    def publish(data: Dict[str, Any], metadata: Any = None, *args: Any, **kwargs: Any) -> None:
+        kernel.publish({mime: _wire(mime, value) for mime, value in data.items()}, False)
+
+    def main_result(obj: Any) -> None:
+        if obj is not None:
+            kernel.namespace["_"] = obj
+            kernel.publish(rich(obj), True)
+
+    def show(etype: Any, evalue: BaseException, stb: Any) -> None:
+        text = shell.InteractiveTB.stb2text(stb) if isinstance(stb, list) else str(stb)
+        kernel.error(type(evalue).__name__, str(evalue), ANSI.sub("", text) + "\n")
+
+    shell.display_pub.publish = publish
+    shell.display_trap.hook = main_result
+    shell._showtraceback = show
+    kernel.namespace.pop("display", None)  # IPython's own display() publishes through us
+
+    def run(code: str) -> None:
+        result = shell.run_cell(code, store_history=True)
+        if isinstance(result.error_in_exec, KeyboardInterrupt):
+            raise result.error_in_exec
+
+    return run
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.stderr.write("usage: kernel.py CONTROL_IN_FD CONTROL_OUT_FD\n")
+        sys.exit(2)
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # the code's imports see the image's modules, not the agent's
+    channel = Channel(int(sys.argv[1]), int(sys.argv[2]))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdout = Output(channel, "stdout")
+    sys.stderr = Output(channel, "stderr")
+    sys.stdin = io.StringIO()
+    kernel = Kernel(channel)
+    while True:
+        request = channel.receive()
+        if request is None:
+            return
+        env = request.get("env") or {}
+        try:
+            kernel.execute(str(request.get("code", "")), {str(k): str(v) for k, v in env.items()})
+        except KeyboardInterrupt:  # one that came while the code's error was being sent
+            pass
+        try:
+            channel.send({"type": "done", "execution_count": kernel.count})
+        except KeyboardInterrupt:  # it came once the execution was over: nothing to stop
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The code interpreter on real sandboxes, both runtimes: state across calls, rich results,
+streaming order, errors, timeouts, lost and restarted contexts, parallel contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import zlib
+from typing import Any
+
+import pytest
+
+from corral.core.code import Execution
+from corral.core.errors import ContextNotFound, InvalidRequest, UnsupportedLanguage
+from corral.core.models import SandboxInfo
+from corral.engine import Engine
+
+
+async def run_code(engine: Engine, sandbox_id: str, code: str, **options: Any) -> Execution:
+    execution = Execution()
+    async for event in await engine.interpreter.run(sandbox_id, code, **options):
+        execution.add(event)
+    return execution
+
+
+async def events_of(engine: Engine, sandbox_id: str, code: str) -> list[dict[str, Any]]:
+    return [event async for event in await engine.interpreter.run(sandbox_id, code)]
+
+
+def png(width: int, height: int) -> bytes:
+    """A real, tiny PNG of one colour."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack("!I", len(data)) + body + struct.pack("!I", zlib.crc32(body))
+
+    header = struct.pack("!IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\0" + b"\xff\x00\x00" * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+async def test_state_persists_and_the_last_expression_is_the_result(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    first = await run_code(engine, sandbox.id, "x = 41")
+    assert (first.results, first.error, first.execution_count) == ([], None, 1)
+    second = await run_code(engine, sandbox.id, "x += 1\nprint('x is', x)\nx")
+    assert second.logs.stdout == ["x is 42\n"]
+    assert second.text == "42"
+    assert [r.is_main_result for r in second.results] == [True]
+    assert second.execution_count == 2
+    assert second.context == "python"
+
+
+async def test_errors_are_in_the_execution_not_raised(engine: Engine, sandbox: SandboxInfo) -> None:
+    failed = await run_code(engine, sandbox.id, "def f():\n    return 1 / 0\nf()")
+    assert failed.error is not None
+    assert (failed.error.name, failed.error.value) == ("ZeroDivisionError", "division by zero")
+    assert "return 1 / 0" in failed.error.traceback
+    assert "kernel.py" not in failed.error.traceback  # Corral's own frames are left out
+    bad = await run_code(engine, sandbox.id, "def f(:")
+    assert bad.error is not None and bad.error.name == "SyntaxError"
+    after = await run_code(engine, sandbox.id, "'still here'")
+    assert after.text == "'still here'" and after.error is None
+
+
+async def test_rich_results_are_mime_bundles(engine: Engine, sandbox: SandboxInfo) -> None:
+    image = png(3, 2)
+    code = (
+        "import base64\n"
+        "class Chart:\n"
+        f"    def _repr_png_(self): return base64.b64decode({base64.b64encode(image).decode()!r})\n"
+        "    def _repr_html_(self): return '<table><tr><td>7</td></tr></table>'\n"
+        "    def _repr_markdown_(self): return '**bold**'\n"
+        "    def _repr_svg_(self): return '<svg></svg>'\n"
+        "    def _repr_latex_(self): return r'$x^2$'\n"
+        "    def _repr_json_(self): return {'a': [1, 2]}\n"
+        "    def _repr_jpeg_(self): return b'\\xff\\xd8jpeg'\n"
+        "    def _repr_pdf_(self): return b'%PDF-1.4'\n"
+        "    def __repr__(self): return 'Chart()'\n"
+        "display(Chart())\n"
+        "print('between')\n"
+        "Chart()"
+    )
+    done = await run_code(engine, sandbox.id, code)
+    assert done.error is None, done.error
+    shown, main = done.results
+    assert (shown.is_main_result, main.is_main_result) == (False, True)
+    for result in (shown, main):
+        assert result.png == image
+        assert result.png[16:24] == struct.pack("!II", 3, 2)  # really a 3x2 PNG
+        assert result.html == "<table><tr><td>7</td></tr></table>"
+        assert (result.markdown, result.svg, result.latex) == ("**bold**", "<svg></svg>", "$x^2$")
+        assert result.json == {"a": [1, 2]}
+        assert (result.jpeg, result.pdf, result.text) == (b"\xff\xd8jpeg", b"%PDF-1.4", "Chart()")
+
+
+async def test_events_stream_in_order(engine: Engine, sandbox: SandboxInfo) -> None:
+    code = "print('one')\ndisplay(1)\nimport sys; print('two', file=sys.stderr)\nprint('three')\n3"
+    kinds = [(e["type"], e.get("text")) for e in await events_of(engine, sandbox.id, code)]
+    assert kinds == [
+        ("started", None),
+        ("stdout", "one\n"),
+        ("result", None),
+        ("stderr", "two\n"),
+        ("stdout", "three\n"),
+        ("result", None),
+        ("end", None),
+    ]
+
+
+async def test_a_timeout_interrupts_and_keeps_the_variables(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    await run_code(engine, sandbox.id, "kept = 'yes'")
+    stopped = await run_code(
+        engine, sandbox.id, "import time\nwhile True: time.sleep(0.01)", timeout=1
+    )
+    assert stopped.timed_out
+    assert stopped.error is not None and stopped.error.name == "TimeoutError"
+    assert "kept" in stopped.error.value
+    assert (await run_code(engine, sandbox.id, "kept")).text == "'yes'"
+
+
+async def test_a_lost_interpreter_is_reported_and_restarted(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    await run_code(engine, sandbox.id, "gone = 1")
+    lost = await run_code(engine, sandbox.id, "import os; os._exit(7)")
+    assert lost.context_lost
+    assert lost.error is not None and lost.error.name == "ContextLost"
+    assert "exit code 7" in lost.error.value
+    after = await run_code(engine, sandbox.id, "'gone' in dir()")
+    assert after.text == "False"
+    crashed = await run_code(
+        engine, sandbox.id, "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    )
+    assert crashed.context_lost and "signal 11" in crashed.error.value  # type: ignore[union-attr]
+
+
+async def test_stuck_code_is_killed_after_its_timeout(engine: Engine, sandbox: SandboxInfo) -> None:
+    code = "import time\nwhile True:\n    try:\n        time.sleep(0.01)\n    except KeyboardInterrupt:\n        pass"
+    stuck = await run_code(engine, sandbox.id, code, timeout=1)
+    assert stuck.timed_out and stuck.context_lost
+    assert "did not stop" in stuck.error.value  # type: ignore[union-attr]
+    assert (await run_code(engine, sandbox.id, "1 + 1")).text == "2"
+
+
+async def test_contexts_are_independent_and_run_in_parallel(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    interpreter = engine.interpreter
+    one = await interpreter.create_context(sandbox.id, cwd="/tmp", env={"WHO": "one"})
+    two = await interpreter.create_context(sandbox.id)
+    assert one.id != two.id and one.cwd == "/tmp"
+    await run_code(engine, sandbox.id, "v = 'one'", context=one.id)
+    await run_code(engine, sandbox.id, "v = 'two'", context=two.id)
+    sleepers = [
+        run_code(engine, sandbox.id, "import time; time.sleep(1); v", context=c.id)
+        for c in (one, two)
+    ]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    first, second = await asyncio.gather(*sleepers)
+    assert loop.time() - start < 1.9  # together, not one after the other
+    assert (first.text, second.text) == ("'one'", "'two'")
+    seen = await run_code(
+        engine, sandbox.id, "import os; os.getcwd(), os.environ['WHO']", context=one.id
+    )
+    assert seen.text == "('/tmp', 'one')"
+    per_call = await run_code(
+        engine, sandbox.id, "import os; os.environ.get('X')", context=one.id, env={"X": "1"}
+    )
+    assert per_call.text == "'1'"
+    after = await run_code(engine, sandbox.id, "'X' in os.environ", context=one.id)
+    assert after.text == "False"  # the call's env was for that call only
+    listed = {c.id for c in await interpreter.contexts(sandbox.id)}
+    assert {one.id, two.id} <= listed
+    restarted = await interpreter.restart_context(sandbox.id, one.id)
+    assert restarted.restarts == 1
+    assert (await run_code(engine, sandbox.id, "'v' in dir()", context=one.id)).text == "False"
+    await interpreter.remove_context(sandbox.id, two.id)
+    with pytest.raises(ContextNotFound):
+        await run_code(engine, sandbox.id, "v", context=two.id)
+
+
+async def test_bad_requests_are_clear_errors(engine: Engine, sandbox: SandboxInfo) -> None:
+    with pytest.raises(UnsupportedLanguage) as refused:
+        await engine.interpreter.run(sandbox.id, "1", language="cobol")
+    assert refused.value.status_code == 422 and "available: python" in refused.value.message
+    with pytest.raises(InvalidRequest):
+        await engine.interpreter.run(sandbox.id, "1", context="../x")
+    with pytest.raises(InvalidRequest):
+        await engine.interpreter.run(sandbox.id, "1", timeout=-1)
+    with pytest.raises(ContextNotFound):
+        await engine.interpreter.restart_context(sandbox.id, "nope")
+
+
+async def test_output_floods_are_cut_and_marked(engine: Engine, sandbox: SandboxInfo) -> None:
+    flood = await run_code(engine, sandbox.id, "for _ in range(200_000): print('x' * 63)\n'done'")
+    kept = "".join(flood.logs.stdout)
+    assert flood.truncated
+    assert len(kept) < 5 * 1024 * 1024
+    assert kept.rstrip().endswith("in this execution]")
+    assert flood.text == "'done'"
+    big = await run_code(
+        engine, sandbox.id, "class Big:\n    def _repr_html_(self): return 'x' * (9 << 20)\nBig()"
+    )
+    assert big.truncated and "result dropped" in "".join(big.logs.stderr)
