@@ -66,6 +66,8 @@ BODIES: dict[str, Any] = {
     "/snapshot": {},
     "/fork": {"count": 1},
     "/exec": {"cmd": "true"},
+    "/code": {"code": "owned = 'stolen'"},
+    "/code/contexts": {},
     "/signal": {},
     "/filesystem-snapshot": {},
     "/files/mkdir": {"path": "/root/new"},
@@ -100,6 +102,7 @@ def owned(server: Server) -> Iterator[dict[str, str]]:
     made: dict[str, str] = {"key": owner._async.api_key or ""}
     sandbox = Sandbox.create(runtime="namespaces", pool=False, client=owner)
     sandbox.files.write("/root/a", "mine")
+    sandbox.run_code("owned = 'mine'")  # its default code context, "python"
     made["sandbox"] = sandbox.id
     made["process"] = str(sandbox.exec("sleep", "600").id)
     made["volume"] = Volume.create("owned-volume", size_mb=16, client=owner).id
@@ -147,6 +150,7 @@ def test_every_route_hides_one_keys_resources_from_another(
         sandbox = Sandbox.connect(owned["sandbox"], client=owner)
         assert sandbox.info().state is corral.SandboxState.RUNNING
         assert sandbox.files.read_text("/root/a") == "mine"
+        assert sandbox.run_code("owned").text == "'mine'"
         assert any(p.id == int(owned["process"]) and p.running for p in sandbox.processes())
         assert owner.get_snapshot("owned-snapshot").id == owned["snapshot"]
         assert owner.get_image("owned-image").id == owned["image"]
@@ -169,6 +173,7 @@ def _requests(
     names = {
         "sandbox_id": owned["sandbox"],
         "process_id": owned["process"],
+        "context_id": "python",
         "ref": owned[_kind_of(path)] if "{ref}" in path else "",
     }
     url = re.sub(r"\{(\w+)\}", lambda m: names.get(m.group(1), "?"), path)

@@ -10,15 +10,17 @@
     corral exec ID -- CMD ...            run a command in a sandbox, streaming its output
     corral shell ID                      an interactive terminal in a sandbox
     corral cp SRC DST                    copy files in or out (sb-…:/path names a sandbox file)
+    corral run-code ID FILE|-            run code in a sandbox's code interpreter (state kept)
+    corral repl ID                       an interactive session with its code interpreter
 
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
 
-from corral.cli import _images, _local, _remote, _volumes
+from corral.cli import _code, _images, _local, _remote, _volumes
 from corral.cli._common import app
 
 __all__ = ["app", "main"]
-_commands = (_images, _local, _remote, _volumes)  # importing them registers their commands
+_commands = (_code, _images, _local, _remote, _volumes)  # importing them registers their commands
 
 
 def main() -> None:

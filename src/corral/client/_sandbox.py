@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any
 
 from corral.client._client import AsyncClient
+from corral.client._code import AsyncCode
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
 from corral.client._process import AsyncProcess, OutputCallback, Process
@@ -79,7 +80,7 @@ def _create_body(
     return body
 
 
-class AsyncSandbox:
+class AsyncSandbox(AsyncCode):
     """A sandbox on a Corral server. Create one with `await AsyncSandbox.create()`.
 
     Used as an async context manager, it terminates the sandbox on exit.
@@ -401,6 +402,11 @@ class Sandbox(Twin[AsyncSandbox]):
     exec = blocking_as(Process, AsyncSandbox.exec)
     processes = blocking(AsyncSandbox.processes)
     kill_all = blocking(AsyncSandbox.kill_all)
+    run_code = blocking(AsyncSandbox.run_code)
+    create_code_context = blocking(AsyncSandbox.create_code_context)
+    list_code_contexts = blocking(AsyncSandbox.list_code_contexts)
+    restart_code_context = blocking(AsyncSandbox.restart_code_context)
+    remove_code_context = blocking(AsyncSandbox.remove_code_context)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -25,6 +25,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 R = TypeVar("R")
 A = TypeVar("A")
+A_co = TypeVar("A_co", covariant=True)  # a twin of a subclass is a twin of its base class
 W = TypeVar("W", bound="Twin[Any]")
 
 
@@ -57,10 +58,10 @@ class Portal:
         self.loop.close()
 
 
-class Twin(Generic[A]):
+class Twin(Generic[A_co]):
     """A synchronous object that drives the async object `_async` on its client's portal."""
 
-    def __init__(self, client: Client, inner: A) -> None:
+    def __init__(self, client: Client, inner: A_co) -> None:
         self.client = client
         self._async = inner
 

@@ -73,6 +73,9 @@ class Engine:
     adopts every sandbox recorded there.
     """
 
+    _started = False
+    _lock_fd: int | None = None  # holds the data directory's lock while started
+
     def __init__(
         self,
         data_dir: Path | str | None = None,
@@ -132,8 +135,6 @@ class Engine:
             fork=self._fork_one,
             end=self.terminate,
         )
-        self._started = False
-        self._lock_fd: int | None = None
 
     # -- life of the engine ------------------------------------------------------------------------
 

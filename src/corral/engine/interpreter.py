@@ -9,7 +9,7 @@ agent sends is checked for shape here before anything passes it on.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from corral.agent import protocol as P
@@ -121,7 +121,7 @@ class Interpreter:
         context: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Run `code`; its events as they happen (see `corral.core.code`). Errors in the
         request (an unknown language or context) are raised before the first event."""
         if not isinstance(code, str) or "\0" in code:
@@ -151,7 +151,7 @@ class Interpreter:
 
     async def _stream(
         self, record: SandboxRecord, channel: Channel
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for event in _events(channel):
                 yield event

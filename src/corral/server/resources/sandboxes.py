@@ -14,10 +14,17 @@ from corral.core.models import ExecResult, ProcessInfo, SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.core.state import parse_state
 from corral.engine.files import SandboxFiles
+from corral.engine.interpreter import Interpreter
 from corral.engine.process import Process
 from corral.server.tenancy import Tenant
 
-__all__ = ["Command", "Process", "SandboxFiles", "Sandboxes"]  # the routes use these types
+__all__ = [
+    "Command",
+    "Interpreter",
+    "Process",
+    "SandboxFiles",
+    "Sandboxes",
+]  # the routes use these types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +193,10 @@ class Sandboxes:
 
     async def files(self, sandbox_id: str) -> SandboxFiles:
         return self._engine.files(await self._tenant.sandbox(sandbox_id))
+
+    async def interpreter(self, sandbox_id: str) -> tuple[str, Interpreter]:
+        """The code interpreter, and the sandbox's id once this key is known to own it."""
+        return await self._tenant.sandbox(sandbox_id), self._engine.interpreter
 
     def hold(self, kind: str) -> contextlib.AbstractContextManager[None]:
         """One of the key's expensive calls of `kind` in flight: 429 past its limit."""

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from corral.server.routes import (
     admin,
+    code,
     events,
     files,
     images,
@@ -23,6 +24,7 @@ ROUTERS: tuple[APIRouter, ...] = tuple(
     for module in (
         sandboxes,
         processes,
+        code,
         files,
         stream,
         snapshots,
