@@ -7,6 +7,7 @@ import asyncio
 import base64
 import struct
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from corral.core.code import Execution
 from corral.core.errors import ContextNotFound, InvalidRequest, UnsupportedLanguage
 from corral.core.models import SandboxInfo
+from corral.core.spec import SandboxSpec
 from corral.engine import Engine
 
 
@@ -213,3 +215,113 @@ async def test_output_floods_are_cut_and_marked(engine: Engine, sandbox: Sandbox
         engine, sandbox.id, "class Big:\n    def _repr_html_(self): return 'x' * (9 << 20)\nBig()"
     )
     assert big.truncated and "result dropped" in "".join(big.logs.stderr)
+
+
+@pytest.fixture
+async def interpreter_sandbox(engine: Engine, runtime: str) -> AsyncIterator[SandboxInfo]:
+    """A sandbox of the built-in code-interpreter image (IPython, numpy, pandas, matplotlib)."""
+    info = await engine.create(SandboxSpec(runtime=runtime, image="code-interpreter"))
+    yield info
+    await engine.terminate(info.id)
+
+
+async def test_ipython_runs_the_code_where_the_image_has_it(
+    engine: Engine, interpreter_sandbox: SandboxInfo
+) -> None:
+    sandbox_id = interpreter_sandbox.id
+    shell = await run_code(engine, sandbox_id, "type(get_ipython()).__name__")
+    assert shell.text == "'InteractiveShell'"
+    magic = await run_code(engine, sandbox_id, "answer = 42\n%who_ls")
+    assert magic.text is not None and "'answer'" in magic.text
+    failed = await run_code(engine, sandbox_id, "def f():\n    return 1 / 0\nf()")
+    assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+    assert "return 1 / 0" in failed.error.traceback and "\x1b[" not in failed.error.traceback
+
+
+async def test_dataframes_come_back_as_html_and_as_data(
+    engine: Engine, interpreter_sandbox: SandboxInfo
+) -> None:
+    code = (
+        "import pandas as pd\n"
+        "df = pd.DataFrame({'city': ['Oslo', 'Lima'], 'temp': [4.5, None]})\n"
+        "df"
+    )
+    (result,) = (await run_code(engine, interpreter_sandbox.id, code)).results
+    assert result.html is not None and "<table" in result.html and "Oslo" in result.html
+    assert result.dataframe == {
+        "columns": ["city", "temp"],
+        "dtypes": ["object", "float64"],
+        "index": [0, 1],
+        "rows": [["Oslo", 4.5], ["Lima", None]],
+        "total_rows": 2,
+    }
+
+
+async def test_matplotlib_charts_come_back_as_png_and_as_data(
+    engine: Engine, interpreter_sandbox: SandboxInfo
+) -> None:
+    code = (
+        "import matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots(figsize=(4, 3), dpi=100)\n"
+        "ax.plot([1, 2, 3], [2, 4, 8], label='growth')\n"
+        "ax.set_title('Growth'); ax.set_xlabel('year'); ax.set_ylabel('users')\n"
+        "print('before')\n"
+        "plt.show()\n"
+        "print('after')\n"
+        "plt.figure(figsize=(2, 2), dpi=50)\n"
+        "plt.bar(['a', 'b'], [3, 5])\n"
+        "None"
+    )
+    events = await events_of(engine, interpreter_sandbox.id, code)
+    kinds = [e["type"] for e in events]
+    assert kinds == ["started", "stdout", "result", "stdout", "result", "end"]
+    execution = Execution()
+    for event in events:
+        execution.add(event)
+    line, bars = execution.results
+    assert line.png is not None and line.png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack("!II", line.png[16:24]) == (400, 300)  # the figure's size
+    assert line.chart == {
+        "title": None,
+        "axes": [
+            {
+                "kind": "line",
+                "title": "Growth",
+                "x_label": "year",
+                "y_label": "users",
+                "series": [{"kind": "line", "label": "growth", "points": [[1, 2], [2, 4], [3, 8]]}],
+            }
+        ],
+    }
+    assert bars.png is not None and struct.unpack("!II", bars.png[16:24]) == (100, 100)
+    assert bars.chart is not None
+    (axes,) = bars.chart["axes"]
+    assert axes["kind"] == "bar"
+    assert axes["series"][0]["bars"] == [{"x": "a", "height": 3}, {"x": "b", "height": 5}]
+
+
+async def test_a_warm_pool_of_the_image_has_its_interpreter_running(
+    engine: Engine, runtime: str
+) -> None:
+    engine.configure_pool("code", SandboxSpec(runtime=runtime, image="code-interpreter"), 1)
+    try:
+        for _ in range(1200):  # the bound only catches hangs
+            if next(p for p in engine.list_pools() if p["name"] == "code")["idle"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        spec = SandboxSpec(
+            runtime=runtime, image="code-interpreter", env={"WHO": "claimer"}, workdir="/tmp"
+        )
+        info = await engine.create(spec)
+        try:
+            assert next(p for p in engine.list_pools() if p["name"] == "code")["hits"] == 1
+            (context,) = await engine.interpreter.contexts(info.id)
+            assert (context.id, context.running, context.execution_count) == ("python", True, 0)
+            # The claim's env and workdir, not the pool's.
+            done = await run_code(engine, info.id, "import os; os.environ['WHO'], os.getcwd()")
+            assert done.text == "('claimer', '/tmp')"
+            assert done.execution_count == 1
+        finally:
+            await engine.terminate(info.id)
+    finally:
+        engine.remove_pool("code")

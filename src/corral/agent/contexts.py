@@ -113,6 +113,7 @@ class Context:
         self.sink: Optional[Callable[[str, bytes], None]] = None  # the kernel's raw fd 1 and 2
         self.restarts = 0
         self.executions = 0
+        self.pooled = bool(params.get("pooled"))
 
     def describe(self) -> Dict[str, Any]:
         running = self.proc is not None and not self.proc.exited.is_set()
@@ -186,20 +187,24 @@ class Context:
                 pass
 
     async def execute(
-        self, agent: Any, code: str, env: Dict[str, str], timeout: Optional[float], send: Send
+        self, agent: Any, params: Dict[str, Any], env: Dict[str, str], send: Send
     ) -> Dict[str, Any]:
-        """Run `code`, streaming its messages through `send`; the execution's summary."""
+        """Run `params["code"]`, streaming its messages through `send`; the summary."""
         if self.proc is None or self.proc.exited.is_set():
             self.start(agent)
         run = Execution(send)
         self.sink = run.raw
         loop = asyncio.get_event_loop()
         timer = None
+        timeout = params.get("timeout")
         if timeout is not None and timeout > 0:
             timer = loop.call_later(timeout, self._expire, run)
+        request: Dict[str, Any] = {"code": params["code"], "env": env}
+        if self.pooled:  # started before its sandbox was claimed: take the sandbox's settings
+            request["setup"] = {"env": params.get("context_env") or {}, "cwd": params.get("cwd")}
+            self.pooled = False
         try:
-            request = json.dumps({"code": code, "env": env}) + "\n"
-            await self._write(request.encode())
+            await self._write((json.dumps(request) + "\n").encode())
             await run.follow(self)
         finally:
             self.sink = None
@@ -441,14 +446,16 @@ async def code_run(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str,
         try:
             await send({"type": "started", "context": context.id})
             env = {str(k): str(v) for k, v in env.items()}
-            return await context.execute(agent, code, env, timeout, send)
+            return await context.execute(agent, params, env, send)
         finally:
             watch.cancel()
 
 
 async def code_create(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
     contexts: Contexts = agent.contexts
-    return contexts.create(params).describe()
+    language = check_language(params.get("language") or "python")
+    default = language if params.get("pooled") else None  # a warm pool's default context
+    return contexts.create(params, default).describe()
 
 
 async def code_list(agent: Any, stream: Any, params: Dict[str, Any]) -> List[Dict[str, Any]]:

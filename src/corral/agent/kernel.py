@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import linecache
+import math
 import os
 import re
 import signal
 import sys
 import traceback
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # MIME type → (display method, binary?). Binary values are sent as base64.
@@ -50,6 +54,10 @@ REPRS = (
 BINARY = frozenset(mime for mime, _method, binary in REPRS if binary)
 CELL = "<cell-%d>"
 TEXT_CHUNK = 8192
+DATAFRAME = "application/vnd.corral.dataframe+json"
+CHART = "application/vnd.corral.chart+json"
+MAX_ROWS = 100  # of a DataFrame's structured data
+MAX_POINTS = 1000  # of a chart's series
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -150,7 +158,99 @@ def bundle(obj: Any) -> Dict[str, Any]:
                 if value is not None:
                     data[mime] = value
     data.setdefault("text/plain", _plain(obj))
-    return {mime: _wire(mime, value) for mime, value in data.items()}
+    return dict({mime: _wire(mime, value) for mime, value in data.items()}, **structured(obj))
+
+
+def structured(obj: Any) -> Dict[str, Any]:
+    """What an agent can read without looking at a picture: a DataFrame's columns, types and
+    first rows (as DATAFRAME), beside its usual representations."""
+    kind = type(obj)
+    if kind.__name__ != "DataFrame" or not kind.__module__.startswith("pandas"):
+        return {}
+    try:
+        head = json.loads(obj.head(MAX_ROWS).to_json(orient="split", date_format="iso"))
+        frame = {
+            "columns": [str(column) for column in obj.columns],
+            "dtypes": [str(dtype) for dtype in obj.dtypes],
+            "index": head["index"],
+            "rows": head["data"],
+            "total_rows": len(obj),
+        }
+    except Exception:  # an exotic frame keeps its other representations
+        return {}
+    return {DATAFRAME: frame}
+
+
+def chart(figure: Any) -> Dict[str, Any]:
+    """A matplotlib figure as data: per axes its kind, title, labels and series with points."""
+    return {
+        "title": _text(getattr(figure, "_suptitle", None)),
+        "axes": [_axes(axes) for axes in figure.get_axes()],
+    }
+
+
+def _axes(axes: Any) -> Dict[str, Any]:
+    series: List[Dict[str, Any]] = []
+    for line in axes.get_lines():
+        xs, ys = _numbers(line.get_xdata()), _numbers(line.get_ydata())
+        points = [[x, y] for x, y in zip(xs, ys)]  # noqa: B905 - for Python 3.8 too
+        series.append({"kind": "line", "label": _label(line), "points": points})
+    names = [tick.get_text() for tick in axes.get_xticklabels()]
+    ticks = dict(zip(_numbers(axes.get_xticks()), names))  # noqa: B905 - for Python 3.8 too
+    for container in getattr(axes, "containers", ()):
+        bars = [_bar(bar, ticks) for bar in container[:MAX_POINTS] if hasattr(bar, "get_height")]
+        series.append({"kind": "bar", "label": _label(container), "bars": bars})
+    for collection in axes.collections:
+        offsets: Any = getattr(collection, "get_offsets", list)()
+        points = [[_number(x), _number(y)] for x, y in list(offsets)[:MAX_POINTS]]
+        if points:
+            series.append({"kind": "scatter", "label": _label(collection), "points": points})
+    wedges = [patch for patch in axes.patches if type(patch).__name__ == "Wedge"]
+    if wedges:
+        labels = [text.get_text() for text in axes.texts]
+        slices = [
+            {
+                "label": labels[i] if len(labels) >= len(wedges) else None,
+                "fraction": _number((w.theta2 - w.theta1) / 360.0),
+            }
+            for i, w in enumerate(wedges)
+        ]
+        series.append({"kind": "pie", "slices": slices})
+    kinds = sorted({entry["kind"] for entry in series})
+    return {
+        "kind": kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "empty"),
+        "title": axes.get_title() or None,
+        "x_label": axes.get_xlabel() or None,
+        "y_label": axes.get_ylabel() or None,
+        "series": series,
+    }
+
+
+def _bar(bar: Any, ticks: Dict[Any, str]) -> Dict[str, Any]:
+    """One bar: its category (the tick label under it) or position, and its height."""
+    center = _number(bar.get_x() + bar.get_width() / 2)
+    return {"x": ticks.get(center) or center, "height": _number(bar.get_height())}
+
+
+def _label(artist: Any) -> Optional[str]:
+    label = artist.get_label() if hasattr(artist, "get_label") else None
+    return None if not label or str(label).startswith("_") else str(label)
+
+
+def _text(artist: Any) -> Optional[str]:
+    return (artist.get_text() or None) if artist is not None else None
+
+
+def _numbers(values: Any) -> List[Any]:
+    return [_number(value) for value in list(values)[:MAX_POINTS]]
+
+
+def _number(value: Any) -> Any:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None  # JSON has no NaN
 
 
 def _call(obj: Any, method: str) -> Any:
@@ -203,6 +303,7 @@ class Kernel:
         self.count += 1
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
+        self.hook_show()
         try:
             if self.shell is not None:
                 self.shell(code)
@@ -239,18 +340,55 @@ class Kernel:
         except BaseException as exc:  # the code's error is the execution's error
             self.error(type(exc).__name__, str(exc), _traceback(exc, filename))
 
+    def hook_show(self) -> None:
+        """Have `plt.show()` publish the open figures at once, in order with the output."""
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is not None and getattr(pyplot.show, "__name__", "") != "corral_show":
+
+            def corral_show(*_args: Any, **_kwargs: Any) -> None:
+                self.show_figures()
+
+            setattr(pyplot, "show", corral_show)  # noqa: B010 - a module found at run time
+
     def show_figures(self) -> None:
-        """Publish matplotlib figures the code left open, as PNG (and close them)."""
+        """Publish matplotlib figures the code left open, as PNG and as data (and close them)."""
         pyplot = sys.modules.get("matplotlib.pyplot")
         if pyplot is None:
             return
+        self.hook_show()
         for number in pyplot.get_fignums():
             figure = pyplot.figure(number)
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png")
             data = {"text/plain": repr(figure), "image/png": _wire("image/png", buffer.getvalue())}
+            with contextlib.suppress(Exception):  # an unusual figure is still a picture
+                data[CHART] = chart(figure)
             self.publish(data, False)
         pyplot.close("all")
+
+
+class PyplotHook:
+    """Finds `matplotlib.pyplot` for the first import, then has the kernel hook its `show`,
+    so that even the cell that imports it shows figures in order with its output."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "matplotlib.pyplot":
+            return None
+        sys.meta_path.remove(self)  # once is enough: the real finders take it from here
+        spec = importlib.util.find_spec(name)
+        loader = spec.loader if spec is not None else None
+        run = getattr(loader, "exec_module", None)
+        if run is not None:
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                self.kernel.hook_show()
+
+            setattr(loader, "exec_module", exec_module)  # noqa: B010 - this one loader only
+        return spec
 
 
 def _split(code: str, filename: str) -> Tuple[ast.Module, Optional[ast.Expression]]:
@@ -287,7 +425,7 @@ def _ipython(kernel: Kernel) -> Optional[Callable[[str], None]]:
 
     def rich(obj: Any) -> Dict[str, Any]:
         data, _metadata = formatter.format(obj)
-        return {mime: _wire(mime, value) for mime, value in data.items()}
+        return dict({mime: _wire(mime, value) for mime, value in data.items()}, **structured(obj))
 
     def publish(data: Dict[str, Any], metadata: Any = None, *args: Any, **kwargs: Any) -> None:
         kernel.publish({mime: _wire(mime, value) for mime, value in data.items()}, False)
@@ -322,15 +460,23 @@ def main() -> None:
         sys.path.pop(0)  # the code's imports see the image's modules, not the agent's
     channel = Channel(int(sys.argv[1]), int(sys.argv[2]))
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # no display: figures are published instead
+    warnings.filterwarnings("ignore", message=".*non-interactive.*cannot be shown")
     sys.stdout = Output(channel, "stdout")
     sys.stderr = Output(channel, "stderr")
     sys.stdin = io.StringIO()
     kernel = Kernel(channel)
+    sys.meta_path.insert(0, PyplotHook(kernel))
     while True:
         request = channel.receive()
         if request is None:
             return
         env = request.get("env") or {}
+        setup = request.get("setup")
+        if isinstance(setup, dict):  # once, for a context started before its sandbox was claimed
+            os.environ.update({str(k): str(v) for k, v in (setup.get("env") or {}).items()})
+            with contextlib.suppress(OSError, TypeError):
+                os.chdir(setup.get("cwd") or os.getcwd())
         try:
             kernel.execute(str(request.get("code", "")), {str(k): str(v) for k, v in env.items()})
         except KeyboardInterrupt:  # one that came while the code's error was being sent

@@ -15,10 +15,11 @@ from corral.cli._common import ApiKey, DataDir, Json, Url, app, console, fail, o
 from corral.client import Image
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.models import BuildEvent
+from corral.core.names import BUILTIN_IMAGES
 
 image_app = typer.Typer(help="Build and manage images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
-BUILTIN = ("debian", "host")
+BUILTIN = BUILTIN_IMAGES
 
 
 @image_app.command("build")

@@ -55,6 +55,12 @@ class Image:
         return cls({"kind": "debian"})
 
     @classmethod
+    def code_interpreter(cls) -> Image:
+        """`debian_slim` with IPython, numpy, pandas, matplotlib and Node.js: the code
+        interpreter's image (also usable by name, `image="code-interpreter"`)."""
+        return cls({"kind": "code-interpreter"})
+
+    @classmethod
     def host(cls) -> Image:
         """The server's own /usr, read-only: whatever the server machine has installed."""
         return cls({"kind": "host"})

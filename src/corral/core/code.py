@@ -26,19 +26,8 @@ LANGUAGES = ("python",)
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_CODE_BYTES = 4 * 1024 * 1024
 BINARY_MIMES = frozenset({"image/png", "image/jpeg", "application/pdf"})
-# The MIME types a result may carry, with the attribute that holds each.
-MIME_ATTRIBUTES = {
-    "text/plain": "text",
-    "text/html": "html",
-    "text/markdown": "markdown",
-    "image/svg+xml": "svg",
-    "image/png": "png",
-    "image/jpeg": "jpeg",
-    "text/latex": "latex",
-    "application/json": "json",
-    "application/pdf": "pdf",
-    "application/javascript": "javascript",
-}
+DATAFRAME = "application/vnd.corral.dataframe+json"
+CHART = "application/vnd.corral.chart+json"
 
 
 @dataclass(frozen=True)
@@ -77,6 +66,20 @@ class Result:
     @property
     def json(self) -> Any:
         return self.data.get("application/json")
+
+    @property
+    def dataframe(self) -> dict[str, Any] | None:
+        """A pandas DataFrame as data: `columns`, `dtypes`, `index` and `rows` (the first 100),
+        `total_rows`."""
+        value = self.data.get(DATAFRAME)
+        return value if isinstance(value, dict) else None
+
+    @property
+    def chart(self) -> dict[str, Any] | None:
+        """A matplotlib figure as data: its `title` and `axes`, each with its `kind` (line,
+        bar, scatter, pie, mixed), `title`, `x_label`, `y_label` and `series` with points."""
+        value = self.data.get(CHART)
+        return value if isinstance(value, dict) else None
 
     @property
     def png(self) -> bytes | None:

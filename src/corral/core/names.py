@@ -7,7 +7,9 @@ import re
 from corral.core.errors import InvalidRequest
 
 _IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
-RESERVED_IMAGE_NAMES = ("debian", "host", "usage", "prune")
+# The images every node has, by name: built on first use (debian, code-interpreter) or at once.
+BUILTIN_IMAGES = ("debian", "code-interpreter", "host")
+RESERVED_IMAGE_NAMES = (*BUILTIN_IMAGES, "usage", "prune")
 _VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from corral.core.errors import InvalidRequest
+from corral.core.names import BUILTIN_IMAGES
 from corral.core.spec import check_env, check_sandbox_path
 
-BASES = ("debian", "host", "rootfs", "oci_archive", "registry")
+BASES = (*BUILTIN_IMAGES, "rootfs", "oci_archive", "registry")
 STEPS = ("apt_install", "pip_install", "run_commands", "env", "workdir", "copy")
 MAX_STEPS = 100
 MAX_ARGS = 1000
@@ -63,7 +64,9 @@ def check_base(base: Any) -> dict[str, Any]:
         raise InvalidRequest(
             f"unknown base {kind!r}; use one of {', '.join(BASES)}", code="unknown_base"
         )
-    fields = {"debian": set(), "host": set(), "registry": {"reference"}}.get(kind, {"blob"})
+    fields = {"registry": {"reference"}, **{name: set() for name in BUILTIN_IMAGES}}.get(
+        kind, {"blob"}
+    )
     if set(base) - {"kind"} != fields:
         raise InvalidRequest(f"a {kind} base takes {sorted(fields) or 'no fields'}")
     if kind == "registry":

@@ -26,6 +26,7 @@ from corral.engine.agentlink import Channel, unwrap
 from corral.engine.commands import agent_call, explain_loss
 from corral.engine.record import SandboxRecord
 
+CODE_IMAGE = "code-interpreter"  # pools of it start a python context in each sandbox
 MAX_LINE = 16 * 1024 * 1024  # an event's JSON: the agent keeps results to 8 MiB
 EVENT_TYPES = frozenset({"started", "stdout", "stderr", "result", "error"})
 
@@ -104,6 +105,13 @@ async def _events(channel: Channel) -> AsyncIterator[dict[str, Any]]:
                 yield _event(json.loads(line))
             except ValueError:
                 raise SandboxFailed("the guest agent sent a code event that is not JSON") from None
+
+
+async def prestart(record: SandboxRecord) -> None:
+    """Start the sandbox's default python context now (for a warm pool, before a claim); it
+    takes the claiming request's env and workdir at its first execution."""
+    params = {"language": "python", "pooled": True, **_context_params(record, None, None)}
+    await agent_call(record, P.CODE_CREATE, params)
 
 
 class Interpreter:

@@ -28,6 +28,7 @@ from corral.core.models import SandboxInfo
 from corral.core.spec import FIXED_AT_START, SandboxSpec
 from corral.core.state import EndReason
 from corral.engine.access import Access
+from corral.engine.interpreter import CODE_IMAGE, prestart
 from corral.engine.lifecycle import Lifecycle
 from corral.engine.record import Phase
 from corral.engine.registry import Registry
@@ -266,6 +267,8 @@ class PoolKeeper:
         assert template.runtime is not None
         runtime = self._runtimes.check(template.runtime)
         record = await self._lifecycle.start(template, runtime, None, for_pool=True)
+        if template.image == CODE_IMAGE:  # its first run_code finds an interpreter running
+            await prestart(record)
         await asyncio.to_thread(runtime.set_cpu_weight, record.plan, IDLE_WEIGHT)
         record.move(Phase.POOLED)
         return record.id

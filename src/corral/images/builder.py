@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from corral.core.errors import CorralError, ImageBuildFailed, InvalidRequest
 from corral.core.models import ExecResult, SandboxInfo
+from corral.core.names import BUILTIN_IMAGES
 from corral.core.recipe import check_recipe, describe
 from corral.core.spec import SandboxSpec
 from corral.images import lanes, oci
@@ -213,10 +214,10 @@ class Builder:
                     f"the image {image} of sandbox {sandbox_id} was pruned; cannot stack on it",
                     code="image_not_found",
                 )
-        elif image not in ("debian", "host"):
+        elif image not in BUILTIN_IMAGES:
             raise InvalidRequest(
                 f"sandbox {sandbox_id} runs the locally registered image {image!r}, which "
-                "cannot be stacked on; snapshot sandboxes of debian, host or built images"
+                "cannot be stacked on; snapshot sandboxes of built-in or built images"
             )
         else:
             base = {"kind": image}
@@ -232,7 +233,7 @@ class Builder:
 
     async def _base(self, key: str, *, base: Mapping[str, Any], emit: BuildProgress) -> Manifest:
         kind = base["kind"]
-        if kind in ("debian", "host"):
+        if kind in BUILTIN_IMAGES:
             await lanes.IMAGES.run(
                 self.engine.images.resolve, kind, lambda line: _log(emit, 0, line)
             )
@@ -429,7 +430,7 @@ def _base_line(base: Mapping[str, Any]) -> str:
         return f"from_registry {base['reference']}"
     if kind in ("rootfs", "oci_archive"):
         return f"from_{kind} {base['blob'][:19]}…"
-    return {"debian": "debian_slim", "host": "host"}[kind]
+    return {"debian": "debian_slim", "code-interpreter": "code_interpreter", "host": "host"}[kind]
 
 
 def _ignore(_event: dict[str, Any]) -> None:

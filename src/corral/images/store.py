@@ -2,6 +2,8 @@
 
 - ``debian``: a minimal Debian bookworm root with python3 and pip, built once with mmdebstrap into
   the data directory (20 to 30 s, progress reported), then shared read-only by every sandbox.
+- ``code-interpreter``: ``debian`` with IPython, numpy, pandas, matplotlib and Node.js, from
+  Debian's packages, built the same way on first use (a minute or two): the code interpreter's.
 - ``host``: an empty skeleton with the host's ``/usr`` bound read-only on top; starts instantly on
   any machine, with whatever the host has installed.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -23,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.core.errors import ImageNotFound, InvalidRequest, SandboxFailed
+from corral.core.names import BUILTIN_IMAGES
 from corral.images.layers import LayerStore
 
 StatusLine = Callable[[str], None]  # told each line of progress, as it happens
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "python3-pip", "ca-certificates", "procps")
+CODE_PACKAGES = ("ipython3", "python3-numpy", "python3-pandas", "python3-matplotlib", "nodejs")
+# The images made with mmdebstrap, and their packages (without what they only recommend).
+DEBOOTSTRAPPED = {"debian": DEBIAN_PACKAGES, "code-interpreter": DEBIAN_PACKAGES + CODE_PACKAGES}
 # Documentation, manuals and translations are a third of a minimal root and no use to an agent.
 DEBIAN_EXCLUDES = (
     "path-exclude=/usr/share/man/*",
@@ -65,7 +72,7 @@ class RootImage:
 class ImageStore:
     """The images of one data directory. Building is done once, under a file lock."""
 
-    names = ("debian", "host")
+    names = BUILTIN_IMAGES
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -86,8 +93,9 @@ class ImageStore:
 
     def resolve(self, name: str, progress: StatusLine | None = None) -> RootImage:
         """The image called `name`, built first if needed (which may take half a minute)."""
-        if name == "debian":
-            return RootImage(name, (self._ensure("debian", self._build_debian, progress),))
+        if name in DEBOOTSTRAPPED:
+            build = functools.partial(self._build_debian, name=name)
+            return RootImage(name, (self._ensure(name, build, progress),))
         if name == "host":
             rootfs = self._ensure("host", self._build_host_skeleton, progress)
             return RootImage(name, (rootfs,), host_binds())
@@ -129,7 +137,7 @@ class ImageStore:
                     shutil.rmtree(work, ignore_errors=True)
         return final
 
-    def _build_debian(self, target: Path, progress: StatusLine) -> None:
+    def _build_debian(self, target: Path, progress: StatusLine, *, name: str) -> None:
         if shutil.which("mmdebstrap") is None:
             raise SandboxFailed(
                 "mmdebstrap is not installed; run scripts/setup as root", code="missing_dependency"
@@ -139,14 +147,14 @@ class ImageStore:
             "--variant=minbase",
             "--mode=root",
             "--format=directory",
-            "--include=" + ",".join(DEBIAN_PACKAGES),
+            "--include=" + ",".join(DEBOOTSTRAPPED[name]),
             *(f"--dpkgopt={rule}" for rule in DEBIAN_EXCLUDES),
             "--customize-hook=rm -rf $1/var/cache/apt/* $1/var/lib/apt/lists/*",
             DEBIAN_SUITE,
             str(target),
             *(str(p) for p in apt_sources(DEBIAN_SUITE)),
         ]
-        progress(f"building the debian image with mmdebstrap ({DEBIAN_SUITE})")
+        progress(f"building the {name} image with mmdebstrap ({DEBIAN_SUITE})")
         tail: list[str] = []
         with subprocess.Popen(  # the context closes the pipe (unclosed, it warns at exit)
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
@@ -158,7 +166,7 @@ class ImageStore:
                 progress(line)
         if process.returncode != 0:
             raise SandboxFailed(
-                "building the debian image failed:\n" + "\n".join(tail), code="image_build_failed"
+                f"building the {name} image failed:\n" + "\n".join(tail), code="image_build_failed"
             )
 
     def _build_host_skeleton(self, target: Path, progress: StatusLine) -> None:
