@@ -39,6 +39,7 @@ RESULTS_LIMIT = 32 * 1024 * 1024  # all of an execution's results
 MAX_CONTEXTS = 32
 READ_CHUNK = 65536
 INTERRUPT_GRACE = 2.0
+READY_TIMEOUT = 120.0  # for a kernel to load (IPython under gVisor on a busy machine)
 CHUNK = 64 * 1024  # protocol.CHUNK
 FILE = 7  # protocol.FILE  # after SIGINT, before a context that does not stop is killed
 
@@ -150,6 +151,25 @@ class Context:
         for name in ("stdout", "stderr"):
             loop.add_reader(ours[name], self._raw, loop, ours[name], name)
         self.executions = 0
+
+    async def wait_ready(self) -> None:
+        """Return once the kernel has loaded (IPython and all), so the next run starts at once."""
+        lines = self.lines
+        assert lines is not None
+        while True:
+            try:
+                message = await asyncio.wait_for(lines.ready.get(), READY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise GuestError(
+                    "context_failed", "the interpreter of context %s did not start" % self.id
+                ) from None
+            if message is None:
+                lines.ready.put_nowait(None)  # the next execution sees the loss too
+                raise GuestError(
+                    "context_failed", "the interpreter of context %s exited as it started" % self.id
+                )
+            if message.get("type") == "ready":
+                return
 
     def _feed(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         lines = self.lines
@@ -455,7 +475,9 @@ async def code_create(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[s
     contexts: Contexts = agent.contexts
     language = check_language(params.get("language") or "python")
     default = language if params.get("pooled") else None  # a warm pool's default context
-    return contexts.create(params, default).describe()
+    context = contexts.create(params, default)
+    await context.wait_ready()
+    return context.describe()
 
 
 async def code_list(agent: Any, stream: Any, params: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -468,6 +490,7 @@ async def code_restart(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[
     async with context.lock:
         if context.proc is None:
             context.start(agent)
+            await context.wait_ready()
         context.restarts += 1
     return context.describe()
 

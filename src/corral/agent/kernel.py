@@ -417,9 +417,12 @@ def _ipython(kernel: Kernel) -> Optional[Callable[[str], None]]:
     """A runner on IPython's interactive shell, where the image has IPython; else None."""
     try:
         shell_module = importlib.import_module("IPython.core.interactiveshell")
+        config = importlib.import_module("traitlets.config").Config()
     except Exception:
         return None
-    shell = shell_module.InteractiveShell.instance(user_ns=kernel.namespace)
+    # History stays in memory: no SQLite file in the sandbox's home, no writer thread.
+    config.HistoryManager.enabled = False
+    shell = shell_module.InteractiveShell.instance(config=config, user_ns=kernel.namespace)
     shell.colors = "NoColor"
     formatter = shell.display_formatter
 
@@ -467,6 +470,7 @@ def main() -> None:
     sys.stdin = io.StringIO()
     kernel = Kernel(channel)
     sys.meta_path.insert(0, PyplotHook(kernel))
+    channel.send({"type": "ready"})  # IPython (where there is one) is loaded
     while True:
         request = channel.receive()
         if request is None:

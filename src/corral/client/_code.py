@@ -9,8 +9,10 @@ import abc
 import builtins
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
+
+import httpx
 
 from corral.client._client import AsyncClient
 from corral.core.code import CodeContext, Execution, ExecutionError, Result
@@ -71,8 +73,9 @@ class AsyncCode(abc.ABC):
             "error": on_error,
         }
         execution = Execution()
+        live = any(callbacks.values())  # else the whole answer at once: a little faster
         async with self.client.stream("POST", self._path("/code"), json=body) as response:
-            async for line in response.aiter_lines():
+            async for line in response.aiter_lines() if live else _all_lines(response):
                 if not line:
                     continue
                 event = json.loads(line)
@@ -110,6 +113,11 @@ class AsyncCode(abc.ABC):
     async def remove_code_context(self, context: str | CodeContext) -> None:
         """End the context's interpreter and forget it."""
         await self.client.request("DELETE", self._path(f"/code/contexts/{_id(context)}"))
+
+
+async def _all_lines(response: httpx.Response) -> AsyncIterator[str]:
+    for line in (await response.aread()).decode().splitlines():
+        yield line
 
 
 def _id(context: str | CodeContext) -> str:
