@@ -325,3 +325,53 @@ async def test_a_warm_pool_of_the_image_has_its_interpreter_running(
             await engine.terminate(info.id)
     finally:
         engine.remove_pool("code")
+
+
+async def test_javascript_contexts_where_the_image_has_node(
+    engine: Engine, interpreter_sandbox: SandboxInfo
+) -> None:
+    sandbox_id = interpreter_sandbox.id
+    first = await run_code(engine, sandbox_id, "let x = 41; console.log('set'); x", language="js")
+    assert (first.logs.stdout, first.text, first.context) == (["set\n"], "41", "javascript")
+    awaited = await run_code(
+        engine,
+        sandbox_id,
+        "await new Promise(r => setTimeout(r, 10)); x + 1",
+        language="javascript",
+    )
+    assert awaited.text == "42"
+    data = await run_code(engine, sandbox_id, "({a: [1, 2]})", language="javascript")
+    assert data.results[0].json == {"a": [1, 2]}
+    failed = await run_code(engine, sandbox_id, "null.y", language="javascript")
+    assert failed.error is not None and failed.error.name == "TypeError"
+    assert "cell-" in failed.error.traceback and "node:" not in failed.error.traceback
+    stopped = await run_code(
+        engine, sandbox_id, "while (true) {}", language="javascript", timeout=1
+    )
+    assert stopped.timed_out and stopped.error is not None
+    assert stopped.error.name == "TimeoutError"
+    assert (await run_code(engine, sandbox_id, "x", language="javascript")).text == "41"
+
+
+async def test_bash_contexts_keep_the_shell(engine: Engine, sandbox: SandboxInfo) -> None:
+    await run_code(engine, sandbox.id, "x=5; greet() { echo hi $1; }; cd /tmp", language="bash")
+    done = await run_code(engine, sandbox.id, "echo $x; greet you; pwd", language="bash")
+    assert ("".join(done.logs.stdout), done.error) == ("5\nhi you\n/tmp\n", None)
+    failed = await run_code(engine, sandbox.id, "echo before; false", language="bash")
+    assert failed.error is not None and (failed.error.name, failed.error.value) == ("ExitCode", "1")
+    per_call = await run_code(
+        engine, sandbox.id, "echo [$ONLY]", language="bash", env={"ONLY": "1"}
+    )
+    assert per_call.logs.stdout == ["[1]\n"]
+    after = await run_code(engine, sandbox.id, "echo [$ONLY]", language="bash")
+    assert after.logs.stdout == ["[]\n"]
+    stopped = await run_code(engine, sandbox.id, "sleep 60; echo never", language="bash", timeout=1)
+    assert stopped.timed_out and stopped.error is not None and stopped.error.name == "TimeoutError"
+    assert "never" not in "".join(stopped.logs.stdout)
+    assert (await run_code(engine, sandbox.id, "echo $x", language="bash")).logs.stdout == ["5\n"]
+    lost = await run_code(engine, sandbox.id, "exit 3", language="bash")
+    assert lost.context_lost and lost.error is not None and lost.error.name == "ContextLost"
+    # Node is not in the debian image: the sandbox says which languages it has.
+    with pytest.raises(UnsupportedLanguage) as refused:
+        await run_code(engine, sandbox.id, "1", language="javascript")
+    assert "available: python, bash" in refused.value.message

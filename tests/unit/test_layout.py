@@ -42,7 +42,17 @@ ALLOWED: dict[str, set[str]] = {
 }
 STDLIB_ONLY = ("core", "agent")
 # Inside a sandbox the agent imports its siblings by their plain names.
-AGENT_SIBLINGS = {"protocol", "contexts", "fileops", "memory", "procs", "shield", "tree"}
+AGENT_SIBLINGS = {
+    "protocol",
+    "contexts",
+    "execution",
+    "kernel",
+    "fileops",
+    "memory",
+    "procs",
+    "shield",
+    "tree",
+}
 # Above these sizes a module, class or function stops being readable in one sitting. Data tables
 # (a seccomp rule list, an OCI spec) are the exception, by name.
 MAX_MODULE_LINES = 500

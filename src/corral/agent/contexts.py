@@ -1,11 +1,11 @@
 """Code contexts in the guest agent: one kernel process each (see `kernel`), kept across calls.
 
 A context runs one execution at a time (others wait their turn); several contexts run in
-parallel. An execution streams the kernel's messages to the host as EVENTs, within bounds:
-each of stdout and stderr keeps OUTPUT_LIMIT bytes and the results RESULTS_LIMIT together (a
-result over RESULT_LIMIT is dropped with a note), so no code can flood the host. A timeout or
-the host's CANCEL interrupts the code (SIGINT) and keeps the context; a kernel that dies (its
-code called `os._exit`, crashed it, ran it out of memory) is reported as lost and restarted.
+parallel. An execution streams the kernel's messages to the host within bounds (see
+`execution`). A timeout or the host's CANCEL interrupts the code (SIGINT) and keeps the
+context; a kernel that dies (its code called `os._exit`, crashed it, ran it out of memory) is
+reported as lost and restarted. Python runs in every image (the agent's own); javascript and
+bash where the image has `node` and `bash`.
 
 Standard library only, for any Python >= 3.8, like the rest of the agent.
 """
@@ -15,87 +15,69 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
-from typing import Any, Awaitable, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 try:
     from corral.agent import procs, tree
     from corral.agent import protocol as P
+    from corral.agent.execution import RESULT_LIMIT, Execution, Lines, Send
     from corral.agent.fileops import GuestError
     from corral.agent.procs import Proc
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     import procs  # type: ignore[import-not-found,no-redef]
     import protocol as P  # type: ignore[import-not-found,no-redef]
     import tree  # type: ignore[import-not-found,no-redef]
+    from execution import (  # type: ignore[import-not-found,no-redef]
+        RESULT_LIMIT,
+        Execution,
+        Lines,
+        Send,
+    )
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
     from procs import Proc  # type: ignore[no-redef]
 
-KERNEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
-LANGUAGES = ("python",)
-OUTPUT_LIMIT = 4 * 1024 * 1024  # per stream, per execution
-RESULT_LIMIT = 8 * 1024 * 1024  # one result's JSON
-RESULTS_LIMIT = 32 * 1024 * 1024  # all of an execution's results
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Each language's kernel: the program that runs it (found on the context's PATH) and its script.
+KERNELS = {
+    "python": (None, "kernel.py"),  # the agent's own Python
+    "javascript": ("node", "kernel.js"),
+    "bash": ("bash", "kernel_bash.py"),  # driven from Python
+}
 MAX_CONTEXTS = 32
 READ_CHUNK = 65536
-INTERRUPT_GRACE = 2.0
+INTERRUPT_GRACE = 2.0  # after SIGINT, before a context that does not stop is killed
 READY_TIMEOUT = 120.0  # for a kernel to load (IPython under gVisor on a busy machine)
-CHUNK = 64 * 1024  # protocol.CHUNK
-FILE = 7  # protocol.FILE  # after SIGINT, before a context that does not stop is killed
-
-Send = Callable[[Dict[str, Any]], Awaitable[None]]
 
 
-def check_language(language: Any) -> str:
-    if language not in LANGUAGES:
+def available(path: Optional[str]) -> List[str]:
+    """The languages whose programs this sandbox has (on `path`)."""
+    return [
+        name
+        for name, (program, _) in KERNELS.items()
+        if program is None or shutil.which(program, path=path)
+    ]
+
+
+def check_language(language: Any, path: Optional[str]) -> str:
+    if language not in KERNELS or language not in available(path):
         raise GuestError(
             "unsupported_language",
-            "language %r is not available in this sandbox; available: %s"
-            % (language, ", ".join(LANGUAGES)),
+            "language %r is not available in this sandbox; available: %s (an image with Node.js "
+            "adds javascript: the code-interpreter image has it)"
+            % (language, ", ".join(available(path))),
         )
     return str(language)
 
 
-class Lines:
-    """JSON lines from a kernel's descriptor; a line over `limit` becomes a `too_big` note."""
-
-    def __init__(self, fd: int, limit: int) -> None:
-        self.fd = fd
-        self.limit = limit
-        self.pending = b""
-        self.skipping = 0  # bytes of an oversized line dropped so far
-        self.ready: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue()
-
-    def feed(self) -> bool:
-        """Read what is there; False at end of file."""
-        try:
-            chunk = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.ready.put_nowait(None)
-            return False
-        self.pending += chunk
-        while True:
-            end = self.pending.find(b"\n")
-            if end < 0:
-                if self.skipping or len(self.pending) > self.limit:
-                    self.skipping += len(self.pending)
-                    self.pending = b""
-                return True
-            line, self.pending = self.pending[:end], self.pending[end + 1 :]
-            if self.skipping:
-                self.ready.put_nowait({"type": "too_big", "bytes": self.skipping + len(line)})
-                self.skipping = 0
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                self.ready.put_nowait(message)
+def kernel_argv(language: str, path: Optional[str]) -> List[str]:
+    """How a context of `language` starts; its two descriptors are appended at its start."""
+    program, script = KERNELS[language]
+    if program == "node":
+        return [shutil.which(program, path=path) or program, os.path.join(HERE, script)]
+    return [sys.executable, os.path.join(HERE, script)]
 
 
 class Context:
@@ -103,10 +85,11 @@ class Context:
 
     def __init__(self, context_id: str, params: Dict[str, Any], base_env: Dict[str, str]) -> None:
         self.id = context_id
-        self.language = check_language(params.get("language") or "python")
-        argv = [sys.executable, KERNEL, "3", "4"]  # renumbered below, after the pipes exist
         wanted = {key: params.get(key) for key in ("cwd", "env", "user")}
-        self.command = procs.Command(dict(wanted, argv=argv), base_env)
+        self.command = procs.Command(dict(wanted, argv=["-"]), base_env)
+        path = self.command.env.get("PATH")
+        self.language = check_language(params.get("language") or "python", path)
+        self.command.argv = [*kernel_argv(self.language, path), "3", "4"]  # the fds, at start
         self.lock = asyncio.Lock()
         self.proc: Optional[Proc] = None
         self.lines: Optional[Lines] = None
@@ -133,7 +116,7 @@ class Context:
         loop = asyncio.get_event_loop()
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
-        self.command.argv[2:4] = [str(in_r), str(out_w)]
+        self.command.argv[-2:] = [str(in_r), str(out_w)]
         try:
             popen, ours = procs.spawn(self.command, pass_fds=(in_r, out_w))
         except BaseException:
@@ -270,120 +253,6 @@ def _settle(future: "asyncio.Future[None]") -> None:
         future.set_result(None)
 
 
-class Execution:
-    """One run of code in a context: what it sent, within its bounds."""
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.sent = {"stdout": 0, "stderr": 0, "results": 0}
-        self.cut = {"stdout": False, "stderr": False, "results": False}
-        self.errors = 0
-        self.count: Optional[int] = None
-        self.timed_out = False
-        self.stuck = False
-        self.lost = False
-        self.over = False
-        self.pending: List[Dict[str, Any]] = []
-
-    def raw(self, name: str, data: bytes) -> None:
-        """Output a process the code started wrote straight to the kernel's fd 1 or 2."""
-        self.pending.append({"type": name, "text": data.decode("utf-8", "replace")})
-
-    async def follow(self, context: Context) -> None:
-        lines = context.lines
-        proc = context.proc
-        assert lines is not None and proc is not None
-        while True:
-            message = await lines.ready.get()
-            for early in self.pending:
-                await self.forward(early)
-            self.pending = []
-            if message is None:
-                self.lost = True
-                await proc.exited.wait()
-                break
-            if message.get("type") == "done":
-                self.count = int(message.get("execution_count") or 0)
-                break
-            await self.forward(message)
-        self.over = True
-
-    async def forward(self, message: Dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind in ("stdout", "stderr"):
-            await self._output(kind, str(message.get("text", "")))
-        elif kind == "result":
-            size = len(json.dumps(message))
-            if self.sent["results"] + size > RESULTS_LIMIT:
-                await self._drop("the execution's results are over %d MiB" % (RESULTS_LIMIT >> 20))
-                return
-            self.sent["results"] += size
-            await self.send(message)
-        elif kind == "too_big":
-            await self._drop(
-                "a result of %d bytes is over %d MiB" % (message["bytes"], RESULT_LIMIT >> 20)
-            )
-        elif kind == "error":
-            self.errors += 1
-            if self.timed_out and message.get("name") == "KeyboardInterrupt":
-                message = dict(
-                    message,
-                    name="TimeoutError",
-                    value="the execution timed out; the context and its variables are kept",
-                )
-            await self.send(message)
-
-    async def _output(self, kind: str, text: str) -> None:
-        """Pass output on up to OUTPUT_LIMIT bytes of its stream; then one note, and no more."""
-        if self.cut[kind]:
-            return
-        data = text.encode()
-        room = OUTPUT_LIMIT - self.sent[kind]
-        if len(data) <= room:
-            self.sent[kind] += len(data)
-            await self.send({"type": kind, "text": text})
-            return
-        self.cut[kind] = True
-        note = "\n[output cut: over %d MiB of %s in this execution]\n" % (OUTPUT_LIMIT >> 20, kind)
-        await self.send({"type": kind, "text": data[:room].decode("utf-8", "ignore") + note})
-
-    async def _drop(self, why: str) -> None:
-        self.cut["results"] = True
-        await self.send({"type": "stderr", "text": "[result dropped: %s]\n" % why})
-
-    async def lose(self, context: Context) -> None:
-        proc = context.proc
-        oom = proc is not None and proc.oom_killed
-        if self.stuck:
-            why = "did not stop after its timeout and was killed"
-        elif oom:
-            why = "ran out of memory"
-        else:
-            status = proc.result() if proc is not None else {}
-            why = "exited (exit code %s, signal %s)" % (
-                status.get("exit_code"),
-                status.get("signal"),
-            )
-        await self.send(
-            {
-                "type": "error",
-                "name": "ContextLost",
-                "value": "the context's interpreter %s; it was restarted and its variables are lost"
-                % why,
-                "traceback": "",
-            }
-        )
-
-    def summary(self, context: Context) -> Dict[str, Any]:
-        return {
-            "context": context.id,
-            "execution_count": self.count if self.count is not None else 0,
-            "timed_out": self.timed_out,
-            "context_lost": self.lost,
-            "truncated": any(self.cut.values()),
-        }
-
-
 class Contexts:
     """The sandbox's code contexts, by id; a default one per language made on first use."""
 
@@ -409,7 +278,9 @@ class Contexts:
     def find(self, params: Dict[str, Any]) -> Context:
         wanted = params.get("context")
         if wanted is None:
-            language = check_language(params.get("language") or "python")
+            language = str(params.get("language") or "python")
+            if language not in KERNELS:
+                check_language(language, None)  # raises, with the list
             default = self.by_id.get(language)
             if default is None:
                 start = {"language": language, "cwd": params.get("cwd")}
@@ -473,7 +344,7 @@ async def code_run(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str,
 
 async def code_create(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
     contexts: Contexts = agent.contexts
-    language = check_language(params.get("language") or "python")
+    language = str(params.get("language") or "python")
     default = language if params.get("pooled") else None  # a warm pool's default context
     context = contexts.create(params, default)
     await context.wait_ready()

@@ -17,7 +17,7 @@ from corral.client import AsyncClient, AsyncSandbox, Sandbox
 from corral.core.code import BINARY_MIMES, Execution, ExecutionError, Result
 from corral.core.errors import CorralError, InvalidRequest
 
-Language = Annotated[str, typer.Option(help="The language: python.")]
+Language = Annotated[str, typer.Option(help="python, javascript or bash (where the image has it).")]
 Context = Annotated[
     str | None, typer.Option(help="A code context's id (default: the language's own).")
 ]

@@ -10,13 +10,14 @@ import builtins
 import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
-
-import httpx
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral.client._client import AsyncClient
 from corral.core.code import CodeContext, Execution, ExecutionError, Result
 from corral.core.errors import SandboxFailed
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 Callback = Callable[[T], Awaitable[None] | None]

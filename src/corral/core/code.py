@@ -22,7 +22,14 @@ from typing import Any
 
 from corral.core.errors import InvalidRequest
 
-LANGUAGES = ("python",)
+LANGUAGES = ("python", "javascript", "bash")  # where the sandbox's image has their programs
+ALIASES = {
+    "py": "python",
+    "python3": "python",
+    "js": "javascript",
+    "node": "javascript",
+    "sh": "bash",
+}
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_CODE_BYTES = 4 * 1024 * 1024
 BINARY_MIMES = frozenset({"image/png", "image/jpeg", "application/pdf"})

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from corral.agent import protocol as P
-from corral.core.code import LANGUAGES, MAX_CODE_BYTES, CodeContext, check_context_id
+from corral.core.code import ALIASES, LANGUAGES, MAX_CODE_BYTES, CodeContext, check_context_id
 from corral.core.errors import (
     AgentUnavailable,
     InvalidRequest,
@@ -32,9 +32,13 @@ EVENT_TYPES = frozenset({"started", "stdout", "stderr", "result", "error"})
 
 
 def check_language(language: str) -> str:
+    """`language` (or what its alias stands for) if Corral knows it; whether the sandbox has
+    it, its agent says."""
+    language = ALIASES.get(language, language) if isinstance(language, str) else language
     if language not in LANGUAGES:
         raise UnsupportedLanguage(
-            f"language {language!r} is not available; available: {', '.join(LANGUAGES)}"
+            f"language {language!r} is not available; available: {', '.join(LANGUAGES)}, "
+            "where the sandbox's image has them"
         )
     return language
 
@@ -137,7 +141,7 @@ class Interpreter:
         if len(code.encode()) > MAX_CODE_BYTES:
             raise InvalidRequest(f"code is over {MAX_CODE_BYTES >> 20} MiB; write it to a file")
         if context is None:
-            check_language(language)
+            language = check_language(language)
         else:
             check_context_id(context)
         record = await self._access.use(sandbox_id, "run code in")
@@ -177,7 +181,7 @@ class Interpreter:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> CodeContext:
-        check_language(language)
+        language = check_language(language)
         record = await self._access.use(sandbox_id, "create a code context in")
         params = {"language": language, **_context_params(record, env, cwd)}
         return CodeContext.from_dict(await agent_call(record, P.CODE_CREATE, params))

@@ -21,7 +21,9 @@ class RunCode(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     code: str = Field(description="The code to run, as a cell: its last expression is its value.")
-    language: str = Field(default="python", description=f"One of {', '.join(LANGUAGES)}.")
+    language: str = Field(
+        default="python", description=f"One of {', '.join(LANGUAGES)}, where the image has it."
+    )
     context: str | None = Field(
         default=None, description="A context's id; without it, the language's default context."
     )

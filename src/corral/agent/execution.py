@@ -1,0 +1,177 @@
+"""One execution in a code context, as the guest agent passes it on: the kernel's JSON lines
+read without blocking, and forwarded to the host within bounds. Each of stdout and stderr keeps
+OUTPUT_LIMIT bytes and the results RESULTS_LIMIT together (a result over RESULT_LIMIT is
+dropped with a note), so no code can flood the host.
+
+Standard library only, for any Python >= 3.8, like the rest of the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any, Awaitable, Callable, Dict, List, Optional
+
+OUTPUT_LIMIT = 4 * 1024 * 1024  # per stream, per execution
+RESULT_LIMIT = 8 * 1024 * 1024  # one result's JSON
+RESULTS_LIMIT = 32 * 1024 * 1024  # all of an execution's results
+READ_CHUNK = 65536
+
+Send = Callable[[Dict[str, Any]], Awaitable[None]]
+
+
+class Lines:
+    """JSON lines from a kernel's descriptor; a line over `limit` becomes a `too_big` note."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.pending = b""
+        self.skipping = 0  # bytes of an oversized line dropped so far
+        self.ready: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue()
+
+    def feed(self) -> bool:
+        """Read what is there; False at end of file."""
+        try:
+            chunk = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.ready.put_nowait(None)
+            return False
+        self.pending += chunk
+        while True:
+            end = self.pending.find(b"\n")
+            if end < 0:
+                if self.skipping or len(self.pending) > self.limit:
+                    self.skipping += len(self.pending)
+                    self.pending = b""
+                return True
+            line, self.pending = self.pending[:end], self.pending[end + 1 :]
+            if self.skipping:
+                self.ready.put_nowait({"type": "too_big", "bytes": self.skipping + len(line)})
+                self.skipping = 0
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                self.ready.put_nowait(message)
+
+
+class Execution:
+    """One run of code in a context: what it sent, within its bounds."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.sent = {"stdout": 0, "stderr": 0, "results": 0}
+        self.cut = {"stdout": False, "stderr": False, "results": False}
+        self.errors = 0
+        self.count: Optional[int] = None
+        self.timed_out = False
+        self.stuck = False
+        self.lost = False
+        self.over = False
+        self.pending: List[Dict[str, Any]] = []
+
+    def raw(self, name: str, data: bytes) -> None:
+        """Output a process the code started wrote straight to the kernel's fd 1 or 2."""
+        self.pending.append({"type": name, "text": data.decode("utf-8", "replace")})
+
+    async def follow(self, context: Any) -> None:
+        lines = context.lines
+        proc = context.proc
+        assert lines is not None and proc is not None
+        while True:
+            message = await lines.ready.get()
+            for early in self.pending:
+                await self.forward(early)
+            self.pending = []
+            if message is None:
+                self.lost = True
+                await proc.exited.wait()
+                break
+            if message.get("type") == "done":
+                self.count = int(message.get("execution_count") or 0)
+                break
+            await self.forward(message)
+        self.over = True
+
+    async def forward(self, message: Dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind in ("stdout", "stderr"):
+            await self._output(kind, str(message.get("text", "")))
+        elif kind == "result":
+            size = len(json.dumps(message))
+            if self.sent["results"] + size > RESULTS_LIMIT:
+                await self._drop("the execution's results are over %d MiB" % (RESULTS_LIMIT >> 20))
+                return
+            self.sent["results"] += size
+            await self.send(message)
+        elif kind == "too_big":
+            await self._drop(
+                "a result of %d bytes is over %d MiB" % (message["bytes"], RESULT_LIMIT >> 20)
+            )
+        elif kind == "error":
+            self.errors += 1
+            if self.timed_out and message.get("name") == "KeyboardInterrupt":
+                message = dict(
+                    message,
+                    name="TimeoutError",
+                    value="the execution timed out; the context and its variables are kept",
+                )
+            await self.send(message)
+
+    async def _output(self, kind: str, text: str) -> None:
+        """Pass output on up to OUTPUT_LIMIT bytes of its stream; then one note, and no more."""
+        if self.cut[kind]:
+            return
+        data = text.encode()
+        room = OUTPUT_LIMIT - self.sent[kind]
+        if len(data) <= room:
+            self.sent[kind] += len(data)
+            await self.send({"type": kind, "text": text})
+            return
+        self.cut[kind] = True
+        note = "\n[output cut: over %d MiB of %s in this execution]\n" % (OUTPUT_LIMIT >> 20, kind)
+        await self.send({"type": kind, "text": data[:room].decode("utf-8", "ignore") + note})
+
+    async def _drop(self, why: str) -> None:
+        self.cut["results"] = True
+        await self.send({"type": "stderr", "text": "[result dropped: %s]\n" % why})
+
+    async def lose(self, context: Any) -> None:
+        proc = context.proc
+        oom = proc is not None and proc.oom_killed
+        if self.stuck:
+            why = "did not stop after its timeout and was killed"
+        elif oom:
+            why = "ran out of memory"
+        else:
+            status = proc.result() if proc is not None else {}
+            why = "exited (exit code %s, signal %s)" % (
+                status.get("exit_code"),
+                status.get("signal"),
+            )
+        await self.send(
+            {
+                "type": "error",
+                "name": "ContextLost",
+                "value": "the context's interpreter %s; it was restarted and its variables are lost"
+                % why,
+                "traceback": "",
+            }
+        )
+
+    def summary(self, context: Any) -> Dict[str, Any]:
+        return {
+            "context": context.id,
+            "execution_count": self.count if self.count is not None else 0,
+            "timed_out": self.timed_out,
+            "context_lost": self.lost,
+            "truncated": any(self.cut.values()),
+        }
