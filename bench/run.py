@@ -672,6 +672,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# Benchmark results", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["machine"].items()]
     lines += [f"- **command**: `{report['command']}`", ""]
+    for run in report.get("partial_runs", []):
+        lines.append(
+            f"Updated by `{run['command']}` on {run['date']}, commit {run['commit']}: the "
+            "figures it measures are from that run, on the same machine.\n"
+        )
     results = report["results"]
     for figure, by_runtime in results.items():
         if figure == "podman":
@@ -806,8 +811,9 @@ def main() -> None:
         before = json.loads((output / "results.json").read_text())
         for figure, by_runtime in report["results"].items():
             before["results"].setdefault(figure, {}).update(by_runtime)
-        before["commands"] = [*before.get("commands", [before["command"]]), report["command"]]
-        report = {**before, "machine": report["machine"]}
+        partial = {"command": report["command"], **report["machine"]}
+        before["partial_runs"] = [*before.get("partial_runs", []), partial]
+        report = before
     (output / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (output / "RESULTS.md").write_text(markdown(report))
     print(f"wrote {output / 'RESULTS.md'} and {output / 'results.json'}")
