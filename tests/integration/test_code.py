@@ -233,6 +233,8 @@ async def test_ipython_runs_the_code_where_the_image_has_it(
     assert shell.text == "'InteractiveShell'"
     magic = await run_code(engine, sandbox_id, "answer = 42\n%who_ls")
     assert magic.text is not None and "'answer'" in magic.text
+    pip = await run_code(engine, sandbox_id, "%pip --version")  # a magic that runs a process
+    assert "pip " in "".join(pip.logs.stdout), pip
     failed = await run_code(engine, sandbox_id, "def f():\n    return 1 / 0\nf()")
     assert failed.error is not None and failed.error.name == "ZeroDivisionError"
     assert "return 1 / 0" in failed.error.traceback and "\x1b[" not in failed.error.traceback
@@ -375,3 +377,20 @@ async def test_bash_contexts_keep_the_shell(engine: Engine, sandbox: SandboxInfo
     with pytest.raises(UnsupportedLanguage) as refused:
         await run_code(engine, sandbox.id, "1", language="javascript")
     assert "available: python, bash" in refused.value.message
+
+
+async def test_code_that_runs_its_interpreter_out_of_memory_loses_the_context(
+    engine: Engine, runtime: str
+) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime, memory_mb=256))
+    try:
+        await run_code(engine, info.id, "kept = 1")
+        grown = await run_code(
+            engine, info.id, "hog = bytearray(1 << 30); hog[::4096] = b'x' * (1 << 18)"
+        )
+        assert grown.context_lost and grown.error is not None
+        assert grown.error.name == "ContextLost" and "memory" in grown.error.value
+        assert (await run_code(engine, info.id, "'kept' in dir()")).text == "False"
+        assert (await engine.run(info.id, "echo alive")).stdout == b"alive\n"  # the sandbox lives
+    finally:
+        await engine.terminate(info.id)

@@ -115,7 +115,7 @@ class Engine:
         )
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
         commands = self._commands = Commands(access, runtimes)
-        self.interpreter = Interpreter(access)  # code contexts and run_code
+        self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code
         self._supervisor = Supervisor(
             registry=registry, lifecycle=lifecycle, checkpoints=checkpoints, tasks=tasks
         )

@@ -9,7 +9,7 @@ agent sends is checked for shape here before anything passes it on.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from corral.agent import protocol as P
@@ -25,6 +25,7 @@ from corral.engine.access import Access
 from corral.engine.agentlink import Channel, unwrap
 from corral.engine.commands import agent_call, explain_loss
 from corral.engine.record import SandboxRecord
+from corral.engine.runtime_set import RuntimeSet
 
 CODE_IMAGE = "code-interpreter"  # pools of it start a python context in each sandbox
 MAX_LINE = 16 * 1024 * 1024  # an event's JSON: the agent keeps results to 8 MiB
@@ -121,8 +122,9 @@ async def prestart(record: SandboxRecord) -> None:
 class Interpreter:
     """Runs code in sandboxes' code contexts, and manages the contexts."""
 
-    def __init__(self, access: Access) -> None:
+    def __init__(self, access: Access, runtimes: RuntimeSet) -> None:
         self._access = access
+        self._runtimes = runtimes
 
     async def run(
         self,
@@ -155,17 +157,24 @@ class Interpreter:
             "cwd": start["cwd"],
             "context_env": start["env"],
         }
+        runtime = self._runtimes.get(record.runtime)
+        ooms = runtime.oom_kills(record.plan)  # one small cgroup file read
         try:
             channel = await record.link.open(P.CODE_RUN, params)
         except AgentUnavailable as exc:
             raise await explain_loss(record, exc) from exc
-        return self._stream(record, channel)
+        return self._stream(record, channel, lambda: runtime.oom_kills(record.plan) > ooms)
 
     async def _stream(
-        self, record: SandboxRecord, channel: Channel
+        self, record: SandboxRecord, channel: Channel, oom: Callable[[], bool]
     ) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for event in _events(channel):
+                if event["type"] == "error" and event["name"] == "ContextLost" and oom():
+                    event["value"] = (  # the kernel's cgroup killed it: say so
+                        "the context's interpreter ran out of memory (the sandbox's memory "
+                        "limit); it was restarted and its variables are lost"
+                    )
                 yield event
         except AgentUnavailable as exc:
             raise await explain_loss(record, exc) from exc
