@@ -57,6 +57,10 @@ NODE_WIDE = {
     ("DELETE", "/v1/keys/{key_id}"): "an admin's: the node's keys",
     ("GET", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
     ("PUT", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
+    **{
+        (method, "/mcp"): "an MCP session of the caller's own: its tools call the API as the caller"
+        for method in ("GET", "HEAD", "POST", "DELETE")
+    },
 }
 # Lists and the event stream: the other key sees nothing of the owner's.
 LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots"}

@@ -10,8 +10,10 @@ The layers, bottom to top (each may import those its rule names, and nothing els
     images     layers, builds, OCI                                         core, host
     engine     the per-node owner of sandboxes                            core, agent, host,
                                                                           runtimes, images
-    server     HTTP, store, tenancy                                       core, engine, images
+    server     HTTP, store, tenancy                                       core, engine, images,
+                                                                          client, tools (MCP)
     client     the SDK                                                    core
+    tools      sandboxes as an agent's tools (function calling, MCP)      core, client
     cli        the command line                                           anything
     corral     the package itself: the SDK's surface                      core, client
                (`corral.Engine` is loaded lazily, on first use)
@@ -35,9 +37,21 @@ ALLOWED: dict[str, set[str]] = {
     "runtimes": {"core", "host", "agent", "runtimes"},
     "images": {"core", "host", "images"},
     "engine": {"core", "agent", "host", "runtimes", "images", "engine"},
-    "server": {"core", "engine", "images", "server"},
+    "server": {"core", "engine", "images", "client", "tools", "server"},
     "client": {"core", "client"},
-    "cli": {"core", "agent", "host", "runtimes", "images", "engine", "server", "client", "cli"},
+    "tools": {"core", "client", "tools"},
+    "cli": {
+        "core",
+        "agent",
+        "host",
+        "runtimes",
+        "images",
+        "engine",
+        "server",
+        "client",
+        "tools",
+        "cli",
+    },
     "corral": {"core", "client", "cli", "engine"},
 }
 STDLIB_ONLY = ("core", "agent")

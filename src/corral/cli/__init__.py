@@ -12,15 +12,23 @@
     corral cp SRC DST                    copy files in or out (sb-…:/path names a sandbox file)
     corral run-code ID FILE|-            run code in a sandbox's code interpreter (state kept)
     corral repl ID                       an interactive session with its code interpreter
+    corral mcp                           the sandboxes as MCP tools, over stdio
 
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
 
-from corral.cli import _code, _images, _local, _remote, _volumes
+from corral.cli import _agents, _code, _images, _local, _remote, _volumes
 from corral.cli._common import app
 
 __all__ = ["app", "main"]
-_commands = (_code, _images, _local, _remote, _volumes)  # importing them registers their commands
+_commands = (
+    _agents,
+    _code,
+    _images,
+    _local,
+    _remote,
+    _volumes,
+)  # importing them registers their commands
 
 
 def main() -> None:

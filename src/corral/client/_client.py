@@ -58,7 +58,16 @@ class AsyncClient:
         if verify is None:
             verify = os.environ.get("CORRAL_TLS_VERIFY", "1").lower() not in ("0", "false", "no")
         self._verify = verify
+        self._app: Any = None  # see `_in_process`
         self._transport: Transport | None = None  # made on first use (see _transport.py)
+
+    @classmethod
+    def _in_process(cls, app: Any, api_key: str) -> AsyncClient:
+        """A client of the Corral ASGI application `app` running in this process, with
+        `api_key`: what a server uses to call its own API as one of its keys."""
+        client = cls(url="http://corral.invalid", api_key=api_key)
+        client._app = app
+        return client
 
     @property
     def _wire(self) -> Transport:
@@ -70,7 +79,12 @@ class AsyncClient:
             from corral.client._transport import Transport
 
             self._transport = Transport(
-                self.url, self.api_key, self._timeout, ca=self._ca, verify=self._verify
+                self.url,
+                self.api_key,
+                self._timeout,
+                ca=self._ca,
+                verify=self._verify,
+                app=self._app,
             )
         return self._transport
 

@@ -56,7 +56,14 @@ class Transport:
     """One server's HTTP connection pool and WebSockets, with one API key."""
 
     def __init__(
-        self, url: str, api_key: str | None, timeout: float, *, ca: str | None, verify: bool
+        self,
+        url: str,
+        api_key: str | None,
+        timeout: float,
+        *,
+        ca: str | None,
+        verify: bool,
+        app: Any = None,
     ) -> None:
         self.url = url
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -66,6 +73,8 @@ class Transport:
             headers=self._headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
             verify=self._tls or True,
+            # An ASGI app in this process (a server's own tools): no socket, no TLS.
+            transport=httpx.ASGITransport(app=app) if app is not None else None,
         )
         self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
 

@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI, Request
+from starlette.routing import Route
 from starlette.types import Scope
 
 from corral.server import errors
 from corral.server.auth import service_of
 from corral.server.config import ServerConfig
+from corral.server.mcp_http import McpEndpoint
 from corral.server.routes import ROUTERS
 from corral.server.schemas import ErrorOut, Health
 from corral.server.service import Service
@@ -39,7 +41,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
         try:
-            yield
+            async with mcp.running():
+                yield
         finally:
             await service.close()
 
@@ -55,6 +58,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(errors.BodyLimit, limit=config.max_body_bytes, unlimited=_is_upload)
     for router in ROUTERS:
         app.include_router(router)
+    mcp = McpEndpoint(service, app)  # MCP over streamable HTTP, as the calling key
+    app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
 
     @app.get("/healthz", tags=["server"])
     async def healthz(request: Request) -> Health:
