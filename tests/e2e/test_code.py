@@ -3,6 +3,7 @@ the CLI, and contexts that outlive pause, hibernation, snapshots and forks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -170,3 +171,56 @@ def test_contexts_survive_hibernation_snapshots_and_forks(client: corral.Client)
         assert sandbox.run_code("kept").text == "'before'"
         with Sandbox.create(snapshot=snapshot.id, client=client) as restored:
             assert restored.run_code("kept + '!'").text == "'before!'"
+
+
+async def test_the_code_websocket_runs_many_executions_and_refuses_bad_ones(
+    server: Server,
+) -> None:
+    from websockets.asyncio.client import connect
+
+    async with corral.AsyncClient(url=server.url, api_key=server.admin_key) as client:
+        sandbox = await AsyncSandbox.create(runtime="namespaces", client=client)
+        try:
+            other = await sandbox.create_code_context()
+            # One socket, overlapping executions in two contexts.
+            slow, fast = await asyncio.gather(
+                sandbox.run_code("import time; time.sleep(1); 'slow'"),
+                sandbox.run_code("'fast'", context=other),
+            )
+            assert (slow.text, fast.text) == ("'slow'", "'fast'")
+            url = f"ws://127.0.0.1:{server.port}/v1/sandboxes/{sandbox.id}/code/stream"
+            headers = {"Authorization": f"Bearer {server.admin_key}"}
+            async with connect(url, additional_headers=headers) as ws:
+                for message, status, code in [
+                    ("not json", 400, "invalid_request"),
+                    (json.dumps({"id": 1}), 400, "invalid_request"),
+                    (
+                        json.dumps({"id": 2, "code": "1", "language": "cobol"}),
+                        422,
+                        "unsupported_language",
+                    ),
+                    (
+                        json.dumps({"id": 3, "code": "1", "context": "nope"}),
+                        404,
+                        "context_not_found",
+                    ),
+                ]:
+                    await ws.send(message)
+                    answer = json.loads(await ws.recv())
+                    assert (answer["type"], answer["status"], answer["error"]["code"]) == (
+                        "failed",
+                        status,
+                        code,
+                    ), answer
+                await ws.send(json.dumps({"id": 4, "code": "import time\ntime.sleep(60)"}))
+                assert json.loads(await ws.recv())["type"] == "started"
+                await ws.send(json.dumps({"type": "cancel", "id": 4}))
+                await ws.send(json.dumps({"id": 5, "code": "'after'"}))
+                events = [json.loads(await ws.recv()) for _ in range(3)]
+                assert [(e["id"], e["type"]) for e in events] == [
+                    (5, "started"),
+                    (5, "result"),
+                    (5, "end"),
+                ]
+        finally:
+            await sandbox.terminate()

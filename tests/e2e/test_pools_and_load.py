@@ -105,7 +105,13 @@ def test_a_burst_past_the_limits_is_refused_at_once_and_leaks_nothing(data_dir: 
         assert health and all(status == 200 for status in health)
         assert bystander and all(status == 200 for status in bystander)
         assert leftovers(server.data_dir) == before
-        assert _fds(server) <= fds_before + 2  # sockets and files were closed, not leaked
+        # Sockets and files were closed, not leaked. What an ended sandbox held is released as
+        # its teardown finishes, which on a busy machine may trail the answers: a moment.
+        for _ in range(100):
+            if _fds(server) <= fds_before + 2:
+                break
+            time.sleep(0.1)
+        assert _fds(server) <= fds_before + 2
     finally:
         server.stop_and_clean()
 

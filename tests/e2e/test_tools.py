@@ -4,6 +4,7 @@ against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -205,8 +206,12 @@ async def test_an_mcp_session_ends_its_own_sandbox(server: Server) -> None:
         assert not result.is_error
         sandbox_id = result.structured_content["sandbox_id"]
     async with corral.AsyncClient(url=server.url, api_key=server.admin_key) as client:
-        info = await (await corral.AsyncSandbox.connect(sandbox_id, client=client)).info()
-        assert info.state is corral.SandboxState.TERMINATED
+        sandbox = await corral.AsyncSandbox.connect(sandbox_id, client=client)
+        for _ in range(300):  # the end may still be under way when the client returns
+            if (await sandbox.info()).state is corral.SandboxState.TERMINATED:
+                break
+            await asyncio.sleep(0.1)
+        assert (await sandbox.info()).state is corral.SandboxState.TERMINATED
 
 
 async def test_mcp_over_streamable_http_as_the_calling_key(server: Server) -> None:

@@ -10,14 +10,12 @@ import builtins
 import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from corral.client._client import AsyncClient
+from corral.client._code_stream import CodeStream
 from corral.core.code import CodeContext, Execution, ExecutionError, Result
 from corral.core.errors import SandboxFailed
-
-if TYPE_CHECKING:
-    import httpx
 
 T = TypeVar("T")
 Callback = Callable[[T], Awaitable[None] | None]
@@ -27,6 +25,7 @@ class AsyncCode(abc.ABC):
     """A sandbox's code interpreter: stateful contexts, rich results (`AsyncSandbox` has it)."""
 
     client: AsyncClient
+    _code_stream: CodeStream | None = None  # the sandbox's code WebSocket, once opened
 
     @abc.abstractmethod
     def _path(self, suffix: str = "") -> str:
@@ -56,7 +55,7 @@ class AsyncCode(abc.ABC):
         that cannot run.
 
         Example:
-            >>> sandbox.run_code("x = 6")
+            >>> _ = sandbox.run_code("x = 6")
             >>> sandbox.run_code("x * 7").text
             '42'
         """
@@ -74,21 +73,31 @@ class AsyncCode(abc.ABC):
             "error": on_error,
         }
         execution = Execution()
-        live = any(callbacks.values())  # else the whole answer at once: a little faster
-        async with self.client.stream("POST", self._path("/code"), json=body) as response:
-            async for line in response.aiter_lines() if live else _all_lines(response):
-                if not line:
-                    continue
-                event = json.loads(line)
-                added = execution.add(event)
-                callback = callbacks.get(event["type"])
-                if callback is not None and added is not None:
-                    done = callback(added)
-                    if inspect.isawaitable(done):
-                        await done
-                if event["type"] == "end":
-                    return execution
+        async for event in self._code_events(body):
+            added = execution.add(event)
+            callback = callbacks.get(event["type"])
+            if callback is not None and added is not None:
+                done = callback(added)
+                if inspect.isawaitable(done):
+                    await done
+            if event["type"] == "end":
+                return execution
         raise SandboxFailed("the server ended the execution's stream before its end")
+
+    async def _code_events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """An execution's events: over the sandbox's code WebSocket, opened on first use and
+        kept; over a POST where WebSockets cannot go (a client of an app in this process)."""
+        if self.client._app is not None:
+            async with self.client.stream("POST", self._path("/code"), json=body) as response:
+                for line in (await response.aread()).decode().splitlines():
+                    yield json.loads(line)
+            return
+        stream: CodeStream | None = getattr(self, "_code_stream", None)
+        if stream is None or stream.closed:
+            stream = CodeStream(await self.client.websocket(self._path("/code/stream")))
+            self._code_stream = stream
+        async for event in stream.run(body):
+            yield event
 
     async def create_code_context(
         self,
@@ -114,11 +123,6 @@ class AsyncCode(abc.ABC):
     async def remove_code_context(self, context: str | CodeContext) -> None:
         """End the context's interpreter and forget it."""
         await self.client.request("DELETE", self._path(f"/code/contexts/{_id(context)}"))
-
-
-async def _all_lines(response: httpx.Response) -> AsyncIterator[str]:
-    for line in (await response.aread()).decode().splitlines():
-        yield line
 
 
 def _id(context: str | CodeContext) -> str:

@@ -7,6 +7,9 @@ default sandbox is created on first use and ended with the session.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from typing import Any
 
 import mcp_types as types
@@ -60,11 +63,21 @@ def server(toolbox: Toolbox) -> Server[Any]:
 
 
 async def serve_stdio(client: AsyncClient) -> None:
-    """Serve one MCP session over stdin and stdout until the client hangs up."""
+    """Serve one MCP session over stdin and stdout until the client hangs up, then end the
+    session's sandbox. A client ends a session by closing our stdin and, two seconds on,
+    sending SIGTERM: SIGTERM stops serving, but not the ending of the sandbox."""
     toolbox = Toolbox(client)
-    mcp = server(toolbox)
+    loop = asyncio.get_running_loop()
+    serving = asyncio.ensure_future(_serve(server(toolbox)))
+    loop.add_signal_handler(signal.SIGTERM, serving.cancel)
     try:
-        async with stdio_server() as (read, write):
-            await mcp.run(read, write, mcp.create_initialization_options())
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
     finally:
-        await toolbox.close()  # the session's sandbox ends with the session
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)  # SIGKILL still ends us
+        await toolbox.close()
+
+
+async def _serve(mcp: Server[Any]) -> None:
+    async with stdio_server() as (read, write):
+        await mcp.run(read, write, mcp.create_initialization_options())

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from corral.server.routes import (
     admin,
     code,
+    code_stream,
     events,
     files,
     images,
@@ -25,6 +26,7 @@ ROUTERS: tuple[APIRouter, ...] = tuple(
         sandboxes,
         processes,
         code,
+        code_stream,
         files,
         stream,
         snapshots,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.core.code import LANGUAGES, CodeContext
 from corral.server.auth import SandboxesDep
+from corral.server.resources.sandboxes import Sandboxes
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/code", tags=["code"])
 
@@ -61,8 +63,29 @@ async def run_code(sandbox_id: str, body: RunCode, sandboxes: SandboxesDep) -> R
 
     The code's own errors (an exception, a timeout, a lost interpreter) are an `error` event,
     not an HTTP error; a request that cannot run (unknown language or context) is answered
-    before the stream starts. A client that hangs up interrupts the code.
+    before the stream starts. A client that hangs up interrupts the code. (Many executions
+    over one connection: the code WebSocket, `/code/stream`.)
     """
+    slot, first, events = await open_execution(sandboxes, sandbox_id, body)
+
+    async def lines() -> AsyncIterator[bytes]:
+        with slot:
+            try:
+                async with sandboxes.active(sandbox_id):  # running code is use
+                    yield _line(first)
+                    async for event in events:
+                        yield _line(event)
+            finally:
+                await events.aclose()  # a client that went away interrupts the code
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def open_execution(
+    sandboxes: Sandboxes, sandbox_id: str, body: RunCode
+) -> tuple[contextlib.ExitStack, dict[str, Any], AsyncGenerator[dict[str, Any], None]]:
+    """Start running `body`: the key's exec slot it holds (to release when done), its first
+    event, and the rest. A request that cannot run raises here, before any event."""
     sandbox_id, interpreter = await sandboxes.interpreter(sandbox_id)
     slot = contextlib.ExitStack()
     slot.enter_context(sandboxes.hold("exec"))  # a key's executions count like its commands
@@ -79,18 +102,7 @@ async def run_code(sandbox_id: str, body: RunCode, sandboxes: SandboxesDep) -> R
     except BaseException:
         slot.close()
         raise
-
-    async def lines() -> AsyncIterator[bytes]:
-        with slot:
-            try:
-                async with sandboxes.active(sandbox_id):  # running code is use
-                    yield _line(first)
-                    async for event in events:
-                        yield _line(event)
-            finally:
-                await events.aclose()  # a client that went away interrupts the code
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return slot, first, events
 
 
 def _line(event: dict[str, object]) -> bytes:

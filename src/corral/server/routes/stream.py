@@ -50,7 +50,7 @@ async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
         sandboxes = Sandboxes(await websocket_tenant(websocket))
         await sandboxes.info(sandbox_id)
     except CorralError as error:
-        await _deny(websocket, error)
+        await deny(websocket, error)
         return
     await websocket.accept()
     try:
@@ -141,7 +141,7 @@ async def _feed(websocket: WebSocket, process: Process) -> int:
             log.debug("exec stream control message failed: %s", error)
 
 
-async def _deny(websocket: WebSocket, error: CorralError) -> None:
+async def deny(websocket: WebSocket, error: CorralError) -> None:
     """Refuse the WebSocket with an HTTP answer, where the server can send one."""
     try:
         await websocket.send_denial_response(error_response(error))
