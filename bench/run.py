@@ -812,7 +812,8 @@ def main() -> None:
         for figure, by_runtime in report["results"].items():
             before["results"].setdefault(figure, {}).update(by_runtime)
         partial = {"command": report["command"], **report["machine"]}
-        before["partial_runs"] = [*before.get("partial_runs", []), partial]
+        earlier = [r for r in before.get("partial_runs", []) if r["command"] != partial["command"]]
+        before["partial_runs"] = [*earlier, partial]  # the same command's newest run only
         report = before
     (output / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (output / "RESULTS.md").write_text(markdown(report))
