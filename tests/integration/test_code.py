@@ -394,3 +394,21 @@ async def test_code_that_runs_its_interpreter_out_of_memory_loses_the_context(
         assert (await engine.run(info.id, "echo alive")).stdout == b"alive\n"  # the sandbox lives
     finally:
         await engine.terminate(info.id)
+
+
+async def test_code_cannot_forge_what_the_agent_passes_on(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    """The kernel's message channel is open to the code it runs: malformed messages written
+    there are dropped or reshaped, never an API failure."""
+    forged = (
+        "import os, sys\n"
+        'os.write(int(sys.argv[2]), b\'{"type": "result", "data": 5}\\n\'\n'
+        '         b\'{"type": "too_big"}\\n[1, 2]\\nnot json\\n\'\n'
+        '         b\'{"type": "error", "name": 1}\\n{"type": "nonsense"}\\n\')\n'
+        "'still fine'"
+    )
+    done = await run_code(engine, sandbox.id, forged)
+    assert done.text == "'still fine'" and [r.text for r in done.results] == ["'still fine'"]
+    assert done.error is not None and (done.error.name, done.error.value) == ("1", "")
+    assert (await run_code(engine, sandbox.id, "1 + 1")).text == "2"

@@ -151,7 +151,7 @@ class Context:
                 raise GuestError(
                     "context_failed", "the interpreter of context %s exited as it started" % self.id
                 )
-            if message.get("type") == "ready":
+            if isinstance(message, dict) and message.get("type") == "ready":
                 return
 
     def _feed(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:

@@ -21,6 +21,13 @@ READ_CHUNK = 65536
 Send = Callable[[Dict[str, Any]], Awaitable[None]]
 
 
+class TooBig:
+    """A line the kernel sent that was over the limit, dropped: only its size is kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
 class Lines:
     """JSON lines from a kernel's descriptor; a line over `limit` becomes a `too_big` note."""
 
@@ -29,7 +36,7 @@ class Lines:
         self.limit = limit
         self.pending = b""
         self.skipping = 0  # bytes of an oversized line dropped so far
-        self.ready: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue()
+        self.ready: "asyncio.Queue[Any]" = asyncio.Queue()  # dicts, TooBig, None at the end
 
     def feed(self) -> bool:
         """Read what is there; False at end of file."""
@@ -52,7 +59,7 @@ class Lines:
                 return True
             line, self.pending = self.pending[:end], self.pending[end + 1 :]
             if self.skipping:
-                self.ready.put_nowait({"type": "too_big", "bytes": self.skipping + len(line)})
+                self.ready.put_nowait(TooBig(self.skipping + len(line)))
                 self.skipping = 0
                 continue
             try:
@@ -95,36 +102,40 @@ class Execution:
                 self.lost = True
                 await proc.exited.wait()
                 break
-            if message.get("type") == "done":
-                self.count = int(message.get("execution_count") or 0)
+            if isinstance(message, dict) and message.get("type") == "done":
+                count = message.get("execution_count")
+                self.count = count if isinstance(count, int) else 0
                 break
             await self.forward(message)
         self.over = True
 
-    async def forward(self, message: Dict[str, Any]) -> None:
+    async def forward(self, message: Any) -> None:
+        """Pass one kernel message on, in the shape the host expects. The kernel's channel is
+        writable by the code it runs, so anything else (a forged note, a result without data)
+        is dropped here rather than trusted."""
+        if isinstance(message, TooBig):
+            limit = RESULT_LIMIT >> 20
+            await self._drop("a result of %d bytes is over %d MiB" % (message.size, limit))
+            return
         kind = message.get("type")
         if kind in ("stdout", "stderr"):
             await self._output(kind, str(message.get("text", "")))
-        elif kind == "result":
-            size = len(json.dumps(message))
+        elif kind == "result" and isinstance(message.get("data"), dict):
+            result = {"type": kind, "data": message["data"]}
+            result["is_main_result"] = bool(message.get("is_main_result"))
+            size = len(json.dumps(result))
             if self.sent["results"] + size > RESULTS_LIMIT:
                 await self._drop("the execution's results are over %d MiB" % (RESULTS_LIMIT >> 20))
                 return
             self.sent["results"] += size
-            await self.send(message)
-        elif kind == "too_big":
-            await self._drop(
-                "a result of %d bytes is over %d MiB" % (message["bytes"], RESULT_LIMIT >> 20)
-            )
+            await self.send(result)
         elif kind == "error":
             self.errors += 1
-            if self.timed_out and message.get("name") == "KeyboardInterrupt":
-                message = dict(
-                    message,
-                    name="TimeoutError",
-                    value="the execution timed out; the context and its variables are kept",
-                )
-            await self.send(message)
+            error = {name: str(message.get(name, "")) for name in ("name", "value", "traceback")}
+            if self.timed_out and error["name"] == "KeyboardInterrupt":
+                error["name"] = "TimeoutError"
+                error["value"] = "the execution timed out; the context and its variables are kept"
+            await self.send({"type": "error", **error})
 
     async def _output(self, kind: str, text: str) -> None:
         """Pass output on up to OUTPUT_LIMIT bytes of its stream; then one note, and no more."""
