@@ -25,11 +25,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from corral.core.errors import CorralError, InvalidRequest
-from corral.server.auth import websocket_tenant
 from corral.server.errors import describe_validation
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.routes.code import RunCode, open_execution
-from corral.server.routes.stream import deny
+from corral.server.routes.stream import admit
 
 router = APIRouter(prefix="/v1")
 MAX_RUNNING = 64  # executions one socket may have at once
@@ -41,13 +40,9 @@ class CodeRequest(RunCode):
 
 @router.websocket("/sandboxes/{sandbox_id}/code/stream")
 async def code_stream(websocket: WebSocket, sandbox_id: str) -> None:
-    try:
-        sandboxes = Sandboxes(await websocket_tenant(websocket))
-        await sandboxes.info(sandbox_id)
-    except CorralError as error:
-        await deny(websocket, error)
+    sandboxes = await admit(websocket, sandbox_id)
+    if sandboxes is None:
         return
-    await websocket.accept()
     lock = asyncio.Lock()
     running: dict[int, asyncio.Task[None]] = {}
 

@@ -44,15 +44,9 @@ SERVER_GOING_AWAY = 1012  # the close code uvicorn reports when the server shuts
 
 @router.websocket("/sandboxes/{sandbox_id}/exec/stream")
 async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
-    try:
-        # The key, and whose sandbox this is, are checked before the socket is accepted: an
-        # unknown caller never gets one (an HTTP answer, the same JSON error as a request's).
-        sandboxes = Sandboxes(await websocket_tenant(websocket))
-        await sandboxes.info(sandbox_id)
-    except CorralError as error:
-        await deny(websocket, error)
+    sandboxes = await admit(websocket, sandbox_id)
+    if sandboxes is None:
         return
-    await websocket.accept()
     try:
         request = await _first_message(websocket)
         pty = (request.pty.rows, request.pty.cols) if request.pty else None
@@ -139,6 +133,20 @@ async def _feed(websocket: WebSocket, process: Process) -> int:
                 await process.signal(control.get("signal", "SIGTERM"))
         except (CorralError, ValueError, KeyError, TypeError) as error:
             log.debug("exec stream control message failed: %s", error)
+
+
+async def admit(websocket: WebSocket, sandbox_id: str) -> Sandboxes | None:
+    """The caller's sandboxes, with the socket accepted; None once refused. The key, and whose
+    sandbox this is, are checked before the socket is accepted: an unknown caller never gets
+    one (an HTTP answer, the same JSON error as a request's)."""
+    try:
+        sandboxes = Sandboxes(await websocket_tenant(websocket))
+        await sandboxes.info(sandbox_id)
+    except CorralError as error:
+        await deny(websocket, error)
+        return None
+    await websocket.accept()
+    return sandboxes
 
 
 async def deny(websocket: WebSocket, error: CorralError) -> None:
