@@ -20,6 +20,7 @@ from starlette.types import Scope
 from corral.server import errors
 from corral.server.auth import service_of
 from corral.server.config import ServerConfig
+from corral.server.e2b import E2bApps, E2bGateway
 from corral.server.mcp_http import McpEndpoint
 from corral.server.routes import ROUTERS
 from corral.server.schemas import ErrorOut, Health
@@ -44,6 +45,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             async with mcp.running():
                 yield
         finally:
+            await e2b.close()
             await service.close()
 
     app = FastAPI(
@@ -60,6 +62,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.include_router(router)
     mcp = McpEndpoint(service, app)  # MCP over streamable HTTP, as the calling key
     app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
+    e2b = E2bApps(service)  # E2B's SDKs, routed by their headers on the same port
+    app.add_middleware(E2bGateway, control=e2b.control, envd=e2b.envd, interpreter=e2b.interpreter)
 
     @app.get("/healthz", tags=["server"])
     async def healthz(request: Request) -> Health:
