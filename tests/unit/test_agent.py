@@ -276,3 +276,54 @@ def test_the_memory_guard_reads_use_and_the_largest_process(tmp_path: Path) -> N
     victim, held = memory.processes(str(tmp_path))
     assert victim == (11, 5000 * memory.PAGE)
     assert held == 5100 * memory.PAGE
+
+
+async def test_a_quiesce_lets_calls_under_way_finish_and_holds_new_ones(tmp_path: Path) -> None:
+    """The agent hangs up as soon as it reads QUIESCE, dropping calls it has read but not yet
+    answered. So the host sends QUIESCE only once its calls with one answer have theirs, and
+    calls made while the agent is away wait for it to dial back, rather than failing."""
+    secret = new_secret()
+    link = AgentLink(tmp_path, "sb-test", secret)
+    await link.listen()
+
+    async def dial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_unix_connection(str(link.socket_path))
+        length, _stream, _kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+        challenge = await reader.readexactly(length)
+        writer.write(
+            P.encode_json(
+                0, P.HELLO, {"version": P.VERSION, "pid": 1, "proof": P.proof(secret, challenge)}
+            )
+        )
+        return reader, writer
+
+    async def frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+        length, stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
+        return stream, kind, await reader.readexactly(length)
+
+    reader, writer = await dial()
+    await link.wait_connected(5)
+    under_way = asyncio.create_task(link.call(P.PING, {}))
+    stream, kind, _ = await frame(reader)
+    assert kind == P.CALL
+    quiescing = asyncio.create_task(link.quiesce())
+    with pytest.raises(TimeoutError):  # no QUIESCE while the call waits for its answer
+        await asyncio.wait_for(frame(reader), 0.3)
+    writer.write(P.encode_json(stream, P.REPLY, {"result": {"pong": True}}))
+    assert (await frame(reader))[1] == P.QUIESCE
+    writer.close()
+    await quiescing
+    assert await under_way == {"pong": True}
+
+    late = asyncio.create_task(link.call(P.PING, {}))  # while the agent is away
+    await asyncio.sleep(0.2)
+    assert not late.done()
+    await link.listen()
+    reader, writer = await dial()
+    stream, kind, _ = await frame(reader)
+    assert kind == P.CALL
+    writer.write(P.encode_json(stream, P.REPLY, {"result": {"pong": "again"}}))
+    assert await asyncio.wait_for(late, 5) == {"pong": "again"}
+    writer.close()
+    await link.close()
+    await asyncio.sleep(0.1)

@@ -62,6 +62,7 @@ class Channel:
         self._reply: dict[str, Any] | None = None
         self._unread_bytes = 0
         self._unread_messages = 0
+        self.short = False  # a call with one answer (see `AgentLink.quiesce`)
 
     # Called by the connection's reader.
     def _deliver(self, kind: int, payload: Any) -> None:
@@ -193,8 +194,9 @@ class _Connection:
                 self.close(AgentUnavailable(f"the connection to the guest agent was lost: {exc}"))
                 raise AgentUnavailable("the connection to the guest agent was lost") from exc
 
-    async def call(self, method: str, params: dict[str, Any]) -> Channel:
+    async def call(self, method: str, params: dict[str, Any], short: bool = False) -> Channel:
         channel = Channel(self, next(self._ids))
+        channel.short = short
         self.channels[channel.id] = channel
         await self.send(P.encode_json(channel.id, P.CALL, {"method": method, "params": params}))
         return channel
@@ -252,6 +254,7 @@ class AgentLink:
         self._server: asyncio.AbstractServer | None = None
         self._conn: _Connection | None = None
         self._changed = asyncio.Condition()
+        self._quiescing = False  # between `quiesce` and the next `listen`
         self._pending: list[asyncio.StreamWriter] = []
         self._lost_at: float | None = time.monotonic()  # since when no agent is connected
 
@@ -283,6 +286,7 @@ class AgentLink:
         )
         if not self.connected:
             self._lost_at = time.monotonic()  # the agent's absence counts from now
+        self._quiescing = False
         # The directory is root's and read-only inside the sandbox, so this cannot be raced.
         os.chmod(self.socket_path, 0o666)  # noqa: S103 - the sandbox must be able to connect
 
@@ -369,26 +373,34 @@ class AgentLink:
         """Wait until the guest agent is connected, or raise `AgentUnavailable`."""
         try:
             async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(lambda: self.connected)
+                await self._changed.wait_for(lambda: self.connected and not self._quiescing)
         except TimeoutError:
             raise AgentUnavailable(
                 f"the guest agent of sandbox {self.sandbox_id} did not connect within {timeout:g}s"
             ) from None
 
     async def open(
-        self, method: str, params: dict[str, Any], connect_timeout: float = 10.0
+        self,
+        method: str,
+        params: dict[str, Any],
+        connect_timeout: float = 10.0,
+        *,
+        short: bool = False,
     ) -> Channel:
-        """Send a CALL and return its channel."""
+        """Send a CALL and return its channel (`short`: a call with one answer, which a
+        quiesce lets finish)."""
+        if self._quiescing:  # a checkpoint's moment: wait for the agent to dial back
+            await self.wait_connected(connect_timeout)
         if self._server is None:
             raise AgentUnavailable(f"sandbox {self.sandbox_id} is not listening for its agent")
         if not self.connected:
             await self.wait_connected(connect_timeout)
         assert self._conn is not None
-        return await self._conn.call(method, params)
+        return await self._conn.call(method, params, short)
 
     async def call(self, method: str, params: dict[str, Any]) -> Any:
         """A CALL whose only answer is its REPLY."""
-        channel = await self.open(method, params)
+        channel = await self.open(method, params, short=True)
         return await channel.result()
 
     async def stream(self, method: str, params: dict[str, Any]) -> AsyncIterator[tuple[int, Any]]:
@@ -407,7 +419,10 @@ class AgentLink:
     async def quiesce(self, timeout: float = 5.0) -> None:
         """Stop listening and have the agent hang up, so that the sandbox holds no host socket
         (gVisor cannot checkpoint one). The agent re-dials until `listen` is called again;
-        streams open at this moment end, their processes do not."""
+        streams open at this moment end, their processes do not. Calls with one answer
+        already sent are answered first (for up to `timeout`); new ones wait for the agent to
+        dial back (`listen`)."""
+        self._quiescing = True
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -417,6 +432,10 @@ class AgentLink:
         conn = self._conn
         if conn is None or conn.closed:
             return
+        with contextlib.suppress(TimeoutError):  # a call still unanswered then fails
+            async with asyncio.timeout(timeout):
+                while any(c.short and not c.finished for c in conn.channels.values()):
+                    await asyncio.sleep(0.005)
         try:
             await conn.send(P.encode(0, P.QUIESCE))
             async with asyncio.timeout(timeout), self._changed:
