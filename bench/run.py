@@ -36,6 +36,7 @@ from corral.engine.sealing import KeyRing
 from corral.host.cgroups import Cgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.e2b_sdk import e2b_figures
 from bench.interpreter import code_figures
 from tests.e2e.conftest import Server, start_server
 
@@ -635,6 +636,9 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             for runtime in runtimes:
                 await code_figures(suite, runtime, summary)
             return {"machine": machine(), "args": vars(args), "results": suite.results}
+        if args.only == "e2b":
+            await e2b_figures(suite, summary)
+            return {"machine": machine(), "args": vars(args), "results": suite.results}
         suite.import_time()
         for runtime in runtimes:
             await (await AsyncSandbox.create(runtime=runtime, client=client)).terminate()
@@ -657,6 +661,7 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
                 suite.sealing_cost(size_mb)
             await suite.fork_ten()
         await suite.image_rebuild()
+        await e2b_figures(suite, summary)
         return {"machine": machine(), "args": vars(args), "results": suite.results}
 
 
@@ -787,7 +792,7 @@ def main() -> None:
         "--render", action="store_true", help="rewrite RESULTS.md from results.json, no run"
     )
     parser.add_argument(
-        "--only", choices=["code"], help="only these figures, merged into results.json"
+        "--only", choices=["code", "e2b"], help="only these figures, merged into results.json"
     )
     args = parser.parse_args()
     output = Path(args.output)
