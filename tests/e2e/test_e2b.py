@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from collections.abc import Iterator
 
@@ -30,6 +31,7 @@ from e2b_code_interpreter import AsyncSandbox as AsyncCodeSandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 from e2b_code_interpreter.charts import BarChart, LineChart
 
+from corral.server.e2b import wire
 from tests.e2e.conftest import Server
 
 
@@ -335,6 +337,19 @@ def test_a_sandbox_answers_only_its_own_token_and_key(server: Server, sandbox: S
         Sandbox.connect(sandbox.sandbox_id, api_key=theirs)
     assert Sandbox.kill(sandbox.sandbox_id, api_key=theirs) is False
     assert Sandbox.list(api_key=theirs).next_items() == []
+    token = {**envd, "X-Access-Token": sandbox._envd_access_token or ""}
+    wrong_type = httpx.post(stat, json={"path": 5}, headers=token)
+    assert wrong_type.status_code == 400 and wrong_type.json() == {
+        "code": "invalid_argument",
+        "message": "path is required",
+    }
+    start = httpx.post(
+        f"{server.url}/process.Process/Start",
+        content=wire.envelope({"process": {"cmd": 5}}),
+        headers={**token, "Content-Type": "application/connect+json"},
+    )
+    assert start.status_code == 200 and start.content[0] == wire.END_STREAM
+    assert json.loads(start.content[5:])["error"]["code"] == "invalid_argument"
     unknown_rpc = httpx.post(
         f"{server.url}/process.Process/Nope",
         json={},

@@ -81,6 +81,7 @@ class Channel:
                 # grants no more credit, so a sender waiting for some must stop now.
                 self._replied = True
                 self._window_open.set()
+                self._conn.answered.set()
         self._inbox.put_nowait((kind, payload))
 
     def _grant(self, amount: int) -> None:
@@ -179,6 +180,7 @@ class _Connection:
         self.hello = hello
         self.channels: dict[int, Channel] = {}
         self._ids = itertools.count(1)
+        self.answered = asyncio.Event()  # set as each REPLY arrives
         self._lock = asyncio.Lock()
         self.closed = False
         self.heard_at = time.monotonic()  # when the agent last sent anything
@@ -235,6 +237,7 @@ class _Connection:
         for channel in list(self.channels.values()):
             channel._fail(error)
         self.channels.clear()
+        self.answered.set()
         self.writer.close()
 
 
@@ -435,7 +438,8 @@ class AgentLink:
         with contextlib.suppress(TimeoutError):  # a call still unanswered then fails
             async with asyncio.timeout(timeout):
                 while any(c.short and not c.finished for c in conn.channels.values()):
-                    await asyncio.sleep(0.005)
+                    conn.answered.clear()
+                    await conn.answered.wait()
         try:
             await conn.send(P.encode(0, P.QUIESCE))
             async with asyncio.timeout(timeout), self._changed:

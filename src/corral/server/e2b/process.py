@@ -111,7 +111,10 @@ class ProcessTable:
         except CorralError as error:
             end = {"end": {"exitCode": -1, "exited": False, "status": "error", "error": str(error)}}
         finally:
-            self._running.get(sandbox_id, {}).pop(running.process.pid, None)
+            table = self._running.get(sandbox_id, {})
+            table.pop(running.process.pid, None)
+            if not table:
+                self._running.pop(sandbox_id, None)
         await running.publish(end)
         await running.publish(None)
 
