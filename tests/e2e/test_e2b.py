@@ -31,6 +31,7 @@ from e2b_code_interpreter import AsyncSandbox as AsyncCodeSandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 from e2b_code_interpreter.charts import BarChart, LineChart
 
+import corral
 from corral.server.e2b import wire
 from tests.e2e.conftest import Server
 
@@ -42,6 +43,14 @@ def e2b_env(server: Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
     monkeypatch.setenv("E2B_API_KEY", server.admin_key)
     yield
+
+
+@pytest.fixture(scope="module")
+def code_image(server: Server) -> None:
+    """The code-interpreter image, built first as docs/e2b.md says: its first build takes
+    longer than E2B's SDK waits for a request."""
+    with server.client() as client:
+        corral.Sandbox.create(image="code-interpreter", client=client).terminate()
 
 
 @pytest.fixture
@@ -224,6 +233,7 @@ def test_the_async_sdk() -> None:
     asyncio.run(flow())
 
 
+@pytest.mark.usefixtures("code_image")
 def test_the_code_interpreter() -> None:
     sandbox = CodeSandbox.create()
     try:
@@ -263,6 +273,7 @@ def test_the_code_interpreter() -> None:
         sandbox.kill()
 
 
+@pytest.mark.usefixtures("code_image")
 def test_the_async_code_interpreter() -> None:
     async def flow() -> None:
         sandbox = await AsyncCodeSandbox.create()
