@@ -22,7 +22,7 @@ import corral.agent.guest as guest_module
 from corral.agent import memory
 from corral.agent import protocol as P
 from corral.core.errors import AgentUnavailable, FileNotFound, InvalidRequest
-from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink
+from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink, unwrap
 from corral.engine.files import SandboxFiles
 from corral.engine.record import new_secret
 
@@ -327,3 +327,58 @@ async def test_a_quiesce_lets_calls_under_way_finish_and_holds_new_ones(tmp_path
     writer.close()
     await link.close()
     await asyncio.sleep(0.1)
+
+
+async def test_a_port_connection_carries_bytes_both_ways(link: AgentLink) -> None:
+    """port.connect: a TCP connection opened by the agent, relayed under flow control; its
+    end either way, and nothing listening as `port_closed`."""
+    from corral.core.errors import PortClosed
+    from corral.engine.ports import PortStream
+
+    closed = asyncio.Event()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()  # our peer shut down its side: end the connection
+        closed.set()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+
+        async def connect(half_close: bool) -> PortStream:
+            channel = await link.open(P.PORT_CONNECT, {"port": port, "half_close": half_close})
+            kind, event = await channel.receive()
+            assert (kind, event) == (P.EVENT, {"type": "connected"})
+            return PortStream(channel)
+
+        stream = await connect(half_close=True)
+        data = b"abc" * 2_000_000  # 6 MB: many windows each way
+        sending = asyncio.create_task(stream.send(data))
+        received = b""
+        while len(received) < len(data):
+            chunk = await stream.receive()
+            assert chunk is not None
+            received += chunk
+        await sending
+        assert received == data.upper()
+        await stream.send_eof()  # half_close: the server sees the end and hangs up
+        assert await stream.receive() is None
+        await asyncio.wait_for(closed.wait(), 5)
+
+        closed.clear()
+        stream = await connect(half_close=False)
+        await stream.send(b"ping")
+        assert await stream.receive() == b"PING"
+        await stream.close()  # the server's side sees the connection closed
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
+    channel = await link.open(P.PORT_CONNECT, {"port": port})
+    kind, reply = await channel.receive()
+    assert kind == P.REPLY
+    with pytest.raises(PortClosed, match=f"port {port}"):
+        unwrap(reply)

@@ -63,6 +63,7 @@ AGENT_SIBLINGS = {
     "kernel",
     "fileops",
     "memory",
+    "ports",
     "procs",
     "shield",
     "tree",

@@ -26,7 +26,7 @@ import sys
 import time
 
 try:
-    from corral.agent import contexts, fileops, memory, procs, shield, tree
+    from corral.agent import contexts, fileops, memory, ports, procs, shield, tree
     from corral.agent import protocol as P
     from corral.agent.fileops import GuestError
     from corral.agent.procs import Proc
@@ -35,6 +35,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
     import contexts  # type: ignore[import-not-found,no-redef]
     import fileops  # type: ignore[import-not-found,no-redef]
     import memory  # type: ignore[import-not-found,no-redef]
+    import ports  # type: ignore[import-not-found,no-redef]
     import procs  # type: ignore[import-not-found,no-redef]
     import protocol as P  # type: ignore[import-not-found,no-redef]
     import shield  # type: ignore[import-not-found,no-redef]
@@ -448,6 +449,7 @@ FILE_HANDLERS = {
     P.FS_REMOVE: fileops.fs_remove,
     P.FS_RENAME: fileops.fs_rename,
     P.FS_CHMOD: fileops.fs_chmod,
+    P.PORT_CONNECT: ports.port_connect,
 }
 
 

@@ -80,6 +80,7 @@ CODE_CREATE = "code.create"
 CODE_LIST = "code.list"
 CODE_RESTART = "code.restart"
 CODE_REMOVE = "code.remove"
+PORT_CONNECT = "port.connect"
 
 METHODS = frozenset(
     {
@@ -102,6 +103,7 @@ METHODS = frozenset(
         CODE_LIST,
         CODE_RESTART,
         CODE_REMOVE,
+        PORT_CONNECT,
     }
 )
 

@@ -196,6 +196,13 @@ class NoSpace(CorralError):
     default_code = "no_space"
 
 
+class PortClosed(CorralError):
+    """Nothing answers on the port inside the sandbox (a preview, a port forward)."""
+
+    status_code = 502
+    default_code = "port_closed"
+
+
 class SandboxFailed(CorralError):
     """The runtime failed to start or keep the sandbox running."""
 
@@ -278,6 +285,7 @@ _GUEST_CODES: dict[str, type[CorralError]] = {
     "limit_reached": LimitReached,
     "unsupported_language": UnsupportedLanguage,
     "context_not_found": ContextNotFound,
+    "port_closed": PortClosed,
 }
 
 

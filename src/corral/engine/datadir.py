@@ -25,6 +25,7 @@ AGENT_FILES = (
     "kernel_bash.py",
     "execution.py",
     "fileops.py",
+    "ports.py",
     "memory.py",
     "procs.py",
     "protocol.py",

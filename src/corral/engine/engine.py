@@ -48,6 +48,7 @@ from corral.engine.files import SandboxFiles
 from corral.engine.interpreter import Interpreter
 from corral.engine.lifecycle import Lifecycle
 from corral.engine.pools import PoolKeeper
+from corral.engine.ports import Ports
 from corral.engine.process import Process
 from corral.engine.record import SandboxRecord
 from corral.engine.registry import Registry
@@ -116,6 +117,7 @@ class Engine:
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
         commands = self._commands = Commands(access, runtimes)
         self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code
+        self.ports = Ports(access)  # TCP connections to ports in sandboxes
         self._supervisor = Supervisor(
             registry=registry, lifecycle=lifecycle, checkpoints=checkpoints, tasks=tasks
         )

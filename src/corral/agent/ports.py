@@ -1,0 +1,93 @@
+"""TCP connections to ports inside the sandbox, relayed over one agent stream each: how
+previews and port forwarding reach a server in a sandbox without any network between the host
+and the sandbox (so also for sandboxes with no network at all, under every runtime).
+
+    CALL port.connect {"port": int, "half_close": bool}
+    EVENT {"type": "connected"}             the connection to 127.0.0.1:port is open
+    FILE  either way                        the connection's bytes, under the stream's credit
+    EOF   host -> guest                     the host's side is done: shut down our writing
+                                            side if half_close, else ignored (HTTP servers
+                                            may hang up on a half-closed connection)
+    CANCEL                                  close the connection
+    REPLY {"sent": int, "received": int}    once the sandbox's side has closed, or on CANCEL
+
+Nothing listening is the error `port_closed`.
+"""
+
+import asyncio
+from typing import Any, Dict
+
+try:
+    from corral.agent import protocol as P
+    from corral.agent.fileops import GuestError
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    import protocol as P  # type: ignore[import-not-found,no-redef]
+    from fileops import GuestError  # type: ignore[import-not-found,no-redef]
+
+CONNECT_TIMEOUT = 10.0
+
+
+async def port_connect(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+    port = params.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise GuestError("invalid_request", "port must be a whole number from 1 to 65535")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), CONNECT_TIMEOUT
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        reason = getattr(exc, "strerror", None) or "no answer"
+        message = "nothing answers on port %d in the sandbox (%s)" % (port, reason)
+        raise GuestError("port_closed", message) from None
+    counts = {"sent": 0, "received": 0}
+    try:
+        await stream.event({"type": "connected"})
+        inbound = asyncio.ensure_future(
+            _inbound(stream, writer, bool(params.get("half_close")), counts)
+        )
+        try:
+            while not stream.cancelled and not stream.detached:
+                data = await _read(reader, inbound)
+                if not data:
+                    break
+                counts["received"] += len(data)
+                await stream.send_data(P.FILE, data)
+        finally:
+            inbound.cancel()
+    finally:
+        writer.close()
+    return counts
+
+
+async def _read(reader: asyncio.StreamReader, inbound: "asyncio.Future[Any]") -> bytes:
+    """The next bytes from the port, or b"" once the host cancels (`inbound` ends)."""
+    reading: "asyncio.Future[Any]" = asyncio.ensure_future(reader.read(P.CHUNK))
+    done, _ = await asyncio.wait({reading, inbound}, return_when=asyncio.FIRST_COMPLETED)
+    if reading in done:
+        try:
+            return bytes(reading.result())
+        except OSError:
+            return b""
+    reading.cancel()
+    return b""
+
+
+async def _inbound(
+    stream: Any, writer: asyncio.StreamWriter, half_close: bool, counts: Dict[str, int]
+) -> None:
+    """The host's bytes to the port, until CANCEL (or EOF, which shuts down our side of the
+    connection if `half_close`)."""
+    while True:
+        chunk = await stream.read_input()
+        if chunk is None:
+            if stream.cancelled:
+                return
+            if half_close and writer.can_write_eof():
+                writer.write_eof()
+            while not stream.cancelled:  # the port may still answer: wait for the CANCEL
+                if await stream.incoming.get() is None and stream.cancelled:
+                    return
+            return
+        counts["sent"] += len(chunk)
+        writer.write(chunk)
+        await writer.drain()
