@@ -72,6 +72,7 @@ BODIES: dict[str, Any] = {
     "/exec": {"cmd": "true"},
     "/code": {"code": "owned = 'stolen'"},
     "/code/contexts": {},
+    "/previews": {"port": 8000},
     "/signal": {},
     "/filesystem-snapshot": {},
     "/files/mkdir": {"path": "/root/new"},
@@ -109,6 +110,7 @@ def owned(server: Server) -> Iterator[dict[str, str]]:
     sandbox.run_code("owned = 'mine'")  # its default code context, "python"
     made["sandbox"] = sandbox.id
     made["process"] = str(sandbox.exec("sleep", "600").id)
+    made["preview"] = sandbox.expose(8000).id
     made["volume"] = Volume.create("owned-volume", size_mb=16, client=owner).id
     made["image"] = Image.debian_slim().env({"OWNED": "1"}).build("owned-image", client=owner).id
     require_runtime("gvisor")
@@ -156,6 +158,7 @@ def test_every_route_hides_one_keys_resources_from_another(
         assert sandbox.files.read_text("/root/a") == "mine"
         assert sandbox.run_code("owned").text == "'mine'"
         assert any(p.id == int(owned["process"]) and p.running for p in sandbox.processes())
+        assert [p.id for p in sandbox.previews()] == [owned["preview"]]
         assert owner.get_snapshot("owned-snapshot").id == owned["snapshot"]
         assert owner.get_image("owned-image").id == owned["image"]
         assert Volume.from_name("owned-volume", client=owner).name == "owned-volume"
@@ -178,6 +181,7 @@ def _requests(
         "sandbox_id": owned["sandbox"],
         "process_id": owned["process"],
         "context_id": "python",
+        "preview_id": owned["preview"],
         "ref": owned[_kind_of(path)] if "{ref}" in path else "",
     }
     url = re.sub(r"\{(\w+)\}", lambda m: names.get(m.group(1), "?"), path)

@@ -13,11 +13,12 @@
     corral run-code ID FILE|-            run code in a sandbox's code interpreter (state kept)
     corral repl ID                       an interactive session with its code interpreter
     corral mcp                           the sandboxes as MCP tools, over stdio
+    corral expose ID PORT                a port of a sandbox at a URL (corral previews lists)
 
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
 
-from corral.cli import _agents, _code, _images, _local, _remote, _volumes
+from corral.cli import _agents, _code, _images, _local, _previews, _remote, _volumes
 from corral.cli._common import app
 
 __all__ = ["app", "main"]
@@ -26,6 +27,7 @@ _commands = (
     _code,
     _images,
     _local,
+    _previews,
     _remote,
     _volumes,
 )  # importing them registers their commands

@@ -72,6 +72,14 @@ AtRestKey = Annotated[
 ImageQuota = Annotated[
     int, typer.Option(help="Disk one API key's images may take (MiB); checked before each build.")
 ]
+PreviewDomain = Annotated[
+    str | None,
+    typer.Option(
+        envvar="CORRAL_PREVIEW_DOMAIN",
+        help="Serve previews at {port}-{sandbox}.DOMAIN (wildcard DNS to this server; "
+        "host[:port] as clients reach it). Without it, previews are under /preview/.",
+    ),
+]
 OpenHostImage = Annotated[
     bool,
     typer.Option(help="Let every key use the host image (this machine's files), not only admins."),
@@ -116,6 +124,10 @@ def doctor(data_dir: DataDir = None, as_json: bool = typer.Option(False, "--json
     console.print(f"data directory: {engine.data_dir}")
 
 
+def _registries(allowed: list[str] | None) -> tuple[str, ...]:
+    return tuple(name for item in allowed or () for name in item.split(",") if name)
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -134,6 +146,7 @@ def serve(
     at_rest_key: AtRestKey = None,
     max_image_mib_per_key: ImageQuota = 65536,
     open_host_image: OpenHostImage = False,
+    preview_domain: PreviewDomain = None,
     overcommit: Overcommit = "",
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -151,11 +164,10 @@ def serve(
             max_sandboxes_per_key=max_sandboxes_per_key,
             max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()),
-            allowed_registries=tuple(
-                name for item in allow_registry or () for name in item.split(",") if name
-            ),
+            allowed_registries=_registries(allow_registry),
             at_rest_key=at_rest_key,
             open_host_image=open_host_image,
+            preview_domain=preview_domain,
             max_image_bytes_per_key=max_image_mib_per_key << 20,
         )
         config = _with_overcommit(config, overcommit)

@@ -4,6 +4,7 @@
 from corral.client._client import AsyncClient
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
+from corral.client._previews import AsyncPreview, Preview
 from corral.client._process import AsyncProcess, Process, ProcessExit
 from corral.client._sandbox import AsyncSandbox, CommandResult, Sandbox
 from corral.client._sync import Client
@@ -12,6 +13,7 @@ from corral.client._volumes import AsyncVolume, Volume
 __all__ = [
     "AsyncClient",
     "AsyncFiles",
+    "AsyncPreview",
     "AsyncProcess",
     "AsyncSandbox",
     "AsyncVolume",
@@ -19,6 +21,7 @@ __all__ = [
     "CommandResult",
     "Files",
     "Image",
+    "Preview",
     "Process",
     "ProcessExit",
     "Sandbox",

@@ -12,6 +12,7 @@ from corral.client._client import AsyncClient
 from corral.client._code import AsyncCode
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
+from corral.client._previews import AsyncPreviews, Preview, previews_of
 from corral.client._process import AsyncProcess, OutputCallback, Process
 from corral.client._sync import (
     Client,
@@ -80,7 +81,7 @@ def _create_body(
     return body
 
 
-class AsyncSandbox(AsyncCode):
+class AsyncSandbox(AsyncCode, AsyncPreviews):
     """A sandbox on a Corral server. Create one with `await AsyncSandbox.create()`.
 
     Used as an async context manager, it terminates the sandbox on exit.
@@ -407,6 +408,8 @@ class Sandbox(Twin[AsyncSandbox]):
     list_code_contexts = blocking(AsyncSandbox.list_code_contexts)
     restart_code_context = blocking(AsyncSandbox.restart_code_context)
     remove_code_context = blocking(AsyncSandbox.remove_code_context)
+    expose = blocking_as(Preview, AsyncSandbox.expose)
+    previews = blocking_as(previews_of, AsyncSandbox.previews)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -1,4 +1,5 @@
-"""Prefixed identifiers: `sb-…` sandboxes, `sn-…` snapshots, `im-…` images, `vol-…` volumes."""
+"""Prefixed identifiers: `sb-…` sandboxes, `sn-…` snapshots, `im-…` images, `vol-…` volumes,
+`pv-…` previews."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import secrets
 from corral.core.errors import InvalidRequest
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base32: no i, l, o, u
-_ID_RE = re.compile(r"^(sb|sn|im|vol|key)-[0-9a-z]{16}$")
+_ID_RE = re.compile(r"^(sb|sn|im|vol|key|pv)-[0-9a-z]{16}$")
 
 
 def new_id(prefix: str) -> str:

@@ -33,6 +33,9 @@ class ServerConfig:
     # Registries image pulls may reach though they are not public addresses (`host[:port]`).
     allowed_registries: tuple[str, ...] = ()
     open_host_image: bool = False  # the `host` image for every key, not only admin keys
+    # Previews by host name, `{port}-{sandbox}.{preview_domain}` (wildcard DNS to this server;
+    # host[:port] as clients reach it); without it, by path (`/preview/{sandbox}/{port}/`).
+    preview_domain: str | None = None
     # The operator's key file for data at rest; without it, the data directory's own.
     at_rest_key: Path | None = None
 

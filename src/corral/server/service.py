@@ -30,6 +30,7 @@ from corral.images.oci.egress import Egress
 from corral.server.admission import Admission, machine_capacity
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
+from corral.server.previews.grants import Grants
 from corral.server.store import ENDED_RETENTION, Store
 from corral.server.throttle import FailedLogins, InFlight
 
@@ -53,6 +54,7 @@ class Service:
         self.builder = Builder(self.engine, Egress.of(config.allowed_registries))
         self.events = EventHub()
         self.failed_logins = FailedLogins(config.auth_failures_per_minute)
+        self.grants = Grants(lambda: self.store.previews)  # who may use which preview
         self.in_flight = InFlight()
         self.quotas: dict[str, Quota] = {}  # by key id; set by admins, reread every few seconds
         self.admission = Admission(

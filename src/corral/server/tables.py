@@ -86,3 +86,21 @@ class QuotaRow(Base):
     volume_mb: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     snapshot_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     blob_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class PreviewRow(Base):
+    """A port of a sandbox opened to HTTP clients (see `corral.server.previews`): the token's
+    digest only, never the token."""
+
+    __tablename__ = "previews"
+    __table_args__ = (Index("ix_previews_sandbox", "sandbox_id", "port"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    sandbox_id: Mapped[str] = mapped_column(String(32))
+    port: Mapped[int] = mapped_column(Integer)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)

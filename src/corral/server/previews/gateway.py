@@ -1,0 +1,239 @@
+"""Previews: HTTP clients reach a port of a sandbox through Corral.
+
+Addressed by host name, `{port}-{sandbox}.{domain}`, when the server has a preview domain
+(wildcard DNS), else by path, `/preview/{sandbox}/{port}/...`, which works on one machine
+out of the box. A preview's token grants that one port of that one sandbox; it is sent as the
+`X-Corral-Preview-Token` header, or once as `?corral_preview_token=`, which sets a cookie
+scoped to the preview (host and path) and redirects to the same URL without it, so browsers
+and iframes work. Public previews need none. Corral's own tokens, cookies and API keys never
+reach the sandbox. A sleeping sandbox is woken by a request, which waits for its port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+import re
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qsl, urlencode
+
+import h11
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from corral.core.errors import CorralError, PortClosed, SandboxNotFound
+from corral.core.state import SandboxState
+from corral.server.previews.proxy import ClientGone, Headers, relay
+from corral.server.service import Service
+
+PREFIX = "/preview/"
+HEADER = b"x-corral-preview-token"
+QUERY = "corral_preview_token"
+COOKIE = "corral_preview"
+TOKEN_PREFIX = "corral_pv_"  # noqa: S105 - the prefix of the tokens, not one
+WAKE_WAIT = 30.0  # seconds a request to a sleeping sandbox waits for its port to answer
+_LABEL = re.compile(r"^(\d{1,5})-(sb-[0-9a-z]{16})$")
+_PATH = re.compile(r"^/preview/(sb-[0-9a-z]{16})/(\d{1,5})(/.*)?$")
+INVALID = (
+    "This preview link is not valid: its token is wrong, revoked or expired, or it is for "
+    "another port or sandbox."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """Where a preview request goes: the sandbox, its port, the path prefix of the preview
+    on this server ("" with host names) and the path in the sandbox."""
+
+    sandbox_id: str
+    port: int
+    prefix: str
+    rest: str
+
+
+class PreviewGateway:
+    """ASGI middleware: preview requests go to the sandbox's port, the rest to Corral's API."""
+
+    def __init__(self, app: ASGIApp, *, service: Service, domain: str | None) -> None:
+        self.app = app
+        self.service = service
+        self.domain = domain.lower() if domain else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self._address(scope) if scope["type"] == "http" else None
+        if found is None:
+            return await self.app(scope, receive, send)
+        await self._serve(scope, receive, send, found)
+
+    def _address(self, scope: Scope) -> Address | None:
+        if self.domain is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name, _, domain = host.partition(".")
+            match = _LABEL.match(name)
+            if match and domain == self.domain:
+                return Address(match[2], int(match[1]), "", scope["path"])
+        match = _PATH.match(scope["path"])
+        if match is None:
+            return None
+        return Address(match[1], int(match[2]), f"{PREFIX}{match[1]}/{match[2]}", match[3] or "")
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, to: Address) -> None:
+        sandbox_id, port, prefix, rest = to.sandbox_id, to.port, to.prefix, to.rest
+        if not rest:  # /preview/sb-…/8000 -> /preview/sb-…/8000/, so relative links work
+            return await _redirect(send, prefix + "/" + _query(scope, drop=False), [])
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        token, from_query = _token(scope, query)
+        if not await self.service.grants.allows(sandbox_id, port, token):
+            return await page(send, 403, INVALID)
+        if from_query:  # once in the URL, then a cookie for this preview only
+            cookie = _cookie(scope, token or "", prefix + "/")
+            return await _redirect(send, prefix + rest + _query(scope, drop=True), [cookie])
+        await self._relay(scope, receive, send, to)
+
+    async def _relay(self, scope: Scope, receive: Receive, send: Send, to: Address) -> None:
+        sandbox_id, port = to.sandbox_id, to.port
+        engine = self.service.engine
+        try:
+            state = engine.get(sandbox_id).state
+            if state is SandboxState.TERMINATED:
+                raise SandboxNotFound(f"sandbox {sandbox_id} has ended")
+            asleep = state in (SandboxState.PAUSED, SandboxState.HIBERNATED)
+            stream = await engine.ports.connect(sandbox_id, port, wait=WAKE_WAIT if asleep else 0)
+        except SandboxNotFound:
+            return await page(
+                send, 404, f"Sandbox {sandbox_id} is not running here (ended, or never was)."
+            )
+        except PortClosed:
+            return await page(send, 502, _nothing_on(to))
+        except CorralError as error:
+            return await page(send, 502, f"Sandbox {sandbox_id} cannot be reached: {error.message}")
+        target = (to.rest + _query(scope, drop=True)).encode("latin-1")
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            with engine.active(sandbox_id):  # a preview in use keeps the sandbox awake
+                headers = _headers(scope, to.prefix)
+                await relay(stream, scope, receive, tracked, target=target, headers=headers)
+        except ClientGone:
+            pass
+        except (h11.ProtocolError, CorralError) as error:
+            if not started:
+                reason = f"The server on port {port} did not answer in HTTP/1.1 ({error})."
+                await page(send, 502, reason)
+            else:  # cut short: end what was sent
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await stream.close()
+
+
+def _nothing_on(to: Address) -> str:
+    return (
+        f"Nothing answers on port {to.port} in sandbox {to.sandbox_id}: start a server "
+        "listening there (on 127.0.0.1 or 0.0.0.0)."
+    )
+
+
+def _token(scope: Scope, query: dict[str, str]) -> tuple[str | None, bool]:
+    """The preview token a request carries, and whether it came in the URL."""
+    if QUERY in query:
+        return query[QUERY], True
+    headers = dict(scope["headers"])
+    if HEADER in headers:
+        return headers[HEADER].decode("latin-1"), False
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
+    except Exception:  # a malformed Cookie header carries no token of ours
+        return None, False
+    return (cookie[COOKIE].value if COOKIE in cookie else None), False
+
+
+def _query(scope: Scope, *, drop: bool) -> str:
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if not (drop and k == QUERY)]
+    return "?" + urlencode(kept) if kept else ""
+
+
+def _cookie(scope: Scope, token: str, path: str) -> tuple[bytes, bytes]:
+    secure = scope.get("scheme") == "https"
+    # An iframe on another site sends a cookie only if SameSite=None, which needs Secure.
+    site = "None; Secure" if secure else "Lax"
+    value = f"{COOKIE}={token}; Path={path}; HttpOnly; SameSite={site}"
+    return (b"set-cookie", value.encode("latin-1"))
+
+
+def _headers(scope: Scope, prefix: str) -> Headers:
+    """The request's headers as the sandbox sees them: Corral's token, cookie and API key
+    removed, and where the request came from (X-Forwarded-*) added."""
+    kept: Headers = []
+    for name, value in scope["headers"]:
+        if name in (HEADER, b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-prefix"):
+            continue
+        if name == b"authorization" and value.lower().startswith(b"bearer corral_"):
+            continue
+        if name == b"cookie":
+            value = _without_our_cookie(value)
+            if not value:
+                continue
+        if name in (
+            b"connection",
+            b"keep-alive",
+            b"te",
+            b"trailer",
+            b"upgrade",
+            b"proxy-connection",
+        ):
+            continue
+        kept.append((name, value))
+    client = scope.get("client")
+    kept.append((b"x-forwarded-for", (client[0] if client else "unknown").encode()))
+    kept.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
+    if prefix:
+        kept.append((b"x-forwarded-prefix", prefix.encode()))
+    return kept
+
+
+def _without_our_cookie(value: bytes) -> bytes:
+    parts = [p.strip() for p in value.split(b";")]
+    return b"; ".join(p for p in parts if p and not p.startswith(COOKIE.encode() + b"="))
+
+
+async def _redirect(send: Send, location: str, headers: Headers) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", location.encode("latin-1")),
+                (b"content-length", b"0"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def page(send: Send, status: int, message: str) -> None:
+    """A short HTML page saying what is wrong (a person reads it in a browser)."""
+    body = (
+        "<!doctype html><meta charset=utf-8><title>Corral preview</title>"
+        f"<h1>{status}</h1><p>{html.escape(message)}</p>"
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

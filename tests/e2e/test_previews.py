@@ -1,0 +1,222 @@
+"""Previews: a real web server in sandboxes of both runtimes, reached through Corral with
+httpx, by path and by host name; streaming both ways, Server-Sent Events, the token's
+cookie, every refusal, and a sleeping sandbox woken by a request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral import Preview, Sandbox
+from tests.conftest import require_runtime
+from tests.e2e.conftest import SERVER_DIR, Server, start_server
+
+APP = (Path(__file__).parent / "apps" / "web.py").read_text()
+DOMAIN = "preview.test"
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path) -> Iterator[Server]:
+    """A server with a preview domain (previews by host name and by path)."""
+    require_runtime("namespaces")
+    running = start_server(SERVER_DIR, data_dir / "images", "--preview-domain", DOMAIN)
+    yield running
+    running.stop_and_clean()
+
+
+def serving(server: Server, runtime: str, port: int = 8000) -> Sandbox:
+    """A sandbox (no network) running tests/e2e/apps/web.py on `port`."""
+    sandbox = Sandbox.create(runtime=runtime, client=server.client())
+    sandbox.files.write("/srv/web.py", APP)
+    sandbox.run(f"nohup python3 /srv/web.py {port} > /tmp/web.log 2>&1 &")
+    return sandbox
+
+
+def wait_up(url: str, headers: dict[str, str]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if httpx.get(url, headers=headers, timeout=10).status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+@pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
+def test_a_server_in_a_sandbox_at_a_url(server: Server, runtime: str) -> None:
+    require_runtime(runtime)
+    sandbox = serving(server, runtime)
+    try:
+        preview = sandbox.expose(8000)
+        assert isinstance(preview, Preview) and preview.url.endswith(f"/preview/{sandbox.id}/8000/")
+        wait_up(preview.url, dict(preview.headers))
+        page = httpx.get(preview.url, headers=preview.headers)
+        assert page.text == "<h1>hello from the sandbox</h1>"
+
+        data = os.urandom(3 << 20) * 4  # 12 MiB up, streamed through the agent
+        upload = httpx.post(
+            preview.url + "upload", content=data, headers=preview.headers, timeout=60
+        )
+        assert upload.json() == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        with httpx.stream(
+            "GET", preview.url + "big?n=20000000", headers=preview.headers, timeout=60
+        ) as big:
+            assert sum(len(chunk) for chunk in big.iter_bytes()) == 20_000_000
+
+        # Server-Sent Events arrive as they are sent: the second only after the client saw the first.
+        with httpx.stream(
+            "GET", preview.url + "events", headers=preview.headers, timeout=30
+        ) as events:
+            lines = events.iter_lines()
+            assert next(lines) == "data: one"
+            sandbox.files.write("/tmp/go", "")
+            assert [line for line in lines if line] == ["data: two"]
+
+        # By host name too, where the server has a preview domain.
+        host = {"Host": f"8000-{sandbox.id}.{DOMAIN}", **preview.headers}
+        assert httpx.get(f"{server.url}/echo", headers=host).json()["path"] == "/echo"
+    finally:
+        sandbox.terminate()
+
+
+def test_the_token_link_sets_a_cookie_and_nothing_of_corrals_reaches_the_sandbox(
+    server: Server,
+) -> None:
+    sandbox = serving(server, "namespaces")
+    try:
+        preview = sandbox.expose(8000)
+        wait_up(preview.url, dict(preview.headers))
+        assert preview.signed_url is not None and preview.token is not None
+        browser = httpx.Client()
+        first = browser.get(preview.signed_url.replace("/8000/?", "/8000/echo?a=1&"))
+        assert first.status_code == 303 and "corral_preview_token" not in first.headers["location"]
+        assert (
+            "HttpOnly" in first.headers["set-cookie"]
+            and f"Path=/preview/{sandbox.id}/8000/" in first.headers["set-cookie"]
+        )
+        seen = browser.get(
+            server.url + first.headers["location"],
+            headers={"Authorization": f"Bearer {server.admin_key}", "Cookie": "theirs=1"},
+        ).json()
+        assert seen["query"] == "a=1"
+        headers = {name.lower(): value for name, value in seen["headers"].items()}
+        assert "authorization" not in headers and "x-corral-preview-token" not in headers
+        assert headers.get("cookie", "") == "theirs=1"  # the app's own cookies pass, ours not
+        assert headers["x-forwarded-prefix"] == f"/preview/{sandbox.id}/8000"
+        # The cookie is for this port of this sandbox only.
+        assert browser.get(f"{server.url}/preview/{sandbox.id}/8001/").status_code == 403
+    finally:
+        sandbox.terminate()
+
+
+def test_refusals(server: Server) -> None:
+    sandbox = serving(server, "namespaces")
+    other = Sandbox.create(runtime="namespaces", client=server.client())
+    try:
+        preview = sandbox.expose(8000)
+        wait_up(preview.url, dict(preview.headers))
+        assert httpx.get(preview.url).status_code == 403  # no token
+        wrong = httpx.get(preview.url, headers={"X-Corral-Preview-Token": "corral_pv_guess"})
+        assert wrong.status_code == 403 and "not valid" in wrong.text
+        elsewhere = other.expose(8000)  # another sandbox's token
+        assert httpx.get(preview.url, headers=elsewhere.headers).status_code == 403
+        closed = sandbox.expose(9999)  # a port nothing listens on
+        nothing = httpx.get(closed.url, headers=closed.headers)
+        assert nothing.status_code == 502 and "Nothing answers on port 9999" in nothing.text
+        assert (
+            httpx.get(preview.url.replace("/8000/", "/9999/"), headers=preview.headers).status_code
+            == 403
+        )
+        gone = httpx.get(f"{server.url}/preview/sb-0000000000000000/8000/", headers=preview.headers)
+        assert gone.status_code == 403
+
+        brief = sandbox.expose(8000, ttl=1)
+        assert httpx.get(brief.url, headers=brief.headers).status_code == 200
+        time.sleep(6)  # past its ttl and the grants' cache
+        assert httpx.get(brief.url, headers=brief.headers).status_code == 403
+        preview.revoke()
+        assert httpx.get(preview.url, headers=preview.headers).status_code == 403  # at once
+        assert preview.id not in [p.id for p in sandbox.previews()]
+
+        public = sandbox.expose(8000, public=True)
+        assert httpx.get(public.url).status_code == 200
+        public.revoke()
+        assert httpx.get(public.url).status_code == 403
+
+        api = {"Authorization": f"Bearer {server.admin_key}"}
+        for body in (
+            {"port": 0},
+            {"port": "x"},
+            {"port": 8000, "ttl": 0},
+            {"port": 8000, "extra": 1},
+        ):
+            bad = httpx.post(
+                f"{server.url}/v1/sandboxes/{sandbox.id}/previews", json=body, headers=api
+            )
+            assert bad.status_code == 400, body
+        theirs = {"Authorization": f"Bearer {server.new_key('preview-other')}"}
+        stolen = httpx.post(
+            f"{server.url}/v1/sandboxes/{sandbox.id}/previews", json={"port": 8000}, headers=theirs
+        )
+        assert stolen.status_code == 404 and stolen.json()["error"]["code"] == "sandbox_not_found"
+        revoke = httpx.delete(
+            f"{server.url}/v1/sandboxes/{sandbox.id}/previews/{closed.id}", headers=theirs
+        )
+        assert revoke.status_code == 404
+    finally:
+        sandbox.terminate()
+        other.terminate()
+    ended = httpx.get(preview.url.replace(sandbox.id, other.id), headers=elsewhere.headers)
+    assert ended.status_code == 404  # its sandbox has ended
+
+
+@pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
+def test_a_request_wakes_a_sleeping_sandbox(server: Server, runtime: str) -> None:
+    require_runtime(runtime)
+    sandbox = serving(server, runtime)
+    try:
+        preview = sandbox.expose(8000)
+        wait_up(preview.url, dict(preview.headers))
+        (sandbox.hibernate if runtime == "gvisor" else sandbox.pause)()
+        assert (
+            httpx.get(preview.url + "echo", headers=preview.headers, timeout=60).status_code == 200
+        )
+        assert sandbox.info().state.value == "running"
+    finally:
+        sandbox.terminate()
+
+
+def test_the_cli_exposes_a_port(server: Server) -> None:
+    import subprocess
+    import sys
+
+    sandbox = serving(server, "namespaces")
+    try:
+        env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_API_KEY": server.admin_key}
+        done = subprocess.run(
+            [sys.executable, "-m", "corral", "expose", sandbox.id, "8000", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        made = json.loads(done.stdout)
+        wait_up(made["url"], {"X-Corral-Preview-Token": made["token"]})
+        listed = subprocess.run(
+            [sys.executable, "-m", "corral", "previews", sandbox.id, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        assert [p["id"] for p in json.loads(listed.stdout)] == [made["id"]]
+    finally:
+        sandbox.terminate()
