@@ -4,6 +4,7 @@ cookie, every refusal, and a sleeping sandbox woken by a request."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
 from corral import Preview, Sandbox
 from tests.conftest import require_runtime
 from tests.e2e.conftest import SERVER_DIR, Server, start_server
 
 APP = (Path(__file__).parent / "apps" / "web.py").read_text()
+ECHO = (Path(__file__).parent / "apps" / "wsecho.py").read_text()
 DOMAIN = "preview.test"
 
 
@@ -32,10 +35,13 @@ def server(data_dir: Path) -> Iterator[Server]:
 
 
 def serving(server: Server, runtime: str, port: int = 8000) -> Sandbox:
-    """A sandbox (no network) running tests/e2e/apps/web.py on `port`."""
+    """A sandbox (no network) running tests/e2e/apps/web.py on `port`, and the WebSocket
+    echo server (apps/wsecho.py) on 8765."""
     sandbox = Sandbox.create(runtime=runtime, client=server.client())
     sandbox.files.write("/srv/web.py", APP)
+    sandbox.files.write("/srv/wsecho.py", ECHO)
     sandbox.run(f"nohup python3 /srv/web.py {port} > /tmp/web.log 2>&1 &")
+    sandbox.run("nohup python3 /srv/wsecho.py 8765 > /tmp/ws.log 2>&1 &")
     return sandbox
 
 
@@ -77,6 +83,11 @@ def test_a_server_in_a_sandbox_at_a_url(server: Server, runtime: str) -> None:
             assert next(lines) == "data: one"
             sandbox.files.write("/tmp/go", "")
             assert [line for line in lines if line] == ["data: two"]
+
+        # WebSockets: text and bytes both ways, a big message, and the server's close.
+        echo = sandbox.expose(8765)
+        socket_url = echo.url.replace("http://", "ws://")
+        asyncio.run(_websocket_echo(socket_url, dict(echo.headers)))
 
         # By host name too, where the server has a preview domain.
         host = {"Host": f"8000-{sandbox.id}.{DOMAIN}", **preview.headers}
@@ -174,6 +185,32 @@ def test_refusals(server: Server) -> None:
         other.terminate()
     ended = httpx.get(preview.url.replace(sandbox.id, other.id), headers=elsewhere.headers)
     assert ended.status_code == 404  # its sandbox has ended
+
+
+async def _websocket_echo(url: str, headers: dict[str, str]) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # the echo server may still be starting
+        try:
+            socket = await websockets.connect(url, additional_headers=headers, max_size=None)
+            break
+        except websockets.InvalidStatus:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    async with socket:
+        await socket.send("hello")
+        assert await socket.recv() == "hello"
+        await socket.send(b"\x00\x01")
+        assert await socket.recv() == b"\x00\x01"
+        big = os.urandom(3 << 20)
+        await socket.send(big)
+        assert await socket.recv() == big
+        await socket.send("close")
+        with pytest.raises(websockets.ConnectionClosed):
+            await socket.recv()
+    with pytest.raises(websockets.InvalidStatus) as refused:  # no token
+        await websockets.connect(url)
+    assert refused.value.response.status_code == 403
 
 
 @pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])

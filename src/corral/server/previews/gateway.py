@@ -20,10 +20,13 @@ from urllib.parse import parse_qsl, urlencode
 
 import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from websockets.exceptions import InvalidHandshake, ProtocolError
 
 from corral.core.errors import CorralError, PortClosed, SandboxNotFound
 from corral.core.state import SandboxState
+from corral.engine.ports import PortStream
 from corral.server.previews.proxy import ClientGone, Headers, relay
+from corral.server.previews.sockets import Refused, relay_websocket
 from corral.server.service import Service
 
 PREFIX = "/preview/"
@@ -60,7 +63,7 @@ class PreviewGateway:
         self.domain = domain.lower() if domain else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        found = self._address(scope) if scope["type"] == "http" else None
+        found = self._address(scope) if scope["type"] in ("http", "websocket") else None
         if found is None:
             return await self.app(scope, receive, send)
         await self._serve(scope, receive, send, found)
@@ -78,58 +81,89 @@ class PreviewGateway:
         return Address(match[1], int(match[2]), f"{PREFIX}{match[1]}/{match[2]}", match[3] or "")
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, to: Address) -> None:
-        sandbox_id, port, prefix, rest = to.sandbox_id, to.port, to.prefix, to.rest
-        if not rest:  # /preview/sb-…/8000 -> /preview/sb-…/8000/, so relative links work
-            return await _redirect(send, prefix + "/" + _query(scope, drop=False), [])
+        websocket = scope["type"] == "websocket"
+        if not to.rest and not websocket:  # /preview/sb-…/8000 -> …/8000/: relative links work
+            return await _redirect(send, to.prefix + "/" + _query(scope, drop=False), [])
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         token, from_query = _token(scope, query)
-        if not await self.service.grants.allows(sandbox_id, port, token):
-            return await page(send, 403, INVALID)
-        if from_query:  # once in the URL, then a cookie for this preview only
-            cookie = _cookie(scope, token or "", prefix + "/")
-            return await _redirect(send, prefix + rest + _query(scope, drop=True), [cookie])
-        await self._relay(scope, receive, send, to)
+        if not await self.service.grants.allows(to.sandbox_id, to.port, token):
+            return await _refuse(send, websocket, 403, INVALID)
+        if from_query and not websocket:  # once in the URL, then a cookie for this preview
+            cookie = _cookie(scope, token or "", to.prefix + "/")
+            return await _redirect(send, to.prefix + to.rest + _query(scope, drop=True), [cookie])
+        connected = await self._connect(to)
+        if not isinstance(connected, PortStream):
+            return await _refuse(send, websocket, *connected)
+        target = (to.rest or "/") + _query(scope, drop=True)
+        headers = _headers(scope, to.prefix)
+        try:
+            with self.service.engine.active(to.sandbox_id):  # in use: the sandbox stays awake
+                serve = _socket if websocket else _http
+                await serve(connected, scope, receive, send, target=target, headers=headers)
+        finally:
+            await connected.close()
 
-    async def _relay(self, scope: Scope, receive: Receive, send: Send, to: Address) -> None:
-        sandbox_id, port = to.sandbox_id, to.port
+    async def _connect(self, to: Address) -> PortStream | tuple[int, str]:
+        """A connection to the port (waking a sleeping sandbox first), or why there is none."""
         engine = self.service.engine
         try:
-            state = engine.get(sandbox_id).state
+            state = engine.get(to.sandbox_id).state
             if state is SandboxState.TERMINATED:
-                raise SandboxNotFound(f"sandbox {sandbox_id} has ended")
+                raise SandboxNotFound(f"sandbox {to.sandbox_id} has ended")
             asleep = state in (SandboxState.PAUSED, SandboxState.HIBERNATED)
-            stream = await engine.ports.connect(sandbox_id, port, wait=WAKE_WAIT if asleep else 0)
+            return await engine.ports.connect(to.sandbox_id, to.port, wait=WAKE_WAIT * asleep)
         except SandboxNotFound:
-            return await page(
-                send, 404, f"Sandbox {sandbox_id} is not running here (ended, or never was)."
-            )
+            return 404, f"Sandbox {to.sandbox_id} is not running here (ended, or never was)."
         except PortClosed:
-            return await page(send, 502, _nothing_on(to))
+            return 502, _nothing_on(to)
         except CorralError as error:
-            return await page(send, 502, f"Sandbox {sandbox_id} cannot be reached: {error.message}")
-        target = (to.rest + _query(scope, drop=True)).encode("latin-1")
-        started = False
+            return 502, f"Sandbox {to.sandbox_id} cannot be reached: {error.message}"
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
-        try:
-            with engine.active(sandbox_id):  # a preview in use keeps the sandbox awake
-                headers = _headers(scope, to.prefix)
-                await relay(stream, scope, receive, tracked, target=target, headers=headers)
-        except ClientGone:
-            pass
-        except (h11.ProtocolError, CorralError) as error:
-            if not started:
-                reason = f"The server on port {port} did not answer in HTTP/1.1 ({error})."
-                await page(send, 502, reason)
-            else:  # cut short: end what was sent
-                with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await stream.close()
+async def _http(
+    stream: PortStream, scope: Scope, receive: Receive, send: Send, *, target: str, headers: Headers
+) -> None:
+    started = False
+
+    async def tracked(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await relay(
+            stream, scope, receive, tracked, target=target.encode("latin-1"), headers=headers
+        )
+    except ClientGone:
+        pass
+    except (h11.ProtocolError, CorralError) as error:
+        if not started:
+            await page(
+                send, 502, f"The server in the sandbox did not answer in HTTP/1.1 ({error})."
+            )
+        else:  # cut short: end what was sent
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _socket(
+    stream: PortStream, scope: Scope, receive: Receive, send: Send, *, target: str, headers: Headers
+) -> None:
+    if (await receive())["type"] != "websocket.connect":
+        return
+    try:
+        await relay_websocket(stream, scope, receive, send, target=target, headers=headers)
+    except (Refused, CorralError, InvalidHandshake, ProtocolError):
+        with contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": 1011})
+
+
+async def _refuse(send: Send, websocket: bool, status: int, message: str) -> None:
+    """A page saying why, or for a WebSocket a refusal (which the client sees as 403)."""
+    if websocket:
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+    else:
+        await page(send, status, message)
 
 
 def _nothing_on(to: Address) -> str:
