@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -137,6 +138,15 @@ async def test_long_output_keeps_both_ends_and_the_rest_in_a_file(toolbox: Toolb
     assert not whole.is_error
 
 
+def wait_for_page(url: str, headers: dict[str, str]) -> None:
+    """Until the server behind a preview answers 200 (it may still be starting)."""
+    for _ in range(300):
+        if httpx.get(url, headers=headers, timeout=10).status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
 def mcp_server(server: Server) -> StdioServerParameters:
     env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_API_KEY": server.admin_key}
     return StdioServerParameters(command=sys.executable, args=["-m", "corral", "mcp"], env=env)
@@ -174,6 +184,11 @@ async def test_every_tool_over_mcp_stdio(server: Server, runtime: str) -> None:
         assert "pid" in text(started)
         log = started.structured_content["log"]
         assert "up" in text(await call("run_command", command=f"sleep 0.5; cat {log}"))
+        await call("run_command", command="python3 -m http.server 8000", background=True)
+        exposed = await call("expose_port", port=8000)
+        assert not exposed.is_error and "/preview/" in text(exposed)
+        preview = exposed.structured_content
+        wait_for_page(preview["url"], preview["headers"])
         assert sandbox_id in text(await call("list_sandboxes"))
         assert "paused" in text(await call("pause_sandbox"))
         assert "running" in text(await call("resume_sandbox"))

@@ -141,6 +141,18 @@ TOOLS = (
         {"url": _text("An http or https URL."), "path": _text("Absolute path to write.")},
         ("url", "path"),
     ),
+    Tool(
+        "expose_port",
+        "Give a port of the sandbox a URL, to reach a web server or API running there (start "
+        "it first with run_command and background). Returns the URL, the header HTTP clients "
+        "send, and a link that opens it in a browser.",
+        {
+            "port": {"type": "integer", "description": "The port the server listens on."},
+            "public": {"type": "boolean",
+                       "description": "Anyone with the URL may open it (no token)."},
+        },
+        ("port",),
+    ),
     Tool("pause_sandbox", "Freeze the sandbox: it keeps its memory and stops using CPU.", {}),
     Tool("resume_sandbox", "Resume a paused or hibernated sandbox.", {}),
     Tool(

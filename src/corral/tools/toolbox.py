@@ -297,6 +297,16 @@ async def _fork(box: Toolbox, sandbox: AsyncSandbox, args: dict[str, Any]) -> To
     return ToolResult(f"forked {sandbox.id} into {', '.join(ids)}", data={"sandbox_ids": ids})
 
 
+async def _expose(box: Toolbox, sandbox: AsyncSandbox, args: dict[str, Any]) -> ToolResult:
+    preview = await sandbox.expose(args["port"], public=bool(args.get("public", False)))
+    lines = [f"port {preview.port} of {sandbox.id} is at {preview.url}"]
+    if not preview.public:
+        (name, value), *_ = preview.headers.items()
+        lines += [f"HTTP clients send the header {name}: {value}", f"browser: {preview.signed_url}"]
+    data = {"url": preview.url, "headers": dict(preview.headers), "signed_url": preview.signed_url}
+    return ToolResult("\n".join(lines), data=data)
+
+
 async def _list(box: Toolbox, _none: None, args: dict[str, Any]) -> ToolResult:
     found = await AsyncSandbox.list(client=box.client)
     lines = [f"{s.id}  {s.state.value:<10} {s.runtime:<10} {s.spec.image}" for s in found]
@@ -320,6 +330,7 @@ HANDLERS: dict[str, Handler] = {
     "search_files": _search,
     "edit_file": _edit,
     "upload_from_url": _upload,
+    "expose_port": _expose,
     "pause_sandbox": lambda box, sandbox, _args: _state(box, sandbox, "pause"),
     "resume_sandbox": lambda box, sandbox, _args: _state(box, sandbox, "resume"),
     "hibernate_sandbox": lambda box, sandbox, _args: _state(box, sandbox, "hibernate"),
