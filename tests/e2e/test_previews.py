@@ -257,3 +257,35 @@ def test_the_cli_exposes_a_port(server: Server) -> None:
         assert [p["id"] for p in json.loads(listed.stdout)] == [made["id"]]
     finally:
         sandbox.terminate()
+
+
+def test_port_forward_carries_a_local_port_into_a_sandbox(server: Server) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import free_port
+
+    sandbox = serving(server, "namespaces")
+    local = free_port()
+    env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_API_KEY": server.admin_key}
+    forward = subprocess.Popen(
+        [sys.executable, "-m", "corral", "port-forward", sandbox.id, f"{local}:8000"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert forward.stdout is not None and b"forwarding" in forward.stdout.readline()
+        wait_up(f"http://127.0.0.1:{local}/echo", {})
+        assert httpx.get(f"http://127.0.0.1:{local}/echo?q=1").json()["query"] == "q=1"
+        # Raw TCP, half-closed after the request: the answer still comes back.
+        with socket.create_connection(("127.0.0.1", local)) as raw:
+            raw.sendall(b"GET /echo HTTP/1.0\r\nHost: x\r\n\r\n")
+            raw.shutdown(socket.SHUT_WR)
+            answer = b"".join(iter(lambda: raw.recv(65536), b""))
+        assert answer.split(b"\r\n")[0].endswith(b" 200 OK") and b'"path": "/echo"' in answer
+    finally:
+        forward.terminate()
+        forward.wait(timeout=30)
+        sandbox.terminate()

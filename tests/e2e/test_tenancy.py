@@ -208,7 +208,8 @@ async def _websocket_status(
     server: Server, path: str, owned: dict[str, str], headers: dict[str, str]
 ) -> int | None:
     """The HTTP status the WebSocket is refused with (None: it was accepted)."""
-    url = f"ws://127.0.0.1:{server.port}" + path.replace("{sandbox_id}", owned["sandbox"])
+    path = path.replace("{sandbox_id}", owned["sandbox"]).replace("{port}", "8000")
+    url = f"ws://127.0.0.1:{server.port}" + path
     try:
         async with connect(url, additional_headers=headers):
             return None

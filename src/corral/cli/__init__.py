@@ -14,6 +14,7 @@
     corral repl ID                       an interactive session with its code interpreter
     corral mcp                           the sandboxes as MCP tools, over stdio
     corral expose ID PORT                a port of a sandbox at a URL (corral previews lists)
+    corral port-forward ID LOCAL:REMOTE  a local TCP port carried to a port in a sandbox
 
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """

@@ -15,12 +15,14 @@ from corral.core.spec import SandboxSpec
 from corral.core.state import parse_state
 from corral.engine.files import SandboxFiles
 from corral.engine.interpreter import Interpreter
+from corral.engine.ports import PortStream
 from corral.engine.process import Process
 from corral.server.tenancy import Tenant
 
 __all__ = [
     "Command",
     "Interpreter",
+    "PortStream",
     "Process",
     "SandboxFiles",
     "Sandboxes",
@@ -193,6 +195,12 @@ class Sandboxes:
 
     async def files(self, sandbox_id: str) -> SandboxFiles:
         return self._engine.files(await self._tenant.sandbox(sandbox_id))
+
+    async def connect_port(self, sandbox_id: str, port: int) -> PortStream:
+        """A TCP connection to `port` inside the sandbox (half-closed when the client is done
+        sending), through its agent."""
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        return await self._engine.ports.connect(sandbox_id, port, half_close=True)
 
     async def interpreter(self, sandbox_id: str) -> tuple[str, Interpreter]:
         """The code interpreter, and the sandbox's id once this key is known to own it."""

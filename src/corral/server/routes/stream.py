@@ -53,7 +53,7 @@ async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
         command = command_of(request)
         process = await sandboxes.start(sandbox_id, command, stdin=request.stdin, pty=pty)
     except CorralError as error:
-        await _close_with(websocket, error)
+        await close_with(websocket, error)
         return
     except WebSocketDisconnect:
         return
@@ -98,7 +98,7 @@ async def _relay(websocket: WebSocket, process: Process) -> None:
     except CorralError as error:
         keep = True  # the sandbox or its agent went away: say so
         with contextlib.suppress(Exception):
-            await _close_with(websocket, error)
+            await close_with(websocket, error)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the connection is gone; the feeder knows whether the client or the server left
     finally:
@@ -157,6 +157,6 @@ async def deny(websocket: WebSocket, error: CorralError) -> None:
         await websocket.close(4000 + error.status_code, error.code[:120])
 
 
-async def _close_with(websocket: WebSocket, error: CorralError) -> None:
+async def close_with(websocket: WebSocket, error: CorralError) -> None:
     await websocket.send_json({"type": "error", "status": error.status_code, **error.to_dict()})
     await websocket.close(4000 + error.status_code, error.code[:120])
