@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from corral import Preview, Sandbox
+from corral import Client, Preview, Sandbox
 from tests.conftest import require_runtime
 from tests.e2e.conftest import SERVER_DIR, Server, start_server
 
@@ -34,15 +34,21 @@ def server(data_dir: Path) -> Iterator[Server]:
     running.stop_and_clean()
 
 
-def serving(server: Server, runtime: str, port: int = 8000) -> Sandbox:
+def serving(client: Client, runtime: str, port: int = 8000) -> Sandbox:
     """A sandbox (no network) running tests/e2e/apps/web.py on `port`, and the WebSocket
     echo server (apps/wsecho.py) on 8765."""
-    sandbox = Sandbox.create(runtime=runtime, client=server.client())
+    sandbox = Sandbox.create(runtime=runtime, client=client)
     sandbox.files.write("/srv/web.py", APP)
     sandbox.files.write("/srv/wsecho.py", ECHO)
     sandbox.run(f"nohup python3 /srv/web.py {port} > /tmp/web.log 2>&1 &")
     sandbox.run("nohup python3 /srv/wsecho.py 8765 > /tmp/ws.log 2>&1 &")
     return sandbox
+
+
+def at(server: Server, preview: Preview) -> str:
+    """The preview's address by path on the test server (its `url` is by host name here,
+    under a domain no DNS knows; test_a_server_in_a_sandbox_at_a_url reaches that one too)."""
+    return f"{server.url}/preview/{preview.sandbox_id}/{preview.port}/"
 
 
 def wait_up(url: str, headers: dict[str, str]) -> None:
@@ -55,30 +61,27 @@ def wait_up(url: str, headers: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
-def test_a_server_in_a_sandbox_at_a_url(server: Server, runtime: str) -> None:
+def test_a_server_in_a_sandbox_at_a_url(server: Server, client: Client, runtime: str) -> None:
     require_runtime(runtime)
-    sandbox = serving(server, runtime)
+    sandbox = serving(client, runtime)
     try:
         preview = sandbox.expose(8000)
-        assert isinstance(preview, Preview) and preview.url.endswith(f"/preview/{sandbox.id}/8000/")
-        wait_up(preview.url, dict(preview.headers))
-        page = httpx.get(preview.url, headers=preview.headers)
+        assert isinstance(preview, Preview) and preview.url == f"http://8000-{sandbox.id}.{DOMAIN}/"
+        url = at(server, preview)
+        wait_up(url, dict(preview.headers))
+        page = httpx.get(url, headers=preview.headers)
         assert page.text == "<h1>hello from the sandbox</h1>"
 
         data = os.urandom(3 << 20) * 4  # 12 MiB up, streamed through the agent
-        upload = httpx.post(
-            preview.url + "upload", content=data, headers=preview.headers, timeout=60
-        )
+        upload = httpx.post(url + "upload", content=data, headers=preview.headers, timeout=60)
         assert upload.json() == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         with httpx.stream(
-            "GET", preview.url + "big?n=20000000", headers=preview.headers, timeout=60
+            "GET", url + "big?n=20000000", headers=preview.headers, timeout=60
         ) as big:
             assert sum(len(chunk) for chunk in big.iter_bytes()) == 20_000_000
 
         # Server-Sent Events arrive as they are sent: the second only after the client saw the first.
-        with httpx.stream(
-            "GET", preview.url + "events", headers=preview.headers, timeout=30
-        ) as events:
+        with httpx.stream("GET", url + "events", headers=preview.headers, timeout=30) as events:
             lines = events.iter_lines()
             assert next(lines) == "data: one"
             sandbox.files.write("/tmp/go", "")
@@ -86,7 +89,7 @@ def test_a_server_in_a_sandbox_at_a_url(server: Server, runtime: str) -> None:
 
         # WebSockets: text and bytes both ways, a big message, and the server's close.
         echo = sandbox.expose(8765)
-        socket_url = echo.url.replace("http://", "ws://")
+        socket_url = at(server, echo).replace("http://", "ws://")
         asyncio.run(_websocket_echo(socket_url, dict(echo.headers)))
 
         # By host name too, where the server has a preview domain.
@@ -97,23 +100,28 @@ def test_a_server_in_a_sandbox_at_a_url(server: Server, runtime: str) -> None:
 
 
 def test_the_token_link_sets_a_cookie_and_nothing_of_corrals_reaches_the_sandbox(
-    server: Server,
+    server: Server, client: Client
 ) -> None:
-    sandbox = serving(server, "namespaces")
+    sandbox = serving(client, "namespaces")
     try:
         preview = sandbox.expose(8000)
-        wait_up(preview.url, dict(preview.headers))
+        wait_up(at(server, preview), dict(preview.headers))
         assert preview.signed_url is not None and preview.token is not None
-        browser = httpx.Client()
-        first = browser.get(preview.signed_url.replace("/8000/?", "/8000/echo?a=1&"))
+        with httpx.Client() as browser:
+            first = browser.get(
+                at(server, preview) + f"echo?a=1&corral_preview_token={preview.token}"
+            )
+            followed = browser.get(server.url + first.headers["location"])
         assert first.status_code == 303 and "corral_preview_token" not in first.headers["location"]
         assert (
             "HttpOnly" in first.headers["set-cookie"]
             and f"Path=/preview/{sandbox.id}/8000/" in first.headers["set-cookie"]
         )
-        seen = browser.get(
+        assert followed.status_code == 200  # the browser's cookie lets it in
+        ours = f"corral_preview={preview.token}"
+        seen = httpx.get(
             server.url + first.headers["location"],
-            headers={"Authorization": f"Bearer {server.admin_key}", "Cookie": "theirs=1"},
+            headers={"Authorization": f"Bearer {server.admin_key}", "Cookie": f"{ours}; theirs=1"},
         ).json()
         assert seen["query"] == "a=1"
         headers = {name.lower(): value for name, value in seen["headers"].items()}
@@ -121,44 +129,49 @@ def test_the_token_link_sets_a_cookie_and_nothing_of_corrals_reaches_the_sandbox
         assert headers.get("cookie", "") == "theirs=1"  # the app's own cookies pass, ours not
         assert headers["x-forwarded-prefix"] == f"/preview/{sandbox.id}/8000"
         # The cookie is for this port of this sandbox only.
-        assert browser.get(f"{server.url}/preview/{sandbox.id}/8001/").status_code == 403
+        other_port = httpx.get(f"{server.url}/preview/{sandbox.id}/8001/", headers={"Cookie": ours})
+        assert other_port.status_code == 403
     finally:
         sandbox.terminate()
 
 
-def test_refusals(server: Server) -> None:
-    sandbox = serving(server, "namespaces")
-    other = Sandbox.create(runtime="namespaces", client=server.client())
+def test_refusals(server: Server, client: Client) -> None:
+    sandbox = serving(client, "namespaces")
+    other = Sandbox.create(runtime="namespaces", client=client)
     try:
         preview = sandbox.expose(8000)
-        wait_up(preview.url, dict(preview.headers))
-        assert httpx.get(preview.url).status_code == 403  # no token
-        wrong = httpx.get(preview.url, headers={"X-Corral-Preview-Token": "corral_pv_guess"})
+        wait_up(at(server, preview), dict(preview.headers))
+        assert httpx.get(at(server, preview)).status_code == 403  # no token
+        wrong = httpx.get(
+            at(server, preview), headers={"X-Corral-Preview-Token": "corral_pv_guess"}
+        )
         assert wrong.status_code == 403 and "not valid" in wrong.text
         elsewhere = other.expose(8000)  # another sandbox's token
-        assert httpx.get(preview.url, headers=elsewhere.headers).status_code == 403
+        assert httpx.get(at(server, preview), headers=elsewhere.headers).status_code == 403
         closed = sandbox.expose(9999)  # a port nothing listens on
-        nothing = httpx.get(closed.url, headers=closed.headers)
+        nothing = httpx.get(at(server, closed), headers=closed.headers)
         assert nothing.status_code == 502 and "Nothing answers on port 9999" in nothing.text
         assert (
-            httpx.get(preview.url.replace("/8000/", "/9999/"), headers=preview.headers).status_code
+            httpx.get(
+                at(server, preview).replace("/8000/", "/9999/"), headers=preview.headers
+            ).status_code
             == 403
         )
         gone = httpx.get(f"{server.url}/preview/sb-0000000000000000/8000/", headers=preview.headers)
         assert gone.status_code == 403
 
         brief = sandbox.expose(8000, ttl=1)
-        assert httpx.get(brief.url, headers=brief.headers).status_code == 200
+        assert httpx.get(at(server, brief), headers=brief.headers).status_code == 200
         time.sleep(6)  # past its ttl and the grants' cache
-        assert httpx.get(brief.url, headers=brief.headers).status_code == 403
+        assert httpx.get(at(server, brief), headers=brief.headers).status_code == 403
         preview.revoke()
-        assert httpx.get(preview.url, headers=preview.headers).status_code == 403  # at once
+        assert httpx.get(at(server, preview), headers=preview.headers).status_code == 403  # at once
         assert preview.id not in [p.id for p in sandbox.previews()]
 
         public = sandbox.expose(8000, public=True)
-        assert httpx.get(public.url).status_code == 200
+        assert httpx.get(at(server, public)).status_code == 200
         public.revoke()
-        assert httpx.get(public.url).status_code == 403
+        assert httpx.get(at(server, public)).status_code == 403
 
         api = {"Authorization": f"Bearer {server.admin_key}"}
         for body in (
@@ -183,7 +196,7 @@ def test_refusals(server: Server) -> None:
     finally:
         sandbox.terminate()
         other.terminate()
-    ended = httpx.get(preview.url.replace(sandbox.id, other.id), headers=elsewhere.headers)
+    ended = httpx.get(at(server, preview).replace(sandbox.id, other.id), headers=elsewhere.headers)
     assert ended.status_code == 404  # its sandbox has ended
 
 
@@ -214,26 +227,27 @@ async def _websocket_echo(url: str, headers: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
-def test_a_request_wakes_a_sleeping_sandbox(server: Server, runtime: str) -> None:
+def test_a_request_wakes_a_sleeping_sandbox(server: Server, client: Client, runtime: str) -> None:
     require_runtime(runtime)
-    sandbox = serving(server, runtime)
+    sandbox = serving(client, runtime)
     try:
         preview = sandbox.expose(8000)
-        wait_up(preview.url, dict(preview.headers))
+        wait_up(at(server, preview), dict(preview.headers))
         (sandbox.hibernate if runtime == "gvisor" else sandbox.pause)()
         assert (
-            httpx.get(preview.url + "echo", headers=preview.headers, timeout=60).status_code == 200
+            httpx.get(at(server, preview) + "echo", headers=preview.headers, timeout=60).status_code
+            == 200
         )
         assert sandbox.info().state.value == "running"
     finally:
         sandbox.terminate()
 
 
-def test_the_cli_exposes_a_port(server: Server) -> None:
+def test_the_cli_exposes_a_port(server: Server, client: Client) -> None:
     import subprocess
     import sys
 
-    sandbox = serving(server, "namespaces")
+    sandbox = serving(client, "namespaces")
     try:
         env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_API_KEY": server.admin_key}
         done = subprocess.run(
@@ -245,7 +259,10 @@ def test_the_cli_exposes_a_port(server: Server) -> None:
             check=True,
         )
         made = json.loads(done.stdout)
-        wait_up(made["url"], {"X-Corral-Preview-Token": made["token"]})
+        assert made["url"] == f"http://8000-{sandbox.id}.{DOMAIN}/"
+        wait_up(
+            f"{server.url}/preview/{sandbox.id}/8000/", {"X-Corral-Preview-Token": made["token"]}
+        )
         listed = subprocess.run(
             [sys.executable, "-m", "corral", "previews", sandbox.id, "--json"],
             capture_output=True,
@@ -259,14 +276,14 @@ def test_the_cli_exposes_a_port(server: Server) -> None:
         sandbox.terminate()
 
 
-def test_port_forward_carries_a_local_port_into_a_sandbox(server: Server) -> None:
+def test_port_forward_carries_a_local_port_into_a_sandbox(server: Server, client: Client) -> None:
     import socket
     import subprocess
     import sys
 
     from tests.e2e.conftest import free_port
 
-    sandbox = serving(server, "namespaces")
+    sandbox = serving(client, "namespaces")
     local = free_port()
     env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_API_KEY": server.admin_key}
     forward = subprocess.Popen(
@@ -288,4 +305,6 @@ def test_port_forward_carries_a_local_port_into_a_sandbox(server: Server) -> Non
     finally:
         forward.terminate()
         forward.wait(timeout=30)
+        if forward.stdout is not None:
+            forward.stdout.close()
         sandbox.terminate()

@@ -22,6 +22,7 @@ from corral.server.auth import service_of
 from corral.server.config import ServerConfig
 from corral.server.e2b import E2bApps, E2bGateway
 from corral.server.mcp_http import McpEndpoint
+from corral.server.previews.gateway import PreviewGateway
 from corral.server.routes import ROUTERS
 from corral.server.schemas import ErrorOut, Health
 from corral.server.service import Service
@@ -64,6 +65,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
     e2b = E2bApps(service)  # E2B's SDKs, routed by their headers on the same port
     app.add_middleware(E2bGateway, control=e2b.control, envd=e2b.envd, interpreter=e2b.interpreter)
+    # Previews: ports of sandboxes, by host name or under /preview/ (see corral.server.previews)
+    app.add_middleware(PreviewGateway, service=service, domain=config.preview_domain)
 
     @app.get("/healthz", tags=["server"])
     async def healthz(request: Request) -> Health:
