@@ -38,6 +38,7 @@ from corral.host.cgroups import Cgroup
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.e2b_sdk import e2b_figures
 from bench.interpreter import code_figures
+from bench.previews import preview_figures
 from tests.e2e.conftest import Server, start_server
 
 HERE = Path(__file__).resolve().parent
@@ -639,6 +640,9 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         if args.only == "e2b":
             await e2b_figures(suite, summary)
             return {"machine": machine(), "args": vars(args), "results": suite.results}
+        if args.only == "previews":
+            await preview_figures(suite, runtimes, summary)
+            return {"machine": machine(), "args": vars(args), "results": suite.results}
         suite.import_time()
         for runtime in runtimes:
             await (await AsyncSandbox.create(runtime=runtime, client=client)).terminate()
@@ -662,6 +666,7 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             await suite.fork_ten()
         await suite.image_rebuild()
         await e2b_figures(suite, summary)
+        await preview_figures(suite, runtimes, summary)
         return {"machine": machine(), "args": vars(args), "results": suite.results}
 
 
@@ -792,7 +797,9 @@ def main() -> None:
         "--render", action="store_true", help="rewrite RESULTS.md from results.json, no run"
     )
     parser.add_argument(
-        "--only", choices=["code", "e2b"], help="only these figures, merged into results.json"
+        "--only",
+        choices=["code", "e2b", "previews"],
+        help="only these figures, merged into results.json",
     )
     args = parser.parse_args()
     output = Path(args.output)
