@@ -128,6 +128,8 @@ def test_the_token_link_sets_a_cookie_and_nothing_of_corrals_reaches_the_sandbox
         assert "authorization" not in headers and "x-corral-preview-token" not in headers
         assert headers.get("cookie", "") == "theirs=1"  # the app's own cookies pass, ours not
         assert headers["x-forwarded-prefix"] == f"/preview/{sandbox.id}/8000"
+        exact = httpx.get(at(server, preview) + "echo?x=a%2Fb&flag", headers=preview.headers)
+        assert exact.json()["query"] == "x=a%2Fb&flag"  # the query as the client sent it
         # The cookie is for this port of this sandbox only.
         other_port = httpx.get(f"{server.url}/preview/{sandbox.id}/8001/", headers={"Cookie": ours})
         assert other_port.status_code == 403
@@ -307,4 +309,29 @@ def test_port_forward_carries_a_local_port_into_a_sandbox(server: Server, client
         forward.wait(timeout=30)
         if forward.stdout is not None:
             forward.stdout.close()
+        sandbox.terminate()
+
+
+def test_a_browser_gets_in_with_the_token_link(server: Server, client: Client) -> None:
+    """Headless Chromium opens the token link: the cookie it is given lets in the page, after
+    the redirect that drops the token, and the page's own requests."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    chromium = shutil.which("chromium")
+    assert chromium, "install Debian's chromium (scripts/setup --dev does)"
+    sandbox = serving(client, "namespaces")
+    try:
+        preview = sandbox.expose(8000)
+        wait_up(at(server, preview), dict(preview.headers))
+        link = at(server, preview) + f"page?corral_preview_token={preview.token}"
+        with tempfile.TemporaryDirectory() as profile:
+            argv = [chromium, "--headless", "--no-sandbox", "--disable-gpu"]
+            argv += [f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom"]
+            done = subprocess.run(
+                [*argv, link], capture_output=True, text=True, timeout=120, check=False
+            )
+        assert '<p id="out">/echo</p>' in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    finally:
         sandbox.terminate()

@@ -34,6 +34,11 @@ def test_requests_are_addressed_by_path_or_by_host_name() -> None:
     assert router._address(scope("/preview/sb-nope/8000/", [])) is None
     other = router._address(scope("/x", [(b"host", f"8000-{SANDBOX}.elsewhere.test".encode())]))
     assert other is None
+    encoded = {
+        **scope(f"/preview/{SANDBOX}/8000/a b", []),
+        "raw_path": f"/preview/{SANDBOX}/8000/a%20b".encode(),
+    }
+    assert router._address(encoded).rest == "/a%20b"  # as the client sent it
 
 
 def test_nothing_of_corrals_reaches_the_sandbox() -> None:

@@ -53,6 +53,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return None
+        if url.path == "/page":
+            script = (
+                b'fetch("echo").then(r => r.json())'
+                b'.then(j => { document.getElementById("out").textContent = j.path; })'
+            )
+            page = b'<p id="out">waiting</p><script>' + script + b"</script>"
+            return self.reply(200, page, "text/html")
         return self.reply(200, b"<h1>hello from the sandbox</h1>", "text/html")
 
     def do_POST(self):

@@ -69,13 +69,16 @@ class PreviewGateway:
         await self._serve(scope, receive, send, found)
 
     def _address(self, scope: Scope) -> Address | None:
+        # The path as the client sent it (still percent-encoded), which the sandbox's server
+        # gets unchanged: `path` is decoded, and re-encoding it would not give it back.
+        raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if self.domain is not None:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
             name, _, domain = host.partition(".")
             match = _LABEL.match(name)
             if match and domain == self.domain:
-                return Address(match[2], int(match[1]), "", scope["path"])
-        match = _PATH.match(scope["path"])
+                return Address(match[2], int(match[1]), "", raw)
+        match = _PATH.match(raw)
         if match is None:
             return None
         return Address(match[1], int(match[2]), f"{PREFIX}{match[1]}/{match[2]}", match[3] or "")
@@ -189,8 +192,12 @@ def _token(scope: Scope, query: dict[str, str]) -> tuple[str | None, bool]:
 
 
 def _query(scope: Scope, *, drop: bool) -> str:
-    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-    kept = [(k, v) for k, v in pairs if not (drop and k == QUERY)]
+    """The query string, as sent, but for our token's parameter if `drop`."""
+    raw = scope.get("query_string", b"").decode("latin-1")
+    pairs = parse_qsl(raw, keep_blank_values=True)
+    if not (drop and any(k == QUERY for k, _ in pairs)):
+        return "?" + raw if raw else ""
+    kept = [(k, v) for k, v in pairs if k != QUERY]
     return "?" + urlencode(kept) if kept else ""
 
 
