@@ -75,8 +75,10 @@ def test_commands_as_an_e2b_program_runs_them(sandbox: Sandbox) -> None:
     assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
     assert sandbox.commands.run("id -un", user="root").stdout == "root\n"
 
-    background = sandbox.commands.run("sleep 0.5; echo done", background=True)
-    assert background.pid in [p.pid for p in sandbox.commands.list()]
+    waiting = "until [ -e /tmp/go ]; do sleep 0.05; done; echo done"
+    background = sandbox.commands.run(waiting, background=True)
+    assert background.pid in [p.pid for p in sandbox.commands.list()]  # it runs until /tmp/go
+    sandbox.files.write("/tmp/go", "")
     assert background.wait().stdout == "done\n"
 
     cat = sandbox.commands.run("cat", background=True, stdin=True)
