@@ -98,6 +98,7 @@ class Context:
         self.restarts = 0
         self.executions = 0
         self.pooled = bool(params.get("pooled"))
+        self.running: Optional["Execution"] = None  # the execution under way, if any
 
     def describe(self) -> Dict[str, Any]:
         running = self.proc is not None and not self.proc.exited.is_set()
@@ -196,6 +197,7 @@ class Context:
         if self.proc is None or self.proc.exited.is_set():
             self.start(agent)
         run = Execution(send)
+        self.running = run
         self.sink = run.raw
         loop = asyncio.get_event_loop()
         timer = None
@@ -211,6 +213,7 @@ class Context:
             await run.follow(self)
         finally:
             self.sink = None
+            self.running = None
             if timer is not None:
                 timer.cancel()
         if run.lost:
@@ -223,6 +226,15 @@ class Context:
 
     def _expire(self, run: "Execution") -> None:
         run.timed_out = True
+        self.cancel(run)
+
+    def cancel(self, run: Optional["Execution"] = None) -> None:
+        """Interrupt the execution under way (SIGINT); kill the context if it has not stopped
+        INTERRUPT_GRACE later (code that catches or ignores the interrupt, or an interrupt
+        that came before the code started)."""
+        run = run or self.running
+        if run is None:
+            return
         self.interrupt()
         asyncio.get_event_loop().call_later(INTERRUPT_GRACE, self._kill_if_stuck, run)
 
@@ -330,7 +342,7 @@ async def code_run(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str,
     async def on_cancel() -> None:
         await stream.incoming.get()  # None: the host cancelled, or the connection ended
         if not stream.detached:  # a checkpoint's pause of the connection is no reason
-            context.interrupt()
+            context.cancel()
 
     async with context.lock:
         watch = asyncio.get_event_loop().create_task(on_cancel())
