@@ -109,9 +109,20 @@ def render() -> str:
         "Every error is a `corral.CorralError` with `.code` (stable, machine-readable) and\n"
         "`.message`; the server's code and message come through unchanged.\n"
     )
-    tree = _doc(errors)[_doc(errors).index("CorralError ") :]
-    lines.append("```\n" + inspect.cleandoc(tree) + "\n```\n")
+    lines.append("```\n" + "\n".join(_error_tree(errors.CorralError)) + "\n```\n")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _error_tree(cls: type, prefix: str = "", last: str = "") -> list[str]:
+    """The error classes under `cls` as a tree, each with its HTTP status and code."""
+    name = f"{last}{cls.__name__}"
+    note = "   (SDK: the server cannot be reached)" if cls is errors.ConnectionFailed else ""
+    lines = [f"{prefix}{name:<{31 - len(prefix)}}{cls.status_code} {cls.default_code}{note}"]
+    children = cls.__subclasses__()
+    inner = prefix + ("    " if last == "└── " else "│   " if last else "")
+    for i, child in enumerate(children):
+        lines += _error_tree(child, inner, "└── " if i == len(children) - 1 else "├── ")
+    return lines
 
 
 def main() -> int:

@@ -50,17 +50,27 @@ async def test_memory_over_limit_kills_the_process_alone(engine: Engine, runtime
         await engine.terminate(info.id)
 
 
-async def test_memory_no_kill_can_free_ends_a_gvisor_sandbox_saying_so(engine: Engine) -> None:
+async def test_memory_files_past_the_budget_end_a_gvisor_sandbox_saying_so(engine: Engine) -> None:
     """Files in a memory filesystem past the budget: killing processes would free nothing,
-    so none is killed and the host's limit ends the sandbox, as out_of_memory."""
+    so none is killed and the host's limit ends the sandbox, as out_of_memory.
+
+    The file grows in steps under gVisor; on a loaded machine the agent may look while it is
+    barely over, when killing the writer does bring the sandbox back under its budget (as a
+    kernel's OOM killer would). That outcome is reported too: the writer is oom_killed and the
+    sandbox lives on within its budget. (tests/unit/test_agent_memory.py holds the rule itself.)
+    """
     require_runtime("gvisor")
     info = await engine.create(SandboxSpec(runtime="gvisor", memory_mb=256))
     try:
-        fill = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=1024"
-        with pytest.raises(SandboxEnded) as ended:
-            await engine.run(info.id, fill, timeout=120)
-        assert "out_of_memory" in ended.value.message
-        assert engine.get(info.id).end_reason is EndReason.OUT_OF_MEMORY
+        fill = "fallocate -l 1G /dev/shm/fill; sleep 60"
+        try:
+            result = await engine.run(info.id, fill, timeout=120)
+        except SandboxEnded as ended:
+            assert "out_of_memory" in ended.message
+            assert engine.get(info.id).end_reason is EndReason.OUT_OF_MEMORY
+        else:
+            assert result.oom_killed, result
+            assert engine.get(info.id).state is SandboxState.RUNNING
     finally:
         await engine.terminate(info.id)
 

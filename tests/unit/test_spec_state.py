@@ -15,6 +15,7 @@ from corral.core.errors import (
     InvalidState,
     LimitReached,
     NoSpace,
+    PathBusy,
     PermissionDenied,
     SandboxFailed,
     from_guest,
@@ -92,6 +93,7 @@ def test_errors_carry_status_and_code() -> None:
         ("EACCES", PermissionDenied),
         ("ENOSPC", NoSpace),
         ("EISDIR", InvalidPath),
+        ("EBUSY", PathBusy),
         ("command_not_found", InvalidRequest),
         ("limit_reached", LimitReached),
         ("EHOSTDOWN", SandboxFailed),
@@ -100,6 +102,12 @@ def test_errors_carry_status_and_code() -> None:
 )
 def test_guest_errors_map_into_the_tree(code: str, cls: type[CorralError]) -> None:
     assert type(from_guest(code, "m")) is cls
+
+
+def test_a_busy_path_says_what_to_do() -> None:
+    error = from_guest("EBUSY", "Device or resource busy: '/dev/pts'")
+    assert (error.status_code, error.code) == (409, "path_busy")
+    assert "mount point" in str(error)
 
 
 def test_plan_round_trips() -> None:

@@ -3,30 +3,7 @@
 Each class carries the HTTP status it maps to and a stable, machine-readable `code`; the message
 says what happened and what to do about it.
 
-    CorralError                    500 internal_error
-    ├── InvalidRequest             400 invalid_request
-    │   └── InvalidPath            400 invalid_path
-    ├── AuthError                  401 unauthorized
-    ├── PermissionDenied           403 permission_denied
-    ├── NotFound                   404 not_found
-    │   ├── SandboxNotFound        404 sandbox_not_found
-    │   ├── FileNotFound           404 file_not_found
-    │   ├── ImageNotFound          404 image_not_found
-    │   └── VolumeNotFound         404 volume_not_found
-    ├── CommandTimeout             408 command_timeout
-    ├── Conflict                   409 conflict
-    │   ├── InvalidState           409 invalid_state
-    │   ├── FileExists             409 file_exists
-    │   └── VolumeInUse            409 volume_in_use
-    ├── PayloadTooLarge            413 payload_too_large
-    ├── RuntimeUnavailable         422 runtime_unavailable
-    ├── LimitReached               429 limit_reached
-    ├── NoSpace                    507 no_space
-    ├── SandboxFailed              500 sandbox_failed
-    │   ├── AgentUnavailable       503 agent_unavailable
-    │   └── SandboxEnded           410 sandbox_ended
-    └── ServiceUnavailable         503 service_unavailable
-        └── ConnectionFailed       503 connection_failed   (SDK: the server cannot be reached)
+The tree with every status and code is in docs/sdk.md (written by scripts/sdk_reference.py).
 """
 
 from __future__ import annotations
@@ -151,6 +128,12 @@ class FileExists(Conflict):
     default_code = "file_exists"
 
 
+class PathBusy(Conflict):
+    """The path is in use inside the sandbox: a mount point, or a program that is running."""
+
+    default_code = "path_busy"
+
+
 class VolumeInUse(Conflict):
     """The volume is mounted by live sandboxes (named in the message); end them first."""
 
@@ -270,6 +253,14 @@ _ERRNO_ERRORS: dict[str, type[CorralError]] = {
     "ENAMETOOLONG": InvalidPath,
     "EINVAL": InvalidRequest,
     "EXDEV": InvalidRequest,
+    "EBUSY": PathBusy,
+    "ETXTBSY": PathBusy,
+}
+
+# What to do, added to the guest's own message for errnos whose text does not say.
+_ERRNO_HINTS: dict[str, str] = {
+    "EBUSY": "the path is a mount point or in use; act on a path inside it instead",
+    "ETXTBSY": "a running program uses this file; stop it first",
 }
 
 
@@ -293,7 +284,8 @@ def from_guest(code: str, message: str) -> CorralError:
     """Map an error reported by the guest agent (an errno name or its own code) to our tree."""
     cls = _ERRNO_ERRORS.get(code)
     if cls is not None:
-        return cls(message, code=cls.default_code)
+        hint = _ERRNO_HINTS.get(code)
+        return cls(f"{message} ({hint})" if hint else message, code=cls.default_code)
     cls = _GUEST_CODES.get(code)
     if cls is not None:
         return cls(message, code=code)
