@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from tests.e2e.conftest import free_port
 
-from corral import AsyncSandbox
+from corral import AsyncDeployment, AsyncSandbox
 
 APP = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "apps" / "web.py"
 MiB = 1024 * 1024
@@ -35,6 +35,7 @@ async def preview_figures(suite: Any, runtimes: list[str], summary: Any) -> None
                 await _through_preview(suite, http, runtime, summary)
             if "gvisor" in runtimes:
                 await _wake(suite, http, summary)
+                await _deployment_wake(suite, http, summary)
     finally:
         direct.terminate()
         await asyncio.to_thread(direct.wait)
@@ -100,6 +101,35 @@ async def _wake(suite: Any, http: httpx.AsyncClient, summary: Any) -> None:
         suite.record("first request to a hibernated sandbox (50 MiB)", "gvisor", summary(waits))
     finally:
         await sandbox.terminate()
+
+
+async def _deployment_wake(suite: Any, http: httpx.AsyncClient, summary: Any) -> None:
+    """A deployment whose instance holds 50 MiB: a small request to it awake, then the first
+    request after each hibernation (what an idle deployment's next caller waits)."""
+    hold = "import os, time; b = bytearray(os.urandom(50 << 20)); time.sleep(86400)"
+    deployed = await AsyncDeployment.create(
+        "bench-wake",
+        image="debian",
+        command=["sh", "-c", 'python3 -c "$HOLD" & exec python3 -c "$APP" 8000'],
+        env={"HOLD": hold, "APP": APP.read_text()},
+        port=8000,
+        runtime="gvisor",
+        memory_mb=1024,
+        idle_timeout=3600,
+        client=suite.client,
+    )
+    try:
+        url = deployed.url + "echo"
+        steps = [await _timed(http, url, {}) for _ in range(suite.args.samples)]
+        suite.record("small request to a deployment", "gvisor", summary(steps))
+        instance = await AsyncSandbox.connect(deployed.instance or "", client=suite.client)
+        waits = []
+        for _ in range(max(suite.args.samples // 20, 5)):
+            await instance.hibernate()
+            waits.append(await _timed(http, url, {}))
+        suite.record("first request to a hibernated deployment (50 MiB)", "gvisor", summary(waits))
+    finally:
+        await deployed.delete()
 
 
 async def _timed(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:

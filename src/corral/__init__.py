@@ -15,6 +15,7 @@ import typing as _typing
 
 from corral.client import (
     AsyncClient,
+    AsyncDeployment,
     AsyncFiles,
     AsyncPreview,
     AsyncProcess,
@@ -22,6 +23,7 @@ from corral.client import (
     AsyncVolume,
     Client,
     CommandResult,
+    Deployment,
     Files,
     Image,
     Preview,
@@ -39,6 +41,7 @@ from corral.core.errors import (
     ConnectionFailed,
     ContextNotFound,
     CorralError,
+    DeploymentFailed,
     FileExists,
     FileNotFound,
     ImageBuildFailed,
@@ -87,6 +90,7 @@ def __getattr__(name: str) -> _typing.Any:
 __all__ = [
     "AgentUnavailable",
     "AsyncClient",
+    "AsyncDeployment",
     "AsyncFiles",
     "AsyncPreview",
     "AsyncProcess",
@@ -103,6 +107,8 @@ __all__ = [
     "ConnectionFailed",
     "ContextNotFound",
     "CorralError",
+    "Deployment",
+    "DeploymentFailed",
     "EndReason",
     "Engine",
     "Execution",

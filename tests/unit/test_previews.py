@@ -25,12 +25,21 @@ def scope(path: str, headers: list[tuple[bytes, bytes]], query: bytes = b"") -> 
 
 
 def test_requests_are_addressed_by_path_or_by_host_name() -> None:
-    router = gateway.PreviewGateway(lambda *a: None, service=None, domain="Preview.Test")  # type: ignore[arg-type]
+    router = gateway.PreviewGateway(
+        lambda *a: None, service=None, deployments=None, domain="Preview.Test"
+    )  # type: ignore[arg-type]
     by_path = router._address(scope(f"/preview/{SANDBOX}/8000/a/b", []))
     assert by_path == gateway.Address(SANDBOX, 8000, f"/preview/{SANDBOX}/8000", "/a/b")
     by_host = router._address(scope("/x", [(b"host", f"8000-{SANDBOX}.preview.test".encode())]))
     assert by_host == gateway.Address(SANDBOX, 8000, "", "/x")
     assert router._address(scope("/v1/sandboxes", [(b"host", b"preview.test")])) is None
+    # Deployments: by path, or by host name `{name}.{domain}`.
+    deployed = router._address(scope("/deploy/shop/cart", []))
+    assert deployed == gateway.Address("", 0, "/deploy/shop", "/cart", "shop")
+    named = router._address(scope("/cart", [(b"host", b"shop.preview.test")]))
+    assert named == gateway.Address("", 0, "", "/cart", "shop")
+    assert router._address(scope("/deploy/Shop/", [])) is None
+    assert router._address(scope("/deployx/shop/", [])) is None
     assert router._address(scope("/preview/sb-nope/8000/", [])) is None
     other = router._address(scope("/x", [(b"host", f"8000-{SANDBOX}.elsewhere.test".encode())]))
     assert other is None

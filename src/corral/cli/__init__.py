@@ -19,7 +19,16 @@
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
 
-from corral.cli import _agents, _code, _images, _local, _previews, _remote, _volumes
+from corral.cli import (
+    _agents,
+    _code,
+    _deployments,
+    _images,
+    _local,
+    _previews,
+    _remote,
+    _volumes,
+)
 from corral.cli._common import app
 
 __all__ = ["app", "main"]
@@ -28,6 +37,7 @@ _commands = (
     _code,
     _images,
     _local,
+    _deployments,
     _previews,
     _remote,
     _volumes,

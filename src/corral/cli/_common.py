@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from corral.client import Client
-from corral.core.errors import CorralError
+from corral.core.errors import CorralError, InvalidRequest
 
 app = typer.Typer(
     help="Corral: secure sandboxes for AI agents.",
@@ -58,3 +58,14 @@ def session(url: str | None, api_key: str | None) -> Iterator[Client]:
         fail(error)
     finally:
         sdk.close()
+
+
+def pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """KEY=VALUE options as a dict; a malformed one ends the command saying so."""
+    found = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            fail(InvalidRequest(f"{what} {item!r} must read KEY=VALUE"))
+        found[name] = value
+    return found

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from corral.cli import _spec as S
-from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, session
+from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, pairs, session
 from corral.cli._volumes import Volumes, volume_mounts
 from corral.client import Process, Sandbox
 from corral.core.errors import CorralError, InvalidRequest
@@ -32,16 +32,6 @@ pools_app = typer.Typer(help="Warm pools of started sandboxes.", no_args_is_help
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(pools_app, name="pools")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
-    found = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            fail(InvalidRequest(f"{what} {item!r} must read KEY=VALUE"))
-        found[name] = value
-    return found
 
 
 def _when(timestamp: float | None) -> str:
@@ -94,8 +84,8 @@ def sandbox_create(
             disk_mb=disk,
             max_processes=max_processes,
             timeout=timeout,
-            env=_pairs(env, "env"),
-            metadata=_pairs(metadata, "metadata"),
+            env=pairs(env, "env"),
+            metadata=pairs(metadata, "metadata"),
             workdir=workdir,
             network=network,
             volumes=mounts,
@@ -124,7 +114,7 @@ def sandbox_list(
 ) -> None:
     """Your sandboxes (ended ones stay listed for 7 days)."""
     with session(url, api_key) as sdk:
-        found = Sandbox.list(_pairs(metadata, "metadata"), state, client=sdk)
+        found = Sandbox.list(pairs(metadata, "metadata"), state, client=sdk)
     if as_json:
         print(json.dumps([info.to_dict() for info in found]))
         return

@@ -2,6 +2,7 @@
 (`Sandbox`, its twin). Imports only `corral.core`; never the server, engine or runtimes."""
 
 from corral.client._client import AsyncClient
+from corral.client._deployments import AsyncDeployment, Deployment
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
 from corral.client._previews import AsyncPreview, Preview
@@ -12,6 +13,7 @@ from corral.client._volumes import AsyncVolume, Volume
 
 __all__ = [
     "AsyncClient",
+    "AsyncDeployment",
     "AsyncFiles",
     "AsyncPreview",
     "AsyncProcess",
@@ -19,6 +21,7 @@ __all__ = [
     "AsyncVolume",
     "Client",
     "CommandResult",
+    "Deployment",
     "Files",
     "Image",
     "Preview",

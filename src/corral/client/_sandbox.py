@@ -10,6 +10,7 @@ from typing import Any
 
 from corral.client._client import AsyncClient
 from corral.client._code import AsyncCode
+from corral.client._deployments import AsyncDeploys, Deployment
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
 from corral.client._previews import AsyncPreviews, Preview, previews_of
@@ -81,7 +82,7 @@ def _create_body(
     return body
 
 
-class AsyncSandbox(AsyncCode, AsyncPreviews):
+class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
     """A sandbox on a Corral server. Create one with `await AsyncSandbox.create()`.
 
     Used as an async context manager, it terminates the sandbox on exit.
@@ -410,6 +411,7 @@ class Sandbox(Twin[AsyncSandbox]):
     remove_code_context = blocking(AsyncSandbox.remove_code_context)
     expose = blocking_as(Preview, AsyncSandbox.expose)
     previews = blocking_as(previews_of, AsyncSandbox.previews)
+    deploy = blocking_as(Deployment, AsyncSandbox.deploy)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -211,6 +211,16 @@ class ImageBuildFailed(CorralError):
         self.log = log
 
 
+class DeploymentFailed(CorralError):
+    """A deployment's new instance did not start serving; the message ends with its output.
+
+    Nothing changed: a new deployment is not created, an updated one serves its old version.
+    """
+
+    status_code = 422
+    default_code = "deployment_failed"
+
+
 class AgentUnavailable(SandboxFailed):
     """The guest agent inside the sandbox does not answer."""
 

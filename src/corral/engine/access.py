@@ -29,12 +29,14 @@ class Access:
         self._wake = wake
         self.last_use = 0.0  # time.monotonic() of the last use of any sandbox
 
-    def running(self, sandbox_id: str, action: str) -> SandboxRecord:
-        """The sandbox, if it is running; else `InvalidState` naming `action`."""
+    def running(self, sandbox_id: str, action: str, *, use: bool = True) -> SandboxRecord:
+        """The sandbox, if it is running; else `InvalidState` naming `action`. Counted as a
+        use unless `use` is false (a check that must not keep the sandbox awake)."""
         record = self._registry.get(sandbox_id)
         record.require(action, SandboxState.RUNNING)
-        self.last_use = time.monotonic()
-        record.touch()
+        if use:
+            self.last_use = time.monotonic()
+            record.touch()
         return record
 
     async def use(self, sandbox_id: str, action: str) -> SandboxRecord:

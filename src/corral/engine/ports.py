@@ -62,23 +62,36 @@ class Ports:
         self._access = access
 
     async def connect(
-        self, sandbox_id: str, port: int, *, wait: float = 0.0, half_close: bool = False
+        self,
+        sandbox_id: str,
+        port: int,
+        *,
+        wait: float = 0.0,
+        half_close: bool = False,
+        passive: bool = False,
     ) -> PortStream:
         """Connect to `port` on the sandbox's loopback, waking it first if it sleeps; for up
-        to `wait` seconds, a port nothing listens on yet is tried again."""
+        to `wait` seconds, a port nothing listens on yet is tried again. A `passive` connection
+        (a health check) neither wakes the sandbox nor counts as a use of it."""
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise InvalidRequest("port must be a whole number from 1 to 65535")
         deadline = time.monotonic() + wait
         while True:
             try:
-                return await self._connect(sandbox_id, port, half_close)
+                return await self._connect(sandbox_id, port, half_close, passive)
             except PortClosed:
                 if time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(RETRY_EVERY)
 
-    async def _connect(self, sandbox_id: str, port: int, half_close: bool) -> PortStream:
-        record = await self._access.use(sandbox_id, "connect to a port of")
+    async def _connect(
+        self, sandbox_id: str, port: int, half_close: bool, passive: bool
+    ) -> PortStream:
+        action = "connect to a port of"
+        if passive:
+            record = self._access.running(sandbox_id, action, use=False)
+        else:
+            record = await self._access.use(sandbox_id, action)
         try:
             channel = await record.link.open(
                 P.PORT_CONNECT, {"port": port, "half_close": half_close}

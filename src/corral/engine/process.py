@@ -54,6 +54,13 @@ class Process:
             elif kind in STREAM_NAMES:
                 yield STREAM_NAMES[kind], payload
 
+    @property
+    def lost(self) -> bool:
+        """Whether its output stopped because the agent's connection dropped (the sandbox
+        slept, or the host restarted) rather than because the process ended: it may run on."""
+        error = (self._reply or {}).get("error")
+        return isinstance(error, dict) and error.get("code") == AgentUnavailable.default_code
+
     async def write_stdin(self, data: bytes | str) -> None:
         """Write to the process's stdin (or its terminal); needs `stdin=True` or a PTY."""
         if isinstance(data, str):

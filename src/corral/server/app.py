@@ -20,6 +20,7 @@ from starlette.types import Scope
 from corral.server import errors
 from corral.server.auth import service_of
 from corral.server.config import ServerConfig
+from corral.server.deployments.host import DeploymentHost
 from corral.server.e2b import E2bApps, E2bGateway
 from corral.server.mcp_http import McpEndpoint
 from corral.server.previews.gateway import PreviewGateway
@@ -38,15 +39,18 @@ def _is_upload(scope: Scope) -> bool:
 def create_app(config: ServerConfig) -> FastAPI:
     """The ASGI application; the engine starts (and re-adopts sandboxes) in its lifespan."""
     service = Service(config)
+    deployments = DeploymentHost(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        await deployments.start()  # adopts their instances, which live on across restarts
         try:
             async with mcp.running():
                 yield
         finally:
             await e2b.close()
+            await deployments.stop()
             await service.close()
 
     app = FastAPI(
@@ -57,6 +61,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         responses={code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 422, 429)},
     )
     app.state.service = service
+    app.state.deployments = deployments
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=config.max_body_bytes, unlimited=_is_upload)
     for router in ROUTERS:
@@ -66,7 +71,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     e2b = E2bApps(service)  # E2B's SDKs, routed by their headers on the same port
     app.add_middleware(E2bGateway, control=e2b.control, envd=e2b.envd, interpreter=e2b.interpreter)
     # Previews: ports of sandboxes, by host name or under /preview/ (see corral.server.previews)
-    app.add_middleware(PreviewGateway, service=service, domain=config.preview_domain)
+    app.add_middleware(
+        PreviewGateway, service=service, deployments=deployments, domain=config.preview_domain
+    )
 
     @app.get("/healthz", tags=["server"])
     async def healthz(request: Request) -> Health:

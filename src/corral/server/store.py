@@ -43,6 +43,7 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import UNITS, Quota
 from corral.core.state import EndReason, SandboxState
 from corral.engine.sealing import KeyRing, open_spec, seal_spec
+from corral.server.deployments.store import DeploymentStore
 from corral.server.previews.store import PreviewStore
 from corral.server.tables import BlobRow, ImageRow, KeyRow, QuotaRow, SandboxRow, VolumeRow
 
@@ -191,6 +192,7 @@ class Store:
         self._keys = keys  # seal each sandbox's environment
         self._session = async_sessionmaker(engine, expire_on_commit=False)
         self.previews = PreviewStore(self._session)
+        self.deployments = DeploymentStore(self._session)
         self._active_keys: dict[str, tuple[ApiKey, float]] = {}  # digest -> key, good until
 
     @classmethod

@@ -7,10 +7,14 @@ out of the box. A preview's token grants that one port of that one sandbox; it i
 scoped to the preview (host and path) and redirects to the same URL without it, so browsers
 and iframes work. Public previews need none. Corral's own tokens, cookies and API keys never
 reach the sandbox. A sleeping sandbox is woken by a request, which waits for its port.
+
+Deployments (`corral.server.deployments`) are served here too, publicly: `/deploy/{name}/...`,
+or `{name}.{domain}` with a preview domain, goes to the instance serving the deployment now.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import html
@@ -22,9 +26,10 @@ import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.exceptions import InvalidHandshake, ProtocolError
 
-from corral.core.errors import CorralError, PortClosed, SandboxNotFound
+from corral.core.errors import CorralError, NotFound, PortClosed, SandboxNotFound
 from corral.core.state import SandboxState
 from corral.engine.ports import PortStream
+from corral.server.deployments.host import DeploymentHost
 from corral.server.previews.proxy import ClientGone, Headers, relay
 from corral.server.previews.sockets import Refused, relay_websocket
 from corral.server.service import Service
@@ -37,6 +42,8 @@ TOKEN_PREFIX = "corral_pv_"  # noqa: S105 - the prefix of the tokens, not one
 WAKE_WAIT = 30.0  # seconds a request to a sleeping sandbox waits for its port to answer
 _LABEL = re.compile(r"^(\d{1,5})-(sb-[0-9a-z]{16})$")
 _PATH = re.compile(r"^/preview/(sb-[0-9a-z]{16})/(\d{1,5})(/.*)?$")
+_DEPLOYMENT = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
+_DEPLOYMENT_PATH = re.compile(r"^/deploy/([a-z]([a-z0-9-]{0,38}[a-z0-9])?)(/.*)?$")
 INVALID = (
     "This preview link is not valid: its token is wrong, revoked or expired, or it is for "
     "another port or sandbox."
@@ -52,20 +59,27 @@ class Address:
     port: int
     prefix: str
     rest: str
+    deployment: str | None = None  # a deployment's name (then the sandbox is its instance's)
 
 
 class PreviewGateway:
-    """ASGI middleware: preview requests go to the sandbox's port, the rest to Corral's API."""
+    """ASGI middleware: preview and deployment requests go to a sandbox's port, the rest to
+    Corral's API."""
 
-    def __init__(self, app: ASGIApp, *, service: Service, domain: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, service: Service, deployments: DeploymentHost, domain: str | None
+    ) -> None:
         self.app = app
         self.service = service
+        self.deployments = deployments
         self.domain = domain.lower() if domain else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self._address(scope) if scope["type"] in ("http", "websocket") else None
         if found is None:
             return await self.app(scope, receive, send)
+        if found.deployment is not None:
+            return await self._deployment(scope, receive, send, found)
         await self._serve(scope, receive, send, found)
 
     def _address(self, scope: Scope) -> Address | None:
@@ -78,6 +92,11 @@ class PreviewGateway:
             match = _LABEL.match(name)
             if match and domain == self.domain:
                 return Address(match[2], int(match[1]), "", raw)
+            if _DEPLOYMENT.match(name) and domain == self.domain:
+                return Address("", 0, "", raw, deployment=name)
+        deployed = _DEPLOYMENT_PATH.match(raw)
+        if deployed is not None:
+            return Address("", 0, f"/deploy/{deployed[1]}", deployed[3] or "", deployed[1])
         match = _PATH.match(raw)
         if match is None:
             return None
@@ -94,6 +113,39 @@ class PreviewGateway:
         if from_query and not websocket:  # once in the URL, then a cookie for this preview
             cookie = _cookie(scope, token or "", to.prefix + "/")
             return await _redirect(send, to.prefix + to.rest + _query(scope, drop=True), [cookie])
+        await self._relay(scope, receive, send, to)
+
+    async def _deployment(self, scope: Scope, receive: Receive, send: Send, to: Address) -> None:
+        """A request to a deployment: to the instance serving it now (public: no token). One
+        starting or restarting is waited for as a sleeping sandbox's port is."""
+        websocket = scope["type"] == "websocket"
+        if not to.rest and not websocket:
+            return await _redirect(send, to.prefix + "/" + _query(scope, drop=False), [])
+        try:
+            runner = self.deployments.get(to.deployment or "")
+        except NotFound:
+            return await _refuse(send, websocket, 404, f"No deployment {to.deployment} here.")
+        if not runner.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAKE_WAIT):
+                    await runner.ready.wait()
+        instance = runner.instance
+        if instance is None:
+            message = f"Deployment {runner.name} is {runner.status}, with no instance serving."
+            return await _refuse(send, websocket, 503, message + " Retry shortly.")
+        # Counted from here, with no wait before: an update retires an instance only once
+        # the requests sent to it are answered.
+        with self.deployments.request(instance.sandbox_id):
+            port = runner.entry.spec.port
+            await self._relay(
+                scope,
+                receive,
+                send,
+                dataclasses.replace(to, sandbox_id=instance.sandbox_id, port=port),
+            )
+
+    async def _relay(self, scope: Scope, receive: Receive, send: Send, to: Address) -> None:
+        websocket = scope["type"] == "websocket"
         connected = await self._connect(to)
         if not isinstance(connected, PortStream):
             return await _refuse(send, websocket, *connected)
