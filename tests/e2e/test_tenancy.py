@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import corral
-from corral import Image, Sandbox, Volume
+from corral import Deployment, Image, Sandbox, Volume
 from corral.server.app import create_app
 from corral.server.config import ServerConfig
 from tests.conftest import require_runtime
@@ -63,7 +63,7 @@ NODE_WIDE = {
     },
 }
 # Lists and the event stream: the other key sees nothing of the owner's.
-LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots"}
+LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots", "/v1/deployments"}
 # What each resource route needs besides its path to get past validation to the tenant check.
 BODIES: dict[str, Any] = {
     "/timeout": {"timeout": 60},
@@ -73,6 +73,8 @@ BODIES: dict[str, Any] = {
     "/code": {"code": "owned = 'stolen'"},
     "/code/contexts": {},
     "/previews": {"port": 8000},
+    "/deploy": {"name": "stolen", "port": 8000, "command": "true"},
+    "/v1/deployments/{name}": {"port": 8001},
     "/signal": {},
     "/filesystem-snapshot": {},
     "/files/mkdir": {"path": "/root/new"},
@@ -111,6 +113,11 @@ def owned(server: Server) -> Iterator[dict[str, str]]:
     made["sandbox"] = sandbox.id
     made["process"] = str(sandbox.exec("sleep", "600").id)
     made["preview"] = sandbox.expose(8000).id
+    command = "python3 -m http.server 8000"
+    made["deployment"] = Deployment.create(
+        "owned-deployment", image="debian", command=command, port=8000, runtime="namespaces",
+        client=owner,
+    ).name  # fmt: skip
     made["volume"] = Volume.create("owned-volume", size_mb=16, client=owner).id
     made["image"] = Image.debian_slim().env({"OWNED": "1"}).build("owned-image", client=owner).id
     require_runtime("gvisor")
@@ -118,6 +125,7 @@ def owned(server: Server) -> Iterator[dict[str, str]]:
     made["snapshot"] = sleeper.snapshot(name="owned-snapshot").id
     sleeper.terminate()
     yield made
+    Deployment.get(made["deployment"], client=owner).delete()
     sandbox.terminate()
     owner.close()
 
@@ -138,7 +146,8 @@ def test_every_route_hides_one_keys_resources_from_another(
                 continue
             if method == "GET" and path in LISTS:
                 answer = http.get(path)
-                mine = [owned[kind] for kind in ("sandbox", "volume", "image", "snapshot")]
+                kinds = ("sandbox", "volume", "image", "snapshot", "deployment")
+                mine = [owned[kind] for kind in kinds]
                 if answer.status_code != 200 or any(v in answer.text for v in mine):
                     leaked.append(f"GET {path} shows the owner's: {answer.text[:300]}")
                 continue
@@ -162,6 +171,8 @@ def test_every_route_hides_one_keys_resources_from_another(
         assert owner.get_snapshot("owned-snapshot").id == owned["snapshot"]
         assert owner.get_image("owned-image").id == owned["image"]
         assert Volume.from_name("owned-volume", client=owner).name == "owned-volume"
+        deployed = Deployment.get(owned["deployment"], client=owner)
+        assert (deployed.version, deployed.status) == (1, "running")
 
 
 def _requests(
@@ -175,6 +186,13 @@ def _requests(
             (path, {}, {"json": {"snapshot": "owned-snapshot"}}),
             (path, {}, {"json": {"volumes": [{"path": "/d", "volume": "owned-volume"}]}}),
         ]
+    if path == "/v1/deployments" and method == "POST":  # a deployment of the owner's things
+        given = {"name": "stolen", "command": "true", "port": 8000}
+        return [
+            (path, {}, {"json": {**given, "image": "owned-image"}}),
+            (path, {}, {"json": {**given, "image": owned["image"]}}),
+            (path, {}, {"json": {**given, "snapshot": "owned-snapshot"}}),
+        ]
     if path == "/v1/events":
         return [(path, {"sandbox_id": owned["sandbox"]}, {})]
     names = {
@@ -182,6 +200,7 @@ def _requests(
         "process_id": owned["process"],
         "context_id": "python",
         "preview_id": owned["preview"],
+        "name": owned["deployment"] if "/deployments/" in path else "?",
         "ref": owned[_kind_of(path)] if "{ref}" in path else "",
     }
     url = re.sub(r"\{(\w+)\}", lambda m: names.get(m.group(1), "?"), path)
@@ -189,7 +208,7 @@ def _requests(
         return []
     body: dict[str, Any] = {}
     for suffix, json_body in BODIES.items():
-        if path.endswith(suffix):
+        if path.endswith(suffix) and (method != "DELETE" or suffix != "/v1/deployments/{name}"):
             body = {"json": json_body}
     if method == "PUT":
         body = {"content": b"overwritten"}
