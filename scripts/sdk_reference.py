@@ -23,6 +23,8 @@ SECTIONS: list[tuple[str, list[type]]] = [
     ("Volumes", [corral.Volume, corral.AsyncVolume]),
     ("Commands", [corral.Process, corral.AsyncProcess, corral.CommandResult, corral.ProcessExit]),
     ("Files", [corral.Files, corral.AsyncFiles]),
+    ("Deployments", [corral.Deployment, corral.AsyncDeployment]),
+    ("Previews", [corral.Preview, corral.AsyncPreview]),
     ("Data", [corral.SandboxInfo, corral.FileInfo, corral.ProcessInfo]),
 ]
 INTRO = """# SDK reference
@@ -68,6 +70,8 @@ ASYNC_OF: dict[type, type] = {
     corral.Process: corral.AsyncProcess,
     corral.Files: corral.AsyncFiles,
     corral.Volume: corral.AsyncVolume,
+    corral.Deployment: corral.AsyncDeployment,
+    corral.Preview: corral.AsyncPreview,
 }
 
 

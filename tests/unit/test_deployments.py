@@ -34,6 +34,7 @@ OK = {"name": "web", "image": "debian", "command": "python3 -m http.server", "po
         ({"health_path": "/a b"}, "health_path"),
         ({"network": "everything"}, "network"),
         ({"memory_mb": 1}, "memory_mb"),
+        ({"start_timeout": 0}, "start_timeout"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(change: dict[str, object], says: str) -> None:

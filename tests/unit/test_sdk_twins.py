@@ -18,6 +18,8 @@ TWINS = [
     (AsyncOutput, Output),
     (AsyncStdin, Stdin),
     (corral.AsyncVolume, corral.Volume),
+    (corral.AsyncDeployment, corral.Deployment),
+    (corral.AsyncPreview, corral.Preview),
 ]
 # Async members whose sync twin has another name, or that only async code can use (a transport
 # handing out httpx responses and WebSockets is the async SDK's own plumbing).
@@ -30,6 +32,8 @@ ASYNC_ONLY = {
     (corral.AsyncClient, "has_blob"),
     (corral.AsyncClient, "api_key"),
     (corral.AsyncVolume, "client"),
+    (corral.AsyncDeployment, "client"),
+    (corral.AsyncPreview, "client"),
     (corral.AsyncProcess, "start"),  # made from the exec WebSocket by `AsyncSandbox.exec`
 }
 

@@ -36,6 +36,7 @@ def deploy(
     always_on: bool = typer.Option(False, help="Never sleep (min_instances=1)."),
     idle_timeout: float | None = typer.Option(None, help="Seconds idle before it sleeps."),
     health_path: str | None = typer.Option(None, help="A path that answers 2xx when healthy."),
+    start_timeout: float | None = typer.Option(None, help="Seconds to become healthy (60)."),
     as_json: Json = False,
     url: Url = None,
     api_key: ApiKey = None,
@@ -49,6 +50,7 @@ def deploy(
         "min_instances": 1 if always_on else None,
         "idle_timeout": idle_timeout,
         "health_path": health_path,
+        "start_timeout": start_timeout,
     }
     sandbox_fields = {"runtime": runtime, "cpu": cpu, "memory_mb": memory_mb, "network": network}
     with session(url, api_key) as sdk:

@@ -88,11 +88,13 @@ class AsyncDeployment:
         min_instances: int | None = None,
         idle_timeout: float | None = None,
         health_path: str | None = None,
+        start_timeout: float | None = None,
         client: AsyncClient | Client | None = None,
     ) -> AsyncDeployment:
         """Deploy `command` from `image` (or a memory `snapshot`, whose processes serve on)
         as `name`, served on `port`; returns once it answers its health check (`health_path`
-        answering 2xx/3xx, else the port accepting).
+        answering 2xx/3xx, else the port accepting), which it must within `start_timeout`
+        seconds (60).
 
         `min_instances=0` (the default) lets it sleep after `idle_timeout` seconds (300)
         without requests, hibernated where the runtime can, else paused; the next request
@@ -139,6 +141,7 @@ class AsyncDeployment:
         min_instances: int | None = None,
         idle_timeout: float | None = None,
         health_path: str | None = None,
+        start_timeout: float | None = None,
     ) -> AsyncDeployment:
         """Deploy a new version with these changes: it starts beside the old one, takes the
         traffic once healthy, and the old one ends after answering what it was sent, so no
@@ -234,6 +237,16 @@ class Deployment(Twin[AsyncDeployment]):
         return self._async.restarts
 
     @property
+    def created_at(self) -> float:
+        """When it was deployed first (Unix time)."""
+        return self._async.created_at
+
+    @property
+    def updated_at(self) -> float:
+        """When its version or instance last changed (Unix time)."""
+        return self._async.updated_at
+
+    @property
     def spec(self) -> Mapping[str, Any]:
         """What it runs: image or snapshot, command, port, resources..."""
         return self._async.spec
@@ -270,6 +283,7 @@ class AsyncDeploys(abc.ABC):
         min_instances: int | None = None,
         idle_timeout: float | None = None,
         health_path: str | None = None,
+        start_timeout: float | None = None,
     ) -> AsyncDeployment:
         """Promote this sandbox to a deployment called `name`: its files (what you installed
         and wrote) become an image, and `command` serves `port` from it, with this sandbox's

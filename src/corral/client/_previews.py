@@ -94,6 +94,11 @@ class Preview(Twin[AsyncPreview]):
         return self._async.url
 
     @property
+    def created_at(self) -> float:
+        """When it was opened (Unix time)."""
+        return self._async.created_at
+
+    @property
     def expires_at(self) -> float | None:
         """When it stops working (Unix time), if it expires."""
         return self._async.expires_at

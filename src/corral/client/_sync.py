@@ -71,7 +71,9 @@ class Twin(Generic[A_co]):
 
 # -- deriving sync methods from async ones -------------------------------------------------------
 
-_ASYNC_NAME = re.compile(r"\bAsync(Client|Sandbox|Files|Process|Output|Stdin|Volume)\b")
+_ASYNC_NAME = re.compile(
+    r"\bAsync(Client|Sandbox|Files|Process|Output|Stdin|Volume|Deployment|Preview)\b"
+)
 _ASYNC_ITER = re.compile(r"^Async(?:Iterator\[(.*)\]|Generator\[(.*), None\])$")
 
 

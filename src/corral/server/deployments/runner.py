@@ -19,7 +19,13 @@ import dataclasses
 import logging
 import time
 
-from corral.core.errors import CorralError, DeploymentFailed, InvalidRequest, NotFound
+from corral.core.errors import (
+    CorralError,
+    DeploymentFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+)
 from corral.core.ids import new_id
 from corral.core.spec import MAX_TIMEOUT
 from corral.core.state import SandboxState
@@ -36,7 +42,6 @@ WATCH_EVERY = 1.0  # seconds between looks at the instance
 HEALTH_EVERY = 5.0
 HEALTH_FAILURES = 3  # checks failed in a row before the instance is replaced
 HEALTH_TIMEOUT = 5.0
-START_TIMEOUT = 120.0  # for a new instance to answer its health check
 DRAIN_TIMEOUT = 30.0  # for requests to a replaced instance to finish
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)  # seconds before restart n
 STABLE_AFTER = 60.0  # healthy this long, the next crash restarts at once again
@@ -184,9 +189,12 @@ class Runner:
 
     async def launch(self, spec: DeploymentSpec) -> Instance:
         """A new instance of `spec`, answering its health check; `DeploymentFailed` (with the
-        end of its output) if it does not within START_TIMEOUT, and nothing is left of it."""
+        end of its output) if it does not within its start_timeout, and nothing is left of it."""
         engine = self.service.engine
-        tenant = Tenant(self.service, await self.service.store.find_key(self.entry.owner))
+        key = await self.service.store.find_key(self.entry.owner)
+        if not key.active:
+            raise PermissionDenied(f"the API key that owns deployment {self.name} is revoked")
+        tenant = Tenant(self.service, key)
         sandbox = spec.sandbox_spec(image=spec.image or "debian", on_idle=self._on_idle(spec))
         info = await Sandboxes(tenant).create(sandbox, pool=False, snapshot=spec.snapshot)
         instance = Instance(info.id, None)
@@ -214,7 +222,7 @@ class Runner:
         return instance
 
     async def _until_healthy(self, instance: Instance, spec: DeploymentSpec) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + spec.start_timeout
         why: str | None = "not checked yet"
         while time.monotonic() < deadline:
             if instance.exited.is_set():
@@ -225,7 +233,8 @@ class Runner:
                 return
             await asyncio.sleep(0.2)
         else:
-            why = f"port {spec.port} did not pass its health check in {START_TIMEOUT:g} s ({why})"
+            waited = f"{spec.start_timeout:g} s"
+            why = f"port {spec.port} did not pass its health check in {waited} ({why})"
         if instance.copier is not None:  # the last of its output (the copy ends with it)
             await asyncio.wait([instance.copier], timeout=2)
         output = bytes(instance.recent).decode(errors="replace")

@@ -17,6 +17,8 @@ from corral.core.spec import FIELD, MAX_TIMEOUT, NETWORK_POLICIES, SandboxSpec
 
 _NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_START_TIMEOUT = 60.0
+MAX_START_TIMEOUT = 600.0
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_HEALTH_PATH = 1024
 LOG_FILE = "/var/log/corral-deployment.log"  # the app's output, inside the sandbox
@@ -39,7 +41,8 @@ class DeploymentSpec:
     `command` (a list, or a string run by /bin/sh) is started in a fresh sandbox from `image`;
     from a memory `snapshot` it may be left out, as the snapshot's processes run on. Traffic
     goes to `port`; the deployment is healthy once `health_path` answers 2xx or 3xx (or, with
-    none, once the port accepts connections). With `min_instances=0` it sleeps after
+    none, once the port accepts connections), which a new instance must be within
+    `start_timeout` seconds. With `min_instances=0` it sleeps after
     `idle_timeout` seconds without requests, and the next request wakes it.
     """
 
@@ -57,6 +60,7 @@ class DeploymentSpec:
     min_instances: int = 0
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     health_path: str | None = None
+    start_timeout: float = DEFAULT_START_TIMEOUT
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -79,6 +83,13 @@ class DeploymentSpec:
         idle = self.idle_timeout
         if isinstance(idle, bool) or not isinstance(idle, int | float) or not 1 <= idle <= 86400:
             raise InvalidRequest("idle_timeout must be 1 to 86400 seconds")
+        start = self.start_timeout
+        if (
+            isinstance(start, bool)
+            or not isinstance(start, int | float)
+            or not 1 <= start <= MAX_START_TIMEOUT
+        ):
+            raise InvalidRequest(f"start_timeout must be 1 to {MAX_START_TIMEOUT:g} seconds")
         if self.network not in NETWORK_POLICIES:
             raise InvalidRequest(f"network={self.network!r} is unknown; use 'none' or 'internet'")
         path = self.health_path

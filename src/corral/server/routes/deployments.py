@@ -51,6 +51,9 @@ class Version(BaseModel):
     health_path: str | None = Field(
         default=None, description="Healthy once it answers 2xx/3xx (default: the port accepts)."
     )
+    start_timeout: float | None = Field(
+        default=None, description="Seconds a new instance has to become healthy (60, ≤ 600)."
+    )
 
 
 class Deploy(Version):
