@@ -5,6 +5,7 @@ and MiB/s through one preview, and the first request that wakes a hibernated san
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from corral import AsyncDeployment, AsyncSandbox
 
 APP = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "apps" / "web.py"
 MiB = 1024 * 1024
+HIBERNATE_SETTLE = 3.0
 
 
 async def preview_figures(suite: Any, runtimes: list[str], summary: Any) -> None:
@@ -96,7 +98,7 @@ async def _wake(suite: Any, http: httpx.AsyncClient, summary: Any) -> None:
         await sandbox.run(f"nohup {hold} > /dev/null 2>&1 &")
         waits = []
         for _ in range(max(suite.args.samples // 20, 5)):
-            await sandbox.hibernate()
+            await _hibernated(sandbox)
             waits.append(await _timed(http, url + "echo", headers))
         suite.record("first request to a hibernated sandbox (50 MiB)", "gvisor", summary(waits))
     finally:
@@ -125,11 +127,18 @@ async def _deployment_wake(suite: Any, http: httpx.AsyncClient, summary: Any) ->
         instance = await AsyncSandbox.connect(deployed.instance or "", client=suite.client)
         waits = []
         for _ in range(max(suite.args.samples // 20, 5)):
-            await instance.hibernate()
+            await _hibernated(instance)
             waits.append(await _timed(http, url, {}))
         suite.record("first request to a hibernated deployment (50 MiB)", "gvisor", summary(waits))
     finally:
         await deployed.delete()
+
+
+async def _hibernated(sandbox: AsyncSandbox) -> None:
+    """Hibernate, and let runsc's cleanup of the stopped sandbox finish (1 to 2 s in the
+    background): a request after an idle timeout comes long after it, not at once."""
+    await sandbox.hibernate()
+    await asyncio.sleep(HIBERNATE_SETTLE)
 
 
 async def _timed(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:
@@ -141,7 +150,8 @@ async def _timed(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> 
 
 async def _until_up(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> None:
     for _ in range(300):
-        if (await http.get(url, headers=headers)).status_code == 200:
-            return
+        with contextlib.suppress(httpx.TransportError):  # not listening yet
+            if (await http.get(url, headers=headers)).status_code == 200:
+                return
         await asyncio.sleep(0.1)
     raise RuntimeError(f"{url} never answered")

@@ -216,26 +216,27 @@ def test_a_sandbox_is_promoted_to_a_deployment(server: Server, client: Client) -
 
 
 def test_bad_deployments_are_refused_and_leave_nothing(server: Server, client: Client) -> None:
-    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"})
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
     base = {"name": "ok", "image": "debian", "command": "sleep 1", "port": 8000}
-    for change, code in [
-        ({"name": "Bad_Name"}, "invalid_request"),
-        ({"name": "-x"}, "invalid_request"),
-        ({"port": 0}, "invalid_request"),
-        ({"port": 70000}, "invalid_request"),
-        ({"command": None}, "invalid_request"),
-        ({"snapshot": "sn-0123456789abcdef"}, "invalid_request"),  # with an image too
-        ({"min_instances": 2}, "invalid_request"),
-        ({"idle_timeout": 0}, "invalid_request"),
-        ({"health_path": "no-slash"}, "invalid_request"),
-        ({"memory_mb": 1}, "invalid_request"),
-        ({"image": "no-such-image"}, "image_not_found"),
-        ({"colour": "red"}, "invalid_request"),
-    ]:
-        body = {k: v for k, v in {**base, **change}.items() if v is not None}
-        reply = api.post("/v1/deployments", json=body)
-        assert reply.status_code in (400, 404, 422), (change, reply.text)
-        assert reply.json()["error"]["code"] == code, (change, reply.text)
+    with httpx.Client(base_url=server.url, headers=headers) as api:
+        for change, code in [
+            ({"name": "Bad_Name"}, "invalid_request"),
+            ({"name": "-x"}, "invalid_request"),
+            ({"port": 0}, "invalid_request"),
+            ({"port": 70000}, "invalid_request"),
+            ({"command": None}, "invalid_request"),
+            ({"snapshot": "sn-0123456789abcdef"}, "invalid_request"),  # with an image too
+            ({"min_instances": 2}, "invalid_request"),
+            ({"idle_timeout": 0}, "invalid_request"),
+            ({"health_path": "no-slash"}, "invalid_request"),
+            ({"memory_mb": 1}, "invalid_request"),
+            ({"image": "no-such-image"}, "image_not_found"),
+            ({"colour": "red"}, "invalid_request"),
+        ]:
+            body = {k: v for k, v in {**base, **change}.items() if v is not None}
+            reply = api.post("/v1/deployments", json=body)
+            assert reply.status_code in (400, 404, 422), (change, reply.text)
+            assert reply.json()["error"]["code"] == code, (change, reply.text)
 
     # A command that exits before its port answers: 422 with its output, nothing created.
     before = {s.id for s in Sandbox.list(state="running", client=client)}
