@@ -15,7 +15,8 @@ from typing import Any
 from corral.core.errors import InvalidRequest
 from corral.core.spec import FIELD, MAX_TIMEOUT, NETWORK_POLICIES, SandboxSpec
 
-_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
+NAME = r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?"  # also a host label and a path segment
+_NAME = re.compile(f"^{NAME}$")
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_START_TIMEOUT = 60.0
 MAX_START_TIMEOUT = 600.0

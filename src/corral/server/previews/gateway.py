@@ -30,6 +30,7 @@ from corral.core.errors import CorralError, NotFound, PortClosed, SandboxNotFoun
 from corral.core.state import SandboxState
 from corral.engine.ports import PortStream
 from corral.server.deployments.host import DeploymentHost
+from corral.server.deployments.spec import NAME as DEPLOYMENT_NAME
 from corral.server.previews.proxy import ClientGone, Headers, relay
 from corral.server.previews.sockets import Refused, relay_websocket
 from corral.server.service import Service
@@ -42,8 +43,8 @@ TOKEN_PREFIX = "corral_pv_"  # noqa: S105 - the prefix of the tokens, not one
 WAKE_WAIT = 30.0  # seconds a request to a sleeping sandbox waits for its port to answer
 _LABEL = re.compile(r"^(\d{1,5})-(sb-[0-9a-z]{16})$")
 _PATH = re.compile(r"^/preview/(sb-[0-9a-z]{16})/(\d{1,5})(/.*)?$")
-_DEPLOYMENT = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
-_DEPLOYMENT_PATH = re.compile(r"^/deploy/([a-z]([a-z0-9-]{0,38}[a-z0-9])?)(/.*)?$")
+_DEPLOYMENT = re.compile(f"^{DEPLOYMENT_NAME}$")
+_DEPLOYMENT_PATH = re.compile(f"^/deploy/({DEPLOYMENT_NAME})(/.*)?$")
 INVALID = (
     "This preview link is not valid: its token is wrong, revoked or expired, or it is for "
     "another port or sandbox."
@@ -96,7 +97,7 @@ class PreviewGateway:
                 return Address("", 0, "", raw, deployment=name)
         deployed = _DEPLOYMENT_PATH.match(raw)
         if deployed is not None:
-            return Address("", 0, f"/deploy/{deployed[1]}", deployed[3] or "", deployed[1])
+            return Address("", 0, f"/deploy/{deployed[1]}", deployed[2] or "", deployed[1])
         match = _PATH.match(raw)
         if match is None:
             return None
