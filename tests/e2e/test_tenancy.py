@@ -67,6 +67,7 @@ LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots", "/v1/dep
 # What each resource route needs besides its path to get past validation to the tenant check.
 BODIES: dict[str, Any] = {
     "/timeout": {"timeout": 60},
+    "/network": {"allow": ["stolen.test"]},
     "/snapshot": {},
     "/fork": {"count": 1},
     "/exec": {"cmd": "true"},
@@ -210,7 +211,7 @@ def _requests(
     for suffix, json_body in BODIES.items():
         if path.endswith(suffix) and (method != "DELETE" or suffix != "/v1/deployments/{name}"):
             body = {"json": json_body}
-    if method == "PUT":
+    if method == "PUT" and "/files" in path:
         body = {"content": b"overwritten"}
     params = {"path": "/root/a"} if "/files" in path else {}
     calls = [(url, params, body)]

@@ -35,10 +35,17 @@ def test_network_addresses_and_interfaces() -> None:
     assert len(network.host_iface(network.POOL_SIZE - 1)) <= 15  # IFNAMSIZ
 
 
-def test_nameservers_skip_loopback(tmp_path: Path) -> None:
+def test_nameservers_are_the_hosts_ipv4_ones(tmp_path: Path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 127.0.0.53\nnameserver 10.1.2.3\nnameserver ::1\nsearch x\n")
-    assert network.nameservers(conf)[0] == "10.1.2.3"
+    assert network.nameservers(conf) == ("127.0.0.53", "10.1.2.3")
+
+
+def test_sandbox_addresses_map_back_to_their_slot() -> None:
+    assert network.slot_of("100.96.0.6") == 1
+    assert network.slot_of(network.addresses(300)[1]) == 300
+    for other in ("100.96.0.5", "100.96.0.7", "10.0.0.2", "::1", "not an address"):
+        assert network.slot_of(other) is None
 
 
 def test_apt_sources_finds_only_files_serving_the_suite() -> None:

@@ -18,7 +18,9 @@ from corral.server.schemas import CreateSandbox, PoolBody, SpecBody
 NAMES = list(FIELD)
 # Where the SDK or the CLI says "nothing" and the server fills in the default.
 SERVER_DEFAULTS = {"image", "env", "metadata", "volumes"}
-CLI_NAMES = {"memory_mb": "memory", "disk_mb": "disk", "volumes": "volume"}
+CLI_NAMES = {"memory_mb": "memory", "disk_mb": "disk", "volumes": "volume", "egress": "allow"}
+# The SDK takes egress rules as `network=Network(allow=..., deny=...)`.
+SDK_NAMES = {"egress": "network"}
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -60,9 +62,10 @@ def test_the_http_schema_takes_every_field_with_its_default() -> None:
 def test_the_sdk_create_takes_every_field_with_its_default() -> None:
     for create in (corral.AsyncSandbox.create, corral.Sandbox.create):
         parameters = inspect.signature(create).parameters
-        missing = [name for name in NAMES if name not in parameters]
+        missing = [name for name in NAMES if SDK_NAMES.get(name, name) not in parameters]
         assert not missing, f"{create.__qualname__} lacks {missing}"
-        for name in NAMES:
+        assert "Network" in str(parameters["network"].annotation)
+        for name in set(NAMES) - set(SDK_NAMES):
             default = parameters[name].default
             if name in SERVER_DEFAULTS:
                 assert default is None, name

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from corral.cli._common import DataDir, Json, app, console, fail, out
+from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine, default_data_dir, lock_data_dir
@@ -72,6 +73,28 @@ AtRestKey = Annotated[
 ImageQuota = Annotated[
     int, typer.Option(help="Disk one API key's images may take (MiB); checked before each build.")
 ]
+EgressAllow = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar="CORRAL_EGRESS_ALLOW",
+        help="The operator's floor: internet sandboxes reach only these names, *.wildcards and "
+        "IPv4 CIDRs, whatever their own rules say; repeatable. Default: anywhere public.",
+    ),
+]
+EgressDeny = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar="CORRAL_EGRESS_DENY",
+        help="The operator's floor: internet sandboxes never reach these; repeatable.",
+    ),
+]
+DnsUpstream = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar="CORRAL_DNS_UPSTREAM",
+        help="Nameservers Corral's resolver asks for sandboxes; default: the host's.",
+    ),
+]
 PreviewDomain = Annotated[
     str | None,
     typer.Option(
@@ -124,8 +147,13 @@ def doctor(data_dir: DataDir = None, as_json: bool = typer.Option(False, "--json
     console.print(f"data directory: {engine.data_dir}")
 
 
-def _registries(allowed: list[str] | None) -> tuple[str, ...]:
-    return tuple(name for item in allowed or () for name in item.split(",") if name)
+def _floor(allow: list[str] | None, deny: list[str] | None) -> EgressPolicy:
+    return EgressPolicy.parse({"allow": _items(allow) or None, "deny": _items(deny)})
+
+
+def _items(given: list[str] | None) -> tuple[str, ...]:
+    """Repeated options, each of which may also be a comma-separated list."""
+    return tuple(name.strip() for item in given or () for name in item.split(",") if name.strip())
 
 
 @app.command()
@@ -147,14 +175,14 @@ def serve(
     max_image_mib_per_key: ImageQuota = 65536,
     open_host_image: OpenHostImage = False,
     preview_domain: PreviewDomain = None,
+    egress_allow: EgressAllow = None,
+    egress_deny: EgressDeny = None,
+    dns_upstream: DnsUpstream = None,
     overcommit: Overcommit = "",
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
     # The server's dependencies load only here, so client commands start fast.
-    import uvicorn
-
-    from corral.server.app import create_app
     from corral.server.config import ServerConfig
 
     try:
@@ -164,11 +192,13 @@ def serve(
             max_sandboxes_per_key=max_sandboxes_per_key,
             max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()),
-            allowed_registries=_registries(allow_registry),
+            allowed_registries=_items(allow_registry),
             at_rest_key=at_rest_key,
             open_host_image=open_host_image,
             preview_domain=preview_domain,
             max_image_bytes_per_key=max_image_mib_per_key << 20,
+            egress_floor=_floor(egress_allow, egress_deny),
+            dns_upstream=_items(dns_upstream),
         )
         config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
@@ -180,6 +210,16 @@ def serve(
     except CorralError as error:
         fail(error)
     _banner(host, port, key_note, secure)
+    _run(config, host, port, log_level, secure)
+
+
+def _run(
+    config: ServerConfig, host: str, port: int, log_level: str, secure: TlsFiles | None
+) -> None:
+    import uvicorn
+
+    from corral.server.app import create_app
+
     uvicorn.run(
         create_app(config),
         host=host,

@@ -24,8 +24,9 @@ from rich.table import Column, Table
 from corral.cli import _spec as S
 from corral.cli._common import ApiKey, Json, Url, app, console, fail, out, pairs, session
 from corral.cli._volumes import Volumes, volume_mounts
-from corral.client import Process, Sandbox
+from corral.client import Network, Process, Sandbox
 from corral.core.errors import CorralError, InvalidRequest
+from corral.core.models import SandboxInfo
 
 sandbox_app = typer.Typer(help="Create, list, inspect and end sandboxes.", no_args_is_help=True)
 pools_app = typer.Typer(help="Warm pools of started sandboxes.", no_args_is_help=True)
@@ -59,6 +60,8 @@ def sandbox_create(
     max_processes: S.MaxProcesses = S.MAX_PROCESSES,
     timeout: S.Timeout = S.TIMEOUT,
     network: S.Network = S.NETWORK,
+    allow: S.Allow = None,
+    deny: S.Deny = None,
     env: S.Pairs = None,
     workdir: S.Workdir = S.WORKDIR,
     metadata: S.Pairs = None,
@@ -87,7 +90,7 @@ def sandbox_create(
             env=pairs(env, "env"),
             metadata=pairs(metadata, "metadata"),
             workdir=workdir,
-            network=network,
+            network=S.network_of(network, allow, deny),
             volumes=mounts,
             pool=not no_pool,
             auto_resume=auto_resume,
@@ -155,7 +158,7 @@ def sandbox_info(
         "runtime": info.runtime,
         "image": spec.image,
         "limits": f"{spec.cpu:g} cpu, {spec.memory_mb} MiB memory, {spec.disk_mb} MiB disk",
-        "network": spec.network,
+        "network": _network(info),
         "volumes": " ".join(
             f"{m.volume}:{m.path}{':ro' if m.read_only else ''}" for m in spec.volumes
         ),
@@ -169,6 +172,37 @@ def sandbox_info(
     for name, value in rows.items():
         if value:
             out.print(f"[bold]{name:>9}[/bold]  {escape(str(value))}", highlight=False)
+
+
+def _network(info: SandboxInfo) -> str:
+    rules = info.spec.egress
+    if info.spec.network == "none" or rules is None or not rules.restricts:
+        return info.spec.network
+    shown = rules.to_dict()
+    allow = "anywhere" if shown["allow"] is None else ", ".join(shown["allow"]) or "nothing"
+    return f"internet; allow {allow}" + (
+        f"; deny {', '.join(shown['deny'])}" if shown["deny"] else ""
+    )
+
+
+@sandbox_app.command("network")
+def sandbox_network(
+    sandbox_id: str,
+    allow: S.Allow = None,
+    deny: S.Deny = None,
+    clear: bool = typer.Option(False, "--clear", help="Drop the sandbox's own rules."),
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Show an internet sandbox's egress rules, or replace them: with --allow and --deny (no
+    --allow: anywhere not denied; `--allow ''`: nothing), or none of its own with --clear."""
+    with session(url, api_key) as sdk:
+        sandbox = Sandbox.connect(sandbox_id, client=sdk)
+        if clear or allow is not None or deny is not None:
+            allowed = None if allow is None else [rule for rule in allow if rule]
+            sandbox.set_network(Network(allow=allowed, deny=deny or ()))
+        info = sandbox.info()
+    out.print(_network(info), highlight=False)
 
 
 @sandbox_app.command("kill")

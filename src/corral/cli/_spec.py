@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from corral.client import Network as Rules
 from corral.core.spec import DEFAULT_SPEC as D
 from corral.core.spec import FIELD
 
@@ -25,6 +26,17 @@ Disk = Annotated[int, typer.Option("--disk", help=_help("disk_mb"))]
 MaxProcesses = Annotated[int, typer.Option(help=_help("max_processes"))]
 Timeout = Annotated[float, typer.Option(help=_help("timeout"))]
 Network = Annotated[str, typer.Option(help=_help("network"))]
+Allow = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Egress rule: reach only these host names, *.wildcards and IPv4 CIDRs "
+        "(repeatable; implies --network internet; see docs/network.md)."
+    ),
+]
+Deny = Annotated[
+    list[str] | None,
+    typer.Option(help="Egress rule: never reach these (repeatable; implies --network internet)."),
+]
 Workdir = Annotated[str | None, typer.Option(help=_help("workdir"))]
 AutoResume = Annotated[bool, typer.Option(help=_help("auto_resume"))]
 IdleTimeout = Annotated[float | None, typer.Option(help=_help("idle_timeout"))]
@@ -48,3 +60,14 @@ IDLE_TIMEOUT = D.idle_timeout
 ON_IDLE: str = D.on_idle
 KEEP_ALIVE = D.keep_alive
 ON_TIMEOUT: str = D.on_timeout
+
+
+def network_of(network: str, allow: list[str] | None, deny: list[str] | None) -> str | Rules:
+    """`--network`, or the egress rules `--allow` and `--deny` give (an internet sandbox)."""
+    if allow is None and deny is None:
+        return network
+    if network == "none":
+        network = "internet"
+    if network != "internet":
+        return network  # the server says what is wrong with it
+    return Rules(allow=allow, deny=deny or ())

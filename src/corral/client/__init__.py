@@ -5,6 +5,7 @@ from corral.client._client import AsyncClient
 from corral.client._deployments import AsyncDeployment, Deployment
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
+from corral.client._network import Network
 from corral.client._previews import AsyncPreview, Preview
 from corral.client._process import AsyncProcess, Process, ProcessExit
 from corral.client._sandbox import AsyncSandbox, CommandResult, Sandbox
@@ -24,6 +25,7 @@ __all__ = [
     "Deployment",
     "Files",
     "Image",
+    "Network",
     "Preview",
     "Process",
     "ProcessExit",

@@ -13,6 +13,7 @@ from corral.client._code import AsyncCode
 from corral.client._deployments import AsyncDeploys, Deployment
 from corral.client._files import AsyncFiles, Files
 from corral.client._image import Image
+from corral.client._network import Network
 from corral.client._previews import AsyncPreviews, Preview, previews_of
 from corral.client._process import AsyncProcess, OutputCallback, Process
 from corral.client._sync import (
@@ -108,6 +109,12 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
         """The state when last fetched; `await info()` refreshes it."""
         return self._info.state
 
+    @property
+    def network(self) -> Network | None:
+        """Its egress rules when last fetched (None: no network at all)."""
+        spec = self._info.spec
+        return None if spec.network == "none" else Network.of(spec.egress)
+
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.id} {self.state.value}>"
 
@@ -125,7 +132,7 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
         workdir: str | None = DEFAULT_SPEC.workdir,
-        network: str = DEFAULT_SPEC.network,
+        network: str | Network = DEFAULT_SPEC.network,
         volumes: Mapping[str, VolumeRef] | None = None,
         pool: bool = True,
         auto_resume: bool = DEFAULT_SPEC.auto_resume,
@@ -146,6 +153,8 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
         ending it. See docs/lifecycle.md. `snapshot` (a `SnapshotInfo`, or an id or name)
         starts the sandbox where that snapshot's sandbox was, with its image, runtime and
         resources (gvisor).
+        `network` is "none" (the default), "internet", or a `Network` with egress rules:
+        `Network(allow=["pypi.org", "*.pythonhosted.org"])` (see docs/network.md).
         `volumes` maps mount points to volumes (a `Volume`, or a volume's name or id):
         `{"/data": volume, "/ref": other.read_only()}`.
         A warm pool on the server whose template matches hands over a started sandbox, which
@@ -162,6 +171,8 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
             **dict(auto_resume=auto_resume, idle_timeout=idle_timeout, on_idle=on_idle),
             **dict(keep_alive=keep_alive, on_timeout=on_timeout),
         }
+        if isinstance(network, Network):
+            spec.update(network="internet", egress=network.to_dict())
         body = _create_body(spec, image, volumes, snapshot, pool)
         return cls(aio, parse_info(await aio.request("POST", "/v1/sandboxes", json=body)))
 
@@ -211,6 +222,13 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
         """End the sandbox `seconds` from now (extends or shortens its life; at most 24 h)."""
         data = await self.client.request("POST", self._path("/timeout"), json={"timeout": seconds})
         self._info = parse_info(data)
+        return self._info
+
+    async def set_network(self, network: Network) -> SandboxInfo:
+        """Change where this internet sandbox may connect, from now on (connections already
+        open stay open); `Network()` drops its own rules, leaving the operator's."""
+        body = network.to_dict()
+        self._info = parse_info(await self.client.request("PUT", self._path("/network"), json=body))
         return self._info
 
     async def terminate(self) -> SandboxInfo:
@@ -384,6 +402,11 @@ class Sandbox(Twin[AsyncSandbox]):
         """The state when last fetched; `info()` refreshes it."""
         return self._async.state
 
+    @property
+    def network(self) -> Network | None:
+        """Its egress rules when last fetched (None: no network at all)."""
+        return self._async.network
+
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {self.state.value}>"
 
@@ -392,6 +415,7 @@ class Sandbox(Twin[AsyncSandbox]):
     list = static(AsyncSandbox.list)
     info = blocking(AsyncSandbox.info)
     set_timeout = blocking(AsyncSandbox.set_timeout)
+    set_network = blocking(AsyncSandbox.set_network)
     terminate = blocking(AsyncSandbox.terminate)
     pause = blocking(AsyncSandbox.pause)
     resume = blocking(AsyncSandbox.resume)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import InvalidPath, InvalidRequest
 
 NetworkPolicy = Literal["none", "internet"]
@@ -100,6 +101,12 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
         "seconds",
     ),
     SpecField("network", "none", "network access", choices=NETWORK_POLICIES, fixed_at_start=True),
+    SpecField(
+        "egress",
+        None,
+        "where an internet sandbox may connect: {allow: [names, *.wildcards, CIDRs] or null "
+        "for anywhere, deny: [...]}; see docs/network.md",
+    ),
     SpecField("env", {}, "environment variables of every command"),
     SpecField("workdir", None, "working directory of commands; default: the image's, else /root"),
     SpecField("metadata", {}, "labels to find sandboxes by"),
@@ -296,6 +303,7 @@ class SandboxSpec:
     max_processes: int = FIELD["max_processes"].default
     timeout: float = FIELD["timeout"].default
     network: NetworkPolicy = FIELD["network"].default
+    egress: EgressPolicy | None = FIELD["egress"].default
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = FIELD["workdir"].default
     metadata: Mapping[str, str] = field(default_factory=dict)
@@ -326,6 +334,13 @@ class SandboxSpec:
             )
         if self.network not in NETWORK_POLICIES:
             raise InvalidRequest(f"network={self.network!r} is unknown; use 'none' or 'internet'")
+        if self.egress is not None:
+            object.__setattr__(self, "egress", EgressPolicy.parse(self.egress))
+            if self.network != "internet":
+                raise InvalidRequest(
+                    "egress rules apply to internet sandboxes: set network='internet' as well",
+                    code="invalid_network_rule",
+                )
         if self.workdir is not None:
             check_sandbox_path(self.workdir, "workdir")
         for name in ("auto_resume", "keep_alive"):
@@ -365,6 +380,7 @@ class SandboxSpec:
             "max_processes": self.max_processes,
             "timeout": self.timeout,
             "network": self.network,
+            "egress": None if self.egress is None else self.egress.to_dict(),
             "env": dict(self.env),
             "workdir": self.workdir,
             "metadata": dict(self.metadata),

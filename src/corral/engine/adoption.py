@@ -69,7 +69,7 @@ class Adoption:
         """Adopt every sandbox recorded in the data directory."""
         # A checkpoint or restore the previous engine was in the middle of is over.
         await asyncio.to_thread(self._lifecycle.sealed.clear_leftovers)
-        adopted_internet = False
+        adopted_internet: list[SandboxRecord] = []
         self._lifecycle.adopting = True  # volumes are released by one sweep, below
         for path, saved in await asyncio.to_thread(self._read_records):
             try:
@@ -80,14 +80,16 @@ class Adoption:
                 )
                 continue
             if record is not None and record.alive and record.spec.network == "internet":
-                adopted_internet = True
+                adopted_internet.append(record)
         self._lifecycle.adopting = False
         if adopted_internet:
             # The firewall lives in the kernel and survives the engine; writing it again is
             # idempotent and tells this engine it is there.
             try:
                 await self._lifecycle.ensure_firewall()
-            except CorralError as exc:
+                for record in adopted_internet:  # the table is new: their rules go in again
+                    await self._lifecycle.apply_egress(record)
+            except (CorralError, OSError) as exc:
                 log.error("could not reinstall the sandbox firewall: %s", exc)
         # Only now that every live sandbox is known: volumes nobody uses any more (their last
         # sandbox ended while no engine ran) are unmounted, the others stay as they are.

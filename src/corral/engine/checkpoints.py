@@ -51,7 +51,6 @@ class Checkpoints:
 
     def __init__(
         self,
-        *,
         registry: Registry,
         runtimes: RuntimeSet,
         lifecycle: Lifecycle,

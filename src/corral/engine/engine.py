@@ -9,6 +9,7 @@
     checkpoints   hibernate, wake, snapshots, forks                      (checkpoints.py)
     pools         warm pools                                             (pools.py)
     exporter      a sandbox's changes as an image layer                  (export.py)
+    egress        resolver, proxy and firewall rules of internet sandboxes (egress/)
     volumes       persistent volumes                                     (volumes.py)
 
 Sandboxes do not depend on the engine's process: `close(keep_sandboxes=True)` (or a crash)
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import SandboxFailed
 from corral.core.ids import check_id
 from corral.core.models import ExecResult, ProcessInfo, SandboxInfo, SnapshotInfo, VolumeInfo
@@ -43,6 +45,7 @@ from corral.engine.adoption import Adoption
 from corral.engine.checkpoints import Checkpoints
 from corral.engine.commands import Commands
 from corral.engine.datadir import default_data_dir, lock_data_dir, prepare_data_dir
+from corral.engine.egress import Egress, EgressSettings
 from corral.engine.export import Exporter
 from corral.engine.files import SandboxFiles
 from corral.engine.interpreter import Interpreter
@@ -68,14 +71,13 @@ __all__ = ["Engine", "default_data_dir", "lock_data_dir"]
 class Engine:
     """Creates, runs and ends sandboxes on this machine. Use as an async context manager.
 
-    `on_change`, if given, is called from the event loop with a sandbox's new `SandboxInfo`
-    after every change of its state (adoptions that end a sandbox included); whatever it
-    raises is logged, never propagated. One engine per data directory: a starting engine
-    adopts every sandbox recorded there.
+    `on_change`, if given, is called from the event loop with a sandbox's new `SandboxInfo` after
+    every change of its state (adoptions that end a sandbox included); whatever it raises is
+    logged, never propagated. One engine per data directory: it adopts every sandbox there.
     """
 
     _started = False
-    _lock_fd: int | None = None  # holds the data directory's lock while started
+    _lock_fd: int | None = None  # the data directory's lock while started
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class Engine:
         agent_timeout: float = 30.0,
         on_change: Callable[[SandboxInfo], None] | None = None,
         at_rest_key: Path | None = None,
+        egress: EgressSettings | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
@@ -97,6 +100,7 @@ class Engine:
             self.data_dir, default=default_runtime, runsc=runsc_path
         )
         tasks = self._tasks = Tasks()
+        self.egress = Egress(egress or EgressSettings(), registry.internet_at)
         lifecycle = self._lifecycle = Lifecycle(
             data_dir=self.data_dir,
             registry=registry,
@@ -106,13 +110,10 @@ class Engine:
             tasks=tasks,
             agent_timeout=agent_timeout,
             sealed=SealedImages(self.keys, self.data_dir / "staging"),
+            egress=self.egress,
         )
         checkpoints = self._checkpoints = Checkpoints(
-            registry=registry,
-            runtimes=runtimes,
-            lifecycle=lifecycle,
-            snapshots=self.snapshots,
-            tasks=tasks,
+            registry, runtimes, lifecycle, self.snapshots, tasks
         )
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
         commands = self._commands = Commands(access, runtimes)
@@ -179,6 +180,7 @@ class Engine:
         ended = (self._lifecycle.end(r, EndReason.ENGINE_SHUTDOWN) for r in live if r not in kept)
         await asyncio.gather(*ended, return_exceptions=True)
         await self._tasks.close()  # watchers finishing an ending, background ends
+        await self.egress.close()
         self._started = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the data directory for the next engine
@@ -230,8 +232,7 @@ class Engine:
         A warm pool whose template matches `spec` hands over an idle sandbox instead (unless
         `pool=False`). With `snapshot`, it starts where that snapshot's sandbox was, with its
         image, runtime and resources (`Checkpoints.restoring`). Raises `InvalidRequest` or
-        `RuntimeUnavailable` for a bad spec, `SandboxFailed` if the runtime fails; either
-        way nothing of the sandbox is left behind.
+        `RuntimeUnavailable` for a bad spec, `SandboxFailed` if the runtime fails: nothing left.
         """
         self._require_started()
         spec = spec or SandboxSpec()
@@ -243,12 +244,16 @@ class Engine:
         # them) can never serve a create that has some.
         claimed = None
         if pool and taken is None and not spec.volumes:
-            claimed = self._pools.claim(spec)
+            claimed = await self._pools.take(spec)
         if claimed is None:
             async with self._pools.user_create():
                 claimed = await self._lifecycle.create(spec, runtime, progress, taken)
         self._supervisor.wake()
         return claimed
+
+    async def set_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> SandboxInfo:
+        """Change an internet sandbox's egress rules; connections already open stay open."""
+        return await self._lifecycle.set_egress(self.registry.get(sandbox_id), egress)
 
     def create_timings(self, sandbox_id: str) -> dict[str, float]:
         """Seconds each stage of the sandbox's start took (empty for adopted sandboxes)."""
@@ -422,9 +427,8 @@ class Engine:
         action = "use the files of"
         if not record.spec.auto_resume:
             self._access.running(sandbox_id, action)
-        return SandboxFiles(
-            record.link, ready=functools.partial(self._access.use, sandbox_id, action)
-        )
+        ready = functools.partial(self._access.use, sandbox_id, action)
+        return SandboxFiles(record.link, ready=ready)
 
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
         """Copy what the sandbox changed, as an image layer, into the empty directory `dest`."""

@@ -9,13 +9,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest, SandboxFailed
 from corral.core.ids import check_id
 from corral.core.models import SandboxInfo
 from corral.core.spec import MAX_TIMEOUT, SandboxSpec
 from corral.core.state import EndReason, SandboxState
+from corral.engine.egress import Egress
 from corral.engine.planner import plan_sandbox
 from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
@@ -62,8 +65,10 @@ class Lifecycle:
         tasks: Tasks,
         agent_timeout: float,
         sealed: SealedImages,
+        egress: Egress,
     ) -> None:
         self._data_dir = data_dir
+        self.egress = egress
         self.sealed = sealed
         self._registry = registry
         self._runtimes = runtimes
@@ -157,6 +162,7 @@ class Lifecycle:
         if plan.volumes:  # registered above, so no `release` unmounts them under us
             await self._volumes.acquire(v.volume_id for v in plan.volumes)
         await asyncio.to_thread(runtime.create, plan)
+        await self.apply_egress(record)  # before anything in it runs
         stages.mark("runtime_create")
         if restore_from is None:
             # A restored agent holds its secret already; a new one reads it, once.
@@ -178,6 +184,8 @@ class Lifecycle:
         await record.link.close()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(runtime.destroy, record.plan)
+        with contextlib.suppress(Exception):
+            await self.forget_egress(record)
         with contextlib.suppress(Exception):
             await self.release_volumes(record)
 
@@ -315,6 +323,7 @@ class Lifecycle:
             except CorralError as exc:
                 log.error("cleaning up %s failed: %s", record.id, exc)
                 detail = f"{detail or ''} (cleanup failed: {exc.message})".strip()
+            await self.forget_egress(record)
             record.end(reason, detail)
             self._registry.forget_old()
         await self.release_volumes(record)
@@ -331,10 +340,34 @@ class Lifecycle:
                 log.error("could not unmount the volumes of %s: %s", record.id, exc)
 
     async def ensure_firewall(self) -> None:
-        """Install the internet sandboxes' firewall, once per engine (it is idempotent)."""
+        """Start the resolver and egress proxy and install the internet sandboxes' firewall,
+        once per engine (it is idempotent)."""
         if not self._firewall_ready:
-            await asyncio.to_thread(network.install_firewall, network.nameservers())
+            ports = await self.egress.start()
+            await asyncio.to_thread(network.install_firewall, *ports)
             self._firewall_ready = True
+
+    async def apply_egress(self, record: SandboxRecord) -> None:
+        """Put an internet sandbox's egress rules (and the operator's floor) in force."""
+        if record.spec.network == "internet":
+            await self.egress.apply(record.plan.network.index, record.spec.egress)
+
+    async def set_egress(self, record: SandboxRecord, egress: EgressPolicy | None) -> SandboxInfo:
+        spec = replace(record.spec, egress=egress)  # refuses rules for a sandbox without internet
+        record.require(
+            "change the network rules of",
+            SandboxState.RUNNING,
+            SandboxState.PAUSED,
+            SandboxState.HIBERNATED,
+        )
+        record.spec = spec
+        await self.apply_egress(record)
+        record.save()
+        return record.info()
+
+    async def forget_egress(self, record: SandboxRecord) -> None:
+        if record.plan.network.policy == "internet":
+            await self.egress.forget(record.id, record.plan.network.index)
 
 
 def _make_dir_and_save(record: SandboxRecord) -> None:

@@ -63,4 +63,4 @@ def _network(spec: SandboxSpec, live: Sequence[SandboxPlan]) -> PlanNetwork:
     free = next((i for i in range(network.POOL_SIZE) if i not in used), None)
     if free is None:
         raise SandboxFailed("no free address for another internet sandbox", code="capacity")
-    return PlanNetwork("internet", free, network.nameservers())
+    return PlanNetwork("internet", free, (network.addresses(free)[0],))  # Corral's resolver

@@ -241,6 +241,18 @@ class PoolKeeper:
         record.start_lifetime(spec)
         return record.info()
 
+    async def take(self, spec: SandboxSpec) -> SandboxInfo | None:
+        """`claim`, with an internet sandbox's egress rules (not its template's) in force."""
+        claimed = self.claim(spec)
+        if claimed is not None and spec.network == "internet":
+            record = self._registry.get(claimed.id)
+            try:
+                await self._lifecycle.apply_egress(record)
+            except BaseException:
+                await self._lifecycle.end(record, EndReason.RUNTIME_ERROR, "egress rules failed")
+                raise
+        return claimed
+
     @contextlib.asynccontextmanager
     async def user_create(self) -> AsyncIterator[None]:
         """Hold pool fills back while the block (a user's create) runs."""

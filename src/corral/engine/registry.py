@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import SandboxNotFound
 from corral.core.ids import check_id
 from corral.core.models import SandboxInfo
@@ -54,6 +55,14 @@ class Registry:
 
     def live(self) -> builtins.list[SandboxRecord]:
         return [record for record in self._records.values() if record.alive]
+
+    def internet_at(self, slot: int) -> tuple[str, EgressPolicy | None] | None:
+        """The live internet sandbox in address slot `slot` (its id and rules), if any."""
+        for record in self._records.values():
+            network = record.plan.network
+            if record.alive and network.policy == "internet" and network.index == slot:
+                return record.id, record.spec.egress
+        return None
 
     def list(
         self, *, state: SandboxState | str | None = None, metadata: Mapping[str, str] | None = None

@@ -4,10 +4,14 @@ Each internet sandbox gets a network namespace made on the host (so nothing insi
 reconfigure it), with one veth whose host end is its gateway, addresses from 100.96.0.0/16 (a
 /30 each) and a default route out. One nftables table, ``inet corral``, then decides:
 
-- traffic from sandboxes to the host itself (any of its addresses, its loopback services) is
-  dropped on input;
-- forwarded traffic from a sandbox to another sandbox, to private, link-local (cloud metadata),
-  shared, multicast or reserved ranges is dropped, except DNS to the host's own nameservers;
+- every DNS packet a sandbox sends (to any address) is redirected to Corral's resolver on the
+  host, and nothing else of a sandbox's reaches the host itself (refused at once);
+- TCP of sandboxes with egress rules (the ``proxied`` set) is redirected to Corral's egress
+  proxy, which decides by name and address (`corral.engine.egress`); their other traffic goes
+  through a chain of their own (``sandbox_N``) that decides by address only;
+- forwarded traffic with a source that is not the sandbox's own address, to another sandbox,
+  to private, link-local (cloud metadata), shared, multicast or reserved ranges is refused
+  (TCP with a reset, the rest with an ICMP error, so nothing hangs);
 - nothing may open a connection *into* a sandbox; replies to its own connections pass;
 - the rest is masqueraded out of the host's default route.
 
@@ -27,6 +31,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from corral.core.egress import METADATA_ADDRESSES, PRIVATE_RANGES
 from corral.core.errors import SandboxFailed
 
 POOL = ipaddress.ip_network("100.96.0.0/16")
@@ -35,18 +40,8 @@ IFACE_PREFIX = "crx"
 NETNS_DIR = Path("/run/netns")
 SYSCTL_DIR = Path("/proc/sys/net/ipv4/conf")
 
-BLOCKED_RANGES = (
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
+BLOCKED = ", ".join(
+    [str(block) for block in PRIVATE_RANGES] + [str(ip) for ip in sorted(METADATA_ADDRESSES)]
 )
 
 
@@ -62,7 +57,7 @@ def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
 
 
 def nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
-    """The host's IPv4 nameservers that a sandbox can reach (loopback ones cannot be)."""
+    """The host's IPv4 nameservers (where Corral's resolver asks)."""
     found: list[str] = []
     for candidate in (resolv_conf, Path("/run/systemd/resolve/resolv.conf")):
         try:
@@ -76,7 +71,7 @@ def nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]
                     address = ipaddress.ip_address(parts[1])
                 except ValueError:
                     continue
-                if address.version == 4 and not address.is_loopback and parts[1] not in found:
+                if address.version == 4 and parts[1] not in found:
                     found.append(parts[1])
         if found:
             break
@@ -122,22 +117,16 @@ def routed_by_corral() -> set[str]:
     return set(re.findall(r'"([^"]+)"', elements.group(1))) if elements else set()
 
 
-def install_firewall(dns: tuple[str, ...]) -> None:
-    """(Re)write the ``inet corral`` nftables table and turn on forwarding on the uplinks."""
+def install_firewall(dns_port: int, proxy_port: int) -> None:
+    """(Re)write the ``inet corral`` nftables table (with DNS sent to `dns_port` and the TCP of
+    proxied sandboxes to `proxy_port` on the host) and turn on forwarding on the uplinks."""
     routed = routed_by_corral()
     for iface in uplinks():
         if forwarding(iface).read_text().strip() == "0":
             routed.add(iface)
-    blocked = ", ".join(BLOCKED_RANGES)
-    dns_rules = ""
-    if dns:
-        servers = ", ".join(dns)
-        dns_rules = (
-            f'    iifname "{IFACE_PREFIX}*" ip daddr {{ {servers} }} udp dport 53 accept\n'
-            f'    iifname "{IFACE_PREFIX}*" ip daddr {{ {servers} }} tcp dport 53 accept\n'
-        )
     elements = ", ".join(f'"{iface}"' for iface in sorted(routed))
     routed_set = f"    elements = {{ {elements} }}\n" if routed else ""
+    sandboxes = f'iifname "{IFACE_PREFIX}*"'
     ruleset = f"""
 table inet corral
 delete table inet corral
@@ -145,17 +134,38 @@ table inet corral {{
   set routed {{
     type ifname
 {routed_set}  }}
+  set proxied {{
+    type ipv4_addr
+  }}
+  map filtered {{
+    type ipv4_addr : verdict
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    {sandboxes} meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns_port}
+    {sandboxes} ip saddr @proxied meta l4proto tcp redirect to :{proxy_port}
+  }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
-    iifname "{IFACE_PREFIX}*" drop
+    {sandboxes} ct status dnat meta l4proto {{ tcp, udp }} th dport {dns_port} accept
+    {sandboxes} ct status dnat meta l4proto tcp th dport {proxy_port} accept
+    {sandboxes} meta l4proto tcp reject with tcp reset
+    {sandboxes} reject with icmpx admin-prohibited
+    meta l4proto {{ tcp, udp }} th dport {{ {dns_port}, {proxy_port} }} iifname != "lo" drop
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
     iifname @routed oifname != "{IFACE_PREFIX}*" drop
     oifname "{IFACE_PREFIX}*" ct state established,related accept
     oifname "{IFACE_PREFIX}*" drop
-    iifname "{IFACE_PREFIX}*" meta nfproto ipv6 drop
-{dns_rules}    iifname "{IFACE_PREFIX}*" ip daddr {{ {blocked} }} drop
+    {sandboxes} meta nfproto ipv6 drop
+    {sandboxes} fib saddr . iif oif missing drop
+    {sandboxes} ip daddr {{ {BLOCKED} }} jump refuse
+    {sandboxes} ip saddr vmap @filtered
+  }}
+  chain refuse {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmpx admin-prohibited
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -167,6 +177,54 @@ table inet corral {{
     for iface in routed:  # only now that the table guards what comes in on them
         if forwarding(iface).exists():
             forwarding(iface).write_text("1\n")
+
+
+def filter_sandbox(index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None) -> None:
+    """Send the TCP of slot `index` through the egress proxy, and let its other traffic out
+    only to the `allow` blocks (None: anywhere) outside the `deny` blocks."""
+    chain = f"sandbox_{index}"
+    rules = [f"add chain inet corral {chain}", f"flush chain inet corral {chain}"]
+    if deny:
+        rules.append(f"add rule inet corral {chain} ip daddr {{ {', '.join(deny)} }} jump refuse")
+    if allow is not None:
+        if allow:
+            rules.append(f"add rule inet corral {chain} ip daddr {{ {', '.join(allow)} }} return")
+        rules.append(f"add rule inet corral {chain} jump refuse")
+    address = addresses(index)[1]
+    rules += [
+        f"add element inet corral filtered {{ {address} : jump {chain} }}",
+        f"add element inet corral proxied {{ {address} }}",
+    ]
+    _run(["nft", "-f", "-"], "apply the sandbox's network rules", stdin="\n".join(rules) + "\n")
+
+
+def unfilter_sandbox(index: int) -> None:
+    """Undo `filter_sandbox` for slot `index` (nothing to undo is fine)."""
+    address = addresses(index)[1]
+    for command in (
+        f"delete element inet corral proxied {{ {address} }}",
+        f"delete element inet corral filtered {{ {address} }}",
+        f"delete chain inet corral sandbox_{index}",
+    ):
+        subprocess.run(["nft", command], capture_output=True, check=False, timeout=30)
+
+
+def slot_of(address: str) -> int | None:
+    """The pool slot whose sandbox has `address` (None: not a sandbox's address)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if ip.version != 4 or ip not in POOL:
+        return None
+    offset = int(ip) - int(POOL.network_address)
+    return offset // 4 if offset % 4 == 2 else None
+
+
+def host_addresses() -> frozenset[str]:
+    """The host's own IPv4 addresses (a sandbox reaches none of them)."""
+    out = _query(["ip", "-4", "-o", "addr", "show"])
+    return frozenset(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
 
 
 def create(ns: str, index: int) -> Path:

@@ -156,8 +156,8 @@ class SandboxPlan:
     def etc_binds(self) -> list[tuple[str, str]]:
         """(host file, sandbox path) pairs bound read-only over the image's own files.
 
-        /etc/hosts names the sandbox. Internet sandboxes also get the host's nameservers and
-        the host's CA bundle, so TLS works behind the same proxies the host trusts.
+        /etc/hosts names the sandbox. Internet sandboxes also get Corral's resolver (their
+        gateway) and the host's CA bundle, so TLS works behind the same proxies the host trusts.
         """
         binds = [(str(self.dir / "hosts"), "/etc/hosts")]
         if self.network.policy == "internet":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.core.egress import EgressPolicy
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KEY_FILE, KeyRing
 
@@ -38,6 +39,9 @@ class ServerConfig:
     preview_domain: str | None = None
     # The operator's key file for data at rest; without it, the data directory's own.
     at_rest_key: Path | None = None
+    # Egress rules every internet sandbox is held to, whatever its own say (docs/network.md).
+    egress_floor: EgressPolicy = field(default_factory=EgressPolicy)
+    dns_upstream: tuple[str, ...] = ()  # where Corral's resolver asks; default: the host's
 
     @property
     def database(self) -> Path:

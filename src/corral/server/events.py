@@ -1,4 +1,5 @@
-"""State changes of sandboxes as events, for each API key's event streams (`GET /v1/events`)."""
+"""State changes of sandboxes, and their refused connections, as events for each API key's
+event streams (`GET /v1/events`)."""
 
 from __future__ import annotations
 
@@ -22,15 +23,21 @@ class EventHub:
     def publish(self, owner: str, info: SandboxInfo) -> None:
         """Tell `owner`'s event streams about the sandbox's latest state change."""
         last = info.history[-1] if info.history else None
-        event = {
-            "type": "sandbox.state",
-            "sandbox_id": info.id,
-            "state": info.state.value,
-            "reason": last.reason if last else None,
-            "at": last.at if last else time.time(),
-            "end_reason": info.end_reason.value if info.end_reason else None,
-            "end_detail": info.end_detail,
-        }
+        self.send(
+            owner,
+            {
+                "type": "sandbox.state",
+                "sandbox_id": info.id,
+                "state": info.state.value,
+                "reason": last.reason if last else None,
+                "at": last.at if last else time.time(),
+                "end_reason": info.end_reason.value if info.end_reason else None,
+                "end_detail": info.end_detail,
+            },
+        )
+
+    def send(self, owner: str, event: dict[str, Any]) -> None:
+        """Tell `owner`'s event streams about `event` (a `type` and the `sandbox_id`)."""
         for queue in self._subscribers.get(owner, ()):
             if queue.full():  # a reader that does not keep up loses its stream, not memory
                 queue.get_nowait()

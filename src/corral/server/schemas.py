@@ -36,6 +36,13 @@ def _spec(name: str) -> Any:
     return Field(default, description=spec_field.description)
 
 
+class NetworkRulesBody(Request):
+    """Egress rules: names, `*.` wildcards and IPv4 CIDRs (see docs/network.md)."""
+
+    allow: list[str] | None = Field(None, description="only these (null: anywhere not denied)")
+    deny: list[str] = Field(default_factory=list, description="never these")
+
+
 class SpecBody(Request):
     """A sandbox's spec (`corral.core.spec.SPEC_FIELDS`). Omitted fields take the secure
     defaults; values are checked there, with messages that say what to send."""
@@ -48,6 +55,7 @@ class SpecBody(Request):
     max_processes: int = _spec("max_processes")
     timeout: float = _spec("timeout")
     network: Literal["none", "internet"] = _spec("network")
+    egress: NetworkRulesBody | None = _spec("egress")
     env: dict[str, str] = _spec("env")
     workdir: str | None = _spec("workdir")
     auto_resume: StrictBool = _spec("auto_resume")

@@ -25,6 +25,7 @@ from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
+from corral.engine.egress import EgressSettings
 from corral.images.builder import Builder
 from corral.images.oci.egress import Egress
 from corral.server.admission import Admission, machine_capacity
@@ -50,6 +51,9 @@ class Service:
             default_runtime=config.default_runtime,
             on_change=self._changed,
             at_rest_key=config.at_rest_key,
+            egress=EgressSettings(
+                config.egress_floor, config.dns_upstream or None, self._egress_denied
+            ),
         )
         self.builder = Builder(self.engine, Egress.of(config.allowed_registries))
         self.events = EventHub()
@@ -268,6 +272,11 @@ class Service:
         self._writes.put_nowait(("update", info))
         if owner is not None:
             self.events.publish(owner, info)
+
+    def _egress_denied(self, sandbox_id: str, event: dict[str, Any]) -> None:
+        owner = self._owners.get(sandbox_id)
+        if owner is not None:
+            self.events.send(owner, event)
 
     async def _write_loop(self) -> None:
         """Apply catalogue writes one at a time, in the order the changes happened."""

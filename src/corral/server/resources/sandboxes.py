@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import SandboxNotFound
 from corral.core.models import ExecResult, ProcessInfo, SandboxInfo
 from corral.core.spec import SandboxSpec
@@ -109,6 +110,9 @@ class Sandboxes:
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         return await self._engine.set_timeout(await self._tenant.sandbox(sandbox_id), seconds)
+
+    async def set_egress(self, sandbox_id: str, egress: EgressPolicy) -> SandboxInfo:
+        return await self._engine.set_egress(await self._tenant.sandbox(sandbox_id), egress)
 
     async def pause(self, sandbox_id: str) -> SandboxInfo:
         return await self._engine.pause(await self._tenant.sandbox(sandbox_id))

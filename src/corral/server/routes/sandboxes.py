@@ -6,10 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import InvalidRequest
 from corral.core.spec import FIXED_AT_START, SandboxSpec
 from corral.server.auth import SandboxesDep
-from corral.server.schemas import CreateSandbox, Fork, SandboxOut, SetTimeout
+from corral.server.schemas import CreateSandbox, Fork, NetworkRulesBody, SandboxOut, SetTimeout
 
 router = APIRouter(prefix="/v1", tags=["sandboxes"])
 
@@ -64,6 +65,15 @@ async def terminate_sandbox(sandbox_id: str, sandboxes: SandboxesDep) -> Sandbox
 async def set_timeout(sandbox_id: str, body: SetTimeout, sandboxes: SandboxesDep) -> SandboxOut:
     """Make the sandbox end `timeout` seconds from now (extend or shorten; at most 24 h)."""
     return SandboxOut.of(await sandboxes.set_timeout(sandbox_id, body.timeout))
+
+
+@router.put("/sandboxes/{sandbox_id}/network")
+async def set_network(
+    sandbox_id: str, body: NetworkRulesBody, sandboxes: SandboxesDep
+) -> SandboxOut:
+    """Replace an internet sandbox's egress rules (see docs/network.md); open connections stay."""
+    rules = EgressPolicy.parse(body.model_dump())
+    return SandboxOut.of(await sandboxes.set_egress(sandbox_id, rules))
 
 
 @router.post("/sandboxes/{sandbox_id}/pause")

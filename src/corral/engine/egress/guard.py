@@ -1,0 +1,134 @@
+"""What Corral's resolver and egress proxy share: which sandbox a source address is, what it
+resolved through Corral, the decision (`corral.core.egress.decide`, plus the host's own
+addresses), and each denial, kept and announced as an event."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.core.egress import Denial, EgressPolicy, decide
+from corral.engine.egress.upstream import Upstream
+from corral.host import network
+
+log = logging.getLogger("corral.egress")
+
+DENIALS_KEPT = 100  # recent denials per sandbox
+LEARNED_TTL = (30.0, 3600.0)  # how long a resolved address counts as its name's, at least/most
+HOST_ADDRESSES_EVERY = 10.0  # seconds between looks at the host's own addresses
+
+
+Lookup = Callable[[int], tuple[str, EgressPolicy | None] | None]
+OnDenied = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """The operator's part: the floor every sandbox's rules sit under, and where Corral's
+    resolver asks (None: the host's own nameservers)."""
+
+    floor: EgressPolicy = field(default_factory=EgressPolicy)
+    upstream: tuple[str, ...] | None = None
+    on_denied: OnDenied | None = None  # told of each denial (sandbox id, event)
+
+
+@dataclass
+class Sandbox:
+    """What the resolver and proxy need of one internet sandbox."""
+
+    id: str
+    policy: EgressPolicy
+    learned: dict[ipaddress.IPv4Address, dict[str, float]] = field(default_factory=dict)
+
+    def learn(self, address: ipaddress.IPv4Address, name: str, ttl: float) -> None:
+        low, high = LEARNED_TTL
+        self.learned.setdefault(address, {})[name] = time.monotonic() + min(max(ttl, low), high)
+
+    def names_of(self, address: ipaddress.IPv4Address) -> list[str]:
+        """The names the sandbox resolved to `address` (and whose answers still count)."""
+        now = time.monotonic()
+        names = self.learned.get(address, {})
+        for name in [name for name, until in names.items() if until < now]:
+            del names[name]
+        return list(names)
+
+
+class Guard:
+    """Decisions and denials for every internet sandbox of one engine."""
+
+    def __init__(self, settings: EgressSettings, lookup: Lookup) -> None:
+        self.settings = settings
+        self._lookup = lookup
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.denials: dict[str, collections.deque[dict[str, Any]]] = {}
+        self._host: frozenset[str] = frozenset()
+        self._host_read = 0.0
+        self.upstream = Upstream(settings.upstream or network.nameservers())
+
+    def sandbox_at(self, address: str) -> Sandbox | None:
+        """The internet sandbox whose address `address` is (None: nobody's)."""
+        slot = network.slot_of(address)
+        found = self._lookup(slot) if slot is not None else None
+        if found is None:
+            return None
+        sandbox_id, policy = found
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is None:
+            sandbox = self.sandboxes[sandbox_id] = Sandbox(sandbox_id, EgressPolicy())
+        sandbox.policy = policy or EgressPolicy()
+        return sandbox
+
+    def refusal(
+        self, sandbox: Sandbox, names: Sequence[str], address: ipaddress.IPv4Address | None
+    ) -> Denial | None:
+        """Why `sandbox` may not connect to `address` known as `names` (None: it may)."""
+        if address is not None and str(address) in self._host_addresses():
+            return Denial("always denied: the host")
+        return decide(sandbox.policy, self.settings.floor, names, address)
+
+    def _host_addresses(self) -> frozenset[str]:
+        if time.monotonic() - self._host_read > HOST_ADDRESSES_EVERY:
+            self._host = network.host_addresses()
+            self._host_read = time.monotonic()
+        return self._host
+
+    def deny(
+        self,
+        sandbox: Sandbox,
+        denial: Denial,
+        *,
+        destination: str,
+        port: int,
+        protocol: str,
+    ) -> None:
+        """Record and announce that `sandbox` was refused `destination`."""
+        event = {
+            "type": "sandbox.egress_denied",
+            "sandbox_id": sandbox.id,
+            "reason": denial.reason,
+            "rule": denial.rule,
+            "destination": destination,
+            "port": port,
+            "protocol": protocol,
+            "at": time.time(),
+        }
+        log.info(
+            "egress of %s to %s:%s (%s) refused: %s",
+            sandbox.id,
+            destination,
+            port,
+            protocol,
+            denial.rule,
+        )
+        self.denials.setdefault(sandbox.id, collections.deque(maxlen=DENIALS_KEPT)).append(event)
+        if self.settings.on_denied is not None:
+            self.settings.on_denied(sandbox.id, event)
+
+    def forget(self, sandbox_id: str) -> None:
+        self.sandboxes.pop(sandbox_id, None)
+        self.denials.pop(sandbox_id, None)
