@@ -38,6 +38,7 @@ from corral.host.cgroups import Cgroup
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.e2b_sdk import e2b_figures
 from bench.interpreter import code_figures
+from bench.observability import observability_figures
 from bench.previews import preview_figures
 from tests.e2e.conftest import Server, start_server
 
@@ -580,7 +581,7 @@ class Suite:
         async with Engine(data_dir) as engine:
             for _ in range(min(50, self.args.samples)):
                 info = await engine.create(SandboxSpec(runtime=runtime), pool=False)
-                for stage, seconds in engine.create_timings(info.id).items():
+                for stage, seconds in engine.registry.get(info.id).timings.items():
                     laps.setdefault(stage, []).append(seconds)
                 await engine.terminate(info.id)
         self.record(
@@ -643,6 +644,9 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         if args.only == "previews":
             await preview_figures(suite, runtimes, summary)
             return {"machine": machine(), "args": vars(args), "results": suite.results}
+        if args.only == "observability":
+            await observability_figures(suite, runtimes, summary)
+            return {"machine": machine(), "args": vars(args), "results": suite.results}
         suite.import_time()
         for runtime in runtimes:
             await (await AsyncSandbox.create(runtime=runtime, client=client)).terminate()
@@ -667,6 +671,7 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         await suite.image_rebuild()
         await e2b_figures(suite, summary)
         await preview_figures(suite, runtimes, summary)
+        await observability_figures(suite, runtimes, summary)
         return {"machine": machine(), "args": vars(args), "results": suite.results}
 
 
@@ -761,6 +766,11 @@ TARGETS = (
      "p50_ms", 25, "<=", ""),
     ("first run_code from a warm pool p50", "claim + first run_code (warm pool)", "gvisor",
      "p50_ms", 60, "<=", ""),
+    ("metrics added to an exec, %", "metrics per exec", "host", "percent_of_exec", 5, "<=", ""),
+    ("traces added to an exec p50, %", "traces exported, added at p50", "namespaces",
+     "exec_percent", 5, "<=", "two spans per request, built and exported in Python"),
+    ("traces added to an exec p50, %", "traces exported, added at p50", "gvisor",
+     "exec_percent", 5, "<=", "two spans per request, built and exported in Python"),
 )  # fmt: skip
 
 
@@ -798,7 +808,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["code", "e2b", "previews"],
+        choices=["code", "e2b", "observability", "previews"],
         help="only these figures, merged into results.json",
     )
     args = parser.parse_args()

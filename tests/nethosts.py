@@ -41,7 +41,7 @@ NAMES = {
 # Run inside a sandbox: python3 probe.py '[["http", address, host], ...]' prints each call's
 # outcome, {"ok": value} or {"error", "errno", "text"}, with the seconds it took.
 PROBE = r"""
-import json, socket, ssl, sys, time
+import json, select, socket, ssl, sys, time
 
 def outcome(fn):
     start = time.monotonic()
@@ -95,6 +95,22 @@ def dns(server, name):
         s.sendto(query, (server, 53))
         answer = s.recv(512)
         return {"rcode": answer[3] & 15, "answers": int.from_bytes(answer[6:8], "big")}
+
+def hold(address, port, count):
+    held, reset = [], 0
+    for _ in range(int(count)):
+        try:
+            held.append(socket.create_connection((address, int(port)), timeout=10))
+        except (ConnectionResetError, ConnectionRefusedError):  # refused before connect() returned
+            reset += 1
+    time.sleep(1)
+    readable, _, _ = select.select(held, [], [], 0.5)  # reset ones are readable; held ones not
+    for s in readable:
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            reset += 1
+    return {"held": len(held) - len(readable), "reset": reset}
 
 calls = json.loads(sys.argv[1])
 print(json.dumps([outcome(lambda c=c: globals()[c[0]](*c[1:])) for c in calls]))
@@ -157,21 +173,27 @@ def _certificate(folder: Path) -> tuple[Path, Path]:
 
 
 class Resolver:
-    """The test DNS server: answers the test names, REFUSED for the rest; counts questions."""
+    """The test DNS server: answers the test names, NXDOMAIN for the rest; counts questions."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST_SIDE, 53))
+        try:
+            self.sock.bind((HOST_SIDE, 53))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(0.2)  # so that `close` is noticed: a blocked recv keeps the port
         self.asked: list[str] = []
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(4096)
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             query = dns.message.from_wire(data)
             reply = dns.message.make_response(query)
             question = query.question[0]
@@ -184,6 +206,8 @@ class Resolver:
             self.sock.sendto(reply.to_wire(), peer)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
         self.sock.close()
 
 

@@ -72,6 +72,7 @@ from corral.core.models import (
     ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
+    UsageSample,
 )
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
@@ -148,6 +149,7 @@ __all__ = [
     "ServiceUnavailable",
     "SnapshotInfo",
     "UnsupportedLanguage",
+    "UsageSample",
     "Volume",
     "VolumeInUse",
     "VolumeNotFound",

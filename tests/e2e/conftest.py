@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -36,8 +36,11 @@ def free_port() -> int:
 class Server:
     """`corral serve` as a user starts it, with an admin key from CORRAL_API_KEY."""
 
-    def __init__(self, data_dir: Path, images: Path, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, images: Path, *extra: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.env = dict(env or {})  # set for the server's process only
         self.port = free_port()
         secure = any(arg.startswith("--tls") for arg in extra)
         self.url = f"{'https' if secure else 'http'}://127.0.0.1:{self.port}"
@@ -56,6 +59,8 @@ class Server:
         # may not, as on any server (test_images.py checks both).
         env = {**os.environ, "CORRAL_API_KEY": self.admin_key}
         env["CORRAL_ALLOWED_REGISTRIES"] = "localhost"
+        env.update(self.env)
+        env.setdefault("CORRAL_ALLOWED_WEBHOOK_HOSTS", "localhost")  # webhooks to test receivers
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -121,10 +126,12 @@ class Server:
         asyncio.run(end_all())
 
 
-def start_server(data_dir: Path, images: Path, *extra: str) -> Server:
+def start_server(
+    data_dir: Path, images: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> Server:
     for stale in data_dir.glob("corral.db*"):
         stale.unlink()
-    server = Server(data_dir, images, *extra)
+    server = Server(data_dir, images, *extra, env=env)
     server.start()
     return server
 

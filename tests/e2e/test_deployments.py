@@ -205,6 +205,11 @@ def test_a_sandbox_is_promoted_to_a_deployment(server: Server, client: Client) -
     sandbox = Sandbox.create(runtime="namespaces", env={"VERSION": "from-sandbox"}, client=client)
     try:
         sandbox.files.write("/srv/app.py", SERVICE)
+        url = f"{server.url}/v1/sandboxes/{sandbox.id}/deploy"
+        headers = {"Authorization": f"Bearer {server.admin_key}"}
+        for body in ({"name": "no-port", "command": None}, {"name": "no-port", "port": None}):
+            refused = httpx.post(url, json=body, headers=headers, timeout=60)  # no port given
+            assert refused.status_code == 400 and "port" in refused.json()["error"]["message"]
         deployed = sandbox.deploy("promoted", port=8000, command="python3 /srv/app.py 8000")
     finally:
         sandbox.terminate()  # the deployment has its own copy of the files

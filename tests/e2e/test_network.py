@@ -185,3 +185,30 @@ def test_the_cli_gives_shows_and_changes_rules(server: Server) -> None:
         assert bad.returncode != 0 and "not a rule" in bad.stderr
     finally:
         corral("sandbox", "kill", sandbox_id)
+
+
+def test_a_keys_default_rules_apply_when_a_create_gives_none(server: Server) -> None:
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    tenant = server.new_key("network-default")
+    key_id = next(k["id"] for k in httpx.get(f"{server.url}/v1/keys", headers=admin).json()
+                  if k["name"] == "network-default")  # fmt: skip
+    url = f"{server.url}/v1/keys/{key_id}/network"
+    assert httpx.get(url, headers=admin).json() == {"key_id": key_id, "egress": None}
+    bad = httpx.put(url, json={"allow": ["not a rule"]}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_network_rule"
+    as_tenant = httpx.put(url, json={"allow": []}, headers={"Authorization": f"Bearer {tenant}"})
+    assert as_tenant.status_code == 403  # admins only
+    set_ = httpx.put(url, json={"allow": ["web.test"]}, headers=admin)
+    assert set_.json()["egress"] == {"allow": ["web.test"], "deny": []}
+    with corral.Client(url=server.url, api_key=tenant) as client:
+        with Sandbox.create(runtime="namespaces", network="internet", client=client) as sandbox:
+            assert sandbox.network == Network(allow=["web.test"])
+            allowed, refused = probe(
+                sandbox, ["http", WEB, "web.test"], ["http", WEB, "alias.test"]
+            )
+            assert allowed["ok"] == f"host=web.test at={WEB}" and "error" in refused
+        own = Network(allow=["alias.test"])  # its own rules replace the key's
+        with Sandbox.create(runtime="namespaces", network=own, client=client) as sandbox:
+            assert sandbox.network == own
+    cleared = httpx.put(url, content=b"null", headers={**admin, "Content-Type": "application/json"})
+    assert cleared.json()["egress"] is None

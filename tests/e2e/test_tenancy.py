@@ -36,6 +36,8 @@ from tests.e2e.conftest import Server
 # Node-wide routes: they name no tenant's resource.
 NODE_WIDE = {
     ("GET", "/healthz"): "liveness, no key",
+    ("GET", "/metrics"): "an admin's: the node's metrics",
+    ("POST", "/v1/webhooks"): "registers a webhook of the caller's own",
     **{
         (method, path): "the schema"
         for method in ("GET", "HEAD")
@@ -57,13 +59,23 @@ NODE_WIDE = {
     ("DELETE", "/v1/keys/{key_id}"): "an admin's: the node's keys",
     ("GET", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
     ("PUT", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
+    ("GET", "/v1/keys/{key_id}/network"): "an admin's: the node's keys",
+    ("PUT", "/v1/keys/{key_id}/network"): "an admin's: the node's keys",
     **{
         (method, "/mcp"): "an MCP session of the caller's own: its tools call the API as the caller"
         for method in ("GET", "HEAD", "POST", "DELETE")
     },
 }
 # Lists and the event stream: the other key sees nothing of the owner's.
-LISTS = {"/v1/sandboxes", "/v1/images", "/v1/volumes", "/v1/snapshots", "/v1/deployments"}
+LISTS = {
+    "/v1/sandboxes",
+    "/v1/images",
+    "/v1/volumes",
+    "/v1/snapshots",
+    "/v1/deployments",
+    "/v1/webhooks",
+    "/v1/metrics/sandboxes",
+}
 # What each resource route needs besides its path to get past validation to the tenant check.
 BODIES: dict[str, Any] = {
     "/timeout": {"timeout": 60},
@@ -120,6 +132,7 @@ def owned(server: Server) -> Iterator[dict[str, str]]:
         client=owner,
     ).name  # fmt: skip
     made["volume"] = Volume.create("owned-volume", size_mb=16, client=owner).id
+    made["webhook"] = owner.create_webhook("http://localhost:9/owned")["id"]
     made["image"] = Image.debian_slim().env({"OWNED": "1"}).build("owned-image", client=owner).id
     require_runtime("gvisor")
     sleeper = Sandbox.create(runtime="gvisor", pool=False, client=owner)
@@ -147,7 +160,7 @@ def test_every_route_hides_one_keys_resources_from_another(
                 continue
             if method == "GET" and path in LISTS:
                 answer = http.get(path)
-                kinds = ("sandbox", "volume", "image", "snapshot", "deployment")
+                kinds = ("sandbox", "volume", "image", "snapshot", "deployment", "webhook")
                 mine = [owned[kind] for kind in kinds]
                 if answer.status_code != 200 or any(v in answer.text for v in mine):
                     leaked.append(f"GET {path} shows the owner's: {answer.text[:300]}")
@@ -174,6 +187,7 @@ def test_every_route_hides_one_keys_resources_from_another(
         assert Volume.from_name("owned-volume", client=owner).name == "owned-volume"
         deployed = Deployment.get(owned["deployment"], client=owner)
         assert (deployed.version, deployed.status) == (1, "running")
+        assert [hook["id"] for hook in owner.list_webhooks()] == [owned["webhook"]]
 
 
 def _requests(
@@ -201,6 +215,7 @@ def _requests(
         "process_id": owned["process"],
         "context_id": "python",
         "preview_id": owned["preview"],
+        "webhook_id": owned["webhook"],
         "name": owned["deployment"] if "/deployments/" in path else "?",
         "ref": owned[_kind_of(path)] if "{ref}" in path else "",
     }

@@ -7,6 +7,7 @@ every refusal is prompt (a reset or ICMP error, never a hang) and an event namin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine
 from corral.engine.egress import EgressSettings
+from corral.engine.egress.proxy import PER_SANDBOX
 from tests import nethosts
 from tests.nethosts import PROBE, RAW, WEB
 
@@ -156,3 +158,19 @@ async def test_rules_hold_across_an_engine_restart(
             assert refused(alias) and refused(raw), (alias, raw)
         finally:
             await second.terminate(info.id)
+
+
+async def test_one_sandbox_cannot_take_every_proxy_slot(engine: Engine, runtime: str) -> None:
+    rules = EgressPolicy.parse({"allow": ["web.test", f"{WEB}/32"]})
+    spec = SandboxSpec(runtime=runtime, network="internet", egress=rules, max_processes=64)
+    greedy, other = [await engine.create(spec) for _ in range(2)]
+    try:
+        holding = asyncio.ensure_future(probe(engine, greedy, ["hold", WEB, 80, PER_SANDBOX + 40]))
+        await asyncio.sleep(0.5)
+        (served,) = await probe(engine, other, ["http", WEB, "web.test"])
+        (held,) = await holding
+        assert held.get("ok") == {"held": PER_SANDBOX, "reset": 40}, held
+        assert served.get("ok") == f"host=web.test at={WEB}", served  # the other is served
+    finally:
+        for info in (greedy, other):
+            await engine.terminate(info.id)

@@ -1,7 +1,7 @@
 """The `corral` command line.
 
     corral serve                         start the server (prints its URL and an API key)
-    corral keys create|list|revoke       manage API keys (on the server's machine)
+    corral keys create|list|revoke|quota|network   API keys (on the server's machine)
     corral doctor                        which runtimes this machine can run
     corral image build FILE.py:VAR       build an image (list, rm, prune)
     corral volume create|list|rm         persistent volumes (mount with --volume NAME:/path[:ro])
@@ -15,6 +15,7 @@
     corral mcp                           the sandboxes as MCP tools, over stdio
     corral expose ID PORT                a port of a sandbox at a URL (corral previews lists)
     corral port-forward ID LOCAL:REMOTE  a local TCP port carried to a port in a sandbox
+    corral top                           your sandboxes and what each uses, live
 
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
@@ -24,9 +25,11 @@ from corral.cli import (
     _code,
     _deployments,
     _images,
+    _keys,
     _local,
     _previews,
     _remote,
+    _top,
     _volumes,
 )
 from corral.cli._common import app
@@ -36,10 +39,12 @@ _commands = (
     _agents,
     _code,
     _images,
+    _keys,
     _local,
     _deployments,
     _previews,
     _remote,
+    _top,
     _volumes,
 )  # importing them registers their commands
 

@@ -1,14 +1,13 @@
-"""Commands that act on this machine directly: serve, keys, doctor (as root)."""
+"""Commands that act on this machine directly: serve and doctor (as root)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import functools
 import json
 import os
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -16,17 +15,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from corral.cli._common import DataDir, Json, app, console, fail, out
+from corral.cli._common import DataDir, app, console, fail, out
 from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine, default_data_dir, lock_data_dir
-from corral.engine.snapshots import SnapshotStore
 from corral.runtimes import PREFERENCE
 
 if TYPE_CHECKING:
     from corral.server.config import ServerConfig
-    from corral.server.store import Store
     from corral.server.tls import TlsFiles
 
 T = TypeVar("T")
@@ -95,6 +92,22 @@ DnsUpstream = Annotated[
         help="Nameservers Corral's resolver asks for sandboxes; default: the host's.",
     ),
 ]
+WebhookUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--webhook",
+        envvar="CORRAL_WEBHOOK_URL",
+        help="POST every key's sandbox events here, signed with CORRAL_WEBHOOK_SECRET.",
+    ),
+]
+WebhookHosts = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar="CORRAL_ALLOWED_WEBHOOK_HOSTS",
+        help="A host (or host:port) keys' webhooks may name though it is not a public "
+        "address; repeatable.",
+    ),
+]
 PreviewDomain = Annotated[
     str | None,
     typer.Option(
@@ -108,6 +121,16 @@ OpenHostImage = Annotated[
     typer.Option(help="Let every key use the host image (this machine's files), not only admins."),
 ]
 
+
+class LogFormats(enum.StrEnum):
+    text = "text"
+    json = "json"
+
+
+LogFormat = Annotated[
+    LogFormats,
+    typer.Option(help="json: one object per line with the request id, key and sandbox id."),
+]
 Overcommit = Annotated[
     str,
     typer.Option(
@@ -116,18 +139,6 @@ Overcommit = Annotated[
         "creates get 429 node_full."
     ),
 ]
-
-QuotaLimits = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        help="A limit, NAME=VALUE (cpu, memory_mb, disk_mb, volume_mb, snapshot_bytes, "
-        "blob_bytes; VALUE 'none' for no limit); repeatable.",
-    ),
-]
-
-keys_app = typer.Typer(help="Manage API keys (on the server's machine).", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -178,8 +189,11 @@ def serve(
     egress_allow: EgressAllow = None,
     egress_deny: EgressDeny = None,
     dns_upstream: DnsUpstream = None,
+    webhook: WebhookUrl = None,
+    allow_webhook_host: WebhookHosts = None,
     overcommit: Overcommit = "",
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_format: LogFormat = LogFormats.text,
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
     # The server's dependencies load only here, so client commands start fast.
@@ -199,6 +213,9 @@ def serve(
             max_image_bytes_per_key=max_image_mib_per_key << 20,
             egress_floor=_floor(egress_allow, egress_deny),
             dns_upstream=_items(dns_upstream),
+            webhook_url=webhook,
+            webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
+            webhook_hosts=_items(allow_webhook_host),
         )
         config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
@@ -210,16 +227,22 @@ def serve(
     except CorralError as error:
         fail(error)
     _banner(host, port, key_note, secure)
-    _run(config, host, port, log_level, secure)
+    _run(config, host, port, (log_level, log_format), secure)
 
 
 def _run(
-    config: ServerConfig, host: str, port: int, log_level: str, secure: TlsFiles | None
+    config: ServerConfig, host: str, port: int, logs: tuple[str, str], secure: TlsFiles | None
 ) -> None:
     import uvicorn
 
     from corral.server.app import create_app
+    from corral.server.logs import use_json
 
+    log_level, log_format = logs
+    options: dict[str, Any] = {}
+    if log_format == "json":
+        use_json(log_level)
+        options["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
     uvicorn.run(
         create_app(config),
         host=host,
@@ -228,6 +251,7 @@ def _run(
         timeout_graceful_shutdown=10,
         ws_max_size=16 * 1024 * 1024,
         ssl_context_factory=(lambda _config, _default: secure.context()) if secure else None,
+        **options,
     )
 
 
@@ -373,119 +397,3 @@ def _banner(
         "  .venv/bin/corral run -- python3 -c 'print(6*7)'\n"
         f"  .venv/bin/python -c '{python}'\n"
     )
-
-
-def _with_store(data_dir: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
-    from corral.server.config import ServerConfig
-    from corral.server.store import Store
-
-    async def go() -> T:
-        config = ServerConfig(data_dir or default_data_dir())
-        store = await Store.open(config.database, config.key_ring())
-        try:
-            return await action(store)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(go())
-    except CorralError as error:
-        fail(error)
-
-
-@keys_app.command("create")
-def keys_create(
-    name: str,
-    admin: bool = typer.Option(False, help="May manage keys over the API."),
-    data_dir: DataDir = None,
-    as_json: Json = False,
-) -> None:
-    """Make an API key; its secret is printed once."""
-    key, secret = _with_store(data_dir, lambda store: store.create_key(name, admin=admin))
-    if as_json:
-        print(json.dumps({**key.to_dict(), "secret": secret}))
-        return
-    console.print(f"key {key.id} ({name}) created; its secret, shown once:")
-    print(secret)
-
-
-@keys_app.command("list")
-def keys_list(data_dir: DataDir = None, as_json: Json = False) -> None:
-    """Every API key (never their secrets)."""
-    keys = _with_store(data_dir, lambda store: store.list_keys())
-    if as_json:
-        print(json.dumps([key.to_dict() for key in keys]))
-        return
-    table = Table("id", "name", "starts with", "admin", "created", "status")
-    for key in keys:
-        created = datetime.fromtimestamp(key.created_at, UTC).strftime("%Y-%m-%d %H:%M")
-        status = "[green]active[/green]" if key.active else "[red]revoked[/red]"
-        table.add_row(key.id, key.name, key.hint + "…", "yes" if key.admin else "", created, status)
-    out.print(table)
-
-
-@keys_app.command("quota")
-def keys_quota(
-    key: str = typer.Argument(help="Key id or name."),
-    limit: QuotaLimits = None,
-    data_dir: DataDir = None,
-    as_json: Json = False,
-) -> None:
-    """Show a key's quota and what it takes now; change limits with --set."""
-    from corral.core.quota import Quota
-
-    async def act(store: Store) -> dict[str, Any]:
-        found = await store.find_key(key)
-        quota = (await store.quotas()).get(found.id, Quota())
-        if limit:
-            changes = dict(_quota_item(item) for item in limit)
-            quota = Quota.from_dict({**quota.to_dict(), **changes})
-            await store.set_quota(found.id, quota)
-        snapshots = _snapshot_bytes(data_dir, found.id)
-        usage = await store.usage(found.id, snapshot_bytes=snapshots)
-        return {"key_id": found.id, "quota": quota.to_dict(), "usage": usage.to_dict()}
-
-    shown = _with_store(data_dir, act)
-    if as_json:
-        print(json.dumps(shown))
-        return
-    table = Table("of key " + shown["key_id"], "quota", "in use")
-    for name, used in shown["usage"].items():
-        limit_value = shown["quota"][name]
-        table.add_row(name, "none" if limit_value is None else f"{limit_value:g}", f"{used:g}")
-    out.print(table)
-
-
-def _quota_item(item: str) -> tuple[str, float | None]:
-    name, _, value = item.partition("=")
-    if value == "none":
-        return name, None
-    try:
-        return name, float(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"--set {item!r}: give NAME=NUMBER or NAME=none, e.g. --set memory_mb=8192",
-            code="invalid_quota",
-        ) from None
-
-
-def _snapshot_bytes(data_dir: Path | None, key_id: str) -> int:
-    """The bytes of the key's snapshots, as the engine keeps them on this machine."""
-    from corral.server.config import ServerConfig
-
-    config = ServerConfig(data_dir or default_data_dir())
-    root = config.data_dir / "snapshots"
-    if not root.is_dir():
-        return 0
-    snapshots = SnapshotStore(root, config.key_ring())
-    snapshots.load()
-    return sum(s.info.size_bytes for s in snapshots.all() if s.info.owner == key_id)
-
-
-@keys_app.command("revoke")
-def keys_revoke(
-    key: str = typer.Argument(help="Key id or name."), data_dir: DataDir = None
-) -> None:
-    """Revoke a key: it stops working at once, and the server ends its live sandboxes."""
-    revoked = _with_store(data_dir, lambda store: store.revoke_key(key))
-    console.print(f"revoked {revoked.id} ({revoked.name})")

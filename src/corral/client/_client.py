@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from corral.core.errors import AuthError
-from corral.core.models import BuiltImage, SandboxInfo, SnapshotInfo
+from corral.core.models import BuiltImage, SandboxInfo, SnapshotInfo, UsageSample
 
 if TYPE_CHECKING:
     import asyncio
@@ -184,6 +184,30 @@ class AsyncClient:
         """Bytes on the server's disk: all layers, pending uploads."""
         usage: dict[str, int] = await self.request("GET", "/v1/images/usage")
         return usage
+
+    async def sandbox_usage(self) -> list[dict[str, Any]]:
+        """Each of your live sandboxes, `{sandbox_id, state, runtime, metadata, sample}`, with
+        its newest `UsageSample` (None until the first): what `corral top` shows."""
+        rows: list[dict[str, Any]] = await self.request("GET", "/v1/metrics/sandboxes")
+        for row in rows:
+            row["sample"] = None if row["sample"] is None else UsageSample.from_dict(row["sample"])
+        return rows
+
+    async def create_webhook(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
+        """POST your sandboxes' events (`sandbox.state`, `sandbox.egress_denied`; default both)
+        to `url`, signed: the answer's `secret` (given once) checks `Corral-Signature`."""
+        body = {"url": url, "events": events}
+        hook: dict[str, Any] = await self.request("POST", "/v1/webhooks", json=body)
+        return hook
+
+    async def list_webhooks(self) -> list[dict[str, Any]]:
+        """Your webhooks: `{id, url, events, created_at}` (never their secrets)."""
+        hooks: list[dict[str, Any]] = await self.request("GET", "/v1/webhooks")
+        return hooks
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Stop sending events to a webhook."""
+        await self.request("DELETE", f"/v1/webhooks/{webhook_id}")
 
     async def list_pools(self) -> list[dict[str, Any]]:
         """The server's warm pools: template, target size, idle, hits, misses."""

@@ -28,7 +28,7 @@ from corral.client._sync import (
 )
 from corral.client._volumes import VolumeRef, mounts_body
 from corral.core.errors import CommandTimeout
-from corral.core.models import BuiltImage, ProcessInfo, SandboxInfo, SnapshotInfo
+from corral.core.models import BuiltImage, ProcessInfo, SandboxInfo, SnapshotInfo, UsageSample
 from corral.core.spec import DEFAULT_SPEC, FIXED_AT_START
 from corral.core.state import SandboxState
 
@@ -224,6 +224,12 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
         self._info = parse_info(data)
         return self._info
 
+    async def metrics(self) -> builtins.list[UsageSample]:
+        """Its CPU, memory, processes, disk and network, sampled every few seconds over the last
+        ten minutes, oldest first (empty while hibernated or ended)."""
+        data = await self.client.request("GET", self._path("/metrics"))
+        return [UsageSample.from_dict(sample) for sample in data["samples"]]
+
     async def set_network(self, network: Network) -> SandboxInfo:
         """Change where this internet sandbox may connect, from now on (connections already
         open stay open); `Network()` drops its own rules, leaving the operator's."""
@@ -416,6 +422,7 @@ class Sandbox(Twin[AsyncSandbox]):
     info = blocking(AsyncSandbox.info)
     set_timeout = blocking(AsyncSandbox.set_timeout)
     set_network = blocking(AsyncSandbox.set_network)
+    metrics = blocking(AsyncSandbox.metrics)
     terminate = blocking(AsyncSandbox.terminate)
     pause = blocking(AsyncSandbox.pause)
     resume = blocking(AsyncSandbox.resume)

@@ -290,6 +290,10 @@ class Client(Twin[AsyncClient]):
         """Run a coroutine of the async SDK on this client's event loop; its result."""
         return self._portal.call(coroutine)
 
+    sandbox_usage = blocking(AsyncClient.sandbox_usage)
+    create_webhook = blocking(AsyncClient.create_webhook)
+    list_webhooks = blocking(AsyncClient.list_webhooks)
+    delete_webhook = blocking(AsyncClient.delete_webhook)
     list_pools = blocking(AsyncClient.list_pools)
     set_pool = blocking(AsyncClient.set_pool)
     remove_pool = blocking(AsyncClient.remove_pool)

@@ -1,5 +1,5 @@
 """Prefixed identifiers: `sb-…` sandboxes, `sn-…` snapshots, `im-…` images, `vol-…` volumes,
-`pv-…` previews."""
+`pv-…` previews, `whk-…` webhooks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import secrets
 from corral.core.errors import InvalidRequest
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base32: no i, l, o, u
-_ID_RE = re.compile(r"^(sb|sn|im|vol|key|pv)-[0-9a-z]{16}$")
+_ID_RE = re.compile(r"^(sb|sn|im|vol|key|pv|whk)-[0-9a-z]{16}$")
 
 
 def new_id(prefix: str) -> str:

@@ -239,3 +239,25 @@ class VolumeInfo:
             "used_bytes": self.used_bytes,
             "sandboxes": list(self.sandboxes),
         }
+
+
+@dataclass(frozen=True)
+class UsageSample:
+    """A sandbox's use at one moment (`sandbox.metrics()`): counters are totals since it
+    started, `cpu_percent` is of one core since the previous sample."""
+
+    at: float
+    cpu_seconds: float
+    cpu_percent: float
+    memory_bytes: int
+    processes: int
+    disk_bytes: int
+    net_rx_bytes: int  # received by the sandbox (internet sandboxes; 0 otherwise)
+    net_tx_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UsageSample:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})

@@ -9,6 +9,7 @@
     checkpoints   hibernate, wake, snapshots, forks                      (checkpoints.py)
     pools         warm pools                                             (pools.py)
     exporter      a sandbox's changes as an image layer                  (export.py)
+    usage         CPU, memory, disk and network of each sandbox, sampled  (usage.py)
     egress        resolver, proxy and firewall rules of internet sandboxes (egress/)
     volumes       persistent volumes                                     (volumes.py)
 
@@ -61,6 +62,7 @@ from corral.engine.sealing import KEY_FILE, KeyRing
 from corral.engine.snapshots import SnapshotStore
 from corral.engine.supervision import Supervisor
 from corral.engine.tasks import Tasks
+from corral.engine.usage import Usage
 from corral.engine.volumes import VolumeStore
 from corral.images.store import ImageStore, StatusLine
 from corral.runtimes import Runtime
@@ -119,6 +121,7 @@ class Engine:
         commands = self._commands = Commands(access, runtimes)
         self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code
         self.ports = Ports(access)  # TCP connections to ports in sandboxes
+        self.usage = Usage(registry)  # what each sandbox uses, sampled every few seconds
         self._supervisor = Supervisor(
             registry=registry, lifecycle=lifecycle, checkpoints=checkpoints, tasks=tasks
         )
@@ -155,6 +158,7 @@ class Engine:
         self._started = True
         await self._adoption.adopt_all()
         self._supervisor.start()
+        self._tasks.spawn(self.usage.run())
         return self
 
     def _prepare(self) -> None:
@@ -254,10 +258,6 @@ class Engine:
     async def set_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> SandboxInfo:
         """Change an internet sandbox's egress rules; connections already open stay open."""
         return await self._lifecycle.set_egress(self.registry.get(sandbox_id), egress)
-
-    def create_timings(self, sandbox_id: str) -> dict[str, float]:
-        """Seconds each stage of the sandbox's start took (empty for adopted sandboxes)."""
-        return dict(self.registry.get(sandbox_id).timings)
 
     def get(self, sandbox_id: str) -> SandboxInfo:
         """What is known about a sandbox, ended ones included (the last 1000)."""

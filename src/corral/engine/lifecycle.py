@@ -78,6 +78,7 @@ class Lifecycle:
         self._agent_timeout = agent_timeout
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._firewall_ready = False
+        self._firewall_lock = asyncio.Lock()
         # While the engine adopts what a previous one left, volumes are released by one sweep
         # at the end: a sandbox not yet adopted may still use them.
         self.adopting = False
@@ -342,10 +343,11 @@ class Lifecycle:
     async def ensure_firewall(self) -> None:
         """Start the resolver and egress proxy and install the internet sandboxes' firewall,
         once per engine (it is idempotent)."""
-        if not self._firewall_ready:
-            ports = await self.egress.start()
-            await asyncio.to_thread(network.install_firewall, *ports)
-            self._firewall_ready = True
+        async with self._firewall_lock:  # concurrent first creates install it once
+            if not self._firewall_ready:
+                ports = await self.egress.start()
+                await asyncio.to_thread(network.install_firewall, *ports)
+                self._firewall_ready = True
 
     async def apply_egress(self, record: SandboxRecord) -> None:
         """Put an internet sandbox's egress rules (and the operator's floor) in force."""

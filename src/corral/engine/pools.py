@@ -243,14 +243,19 @@ class PoolKeeper:
 
     async def take(self, spec: SandboxSpec) -> SandboxInfo | None:
         """`claim`, with an internet sandbox's egress rules (not its template's) in force."""
+        start = time.perf_counter()
         claimed = self.claim(spec)
-        if claimed is not None and spec.network == "internet":
-            record = self._registry.get(claimed.id)
+        if claimed is None:
+            return None
+        record = self._registry.get(claimed.id)
+        record.timings = {"pool_claim": time.perf_counter() - start}  # its start was the pool's
+        if spec.network == "internet":
             try:
                 await self._lifecycle.apply_egress(record)
             except BaseException:
                 await self._lifecycle.end(record, EndReason.RUNTIME_ERROR, "egress rules failed")
                 raise
+            record.timings["egress_rules"] = time.perf_counter() - start
         return claimed
 
     @contextlib.asynccontextmanager

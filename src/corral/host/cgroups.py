@@ -183,6 +183,21 @@ class Cgroup:
         with contextlib.suppress(OSError, SandboxFailed):
             self.thaw()
 
+    def usage(self) -> tuple[float, int, int]:
+        """(CPU seconds used so far, memory bytes in use, processes) of everything in it."""
+        if self.version == "v2":
+            d = self._dir("")
+            lines = (line.split(" ", 1) for line in _read(d / "cpu.stat").splitlines())
+            stat = {pair[0]: pair[1] for pair in lines if len(pair) == 2}
+            cpu = int(stat.get("usage_usec", "0")) / 1e6
+            memory = _read(d / "memory.current")
+            processes = _read(d / "pids.current")
+        else:
+            cpu = int(_read(self._dir("cpuacct") / "cpuacct.usage").strip() or 0) / 1e9
+            memory = _read(self._dir("memory") / "memory.usage_in_bytes")
+            processes = _read(self._dir("pids") / "pids.current")
+        return cpu, int(memory.strip() or 0), int(processes.strip() or 0)
+
     def oom_kills(self) -> int:
         """How many processes the kernel's OOM killer has killed in this cgroup."""
         if self.version == "v2":

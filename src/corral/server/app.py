@@ -17,11 +17,12 @@ from fastapi import FastAPI, Request
 from starlette.routing import Route
 from starlette.types import Scope
 
-from corral.server import errors
+from corral.server import errors, tracing
 from corral.server.auth import service_of
 from corral.server.config import ServerConfig
 from corral.server.deployments.host import DeploymentHost
 from corral.server.e2b import E2bApps, E2bGateway
+from corral.server.logs import RequestContext
 from corral.server.mcp_http import McpEndpoint
 from corral.server.previews.gateway import PreviewGateway
 from corral.server.routes import ROUTERS
@@ -43,6 +44,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracing.start()  # only if the operator set OTEL_EXPORTER_OTLP_*ENDPOINT
         await service.start()
         await deployments.start()  # adopts their instances, which live on across restarts
         try:
@@ -52,6 +54,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             await e2b.close()
             await deployments.stop()
             await service.close()
+            tracing.stop()
 
     app = FastAPI(
         title="Corral",
@@ -74,6 +77,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(
         PreviewGateway, service=service, deployments=deployments, domain=config.preview_domain
     )
+    app.add_middleware(RequestContext)  # outermost: every line of a request carries its ids
 
     @app.get("/healthz", tags=["server"])
     async def healthz(request: Request) -> Health:

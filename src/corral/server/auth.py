@@ -9,11 +9,13 @@ from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corral.core.errors import AuthError, PermissionDenied
+from corral.server.logs import KEY_ID
 from corral.server.resources.admin import AllSandboxes, Keys, Pools
 from corral.server.resources.images import Images
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.resources.snapshots import Snapshots
 from corral.server.resources.volumes import Volumes
+from corral.server.resources.webhooks import TenantWebhooks
 from corral.server.service import Service
 from corral.server.tenancy import Tenant
 
@@ -43,6 +45,7 @@ async def _authenticate(service: Service, header: str | None) -> Tenant:
     key = await service.store.authenticate(secret.strip())
     if key is None:
         raise AuthError("this API key is unknown or revoked")
+    KEY_ID.set(key.id)  # for the request's log lines
     return Tenant(service, key)
 
 
@@ -116,6 +119,10 @@ def _all_sandboxes(tenant: Admin) -> AllSandboxes:
     return AllSandboxes(tenant)
 
 
+def _webhooks(tenant: Me) -> TenantWebhooks:
+    return TenantWebhooks(tenant)
+
+
 SandboxesDep = Annotated[Sandboxes, Depends(_sandboxes)]
 SnapshotsDep = Annotated[Snapshots, Depends(_snapshots)]
 ImagesDep = Annotated[Images, Depends(_images)]
@@ -125,3 +132,4 @@ AdminImagesDep = Annotated[Images, Depends(_admin_images)]
 AdminPoolsDep = Annotated[Pools, Depends(_admin_pools)]
 KeysDep = Annotated[Keys, Depends(_keys)]
 AllSandboxesDep = Annotated[AllSandboxes, Depends(_all_sandboxes)]
+WebhooksDep = Annotated[TenantWebhooks, Depends(_webhooks)]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.core.egress import EgressPolicy
+from corral.core.errors import InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KEY_FILE, KeyRing
 
@@ -42,6 +43,17 @@ class ServerConfig:
     # Egress rules every internet sandbox is held to, whatever its own say (docs/network.md).
     egress_floor: EgressPolicy = field(default_factory=EgressPolicy)
     dns_upstream: tuple[str, ...] = ()  # where Corral's resolver asks; default: the host's
+    # The operator's webhook: every key's sandbox events, signed with this secret.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_hosts: tuple[str, ...] = ()  # hosts keys' webhooks may name though not public
+
+    def __post_init__(self) -> None:
+        if self.webhook_url is not None and not self.webhook_secret:
+            raise InvalidRequest(
+                "--webhook needs a secret to sign with: set CORRAL_WEBHOOK_SECRET",
+                code="invalid_webhook",
+            )
 
     @property
     def database(self) -> Path:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.core.errors import CorralError, InvalidRequest, PayloadTooLarge
+from corral.server.metrics import ERRORS
 
 log = logging.getLogger("corral.server")
 
@@ -27,6 +28,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
 
 
 def error_response(error: CorralError) -> JSONResponse:
+    ERRORS.labels(error.code, str(error.status_code)).inc()
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
 

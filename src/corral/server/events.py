@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from corral.core.models import SandboxInfo
@@ -19,6 +19,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # webhooks
 
     def publish(self, owner: str, info: SandboxInfo) -> None:
         """Tell `owner`'s event streams about the sandbox's latest state change."""
@@ -37,7 +38,10 @@ class EventHub:
         )
 
     def send(self, owner: str, event: dict[str, Any]) -> None:
-        """Tell `owner`'s event streams about `event` (a `type` and the `sandbox_id`)."""
+        """Tell `owner`'s event streams (and listeners) about `event` (a `type` and the
+        `sandbox_id`)."""
+        for listener in self.listeners:
+            listener(owner, event)
         for queue in self._subscribers.get(owner, ()):
             if queue.full():  # a reader that does not keep up loses its stream, not memory
                 queue.get_nowait()

@@ -43,6 +43,11 @@ class NetworkRulesBody(Request):
     deny: list[str] = Field(default_factory=list, description="never these")
 
 
+class KeyNetworkOut(BaseModel):
+    key_id: str
+    egress: dict[str, Any] | None = Field(description="{allow, deny}; null: none set")
+
+
 class SpecBody(Request):
     """A sandbox's spec (`corral.core.spec.SPEC_FIELDS`). Omitted fields take the secure
     defaults; values are checked there, with messages that say what to send."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, LimitReached, SandboxNotFound
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import Quota
@@ -31,9 +32,11 @@ from corral.images.oci.egress import Egress
 from corral.server.admission import Admission, machine_capacity
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
+from corral.server.metrics import EGRESS_DENIED
 from corral.server.previews.grants import Grants
 from corral.server.store import ENDED_RETENTION, Store
 from corral.server.throttle import FailedLogins, InFlight
+from corral.server.webhooks import Webhooks, operator_webhook
 
 log = logging.getLogger("corral.server")
 
@@ -61,6 +64,7 @@ class Service:
         self.grants = Grants(lambda: self.store.previews)  # who may use which preview
         self.in_flight = InFlight()
         self.quotas: dict[str, Quota] = {}  # by key id; set by admins, reread every few seconds
+        self.key_networks: dict[str, EgressPolicy] = {}  # default egress rules, the same way
         self.admission = Admission(
             self.engine,
             machine_capacity(
@@ -71,6 +75,7 @@ class Service:
             ),
         )
         self._store: Store | None = None
+        self.webhooks: Webhooks | None = None
         self._owners: dict[str, str] = {}  # live sandbox id -> key id
         self._creating = 0  # creates in flight count against the limits too
         self._creating_by: dict[str, int] = {}
@@ -81,6 +86,14 @@ class Service:
         raise_open_files_limit()
         self._store = await Store.open(self.config.database, self.engine.keys)
         self.quotas = await self._store.quotas()
+        self.key_networks = await self._store.key_networks.all()
+        self.webhooks = Webhooks(
+            self._store.webhooks,
+            operator_webhook(self.config),
+            Egress.of(self.config.webhook_hosts),
+        )
+        await self.webhooks.start()
+        self.events.listeners.append(self.webhooks.publish)
         await self.engine.start()  # re-adopts the sandboxes a previous server left running
         await self._reconcile()
         for name, template, size in self.config.pools:
@@ -95,6 +108,8 @@ class Service:
         """Stop serving but leave every sandbox running: the next start re-adopts them."""
         await self.engine.close(keep_sandboxes=True)
         await self._writes.join()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,6 +187,13 @@ class Service:
                 self._creating_by[key_id] -= count
 
         return release
+
+    def with_key_network(self, key_id: str, spec: SandboxSpec) -> SandboxSpec:
+        """`spec` with its key's default egress rules if it is internet and gives none."""
+        rules = self.key_networks.get(key_id)
+        if spec.network != "internet" or spec.egress is not None or rules is None:
+            return spec
+        return dataclasses.replace(spec, egress=rules)
 
     # -- quotas ----------------------------------------------------------------------------------
 
@@ -274,6 +296,7 @@ class Service:
             self.events.publish(owner, info)
 
     def _egress_denied(self, sandbox_id: str, event: dict[str, Any]) -> None:
+        EGRESS_DENIED.labels(event["protocol"]).inc()
         owner = self._owners.get(sandbox_id)
         if owner is not None:
             self.events.send(owner, event)
@@ -302,6 +325,7 @@ class Service:
                 for key_id in await self.store.revoked(set(self._owners.values())):
                     await self.end_sandboxes_of(key_id)
                 self.quotas = await self.store.quotas()  # set with `corral keys quota` too
+                self.key_networks = await self.store.key_networks.all()
             except Exception:
                 log.exception("could not end the sandboxes of revoked keys")
 

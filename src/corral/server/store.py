@@ -43,9 +43,12 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import UNITS, Quota
 from corral.core.state import EndReason, SandboxState
 from corral.engine.sealing import KeyRing, open_spec, seal_spec
+from corral.server.blobs import BlobStore
 from corral.server.deployments.store import DeploymentStore
+from corral.server.key_network import KeyNetworks
 from corral.server.previews.store import PreviewStore
 from corral.server.tables import BlobRow, ImageRow, KeyRow, QuotaRow, SandboxRow, VolumeRow
+from corral.server.webhooks import WebhookStore
 
 KEY_PREFIX = "corral_"
 ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
@@ -193,6 +196,9 @@ class Store:
         self._session = async_sessionmaker(engine, expire_on_commit=False)
         self.previews = PreviewStore(self._session)
         self.deployments = DeploymentStore(self._session)
+        self.key_networks = KeyNetworks(self._session)
+        self.blobs = BlobStore(self._session)
+        self.webhooks = WebhookStore(self._session, keys)
         self._active_keys: dict[str, tuple[ApiKey, float]] = {}  # digest -> key, good until
 
     @classmethod
@@ -334,21 +340,6 @@ class Store:
                 select(func.sum(BlobRow.size)).where(BlobRow.owner == key_id)
             )
         return used.plus(Quota(volume_mb=volume_mb or 0, blob_bytes=blob_bytes or 0))
-
-    # -- blobs ------------------------------------------------------------------------------
-
-    async def add_blob(self, owner: str, digest: str, size: int) -> None:
-        """Record that `owner` uploaded the content `digest`."""
-        async with self._session.begin() as session:
-            row = {"owner": owner, "digest": digest, "size": size, "created_at": time.time()}
-            await session.execute(sqlite_insert(BlobRow).values(**row).on_conflict_do_nothing())
-
-    async def blobs_of(self, owner: str, digests: Iterable[str]) -> set[str]:
-        """Which of `digests` `owner` has uploaded."""
-        wanted = set(digests)
-        async with self._session() as session:
-            query = select(BlobRow.digest).where(BlobRow.owner == owner, BlobRow.digest.in_(wanted))
-            return set(await session.scalars(query))
 
     # -- images -----------------------------------------------------------------------------
 

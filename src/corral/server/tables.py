@@ -121,3 +121,25 @@ class DeploymentRow(Base):
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class KeyNetworkRow(Base):
+    """A key's default egress rules (see `corral.server.key_network`), as JSON."""
+
+    __tablename__ = "key_networks"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    rules: Mapped[str] = mapped_column(Text)
+
+
+class WebhookRow(Base):
+    """A URL sandbox events are POSTed to (see `corral.server.webhooks`); its secret sealed."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(Text)
+    events: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)

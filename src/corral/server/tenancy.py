@@ -80,7 +80,7 @@ class Tenant:
         """Refuse unless this key uploaded every one of `digests` (content is stored once
         per node, but only a key that sent it, and so holds it, may use it)."""
         wanted = set(digests)
-        missing = wanted - await self.service.store.blobs_of(self.key.id, wanted)
+        missing = wanted - await self.service.store.blobs.of(self.key.id, wanted)
         if missing:
             raise NotFound(
                 f"no blob {min(missing)}: upload it first (PUT /v1/blobs/{{digest}}; the SDK "

@@ -32,6 +32,7 @@ class Egress:
         self.proxy = Proxy(self.guard)
         self._filtered: set[int] = set()
         self._started = False
+        self._starting = asyncio.Lock()  # concurrent first creates start it once
 
     @property
     def denials(self) -> dict[str, collections.deque[dict[str, Any]]]:
@@ -40,10 +41,11 @@ class Egress:
 
     async def start(self) -> tuple[int, int]:
         """Start the resolver and the proxy (once); their ports (DNS, TCP)."""
-        if not self._started:
-            await self.resolver.start()
-            await self.proxy.start()
-            self._started = True
+        async with self._starting:
+            if not self._started:
+                await self.resolver.start()
+                await self.proxy.start()
+                self._started = True
         return self.resolver.port, self.proxy.port
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ name the sandbox resolved to that address through Corral. A refusal is a TCP res
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -29,6 +30,7 @@ HEAD_TIMEOUT = 10.0  # seconds a client on 80/443 has to say which host it wants
 CONNECT_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 MAX_CONNECTIONS = 4096
+PER_SANDBOX = 256  # open connections one sandbox may hold through the proxy
 
 
 class Proxy:
@@ -38,6 +40,7 @@ class Proxy:
         self._guard = guard
         self._server: asyncio.Server | None = None
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._open: collections.Counter[str] = collections.Counter()  # by source address
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
@@ -58,20 +61,33 @@ class Proxy:
         assert task is not None
         self._tasks.add(task)
         try:
-            if self._slots.locked():
-                _reset(writer)
+            source = str(writer.get_extra_info("peername")[0])
+            if self._slots.locked() or self._open[source] >= PER_SANDBOX:
+                _reset(writer)  # one sandbox cannot take every slot from the others
                 return
-            async with self._slots:
-                await self._serve(reader, writer)
+            self._open[source] += 1
+            try:
+                async with self._slots:
+                    await self._serve(reader, writer, source)
+            finally:
+                self._open[source] -= 1
+                if not self._open[source]:
+                    del self._open[source]
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.debug("egress connection ended: %s", exc)
+        except asyncio.CancelledError:
+            # Only `close` cancels these. Ending normally keeps asyncio's stream callback from
+            # logging the cancellation as an error.
+            _reset(writer)
         finally:
             self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sandbox = self._guard.sandbox_at(str(writer.get_extra_info("peername")[0]))
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str
+    ) -> None:
+        sandbox = self._guard.sandbox_at(source)
         if sandbox is None:
             _reset(writer)
             return
@@ -82,6 +98,8 @@ class Proxy:
         denial = self._guard.refusal(sandbox, [], address)
         if port in NAMED_PORTS and (denial is None or not denial.definite):
             head, name = await _head(reader)
+            if not head and reader.at_eof():
+                return  # it left without a word: nothing to connect for
         if denial is None or not denial.definite:
             target, denial = await self._target(sandbox, name, address)
         else:

@@ -12,6 +12,7 @@ and tells `Guard` which names each address was given for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -34,6 +35,8 @@ log = logging.getLogger("corral.egress")
 
 TCP_IDLE = 10.0  # seconds a DNS-over-TCP connection may sit without a question
 MAX_TCP_CONNECTIONS = 256
+PENDING = 1024  # UDP questions being answered at once
+PENDING_PER_SANDBOX = 64
 
 
 class Resolver:
@@ -182,6 +185,7 @@ class _Datagrams(asyncio.DatagramProtocol):
         self._resolver = resolver
         self._transport: asyncio.DatagramTransport | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._asking: collections.Counter[str] = collections.Counter()  # by source address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
@@ -190,11 +194,19 @@ class _Datagrams(asyncio.DatagramProtocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        if len(self._pending) >= 1024:  # a flood: drop what does not fit
-            return
+        source = str(addr[0])
+        if len(self._pending) >= PENDING or self._asking[source] >= PENDING_PER_SANDBOX:
+            return  # a flood: dropped, and one sandbox's cannot crowd out the others'
+        self._asking[source] += 1
         task = asyncio.ensure_future(self._answer(data, addr))
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(lambda done: self._done(done, source))
+
+    def _done(self, task: asyncio.Task[None], source: str) -> None:
+        self._pending.discard(task)
+        self._asking[source] -= 1
+        if not self._asking[source]:
+            del self._asking[source]
 
     async def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         try:

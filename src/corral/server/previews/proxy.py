@@ -13,6 +13,7 @@ import h11
 from starlette.types import Message, Receive, Scope, Send
 
 from corral.engine.ports import PortStream
+from corral.server.metrics import PREVIEW_BYTES
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1): never forwarded.
 HOP_BY_HOP = frozenset(
@@ -70,6 +71,7 @@ async def _upload(stream: PortStream, connection: h11.Connection, receive: Recei
             continue
         body = message.get("body", b"")
         if body and connection.our_state is h11.SEND_BODY:
+            PREVIEW_BYTES.labels("in").inc(len(body))
             await stream.send(connection.send(h11.Data(data=body)))
         if not message.get("more_body", False):
             if connection.our_state is h11.SEND_BODY:
@@ -100,6 +102,7 @@ async def _download(
             )
             started = True
         elif isinstance(event, h11.Data):
+            PREVIEW_BYTES.labels("out").inc(len(event.data))
             await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             if started:

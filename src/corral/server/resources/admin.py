@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.core.egress import EgressPolicy
 from corral.core.errors import SandboxNotFound
 from corral.core.ids import check_id
 from corral.core.models import SandboxInfo
 from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason
+from corral.server.metrics import exposition
 from corral.server.store import ApiKey
 from corral.server.tenancy import Tenant
 
@@ -56,6 +58,18 @@ class Keys:
         usage = await self._service.usage(key.id)
         return {"key_id": key.id, "quota": quota.to_dict(), "usage": usage.to_dict()}
 
+    async def network(
+        self, key_ref: str, new: EgressPolicy | None = None, *, clear: bool = False
+    ) -> dict[str, Any]:
+        """A key's default egress rules (null: none), after setting them to `new` (or dropping
+        them, with `clear`) if asked."""
+        key = await self._store.find_key(key_ref)
+        if new is not None or clear:
+            await self._store.key_networks.set(key.id, None if clear else new)
+            self._service.key_networks = await self._store.key_networks.all()
+        rules = self._service.key_networks.get(key.id)
+        return {"key_id": key.id, "egress": None if rules is None else rules.to_dict()}
+
     async def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key: it stops working at once, and its sandboxes end (`key_revoked`)."""
         key = await self._store.revoke_key(key_id)
@@ -74,6 +88,10 @@ class AllSandboxes:
         """Every live sandbox, with the id of the key that owns it."""
         engine = self._service.engine
         return [(owner, engine.get(sid)) for sid, owner in self._service.owners().items()]
+
+    def metrics(self) -> bytes:
+        """Every metric of the node, in Prometheus's text format."""
+        return exposition(self._service.engine, self._service.owners())
 
     async def terminate(self, sandbox_id: str) -> SandboxInfo:
         """End any live sandbox (`terminated_by_admin`)."""

@@ -7,7 +7,7 @@ import builtins
 from collections.abc import Mapping
 from typing import Any
 
-from corral.core.errors import NotFound
+from corral.core.errors import InvalidRequest, NotFound
 from corral.server.deployments.host import DeploymentHost
 from corral.server.deployments.runner import Runner
 from corral.server.deployments.spec import DeploymentSpec, check_name
@@ -65,6 +65,8 @@ class Deployments:
             "network": source.spec.network,
         }
         given = {k: v for k, v in fields.items() if v is not None}
+        if "port" not in given:
+            raise InvalidRequest("port is required: the port the sandbox's service listens on")
         env = {**source.spec.env, **(given.pop("env", None) or {})}
         DeploymentSpec(**{**defaults, **given, "env": env, "image": "debian"})  # checked first
         image = await Images(self._tenant).snapshot_filesystem(sandbox_id, None)

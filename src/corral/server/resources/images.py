@@ -125,12 +125,12 @@ class Images:
         await self._service.check_quota(self._tenant.id, Quota(blob_bytes=1))
         with self._tenant.hold("upload"):
             size = await self._layers.add_blob(digest, chunks, limit)
-        await self._service.store.add_blob(self._tenant.id, digest, size)
+        await self._service.store.blobs.add(self._tenant.id, digest, size)
         return size
 
     async def has_blob(self, digest: str) -> bool:
         """Whether this key sent the content `digest` and the node still holds it."""
-        mine = digest in await self._service.store.blobs_of(self._tenant.id, [digest])
+        mine = digest in await self._service.store.blobs.of(self._tenant.id, [digest])
         return mine and self._layers.has_blob(digest)
 
 

@@ -6,21 +6,27 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from corral.core.egress import EgressPolicy
 from corral.core.errors import SandboxNotFound
-from corral.core.models import ExecResult, ProcessInfo, SandboxInfo
+from corral.core.models import ExecResult, ProcessInfo, SandboxInfo, UsageSample
 from corral.core.spec import SandboxSpec
 from corral.core.state import parse_state
 from corral.engine.files import SandboxFiles
 from corral.engine.interpreter import Interpreter
 from corral.engine.ports import PortStream
 from corral.engine.process import Process
+from corral.engine.usage import SAMPLE_EVERY
+from corral.server import tracing
+from corral.server.metrics import CREATE_SECONDS, EXEC_SECONDS, WAKE_SECONDS, timed
 from corral.server.tenancy import Tenant
+from corral.server.tracing import span
 
 __all__ = [
+    "SAMPLE_EVERY",
     "Command",
     "Interpreter",
     "PortStream",
@@ -58,8 +64,13 @@ class Sandboxes:
         tenant = self._tenant
         snapshot_id = tenant.snapshot(snapshot).id if snapshot is not None else None
         spec = await tenant.spec(spec, image=snapshot_id is None)
+        spec = self._service.with_key_network(tenant.id, spec)
         async with self._service.admitting(tenant.id, 1, spec):
+            start = time.perf_counter()
             info = await self._engine.create(spec, pool=pool, snapshot=snapshot_id)
+            CREATE_SECONDS.labels(info.runtime).observe(time.perf_counter() - start)
+            laps = self._engine.registry.get(info.id).timings
+            tracing.stages("engine.create", laps, sandbox_id=info.id, runtime=info.runtime)
             self._service.own(tenant.id, info)
         await self._service.recorded()
         return self._engine.get(info.id)
@@ -124,7 +135,9 @@ class Sandboxes:
         return await self._engine.hibernate(await self._tenant.sandbox(sandbox_id))
 
     async def wake(self, sandbox_id: str) -> SandboxInfo:
-        return await self._engine.wake(await self._tenant.sandbox(sandbox_id))
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        with timed(WAKE_SECONDS, self._engine.get(sandbox_id).runtime):
+            return await self._engine.wake(sandbox_id)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -156,7 +169,10 @@ class Sandboxes:
         """Run `command` to completion; its result, each stream cut at the server's limit, and
         whether anything was cut."""
         with self._tenant.hold("exec"):
-            return await self._run(sandbox_id, command, stdin)
+            sandbox_id = await self._tenant.sandbox(sandbox_id)
+            runtime = self._engine.get(sandbox_id).runtime
+            with timed(EXEC_SECONDS, runtime), span("engine.exec", sandbox_id=sandbox_id):
+                return await self._run(sandbox_id, command, stdin)
 
     async def _run(
         self, sandbox_id: str, command: Command, stdin: str | None
@@ -185,6 +201,19 @@ class Sandboxes:
             budget.release(key_id, held)
         stdout, stderr = bytes(kept["stdout"]), bytes(kept["stderr"])
         return dataclasses.replace(result, stdout=stdout, stderr=stderr), truncated
+
+    async def metrics(self, sandbox_id: str) -> builtins.list[UsageSample]:
+        """The sandbox's recent use, oldest first (empty while hibernated or ended)."""
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        with contextlib.suppress(SandboxNotFound):
+            return self._engine.usage.history(sandbox_id)
+        return []
+
+    def latest_metrics(self) -> builtins.list[tuple[SandboxInfo, UsageSample | None]]:
+        """Each of the tenant's live sandboxes with its newest sample."""
+        latest = self._engine.usage.latest()
+        mine = [sid for sid, owner in self._service.owners().items() if owner == self._tenant.id]
+        return [(self._engine.get(sid), latest.get(sid)) for sid in mine]
 
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         return await self._engine.processes(await self._tenant.sandbox(sandbox_id))

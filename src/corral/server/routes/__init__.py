@@ -13,6 +13,7 @@ from corral.server.routes import (
     files,
     images,
     keys,
+    metrics,
     pools,
     ports,
     previews,
@@ -21,6 +22,7 @@ from corral.server.routes import (
     snapshots,
     stream,
     volumes,
+    webhooks,
 )
 
 ROUTERS: tuple[APIRouter, ...] = tuple(
@@ -42,5 +44,7 @@ ROUTERS: tuple[APIRouter, ...] = tuple(
         keys,
         events,
         admin,
+        metrics,
+        webhooks,
     )
 )

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from corral.server.auth import SandboxesDep
+from corral.server.metrics import FILE_BYTES
 from corral.server.schemas import Chmod, FileOut, MakeDir, Rename, Written
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/files", tags=["files"])
@@ -32,8 +33,10 @@ async def download(sandbox_id: str, path: str, sandboxes: SandboxesDep) -> Respo
         try:
             async with sandboxes.active(sandbox_id):  # a transfer under way is use
                 if first:
+                    FILE_BYTES.labels("out").inc(len(first))
                     yield first
                 async for chunk in chunks:
+                    FILE_BYTES.labels("out").inc(len(chunk))
                     yield chunk
         finally:
             await chunks.aclose()  # a client that goes away cancels the read in the sandbox
@@ -59,6 +62,7 @@ async def upload(
     with sandboxes.hold("upload"):
         async with sandboxes.active(sandbox_id):  # a transfer under way is use
             written = await files.write(path, request.stream(), mode=mode, append=append)
+    FILE_BYTES.labels("in").inc(written)
     return Written(path=path, bytes=written)
 
 
