@@ -13,6 +13,8 @@ from corral.core.egress import EgressPolicy, Rule, decide
 from corral.core.errors import InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine.egress import _allowed_blocks
+from corral.engine.egress.guard import LEARNED_KEPT, Sandbox
+from corral.engine.egress.resolver import _host_side
 from corral.engine.egress.sniff import NeedMore, name_of
 
 
@@ -111,3 +113,31 @@ def test_names_come_from_sni_and_host() -> None:
     assert name_of(b"SSH-2.0-OpenSSH_9\r\n") is None
     assert name_of(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00") is None  # not a ClientHello
     assert name_of(b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\xff\xff\xff\xff") is None  # garbage
+
+
+def test_odd_names_and_hellos_give_no_name() -> None:
+    assert name_of(b"GET / HTTP/1.1\r\nHost: evi\xadl.com\r\n\r\n") is None  # not plain ASCII
+    assert name_of(b"GET / HTTP/1.1\r\nHost: xn--e1afmkfd.com\r\n\r\n") == "xn--e1afmkfd.com"
+    hello = client_hello("web.test")
+    # The same ClientHello cut into one-byte TLS records: real clients never do, so no name.
+    body = hello[5:]
+    records = b"".join(b"\x16\x03\x01\x00\x01" + body[i : i + 1] for i in range(len(body)))
+    assert name_of(records) is None
+
+
+def test_questions_about_the_hosts_network_are_refused() -> None:
+    for name in ("localhost", "printer.local", "metadata.google.internal", "router.lan",
+                 "5.2.0.10.in-addr.arpa", "16.172.in-addr.arpa", "1.0.0.127.in-addr.arpa"):  # fmt: skip
+        assert _host_side(name) is not None, name
+    for name in ("pypi.org", "8.8.8.8.in-addr.arpa", "web.test"):
+        assert _host_side(name) is None, name
+
+
+def test_learned_names_are_bounded() -> None:
+    sandbox = Sandbox("sb-x", EgressPolicy())
+    for n in range(LEARNED_KEPT + 10):
+        sandbox.learn(ipaddress.IPv4Address(0x0A000000 + n), f"n{n}.test", 60)
+    assert len(sandbox.learned) == LEARNED_KEPT
+    assert sandbox.names_of(ipaddress.IPv4Address(0x0A000000 + LEARNED_KEPT + 9)) == [
+        f"n{LEARNED_KEPT + 9}.test"
+    ]

@@ -86,9 +86,8 @@ class Adoption:
             # The firewall lives in the kernel and survives the engine; writing it again is
             # idempotent and tells this engine it is there.
             try:
-                await self._lifecycle.ensure_firewall()
-                for record in adopted_internet:  # the table is new: their rules go in again
-                    await self._lifecycle.apply_egress(record)
+                # One transaction with every adopted sandbox's rules: none is ever without.
+                await self._lifecycle.ensure_firewall(adopted_internet)
             except (CorralError, OSError) as exc:
                 log.error("could not reinstall the sandbox firewall: %s", exc)
         # Only now that every live sandbox is known: volumes nobody uses any more (their last

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,16 +179,19 @@ class Lifecycle:
         stages.mark("agent_ready")
 
     async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:
-        """Undo a start that failed half-way."""
-        self._registry.discard(record.id)
-        record.move(Phase.ENDING)
-        await record.link.close()
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(runtime.destroy, record.plan)
-        with contextlib.suppress(Exception):
-            await self.forget_egress(record)
-        with contextlib.suppress(Exception):
-            await self.release_volumes(record)
+        """Undo a start that failed half-way. Its address and uid slot stay taken until all of
+        it is gone: a sandbox planned meanwhile must not get its veth or firewall rules."""
+        try:
+            record.move(Phase.ENDING)
+            await record.link.close()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(runtime.destroy, record.plan)
+            with contextlib.suppress(Exception):
+                await self.forget_egress(record)
+            with contextlib.suppress(Exception):
+                await self.release_volumes(record)
+        finally:
+            self._registry.discard(record.id)
 
     async def start_runtime(self, record: SandboxRecord, launch: Callable[[], Launch]) -> None:
         """Listen for the sandbox's agent, start its runtime with `launch` and watch it."""
@@ -340,13 +343,16 @@ class Lifecycle:
             except CorralError as exc:  # they stay mounted; the next sweep tries again
                 log.error("could not unmount the volumes of %s: %s", record.id, exc)
 
-    async def ensure_firewall(self) -> None:
+    async def ensure_firewall(self, adopted: Sequence[SandboxRecord] = ()) -> None:
         """Start the resolver and egress proxy and install the internet sandboxes' firewall,
-        once per engine (it is idempotent)."""
+        once per engine, with the rules of the `adopted` sandboxes in it."""
         async with self._firewall_lock:  # concurrent first creates install it once
             if not self._firewall_ready:
                 ports = await self.egress.start()
-                await asyncio.to_thread(network.install_firewall, *ports)
+                found = [(r.plan.network.index, r.spec.egress) for r in adopted]
+                rules = [rule for rule in (self.egress.rules(*f) for f in found) if rule]
+                await asyncio.to_thread(network.install_firewall, *ports, rules)
+                self.egress.installed([slot for slot, _, _ in rules])
                 self._firewall_ready = True
 
     async def apply_egress(self, record: SandboxRecord) -> None:
@@ -362,8 +368,8 @@ class Lifecycle:
             SandboxState.PAUSED,
             SandboxState.HIBERNATED,
         )
+        await self.egress.apply(record.plan.network.index, egress)  # in force before it shows
         record.spec = spec
-        await self.apply_egress(record)
         record.save()
         return record.info()
 

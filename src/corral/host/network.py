@@ -9,9 +9,10 @@ reconfigure it), with one veth whose host end is its gateway, addresses from 100
 - TCP of sandboxes with egress rules (the ``proxied`` set) is redirected to Corral's egress
   proxy, which decides by name and address (`corral.engine.egress`); their other traffic goes
   through a chain of their own (``sandbox_N``) that decides by address only;
-- forwarded traffic with a source that is not the sandbox's own address, to another sandbox,
-  to private, link-local (cloud metadata), shared, multicast or reserved ranges is refused
-  (TCP with a reset, the rest with an ICMP error, so nothing hangs);
+- forwarded traffic with a source that is not the sandbox's own address, or that conntrack
+  finds invalid, is dropped; to another sandbox, to private, link-local (cloud metadata),
+  shared, multicast or reserved ranges it is refused (TCP with a reset, the rest with an ICMP
+  error, so nothing hangs);
 - nothing may open a connection *into* a sandbox; replies to its own connections pass;
 - the rest is masqueraded out of the host's default route.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from corral.core.egress import METADATA_ADDRESSES, PRIVATE_RANGES
@@ -117,15 +119,13 @@ def routed_by_corral() -> set[str]:
     return set(re.findall(r'"([^"]+)"', elements.group(1))) if elements else set()
 
 
-def install_firewall(dns_port: int, proxy_port: int) -> None:
-    """(Re)write the ``inet corral`` nftables table (with DNS sent to `dns_port` and the TCP of
-    proxied sandboxes to `proxy_port` on the host) and turn on forwarding on the uplinks."""
-    routed = routed_by_corral()
-    for iface in uplinks():
-        if forwarding(iface).read_text().strip() == "0":
-            routed.add(iface)
-    elements = ", ".join(f'"{iface}"' for iface in sorted(routed))
-    routed_set = f"    elements = {{ {elements} }}\n" if routed else ""
+SandboxRules = tuple[int, tuple[str, ...], tuple[str, ...] | None]  # slot, deny, allow
+
+
+def install_firewall(dns_port: int, proxy_port: int, rules: Sequence[SandboxRules] = ()) -> None:
+    """(Re)write the ``inet corral`` table (DNS sent to `dns_port`, proxied TCP to `proxy_port`)
+    with each sandbox's `rules` in the same transaction, and turn on the uplinks' forwarding."""
+    routed, routed_set = _to_route()
     sandboxes = f'iifname "{IFACE_PREFIX}*"'
     ruleset = f"""
 table inet corral
@@ -157,9 +157,12 @@ table inet corral {{
     type filter hook forward priority filter - 10; policy accept;
     iifname @routed oifname != "{IFACE_PREFIX}*" drop
     oifname "{IFACE_PREFIX}*" ct state established,related accept
+    {sandboxes} oifname "{IFACE_PREFIX}*" jump refuse
     oifname "{IFACE_PREFIX}*" drop
     {sandboxes} meta nfproto ipv6 drop
+    {sandboxes} ip saddr & 0.0.0.3 != 0.0.0.2 drop
     {sandboxes} fib saddr . iif oif missing drop
+    {sandboxes} ct state invalid drop
     {sandboxes} ip daddr {{ {BLOCKED} }} jump refuse
     {sandboxes} ip saddr vmap @filtered
   }}
@@ -173,15 +176,30 @@ table inet corral {{
   }}
 }}
 """
+    ruleset += "".join(line + "\n" for slot in rules for line in _sandbox_rules(*slot))
     _run(["nft", "-f", "-"], "install the sandbox firewall", stdin=ruleset)
     for iface in routed:  # only now that the table guards what comes in on them
         if forwarding(iface).exists():
             forwarding(iface).write_text("1\n")
 
 
+def _to_route() -> tuple[set[str], str]:
+    """The uplinks Corral routes through (those it switched on before, and those still off),
+    and the line of the ``routed`` set that lists them."""
+    routed = routed_by_corral()
+    routed.update(i for i in uplinks() if forwarding(i).read_text().strip() == "0")
+    elements = ", ".join(f'"{iface}"' for iface in sorted(routed))
+    return routed, f"    elements = {{ {elements} }}\n" if routed else ""
+
+
 def filter_sandbox(index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None) -> None:
     """Send the TCP of slot `index` through the egress proxy, and let its other traffic out
     only to the `allow` blocks (None: anywhere) outside the `deny` blocks."""
+    rules = _sandbox_rules(index, deny, allow)
+    _run(["nft", "-f", "-"], "apply the sandbox's network rules", stdin="\n".join(rules) + "\n")
+
+
+def _sandbox_rules(index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None) -> list[str]:
     chain = f"sandbox_{index}"
     rules = [f"add chain inet corral {chain}", f"flush chain inet corral {chain}"]
     if deny:
@@ -195,7 +213,7 @@ def filter_sandbox(index: int, deny: tuple[str, ...], allow: tuple[str, ...] | N
         f"add element inet corral filtered {{ {address} : jump {chain} }}",
         f"add element inet corral proxied {{ {address} }}",
     ]
-    _run(["nft", "-f", "-"], "apply the sandbox's network rules", stdin="\n".join(rules) + "\n")
+    return rules
 
 
 def unfilter_sandbox(index: int) -> None:

@@ -57,17 +57,27 @@ class Egress:
     def restricts(self, policy: EgressPolicy | None) -> bool:
         return self.guard.settings.floor.restricts or (policy is not None and policy.restricts)
 
+    def rules(self, slot: int, policy: EgressPolicy | None) -> network.SandboxRules | None:
+        """What the firewall holds for the sandbox in slot `slot` (None: nothing, it has no
+        rules and neither has the floor)."""
+        if not self.restricts(policy):
+            return None
+        floor, own = self.guard.settings.floor, policy or EgressPolicy()
+        deny = floor.blocks(allowed=False) + own.blocks(allowed=False)
+        return slot, deny, _allowed_blocks(floor, own)
+
+    def installed(self, slots: list[int]) -> None:
+        """The firewall was written with these slots' rules in it."""
+        self._filtered = set(slots)
+
     async def apply(self, slot: int, policy: EgressPolicy | None) -> None:
         """Put the sandbox in slot `slot` under `policy` (and the floor) in the firewall."""
-        own = policy or EgressPolicy()
-        if self.restricts(policy):
-            floor = self.guard.settings.floor
-            deny = floor.blocks(allowed=False) + own.blocks(allowed=False)
-            allow = _allowed_blocks(floor, own)
-            await asyncio.to_thread(network.filter_sandbox, slot, deny, allow)
-            self._filtered.add(slot)
-        else:
+        rules = self.rules(slot, policy)
+        if rules is None:
             await self._unfilter(slot)
+            return
+        await asyncio.to_thread(network.filter_sandbox, *rules)
+        self._filtered.add(slot)
 
     async def forget(self, sandbox_id: str, slot: int) -> None:
         """The sandbox ended: drop what is kept of it."""

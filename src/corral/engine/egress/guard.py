@@ -20,6 +20,7 @@ log = logging.getLogger("corral.egress")
 
 DENIALS_KEPT = 100  # recent denials per sandbox
 LEARNED_TTL = (30.0, 3600.0)  # how long a resolved address counts as its name's, at least/most
+LEARNED_KEPT = 4096  # addresses remembered per sandbox
 HOST_ADDRESSES_EVERY = 10.0  # seconds between looks at the host's own addresses
 
 
@@ -47,7 +48,19 @@ class Sandbox:
 
     def learn(self, address: ipaddress.IPv4Address, name: str, ttl: float) -> None:
         low, high = LEARNED_TTL
+        if address not in self.learned and len(self.learned) >= LEARNED_KEPT:
+            self._forget_expired()
+            if len(self.learned) >= LEARNED_KEPT:  # still full: the oldest address goes
+                del self.learned[next(iter(self.learned))]
         self.learned.setdefault(address, {})[name] = time.monotonic() + min(max(ttl, low), high)
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        for address, names in list(self.learned.items()):
+            for name in [name for name, until in names.items() if until < now]:
+                del names[name]
+            if not names:
+                del self.learned[address]
 
     def names_of(self, address: ipaddress.IPv4Address) -> list[str]:
         """The names the sandbox resolved to `address` (and whose answers still count)."""
@@ -83,6 +96,10 @@ class Guard:
         sandbox.policy = policy or EgressPolicy()
         return sandbox
 
+    def names_matter(self, sandbox: Sandbox) -> bool:
+        """Whether the sandbox's connections are decided by names it resolved (it has rules)."""
+        return self.settings.floor.restricts or sandbox.policy.restricts
+
     def refusal(
         self, sandbox: Sandbox, names: Sequence[str], address: ipaddress.IPv4Address | None
     ) -> Denial | None:
@@ -117,7 +134,7 @@ class Guard:
             "protocol": protocol,
             "at": time.time(),
         }
-        log.info(
+        log.debug(  # the event says it; a line at info for each would let a sandbox flood logs
             "egress of %s to %s:%s (%s) refused: %s",
             sandbox.id,
             destination,

@@ -28,13 +28,14 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from corral.core.egress import normal_name
+from corral.core.egress import Denial, always_denied, normal_name
 from corral.engine.egress.guard import Guard, Sandbox
 
 log = logging.getLogger("corral.egress")
 
 TCP_IDLE = 10.0  # seconds a DNS-over-TCP connection may sit without a question
 MAX_TCP_CONNECTIONS = 256
+TCP_PER_SANDBOX = 8  # DNS-over-TCP connections one sandbox may hold
 PENDING = 1024  # UDP questions being answered at once
 PENDING_PER_SANDBOX = 64
 
@@ -47,6 +48,7 @@ class Resolver:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_slots = asyncio.Semaphore(MAX_TCP_CONNECTIONS)
+        self._streams: collections.Counter[str] = collections.Counter()  # by source address
         self.port = 0
 
     async def start(self) -> None:
@@ -88,7 +90,7 @@ class Resolver:
             return _reply(query, code, protocol)
         question = query.question[0]
         name = normal_name(question.name.to_text())
-        denial = self._guard.refusal(sandbox, [name], None)
+        denial = _host_side(name) or self._guard.refusal(sandbox, [name], None)
         if denial is not None:
             self._guard.deny(sandbox, denial, destination=name, port=53, protocol="dns")
             return _reply(query, dns.rcode.REFUSED, protocol)
@@ -111,8 +113,16 @@ class Resolver:
         reply = dns.message.make_response(query)
         reply.set_rcode(upstream.rcode())
         refused = None
+        # A name the rules deny is refused as the target of an allowed name's CNAME too.
+        targets = [normal_name(r.target.to_text()) for rrset in upstream.answer
+                   if rrset.rdtype == dns.rdatatype.CNAME for r in rrset]  # fmt: skip
+        if targets and (denial := self._guard.refusal(sandbox, targets, None)) and denial.definite:
+            self._guard.deny(sandbox, denial, destination=f"{name} ({targets[-1]})", port=53,
+                             protocol="dns")  # fmt: skip
+            return _reply(query, dns.rcode.REFUSED, protocol)
+        learn = self._guard.names_matter(sandbox)
         for rrset in upstream.answer:
-            if rrset.rdtype == dns.rdatatype.AAAA:
+            if rrset.rdtype in _DROPPED:
                 continue
             if rrset.rdtype == dns.rdatatype.A:
                 kept = []
@@ -120,7 +130,8 @@ class Resolver:
                     address = ipaddress.IPv4Address(rdata.address)
                     denial = self._guard.refusal(sandbox, [name], address)
                     if denial is None:
-                        sandbox.learn(address, name, float(rrset.ttl))
+                        if learn:
+                            sandbox.learn(address, name, float(rrset.ttl))
                         kept.append(rdata)
                     else:
                         refused = refused or (denial, address)
@@ -140,9 +151,10 @@ class Resolver:
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """DNS over TCP: two-byte lengths, then messages, any number per connection."""
         source = str(writer.get_extra_info("peername")[0])
-        if self._tcp_slots.locked():
+        if self._tcp_slots.locked() or self._streams[source] >= TCP_PER_SANDBOX:
             writer.close()
             return
+        self._streams[source] += 1
         async with self._tcp_slots:
             try:
                 while True:
@@ -159,6 +171,34 @@ class Resolver:
                 pass
             finally:
                 writer.close()
+                self._streams[source] -= 1
+                if not self._streams[source]:
+                    del self._streams[source]
+
+
+# Answers a sandbox never gets: IPv6 (it has none), and service bindings whose address hints
+# would bypass the A filter (clients fall back to A records).
+_DROPPED = (dns.rdatatype.AAAA, dns.rdatatype.SVCB, dns.rdatatype.HTTPS)
+_HOST_ZONES = ("local", "internal", "localhost", "localdomain", "home.arpa", "lan", "intranet")
+
+
+def _host_side(name: str) -> Denial | None:
+    """A question about the host's own network, which its resolvers may answer: single-label
+    names, private zones, and reverse lookups of private addresses."""
+    if (
+        "." not in name
+        or name.endswith(tuple("." + zone for zone in _HOST_ZONES))
+        or (name in _HOST_ZONES)
+    ):
+        return Denial("always denied: a name of the host's network")
+    if name.endswith(".in-addr.arpa"):
+        octets = name.removesuffix(".in-addr.arpa").split(".")[::-1]
+        with contextlib.suppress(ValueError):
+            address = ".".join((octets + ["0"] * 4)[:4]) + f"/{8 * len(octets)}"
+            block = ipaddress.IPv4Network(address)
+            if always_denied(block.network_address) is not None:
+                return Denial("always denied: a reverse lookup of a private address")
+    return None
 
 
 def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode, protocol: str) -> bytes | None:
@@ -170,7 +210,8 @@ def _wire(
 ) -> bytes | None:
     if rcode is not None:
         reply.set_rcode(rcode)
-    limit = 65535 if protocol == "tcp" else max(512, reply.payload if reply.edns >= 0 else 512)
+    asked = reply.request_payload if reply.request_payload else 512  # what the client takes
+    limit = 65535 if protocol == "tcp" else max(512, min(asked, 4096))
     try:
         return reply.to_wire(max_size=limit)
     except dns.exception.TooBig:

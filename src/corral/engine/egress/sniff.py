@@ -10,6 +10,8 @@ import ipaddress
 import re
 
 MAX_HEAD = 64 * 1024  # the most read before deciding that a connection has no name
+MAX_RECORDS = 8  # a ClientHello spread over more TLS records is not worth reading
+_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
 _HTTP_START = re.compile(rb"^[A-Z]{1,10}( |$)")  # a method, then a space (or not yet)
 _HOST = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
@@ -44,15 +46,22 @@ def _host(value: str) -> str | None:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return host or None
+        return _checked(host)
     return None  # an address literal: not a name
+
+
+def _checked(name: str) -> str | None:
+    """`name` if it is a plain ASCII host name (letters, digits, '-', '_'), else None: an
+    internationalised or odd spelling must not match a rule by one spelling and resolve by
+    another."""
+    return name if len(name) <= 253 and _NAME.match(name) else None
 
 
 def _handshake(head: bytes) -> bytes:
     """The handshake message carried by the TLS records at the start of `head`."""
     message = b""
     offset = 0
-    while True:
+    for _ in range(MAX_RECORDS):
         if len(head) < offset + 5:
             raise NeedMore
         if head[offset] != 0x16:
@@ -66,6 +75,7 @@ def _handshake(head: bytes) -> bytes:
         offset += 5 + length
         if len(message) >= 4 and len(message) >= 4 + int.from_bytes(message[1:4], "big"):
             return message
+    return b""  # more records than any real ClientHello: no name
 
 
 def _tls_name(head: bytes) -> str | None:
@@ -87,8 +97,10 @@ def _tls_name(head: bytes) -> str | None:
             at += 4 + size
             if kind == 0 and len(body) >= 5 and body[2] == 0:  # server_name, host_name
                 length = int.from_bytes(body[3:5], "big")
+                if len(body) < 5 + length:
+                    return None  # cut short: not a name
                 name = body[5 : 5 + length].decode("ascii")
-                return name.lower().rstrip(".") or None
+                return _checked(name.lower().rstrip("."))
     except (IndexError, UnicodeDecodeError):
         return None
     return None

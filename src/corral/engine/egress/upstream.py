@@ -36,8 +36,13 @@ class Upstream:
         return None
 
     async def addresses(self, name: str) -> list[tuple[ipaddress.IPv4Address, float]]:
-        """`name`'s IPv4 addresses with their TTLs, as the upstream says."""
-        answer = await self.ask(dns.message.make_query(name, dns.rdatatype.A))
+        """`name`'s IPv4 addresses with their TTLs, as the upstream says (none for a name DNS
+        cannot even ask about)."""
+        try:
+            query = dns.message.make_query(name, dns.rdatatype.A)
+        except (dns.exception.DNSException, ValueError):
+            return []
+        answer = await self.ask(query)
         if answer is None:
             return []
         return [
