@@ -158,7 +158,7 @@ class Engine:
         self._started = True
         await self._adoption.adopt_all()
         self._supervisor.start()
-        self._tasks.spawn(self.usage.run())
+        self.usage.start()
         return self
 
     def _prepare(self) -> None:
@@ -178,6 +178,7 @@ class Engine:
         """
         await self.pools.close()  # idle pooled sandboxes are never kept: pools refill
         await self._supervisor.stop()
+        await self.usage.stop()
         live = self.registry.live()
         kept = [record for record in live if keep_sandboxes and _keepable(record)]
         await asyncio.gather(*(self._adoption.release(r) for r in kept), return_exceptions=True)

@@ -75,6 +75,7 @@ class Usage:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         self._samples: dict[str, collections.deque[UsageSample]] = {}
+        self._task: asyncio.Task[None] | None = None
 
     def history(self, sandbox_id: str) -> list[UsageSample]:
         """The sandbox's samples, oldest first (a first one is read now if there is none)."""
@@ -105,8 +106,19 @@ class Usage:
         except (OSError, ValueError) as exc:  # it ended meanwhile
             log.debug("could not sample %s: %s", record.id, exc)
 
-    async def run(self) -> None:
-        """Sample every few seconds until cancelled."""
+    def start(self) -> None:
+        """Sample every few seconds until `stop`."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
         while True:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.sample_all)
