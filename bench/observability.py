@@ -5,6 +5,7 @@ timed in process (they are always on, so there is no server without them to comp
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import threading
@@ -58,10 +59,14 @@ def metrics_cost_us(repeat: int = 100_000) -> float:
 
 async def observability_figures(suite: Any, runtimes: list[str], summary: Any) -> None:
     ours = Path(suite.args.data_dir)
-    with traced_server(ours.with_name(ours.name + "-traced"), ours / "images") as server:
+    context = traced_server(ours.with_name(ours.name + "-traced"), ours / "images")
+    server = await asyncio.to_thread(context.__enter__)
+    try:
         async with AsyncClient(url=server.url, api_key=server.admin_key) as traced:
             for runtime in runtimes:
                 await _pair(suite, runtime, traced, summary)
+    finally:  # it stops the server and ends its sandboxes with an event loop of its own
+        await asyncio.to_thread(context.__exit__, None, None, None)
     exec_p50 = suite.results.get("exec, traces off", {}).get(runtimes[0], {}).get("p50_ms")
     cost = metrics_cost_us()
     share = round(cost / 1000 / exec_p50 * 100, 3) if exec_p50 else None
