@@ -58,9 +58,11 @@ def test_the_schemas_in_each_vendors_format() -> None:
         assert schema["type"] == "object" and schema["additionalProperties"] is False
         assert tool["function"]["description"]
         for prop in schema["properties"].values():
-            assert (
-                prop["type"] in ("string", "integer", "number", "boolean") and prop["description"]
-            )
+            assert prop["description"]
+            if prop["type"] == "array":  # of strings (egress rules), with the items' type
+                assert prop["items"] == {"type": "string"}
+            else:
+                assert prop["type"] in ("string", "integer", "number", "boolean")
     run_code = next(t for t in anthropic_tools() if t["name"] == "run_code")
     assert run_code["input_schema"]["required"] == ["code"]
 
@@ -136,6 +138,22 @@ async def test_long_output_keeps_both_ends_and_the_rest_in_a_file(toolbox: Toolb
     whole = await toolbox.call("read_file", {"path": path})
     assert "the-end" in (await (await toolbox.sandbox(None)).files.read_text(path))
     assert not whole.is_error
+
+
+async def test_an_agent_creates_a_sandbox_with_egress_rules(toolbox: Toolbox) -> None:
+    for arguments, message in (
+        ({"allow": ["pypi.org"]}, "network 'internet'"),
+        ({"network": "internet", "allow": ["http://pypi.org/"]}, "http://pypi.org/"),
+        ({"network": "internet", "deny": "pypi.org"}, "deny of create_sandbox must be an array"),
+    ):
+        refused = await toolbox.call("create_sandbox", arguments)
+        assert refused.is_error and message in refused.text, refused.text
+    made = await toolbox.call(
+        "create_sandbox", {"network": "internet", "allow": ["pypi.org"], "deny": ["10.0.0.0/8"]}
+    )
+    assert not made.is_error, made.text
+    network = (await toolbox.sandbox(None)).network
+    assert network == corral.Network(allow=["pypi.org"], deny=["10.0.0.0/8"])
 
 
 def wait_for_page(url: str, headers: dict[str, str]) -> None:

@@ -57,6 +57,11 @@ TOOLS = (
                         "description": "Isolation: gvisor (strongest) or namespaces (fastest)."},
             "network": {"type": "string", "enum": ["none", "internet"],
                         "description": "Whether the sandbox may reach the internet."},
+            "allow": {"type": "array", "items": {"type": "string"},
+                      "description": "With network 'internet': the only hosts it may reach "
+                                     "(names, *.wildcards, IPv4 addresses or CIDRs)."},
+            "deny": {"type": "array", "items": {"type": "string"},
+                     "description": "With network 'internet': hosts it may never reach."},
             "cpu": {"type": "number", "description": "CPU cores (default 1)."},
             "memory_mb": {"type": "integer", "description": "Memory limit in MiB."},
             "timeout": {"type": "number", "description": "Lifetime in seconds."},

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.client import AsyncClient, AsyncSandbox
+from corral.client import AsyncClient, AsyncSandbox, Network
 from corral.core.code import Execution
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.state import SandboxState
@@ -33,6 +33,10 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "object": dict,
     "array": list,
 }
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass
@@ -66,7 +70,8 @@ def check_arguments(tool: Tool, arguments: Any) -> dict[str, Any]:
             isinstance(value, bool) and expected["type"] != "boolean"
         ):
             raise InvalidRequest(
-                f"argument {name} of {tool.name} must be a {expected['type']}, not {value!r}"
+                f"argument {name} of {tool.name} must be {_article(expected['type'])} "
+                f"{expected['type']}, not {value!r}"
             )
         if "enum" in expected and value not in expected["enum"]:
             raise InvalidRequest(
@@ -136,7 +141,16 @@ Handler = Callable[[Toolbox, Any, dict[str, Any]], Awaitable[ToolResult]]
 
 
 async def _create(box: Toolbox, _none: None, args: dict[str, Any]) -> ToolResult:
-    sandbox = await AsyncSandbox.create(client=box.client, **{**box._options, **args})
+    options = {**box._options, **args}
+    allow, deny = options.pop("allow", None), options.pop("deny", None)
+    if allow is not None or deny is not None:
+        if options.get("network") != "internet":
+            raise InvalidRequest(
+                "allow and deny are egress rules: give them with network 'internet'",
+                code="invalid_network_rule",
+            )
+        options["network"] = Network(allow=allow, deny=deny or ())
+    sandbox = await AsyncSandbox.create(client=box.client, **options)
     await box.close()  # a new session sandbox replaces the one made before
     box._default = sandbox
     info = await sandbox.info()

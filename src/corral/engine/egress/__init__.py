@@ -43,6 +43,7 @@ class Egress:
         """Start the resolver and the proxy (once); their ports (DNS, TCP)."""
         async with self._starting:
             if not self._started:
+                await self.guard.read_host()  # before any decision: the host is never reached
                 await self.resolver.start()
                 await self.proxy.start()
                 self._started = True

@@ -4,6 +4,7 @@ addresses), and each denial, kept and announced as an event."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ipaddress
 import logging
@@ -80,7 +81,8 @@ class Guard:
         self.sandboxes: dict[str, Sandbox] = {}
         self.denials: dict[str, collections.deque[dict[str, Any]]] = {}
         self._host: frozenset[str] = frozenset()
-        self._host_read = 0.0
+        self._host_read = time.monotonic()
+        self._reading: asyncio.Future[None] | None = None
         self.upstream = Upstream(settings.upstream or network.nameservers())
 
     def sandbox_at(self, address: str) -> Sandbox | None:
@@ -108,10 +110,17 @@ class Guard:
             return Denial("always denied: the host")
         return decide(sandbox.policy, self.settings.floor, names, address)
 
+    async def read_host(self) -> None:
+        """Read the host's own addresses (in a thread: `ip` never runs on the event loop)."""
+        self._host = await asyncio.to_thread(network.host_addresses)
+
     def _host_addresses(self) -> frozenset[str]:
+        """The host's addresses as last read; a new reading starts, in the background, once
+        the last is `HOST_ADDRESSES_EVERY` seconds old (the engine reads them at start)."""
         if time.monotonic() - self._host_read > HOST_ADDRESSES_EVERY:
-            self._host = network.host_addresses()
             self._host_read = time.monotonic()
+            self._reading = asyncio.ensure_future(self.read_host())
+            self._reading.add_done_callback(_logged)
         return self._host
 
     def deny(
@@ -149,3 +158,8 @@ class Guard:
     def forget(self, sandbox_id: str) -> None:
         self.sandboxes.pop(sandbox_id, None)
         self.denials.pop(sandbox_id, None)
+
+
+def _logged(reading: asyncio.Future[None]) -> None:
+    if not reading.cancelled() and reading.exception() is not None:
+        log.warning("could not read the host's addresses: %s", reading.exception())
