@@ -771,6 +771,10 @@ TARGETS = (
      "exec_percent", 5, "<=", "two spans per request, built and exported in Python"),
     ("traces added to an exec p50, %", "traces exported, added at p50", "gvisor",
      "exec_percent", 5, "<=", "two spans per request, built and exported in Python"),
+    ("audit log added to an exec p50, %", "audit log, added at p50", "namespaces",
+     "exec_percent", 5, "<=", ""),
+    ("audit log added to an exec p50, %", "audit log, added at p50", "gvisor",
+     "exec_percent", 5, "<=", ""),
 )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from corral.client import (
     Sandbox,
     Volume,
 )
+from corral.core.audit import AuditEntry, ReplayReport, ReplayStep
 from corral.core.code import CodeContext, Execution, ExecutionError, Logs, Result
 from corral.core.errors import (
     AgentUnavailable,
@@ -98,6 +99,7 @@ __all__ = [
     "AsyncProcess",
     "AsyncSandbox",
     "AsyncVolume",
+    "AuditEntry",
     "AuthError",
     "BuildEvent",
     "BuiltImage",
@@ -137,6 +139,8 @@ __all__ = [
     "Process",
     "ProcessExit",
     "ProcessInfo",
+    "ReplayReport",
+    "ReplayStep",
     "Result",
     "RuntimeUnavailable",
     "Sandbox",

@@ -99,6 +99,24 @@ def test_prometheus_scrapes_what_happened(server: Server, client: Client) -> Non
         assert key_id.startswith("key-") and used > 0, memory
 
 
+def test_wakes_are_timed_whether_asked_for_or_on_use(server: Server, client: Client) -> None:
+    require_runtime("gvisor")
+
+    def wakes() -> float:
+        return values(scrape(server).text).get(
+            ("corral_wake_seconds_count", (("runtime", "gvisor"),)), 0.0
+        )
+
+    before = wakes()
+    with Sandbox.create(runtime="gvisor", client=client) as sandbox:
+        sandbox.hibernate()
+        sandbox.wake()  # asked for
+        assert wakes() == before + 1
+        sandbox.hibernate()
+        assert sandbox.run("echo up").stdout == "up\n"  # woken by the command
+        assert wakes() == before + 2
+
+
 def test_a_sandbox_reports_its_recent_use(server: Server, client: Client) -> None:
     with Sandbox.create(runtime="namespaces", client=client) as sandbox:
         first = sandbox.metrics()

@@ -60,6 +60,7 @@ NODE_WIDE = {
     ("GET", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
     ("PUT", "/v1/keys/{key_id}/quota"): "an admin's: the node's keys",
     ("GET", "/v1/keys/{key_id}/network"): "an admin's: the node's keys",
+    ("GET", "/v1/audit"): "an admin reads every key's entries; a key its own (test_audit.py)",
     ("PUT", "/v1/keys/{key_id}/network"): "an admin's: the node's keys",
     **{
         (method, "/mcp"): "an MCP session of the caller's own: its tools call the API as the caller"
@@ -210,6 +211,12 @@ def _requests(
         ]
     if path == "/v1/events":
         return [(path, {"sandbox_id": owned["sandbox"]}, {})]
+    if path == "/v1/audit/replay":  # the owner's sandbox, from the owner's snapshot
+        replay = {"sandbox_id": owned["sandbox"], "snapshot": owned["snapshot"]}
+        return [
+            (path, {}, {"json": replay}),
+            (path, {}, {"json": {**replay, "snapshot": "owned-snapshot"}}),
+        ]
     names = {
         "sandbox_id": owned["sandbox"],
         "process_id": owned["process"],

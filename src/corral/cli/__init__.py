@@ -22,6 +22,7 @@ Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --a
 
 from corral.cli import (
     _agents,
+    _audit,
     _code,
     _deployments,
     _images,
@@ -37,6 +38,7 @@ from corral.cli._common import app
 __all__ = ["app", "main"]
 _commands = (
     _agents,
+    _audit,
     _code,
     _images,
     _keys,

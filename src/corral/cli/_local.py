@@ -108,6 +108,14 @@ WebhookHosts = Annotated[
         "address; repeatable.",
     ),
 ]
+AuditRetention = Annotated[
+    float,
+    typer.Option(
+        envvar="CORRAL_AUDIT_RETENTION",
+        help="Days the audit log keeps each entry; 0 records nothing.",
+        min=0,
+    ),
+]
 PreviewDomain = Annotated[
     str | None,
     typer.Option(
@@ -191,6 +199,7 @@ def serve(
     dns_upstream: DnsUpstream = None,
     webhook: WebhookUrl = None,
     allow_webhook_host: WebhookHosts = None,
+    audit_retention: AuditRetention = 90.0,
     overcommit: Overcommit = "",
     log_level: str = typer.Option("info", help="uvicorn log level."),
     log_format: LogFormat = LogFormats.text,
@@ -201,22 +210,16 @@ def serve(
 
     try:
         config = ServerConfig(
-            data_dir=data_dir or default_data_dir(),
-            default_runtime=runtime,
-            max_sandboxes_per_key=max_sandboxes_per_key,
-            max_sandboxes=max_sandboxes,
+            data_dir=data_dir or default_data_dir(), default_runtime=runtime,
+            max_sandboxes_per_key=max_sandboxes_per_key, max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()),
-            allowed_registries=_items(allow_registry),
-            at_rest_key=at_rest_key,
-            open_host_image=open_host_image,
-            preview_domain=preview_domain,
+            allowed_registries=_items(allow_registry), at_rest_key=at_rest_key,
+            open_host_image=open_host_image, preview_domain=preview_domain,
             max_image_bytes_per_key=max_image_mib_per_key << 20,
-            egress_floor=_floor(egress_allow, egress_deny),
-            dns_upstream=_items(dns_upstream),
-            webhook_url=webhook,
-            webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
-            webhook_hosts=_items(allow_webhook_host),
-        )
+            egress_floor=_floor(egress_allow, egress_deny), dns_upstream=_items(dns_upstream),
+            webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
+            webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
+        )  # fmt: skip
         config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         config.key_ring().check()  # an unusable key file is refused before anything starts

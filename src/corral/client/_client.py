@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from corral.core.audit import AuditEntry, ReplayReport, ReplayStep
 from corral.core.errors import AuthError
 from corral.core.models import BuiltImage, SandboxInfo, SnapshotInfo, UsageSample
 
@@ -208,6 +209,54 @@ class AsyncClient:
     async def delete_webhook(self, webhook_id: str) -> None:
         """Stop sending events to a webhook."""
         await self.request("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    async def audit(
+        self,
+        *,
+        sandbox: str | None = None,
+        key: str | None = None,
+        operation: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        newest_first: bool = False,
+    ) -> list[AuditEntry]:
+        """Audit log entries matching every filter given, up to `limit` (fetched a page at a
+        time): yours, or every key's with an admin key (`key` picks one)."""
+        params: dict[str, Any] = {"sandbox": sandbox, "key": key, "operation": operation,
+                                  "since": since, "until": until,
+                                  "order": "desc" if newest_first else "asc"}  # fmt: skip
+        params = {name: value for name, value in params.items() if value is not None}
+        entries: list[AuditEntry] = []
+        while len(entries) < limit:
+            params["limit"] = min(limit - len(entries), 1000)
+            page = await self.request("GET", "/v1/audit", params=params)
+            entries += [AuditEntry.from_dict(entry) for entry in page["entries"]]
+            if page["next"] is None:
+                break
+            params["cursor"] = page["next"]
+        return entries
+
+    async def audit_replay(
+        self, sandbox_id: str, snapshot: str, *, keep: bool = False
+    ) -> ReplayReport:
+        """Run `sandbox_id`'s recorded commands and code again, in order, in a new sandbox from
+        `snapshot` (yours, by id or name), comparing each outcome with the recorded one; the
+        new sandbox ends afterwards unless `keep`."""
+        body = {"sandbox_id": sandbox_id, "snapshot": snapshot, "keep": keep}
+        steps: list[ReplayStep] = []
+        fork_id = ""
+        async with self.stream("POST", "/v1/audit/replay", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind = event.pop("type")
+                if kind == "started":
+                    fork_id = event["fork_id"]
+                elif kind == "step":
+                    steps.append(ReplayStep.from_dict(event))
+        return ReplayReport(sandbox_id=sandbox_id, snapshot=snapshot, fork_id=fork_id, steps=steps)
 
     async def list_pools(self) -> list[dict[str, Any]]:
         """The server's warm pools: template, target size, idle, hits, misses."""

@@ -294,6 +294,8 @@ class Client(Twin[AsyncClient]):
     create_webhook = blocking(AsyncClient.create_webhook)
     list_webhooks = blocking(AsyncClient.list_webhooks)
     delete_webhook = blocking(AsyncClient.delete_webhook)
+    audit = blocking(AsyncClient.audit)
+    audit_replay = blocking(AsyncClient.audit_replay)
     list_pools = blocking(AsyncClient.list_pools)
     set_pool = blocking(AsyncClient.set_pool)
     remove_pool = blocking(AsyncClient.remove_pool)

@@ -127,6 +127,7 @@ class Checkpoints:
         plan = record.plan
         async with record.lock:
             record.require("wake", SandboxState.HIBERNATED)
+            started = time.perf_counter()
             forgetting = self._forgetting.pop(record.id, None)
             if forgetting is not None:
                 await asyncio.wait({forgetting})
@@ -136,6 +137,7 @@ class Checkpoints:
             async with self._sealed.opened(image) as clear:
                 await self._lifecycle.start_runtime(record, lambda: runtime.restore(plan, clear))
                 await self._lifecycle.wait_for_agent(record)
+            record.timings["wake"] = time.perf_counter() - started  # asked for, or on use
             record.move(Phase.RUNNING)
             # The image is stale from the first write on: never restore it twice.
             await asyncio.to_thread(shutil.rmtree, image, True)

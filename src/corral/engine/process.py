@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal as signals
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from corral.agent import protocol as P
 from corral.core.errors import AgentUnavailable, CorralError, InvalidRequest, SandboxFailed
@@ -12,6 +12,14 @@ from corral.core.models import ExecResult
 from corral.engine.agentlink import AgentLink, Channel, unwrap
 
 STREAM_NAMES = {P.STDOUT: "stdout", P.STDERR: "stderr"}
+
+
+class Watcher(Protocol):
+    """Something that follows a process's output and end (`Process.observe`)."""
+
+    def output(self, stream: str, data: bytes) -> None: ...
+
+    def ended(self, result: ExecResult | None, error: BaseException | None = None) -> None: ...
 
 
 class Process:
@@ -44,6 +52,12 @@ class Process:
         self._explain_loss = explain_loss
         self._reply: dict[str, Any] | None = None
         self._result: ExecResult | None = None
+        self._watchers: list[Watcher] = []
+
+    def observe(self, watcher: Watcher) -> None:
+        """Show `watcher` each piece of output as it is read, and the end, once `wait()`
+        returns or fails."""
+        self._watchers.append(watcher)
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """Yield ("stdout" | "stderr", bytes) as the process writes, until it ends."""
@@ -52,6 +66,8 @@ class Process:
             if kind == P.REPLY:
                 self._reply = payload
             elif kind in STREAM_NAMES:
+                for watcher in self._watchers:
+                    watcher.output(STREAM_NAMES[kind], payload)
                 yield STREAM_NAMES[kind], payload
 
     @property
@@ -90,6 +106,17 @@ class Process:
         """Wait for the process to end; the result holds any output not read via `output()`."""
         if self._result is not None:
             return self._result
+        try:
+            result = await self._wait()
+        except BaseException as exc:
+            for watcher in self._watchers:
+                watcher.ended(None, exc)
+            raise
+        for watcher in self._watchers:
+            watcher.ended(result)
+        return result
+
+    async def _wait(self) -> ExecResult:
         out: list[bytes] = []
         err: list[bytes] = []
         async for name, data in self.output():

@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.types import Scope
 
 from corral.server import errors, tracing
+from corral.server.audit import AuditRequests
 from corral.server.auth import service_of
 from corral.server.config import ServerConfig
 from corral.server.deployments.host import DeploymentHost
@@ -61,6 +62,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         version=version("corral"),
         summary="Secure sandboxes for AI agents: create, run commands, move files.",
         lifespan=lifespan,
+        # With traces on: one span per request (ours below it), not FastAPI's per dependency,
+        # endpoint and serialization, nor its OpenTelemetry metrics (Prometheus has them).
+        telemetry={"operation_spans": False, "metrics": False},
         responses={code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 422, 429)},
     )
     app.state.service = service
@@ -73,6 +77,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
     e2b = E2bApps(service)  # E2B's SDKs, routed by their headers on the same port
     app.add_middleware(E2bGateway, control=e2b.control, envd=e2b.envd, interpreter=e2b.interpreter)
+    app.add_middleware(AuditRequests, log=service.audit)  # every API action; not previews
     # Previews: ports of sandboxes, by host name or under /preview/ (see corral.server.previews)
     app.add_middleware(
         PreviewGateway, service=service, deployments=deployments, domain=config.preview_domain

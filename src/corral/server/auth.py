@@ -9,8 +9,10 @@ from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corral.core.errors import AuthError, PermissionDenied
+from corral.server import audit
 from corral.server.logs import KEY_ID
 from corral.server.resources.admin import AllSandboxes, Keys, Pools
+from corral.server.resources.audit import AuditTrail
 from corral.server.resources.images import Images
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.resources.snapshots import Snapshots
@@ -46,6 +48,7 @@ async def _authenticate(service: Service, header: str | None) -> Tenant:
     if key is None:
         raise AuthError("this API key is unknown or revoked")
     KEY_ID.set(key.id)  # for the request's log lines
+    audit.identify(key.id)
     return Tenant(service, key)
 
 
@@ -123,7 +126,12 @@ def _webhooks(tenant: Me) -> TenantWebhooks:
     return TenantWebhooks(tenant)
 
 
+def _audit(tenant: Me) -> AuditTrail:
+    return AuditTrail(tenant)
+
+
 SandboxesDep = Annotated[Sandboxes, Depends(_sandboxes)]
+AuditDep = Annotated[AuditTrail, Depends(_audit)]
 SnapshotsDep = Annotated[Snapshots, Depends(_snapshots)]
 ImagesDep = Annotated[Images, Depends(_images)]
 VolumesDep = Annotated[Volumes, Depends(_volumes)]

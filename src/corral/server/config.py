@@ -47,6 +47,7 @@ class ServerConfig:
     webhook_url: str | None = None
     webhook_secret: str | None = None
     webhook_hosts: tuple[str, ...] = ()  # hosts keys' webhooks may name though not public
+    audit_retention: float = 90 * 86400.0  # seconds the audit log keeps an entry; 0: no log
 
     def __post_init__(self) -> None:
         if self.webhook_url is not None and not self.webhook_secret:

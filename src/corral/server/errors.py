@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.core.errors import CorralError, InvalidRequest, PayloadTooLarge
+from corral.server import audit
 from corral.server.metrics import ERRORS
 
 log = logging.getLogger("corral.server")
@@ -29,6 +30,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
 
 def error_response(error: CorralError) -> JSONResponse:
     ERRORS.labels(error.code, str(error.status_code)).inc()
+    audit.failed(error.code)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
 
@@ -70,6 +72,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        audit.failed(code)
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no endpoint {request.method} {request.url.path}; see /docs"

@@ -54,6 +54,10 @@ EGRESS_DENIED = Counter(
     "corral_egress_denied", "Connections and DNS questions egress rules refused.",
     ["protocol"], registry=REGISTRY,
 )  # fmt: skip
+AUDIT_DROPPED = Counter(
+    "corral_audit_dropped", "Audit entries lost: the queue was full or the store failed.",
+    registry=REGISTRY,
+)  # fmt: skip
 
 
 @contextlib.contextmanager

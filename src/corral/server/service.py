@@ -30,9 +30,10 @@ from corral.engine.egress import EgressSettings
 from corral.images.builder import Builder
 from corral.images.oci.egress import Egress
 from corral.server.admission import Admission, machine_capacity
+from corral.server.audit import AuditLog
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
-from corral.server.metrics import EGRESS_DENIED
+from corral.server.metrics import EGRESS_DENIED, WAKE_SECONDS
 from corral.server.previews.grants import Grants
 from corral.server.store import ENDED_RETENTION, Store
 from corral.server.throttle import FailedLogins, InFlight
@@ -63,6 +64,7 @@ class Service:
         self.failed_logins = FailedLogins(config.auth_failures_per_minute)
         self.grants = Grants(lambda: self.store.previews)  # who may use which preview
         self.in_flight = InFlight()
+        self.audit = AuditLog(config.audit_retention)
         self.quotas: dict[str, Quota] = {}  # by key id; set by admins, reread every few seconds
         self.key_networks: dict[str, EgressPolicy] = {}  # default egress rules, the same way
         self.admission = Admission(
@@ -87,6 +89,7 @@ class Service:
         self._store = await Store.open(self.config.database, self.engine.keys)
         self.quotas = await self._store.quotas()
         self.key_networks = await self._store.key_networks.all()
+        await self.audit.start(self._store.sessions)
         self.webhooks = Webhooks(
             self._store.webhooks,
             operator_webhook(self.config),
@@ -108,6 +111,7 @@ class Service:
         """Stop serving but leave every sandbox running: the next start re-adopts them."""
         await self.engine.close(keep_sandboxes=True)
         await self._writes.join()
+        await self.audit.close()
         if self.webhooks is not None:
             await self.webhooks.close()
         for task in self._tasks:
@@ -288,12 +292,22 @@ class Service:
                 self._owners[info.id] = owner
 
     def _changed(self, info: SandboxInfo) -> None:
+        if info.state is SandboxState.RUNNING and len(info.history) > 1:
+            self._woken(info)
         owner = self._owners.get(info.id)
         if info.state is SandboxState.TERMINATED:
             self._owners.pop(info.id, None)
         self._writes.put_nowait(("update", info))
         if owner is not None:
             self.events.publish(owner, info)
+
+    def _woken(self, info: SandboxInfo) -> None:
+        """A wake's seconds into the histogram, whether asked for or on use (a request)."""
+        if info.history[-2].state is SandboxState.HIBERNATED:
+            with contextlib.suppress(SandboxNotFound):
+                seconds = self.engine.registry.get(info.id).timings.pop("wake", None)
+                if seconds is not None:
+                    WAKE_SECONDS.labels(info.runtime).observe(seconds)
 
     def _egress_denied(self, sandbox_id: str, event: dict[str, Any]) -> None:
         EGRESS_DENIED.labels(event["protocol"]).inc()
@@ -333,6 +347,8 @@ class Service:
         while True:
             with contextlib.suppress(Exception):
                 await self.store.forget_ended(time.time() - ENDED_RETENTION)
+            with contextlib.suppress(Exception):
+                await self.audit.prune()
             await asyncio.sleep(PRUNE_EVERY)
 
 

@@ -199,6 +199,7 @@ class Store:
         self.key_networks = KeyNetworks(self._session)
         self.blobs = BlobStore(self._session)
         self.webhooks = WebhookStore(self._session, keys)
+        self.sessions = self._session  # for tables other modules own (the audit log)
         self._active_keys: dict[str, tuple[ApiKey, float]] = {}  # digest -> key, good until
 
     @classmethod

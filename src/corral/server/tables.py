@@ -143,3 +143,29 @@ class WebhookRow(Base):
     secret: Mapped[str] = mapped_column(Text)
     events: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class AuditRow(Base):
+    """One API action (see `corral.server.audit`); `detail` is JSON, never a secret's value."""
+
+    __tablename__ = "audit"
+    __table_args__ = (
+        Index("ix_audit_key_at", "key_id", "at"),
+        Index("ix_audit_sandbox_at", "sandbox_id", "at"),
+        Index("ix_audit_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    client: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    operation: Mapped[str] = mapped_column(String(200))
+    sandbox_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bytes_in: Mapped[int] = mapped_column(BigInteger)
+    bytes_out: Mapped[int] = mapped_column(BigInteger)
+    duration: Mapped[float] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(Text)

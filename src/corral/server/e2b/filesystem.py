@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from corral.core.errors import FileExists, InvalidRequest
 from corral.core.models import FileInfo
+from corral.server import audit
 from corral.server.e2b import wire
 from corral.server.e2b.gateway import handled, sandbox_caller
 from corral.server.e2b.process import user_of
@@ -91,6 +92,7 @@ async def make_dir(request: Request) -> Response:
     """MakeDir, with its parents; already_exists if something is there."""
     files, user, body = await _files(request)
     path = resolve(body.get("path"), user)
+    audit.name("files.mkdir", path=path)
     if await files.exists(path):
         raise FileExists(f"{path} already exists")
     return JSONResponse({"entry": entry(await files.mkdir(path))})
@@ -101,6 +103,7 @@ async def remove(request: Request) -> Response:
     """Remove a file or a directory with what it holds."""
     files, user, body = await _files(request)
     path = resolve(body.get("path"), user)
+    audit.name("files.remove", path=path, recursive=True)
     await files.stat(path)  # not_found for nothing there
     await files.remove(path, recursive=True)
     return JSONResponse({})
@@ -112,6 +115,7 @@ async def move(request: Request) -> Response:
     files, user, body = await _files(request)
     source = resolve(body.get("source"), user)
     destination = resolve(body.get("destination"), user)
+    audit.name("files.rename", path=source, to=destination, overwrite=True)
     await files.stat(source)  # not_found before any other complaint
     return JSONResponse({"entry": entry(await files.rename(source, destination, overwrite=True))})
 
@@ -129,7 +133,9 @@ async def download(request: Request) -> Response:
     sandboxes, sandbox_id = await sandbox_caller(request)
     user = request.query_params.get("username") or user_of(request)
     files = await sandboxes.files(sandbox_id)
-    chunks = files.read(resolve(request.query_params.get("path"), user))
+    path = resolve(request.query_params.get("path"), user)
+    audit.name("files.read", path=path)
+    chunks = files.read(path)
     try:
         first = await anext(chunks)  # a missing file is a 404, not a broken stream
     except StopAsyncIteration:
@@ -169,6 +175,7 @@ async def upload(request: Request) -> Response:
                     body = _gunzip(body)
                 await files.write(target, body)
                 written = [target]
+    audit.name("files.write", path=written[0] if len(written) == 1 else written)
     return JSONResponse(
         [{"name": posixpath.basename(p), "type": "file", "path": p} for p in written]
     )

@@ -26,7 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from corral.core.errors import AuthError, CorralError, SandboxEnded, SandboxNotFound
 from corral.core.ids import check_id
 from corral.core.state import SandboxState
+from corral.server import audit
 from corral.server.auth import tenant_of
+from corral.server.logs import SANDBOX_ID
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.service import Service
 from corral.server.tenancy import Tenant
@@ -105,6 +107,8 @@ async def sandbox_caller(request: Request) -> tuple[Sandboxes, str]:
     key = await service.store.find_key(owner)
     if not key.active:
         raise AuthError("the API key that owns this sandbox was revoked")
+    audit.identify(key.id)  # the sandbox's token stands for its owner's key
+    SANDBOX_ID.set(sandbox_id)
     sandboxes = Sandboxes(Tenant(service, key))
     info = await sandboxes.info(sandbox_id)
     if info.state is SandboxState.TERMINATED:
@@ -130,6 +134,7 @@ def handled(
             try:
                 return await handler(request)
             except CorralError as error:
+                audit.failed(error.code)
                 return on_error(error)
 
         route.__name__ = handler.__name__

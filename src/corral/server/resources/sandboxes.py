@@ -7,11 +7,11 @@ import builtins
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from corral.core.egress import EgressPolicy
-from corral.core.errors import SandboxNotFound
+from corral.core.errors import CorralError, SandboxNotFound
 from corral.core.models import ExecResult, ProcessInfo, SandboxInfo, UsageSample
 from corral.core.spec import SandboxSpec
 from corral.core.state import parse_state
@@ -21,7 +21,15 @@ from corral.engine.ports import PortStream
 from corral.engine.process import Process
 from corral.engine.usage import SAMPLE_EVERY
 from corral.server import tracing
-from corral.server.metrics import CREATE_SECONDS, EXEC_SECONDS, WAKE_SECONDS, timed
+from corral.server.audit.trail import (
+    Action,
+    CodeWatch,
+    ExecWatch,
+    bounded,
+    command_detail,
+    concerns,
+)
+from corral.server.metrics import CREATE_SECONDS, EXEC_SECONDS, timed
 from corral.server.tenancy import Tenant
 from corral.server.tracing import span
 
@@ -72,6 +80,7 @@ class Sandboxes:
             laps = self._engine.registry.get(info.id).timings
             tracing.stages("engine.create", laps, sandbox_id=info.id, runtime=info.runtime)
             self._service.own(tenant.id, info)
+        concerns(info.id)
         await self._service.recorded()
         return self._engine.get(info.id)
 
@@ -135,9 +144,7 @@ class Sandboxes:
         return await self._engine.hibernate(await self._tenant.sandbox(sandbox_id))
 
     async def wake(self, sandbox_id: str) -> SandboxInfo:
-        sandbox_id = await self._tenant.sandbox(sandbox_id)
-        with timed(WAKE_SECONDS, self._engine.get(sandbox_id).runtime):
-            return await self._engine.wake(sandbox_id)
+        return await self._engine.wake(await self._tenant.sandbox(sandbox_id))
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -149,19 +156,32 @@ class Sandboxes:
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
     ) -> Process:
-        """Start `command` in the sandbox; returns once it runs."""
-        return await self._engine.exec(
-            await self._tenant.sandbox(sandbox_id),
-            command.argv,
-            cmd=command.cmd,
-            env=command.env,
-            cwd=command.cwd,
-            user=command.user,
-            stdin=stdin,
-            pty=pty,
-            timeout=command.timeout,
-            tag=command.tag,
-        )
+        """Start `command` in the sandbox; returns once it runs. It is recorded in the audit
+        log when it ends (or when its request does, if that comes first)."""
+        sandbox_id = await self._tenant.sandbox(sandbox_id)
+        detail = command_detail(
+            command.cmd, command.argv, command.env, cwd=command.cwd, user=command.user,
+            timeout=command.timeout, tag=command.tag, stdin=stdin, pty=pty is not None,
+        )  # fmt: skip
+        action = Action(self._service.audit, self._tenant.id, "exec", sandbox_id, detail)
+        try:
+            process = await self._engine.exec(
+                sandbox_id,
+                command.argv,
+                cmd=command.cmd,
+                env=command.env,
+                cwd=command.cwd,
+                user=command.user,
+                stdin=stdin,
+                pty=pty,
+                timeout=command.timeout,
+                tag=command.tag,
+            )
+        except BaseException as exc:
+            action.failed(exc)
+            raise
+        process.observe(ExecWatch(action))
+        return process
 
     async def run(
         self, sandbox_id: str, command: Command, stdin: str | None = None
@@ -235,6 +255,33 @@ class Sandboxes:
         sandbox_id = await self._tenant.sandbox(sandbox_id)
         return await self._engine.ports.connect(sandbox_id, port, half_close=True)
 
+    async def run_code(
+        self,
+        sandbox_id: str,
+        code: str,
+        *,
+        language: str,
+        context: str | None,
+        env: Mapping[str, str] | None,
+        timeout: float | None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Run code in one of the sandbox's code contexts: its events (see `corral.core.code`),
+        recorded in the audit log when they end or are no longer read."""
+        sandbox_id, interpreter = await self.interpreter(sandbox_id)
+        kept, cut = bounded(code)
+        detail = {"code": kept, "cut": cut, "language": language, "context": context,
+                  "env": sorted(env or {}), "timeout": timeout}  # fmt: skip
+        detail = {k: v for k, v in detail.items() if v}
+        action = Action(self._service.audit, self._tenant.id, "code", sandbox_id, detail)
+        try:
+            events = await interpreter.run(
+                sandbox_id, code, language=language, context=context, env=env, timeout=timeout
+            )
+        except BaseException as exc:
+            action.failed(exc)
+            raise
+        return _watched(events, action)
+
     async def interpreter(self, sandbox_id: str) -> tuple[str, Interpreter]:
         """The code interpreter, and the sandbox's id once this key is known to own it."""
         return await self._tenant.sandbox(sandbox_id), self._engine.interpreter
@@ -256,3 +303,19 @@ class Sandboxes:
         if sandbox_id is not None:
             await self._tenant.sandbox(sandbox_id)
         return self._service.events.subscribe(self._tenant.id)
+
+
+async def _watched(
+    events: AsyncGenerator[dict[str, Any], None], action: Action
+) -> AsyncGenerator[dict[str, Any], None]:
+    watch = CodeWatch()
+    try:
+        async for event in events:
+            watch.event(event)
+            yield event
+    except CorralError as exc:
+        action.failed(exc)
+        raise
+    finally:  # ended, or no longer read (its client went away)
+        await events.aclose()
+        action.finish(error=None if watch.ended else "cancelled", outcome=watch.outcome())

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from corral.server.routes import (
     admin,
+    audit,
     code,
     code_stream,
     deployments,
@@ -46,5 +47,6 @@ ROUTERS: tuple[APIRouter, ...] = tuple(
         admin,
         metrics,
         webhooks,
+        audit,
     )
 )

@@ -86,11 +86,10 @@ async def open_execution(
 ) -> tuple[contextlib.ExitStack, dict[str, Any], AsyncGenerator[dict[str, Any], None]]:
     """Start running `body`: the key's exec slot it holds (to release when done), its first
     event, and the rest. A request that cannot run raises here, before any event."""
-    sandbox_id, interpreter = await sandboxes.interpreter(sandbox_id)
     slot = contextlib.ExitStack()
     slot.enter_context(sandboxes.hold("exec"))  # a key's executions count like its commands
     try:
-        events = await interpreter.run(
+        events = await sandboxes.run_code(
             sandbox_id,
             body.code,
             language=body.language,

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from corral.server import audit
 from corral.server.auth import SandboxesDep
 from corral.server.metrics import FILE_BYTES
 from corral.server.schemas import Chmod, FileOut, MakeDir, Rename, Written
@@ -21,6 +22,7 @@ router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/files", tags=["files"])
 @router.get("/content", response_class=StreamingResponse)
 async def download(sandbox_id: str, path: str, sandboxes: SandboxesDep) -> Response:
     """The file's bytes, streamed (any size)."""
+    audit.name("files.read", path=path)
     files = await sandboxes.files(sandbox_id)
     chunks = files.read(path)
     # Pull the first chunk now, so a missing file is a 404 rather than a broken stream.
@@ -58,6 +60,7 @@ async def upload(
 
     A whole-file write is atomic: an interrupted upload leaves the previous content.
     """
+    audit.name("files.write", path=path, append=append)
     files = await sandboxes.files(sandbox_id)
     with sandboxes.hold("upload"):
         async with sandboxes.active(sandbox_id):  # a transfer under way is use
@@ -83,6 +86,7 @@ async def stat(sandbox_id: str, path: str, sandboxes: SandboxesDep) -> FileOut:
 
 @router.post("/mkdir", status_code=201)
 async def mkdir(sandbox_id: str, body: MakeDir, sandboxes: SandboxesDep) -> FileOut:
+    audit.name("files.mkdir", path=body.path)
     files = await sandboxes.files(sandbox_id)
     return FileOut.of(await files.mkdir(body.path, parents=body.parents, mode=body.mode))
 
@@ -92,16 +96,19 @@ async def remove(
     sandbox_id: str, path: str, sandboxes: SandboxesDep, recursive: bool = False
 ) -> Response:
     """Remove a file, or a directory (non-empty ones need `recursive=true`)."""
+    audit.name("files.remove", path=path, recursive=recursive)
     await (await sandboxes.files(sandbox_id)).remove(path, recursive=recursive)
     return Response(status_code=204)
 
 
 @router.post("/rename")
 async def rename(sandbox_id: str, body: Rename, sandboxes: SandboxesDep) -> FileOut:
+    audit.name("files.rename", path=body.src, to=body.dst, overwrite=body.overwrite)
     files = await sandboxes.files(sandbox_id)
     return FileOut.of(await files.rename(body.src, body.dst, overwrite=body.overwrite))
 
 
 @router.post("/chmod")
 async def chmod(sandbox_id: str, body: Chmod, sandboxes: SandboxesDep) -> FileOut:
+    audit.name("files.chmod", path=body.path, mode=body.mode)
     return FileOut.of(await (await sandboxes.files(sandbox_id)).chmod(body.path, body.mode))

@@ -1,0 +1,145 @@
+"""The `audit` table: entries queued by the request path and written by one task, in batches,
+in the order they were made; queried by key, sandbox, operation and time; pruned past the
+retention the operator chose (`corral serve --audit-retention DAYS`, 0 turns the log off).
+
+Nothing waits on the database to answer a request. The queue holds at most `QUEUED` entries: a
+store too slow to keep up loses the newest ones, counted in `corral_audit_dropped_total` and
+logged, rather than holding up the API or growing without bound. Closing the server writes
+what is queued first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from corral.core.audit import AuditEntry
+from corral.server.metrics import AUDIT_DROPPED
+from corral.server.tables import AuditRow
+
+log = logging.getLogger("corral.audit")
+
+QUEUED = 100_000
+BATCH = 500
+MAX_PAGE = 1000
+
+
+class AuditLog:
+    """The audit log of one server."""
+
+    def __init__(self, retention: float) -> None:
+        self.retention = retention  # seconds; 0: nothing recorded
+        self._session: async_sessionmaker[AsyncSession] | None = None
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUED)
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.retention > 0
+
+    async def start(self, session: async_sessionmaker[AsyncSession]) -> None:
+        self._session = session
+        if self.enabled:
+            self._writer = asyncio.create_task(self._write_loop())
+
+    async def close(self) -> None:
+        """Write what is queued, then stop."""
+        if self._writer is None:
+            return
+        await self.flushed()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Queue one entry (the columns of `AuditEntry` but its id)."""
+        if not self.enabled:
+            return
+        try:
+            self._queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            AUDIT_DROPPED.inc()
+            log.warning("audit log queue full: an entry of %s was dropped", entry["operation"])
+
+    async def flushed(self) -> None:
+        """Wait until every entry queued so far is written."""
+        if self._writer is not None:
+            await self._queue.join()
+
+    async def _write_loop(self) -> None:
+        assert self._session is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                rows = [{**entry, "detail": json.dumps(entry["detail"])} for entry in batch]
+                async with self._session.begin() as session:
+                    await session.execute(insert(AuditRow), rows)
+            except Exception:
+                AUDIT_DROPPED.inc(len(batch))
+                log.exception("could not write %d audit entries", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def query(
+        self,
+        *,
+        key_id: str | None = None,
+        sandbox_id: str | None = None,
+        operation: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        cursor: int | None = None,
+        newest_first: bool = False,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Entries matching every filter given, by id (the order they were written); `cursor`
+        is the last id of the previous page."""
+        assert self._session is not None
+        await self.flushed()
+        query = select(AuditRow)
+        for column, value in (
+            (AuditRow.key_id, key_id),
+            (AuditRow.sandbox_id, sandbox_id),
+            (AuditRow.operation, operation),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(AuditRow.at >= since)
+        if until is not None:
+            query = query.where(AuditRow.at < until)
+        if cursor is not None:
+            query = query.where(AuditRow.id < cursor if newest_first else AuditRow.id > cursor)
+        order = AuditRow.id.desc() if newest_first else AuditRow.id.asc()
+        async with self._session() as session:
+            rows = await session.scalars(query.order_by(order).limit(min(limit, MAX_PAGE)))
+            return [_entry(row) for row in rows]
+
+    async def prune(self, now: float | None = None) -> int:
+        """Forget entries older than the retention; how many."""
+        if not self.enabled or self._session is None:
+            return 0
+        before = (now or time.time()) - self.retention
+        async with self._session.begin() as session:
+            done = await session.execute(delete(AuditRow).where(AuditRow.at < before))
+            return int(getattr(done, "rowcount", 0) or 0)
+
+
+def _entry(row: AuditRow) -> AuditEntry:
+    return AuditEntry(
+        id=row.id, at=row.at, key_id=row.key_id, client=row.client, request_id=row.request_id,
+        operation=row.operation, sandbox_id=row.sandbox_id, status=row.status,
+        exit_code=row.exit_code, error=row.error, bytes_in=row.bytes_in,
+        bytes_out=row.bytes_out, duration=row.duration, detail=json.loads(row.detail),
+    )  # fmt: skip
