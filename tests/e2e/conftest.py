@@ -37,9 +37,15 @@ class Server:
     """`corral serve` as a user starts it, with an admin key from CORRAL_API_KEY."""
 
     def __init__(
-        self, data_dir: Path, images: Path, *extra: str, env: Mapping[str, str] | None = None
+        self,
+        data_dir: Path,
+        images: Path,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+        python: str = sys.executable,  # another checkout's, for an A/B (bench/ab.py)
     ) -> None:
         self.data_dir = data_dir
+        self.python = python
         self.env = dict(env or {})  # set for the server's process only
         self.port = free_port()
         secure = any(arg.startswith("--tls") for arg in extra)
@@ -64,7 +70,7 @@ class Server:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.python,
                     "-m",
                     "corral",
                     "serve",
@@ -127,11 +133,15 @@ class Server:
 
 
 def start_server(
-    data_dir: Path, images: Path, *extra: str, env: Mapping[str, str] | None = None
+    data_dir: Path,
+    images: Path,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+    python: str = sys.executable,
 ) -> Server:
     for stale in data_dir.glob("corral.db*"):
         stale.unlink()
-    server = Server(data_dir, images, *extra, env=env)
+    server = Server(data_dir, images, *extra, env=env, python=python)
     server.start()
     return server
 

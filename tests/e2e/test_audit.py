@@ -3,6 +3,7 @@ reads what, every bad query, the CLI, and replays of recorded commands in a fork
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -13,6 +14,8 @@ from contextlib import ExitStack
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 import corral
 from corral import AuditEntry, Client, Sandbox
@@ -123,6 +126,22 @@ def test_each_key_reads_its_own_and_an_admin_reads_all(server: Server) -> None:
         failed = admin.audit(operation="POST /v1/sandboxes", newest_first=True, limit=50)
     login = [e for e in failed if e.status == 401]
     assert login and login[0].key_id is None and login[0].error == "unauthorized"
+
+    async def knock() -> None:  # a WebSocket with a bad key: refused, and recorded
+        url = f"ws://127.0.0.1:{server.port}/v1/sandboxes/{theirs}/exec/stream"
+        with pytest.raises(InvalidStatus):
+            async with connect(url, additional_headers={"Authorization": "Bearer nope"}):
+                pass
+
+    asyncio.run(knock())
+    with server.client() as admin:
+        sockets = admin.audit(operation="WEBSOCKET /v1/sandboxes/{sandbox_id}/exec/stream",
+                              newest_first=True, limit=20)  # fmt: skip
+        assert sockets[0].key_id is None and sockets[0].status == 401
+        assert sockets[0].sandbox_id == theirs
+        reads = admin.audit(operation="audit.read", newest_first=True, limit=5)
+        assert reads[0].detail == {"operation": "WEBSOCKET /v1/sandboxes/{sandbox_id}/exec/stream",
+                                   "order": "desc", "limit": 20}  # fmt: skip
 
 
 def test_pages_and_filters(server: Server, client: Client) -> None:
@@ -244,4 +263,19 @@ def test_replay_reruns_in_a_fork_and_shows_what_differs(server: Server) -> None:
         other = server.client(server.new_key("other"))
         with other, pytest.raises(corral.NotFound):  # another key's snapshot: not theirs to fork
             other.audit_replay(sb.id, snapshot.id)
+        sb.run("sleep 4")  # a replay long enough to hang up in the middle of
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/audit/replay",
+            headers=headers,
+            json={"sandbox_id": sb.id, "snapshot": "before"},
+            timeout=60,
+        ) as cut:
+            started = json.loads(next(cut.iter_lines()))
+            assert started["type"] == "started" and started["steps"] == 9
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/v1/sandboxes/{started['fork_id']}",
+                        headers=headers).json()["state"] != "terminated":  # fmt: skip
+            assert time.monotonic() < deadline, "the fork of an abandoned replay lived on"
+            time.sleep(0.5)
         client.delete_snapshot(snapshot.id)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from corral.engine.sealing import KeyRing
 from corral.server.audit.log import AuditLog
@@ -28,16 +29,19 @@ def entry(at: float, **fields: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+KEYS = KeyRing([bytes(32)])
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "corral.db", KeyRing([bytes(32)]))
+    opened = await Store.open(tmp_path / "corral.db", KEYS)
     yield opened
     await opened.close()
 
 
 async def test_entries_are_written_queried_and_pruned(store: Store) -> None:
     log = AuditLog(retention=3600)
-    await log.start(store.sessions)
+    await log.start(store.sessions, KEYS)
     now = time.time()
     log.add(entry(now - 7200, detail={"cmd": "old"}))
     for n in range(5):
@@ -54,6 +58,9 @@ async def test_entries_are_written_queried_and_pruned(store: Store) -> None:
     assert [e.detail for e in newest] == [{"path": "/x"}, {"cmd": "c4"}]
     after = await log.query(cursor=everything[2].id)
     assert [e.id for e in after] == [e.id for e in everything[3:]]
+    async with store.sessions() as session:  # command lines and code are sealed at rest
+        stored = list(await session.scalars(text("SELECT detail FROM audit")))
+    assert stored and all("c1" not in row and "old" not in row for row in stored)
     assert await log.prune() == 1  # the entry from two hours ago; retention is one
     assert "old" not in {e.detail.get("cmd") for e in await log.query()}
     await log.close()
@@ -61,12 +68,12 @@ async def test_entries_are_written_queried_and_pruned(store: Store) -> None:
 
 async def test_a_log_turned_off_records_nothing(store: Store) -> None:
     log = AuditLog(retention=0)
-    await log.start(store.sessions)
+    await log.start(store.sessions, KEYS)
     log.add(entry(time.time()))
     assert not log.enabled and await log.prune() == 0
     await log.close()
     on = AuditLog(retention=60)
-    await on.start(store.sessions)
+    await on.start(store.sessions, KEYS)
     assert await on.query() == []
     await on.close()
 
@@ -84,6 +91,8 @@ def test_a_command_keeps_its_line_and_variable_names_only() -> None:
     detail = command_detail(None, ["env"], {"TOKEN": "secret", "A": "b"}, cwd="/root", stdin=False)
     assert detail == {"argv": ["env"], "env": ["A", "TOKEN"], "cwd": "/root"}
     assert "secret" not in repr(detail)
+    many = command_detail("env", None, {f"V{n}": "x" for n in range(500)})
+    assert len(many["env"]) == 64
     long = command_detail(None, ["echo", "x" * MAX_TEXT, "tail"], None)
     assert long["cut"] is True and sum(map(len, long["argv"])) == MAX_TEXT
     fits = command_detail(None, ["echo", "x" * 100], None)
@@ -121,3 +130,15 @@ def test_code_outcomes_hold_output_results_and_errors() -> None:
     late = CodeWatch()
     late.event({"type": "end", "timed_out": True})
     assert late.outcome()["error"] == "timed_out"
+
+
+def test_the_cli_prints_what_a_tenant_sent_as_plain_text() -> None:
+    from rich.console import Console
+
+    from corral.cli._audit import shown
+
+    console = Console(record=True, width=200, force_terminal=True)
+    console.print(shown("rm -rf /[bold red]x[/] \x1b[2J\x1b]8;;http://evil\x07link"))
+    text = console.export_text()
+    assert "\x1b" not in shown("\x1b[2J") and "[bold red]x[/]" in text
+    assert "?[2J" in text and "http://evil" in text

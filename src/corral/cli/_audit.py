@@ -64,6 +64,12 @@ def what(d: Mapping[str, Any]) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def shown(text: str) -> str:
+    """`text` safe to print: what a tenant sent (a command, a path) can hold neither terminal
+    escapes nor Rich markup that would hide or forge rows on an admin's screen."""
+    return escape("".join(c if c.isprintable() else "?" for c in text))
+
+
 def outcome(entry: AuditEntry) -> str:
     if entry.operation in ("exec", "code") and entry.error is None:
         error = (entry.detail.get("outcome") or {}).get("error")
@@ -77,8 +83,9 @@ def _table(entries: list[AuditEntry]) -> Table:
                   title=f"{len(entries)} entries")  # fmt: skip
     for e in entries:
         at = datetime.fromtimestamp(e.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(str(e.id), at, e.key_id or "-", e.client, e.sandbox_id or "-", e.operation,
-                      escape(what(e.detail)), outcome(e), f"{e.duration * 1000:.0f}")  # fmt: skip
+        cells = (str(e.id), at, e.key_id or "-", e.client, e.sandbox_id or "-", e.operation,
+                 what(e.detail), outcome(e), f"{e.duration * 1000:.0f}")  # fmt: skip
+        table.add_row(*(shown(cell) for cell in cells))
     return table
 
 
@@ -136,10 +143,10 @@ def _print_report(report: ReplayReport) -> None:
         "entry", "operation", "what", "result", "why", title=f"replay in {report.fork_id}"
     )
     for step in report.steps:
-        shown = what(step.detail)
+        text = what(step.detail)
         why = ", ".join(step.differences) or step.reason or ""
         colour = {"same": "green", "skipped": "yellow"}.get(step.result, "red")
-        table.add_row(str(step.entry_id), step.operation, escape(shown),
-                      f"[{colour}]{step.result}[/{colour}]", escape(why))  # fmt: skip
+        table.add_row(str(step.entry_id), shown(step.operation), shown(text),
+                      f"[{colour}]{step.result}[/{colour}]", shown(why))  # fmt: skip
     out.print(table)
     out.print(f"{len(report.steps)} steps, {len(report.differences)} not as recorded")

@@ -19,6 +19,8 @@ class Watcher(Protocol):
 
     def output(self, stream: str, data: bytes) -> None: ...
 
+    def input(self, size: int) -> None: ...
+
     def ended(self, result: ExecResult | None, error: BaseException | None = None) -> None: ...
 
 
@@ -55,8 +57,8 @@ class Process:
         self._watchers: list[Watcher] = []
 
     def observe(self, watcher: Watcher) -> None:
-        """Show `watcher` each piece of output as it is read, and the end, once `wait()`
-        returns or fails."""
+        """Show `watcher` each piece of output as it is read, how much input is written, and
+        the end, once `wait()` returns or fails."""
         self._watchers.append(watcher)
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
@@ -81,6 +83,8 @@ class Process:
         """Write to the process's stdin (or its terminal); needs `stdin=True` or a PTY."""
         if isinstance(data, str):
             data = data.encode()
+        for watcher in self._watchers:
+            watcher.input(len(data))
         await self._channel.send_data(P.STDIN, data)
 
     async def close_stdin(self) -> None:

@@ -89,7 +89,7 @@ class Service:
         self._store = await Store.open(self.config.database, self.engine.keys)
         self.quotas = await self._store.quotas()
         self.key_networks = await self._store.key_networks.all()
-        await self.audit.start(self._store.sessions)
+        await self.audit.start(self._store.sessions, self.engine.keys)
         self.webhooks = Webhooks(
             self._store.webhooks,
             operator_webhook(self.config),
@@ -218,6 +218,7 @@ class Service:
     async def usage(self, key_id: str) -> Quota:
         """Everything the key takes that a quota limits."""
         snapshots = sum(s.size_bytes for s in self.engine.list_snapshots() if s.owner == key_id)
+        await self.recorded()  # its newest sandboxes too
         return await self.store.usage(key_id, snapshot_bytes=snapshots)
 
     def refuse_past_quota(self, key_id: str, used: Quota, adding: Quota) -> None:

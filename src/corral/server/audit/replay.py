@@ -17,10 +17,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+
 from corral.core.audit import FILE_CHANGES, REPLAYED, AuditEntry, ReplayStep
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.models import SnapshotInfo
-from corral.core.spec import SandboxSpec
+from corral.core.spec import DEFAULT_SPEC, MAX_TIMEOUT, SandboxSpec
 from corral.server.audit.log import MAX_PAGE, AuditLog
 from corral.server.audit.trail import EXCERPT, CodeWatch, ExecWatch
 from corral.server.resources.sandboxes import Command, Sandboxes
@@ -33,16 +35,18 @@ _CODE_FIELDS = ("error", "stdout_sha256", "stderr_sha256", "results_sha256")
 
 async def recorded_steps(
     log: AuditLog, key_id: str, sandbox_id: str, snapshot: SnapshotInfo
-) -> list[AuditEntry]:
-    """The sandbox's replayable entries of key `key_id`, oldest first."""
+) -> tuple[list[AuditEntry], bool]:
+    """The sandbox's replayable entries of key `key_id` in the order they started (at most
+    `MAX_STEPS`), and whether there were more."""
     since = snapshot.created_at if snapshot.sandbox_id == sandbox_id else None
     steps: list[AuditEntry] = []
     cursor = None
-    while len(steps) < MAX_STEPS:
+    while len(steps) <= MAX_STEPS:
         page = await log.query(
-            key_id=key_id, sandbox_id=sandbox_id, since=since, cursor=cursor, limit=MAX_PAGE
-        )
-        steps += [e for e in page if e.operation in (*REPLAYED, *FILE_CHANGES)]
+            key_id=key_id, sandbox_id=sandbox_id, operations=(*REPLAYED, *FILE_CHANGES),
+            since=since, cursor=cursor, limit=MAX_PAGE,
+        )  # fmt: skip
+        steps += page
         if len(page) < MAX_PAGE:
             break
         cursor = page[-1].id
@@ -53,38 +57,55 @@ async def recorded_steps(
             + " to replay (is it your sandbox, and were they recorded within the retention?)",
             code="nothing_to_replay",
         )
-    return steps[:MAX_STEPS]
+    steps.sort(key=lambda e: (e.at, e.id))  # recorded when they ended; replayed as they began
+    return steps[:MAX_STEPS], len(steps) > MAX_STEPS
 
 
 class Replay:
-    """Replays `entries` in a fork of `snapshot` made with `sandboxes` (the caller's)."""
+    """Replays a sandbox's entries in a fork of `snapshot` made with `sandboxes` (the
+    caller's): `start` makes the fork (its errors come before any answer), `run` replays."""
 
     def __init__(self, sandboxes: Sandboxes, snapshot: SnapshotInfo, keep: bool) -> None:
         self._sandboxes = sandboxes
         self._snapshot = snapshot
         self._keep = keep
         self._contexts: dict[str, str] = {}  # recorded context -> the fork's
+        self.fork_id = ""
+
+    async def start(self, sandbox_id: str, entries: list[AuditEntry]) -> None:
+        # Its lifetime covers the longest the replay can take: a fork nobody ends still ends.
+        longest = sum(_limit(entry) + 10 for entry in entries) + 300
+        spec = SandboxSpec(timeout=min(longest, MAX_TIMEOUT),
+                           metadata={"corral.replay_of": sandbox_id})  # fmt: skip
+        fork = await self._sandboxes.create(spec, pool=False, snapshot=self._snapshot.id)
+        self.fork_id = fork.id
 
     async def run(
-        self, sandbox_id: str, entries: list[AuditEntry]
+        self, sandbox_id: str, entries: list[AuditEntry], cut: bool
     ) -> AsyncIterator[dict[str, Any]]:
         """`{"type": "started", fork_id}`, then one `{"type": "step", ...}` per entry (see
-        `ReplayStep`), then `{"type": "end", ...}`."""
-        spec = SandboxSpec(metadata={"corral.replay_of": sandbox_id})
-        fork = await self._sandboxes.create(spec, pool=False, snapshot=self._snapshot.id)
-        yield {"type": "started", "fork_id": fork.id, "steps": len(entries)}
+        `ReplayStep`), then `{"type": "end", ...}` (`cut`: more were recorded than replayed)."""
+        yield {"type": "started", "fork_id": self.fork_id, "steps": len(entries)}
         different = 0
         try:
             for entry in entries:
-                step = await self._step(fork.id, entry)
+                step = await self._step(self.fork_id, entry)
                 different += step.result in ("different", "failed")
                 yield {"type": "step", **step.to_dict()}
         finally:
-            if not self._keep:
-                with contextlib.suppress(CorralError):
-                    await self._sandboxes.terminate(fork.id)
+            with anyio.CancelScope(shield=True):  # even when its client went away
+                await self._finish()
         yield {"type": "end", "sandbox_id": sandbox_id, "snapshot": self._snapshot.id,
-               "fork_id": fork.id, "steps": len(entries), "different": different}  # fmt: skip
+               "fork_id": self.fork_id, "steps": len(entries), "different": different,
+               "cut": cut}  # fmt: skip
+
+    async def _finish(self) -> None:
+        """End the fork, or, kept, give it an ordinary lifetime from now."""
+        with contextlib.suppress(CorralError):
+            if self._keep:
+                await self._sandboxes.set_timeout(self.fork_id, DEFAULT_SPEC.timeout)
+            else:
+                await self._sandboxes.terminate(self.fork_id)
 
     async def _step(self, fork_id: str, entry: AuditEntry) -> ReplayStep:
         detail = {k: v for k, v in entry.detail.items() if k != "outcome"}
@@ -116,7 +137,7 @@ class Replay:
 
     async def _exec(self, fork_id: str, entry: AuditEntry) -> dict[str, Any]:
         d = entry.detail
-        limit = min(float(d.get("timeout") or LONGEST), LONGEST)
+        limit = _limit(entry)
         command = Command(cmd=d.get("cmd"), argv=d.get("argv"), cwd=d.get("cwd"),
                           user=d.get("user"), timeout=limit)  # fmt: skip
         process = await self._sandboxes.start(fork_id, command)
@@ -141,7 +162,7 @@ class Replay:
                 made = await files[1].create_context(fork_id, language=language)
                 self._contexts[context] = made.id
             context = self._contexts[context]
-        limit = min(float(d.get("timeout") or LONGEST), LONGEST)
+        limit = _limit(entry)
         events = await self._sandboxes.run_code(
             fork_id, d["code"], language=language, context=context, env=None, timeout=limit
         )
@@ -159,9 +180,14 @@ class Replay:
         elif entry.operation == "files.rename":
             await files.rename(d["path"], d["to"], overwrite=bool(d.get("overwrite")))
         elif entry.operation == "files.mkdir":
-            await files.mkdir(d["path"])
+            await files.mkdir(d["path"], parents=d.get("parents", True), mode=d.get("mode", 0o755))
         elif entry.operation == "files.chmod":
             await files.chmod(d["path"], int(d["mode"]))
+
+
+def _limit(entry: AuditEntry) -> float:
+    """Seconds a replayed step may run: its own timeout, at most `LONGEST`."""
+    return min(float(entry.detail.get("timeout") or LONGEST), LONGEST)
 
 
 def _unreplayable(entry: AuditEntry) -> str | None:
@@ -173,7 +199,7 @@ def _unreplayable(entry: AuditEntry) -> str | None:
         return f"it failed when recorded ({entry.error or entry.status})"
     if d.get("cut"):
         return "it was longer than the audit log keeps"
-    if d.get("stdin") or d.get("pty"):
+    if d.get("pty") or (d.get("outcome") or {}).get("stdin_bytes"):
         return "its input (stdin or a terminal) is never recorded"
     if entry.operation in REPLAYED and (entry.error or not d.get("outcome")):
         why = f"error {entry.error}" if entry.error else "still running when its request ended"

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from corral.core.models import ExecResult
     from corral.server.audit.log import AuditLog
 
-MAX_TEXT = 64 * 1024  # of a command line or code, kept; longer is cut and marked
+MAX_TEXT = 32 * 1024  # of a command line or code, kept; longer is cut and marked
+MAX_NAMES = 64  # of a command's environment variables, kept (names only, each cut at 128)
 EXCERPT = 2048  # of a replayed output, shown in its report
 _QUIET_PATHS = ("/healthz", "/openapi.json", "/docs", "/redoc")
 _SANDBOX_ID = re.compile(r"^sb-[a-z0-9]{1,64}$")
@@ -56,11 +57,17 @@ class Call:
     error: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    ended: bool = False  # answered: tasks it started that outlive it are on their own
     acted: bool = False  # it started a command or code (recorded as themselves)
     running: set[Action] = field(default_factory=set)  # of those, the ones not ended yet
 
 
 _CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar("audit_call", default=None)
+
+
+def _current() -> Call | None:
+    call = _CALL.get()
+    return call if call is not None and not call.ended else None
 
 
 def identify(key_id: str) -> None:
@@ -84,7 +91,7 @@ def concerns(sandbox_id: str) -> None:
         call.sandbox_id = sandbox_id  # the first it names: a replay's, not its fork's
 
 
-def name(operation: str, **detail: Any) -> None:
+def name(operation: str, /, **detail: Any) -> None:
     """Record the request as `operation` (instead of its route), with `detail`."""
     call = _CALL.get()
     if call is not None:
@@ -119,8 +126,13 @@ def command_detail(
     if cut:
         detail["cut"] = True
     if env:
-        detail["env"] = sorted(env)  # names only: values are often secrets
+        detail["env"] = env_names(env)
     return detail
+
+
+def env_names(env: Mapping[str, str] | None) -> list[str]:
+    """The names of `env`'s variables, bounded: values are often secrets, and never kept."""
+    return sorted(str(name)[:128] for name in env or ())[:MAX_NAMES]
 
 
 class Action:
@@ -131,7 +143,7 @@ class Action:
     ) -> None:
         self._log = log
         self._key_id = key_id
-        self._call = _CALL.get()  # None: the server's own doing for the key (a deployment)
+        self._call = _current()  # None: outside a request (a task a request left running)
         self.operation = operation
         self.sandbox_id = sandbox_id
         self.detail = detail
@@ -217,9 +229,13 @@ class ExecWatch:
         self.digest = Digest(keep)
         self.outcome: dict[str, Any] | None = None
         self.exit_code: int | None = None
+        self.stdin_bytes = 0  # how much, never what
 
     def output(self, stream: str, data: bytes) -> None:
         self.digest.add(stream, data)
+
+    def input(self, size: int) -> None:
+        self.stdin_bytes += size
 
     def ended(self, result: ExecResult | None, error: BaseException | None = None) -> None:
         if result is not None:
@@ -232,6 +248,8 @@ class ExecWatch:
                 self.outcome["signal"] = result.signal
             if result.timed_out:
                 self.outcome["timed_out"] = True
+            if self.stdin_bytes:
+                self.outcome["stdin_bytes"] = self.stdin_bytes
         if self.action is not None:
             if error is not None:
                 self.action.failed(error)
@@ -277,10 +295,11 @@ class AuditRequests:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
+        outer = _current()  # a request the server made to itself, for an MCP tool
         websocket = scope["type"] == "websocket"
         call = Call(
             at=time.time(),
-            client=str(client[0]) if client else "unknown",
+            client=outer.client if outer else str(client[0]) if client else "unknown",
             method="WEBSOCKET" if websocket else str(scope.get("method", "")),
             path=str(scope.get("path", "")),
         )
@@ -293,8 +312,8 @@ class AuditRequests:
 
         async def counted_send(message: Message) -> None:
             kind = message["type"]
-            if kind == "http.response.start":
-                call.status = int(message["status"])
+            if kind in ("http.response.start", "websocket.http.response.start"):
+                call.status = int(message["status"])  # (the second: a WebSocket refused)
             elif kind == "websocket.accept":
                 call.status = 101
             elif kind == "websocket.close" and call.status is None:
@@ -310,11 +329,12 @@ class AuditRequests:
             raise
         finally:
             _CALL.reset(token)
+            call.ended = True
             self._record(call, scope)
 
     def _record(self, call: Call, scope: Scope) -> None:
         for action in list(call.running):  # still running when its request ended (detached)
-            action.finish(error=call.error)
+            action.finish(error=call.error or "unfinished")
         # A request that ran something is recorded by what it ran, unless it is named itself.
         if (call.acted and call.operation is None) or not _worth_keeping(call):
             return
@@ -322,13 +342,18 @@ class AuditRequests:
         self.log.add({
             "at": call.at, "key_id": call.key_id, "client": call.client,
             "request_id": REQUEST_ID.get(),
-            "operation": (call.operation or f"{call.method} {route}")[:200],
+            "operation": _printable(call.operation or f"{call.method} {route}")[:200],
             "sandbox_id": (call.sandbox_id or SANDBOX_ID.get() or _sandbox_param(scope) or "")[:80]
             or None,
             "status": call.status,
             "exit_code": None, "error": call.error, "bytes_in": call.bytes_in,
             "bytes_out": call.bytes_out, "duration": time.time() - call.at, "detail": call.detail,
         })  # fmt: skip
+
+
+def _printable(text: str) -> str:
+    """`text` without control characters (a path is percent-decoded: it may hold any)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _size(message: Message, key: str) -> int:
@@ -338,12 +363,14 @@ def _size(message: Message, key: str) -> int:
 
 def _sandbox_param(scope: Scope) -> str | None:
     value = (scope.get("path_params") or {}).get("sandbox_id")
-    return str(value) if isinstance(value, str) and value.startswith("sb-") else None
+    return value if isinstance(value, str) and _SANDBOX_ID.match(value) else None
 
 
 def _worth_keeping(call: Call) -> bool:
     if call.path in _QUIET_PATHS:
         return False
+    if call.path == "/mcp":  # its tools' calls of the API are recorded themselves
+        return (call.status or 500) >= 400
     status = call.status or 500
     if call.key_id is None:
         # A failed login (the 429s of the throttle after it are not), else a stray path.

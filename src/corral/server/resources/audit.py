@@ -61,5 +61,7 @@ class AuditTrail:
         events of `Replay.run`. Errors in the request are raised before the first."""
         check_id(sandbox_id, "sb")
         taken = self._tenant.snapshot(snapshot)
-        entries = await recorded_steps(self._log, self._tenant.id, sandbox_id, taken)
-        return Replay(Sandboxes(self._tenant), taken, keep).run(sandbox_id, entries)
+        entries, cut = await recorded_steps(self._log, self._tenant.id, sandbox_id, taken)
+        replay = Replay(Sandboxes(self._tenant), taken, keep)
+        await replay.start(sandbox_id, entries)
+        return replay.run(sandbox_id, entries, cut)

@@ -81,7 +81,9 @@ class Sandboxes:
             tracing.stages("engine.create", laps, sandbox_id=info.id, runtime=info.runtime)
             self._service.own(tenant.id, info)
         concerns(info.id)
-        await self._service.recorded()
+        # Answered before the store has it (the write queue records it in order after): what
+        # reads the store waits for the queue first (`list`, quotas), and a sandbox a crash
+        # left unrecorded is ended at the next start.
         return self._engine.get(info.id)
 
     async def fork(self, sandbox_id: str, count: int) -> builtins.list[SandboxInfo]:
@@ -93,7 +95,6 @@ class Sandboxes:
             made = await self._engine.fork(sandbox_id, count)
             for info in made:
                 self._service.own(self._tenant.id, info)
-        await self._service.recorded()
         return [self._engine.get(info.id) for info in made]
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
@@ -101,6 +102,7 @@ class Sandboxes:
         sandbox_id = await self._tenant.sandbox(sandbox_id)
         with contextlib.suppress(SandboxNotFound):
             return self._engine.get(sandbox_id)
+        await self._service.recorded()
         found = await self._service.store.get_sandbox(sandbox_id)
         if found is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
@@ -110,6 +112,7 @@ class Sandboxes:
         """The tenant's sandboxes, oldest first, optionally filtered."""
         wanted = parse_state(state) if state is not None else None
         found = []
+        await self._service.recorded()  # creates answered before their write are listed
         for stored in await self._service.store.list_sandboxes(owner=self._tenant.id):
             try:
                 info = self._engine.get(stored.id)
@@ -180,7 +183,8 @@ class Sandboxes:
         except BaseException as exc:
             action.failed(exc)
             raise
-        process.observe(ExecWatch(action))
+        if self._service.audit.enabled:
+            process.observe(ExecWatch(action))
         return process
 
     async def run(
@@ -280,7 +284,7 @@ class Sandboxes:
         except BaseException as exc:
             action.failed(exc)
             raise
-        return _watched(events, action)
+        return _watched(events, action) if self._service.audit.enabled else events
 
     async def interpreter(self, sandbox_id: str) -> tuple[str, Interpreter]:
         """The code interpreter, and the sandbox's id once this key is known to own it."""
@@ -316,6 +320,6 @@ async def _watched(
     except CorralError as exc:
         action.failed(exc)
         raise
-    finally:  # ended, or no longer read (its client went away)
-        await events.aclose()
+    finally:  # ended, or no longer read (its client went away): recorded before any await
         action.finish(error=None if watch.ended else "cancelled", outcome=watch.outcome())
+        await events.aclose()

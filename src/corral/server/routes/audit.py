@@ -40,6 +40,7 @@ class AuditQuery(BaseModel):
 async def read_audit(trail: AuditDep, query: Annotated[AuditQuery, Query()]) -> dict[str, Any]:
     """Audit entries matching every filter given: an admin key reads every key's, another
     key its own. Pages: pass the answer's `next` as `cursor` (null when there are no more)."""
+    audit.name("audit.read", **query.model_dump(exclude_defaults=True))  # reading is recorded
     entries = await trail.query(
         key_id=query.key, sandbox_id=query.sandbox, operation=query.operation,
         since=query.since, until=query.until, cursor=query.cursor,

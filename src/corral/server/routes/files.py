@@ -86,7 +86,7 @@ async def stat(sandbox_id: str, path: str, sandboxes: SandboxesDep) -> FileOut:
 
 @router.post("/mkdir", status_code=201)
 async def mkdir(sandbox_id: str, body: MakeDir, sandboxes: SandboxesDep) -> FileOut:
-    audit.name("files.mkdir", path=body.path)
+    audit.name("files.mkdir", path=body.path, parents=body.parents, mode=body.mode)
     files = await sandboxes.files(sandbox_id)
     return FileOut.of(await files.mkdir(body.path, parents=body.parents, mode=body.mode))
 
