@@ -218,7 +218,6 @@ class Service:
     async def usage(self, key_id: str) -> Quota:
         """Everything the key takes that a quota limits."""
         snapshots = sum(s.size_bytes for s in self.engine.list_snapshots() if s.owner == key_id)
-        await self.recorded()  # its newest sandboxes too
         return await self.store.usage(key_id, snapshot_bytes=snapshots)
 
     def refuse_past_quota(self, key_id: str, used: Quota, adding: Quota) -> None:

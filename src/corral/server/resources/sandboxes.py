@@ -81,9 +81,7 @@ class Sandboxes:
             tracing.stages("engine.create", laps, sandbox_id=info.id, runtime=info.runtime)
             self._service.own(tenant.id, info)
         concerns(info.id)
-        # Answered before the store has it (the write queue records it in order after): what
-        # reads the store waits for the queue first (`list`, quotas), and a sandbox a crash
-        # left unrecorded is ended at the next start.
+        await self._service.recorded()  # an answered create survives a crash of the server
         return self._engine.get(info.id)
 
     async def fork(self, sandbox_id: str, count: int) -> builtins.list[SandboxInfo]:
@@ -95,6 +93,7 @@ class Sandboxes:
             made = await self._engine.fork(sandbox_id, count)
             for info in made:
                 self._service.own(self._tenant.id, info)
+        await self._service.recorded()
         return [self._engine.get(info.id) for info in made]
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
@@ -102,7 +101,6 @@ class Sandboxes:
         sandbox_id = await self._tenant.sandbox(sandbox_id)
         with contextlib.suppress(SandboxNotFound):
             return self._engine.get(sandbox_id)
-        await self._service.recorded()
         found = await self._service.store.get_sandbox(sandbox_id)
         if found is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
@@ -112,7 +110,6 @@ class Sandboxes:
         """The tenant's sandboxes, oldest first, optionally filtered."""
         wanted = parse_state(state) if state is not None else None
         found = []
-        await self._service.recorded()  # creates answered before their write are listed
         for stored in await self._service.store.list_sandboxes(owner=self._tenant.id):
             try:
                 info = self._engine.get(stored.id)
