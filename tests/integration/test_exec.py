@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from corral.agent.protocol import GUEST_AGENT_DIR
 from corral.core.errors import InvalidPath, InvalidRequest, InvalidState, SandboxNotFound
 from corral.core.models import SandboxInfo
 from corral.engine import Engine
@@ -31,8 +32,19 @@ async def test_env_cwd_and_user(engine: Engine, sandbox: SandboxInfo) -> None:
         sandbox.id, 'echo "$GREETING"; pwd; id -u', env={"GREETING": "hi there"}, cwd="/tmp"
     )
     assert result.stdout == b"hi there\n/tmp\n0\n"
-    as_nobody = await engine.run(sandbox.id, "id -un; echo $HOME", user="nobody")
-    assert as_nobody.stdout.split() == [b"nobody", b"/nonexistent"]
+    as_nobody = await engine.run(sandbox.id, "id -un; echo $HOME; id -G", user="nobody")
+    assert as_nobody.stdout.split() == [b"nobody", b"/nonexistent", b"65534"]
+
+
+async def test_commands_start_through_the_leader_program(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    """The engine builds the agent's `leader` (agent/leader.c), so that commands start without
+    a fork of the agent; without a C compiler they would start slower, and this fails."""
+    leader = engine.data_dir / "agent" / "leader"
+    assert leader.is_file(), "the engine built no leader program: is gcc installed?"
+    inside = await engine.run(sandbox.id, ["test", "-x", f"{GUEST_AGENT_DIR}/leader"])
+    assert inside.exit_code == 0
 
 
 async def test_stdin_is_streamed_to_the_process(engine: Engine, sandbox: SandboxInfo) -> None:

@@ -28,6 +28,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from corral.engine.datadir import AGENT_FILES
+
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "corral"
 
 ALLOWED: dict[str, set[str]] = {
@@ -56,18 +58,8 @@ ALLOWED: dict[str, set[str]] = {
 }
 STDLIB_ONLY = ("core", "agent")
 # Inside a sandbox the agent imports its siblings by their plain names.
-AGENT_SIBLINGS = {
-    "protocol",
-    "contexts",
-    "execution",
-    "kernel",
-    "fileops",
-    "memory",
-    "ports",
-    "procs",
-    "shield",
-    "tree",
-}
+# The agent's modules import each other by bare name inside the sandbox.
+AGENT_SIBLINGS = {name.removesuffix(".py") for name in AGENT_FILES if name.endswith(".py")}
 # Above these sizes a module, class or function stops being readable in one sitting. Data tables
 # (a seccomp rule list, an OCI spec) are the exception, by name.
 MAX_MODULE_LINES = 500

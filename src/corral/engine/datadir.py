@@ -1,7 +1,8 @@
 """The engine's data directory: where it is, who may use it, and what it holds.
 
 <data>/engine.lock     held by the one engine using the directory
-<data>/agent/          the guest agent's code, bound read-only into every sandbox
+<data>/agent/          the guest agent's code and its `leader` program (built here from
+                       leader.c), bound read-only into every sandbox
 <data>/sandboxes/      one directory per sandbox: its record, plan, disk and sockets
 <data>/images/         built-in images, layers, manifests, uploaded blobs
 <data>/snapshots/      memory snapshots
@@ -11,11 +12,20 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
+import logging
 import os
+import py_compile
+import shutil
+import subprocess
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 from corral.core.errors import Conflict, SandboxFailed
+
+log = logging.getLogger("corral.engine")
+HASH = py_compile.PycInvalidationMode.CHECKED_HASH
 
 AGENT_FILES = (
     "guest.py",
@@ -28,6 +38,7 @@ AGENT_FILES = (
     "ports.py",
     "memory.py",
     "procs.py",
+    "shell.py",
     "protocol.py",
     "shield.py",
     "tree.py",
@@ -89,13 +100,53 @@ def prepare_data_dir(data_dir: Path) -> None:
 
 
 def install_agent(agent_dir: Path) -> None:
-    """Write the guest agent's code into `agent_dir` where it differs, atomically per file."""
+    """Write the guest agent's code into `agent_dir` where it differs, atomically per file,
+    with its modules compiled for this Python's version: an image with the same version then
+    imports them without compiling them at every start (the directory is read-only there)."""
     agent_dir.chmod(0o755)  # Python lists a directory to import from it
     for name in AGENT_FILES:
         source = resources.files("corral.agent").joinpath(name).read_bytes()
         target = agent_dir / name
-        if not target.exists() or target.read_bytes() != source:
-            temp = agent_dir / f".{name}.tmp"
-            temp.write_bytes(source)
-            temp.chmod(0o644)
-            os.replace(temp, target)
+        changed = not target.exists() or target.read_bytes() != source
+        if changed:
+            _write(target, source)
+        compiled = Path(importlib.util.cache_from_source(str(target)))
+        if name.endswith(".py") and name != "guest.py" and (changed or not compiled.exists()):
+            # Checked by the source's hash: a stale file is never used, only recompiled.
+            py_compile.compile(str(target), str(compiled), doraise=True, invalidation_mode=HASH)
+    build_leader(agent_dir)
+
+
+def _write(target: Path, data: bytes) -> None:
+    temp = target.with_name(f".{target.name}.tmp")
+    temp.write_bytes(data)
+    temp.chmod(0o644)
+    os.replace(temp, target)
+
+
+def build_leader(agent_dir: Path) -> bool:
+    """Build the agent's `leader` program from leader.c with the host's C compiler (`$CC`,
+    else cc), statically so that it runs in any image; kept while its source is unchanged.
+    Whether it is there: without it commands still run, but start slower (see agent.procs)."""
+    source = resources.files("corral.agent").joinpath("leader.c").read_bytes()
+    target, built_from = agent_dir / "leader", agent_dir / "leader.c"
+    if target.exists() and built_from.exists() and built_from.read_bytes() == source:
+        return True
+    target.unlink(missing_ok=True)  # an old build may not understand the new agent
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        log.warning("no C compiler (cc): commands in sandboxes start slower; install gcc")
+        return False
+    with tempfile.TemporaryDirectory(dir=agent_dir, prefix=".build-") as work:
+        (Path(work) / "leader.c").write_bytes(source)
+        argv = [compiler, "-static", "-O2", "-s", "-o", "leader", "leader.c"]
+        done = subprocess.run(
+            argv, cwd=work, capture_output=True, text=True, timeout=120, check=False
+        )
+        if done.returncode != 0:
+            log.warning("cannot build the agent's leader program: %s", done.stderr.strip())
+            return False
+        os.chmod(Path(work) / "leader", 0o755)  # noqa: S103 - every sandbox user runs it
+        os.replace(Path(work) / "leader", target)
+    _write(built_from, source)
+    return True

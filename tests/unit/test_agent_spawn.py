@@ -1,0 +1,271 @@
+"""How the agent starts a command (agent.procs.spawn), on the host, both ways: through the
+`leader` program the engine builds (vfork, no fork of the agent) and without it (Python forks
+and sets things up in the child). Both must give the command the same process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import py_compile
+import select
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.agent import procs
+from corral.agent.fileops import GuestError
+from corral.engine.datadir import build_leader, install_agent
+
+
+@pytest.fixture(scope="module")
+def leader_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    agent_dir = tmp_path_factory.mktemp("agent")
+    assert build_leader(agent_dir), "the leader program must build (is gcc installed?)"
+    return agent_dir
+
+
+@pytest.fixture(params=["leader", "fork"])
+def way(request: pytest.FixtureRequest, leader_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs both ways; the other way is made to fail, so neither is taken silently."""
+    leading = request.param == "leader"
+    monkeypatch.setattr(procs, "LEADER", str(leader_dir / ("leader" if leading else "absent")))
+
+    def not_this_way(*_args: object) -> None:
+        raise AssertionError(f"spawn did not go the {request.param} way")
+
+    monkeypatch.setattr(procs, "_fork" if leading else "_lead", not_this_way)
+    return str(request.param)
+
+
+BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
+
+
+@contextlib.contextmanager
+def start(params: dict[str, object]) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
+    command = procs.Command(params, BASE_ENV)
+    popen, fds = procs.spawn(command)
+    try:
+        yield popen, fds
+    finally:
+        popen.kill()
+        popen.wait()
+        for fd in fds.values():
+            os.close(fd)
+
+
+def run(params: dict[str, object]) -> tuple[int, bytes, bytes]:
+    return run_command(procs.Command(params, BASE_ENV))
+
+
+def read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def test_argv_env_cwd_and_session(way: str, tmp_path: Path) -> None:
+    status, out, err = run(
+        {
+            "argv": ["sh", "-c", 'echo "$GREETING"; pwd; ps -o sid= -p $$; echo $$'],
+            "env": {"GREETING": "hi"},
+            "cwd": str(tmp_path),
+        }
+    )
+    assert status == 0, err
+    greeting, cwd, sid, pid = out.decode().split()
+    assert (greeting, cwd) == ("hi", str(tmp_path))
+    assert sid == pid  # the leader of a session of its own
+
+
+def test_what_the_command_detaches_stays_in_its_tree(way: str) -> None:
+    """The command is a child subreaper: a `setsid -f` child is re-parented to it."""
+    orphan = "import os, time; time.sleep(0.3); print(os.getppid(), flush=True)"
+    status, out, err = run(
+        {"argv": ["sh", "-c", f'setsid -f python3 -c "{orphan}"; sleep 1; echo $$']}
+    )
+    assert status == 0, err
+    ppid, pid = out.split()
+    assert ppid == pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+def test_user_and_groups(way: str) -> None:
+    user = pwd.getpwnam("nobody")
+    status, out, err = run(
+        {"argv": ["sh", "-c", "id -u; id -g; id -G; echo $HOME"], "user": user.pw_name}
+    )
+    assert status == 0, err
+    uid, gid, groups, home = out.decode().split("\n")[:4]
+    assert (int(uid), int(gid), home) == (user.pw_uid, user.pw_gid, user.pw_dir)
+    expected = os.getgrouplist(user.pw_name, user.pw_gid)
+    assert sorted(map(int, groups.split())) == sorted(set(expected))
+
+
+def test_terminal_is_the_controlling_one(way: str) -> None:
+    params = {"argv": ["sh", "-c", "tty; ps -o tty= -p $$"], "pty": {"rows": 5, "cols": 40}}
+    with start(params) as (popen, fds):
+        output = b""
+        while True:
+            ready, _, _ = select.select([fds["pty"]], [], [], 10)
+            assert ready, output
+            try:
+                chunk = os.read(fds["pty"], 4096)
+            except OSError:  # EIO: the command is done
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert popen.wait(timeout=10) == 0
+        device, controlling = output.decode().split()
+        assert device.startswith("/dev/pts/")
+        assert controlling == device.removeprefix("/dev/")
+
+
+def test_what_cannot_start_is_a_clear_error(way: str, tmp_path: Path) -> None:
+    with pytest.raises(GuestError) as missing:
+        run({"argv": ["no-such-command-xyz"]})
+    assert missing.value.code == "command_not_found"
+    with pytest.raises(GuestError) as missing_path:
+        run({"argv": [str(tmp_path / "nothing-here")]})
+    assert missing_path.value.code == "command_not_found"
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\necho no\n")
+    script.chmod(0o644)
+    with pytest.raises(GuestError) as denied:
+        run({"argv": [str(script)]})
+    assert denied.value.code == "EACCES"
+    script.chmod(0o755)
+    assert run({"argv": ["./not-executable"], "cwd": str(tmp_path)})[1] == b"no\n"
+
+
+def test_nothing_of_the_agent_leaks_into_the_command(way: str) -> None:
+    secret_r, secret_w = os.pipe()  # not inheritable, like every descriptor the agent opens
+    try:
+        status, out, err = run({"argv": ["sh", "-c", "ls /proc/self/fd"]})
+    finally:
+        os.close(secret_r)
+        os.close(secret_w)
+    assert status == 0, err
+    assert sorted(int(fd) for fd in out.split()) == [0, 1, 2, 3]  # 3: ls's own directory
+
+
+def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path) -> None:
+    assert build_leader(tmp_path)
+    leader = tmp_path / "leader"
+    assert stat.S_IMODE(leader.stat().st_mode) == 0o755
+    built = leader.stat().st_mtime_ns
+    assert build_leader(tmp_path)
+    assert leader.stat().st_mtime_ns == built  # unchanged source: kept
+    (tmp_path / "leader.c").write_text("/* another version */")
+    assert build_leader(tmp_path)
+    assert leader.stat().st_mtime_ns != built
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_without_a_compiler_there_is_no_leader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert build_leader(tmp_path)
+    (tmp_path / "leader.c").write_text("/* an older version */")
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert not build_leader(tmp_path)
+    assert not (tmp_path / "leader").exists()  # a stale build is not used with a new agent
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "echo ok",
+        "echo  two   spaces\tand-a-tab",
+        "true",
+        "env",
+        "ls -d /tmp",
+        "python3 -c pass",
+        "printenv PWD SHLVL _",
+        "/usr/bin/env",
+    ],
+)
+def test_a_plain_command_runs_without_the_shell_as_the_shell_would(cmd: str) -> None:
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C"}
+    direct = procs.Command({"cmd": cmd}, base)
+    assert direct.direct is not None, "a plain command is run without the shell"
+    shelled = procs.Command({"cmd": cmd}, base)
+    shelled.direct = None
+    assert run_command(direct) == run_command(shelled)
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "echo $HOME",  # expansion
+        "echo a; echo b",
+        "echo a\necho b",
+        "ls *",
+        "echo -n x",  # the builtin's options are its own
+        "echo 'quoted'",
+        "cd /tmp",
+        "A=1 env",
+        "pwd",  # the builtin prints the logical directory
+        "no-such-program-xyz",  # the shell says so, with 127
+        "exit 3",
+        "echo a > /tmp/x",
+        "echo ~",
+        "echo a\\ b",
+    ],
+)
+def test_anything_else_runs_in_the_shell(cmd: str) -> None:
+    assert procs.Command({"cmd": cmd}, {"PATH": "/usr/bin:/bin"}).direct is None
+
+
+def test_the_shell_is_kept_where_the_environment_asks_for_it() -> None:
+    for env in ({"BASH_ENV": "/etc/profile"}, {"BASH_FUNC_ls%%": "() { echo no; }"}):
+        command = procs.Command({"cmd": "ls"}, {"PATH": "/usr/bin:/bin", **env})
+        assert command.direct is None
+
+
+def test_a_file_without_an_interpreter_line_runs_in_the_shell(tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("echo from a script\n")
+    script.chmod(0o755)
+    command = procs.Command({"cmd": "./script", "cwd": str(tmp_path)}, {"PATH": "/bin"})
+    assert command.direct is None
+    assert run_command(command)[1] == b"from a script\n"
+
+
+def run_command(command: procs.Command) -> tuple[int, bytes, bytes]:
+    popen, fds = procs.spawn(command)
+    try:
+        status = popen.wait(timeout=30)
+        out, err = read_all(fds["stdout"]), read_all(fds["stderr"])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if b"=" in out:  # an environment, in no particular order
+        out = b"\n".join(sorted(out.splitlines()))
+    return status, out, err
+
+
+def test_the_agent_is_installed_compiled_for_this_python(tmp_path: Path) -> None:
+    """Its directory is read-only in a sandbox: without these, every start compiles them."""
+    install_agent(tmp_path)
+    loaded = imported_from(tmp_path)
+    for name in ("procs", "contexts", "shell", "fileops"):
+        assert f"code object from '{tmp_path}/__pycache__/{name}." in loaded, loaded
+    shell = tmp_path / "shell.py"
+    shell.write_text("# another version\n")  # and compiled: what an older Corral left
+    py_compile.compile(str(shell), invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    install_agent(tmp_path)
+    assert f"code object from '{tmp_path}/__pycache__/shell." in imported_from(tmp_path)
+
+
+def imported_from(agent_dir: Path) -> str:
+    """What Python says (-v) while it imports the agent's modules from `agent_dir`."""
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import procs, contexts"
+    argv = [sys.executable, "-I", "-S", "-B", "-v", "-c", probe, str(agent_dir)]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stderr
