@@ -39,6 +39,10 @@ def test_pools_through_the_api_and_cli(data_dir: Path) -> None:
             assert sdk.list_pools()[0]["hits"] == 1
             for made in (sandbox, cold):
                 made.terminate()
+            for _ in range(5):  # answered before the store has it, ended at once: still found
+                quick = Sandbox.create(runtime="namespaces", client=sdk)
+                assert quick.terminate().state is corral.SandboxState.TERMINATED
+                assert quick.id in {info.id for info in Sandbox.list(client=sdk)}
 
             env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_API_KEY": server.admin_key}
             listed = subprocess.run(

@@ -34,6 +34,7 @@ from corral.server.audit import AuditLog
 from corral.server.config import ServerConfig
 from corral.server.events import EventHub
 from corral.server.metrics import EGRESS_DENIED, WAKE_SECONDS
+from corral.server.owners import OwnerJournal
 from corral.server.previews.grants import Grants
 from corral.server.store import ENDED_RETENTION, Store
 from corral.server.throttle import FailedLogins, InFlight
@@ -82,6 +83,8 @@ class Service:
         self._creating = 0  # creates in flight count against the limits too
         self._creating_by: dict[str, int] = {}
         self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._journal = OwnerJournal(config.data_dir / "owners.journal")
+        self._write_failed = False  # then the journal keeps what the store may lack
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -98,7 +101,8 @@ class Service:
         await self.webhooks.start()
         self.events.listeners.append(self.webhooks.publish)
         await self.engine.start()  # re-adopts the sandboxes a previous server left running
-        await self._reconcile()
+        await self._reconcile(self._journal.open())
+        self._journal.clear()
         for name, template, size in self.config.pools:
             self.engine.configure_pool(name, template, size)
         self._tasks = [
@@ -111,6 +115,9 @@ class Service:
         """Stop serving but leave every sandbox running: the next start re-adopts them."""
         await self.engine.close(keep_sandboxes=True)
         await self._writes.join()
+        if not self._write_failed:
+            self._journal.clear()
+        self._journal.close()
         await self.audit.close()
         if self.webhooks is not None:
             await self.webhooks.close()
@@ -133,7 +140,10 @@ class Service:
     async def owner_of(self, sandbox_id: str) -> str | None:
         """The key id that owns `sandbox_id` (live ones from memory, ended ones from the store)."""
         owner = self._owners.get(sandbox_id)
-        return owner if owner is not None else await self.store.owner(sandbox_id)
+        if owner is not None:
+            return owner
+        await self.recorded()  # one created and ended a moment ago may be on its way there
+        return await self.store.owner(sandbox_id)
 
     # -- limits and new sandboxes ---------------------------------------------------------------
 
@@ -241,6 +251,7 @@ class Service:
         """Record `key_id` as the owner of the sandbox the engine has just made."""
         # No await between the engine's create and this: the sandbox cannot change unrecorded.
         self._owners[info.id] = key_id
+        self._journal.add(key_id, info.id)  # durable now; the store has it soon
         self._writes.put_nowait(("add", (key_id, info.id)))
         self.events.publish(key_id, self.engine.get(info.id))  # its earlier changes had no owner
 
@@ -265,7 +276,7 @@ class Service:
 
     # -- keeping the store in agreement with the engine -------------------------------------------
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, journal: dict[str, str]) -> None:
         known = {info.id for info in self.engine.list_sandboxes()}
         for info in await self.store.live_sandboxes():
             if info.id in known:
@@ -283,6 +294,9 @@ class Service:
             await self.store.update_sandbox(lost)
         for info in self.engine.list_sandboxes():
             owner = await self.store.owner(info.id)
+            if owner is None and info.id in journal:  # answered, then the server was killed
+                owner = journal[info.id]
+                await self.store.add_sandbox(owner, info)
             if owner is None:
                 log.warning("ending %s: no key owns it (created just before a crash)", info.id)
                 await self.engine.terminate(info.id)
@@ -326,9 +340,12 @@ class Service:
                 else:
                     await self.store.update_sandbox(item)
             except Exception:
+                self._write_failed = True
                 log.exception("could not record a sandbox change")
             finally:
                 self._writes.task_done()
+            if self._writes.empty() and not self._write_failed:  # the store has them all
+                self._journal.clear()
 
     async def _revoked_loop(self) -> None:
         """End the sandboxes of keys revoked elsewhere (`corral keys revoke` on this machine):

@@ -81,7 +81,8 @@ class Sandboxes:
             tracing.stages("engine.create", laps, sandbox_id=info.id, runtime=info.runtime)
             self._service.own(tenant.id, info)
         concerns(info.id)
-        await self._service.recorded()  # an answered create survives a crash of the server
+        # Answered before the store has it: the owner is journalled (`Service.own`), so an
+        # answered create survives a crash of the server.
         return self._engine.get(info.id)
 
     async def fork(self, sandbox_id: str, count: int) -> builtins.list[SandboxInfo]:
@@ -93,7 +94,6 @@ class Sandboxes:
             made = await self._engine.fork(sandbox_id, count)
             for info in made:
                 self._service.own(self._tenant.id, info)
-        await self._service.recorded()
         return [self._engine.get(info.id) for info in made]
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
@@ -109,6 +109,7 @@ class Sandboxes:
     async def list(self, state: str | None, metadata: Mapping[str, str]) -> list[SandboxInfo]:
         """The tenant's sandboxes, oldest first, optionally filtered."""
         wanted = parse_state(state) if state is not None else None
+        await self._service.recorded()  # a sandbox just created is listed
         found = []
         for stored in await self._service.store.list_sandboxes(owner=self._tenant.id):
             try:
