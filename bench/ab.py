@@ -5,7 +5,8 @@ samples interleaved, so that both see the same machine at the same moments.
     python bench/ab.py --baseline /work/main/.venv/bin/python --data-dir /var/tmp/corral-ab
 
 Figures, per runtime: a claim from a warm pool (POST /v1/sandboxes), the warm first command
-(the claim and `run("echo ok")`), and the exec round trip of an argv command. Each server gets
+(the claim and `run("echo ok")`), and the exec round trip of an argv command (`["true"]`) and
+of a shell one (`"echo ok"`). Each server gets
 its own data directory (images shared), so two engines run at once: run it on a machine with
 nothing else running, never beside the test suite.
 """
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,6 @@ def summary(samples: list[float]) -> dict[str, float]:
     at = lambda share: ordered[min(len(ordered) - 1, int(share * len(ordered)))]  # noqa: E731
     return {"n": len(ordered), "p50_ms": round(statistics.median(ordered) * 1000, 2),
             "p99_ms": round(at(0.99) * 1000, 2)}  # fmt: skip
-
-
-async def timed(action: Callable[[], Awaitable[Any]]) -> float:
-    start = time.perf_counter()
-    await action()
-    return time.perf_counter() - start
 
 
 async def idle(client: AsyncClient, pool: str) -> None:
@@ -99,15 +94,19 @@ async def execs(clients: dict[str, AsyncClient], runtime: str, samples: int) -> 
         name: await AsyncSandbox.create(runtime=runtime, pool=False, client=client)
         for name, client in clients.items()
     }
-    times: dict[str, list[float]] = {name: [] for name in clients}
+    commands: dict[str, str | list[str]] = {"exec argv": ["true"], "exec shell": "echo ok"}
+    times = {name: {what: list[float]() for what in commands} for name in clients}
     try:
         for _ in range(samples):
             for name, box in boxes.items():
-                times[name].append(await timed(lambda b=box: b.run(["true"])))
+                for what, command in commands.items():
+                    start = time.perf_counter()
+                    await box.run(command)
+                    times[name][what].append(time.perf_counter() - start)
     finally:
         for box in boxes.values():
             await box.terminate()
-    return {name: {"exec argv": summary(t)} for name, t in times.items()}
+    return {name: {what: summary(t) for what, t in f.items()} for name, f in times.items()}
 
 
 def main() -> None:
