@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -61,3 +62,22 @@ def test_files_in_memory_past_the_budget_kill_nobody(
     blamed: list[int] = []
     memory.Guard(256 * MiB).check(blamed.append)
     assert blamed == kills == []
+
+
+@pytest.mark.parametrize("running", [False, True])
+async def test_it_looks_more_often_while_something_runs(
+    monkeypatch: pytest.MonkeyPatch, running: bool
+) -> None:
+    """A process can fill hundreds of MiB between two idle looks (a gVisor sandbox's headroom
+    is 64 MiB): while one runs, the guard looks 20 times a second."""
+    monkeypatch.setattr(memory, "in_use", lambda: MiB)
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(memory.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await memory.Guard(256 * MiB).watch(lambda pid: None, lambda: running)
+    assert delays == [memory.RUNNING_INTERVAL if running else memory.IDLE_INTERVAL]

@@ -118,7 +118,7 @@ class Agent:
     async def run(self) -> None:
         self.loop.add_signal_handler(signal.SIGCHLD, self.reap)
         if self.guard is not None:
-            self.loop.create_task(self.guard.watch(self.blame))
+            self.loop.create_task(self.guard.watch(self.blame, lambda: bool(self.by_pid)))
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self.socket_path)

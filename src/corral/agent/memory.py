@@ -6,10 +6,12 @@ The host sets the sandbox's budget (`limit`, its `memory_mb`) and gives the runt
 some headroom above it. The agent watches the memory the sandbox's kernel says is in use; past
 the budget it kills the process with the largest resident set (never itself), as a kernel
 would, and the command that process belonged to reports `oom_killed`. It looks four times a
-second while use is low and every 10 ms once over half the budget, so an allocation outruns it
-by at most what the headroom absorbs. If killing cannot bring use back under the budget (the
-overage is more than all processes hold: files in a memory filesystem hold it), it kills
-nothing, and the host's limit ends the sandbox, with out_of_memory as its reason.
+second while nothing the agent started runs, twenty times while something does (a process can
+fill a few hundred MiB in a quarter of a second), and every 10 ms once over half the budget, so
+an allocation outruns it by at most what the headroom absorbs. If killing cannot bring use
+back under the budget (the overage is more than all processes hold: files in a memory
+filesystem hold it), it kills nothing, and the host's limit ends the sandbox, with
+out_of_memory as its reason.
 
 Standard library only, for any Python >= 3.8, like the rest of the agent.
 """
@@ -23,6 +25,7 @@ import time
 from typing import Callable, Dict, Optional, Tuple
 
 IDLE_INTERVAL = 0.25
+RUNNING_INTERVAL = 0.05
 BUSY_INTERVAL = 0.01
 SETTLE = 1.0  # seconds a kill's memory may take to show as freed
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -70,13 +73,15 @@ class Guard:
         self.used_at_kill = 0
         self.settle_until = 0.0
 
-    async def watch(self, blame: Callable[[int], None]) -> None:
-        """Check, for as long as the agent runs."""
+    async def watch(self, blame: Callable[[int], None], running: Callable[[], bool]) -> None:
+        """Check, for as long as the agent runs; `running`: whether a process it started runs."""
         while True:
             try:
                 delay = self.check(blame)
             except (OSError, ValueError):  # /proc unreadable for a moment: look again later
                 delay = IDLE_INTERVAL
+            if delay == IDLE_INTERVAL and running():
+                delay = RUNNING_INTERVAL
             await asyncio.sleep(delay)
 
     def check(self, blame: Callable[[int], None]) -> float:
