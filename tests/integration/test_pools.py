@@ -13,6 +13,8 @@ from corral.core.errors import InvalidRequest, SandboxNotFound
 from corral.core.spec import SandboxSpec
 from corral.core.state import SandboxState
 from corral.engine import Engine
+from corral.engine.record import Phase
+from corral.host.cgroups import Cgroup
 from tests.conftest import leftovers
 
 
@@ -30,6 +32,10 @@ async def test_claimed_sandboxes_are_fresh_and_look_new(engine: Engine, runtime:
     engine.configure_pool("p", SandboxSpec(runtime=runtime), 2)
     await pool_of(engine, "p", idle=2)
     assert engine.list_sandboxes() == []  # idle pooled sandboxes are invisible
+    # Idle, a gVisor one is frozen (its Sentry would burn CPU); a namespaces one just sleeps.
+    idle = [r.id for r in engine.registry if r.phase is Phase.POOLED]
+    freezes = runtime == "gvisor"
+    assert [Cgroup(f"corral/{i}").frozen() for i in idle] == [freezes, freezes]
 
     before = time.time()
     spec = SandboxSpec(
@@ -40,6 +46,7 @@ async def test_claimed_sandboxes_are_fresh_and_look_new(engine: Engine, runtime:
     pool = await pool_of(engine, "p")
     assert pool["hits"] == 2 and pool["misses"] == 0
     try:
+        assert not any(Cgroup(f"corral/{s.id}").frozen() for s in (first, second))
         assert first.created_at >= before
         assert [h.state for h in first.history] == [SandboxState.CREATING, SandboxState.RUNNING]
         assert first.expires_at is not None and 115 < first.expires_at - time.time() <= 120

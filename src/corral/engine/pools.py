@@ -38,10 +38,6 @@ log = logging.getLogger("corral.engine.pools")
 
 MAX_POOL_SIZE = 1000
 FILL_RETRY_DELAY = 5.0  # after a failed fill, so a broken template does not spin
-# CPU weight (cgroup v2 units, 100 is normal) of an idle pooled sandbox: lowest, so idle ones
-# never slow a starting one (idle gVisor sandboxes each use ~2% of a core for the Sentry's
-# timers). One starting for a pool has `lifecycle.FILL_WEIGHT`.
-IDLE_WEIGHT = 1
 # Pools refill in the gaps of live traffic: once no sandbox has been used for FILL_QUIET seconds,
 # or after FILL_MAX_DEFER seconds of continuous use, so a busy server's pools still refill.
 # Starting a sandbox costs ~100 ms of CPU; on a small machine a refill running beside a user's
@@ -236,8 +232,9 @@ class PoolKeeper:
         record = self._registry.find(claimed)
         assert record is not None  # `alive` checked it
         self._access.last_use = time.monotonic()
-        # Its plan keeps the pool's weight; the cgroup, which is what counts, gets the normal one.
-        self._runtimes.get(record.runtime).set_cpu_weight(record.plan, 100)
+        # Thawed where idle ones are frozen; its plan keeps the pool's CPU weight, the cgroup,
+        # which is what counts, gets the normal one.
+        self._runtimes.get(record.runtime).set_pooled(record.plan, False)
         record.start_lifetime(spec)
         return record.info()
 
@@ -286,7 +283,7 @@ class PoolKeeper:
         record = await self._lifecycle.start(template, runtime, None, for_pool=True)
         if template.image == CODE_IMAGE:  # its first run_code finds an interpreter running
             await prestart(record)
-        await asyncio.to_thread(runtime.set_cpu_weight, record.plan, IDLE_WEIGHT)
+        await asyncio.to_thread(runtime.set_pooled, record.plan, True)
         record.move(Phase.POOLED)
         return record.id
 

@@ -150,6 +150,11 @@ class Cgroup:
     def thaw(self) -> None:
         self._set_frozen(False)
 
+    def frozen(self) -> bool:
+        if self.version == "v2":
+            return "frozen 1" in _read(self._dir("") / "cgroup.events")
+        return "FROZEN" in _read(self._dir("freezer") / "freezer.state")
+
     def _set_frozen(self, frozen: bool) -> None:
         if self.version == "v2":
             d = self._dir("")
