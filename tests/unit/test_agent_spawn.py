@@ -269,3 +269,10 @@ def imported_from(agent_dir: Path) -> str:
     probe = "import sys; sys.path.insert(0, sys.argv[1]); import procs, contexts"
     argv = [sys.executable, "-I", "-S", "-B", "-v", "-c", probe, str(agent_dir)]
     return subprocess.run(argv, capture_output=True, text=True, check=True).stderr
+
+
+def test_a_fifo_named_as_a_command_never_blocks_the_agent(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "fifo").chmod(0o755)
+    command = procs.Command({"cmd": "./fifo", "cwd": str(tmp_path)}, {"PATH": "/bin"})
+    assert command.direct is None  # left to the shell, which reports it

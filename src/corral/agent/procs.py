@@ -228,15 +228,19 @@ def _read_all(fd: int) -> bytes:
 
 LEADER_STEPS = {1: "become a subreaper", 2: "take its terminal", 3: "set its groups"}
 LEADER_STEPS.update({4: "set its group", 5: "become its user", 6: "run", 7: "start"})
+EXEC = 6
 
 
 def _failure(step: int, code: int, name: str) -> GuestError:
-    if step == 6 and code in (errno.ENOENT, errno.ENOTDIR):
+    """What the host is told when `name` could not start, at `step` (LEADER_STEPS)."""
+    if step == EXEC and code in (errno.ENOENT, errno.ENOTDIR):
         return GuestError("command_not_found", "command not found: %s" % name)
-    if step == 6 and code == errno.EACCES:
+    if step == EXEC and code == errno.EACCES:
         return GuestError("EACCES", "permission denied: %s" % name)
     if code == errno.EAGAIN:
-        return _at_limit(name)
+        return GuestError(
+            "limit_reached", "cannot start %s: the sandbox is at its process limit" % name
+        )
     what = LEADER_STEPS.get(step, "start")
     message = "cannot %s %s: %s" % (what, name, os.strerror(code))
     return GuestError(errno.errorcode.get(code, "EIO"), message)
@@ -301,18 +305,8 @@ def _pipes(
 def _popen(argv: List[str], kwargs: Dict[str, Any], name: str) -> "subprocess.Popen[bytes]":
     try:
         return subprocess.Popen(argv, **kwargs)
-    except FileNotFoundError:
-        raise GuestError("command_not_found", "command not found: %s" % name) from None
-    except PermissionError:
-        raise GuestError("EACCES", "permission denied: %s" % name) from None
-    except BlockingIOError:
-        raise _at_limit(name) from None
-
-
-def _at_limit(name: str) -> GuestError:
-    return GuestError(
-        "limit_reached", "cannot start %s: the sandbox is at its process limit" % name
-    )
+    except OSError as exc:
+        raise _failure(EXEC, exc.errno or errno.EIO, name) from None
 
 
 def set_size(fd: int, rows: int, cols: int) -> None:

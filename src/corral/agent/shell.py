@@ -48,8 +48,14 @@ def plain(cmd: str, env: Dict[str, str], cwd: str) -> Optional[List[str]]:
         return None
     try:
         program = find_program(words[0], env, cwd)
-        with open(os.path.join(cwd, program), "rb") as file:
-            magic = file.read(4)
+        path = os.path.join(cwd, program)
+        if not os.path.isfile(path):  # a FIFO or device would block or answer anything
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            magic = os.read(fd, 4)
+        finally:
+            os.close(fd)
     except (GuestError, OSError):
         return None
     if magic[:2] != b"#!" and magic != b"\x7fELF":
