@@ -88,7 +88,7 @@ async def main() -> None:
     args = parser.parse_args()
     async with Engine(args.data_dir) as engine:
         for runtime in args.runtime or ["namespaces", "gvisor"]:
-            reason = engine.unavailable_reason(runtime)
+            reason = engine.runtimes.unavailable_reason(runtime)
             if reason is not None:
                 print(f"\n## {runtime}: skipped ({reason})")
                 continue

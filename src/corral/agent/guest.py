@@ -426,9 +426,17 @@ class Agent:
     async def ping(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
         return {"pong": True, "time": time.time()}
 
+    async def identify(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
+        hostname = params.get("hostname")
+        if not isinstance(hostname, str) or not hostname:
+            raise GuestError("invalid_request", "hostname must be a non-empty string")
+        shield.take_identity(hostname)
+        return {"hostname": hostname}
+
 
 HANDLERS = {
     P.PING: Agent.ping,
+    P.IDENTIFY: Agent.identify,
     P.PROC_START: Agent.proc_start,
     P.PROC_SIGNAL: Agent.proc_signal,
     P.PROC_RESIZE: Agent.proc_resize,

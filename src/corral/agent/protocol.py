@@ -62,6 +62,7 @@ DATA_KINDS = frozenset({STDIN, STDOUT, STDERR, FILE})
 
 # Method names.
 PING = "agent.ping"
+IDENTIFY = "agent.identify"  # a restored boot image's agent takes its new sandbox's name
 PROC_START = "proc.start"
 PROC_SIGNAL = "proc.signal"
 PROC_RESIZE = "proc.resize"
@@ -85,6 +86,7 @@ PORT_CONNECT = "port.connect"
 METHODS = frozenset(
     {
         PING,
+        IDENTIFY,
         PROC_START,
         PROC_SIGNAL,
         PROC_RESIZE,

@@ -54,3 +54,29 @@ def quiet() -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+_CAP_SYS_ADMIN = 21
+_CAP_VERSION_3 = 0x20080522
+
+
+def take_identity(hostname: str) -> None:
+    """Take the name of the sandbox this agent now serves, then give up the right to.
+
+    Only the agent of a boot image (a booted sandbox saved to start others from) is started
+    holding CAP_SYS_ADMIN, and only in its own effective and permitted sets: never in the
+    bounding or inheritable ones, so no program it starts ever gets it. Each sandbox restored
+    from the image renames itself once, here, before the host hands it to anyone."""
+    import ctypes  # noqa: PLC0415 - as in `harden`
+    import socket  # noqa: PLC0415
+
+    socket.sethostname(hostname)
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: caps 0-31, then 32-63
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    data[0] &= ~(1 << _CAP_SYS_ADMIN) & 0xFFFFFFFF
+    data[1] &= ~(1 << _CAP_SYS_ADMIN) & 0xFFFFFFFF
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")

@@ -153,7 +153,7 @@ Overcommit = Annotated[
 def doctor(data_dir: DataDir = None, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show which runtimes this machine can run, and why not where it cannot."""
     engine = Engine(data_dir)
-    rows = {name: engine.unavailable_reason(name) for name in PREFERENCE}
+    rows = {name: engine.runtimes.unavailable_reason(name) for name in PREFERENCE}
     if as_json:
         print(json.dumps({name: {"available": r is None, "reason": r} for name, r in rows.items()}))
         return
@@ -185,6 +185,9 @@ def serve(
     max_sandboxes_per_key: int = typer.Option(100, help="Live sandboxes one API key may have."),
     max_sandboxes: int = typer.Option(2000, help="Live sandboxes on this node, all keys."),
     pool: PoolOption = None,
+    boot_images: bool = typer.Option(
+        True, help="Start gvisor sandboxes from a saved boot of their configuration."
+    ),
     allow_registry: RegistryOption = None,
     tls: TlsOption = "off",
     tls_cert: TlsCert = None,
@@ -212,7 +215,7 @@ def serve(
         config = ServerConfig(
             data_dir=data_dir or default_data_dir(), default_runtime=runtime,
             max_sandboxes_per_key=max_sandboxes_per_key, max_sandboxes=max_sandboxes,
-            pools=tuple(_parse_pool(item) for item in pool or ()),
+            pools=tuple(_parse_pool(item) for item in pool or ()), boot_images=boot_images,
             allowed_registries=_items(allow_registry), at_rest_key=at_rest_key,
             open_host_image=open_host_image, preview_domain=preview_domain,
             max_image_bytes_per_key=max_image_mib_per_key << 20,
@@ -354,7 +357,7 @@ async def _bootstrap_keys(config: ServerConfig) -> tuple[str, str | None]:
 def _prepare_image(config: ServerConfig) -> None:
     engine = Engine(config.data_dir, default_runtime=config.default_runtime)
     try:
-        engine.default_runtime  # noqa: B018 - raises, with the reason, when no runtime can run
+        engine.runtimes.default  # noqa: B018 - raises, with the reason, when no runtime can run
     except CorralError as error:
         console.print(f"[yellow]warning[/yellow]: {escape(error.message)}")
         return

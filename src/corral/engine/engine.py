@@ -65,7 +65,6 @@ from corral.engine.tasks import Tasks
 from corral.engine.usage import Usage
 from corral.engine.volumes import VolumeStore
 from corral.images.store import ImageStore, StatusLine
-from corral.runtimes import Runtime
 
 __all__ = ["Engine", "default_data_dir", "lock_data_dir"]
 
@@ -91,6 +90,7 @@ class Engine:
         on_change: Callable[[SandboxInfo], None] | None = None,
         at_rest_key: Path | None = None,
         egress: EgressSettings | None = None,
+        boot_images: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
@@ -113,12 +113,14 @@ class Engine:
             agent_timeout=agent_timeout,
             sealed=SealedImages(self.keys, self.data_dir / "staging"),
             egress=self.egress,
+            boot_images=boot_images,
         )
+        self.boots = lifecycle.boots
         checkpoints = self._checkpoints = Checkpoints(
             registry, runtimes, lifecycle, self.snapshots, tasks
         )
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
-        commands = self._commands = Commands(access, runtimes)
+        self._commands = Commands(access, runtimes)
         self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code
         self.ports = Ports(access)  # TCP connections to ports in sandboxes
         self.usage = Usage(registry)  # what each sandbox uses, sampled every few seconds
@@ -132,15 +134,6 @@ class Engine:
             registry=registry, runtimes=runtimes, lifecycle=lifecycle, access=access
         )
         self.pools = self._pools.pools
-        self._exporter = Exporter(
-            registry=registry,
-            runtimes=runtimes,
-            access=access,
-            commands=commands,
-            files=self.files,
-            fork=self._fork_one,
-            end=self.terminate,
-        )
 
     # -- life of the engine ------------------------------------------------------------------------
 
@@ -156,6 +149,7 @@ class Engine:
         await asyncio.to_thread(self._prepare)
         self._lock_fd = lock_data_dir(self.data_dir)
         self._started = True
+        await asyncio.to_thread(self.boots.prepare)  # the directory is ours alone now
         await self._adoption.adopt_all()
         self._supervisor.start()
         self.usage.start()
@@ -177,6 +171,7 @@ class Engine:
         Sandboxes still being created are ended either way.
         """
         await self.pools.close()  # idle pooled sandboxes are never kept: pools refill
+        await self.boots.stop()
         await self._supervisor.stop()
         await self.usage.stop()
         live = self.registry.live()
@@ -202,25 +197,6 @@ class Engine:
             raise SandboxFailed(
                 "the engine is not started; use `async with Engine(...)`", code="not_started"
             )
-
-    # -- runtimes ----------------------------------------------------------------------------------
-
-    def runtime(self, name: str) -> Runtime:
-        """The runtime called `name` (unknown names are a `RuntimeUnavailable` error)."""
-        return self.runtimes.get(name)
-
-    def unavailable_reason(self, name: str) -> str | None:
-        """Why runtime `name` cannot run on this machine, or None if it can (probed once)."""
-        return self.runtimes.unavailable_reason(name)
-
-    def runtime_report(self) -> dict[str, str | None]:
-        """Every runtime, strongest first, with why it cannot run here (None: it can)."""
-        return self.runtimes.report()
-
-    @property
-    def default_runtime(self) -> str:
-        """The configured default, else the strongest runtime this machine can run."""
-        return self.runtimes.default
 
     # -- sandboxes ---------------------------------------------------------------------------------
 
@@ -430,6 +406,18 @@ class Engine:
             self._access.running(sandbox_id, action)
         ready = functools.partial(self._access.use, sandbox_id, action)
         return SandboxFiles(record.link, ready=ready)
+
+    @functools.cached_property
+    def _exporter(self) -> Exporter:
+        return Exporter(
+            registry=self.registry,
+            runtimes=self.runtimes,
+            access=self._access,
+            commands=self._commands,
+            files=self.files,
+            fork=self._fork_one,
+            end=self.terminate,
+        )
 
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
         """Copy what the sandbox changed, as an image layer, into the empty directory `dest`."""

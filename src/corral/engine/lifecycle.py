@@ -12,24 +12,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from corral.agent import protocol as P
 from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest, SandboxFailed
 from corral.core.ids import check_id
-from corral.core.models import SandboxInfo
-from corral.core.spec import MAX_TIMEOUT, SandboxSpec
+from corral.core.models import SandboxInfo, SnapshotInfo
+from corral.core.spec import FIXED_AT_START, MAX_TIMEOUT, SandboxSpec
 from corral.core.state import EndReason, SandboxState
+from corral.engine.boots import BootImages, BootKey, boot_key
 from corral.engine.egress import Egress
 from corral.engine.planner import plan_sandbox
 from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
 from corral.engine.sealed_images import SealedImages
-from corral.engine.snapshots import Snapshot
+from corral.engine.snapshots import Snapshot, SnapshotStore
 from corral.engine.tasks import Tasks
 from corral.engine.volumes import VolumeStore
 from corral.host import network, userns
 from corral.host.procs import process_start_time
-from corral.images.store import ImageStore, StatusLine
+from corral.images.store import ImageStore, RootImage, StatusLine
 from corral.runtimes import Launch, Runtime
 from corral.runtimes.base import make_sandbox_dir
 
@@ -66,8 +68,11 @@ class Lifecycle:
         agent_timeout: float,
         sealed: SealedImages,
         egress: Egress,
+        boot_images: bool = True,
     ) -> None:
         self._data_dir = data_dir
+        self.boots = BootImages(data_dir / "boots", sealed.keys, tasks, self._boot_image)
+        self.boots.enabled = boot_images
         self.egress = egress
         self.sealed = sealed
         self._registry = registry
@@ -119,13 +124,18 @@ class Lifecycle:
         *,
         for_pool: bool = False,
         restore: Snapshot | None = None,
+        template: bool = False,
     ) -> SandboxRecord:
         """Build and start a sandbox for `spec`, up to its agent answering (still creating);
-        on any failure nothing of it is left behind."""
+        on any failure nothing of it is left behind. Without `restore`, it is restored from its
+        configuration's boot image where there is one (`corral.engine.boots`); `template`: it
+        is booted to be saved as one."""
         stages = Stopwatch()
         image = await asyncio.to_thread(self._images.resolve, spec.image, progress)
         if spec.network == "internet":
             await self.ensure_firewall()
+        key = None if restore or template else self._boot_key(spec, runtime, image)
+        boot = self.boots.find(key) if key is not None else None
         stages.mark("image")
         # Planning picks a free uid range and address among registered sandboxes: register the
         # new one before the next await, so concurrent creates never pick the same.
@@ -136,7 +146,9 @@ class Lifecycle:
             live=[record.plan for record in self._registry.live()],
             volume_mountpoint=self._volumes.mountpoint,
             cpu_weight=FILL_WEIGHT if for_pool else 100,
+            template=template,
         )
+        restore = restore or boot
         # A restored agent holds its snapshot's secret already (None: a v1 agent).
         secret = new_secret() if restore is None else restore.agent_secret
         record = SandboxRecord(spec, plan, for_pool=for_pool, secret=secret, keys=self.sealed.keys)
@@ -145,12 +157,56 @@ class Lifecycle:
         stages.mark("plan")
         try:
             await self._build(record, runtime, stages, restore.path if restore else None)
+            if boot is not None:  # before anyone can see it: its own name, not the template's
+                await record.link.call(P.IDENTIFY, {"hostname": plan.hostname})
+                stages.mark("identify")
         except BaseException as exc:
             await self._abandon(record, runtime)
+            if boot is not None and key is not None and isinstance(exc, Exception):
+                log.warning("restoring a boot image of %s failed (%s); booting", spec.image, exc)
+                self.boots.discard(key)  # not tried twice; made again later
+                return await self.start(spec, runtime, progress, for_pool=for_pool)
             if isinstance(exc, CorralError | asyncio.CancelledError):
                 raise
             raise SandboxFailed(f"could not create the sandbox: {exc}") from exc
+        if key is not None and boot is None:
+            self.boots.want(key, spec)
         return record
+
+    async def _boot_image(
+        self, spec: SandboxSpec, store: SnapshotStore
+    ) -> tuple[Snapshot, BootKey]:
+        """Boot a template sandbox of `spec`'s configuration, save it into `store`, end it."""
+        template = SandboxSpec(**{name: getattr(spec, name) for name in FIXED_AT_START})
+        runtime = self._runtimes.check(template.runtime or self._runtimes.default)
+        record = await self.start(template, runtime, None, for_pool=True, template=True)
+        plan = record.plan
+        try:
+            with store.writing() as (snapshot_id, temp):
+                await record.link.quiesce()
+                # In the clear: the store is in memory (see `corral.engine.boots`).
+                await asyncio.to_thread(runtime.checkpoint, plan, temp)
+                info = SnapshotInfo(
+                    id=snapshot_id,
+                    sandbox_id=record.id,
+                    runtime=record.runtime,
+                    image=template.image,
+                    created_at=time.time(),
+                    expires_at=None,
+                    size_bytes=0,
+                )
+                image = await asyncio.to_thread(
+                    store.commit, temp, info, template, record.link.secret
+                )
+        finally:
+            await self.end(record, EndReason.ENGINE_SHUTDOWN, "boot image saved")
+        return image, boot_key(template, plan.layers, [(b.source, b.target) for b in plan.binds])
+
+    def _boot_key(self, spec: SandboxSpec, runtime: Runtime, image: RootImage) -> BootKey | None:
+        """The configuration's key among boot images, if its sandboxes can start from one."""
+        if spec.volumes or runtime.checkpoint_refusal(spec.network) is not None:
+            return None  # volumes are mounted at start; internet sandboxes cannot be saved
+        return boot_key(spec, image.layers, [(str(b.source), b.target) for b in image.binds])
 
     async def _build(
         self, record: SandboxRecord, runtime: Runtime, stages: Stopwatch, restore_from: Path | None

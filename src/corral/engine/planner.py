@@ -25,6 +25,7 @@ def plan_sandbox(
     live: Sequence[SandboxPlan],
     volume_mountpoint: Callable[[str], Path],
     cpu_weight: int = 100,
+    template: bool = False,
 ) -> SandboxPlan:
     """The plan of a new sandbox for `spec` on `image`, beside the `live` sandboxes' plans."""
     assert spec.runtime is not None  # the engine names it before planning
@@ -49,6 +50,7 @@ def plan_sandbox(
         uid_slot=userns.pick_slot({plan.uid_slot for plan in live}),
         agent_dir=str(data_dir / "agent"),
         hostname=sandbox_id,
+        template=template,
         volumes=tuple(
             PlanVolume(m.volume, str(volume_mountpoint(m.volume)), m.path, m.read_only)
             for m in spec.volumes

@@ -216,6 +216,7 @@ class PoolKeeper:
         self.pools = Pools(
             fill=self._fill, alive=self._alive, discard=self._discard, quiet=self.quiet
         )
+        lifecycle.boots.start(self.quiet)  # boot images are made in the same gaps
 
     def configure(self, name: str, template: SandboxSpec, size: int) -> dict[str, Any]:
         if template.volumes:

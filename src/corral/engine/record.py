@@ -100,6 +100,7 @@ class SandboxRecord:
         self.plan = plan
         self.link = AgentLink(plan.socket_dir, self.id, secret)
         self.phase = Phase.WARMING if for_pool else Phase.CREATING
+        self.claimed = not for_pool  # has had a public life (see `pooled`)
         self.state = SandboxState.CREATING  # the public state: see `move`
         self.created_at = time.time()
         self.expires_at: float | None = None  # while running; see `move`
@@ -139,6 +140,7 @@ class SandboxRecord:
         record.phase = Phase(saved.get("phase", legacy))
         if record.phase in (Phase.HIBERNATING, Phase.ENDING):
             record.phase = public
+        record.claimed = record.phase not in (Phase.WARMING, Phase.POOLED)
         record.created_at = float(saved["created_at"])
         record.expires_at = _float_or_none(saved.get("expires_at"))
         record.remaining = _float_or_none(saved.get("remaining"))
@@ -162,8 +164,9 @@ class SandboxRecord:
 
     @property
     def pooled(self) -> bool:
-        """Whether it belongs to a warm pool (starting or idle): nobody's, shown nowhere."""
-        return self.phase in (Phase.WARMING, Phase.POOLED)
+        """Whether it is nobody's and shown nowhere: started for a warm pool or as a boot
+        image (see `corral.engine.boots`), and never claimed, up to its end."""
+        return not self.claimed or self.phase in (Phase.WARMING, Phase.POOLED)
 
     @property
     def ending(self) -> bool:
@@ -200,6 +203,7 @@ class SandboxRecord:
         """Begin the life a user asked for: `spec`, a fresh history and a deadline. For a
         sandbox claimed from a pool, this is where its public life starts."""
         now = time.time()
+        self.claimed = True
         if self.phase is Phase.POOLED:
             self.spec = spec
             self.created_at = now

@@ -23,8 +23,6 @@ from corral.host import mounts
 from corral.runtimes import Runtime
 from corral.runtimes.plan import SandboxPlan
 
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-
 
 class SealedImages:
     """Checkpoints and restores through `runtime`, sealing what reaches the disk."""
@@ -42,7 +40,7 @@ class SealedImages:
         self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(dir=self.staging))
         try:
-            mounts.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700")
+            mounts.private_tmpfs(path)
             yield path
         finally:
             mounts.remove_tree(path)

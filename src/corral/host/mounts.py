@@ -28,6 +28,7 @@ _libc.syscall.restype = ctypes.c_long
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MNT_DETACH = 0x2
 
 # The new mount API has the same numbers on every architecture.
@@ -68,6 +69,11 @@ def mount(source: str, target: Path, fstype: str, flags: int = 0, data: str = ""
         _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode()),
         f"mount {fstype} on {target}",
     )
+
+
+def private_tmpfs(target: Path) -> None:
+    """Mount a memory filesystem at `target` that only root can enter, run or device from."""
+    mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700")
 
 
 def unmount(target: Path) -> None:

@@ -305,6 +305,9 @@ def _oci_process(plan: SandboxPlan) -> dict[str, Any]:
     """The sandbox's first process, its guest agent: root inside, the sandbox's capabilities,
     RLIMIT_NPROC as the process limit (the Sentry enforces it)."""
     caps = list(SANDBOX_CAPS)
+    # A boot image's agent alone, to rename each sandbox restored from it (`shield.take_identity`);
+    # outside the bounding set, so nothing it starts can have it.
+    held = [*caps, "CAP_SYS_ADMIN"] if plan.template else caps
     nproc = plan.limits.max_processes
     return {
         "terminal": False,
@@ -313,7 +316,7 @@ def _oci_process(plan: SandboxPlan) -> dict[str, Any]:
         "args": [*plan.agent_argv, str(plan.limits.memory_bytes)],
         "env": [f"{k}={v}" for k, v in plan.guest_env.items()],
         "cwd": "/",
-        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "capabilities": {"bounding": caps, "effective": held, "permitted": held},
         "noNewPrivileges": True,
         "rlimits": [{"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc}],
     }

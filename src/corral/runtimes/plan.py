@@ -114,6 +114,9 @@ class SandboxPlan:
     uid_slot: int  # the sandbox's private host uid range (see corral.host.userns)
     agent_dir: str  # host directory holding the guest agent's code
     hostname: str = "sandbox"
+    # Booted to be saved as a boot image (see `corral.engine.boots`): its agent may rename the
+    # sandboxes restored from it, once each.
+    template: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
     volumes: tuple[PlanVolume, ...] = ()
 

@@ -56,6 +56,7 @@ class Service:
             default_runtime=config.default_runtime,
             on_change=self._changed,
             at_rest_key=config.at_rest_key,
+            boot_images=config.boot_images,
             egress=EgressSettings(
                 config.egress_floor, config.dns_upstream or None, self._egress_denied
             ),
@@ -135,7 +136,7 @@ class Service:
 
     def runtimes(self) -> dict[str, str | None]:
         """Every runtime, strongest first, with why this node cannot run it (None: it can)."""
-        return self.engine.runtime_report()
+        return self.engine.runtimes.report()
 
     async def owner_of(self, sandbox_id: str) -> str | None:
         """The key id that owns `sandbox_id` (live ones from memory, ended ones from the store)."""

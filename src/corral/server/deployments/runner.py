@@ -375,7 +375,7 @@ class Runner:
     def _on_idle(self, spec: DeploymentSpec) -> str:
         """Hibernate when idle where the runtime can keep memory on disk, else pause."""
         engine = self.service.engine
-        runtime = engine.runtime(spec.runtime or engine.default_runtime)
+        runtime = engine.runtimes.get(spec.runtime or engine.runtimes.default)
         can = runtime.checkpoints and runtime.checkpoint_refusal(spec.network) is None
         return "hibernate" if can else "pause"
 

@@ -1,0 +1,127 @@
+"""Boot images on a real engine (gvisor): new sandboxes restored from a saved boot are fresh,
+named for themselves, and hold no more privilege than booted ones."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from corral.agent import protocol as P
+from corral.core.errors import CorralError
+from corral.core.spec import SandboxSpec, VolumeMount
+from corral.engine import Engine
+from tests.conftest import require_runtime
+
+CAP_SYS_ADMIN = 1 << 21
+
+
+@pytest.fixture(autouse=True)
+def gvisor() -> None:
+    require_runtime("gvisor")
+
+
+async def boot_images(engine: Engine, count: int) -> None:
+    """Wait until the engine holds `count` boot images (the bound only catches hangs)."""
+    for _ in range(1200):
+        if engine.boots.to_dict()["images"] == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {count} boot images: {engine.boots.to_dict()}")
+
+
+def caps(status: str, field: str) -> int:
+    line = next(line for line in status.splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1], 16)
+
+
+async def test_sandboxes_restored_from_a_boot_image_are_fresh_and_their_own(
+    engine: Engine,
+) -> None:
+    booted = await engine.create(SandboxSpec(runtime="gvisor"))
+    await engine.files(booted.id).write("/root/mine", "x")
+    await boot_images(engine, 1)
+    assert "identify" not in engine.registry.get(booted.id).timings  # it booted
+    restored = [
+        await engine.create(SandboxSpec(runtime="gvisor", env={"N": str(i)})) for i in (1, 2)
+    ]
+    try:
+        for info in restored:
+            record = engine.registry.get(info.id)
+            assert "identify" in record.timings  # restored, not booted
+            result = await engine.run(info.id, "hostname; echo $N; ls /root; ps -e -o comm=")
+            lines = result.stdout.decode().split()
+            assert lines[0] == info.id  # its own name, not the template's
+            assert lines[1] == info.spec.env["N"]
+            assert "mine" not in lines  # nothing of another sandbox
+            assert lines[2:] == ["python3", "ps"]  # the agent, and what this command started
+            # The agent gave up the right to rename the sandbox: once only, before any use.
+            agent = (await engine.run(info.id, "cat /proc/1/status")).stdout.decode()
+            assert not caps(agent, "CapEff") & CAP_SYS_ADMIN
+            assert not caps(agent, "CapPrm") & CAP_SYS_ADMIN
+            assert not caps(agent, "CapBnd") & CAP_SYS_ADMIN
+            with pytest.raises(CorralError):
+                await record.link.call(P.IDENTIFY, {"hostname": "taken-over"})
+            assert (await engine.run(info.id, "hostname")).stdout.decode().strip() == info.id
+            mine = (await engine.run(info.id, "cat /proc/self/status")).stdout.decode()
+            assert not caps(mine, "CapEff") & CAP_SYS_ADMIN
+        # A booted sandbox's agent never could.
+        with pytest.raises(CorralError):
+            await engine.registry.get(booted.id).link.call(P.IDENTIFY, {"hostname": "x"})
+    finally:
+        for info in (booted, *restored):
+            await engine.terminate(info.id)
+
+
+async def test_a_boot_image_that_fails_to_restore_is_dropped_and_the_sandbox_boots(
+    engine: Engine,
+) -> None:
+    await engine.terminate((await engine.create(SandboxSpec(runtime="gvisor"))).id)
+    await boot_images(engine, 1)
+    (image,) = engine.boots.store.all()
+    for page_file in image.path.glob("pages*.img"):
+        page_file.write_bytes(b"not a memory image")
+    info = await engine.create(SandboxSpec(runtime="gvisor"))
+    try:
+        assert "identify" not in engine.registry.get(info.id).timings  # booted after all
+        assert (await engine.run(info.id, "hostname")).stdout.decode().strip() == info.id
+        assert engine.boots.to_dict()["images"] == 0
+        assert engine.boots.store.all() == []
+    finally:
+        await engine.terminate(info.id)
+
+
+async def test_only_sandboxes_that_can_be_saved_ask_for_one(engine: Engine) -> None:
+    """Internet sandboxes cannot be checkpointed and volumes are mounted at start: neither
+    starts from, or makes, a boot image; nor does an engine that has them turned off."""
+    volume = await engine.create_volume(16)
+    for spec in (
+        SandboxSpec(runtime="gvisor", network="internet"),
+        SandboxSpec(runtime="gvisor", volumes=(VolumeMount("/data", volume.id),)),
+        SandboxSpec(runtime="namespaces"),
+    ):
+        info = await engine.create(spec)
+        await engine.terminate(info.id)
+        assert engine.boots.to_dict() == {"enabled": True, "images": 0, "made": 0, "restored": 0}
+        assert not engine.boots._pending
+    await engine.delete_volume(volume.id)
+
+
+async def test_an_engine_without_boot_images_boots_every_sandbox(data_dir: Path) -> None:
+    async with Engine(data_dir, boot_images=False) as engine:
+        for _ in range(2):
+            info = await engine.create(SandboxSpec(runtime="gvisor"))
+            assert "identify" not in engine.registry.get(info.id).timings
+            await engine.terminate(info.id)
+        assert not engine.boots._pending and engine.boots.to_dict()["made"] == 0
+
+
+async def test_the_template_sandbox_is_shown_nowhere(data_dir: Path) -> None:
+    changes: list[str] = []
+    async with Engine(data_dir, on_change=lambda info: changes.append(info.id)) as engine:
+        info = await engine.create(SandboxSpec(runtime="gvisor"))
+        await boot_images(engine, 1)  # its template booted and ended meanwhile
+        assert [s.id for s in engine.list_sandboxes()] == [info.id]
+        await engine.terminate(info.id)
+    assert set(changes) == {info.id}
