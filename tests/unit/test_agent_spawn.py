@@ -145,14 +145,31 @@ def test_what_cannot_start_is_a_clear_error(way: str, tmp_path: Path) -> None:
 
 
 def test_nothing_of_the_agent_leaks_into_the_command(way: str) -> None:
-    secret_r, secret_w = os.pipe()  # not inheritable, like every descriptor the agent opens
+    quiet_r, quiet_w = os.pipe()  # not inheritable, like every descriptor the agent opens
+    loud_r, loud_w = os.pipe()
+    os.set_inheritable(loud_w, True)  # and one that is: closed for the command all the same
     try:
         status, out, err = run({"argv": ["sh", "-c", "ls /proc/self/fd"]})
     finally:
-        os.close(secret_r)
-        os.close(secret_w)
+        for fd in (quiet_r, quiet_w, loud_r, loud_w):
+            os.close(fd)
     assert status == 0, err
     assert sorted(int(fd) for fd in out.split()) == [0, 1, 2, 3]  # 3: ls's own directory
+
+
+def test_descriptors_passed_on_purpose_stay_open_under_their_numbers(way: str) -> None:
+    """As a code context's kernel gets its request and result pipes."""
+    first_r, first_w = os.pipe()
+    second_r, second_w = os.pipe()
+    command = procs.Command({"argv": ["sh", "-c", "ls /proc/self/fd"]}, BASE_ENV)
+    popen, fds = procs.spawn(command, pass_fds=(first_r, second_w))
+    try:
+        assert popen.wait(timeout=30) == 0
+        listed = sorted(int(fd) for fd in read_all(fds["stdout"]).split())
+    finally:
+        for fd in (*fds.values(), first_r, first_w, second_r, second_w):
+            os.close(fd)
+    assert listed == sorted([0, 1, 2, 3, first_r, second_w])  # 3: ls's own directory
 
 
 def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path) -> None:

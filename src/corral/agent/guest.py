@@ -17,12 +17,18 @@ Usage: python3 -I -S guest.py SOCKET_DIR
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the agent's own process, not a host process importing this
+    # asyncio imports ssl for TLS, which the agent never does: about 2 ms of the agent's start
+    # (ready in 43.1 ms instead of 45.0, namespaces, medians of 60).
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
 import asyncio
 import errno
 import functools
 import os
 import signal
-import sys
 import time
 
 try:
