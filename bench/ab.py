@@ -5,10 +5,13 @@ samples interleaved, so that both see the same machine at the same moments.
     python bench/ab.py --baseline /work/main/.venv/bin/python --data-dir /var/tmp/corral-ab
 
 Figures, per runtime: a claim from a warm pool (POST /v1/sandboxes), the warm first command
-(the claim and `run("echo ok")`), and the exec round trip of an argv command (`["true"]`) and
-of a shell one (`"echo ok"`). Each server gets
-its own data directory (images shared), so two engines run at once: run it on a machine with
-nothing else running, never beside the test suite.
+(the claim and `run("echo ok")`), the cold one (no pool), and the exec round trip of an argv
+command (`["true"]`) and of a shell one (`"echo ok"`). Each server gets its own data directory
+(images shared), so two engines run at once: run it on a machine with nothing else running,
+never beside the test suite. `--baseline-arg` passes an option to the baseline's server only,
+to A/B a setting within one checkout:
+
+    python bench/ab.py --baseline .venv/bin/python --baseline-arg=--no-boot-images
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ POOL = 4
 
 
 @contextlib.contextmanager
-def servers(baseline: str, data_dir: Path) -> Iterator[dict[str, Server]]:
+def servers(baseline: str, data_dir: Path, extra: list[str]) -> Iterator[dict[str, Server]]:
     images = data_dir / "images"
     made: dict[str, Server] = {}
     try:
-        made["baseline"] = start_server(data_dir / "baseline", images, python=baseline)
+        made["baseline"] = start_server(data_dir / "baseline", images, *extra, python=baseline)
         made["this"] = start_server(data_dir / "this", images)
         yield made
     finally:
@@ -89,6 +92,20 @@ async def claims(clients: dict[str, AsyncClient], runtime: str, rounds: int) -> 
     return {name: {what: summary(s) for what, s in f.items()} for name, f in figures.items()}
 
 
+async def colds(clients: dict[str, AsyncClient], runtime: str, rounds: int) -> dict[str, Any]:
+    """A create without a pool and its first command, two per round and side."""
+    times: dict[str, list[float]] = {name: [] for name in clients}
+    for _ in range(rounds):
+        for name, client in clients.items():
+            for _ in range(2):
+                start = time.perf_counter()
+                sandbox = await AsyncSandbox.create(runtime=runtime, pool=False, client=client)
+                assert (await sandbox.run("echo ok")).stdout == "ok\n"
+                times[name].append(time.perf_counter() - start)
+                await sandbox.terminate()
+    return {name: {"cold first command": summary(t)} for name, t in times.items()}
+
+
 async def execs(clients: dict[str, AsyncClient], runtime: str, samples: int) -> dict[str, Any]:
     boxes = {
         name: await AsyncSandbox.create(runtime=runtime, pool=False, client=client)
@@ -116,11 +133,15 @@ def main() -> None:
     parser.add_argument("--runtime", action="append", choices=["namespaces", "gvisor"])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument(
+        "--baseline-arg", action="append", default=[], help="an option for the baseline's server"
+    )
     args = parser.parse_args()
     where = "import corral, os; print(os.path.dirname(corral.__file__))"
     found = subprocess.run([args.baseline, "-c", where], capture_output=True, text=True, check=True)
     results: dict[str, Any] = {"baseline": found.stdout.strip(), "this": os.getcwd()}
-    with servers(args.baseline, args.data_dir) as running:  # stopped outside the event loop
+    # Stopped outside the event loop.
+    with servers(args.baseline, args.data_dir, args.baseline_arg) as running:
         results.update(asyncio.run(measure(args, running)))
     print(json.dumps(results))
 
@@ -136,6 +157,8 @@ async def measure(args: argparse.Namespace, running: dict[str, Server]) -> dict[
         }
         for runtime in args.runtime or ["namespaces", "gvisor"]:
             found = await claims(clients, runtime, args.rounds)
+            for name, more in (await colds(clients, runtime, args.rounds)).items():
+                found[name].update(more)
             for name, more in (await execs(clients, runtime, args.samples)).items():
                 found[name].update(more)
             results[runtime] = found
