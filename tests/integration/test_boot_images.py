@@ -40,13 +40,15 @@ async def test_sandboxes_restored_from_a_boot_image_are_fresh_and_their_own(
     engine: Engine,
 ) -> None:
     booted = await engine.create(SandboxSpec(runtime="gvisor"))
-    await engine.files(booted.id).write("/root/mine", "x")
     await boot_images(engine, 1)
+    (image,) = engine.boots.store.all()
     assert "identify" not in engine.registry.get(booted.id).timings  # it booted
     restored = [
         await engine.create(SandboxSpec(runtime="gvisor", env={"N": str(i)})) for i in (1, 2)
     ]
     try:
+        assert engine.boots.to_dict()["restored"] == 2
+        await engine.files(restored[0].id).write("/root/mine", "x")
         for info in restored:
             record = engine.registry.get(info.id)
             assert "identify" in record.timings  # restored, not booted
@@ -54,21 +56,29 @@ async def test_sandboxes_restored_from_a_boot_image_are_fresh_and_their_own(
             lines = result.stdout.decode().split()
             assert lines[0] == info.id  # its own name, not the template's
             assert lines[1] == info.spec.env["N"]
-            assert "mine" not in lines  # nothing of another sandbox
-            assert lines[2:] == ["python3", "ps"]  # the agent, and what this command started
-            # The agent gave up the right to rename the sandbox: once only, before any use.
-            agent = (await engine.run(info.id, "cat /proc/1/status")).stdout.decode()
-            assert not caps(agent, "CapEff") & CAP_SYS_ADMIN
-            assert not caps(agent, "CapPrm") & CAP_SYS_ADMIN
-            assert not caps(agent, "CapBnd") & CAP_SYS_ADMIN
+            assert ("mine" in lines) == (info is restored[0])  # nothing of another sandbox
+            assert lines[-2:] == ["python3", "ps"]  # the agent, and what this command started
+            # No process holds the right to rename the sandbox: the agent gave it up, before
+            # any use; nothing it starts ever had it.
+            status = await engine.run(info.id, "cat /proc/[0-9]*/status")
+            for field in ("CapEff", "CapPrm", "CapBnd"):
+                held = [caps(s, field) for s in status.stdout.decode().split("Name:")[1:]]
+                assert held and not any(c & CAP_SYS_ADMIN for c in held), field
             with pytest.raises(CorralError):
-                await record.link.call(P.IDENTIFY, {"hostname": "taken-over"})
+                await record.link.call(P.IDENTIFY, {"hostname": "taken-over", "secret": "00" * 32})
             assert (await engine.run(info.id, "hostname")).stdout.decode().strip() == info.id
-            mine = (await engine.run(info.id, "cat /proc/self/status")).stdout.decode()
-            assert not caps(mine, "CapEff") & CAP_SYS_ADMIN
-        # A booted sandbox's agent never could.
+            # Its agent's secret is its own, not the image's, and its agent dials back with it.
+            assert record.link.secret not in (image.agent_secret, None)
+            await record.link.quiesce()
+            await record.link.listen()
+            assert (await engine.run(info.id, "echo back")).stdout == b"back\n"
+        secrets = {engine.registry.get(info.id).link.secret for info in restored}
+        assert len(secrets) == 2
+        # A booted sandbox's agent never could rename its sandbox.
         with pytest.raises(CorralError):
-            await engine.registry.get(booted.id).link.call(P.IDENTIFY, {"hostname": "x"})
+            await engine.registry.get(booted.id).link.call(
+                P.IDENTIFY, {"hostname": "x", "secret": "00" * 32}
+            )
     finally:
         for info in (booted, *restored):
             await engine.terminate(info.id)
@@ -87,14 +97,16 @@ async def test_a_boot_image_that_fails_to_restore_is_dropped_and_the_sandbox_boo
         assert "identify" not in engine.registry.get(info.id).timings  # booted after all
         assert (await engine.run(info.id, "hostname")).stdout.decode().strip() == info.id
         assert engine.boots.to_dict()["images"] == 0
+        assert engine.boots.to_dict()["restored"] == 0
         assert engine.boots.store.all() == []
     finally:
         await engine.terminate(info.id)
 
 
 async def test_only_sandboxes_that_can_be_saved_ask_for_one(engine: Engine) -> None:
-    """Internet sandboxes cannot be checkpointed and volumes are mounted at start: neither
-    starts from, or makes, a boot image; nor does an engine that has them turned off."""
+    """Internet sandboxes cannot be checkpointed, volumes are mounted at start and namespaces
+    sandboxes have no memory images: none of them asks for a boot image."""
+    require_runtime("namespaces")
     volume = await engine.create_volume(16)
     for spec in (
         SandboxSpec(runtime="gvisor", network="internet"),

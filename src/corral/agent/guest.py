@@ -105,6 +105,7 @@ class Stream:
 
 class Agent:
     def __init__(self, socket_dir: str, secret: bytes, memory_budget: int = 0) -> None:
+        self.socket_dir = socket_dir
         self.socket_path = os.path.join(socket_dir, P.socket_name(secret))
         self.guard = memory.Guard(memory_budget) if memory_budget > 0 else None
         self.secret = secret
@@ -433,10 +434,20 @@ class Agent:
         return {"pong": True, "time": time.time()}
 
     async def identify(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
-        hostname = params.get("hostname")
+        """Become the sandbox restored from a boot image: its hostname, and a secret of its
+        own (the image's is every restored sandbox's) for every later handshake."""
+        hostname, secret = params.get("hostname"), params.get("secret")
         if not isinstance(hostname, str) or not hostname:
             raise GuestError("invalid_request", "hostname must be a non-empty string")
+        try:
+            new = bytes.fromhex(secret) if isinstance(secret, str) else b""
+        except ValueError:
+            new = b""
+        if len(new) != P.SECRET_BYTES:
+            raise GuestError("invalid_request", "secret must be %d bytes in hex" % P.SECRET_BYTES)
         shield.take_identity(hostname)
+        self.secret = new
+        self.socket_path = os.path.join(self.socket_dir, P.socket_name(new))
         return {"hostname": hostname}
 
 

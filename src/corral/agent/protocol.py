@@ -25,7 +25,8 @@ CHALLENGE from the host that the agent answers in its HELLO with an HMAC of it: 
 that cannot answer is closed, and only one that can replaces the agent's current connection.
 The agent keeps the secret in memory only, as a non-dumpable pid 1 that nothing in the sandbox
 can stop, trace or read; a memory snapshot keeps it, so hibernated, restored and forked
-sandboxes' agents answer as before.
+sandboxes' agents answer as before. A sandbox restored from a boot image (an image of a booted
+sandbox that new ones start from) is given a secret of its own by IDENTIFY before any use.
 """
 
 from __future__ import annotations

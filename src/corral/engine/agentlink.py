@@ -293,6 +293,21 @@ class AgentLink:
         # The directory is root's and read-only inside the sandbox, so this cannot be raced.
         os.chmod(self.socket_path, 0o666)  # noqa: S103 - the sandbox must be able to connect
 
+    async def rekey(self, secret: bytes) -> None:
+        """Prove every handshake from now on with `secret`, listening under its name; the
+        connection open now stays. For a sandbox restored from a boot image, once its agent
+        has taken the new secret (`agent.identify`): from then on it shares none with the
+        other sandboxes restored from that image."""
+        old = self.socket_path
+        self.secret = secret
+        self.socket_path = self.socket_dir / P.socket_name(secret)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+            await self.listen()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._pending.append(writer)
         if len(self._pending) > MAX_HANDSHAKES:  # someone inside opens connections in bulk

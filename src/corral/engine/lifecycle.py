@@ -19,7 +19,7 @@ from corral.core.ids import check_id
 from corral.core.models import SandboxInfo, SnapshotInfo
 from corral.core.spec import FIXED_AT_START, MAX_TIMEOUT, SandboxSpec
 from corral.core.state import EndReason, SandboxState
-from corral.engine.boots import BootImages, BootKey, boot_key
+from corral.engine.boots import BootImages, BootKey, boot_key, key_for
 from corral.engine.egress import Egress
 from corral.engine.planner import plan_sandbox
 from corral.engine.record import Phase, SandboxRecord, new_secret
@@ -31,7 +31,7 @@ from corral.engine.tasks import Tasks
 from corral.engine.volumes import VolumeStore
 from corral.host import network, userns
 from corral.host.procs import process_start_time
-from corral.images.store import ImageStore, RootImage, StatusLine
+from corral.images.store import ImageStore, StatusLine
 from corral.runtimes import Launch, Runtime
 from corral.runtimes.base import make_sandbox_dir
 
@@ -134,7 +134,8 @@ class Lifecycle:
         image = await asyncio.to_thread(self._images.resolve, spec.image, progress)
         if spec.network == "internet":
             await self.ensure_firewall()
-        key = None if restore or template else self._boot_key(spec, runtime, image)
+        refusal = runtime.checkpoint_refusal(spec.network)
+        key = None if restore or template else key_for(spec, image, refusal)
         boot = self.boots.find(key) if key is not None else None
         stages.mark("image")
         # Planning picks a free uid range and address among registered sandboxes: register the
@@ -157,21 +158,31 @@ class Lifecycle:
         stages.mark("plan")
         try:
             await self._build(record, runtime, stages, restore.path if restore else None)
-            if boot is not None:  # before anyone can see it: its own name, not the template's
-                await record.link.call(P.IDENTIFY, {"hostname": plan.hostname})
+            if boot is not None:
+                await self._identify(record)
                 stages.mark("identify")
         except BaseException as exc:
             await self._abandon(record, runtime)
-            if boot is not None and key is not None and isinstance(exc, Exception):
-                log.warning("restoring a boot image of %s failed (%s); booting", spec.image, exc)
-                self.boots.discard(key)  # not tried twice; made again later
-                return await self.start(spec, runtime, progress, for_pool=for_pool)
+            if key is not None and boot is not None and isinstance(exc, Exception):
+                log.warning("restoring a boot image of %s failed (%s)", spec.image, exc)
+                if self.boots.discard(key):  # not tried twice; made again later
+                    return await self.start(spec, runtime, progress, for_pool=for_pool)
             if isinstance(exc, CorralError | asyncio.CancelledError):
                 raise
             raise SandboxFailed(f"could not create the sandbox: {exc}") from exc
         if key is not None and boot is None:
             self.boots.want(key, spec)
         return record
+
+    async def _identify(self, record: SandboxRecord) -> None:
+        """Before anyone can see it, a sandbox restored from a boot image takes its own
+        hostname and a secret of its own: the image's is every restored sandbox's."""
+        secret = new_secret()
+        params = {"hostname": record.plan.hostname, "secret": secret.hex()}
+        async with asyncio.timeout(self._agent_timeout):
+            await record.link.call(P.IDENTIFY, params)
+        await record.link.rekey(secret)
+        self.boots.restored += 1
 
     async def _boot_image(
         self, spec: SandboxSpec, store: SnapshotStore
@@ -201,12 +212,6 @@ class Lifecycle:
         finally:
             await self.end(record, EndReason.ENGINE_SHUTDOWN, "boot image saved")
         return image, boot_key(template, plan.layers, [(b.source, b.target) for b in plan.binds])
-
-    def _boot_key(self, spec: SandboxSpec, runtime: Runtime, image: RootImage) -> BootKey | None:
-        """The configuration's key among boot images, if its sandboxes can start from one."""
-        if spec.volumes or runtime.checkpoint_refusal(spec.network) is not None:
-            return None  # volumes are mounted at start; internet sandboxes cannot be saved
-        return boot_key(spec, image.layers, [(str(b.source), b.target) for b in image.binds])
 
     async def _build(
         self, record: SandboxRecord, runtime: Runtime, stages: Stopwatch, restore_from: Path | None

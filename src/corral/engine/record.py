@@ -140,7 +140,8 @@ class SandboxRecord:
         record.phase = Phase(saved.get("phase", legacy))
         if record.phase in (Phase.HIBERNATING, Phase.ENDING):
             record.phase = public
-        record.claimed = record.phase not in (Phase.WARMING, Phase.POOLED)
+        # Nobody's to its end (a pool's, or a boot image's template), whatever phase it got to.
+        record.claimed = not saved.get("pooled", False)
         record.created_at = float(saved["created_at"])
         record.expires_at = _float_or_none(saved.get("expires_at"))
         record.remaining = _float_or_none(saved.get("remaining"))
