@@ -207,3 +207,23 @@ async def test_any_failure_to_make_one_is_retried_later(
     images.want(key, SandboxSpec(runtime="gvisor"))
     assert images._pending
     await asyncio.gather(*images._pending)
+
+
+def test_without_a_memory_filesystem_there_are_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host where the engine cannot mount one (no CAP_SYS_ADMIN in a container): the engine
+    starts all the same, and every sandbox boots."""
+
+    def refused(target: Path) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(boots.mounts, "private_tmpfs", refused)
+    images = BootImages(
+        tmp_path / "boots", KeyRing(path=tmp_path / "key", create=True), Tasks(), Saver()
+    )
+    images.prepare()
+    images.start(quiet)
+    assert not images.enabled
+    images.want(boot_key(SandboxSpec(runtime="gvisor"), LAYERS, []), SandboxSpec())
+    assert not images._pending

@@ -97,15 +97,15 @@ class BootImages:
     def prepare(self) -> None:
         """Remove every boot image a previous engine left (see the module's docstring) and
         mount the memory filesystem new ones are kept in (without it, there are none)."""
-        mounts.remove_tree(self.root)
         self.stopped = False
-        if not self.enabled:
-            return
         try:
+            mounts.remove_tree(self.root)
+            if not self.enabled:
+                return
             self.root.mkdir(mode=0o700)
             mounts.private_tmpfs(self.root)
         except (OSError, CorralError) as exc:
-            log.warning("boot images are off: cannot mount a tmpfs at %s: %s", self.root, exc)
+            log.warning("boot images are off: cannot prepare %s for them: %s", self.root, exc)
             self.enabled = False
             return
         self._prepared = True
