@@ -28,13 +28,15 @@ def fresh_name() -> str:
 
 
 def host_mounts(server: Server) -> list[str]:
-    """Mount points under the server's data directory: volumes and sandboxes."""
+    """Mount points under the server's data directory: volumes and sandboxes (not the
+    images', nor the engine's own memory filesystem for boot images)."""
     root = str(server.data_dir)
     return sorted(
         point
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
         if (point := line.split()[4]).startswith(root + "/")
         and not point.startswith(root + "/images")
+        and point != root + "/boots"
     )
 
 
