@@ -227,3 +227,13 @@ def test_without_a_memory_filesystem_there_are_none(
     assert not images.enabled
     images.want(boot_key(SandboxSpec(runtime="gvisor"), LAYERS, []), SandboxSpec())
     assert not images._pending
+
+
+def test_the_agent_takes_a_secret_of_the_protocols_size() -> None:
+    from corral.agent import protocol, shield
+
+    assert shield._SECRET_BYTES == protocol.SECRET_BYTES
+    with pytest.raises(ValueError, match="secret"):
+        shield.take_identity("sb-x", "00" * 31)
+    with pytest.raises(ValueError, match="hostname"):
+        shield.take_identity("", "00" * 32)

@@ -434,21 +434,13 @@ class Agent:
         return {"pong": True, "time": time.time()}
 
     async def identify(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
-        """Become the sandbox restored from a boot image: its hostname, and a secret of its
-        own (the image's is every restored sandbox's) for every later handshake."""
-        hostname, secret = params.get("hostname"), params.get("secret")
-        if not isinstance(hostname, str) or not hostname:
-            raise GuestError("invalid_request", "hostname must be a non-empty string")
+        """Become a sandbox restored from a boot image (see `shield.take_identity`)."""
         try:
-            new = bytes.fromhex(secret) if isinstance(secret, str) else b""
-        except ValueError:
-            new = b""
-        if len(new) != P.SECRET_BYTES:
-            raise GuestError("invalid_request", "secret must be %d bytes in hex" % P.SECRET_BYTES)
-        shield.take_identity(hostname)
-        self.secret = new
-        self.socket_path = os.path.join(self.socket_dir, P.socket_name(new))
-        return {"hostname": hostname}
+            self.secret = shield.take_identity(params.get("hostname"), params.get("secret"))
+        except ValueError as exc:
+            raise GuestError("invalid_request", str(exc)) from None
+        self.socket_path = os.path.join(self.socket_dir, P.socket_name(self.secret))
+        return {"hostname": params["hostname"]}
 
 
 HANDLERS = {

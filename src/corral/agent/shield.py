@@ -57,16 +57,27 @@ def quiet() -> None:
 
 
 _CAP_SYS_ADMIN = 21
+_SECRET_BYTES = 32  # protocol.SECRET_BYTES (the agent's modules import no sibling here)
 _CAP_VERSION_3 = 0x20080522
 
 
-def take_identity(hostname: str) -> None:
-    """Take the name of the sandbox this agent now serves, then give up the right to.
+def take_identity(hostname: Any, secret: Any) -> bytes:
+    """Take the name of the sandbox this agent now serves, then give up the right to; return
+    `secret` (hex), the sandbox's own, which replaces the boot image's every restored sandbox
+    holds. ValueError for parameters that are not a name and 32 bytes in hex.
 
     Only the agent of a boot image (a booted sandbox saved to start others from) is started
     holding CAP_SYS_ADMIN, and only in its own effective and permitted sets: never in the
     bounding or inheritable ones, so no program it starts ever gets it. Each sandbox restored
     from the image renames itself once, here, before the host hands it to anyone."""
+    if not isinstance(hostname, str) or not hostname:
+        raise ValueError("hostname must be a non-empty string")
+    try:
+        new = bytes.fromhex(secret) if isinstance(secret, str) else b""
+    except ValueError:
+        new = b""
+    if len(new) != _SECRET_BYTES:
+        raise ValueError("secret must be %d bytes in hex" % _SECRET_BYTES)
     import ctypes  # noqa: PLC0415 - as in `harden`
     import socket  # noqa: PLC0415
 
@@ -80,3 +91,4 @@ def take_identity(hostname: str) -> None:
     data[1] &= ~(1 << _CAP_SYS_ADMIN) & 0xFFFFFFFF
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
+    return new
