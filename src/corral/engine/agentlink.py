@@ -62,7 +62,9 @@ class Channel:
         self._reply: dict[str, Any] | None = None
         self._unread_bytes = 0
         self._unread_messages = 0
-        self.short = False  # a call with one answer (see `AgentLink.quiesce`)
+        # Its caller waits for its end (a call with one answer, or a command run to
+        # completion): a checkpoint lets it finish first (see `AgentLink.quiesce`).
+        self.awaited = False
 
     # Called by the connection's reader.
     def _deliver(self, kind: int, payload: Any) -> None:
@@ -184,6 +186,7 @@ class _Connection:
         self._lock = asyncio.Lock()
         self.closed = False
         self.heard_at = time.monotonic()  # when the agent last sent anything
+        self.hangup: CorralError | None = None  # why the agent was asked to hang up, if it was
 
     async def send(self, frame: bytes) -> None:
         if self.closed:
@@ -196,9 +199,9 @@ class _Connection:
                 self.close(AgentUnavailable(f"the connection to the guest agent was lost: {exc}"))
                 raise AgentUnavailable("the connection to the guest agent was lost") from exc
 
-    async def call(self, method: str, params: dict[str, Any], short: bool = False) -> Channel:
+    async def call(self, method: str, params: dict[str, Any], awaited: bool = False) -> Channel:
         channel = Channel(self, next(self._ids))
-        channel.short = short
+        channel.awaited = awaited
         self.channels[channel.id] = channel
         await self.send(P.encode_json(channel.id, P.CALL, {"method": method, "params": params}))
         return channel
@@ -224,11 +227,8 @@ class _Connection:
                 elif kind == P.WINDOW_UPDATE:
                     channel._grant(P.WINDOW.unpack(payload)[0])
         except (asyncio.IncompleteReadError, OSError, P.ProtocolError) as exc:
-            self.close(
-                AgentUnavailable(
-                    f"the connection to the guest agent was lost ({type(exc).__name__})"
-                )
-            )
+            lost = f"the connection to the guest agent was lost ({type(exc).__name__})"
+            self.close(self.hangup or AgentUnavailable(lost))
 
     def close(self, error: CorralError) -> None:
         if self.closed:
@@ -403,10 +403,10 @@ class AgentLink:
         params: dict[str, Any],
         connect_timeout: float = 10.0,
         *,
-        short: bool = False,
+        awaited: bool = False,
     ) -> Channel:
-        """Send a CALL and return its channel (`short`: a call with one answer, which a
-        quiesce lets finish)."""
+        """Send a CALL and return its channel (`awaited`: its caller waits for its end, which
+        a quiesce lets come first)."""
         if self._quiescing:  # a checkpoint's moment: wait for the agent to dial back
             await self.wait_connected(connect_timeout)
         if self._server is None:
@@ -414,11 +414,11 @@ class AgentLink:
         if not self.connected:
             await self.wait_connected(connect_timeout)
         assert self._conn is not None
-        return await self._conn.call(method, params, short)
+        return await self._conn.call(method, params, awaited)
 
     async def call(self, method: str, params: dict[str, Any]) -> Any:
         """A CALL whose only answer is its REPLY."""
-        channel = await self.open(method, params, short=True)
+        channel = await self.open(method, params, awaited=True)
         return await channel.result()
 
     async def stream(self, method: str, params: dict[str, Any]) -> AsyncIterator[tuple[int, Any]]:
@@ -437,9 +437,9 @@ class AgentLink:
     async def quiesce(self, timeout: float = 5.0) -> None:
         """Stop listening and have the agent hang up, so that the sandbox holds no host socket
         (gVisor cannot checkpoint one). The agent re-dials until `listen` is called again;
-        streams open at this moment end, their processes do not. Calls with one answer
-        already sent are answered first (for up to `timeout`); new ones wait for the agent to
-        dial back (`listen`)."""
+        streams open at this moment end, their processes do not. Awaited calls already sent
+        (one answer, or a command run to completion) end first, for up to `timeout`; new
+        calls wait for the agent to dial back (`listen`)."""
         self._quiescing = True
         if self._server is not None:
             self._server.close()
@@ -452,9 +452,14 @@ class AgentLink:
             return
         with contextlib.suppress(TimeoutError):  # a call still unanswered then fails
             async with asyncio.timeout(timeout):
-                while any(c.short and not c.finished for c in conn.channels.values()):
+                while any(c.awaited and not c.finished for c in conn.channels.values()):
                     conn.answered.clear()
                     await conn.answered.wait()
+        conn.hangup = AgentUnavailable(
+            f"sandbox {self.sandbox_id} was checkpointed (a snapshot, fork or hibernation) "
+            f"while this call ran and had to end its stream; a process it started runs on "
+            f"(see its processes), so ask again once the checkpoint is over"
+        )
         try:
             await conn.send(P.encode(0, P.QUIESCE))
             async with asyncio.timeout(timeout), self._changed:

@@ -166,6 +166,7 @@ class Commands:
             timeout=timeout,
             stdin=stdin is not None,
         )
+        process.await_end()
         if stdin is not None:
             await process.write_stdin(stdin)
             await process.close_stdin()

@@ -124,9 +124,13 @@ def _write(target: Path, data: bytes) -> None:
     os.replace(temp, target)
 
 
+LEADER_FLAGS = ("-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-O2", "-s")
+
+
 def build_leader(agent_dir: Path) -> bool:
     """Build the agent's `leader` program from leader.c with the host's C compiler (`$CC`,
-    else cc), statically so that it runs in any image; kept while its source is unchanged.
+    else cc), statically and without a C library (see leader.c) so that it runs in any image;
+    kept while its source is unchanged.
     Whether it is there: without it commands still run, but start slower (see agent.procs)."""
     source = resources.files("corral.agent").joinpath("leader.c").read_bytes()
     target, built_from = agent_dir / "leader", agent_dir / "leader.c"
@@ -139,7 +143,7 @@ def build_leader(agent_dir: Path) -> bool:
         return False
     with tempfile.TemporaryDirectory(dir=agent_dir, prefix=".build-") as work:
         (Path(work) / "leader.c").write_bytes(source)
-        argv = [compiler, "-static", "-O2", "-s", "-o", "leader", "leader.c"]
+        argv = [compiler, *LEADER_FLAGS, "-o", "leader", "leader.c"]
         done = subprocess.run(
             argv, cwd=work, capture_output=True, text=True, timeout=120, check=False
         )

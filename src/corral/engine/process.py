@@ -56,6 +56,12 @@ class Process:
         self._result: ExecResult | None = None
         self._watchers: list[Watcher] = []
 
+    def await_end(self) -> None:
+        """Say that its caller waits for its end: a checkpoint of the sandbox (snapshot,
+        fork, hibernation) lets it end first, for up to a few seconds, rather than cutting its
+        output off (see `AgentLink.quiesce`)."""
+        self._channel.awaited = True
+
     def observe(self, watcher: Watcher) -> None:
         """Show `watcher` each piece of output as it is read, how much input is written, and
         the end, once `wait()` returns or fails."""

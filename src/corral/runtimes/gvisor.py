@@ -17,6 +17,7 @@ use `--network=host` inside their own network namespace (checkpoints then are re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -37,6 +38,8 @@ from corral.runtimes.base import (
     read_runtime_log,
 )
 from corral.runtimes.plan import Bind, MountOp, SandboxPlan, Tmpfs
+
+log = logging.getLogger(__name__)
 
 # gVisor's host pids cgroup counts the Sentry's threads and one stub per guest process (about
 # 25 + 2.2 per process, measured) and reaching it crashes the Sentry, so it only backs up the
@@ -113,9 +116,11 @@ class GVisorRuntime(Runtime):
         except subprocess.TimeoutExpired as exc:
             raise SandboxFailed(f"runsc {args[0]} timed out", code="runtime_failed") from exc
         if check and result.returncode != 0:
-            raise SandboxFailed(
-                f"runsc {args[0]} failed: {result.stderr.strip()[-2000:]}", code="runtime_failed"
-            )
+            detail = result.stderr.strip()
+            log.warning("runsc %s of %s failed: %s", args[0], plan.sandbox_id, detail)
+            if len(detail) > 2000:  # a Go panic: its message heads the trace
+                detail = f"{detail[:1000]} [...] {detail[-1000:]}"
+            raise SandboxFailed(f"runsc {args[0]} failed: {detail}", code="runtime_failed")
         return result
 
     def build(self, plan: SandboxPlan) -> None:

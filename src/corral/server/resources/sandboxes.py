@@ -200,6 +200,7 @@ class Sandboxes:
         self, sandbox_id: str, command: Command, stdin: str | None
     ) -> tuple[ExecResult, bool]:
         process = await self.start(sandbox_id, command, stdin=stdin is not None)
+        process.await_end()
         if stdin is not None:
             await process.write_stdin(stdin)
             await process.close_stdin()
