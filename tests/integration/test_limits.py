@@ -309,7 +309,20 @@ async def test_engine_shutdown_ends_sandboxes_with_that_reason(
 
 
 async def test_one_engine_per_data_directory(engine: Engine, data_dir: Path) -> None:
-    second = Engine(data_dir)
-    with pytest.raises(Conflict) as caught:
-        await second.start()
-    assert caught.value.code == "data_dir_in_use"
+    """A second engine is refused before it touches anything of the first's: a snapshot being
+    written (its temporary directory) and the agent's code stay as they are."""
+    writing = data_dir / "snapshots" / ".tmp-sn-beingwritten00"
+    writing.mkdir()
+    guest = data_dir / "agent" / "guest.py"
+    installed = guest.read_bytes()
+    guest.write_bytes(installed + b"# the running engine's\n")
+    try:
+        second = Engine(data_dir)
+        with pytest.raises(Conflict) as caught:
+            await second.start()
+        assert caught.value.code == "data_dir_in_use"
+        assert writing.is_dir()
+        assert guest.read_bytes().endswith(b"# the running engine's\n")
+    finally:
+        guest.write_bytes(installed)
+        writing.rmdir()

@@ -73,8 +73,8 @@ def lock_data_dir(data_dir: Path) -> int:
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """Make the directory's skeleton with the permissions sandboxes need, and install the
-    guest agent's current code."""
+    """Make the directory's skeleton with the permissions sandboxes need (the guest agent's
+    code is installed by the engine once it holds the directory's lock: `install_agent`)."""
     for directory in (data_dir, data_dir / "sandboxes", data_dir / "agent", data_dir / "images"):
         # A dangling link (to a directory that another setup removed) is a clear error, not
         # a FileExistsError from deep inside.
@@ -96,7 +96,6 @@ def prepare_data_dir(data_dir: Path) -> None:
                 "data directory (default /var/lib/corral)",
                 code="bad_data_dir",
             )
-    install_agent(data_dir / "agent")
 
 
 def install_agent(agent_dir: Path) -> None:

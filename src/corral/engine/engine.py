@@ -45,7 +45,12 @@ from corral.engine.access import Access
 from corral.engine.adoption import Adoption
 from corral.engine.checkpoints import Checkpoints
 from corral.engine.commands import Commands
-from corral.engine.datadir import default_data_dir, lock_data_dir, prepare_data_dir
+from corral.engine.datadir import (
+    default_data_dir,
+    install_agent,
+    lock_data_dir,
+    prepare_data_dir,
+)
 from corral.engine.egress import Egress, EgressSettings
 from corral.engine.export import Exporter
 from corral.engine.files import SandboxFiles
@@ -146,8 +151,14 @@ class Engine:
         """
         if self._started:
             return self
-        await asyncio.to_thread(self._prepare)
+        await asyncio.to_thread(prepare_data_dir, self.data_dir)
         self._lock_fd = lock_data_dir(self.data_dir)
+        try:  # only now: a second engine started by mistake must not touch the first's files
+            await asyncio.to_thread(self._prepare)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
         self._started = True
         await asyncio.to_thread(self.boots.prepare)  # the directory is ours alone now
         await self._adoption.adopt_all()
@@ -156,7 +167,7 @@ class Engine:
         return self
 
     def _prepare(self) -> None:
-        prepare_data_dir(self.data_dir)
+        install_agent(self.data_dir / "agent")
         self.keys.check()
         self.images.built.prepare()
         self.snapshots.load()
