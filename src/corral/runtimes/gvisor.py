@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # 25 + 2.2 per process, measured) and reaching it crashes the Sentry, so it only backs up the
 # real process limit: RLIMIT_NPROC, which the Sentry enforces for the guest (fork gets EAGAIN).
 PIDS_BASE = 64
+SUMMARY = 1000  # characters of a failed runsc command's error in the answer
+LOGGED = 16384  # and in the server's log
 PIDS_PER_PROCESS = 3
 COMMAND_TIMEOUT = 60
 # The host cgroup's memory limit above the budget (see `memory_headroom`; measured in
@@ -117,10 +119,10 @@ class GVisorRuntime(Runtime):
             raise SandboxFailed(f"runsc {args[0]} timed out", code="runtime_failed") from exc
         if check and result.returncode != 0:
             detail = result.stderr.strip()
-            log.warning("runsc %s of %s failed: %s", args[0], plan.sandbox_id, detail)
-            if len(detail) > 2000:  # a Go panic: its message heads the trace
-                detail = f"{detail[:1000]} [...] {detail[-1000:]}"
-            raise SandboxFailed(f"runsc {args[0]} failed: {detail}", code="runtime_failed")
+            log.warning("runsc %s of %s failed: %s", args[0], plan.sandbox_id, detail[:LOGGED])
+            raise SandboxFailed(
+                f"runsc {args[0]} failed: {failure_summary(detail)}", code="runtime_failed"
+            )
         return result
 
     def build(self, plan: SandboxPlan) -> None:
@@ -296,6 +298,22 @@ class GVisorRuntime(Runtime):
             cgroup.destroy()
         network.destroy(plan.sandbox_id, plan.network.index)
         mounts.remove_tree(plan.dir)
+
+
+def failure_summary(stderr: str) -> str:
+    """What the caller (a tenant) is told of runsc's failure: its error, without the
+    goroutine traces of a Go panic. Those hold the Sentry's addresses, which would help an
+    escape from the sandbox; the server's log has them."""
+    kept: list[str] = []
+    for line in stderr.strip().splitlines():
+        if line.startswith("goroutine "):
+            break
+        if line.startswith("\t"):  # a frame's file and offset: its function line goes too
+            kept = kept[:-1]
+            break
+        kept.append(line)
+    summary = "\n".join(kept).strip()
+    return summary if len(summary) <= SUMMARY else summary[:SUMMARY] + " [...]"
 
 
 def memory_headroom(plan: SandboxPlan) -> int:
