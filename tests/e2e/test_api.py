@@ -205,6 +205,23 @@ async def test_client_that_disconnects_mid_stream(server: Server, sandbox_id: st
         assert Sandbox.connect(sandbox_id, client=sdk).run("echo still").stdout == "still\n"
 
 
+async def test_client_that_leaves_a_silent_process(server: Server, sandbox_id: str) -> None:
+    """A process that prints nothing is killed too when its client hangs up."""
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
+    url = f"ws://127.0.0.1:{server.port}/v1/sandboxes/{sandbox_id}/exec/stream"
+    async with connect(url, additional_headers=headers) as ws:
+        await ws.send(json.dumps({"argv": ["sleep", "600"]}))
+        started = json.loads(await ws.recv())
+    with server.client() as sdk:
+        sandbox = Sandbox.connect(sandbox_id, client=sdk)
+        for _ in range(100):  # hang bound only
+            states = {p.id: p.running for p in sandbox.processes()}
+            if not states.get(started["id"], False):
+                break
+            await asyncio.sleep(0.1)
+        assert states[started["id"]] is False
+
+
 async def test_websocket_errors_are_json_too(server: Server, sandbox_id: str) -> None:
     """Unauthenticated or not the caller's: refused before a socket is accepted, with the HTTP
     status and JSON a request would get. Later errors come as messages."""

@@ -40,6 +40,7 @@ router = APIRouter(prefix="/v1")
 STDIN, STDOUT, STDERR = 0, 1, 2
 FIRST_MESSAGE_TIMEOUT = 30.0
 SERVER_GOING_AWAY = 1012  # the close code uvicorn reports when the server shuts down
+CLOSE_CODE_WAIT = 2.0  # seconds the feeder gets to hear why the connection ended
 
 
 @router.websocket("/sandboxes/{sandbox_id}/exec/stream")
@@ -75,40 +76,57 @@ async def _first_message(websocket: WebSocket) -> StreamExec:
 
 
 async def _relay(websocket: WebSocket, process: Process) -> None:
-    # Killed when its client leaves, but not when the server stops: a restarted server
-    # re-adopts the sandbox, and the process must still be running there.
-    keep = False
+    """Relay until the process ends or the connection does. A client that leaves, even while
+    the process is silent, gets its process killed; a server that stops keeps it running (a
+    restarted server re-adopts the sandbox, and the process must still be running there)."""
     feeder = asyncio.create_task(_feed(websocket, process))
+    sender = asyncio.create_task(_send(websocket, process))
     try:
-        await websocket.send_json({"type": "started", "id": process.id, "pid": process.pid})
-        async for name, data in process.output():
-            await websocket.send_bytes(bytes((STDOUT if name == "stdout" else STDERR,)) + data)
-        result = await process.wait()
-        keep = True
-        await websocket.send_json(
-            {
-                "type": "exit",
-                "exit_code": result.exit_code,
-                "signal": result.signal,
-                "timed_out": result.timed_out,
-                "oom_killed": result.oom_killed,
-            }
-        )
-        await websocket.close(1000)
-    except CorralError as error:
-        keep = True  # the sandbox or its agent went away: say so
-        with contextlib.suppress(Exception):
-            await close_with(websocket, error)
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        pass  # the connection is gone; the feeder knows whether the client or the server left
-    finally:
-        if not feeder.done():
-            feeder.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            keep = keep or await feeder == SERVER_GOING_AWAY
-        if not keep:
+        await asyncio.wait((feeder, sender), return_when=asyncio.FIRST_COMPLETED)
+        if sender.done():
+            try:
+                sender.result()
+                return  # the process ended and the client heard so
+            except CorralError as error:  # the sandbox or its agent went away: say so
+                with contextlib.suppress(Exception):
+                    await close_with(websocket, error)
+                return
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                pass  # the connection is gone; the feeder hears whether the client left
+        if await _close_code(feeder) != SERVER_GOING_AWAY:
+            sender.cancel()
             with contextlib.suppress(CorralError):
                 await process.kill()
+    finally:
+        feeder.cancel()
+        sender.cancel()
+
+
+async def _send(websocket: WebSocket, process: Process) -> None:
+    """The process's start, output and end to the client, then a normal close."""
+    await websocket.send_json({"type": "started", "id": process.id, "pid": process.pid})
+    async for name, data in process.output():
+        await websocket.send_bytes(bytes((STDOUT if name == "stdout" else STDERR,)) + data)
+    result = await process.wait()
+    await websocket.send_json(
+        {
+            "type": "exit",
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "timed_out": result.timed_out,
+            "oom_killed": result.oom_killed,
+        }
+    )
+    await websocket.close(1000)
+
+
+async def _close_code(feeder: asyncio.Task[int]) -> int | None:
+    """The connection's close code, as the feeder hears it. A send can fail before the
+    feeder has heard the close (the server shutting down fails both at once), so it gets a
+    moment to hear it; without that, a shutdown could pass for a client that left."""
+    with contextlib.suppress(Exception):  # the wait timing out, or the feeder failing
+        return await asyncio.wait_for(asyncio.shield(feeder), CLOSE_CODE_WAIT)
+    return None
 
 
 async def _feed(websocket: WebSocket, process: Process) -> int:
