@@ -67,6 +67,30 @@ async def test_entries_are_written_queried_and_pruned(store: Store) -> None:
     await log.close()
 
 
+async def test_entries_that_follow_each_other_share_a_transaction(store: Store) -> None:
+    """Requests one after another (as a client running commands in a loop makes them) do
+    not each pay for a commit: the writer lingers for the entries that follow."""
+    log = AuditLog(retention=3600)
+    transactions = 0
+    opened = store.sessions
+
+    def counted() -> Any:
+        nonlocal transactions
+        transactions += 1
+        return opened.begin()
+
+    counting = type("Counting", (), {"begin": staticmethod(counted)})()
+    await log.start(counting, KEYS)
+    for n in range(20):
+        log.add(entry(time.time(), detail={"cmd": f"c{n}"}))
+        await asyncio.sleep(0.001)  # a request's own time between entries
+    await log.flushed()
+    assert transactions < 5
+    await log.close()
+    async with store.sessions() as session:
+        assert await session.scalar(text("SELECT count(*) FROM audit")) == 20
+
+
 async def test_a_log_turned_off_records_nothing(store: Store) -> None:
     log = AuditLog(retention=0)
     await log.start(store.sessions, KEYS)

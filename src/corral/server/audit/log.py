@@ -2,11 +2,12 @@
 in the order they were made; queried by key, sandbox, operation and time; pruned past the
 retention the operator chose (`corral serve --audit-retention DAYS`, 0 turns the log off).
 
-Nothing waits on the database to answer a request. The queue holds at most `QUEUED` entries: a
-store too slow to keep up loses the newest ones, counted in `corral_audit_dropped_total` and
-logged, rather than holding up the API or growing without bound. Closing the server writes
-what is queued first. Each entry's detail (command lines and code can hold secrets) is sealed
-with the node's at-rest key, like sandboxes' environments.
+Nothing waits on the database to answer a request, and requests share transactions: the
+writer lingers `LINGER` after an entry for the ones that follow. The queue holds at most
+`QUEUED` entries: a store too slow to keep up loses the newest ones, counted in
+`corral_audit_dropped_total` and logged, rather than holding up the API or growing without
+bound. Closing the server writes what is queued first. Each entry's detail (command lines and
+code can hold secrets) is sealed with the node's at-rest key, like sandboxes' environments.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger("corral.audit")
 
 QUEUED = 20_000
 BATCH = 500
+LINGER = 0.05  # seconds the writer waits after an entry for more to share its transaction
 MAX_PAGE = 1000
 PRUNE_BATCH = 5000  # rows per delete: a long prune never holds the database for long
 
@@ -90,6 +92,8 @@ class AuditLog:
         assert self._session is not None and self._keys is not None
         while True:
             batch = [await self._queue.get()]
+            if self._queue.qsize() < BATCH:  # one commit per request would cost each ~1 ms
+                await asyncio.sleep(LINGER)
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
