@@ -86,47 +86,49 @@ Admin = Annotated[Tenant, Depends(admin_tenant)]
 
 
 # Each resource service, made for the calling tenant (or, for the admin's, an admin tenant).
-def _sandboxes(tenant: Me) -> Sandboxes:
+# Coroutines, though they never wait: FastAPI runs a plain function's dependency on a worker
+# thread, a hop that cost each request about 0.1 ms.
+async def _sandboxes(tenant: Me) -> Sandboxes:
     return Sandboxes(tenant)
 
 
-def _snapshots(tenant: Me) -> Snapshots:
+async def _snapshots(tenant: Me) -> Snapshots:
     return Snapshots(tenant)
 
 
-def _images(tenant: Me) -> Images:
+async def _images(tenant: Me) -> Images:
     return Images(tenant)
 
 
-def _volumes(tenant: Me) -> Volumes:
+async def _volumes(tenant: Me) -> Volumes:
     return Volumes(tenant)
 
 
-def _pools(tenant: Me) -> Pools:
+async def _pools(tenant: Me) -> Pools:
     return Pools(tenant)
 
 
-def _admin_images(tenant: Admin) -> Images:
+async def _admin_images(tenant: Admin) -> Images:
     return Images(tenant)
 
 
-def _admin_pools(tenant: Admin) -> Pools:
+async def _admin_pools(tenant: Admin) -> Pools:
     return Pools(tenant)
 
 
-def _keys(tenant: Admin) -> Keys:
+async def _keys(tenant: Admin) -> Keys:
     return Keys(tenant)
 
 
-def _all_sandboxes(tenant: Admin) -> AllSandboxes:
+async def _all_sandboxes(tenant: Admin) -> AllSandboxes:
     return AllSandboxes(tenant)
 
 
-def _webhooks(tenant: Me) -> TenantWebhooks:
+async def _webhooks(tenant: Me) -> TenantWebhooks:
     return TenantWebhooks(tenant)
 
 
-def _audit(tenant: Me) -> AuditTrail:
+async def _audit(tenant: Me) -> AuditTrail:
     return AuditTrail(tenant)
 
 

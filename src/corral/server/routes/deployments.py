@@ -19,7 +19,7 @@ router = APIRouter(tags=["deployments"])
 MAX_TAIL = 100_000
 
 
-def _deployments(tenant: Me, request: Request) -> Deployments:
+async def _deployments(tenant: Me, request: Request) -> Deployments:
     return Deployments(tenant, request.app.state.deployments)
 
 

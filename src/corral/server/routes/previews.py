@@ -16,7 +16,7 @@ from corral.server.resources.previews import Previews
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/previews", tags=["previews"])
 
 
-def _previews(tenant: Me) -> Previews:
+async def _previews(tenant: Me) -> Previews:
     return Previews(tenant)
 
 
