@@ -20,10 +20,8 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # the agent's own process, not a host process importing this
-    # asyncio imports ssl for TLS, which the agent never does: about 2 ms of the agent's start
-    # (ready in 43.1 ms instead of 45.0, namespaces, medians of 60). hmac's HMAC-SHA256 then
-    # uses Python's own sha256 rather than OpenSSL's, which leaves libcrypto unloaded: 0.47
-    # MiB less private memory per idle agent (10.72 instead of 11.19 MiB anonymous, namespaces).
+    # No ssl (asyncio imports it; 2 ms of the agent's start) and no OpenSSL (hmac then uses
+    # Python's sha256; 0.47 MiB less private memory per idle agent). docs/performance.md.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
 
