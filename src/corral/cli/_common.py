@@ -25,6 +25,7 @@ out = Console(emoji=False)
 if not out.is_terminal:
     out.width = 160  # piped tables: wide enough for ids and end reasons on one line
 
+DATABASE_URL_VAR = "CORRAL_DATABASE_URL"  # the store's PostgreSQL URL (`corral serve`, keys)
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Where Corral keeps its state.")]
 Url = Annotated[
     str | None, typer.Option("--url", envvar="CORRAL_URL", help="The server (default local).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ import typer
 from rich.table import Table
 
 from corral.cli import _spec as S
-from corral.cli._common import DataDir, Json, app, console, fail, out
+from corral.cli._common import DATABASE_URL_VAR, DataDir, Json, app, console, fail, out
 from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest
 from corral.engine import default_data_dir
@@ -43,7 +44,8 @@ def _with_store(data_dir: Path | None, action: Callable[[Store], Awaitable[T]]) 
     from corral.server.store import Store
 
     async def go() -> T:
-        config = ServerConfig(data_dir or default_data_dir())
+        url = os.environ.get(DATABASE_URL_VAR) or None  # a store shared with other servers
+        config = ServerConfig(data_dir or default_data_dir(), database_url=url)
         store = await Store.open(config.database, config.key_ring())
         try:
             return await action(store)

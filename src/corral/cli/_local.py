@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from corral.cli._common import DataDir, app, console, fail, out
+from corral.cli._common import DATABASE_URL_VAR, DataDir, app, console, fail, out
 from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.spec import SandboxSpec
@@ -90,6 +90,17 @@ DnsUpstream = Annotated[
     typer.Option(
         envvar="CORRAL_DNS_UPSTREAM",
         help="Nameservers Corral's resolver asks for sandboxes; default: the host's.",
+    ),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar=DATABASE_URL_VAR,
+        help="A PostgreSQL database for the store (postgresql://USER:PASSWORD@HOST/DB), shared "
+        "by servers; set it in the environment to keep the password out of process lists. "
+        "Default: SQLite in the data directory.",
+        show_default=False,
     ),
 ]
 WebhookUrl = Annotated[
@@ -203,6 +214,7 @@ def serve(
     webhook: WebhookUrl = None,
     allow_webhook_host: WebhookHosts = None,
     audit_retention: AuditRetention = 90.0,
+    database_url: DatabaseUrl = None,
     overcommit: Overcommit = "",
     log_level: str = typer.Option("info", help="uvicorn log level."),
     log_format: LogFormat = LogFormats.text,
@@ -222,6 +234,7 @@ def serve(
             egress_floor=_floor(egress_allow, egress_deny), dns_upstream=_items(dns_upstream),
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
+            database_url=database_url or None,
         )  # fmt: skip
         config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))

@@ -7,10 +7,9 @@ import time
 from collections.abc import Iterable
 
 from sqlalchemy import select
-from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from corral.server.tables import BlobRow
+from corral.server.tables import BlobRow, insert_into
 
 
 class BlobStore:
@@ -23,7 +22,9 @@ class BlobStore:
         """Record that `owner` uploaded the content `digest`."""
         async with self._session.begin() as session:
             row = {"owner": owner, "digest": digest, "size": size, "created_at": time.time()}
-            await session.execute(insert(BlobRow).values(**row).on_conflict_do_nothing())
+            await session.execute(
+                insert_into(session, BlobRow).values(**row).on_conflict_do_nothing()
+            )
 
     async def of(self, owner: str, digests: Iterable[str]) -> set[str]:
         """Which of `digests` `owner` has uploaded."""

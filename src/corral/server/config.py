@@ -49,6 +49,8 @@ class ServerConfig:
     webhook_secret: str | None = None
     webhook_hosts: tuple[str, ...] = ()  # hosts keys' webhooks may name though not public
     audit_retention: float = 90 * 86400.0  # seconds the audit log keeps an entry; 0: no log
+    # The store shared by servers: a postgresql:// URL; without one, SQLite in `data_dir`.
+    database_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.webhook_url is not None and not self.webhook_secret:
@@ -58,8 +60,9 @@ class ServerConfig:
             )
 
     @property
-    def database(self) -> Path:
-        return self.data_dir / "corral.db"
+    def database(self) -> Path | str:
+        """Where the store is: the PostgreSQL URL, or the SQLite file in the data directory."""
+        return self.database_url or self.data_dir / "corral.db"
 
     def key_ring(self) -> KeyRing:
         """The keys of data at rest (read when first used; see `corral.engine.sealing`)."""

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.core.egress import EgressPolicy
-from corral.server.tables import KeyNetworkRow
+from corral.server.tables import KeyNetworkRow, insert_into
 
 
 class KeyNetworks:
@@ -35,7 +34,7 @@ class KeyNetworks:
                 await session.execute(delete(KeyNetworkRow).where(KeyNetworkRow.key_id == key_id))
                 return
             values = {"key_id": key_id, "rules": json.dumps(rules.to_dict())}
-            upsert = insert(KeyNetworkRow).values(values)
+            upsert = insert_into(session, KeyNetworkRow).values(values)
             await session.execute(
                 upsert.on_conflict_do_update(
                     index_elements=["key_id"], set_={"rules": values["rules"]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import secrets
 import sqlite3
@@ -27,9 +28,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import delete, event, func, select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, delete, event, func, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -37,7 +37,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from corral.core.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
+from corral.core.errors import (
+    Conflict,
+    ImageNotFound,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from corral.core.ids import new_id
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import UNITS, Quota
@@ -47,13 +53,22 @@ from corral.server.blobs import BlobStore
 from corral.server.deployments.store import DeploymentStore
 from corral.server.key_network import KeyNetworks
 from corral.server.previews.store import PreviewStore
-from corral.server.tables import BlobRow, ImageRow, KeyRow, QuotaRow, SandboxRow, VolumeRow
+from corral.server.tables import (
+    BlobRow,
+    ImageRow,
+    KeyRow,
+    QuotaRow,
+    SandboxRow,
+    VolumeRow,
+    insert_into,
+)
 from corral.server.webhooks import WebhookStore
 
 KEY_PREFIX = "corral_"
 ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
 KEY_CACHE_SECONDS = 1.0  # see Store.authenticate
 KEY_CACHE_SIZE = 10_000
+MIGRATION_LOCK = 0x636F7272616C  # PostgreSQL advisory lock id held while migrating ("corral")
 
 
 @dataclass(frozen=True)
@@ -164,12 +179,32 @@ def _columns(info: SandboxInfo, keys: KeyRing) -> dict[str, Any]:
     }
 
 
-def migrate(url: str) -> None:
-    """Bring the database at `url` (a synchronous SQLAlchemy URL) to the newest schema."""
+def migrate(url: str, connection: Connection | None = None) -> None:
+    """Bring the database at `url` (a synchronous SQLAlchemy URL), or the one `connection` is
+    open on, to the newest schema."""
     config = Config()
     config.set_main_option("script_location", str(resources.files("corral.server") / "migrations"))
     config.set_main_option("sqlalchemy.url", url)
+    config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def postgres_url(url: str) -> str:
+    """`url` for SQLAlchemy's asyncpg driver; refused unless it names a PostgreSQL database."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgres", "postgresql", "postgresql+asyncpg") or not rest:
+        raise InvalidRequest(
+            "the database URL must be postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+            "(without one, the server keeps its store in SQLite in its data directory)",
+            code="invalid_database_url",
+        )
+    return f"postgresql+asyncpg://{rest}"
+
+
+def _migrate_locked(connection: Connection) -> None:
+    # Servers sharing one PostgreSQL database may start together: one migrates at a time.
+    connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
+    migrate(str(connection.engine.url), connection)
 
 
 def _prepare_sqlite(path: Path) -> None:
@@ -203,10 +238,31 @@ class Store:
         self._active_keys: dict[str, tuple[ApiKey, float]] = {}  # digest -> key, good until
 
     @classmethod
-    async def open(cls, path: Path, keys: KeyRing) -> Store:
-        """Open (creating and migrating as needed) the SQLite database at `path`."""
-        await asyncio.to_thread(_prepare_sqlite, path)
-        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    async def open(cls, database: Path | str, keys: KeyRing) -> Store:
+        """Open (creating and migrating as needed) the SQLite database at the path `database`,
+        or the PostgreSQL database at the URL `database` (which must exist)."""
+        if isinstance(database, str):
+            url = postgres_url(database)
+            if importlib.util.find_spec("asyncpg") is None:
+                raise InvalidRequest(
+                    "a PostgreSQL store needs the asyncpg driver: pip install 'corral[postgres]'",
+                    code="postgres_driver_missing",
+                )
+            engine = create_async_engine(url, pool_pre_ping=True)
+            try:
+                async with engine.begin() as connection:
+                    await connection.run_sync(_migrate_locked)
+            except (OSError, SQLAlchemyError) as exc:
+                await engine.dispose()
+                raise ServiceUnavailable(
+                    f"cannot open the PostgreSQL store ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the "
+                    "database URL, that the server is up and that the database exists",
+                    code="store_unavailable",
+                ) from None
+            return cls(engine, keys)
+        await asyncio.to_thread(_prepare_sqlite, database)
+        engine = create_async_engine(f"sqlite+aiosqlite:///{database}")
         event.listen(engine.sync_engine, "connect", _on_connect)
         return cls(engine, keys)
 
@@ -313,7 +369,7 @@ class Store:
         async with self._session.begin() as session:
             key = _key(await _one_key(session, key_ref))
             values = {"key_id": key.id, **quota.to_dict()}
-            insert = sqlite_insert(QuotaRow).values(**values)
+            insert = insert_into(session, QuotaRow).values(**values)
             await session.execute(
                 insert.on_conflict_do_update(index_elements=["key_id"], set_=quota.to_dict())
             )
@@ -354,7 +410,7 @@ class Store:
                     .values(name=None)
                 )
             # An upsert: concurrent builds of one recipe by one key record it once.
-            insert = sqlite_insert(ImageRow).values(
+            insert = insert_into(session, ImageRow).values(
                 owner=owner, id=image_id, name=name, created_at=time.time()
             )
             await session.execute(

@@ -4,11 +4,26 @@
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
     pass
+
+
+# 64-bit on PostgreSQL (migration 0011); SQLite's INTEGER already is, and only INTEGER itself
+# makes an autoincrementing row id there.
+WideInteger = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def insert_into(session: AsyncSession, table: type[Base]) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT in the dialect of the session's database, so that it can say ON CONFLICT
+    (SQLite and PostgreSQL spell it alike)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 class KeyRow(Base):
@@ -69,7 +84,7 @@ class BlobRow(Base):
 
     owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
     digest: Mapped[str] = mapped_column(String(71), primary_key=True)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(WideInteger)
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -155,7 +170,7 @@ class AuditRow(Base):
         Index("ix_audit_at", "at"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(WideInteger, primary_key=True, autoincrement=True)
     at: Mapped[float] = mapped_column(Float)
     key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     client: Mapped[str] = mapped_column(String(64))

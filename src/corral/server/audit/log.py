@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import String, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from corral.core.audit import AuditEntry
@@ -34,6 +34,22 @@ BATCH = 500
 LINGER = 0.05  # seconds the writer waits after an entry for more to share its transaction
 MAX_PAGE = 1000
 PRUNE_BATCH = 5000  # rows per delete: a long prune never holds the database for long
+
+
+# Each bounded text column's length. PostgreSQL refuses a longer value, and with it the whole
+# batch: a tenant's code raising an error with a long name must not erase others' entries.
+LIMITS = {
+    column.name: column.type.length
+    for column in AuditRow.__table__.columns
+    if isinstance(column.type, String) and column.type.length
+}
+
+
+def _fitted(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: value[: LIMITS[name]] if isinstance(value, str) and name in LIMITS else value
+        for name, value in entry.items()
+    }
 
 
 class AuditLog:
@@ -70,11 +86,11 @@ class AuditLog:
         self._writer = None
 
     def add(self, entry: dict[str, Any]) -> None:
-        """Queue one entry (the columns of `AuditEntry` but its id)."""
+        """Queue one entry (the columns of `AuditEntry` but its id), its text cut to fit."""
         if not self.enabled:
             return
         try:
-            self._queue.put_nowait(entry)
+            self._queue.put_nowait(_fitted(entry))
             self._queued += 1
         except asyncio.QueueFull:
             AUDIT_DROPPED.inc()
