@@ -33,9 +33,9 @@ from tests.e2e.test_audit import (  # noqa: F401 - run again on PostgreSQL
 from tests.e2e.test_keys import (  # noqa: F401 - run again on PostgreSQL
     test_an_admin_sees_and_ends_any_sandbox,
     test_quotas_limit_a_key_and_show_its_usage,
-    test_revoking_a_key_ends_its_sandboxes,
 )
 from tests.e2e.test_tenancy import (  # noqa: F401 - run again on PostgreSQL
+    owned,
     test_every_route_hides_one_keys_resources_from_another,
 )
 from tests.postgres import Postgres, running_postgres
@@ -50,13 +50,17 @@ def postgres() -> Iterator[Postgres]:
         yield running
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(data_dir: Path, postgres: Postgres) -> Iterator[Server]:
+    """One server for the module (as test_tenancy's `owned` needs), its store in PostgreSQL;
+    the CLI commands the tests run get the same URL."""
     require_runtime("namespaces")
     url = postgres.database()
-    running = start_server(PG_SERVER_DIR, data_dir / "images", env={"CORRAL_DATABASE_URL": url})
-    yield running
-    running.stop_and_clean()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CORRAL_DATABASE_URL", url)
+        running = start_server(PG_SERVER_DIR, data_dir / "images")
+        yield running
+        running.stop_and_clean()
 
 
 def test_the_store_lives_in_postgresql_across_restarts(server: Server) -> None:
@@ -77,7 +81,7 @@ def test_the_store_lives_in_postgresql_across_restarts(server: Server) -> None:
     listed = subprocess.run(
         [sys.executable, "-m", "corral", "keys", "list", "--json", "--data-dir",
          str(server.data_dir)],
-        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     assert "pg-tenant" in {key["name"] for key in json.loads(listed.stdout)}

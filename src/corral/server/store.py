@@ -396,7 +396,8 @@ class Store:
             blob_bytes = await session.scalar(
                 select(func.sum(BlobRow.size)).where(BlobRow.owner == key_id)
             )
-        return used.plus(Quota(volume_mb=volume_mb or 0, blob_bytes=blob_bytes or 0))
+        # PostgreSQL sums integers as NUMERIC (a Decimal here); SQLite as an integer.
+        return used.plus(Quota(volume_mb=int(volume_mb or 0), blob_bytes=int(blob_bytes or 0)))
 
     # -- images -----------------------------------------------------------------------------
 
