@@ -1,4 +1,4 @@
-"""The store: what must outlive the server process, kept in SQLite (or any SQLAlchemy database).
+"""The store: what must outlive the server process, kept in SQLite or PostgreSQL (`database`).
 
 `api_keys` holds each key's SHA-256 digest, never the key itself (keys are
 256 random bits, so a fast hash is as safe as a slow one and keeps every request cheap).
@@ -8,48 +8,33 @@ its own per-sandbox runtime record next to each sandbox; this is the tenant-faci
 `images` and `volumes` say which key owns which image and volume, and the names it gave them;
 `blobs` which key uploaded which content (the files themselves are shared by digest).
 
-The schema is created and upgraded by the Alembic migrations in `corral.server.migrations`.
+The schema is created and upgraded by the Alembic migrations in `corral.server.migrations`
+(`corral.server.database` runs them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import importlib.util
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, delete, event, func, select, text, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from corral.core.errors import (
-    Conflict,
-    ImageNotFound,
-    InvalidRequest,
-    NotFound,
-    ServiceUnavailable,
-)
+from corral.core.errors import Conflict, ImageNotFound, InvalidRequest, NotFound
 from corral.core.ids import new_id
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import UNITS, Quota
 from corral.core.state import EndReason, SandboxState
 from corral.engine.sealing import KeyRing, open_spec, seal_spec
 from corral.server.blobs import BlobStore
+from corral.server.database import open_database
 from corral.server.deployments.store import DeploymentStore
 from corral.server.key_network import KeyNetworks
 from corral.server.previews.store import PreviewStore
@@ -68,7 +53,6 @@ KEY_PREFIX = "corral_"
 ENDED_RETENTION = 7 * 24 * 3600.0  # ended sandboxes stay visible in `info` for 7 days
 KEY_CACHE_SECONDS = 1.0  # see Store.authenticate
 KEY_CACHE_SIZE = 10_000
-MIGRATION_LOCK = 0x636F7272616C  # PostgreSQL advisory lock id held while migrating ("corral")
 
 
 @dataclass(frozen=True)
@@ -179,49 +163,6 @@ def _columns(info: SandboxInfo, keys: KeyRing) -> dict[str, Any]:
     }
 
 
-def migrate(url: str, connection: Connection | None = None) -> None:
-    """Bring the database at `url` (a synchronous SQLAlchemy URL), or the one `connection` is
-    open on, to the newest schema."""
-    config = Config()
-    config.set_main_option("script_location", str(resources.files("corral.server") / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
-
-
-def postgres_url(url: str) -> str:
-    """`url` for SQLAlchemy's asyncpg driver; refused unless it names a PostgreSQL database."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("postgres", "postgresql", "postgresql+asyncpg") or not rest:
-        raise InvalidRequest(
-            "the database URL must be postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
-            "(without one, the server keeps its store in SQLite in its data directory)",
-            code="invalid_database_url",
-        )
-    return f"postgresql+asyncpg://{rest}"
-
-
-def _migrate_locked(connection: Connection) -> None:
-    # Servers sharing one PostgreSQL database may start together: one migrates at a time.
-    connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
-    migrate(str(connection.engine.url), connection)
-
-
-def _prepare_sqlite(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    migrate(f"sqlite:///{path}")
-    path.chmod(0o600)  # key digests and sandbox environments are nobody else's business
-    with sqlite3.connect(path) as db:  # WAL: the CLI reads while the server writes
-        db.execute("PRAGMA journal_mode=WAL")
-
-
-def _on_connect(connection: Any, _record: Any) -> None:
-    # With WAL, NORMAL syncs at checkpoints rather than at every commit: a crash of the server
-    # loses nothing and the database never corrupts; a power cut may forget the last commits,
-    # which at most concern sandboxes that the power cut ended anyway.
-    connection.execute("PRAGMA synchronous=NORMAL")
-
-
 class Store:
     """Keys and the sandbox catalogue in one database. Open with `await Store.open(path)`."""
 
@@ -241,30 +182,7 @@ class Store:
     async def open(cls, database: Path | str, keys: KeyRing) -> Store:
         """Open (creating and migrating as needed) the SQLite database at the path `database`,
         or the PostgreSQL database at the URL `database` (which must exist)."""
-        if isinstance(database, str):
-            url = postgres_url(database)
-            if importlib.util.find_spec("asyncpg") is None:
-                raise InvalidRequest(
-                    "a PostgreSQL store needs the asyncpg driver: pip install 'corral[postgres]'",
-                    code="postgres_driver_missing",
-                )
-            engine = create_async_engine(url, pool_pre_ping=True)
-            try:
-                async with engine.begin() as connection:
-                    await connection.run_sync(_migrate_locked)
-            except (OSError, SQLAlchemyError) as exc:
-                await engine.dispose()
-                raise ServiceUnavailable(
-                    f"cannot open the PostgreSQL store ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the "
-                    "database URL, that the server is up and that the database exists",
-                    code="store_unavailable",
-                ) from None
-            return cls(engine, keys)
-        await asyncio.to_thread(_prepare_sqlite, database)
-        engine = create_async_engine(f"sqlite+aiosqlite:///{database}")
-        event.listen(engine.sync_engine, "connect", _on_connect)
-        return cls(engine, keys)
+        return cls(await open_database(database), keys)
 
     async def close(self) -> None:
         await self._engine.dispose()
