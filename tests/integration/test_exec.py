@@ -11,6 +11,7 @@ from corral.agent.protocol import GUEST_AGENT_DIR
 from corral.core.errors import InvalidPath, InvalidRequest, InvalidState, SandboxNotFound
 from corral.core.models import SandboxInfo
 from corral.engine import Engine
+from corral.engine.process import Process
 
 
 async def test_run_returns_exit_code_and_separate_streams(
@@ -73,19 +74,30 @@ async def test_output_streams_while_the_process_runs(engine: Engine, sandbox: Sa
 
 async def test_pty_gives_a_terminal_that_resizes(engine: Engine, sandbox: SandboxInfo) -> None:
     proc = await engine.exec(sandbox.id, ["bash", "--norc", "-i"], pty=(24, 80), stdin=True)
+    # Typed once bash prompts. Twice in about ten full runs (gVisor) the resize below was not
+    # seen by `stty size`, one of them after input typed while bash started; the cause is not
+    # found (issue notes), and the message below keeps the whole exchange for the next time.
+    text = await _read_until(proc, "# ")
     await proc.write_stdin(b"tty; stty size\n")
-    text = ""
-    async for name, data in proc.output():
-        assert name == "stdout"  # a terminal has one stream
-        text += data.decode(errors="replace")
-        if "24 80" in text:
-            break
+    text += await _read_until(proc, "24 80")
     assert "/dev/pts/" in text
     await proc.resize(40, 120)
     await proc.write_stdin(b"stty size; exit 7\n")
     result = await proc.wait()
     assert result.exit_code == 7
-    assert "40 120" in result.stdout.decode(errors="replace")
+    after = result.stdout.decode(errors="replace")
+    assert "40 120" in after, f"before the resize: {text!r}; after: {after!r}"
+
+
+async def _read_until(proc: Process, marker: str) -> str:
+    """A terminal's output up to and including `marker`."""
+    text = ""
+    async for name, data in proc.output():
+        assert name == "stdout"  # a terminal has one stream
+        text += data.decode(errors="replace")
+        if marker in text:
+            return text
+    raise AssertionError(f"the process ended before printing {marker!r}: {text!r}")
 
 
 # Every way a command can put a process out of its own process group, each a `sleep 10NN`.
