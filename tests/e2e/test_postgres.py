@@ -125,3 +125,11 @@ def test_serve_refuses_a_bad_database_url_before_starting(tmp_path: Path) -> Non
     )  # fmt: skip
     assert started.returncode != 0
     assert "invalid_database_url" in started.stderr and "postgresql://" in started.stderr
+
+
+async def test_a_data_directory_with_a_percent_sign_opens(tmp_path: Path) -> None:
+    """SQLite's URL goes through Alembic's config parser, where "%" is interpolation."""
+    store = await Store.open(tmp_path / "50%-full" / "corral.db", KeyRing([bytes(32)]))
+    key, _ = await store.create_key("percent")
+    assert (await store.find_key("percent")).id == key.id
+    await store.close()

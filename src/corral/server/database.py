@@ -51,12 +51,13 @@ async def open_database(database: Path | str) -> AsyncEngine:
     return engine
 
 
-def migrate(url: str, connection: Connection | None = None) -> None:
+def migrate(url: str | None, connection: Connection | None = None) -> None:
     """Bring the database at `url` (a synchronous SQLAlchemy URL), or the one `connection` is
     open on, to the newest schema."""
     config = Config()
     config.set_main_option("script_location", str(resources.files("corral.server") / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
+    if url is not None:  # "%" is interpolation to the config's parser: a path may hold one
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
 
@@ -76,7 +77,7 @@ def postgres_url(url: str) -> str:
 def _migrate_locked(connection: Connection) -> None:
     # Servers sharing one PostgreSQL database may start together: one migrates at a time.
     connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
-    migrate(str(connection.engine.url), connection)
+    migrate(None, connection)
 
 
 def _prepare_sqlite(path: Path) -> None:
