@@ -4,6 +4,7 @@ SDK, its streams and the CLI trusting the printed CA, and everything else refuse
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -167,3 +168,46 @@ def test_plain_http_on_every_address_warns(data_dir: Path) -> None:
         assert "warning: serving plain HTTP on 0.0.0.0" in server.log.read_text()
     finally:
         server.stop_and_clean()
+
+
+NODE_PROGRAM = """
+import { ConnectionFailed, Sandbox } from "@corral/sdk";
+try {
+  const sandbox = await Sandbox.create({ runtime: "namespaces" });
+  const ran = await sandbox.run("echo $((6*7))");
+  const streamed = await sandbox.exec(["echo", "streamed"]);  // a WebSocket
+  console.log(JSON.stringify([ran.stdout, await streamed.stdout.text()]));
+  await sandbox.terminate();
+} catch (error) {
+  console.log(JSON.stringify([error.constructor.name, error.message]));
+}
+"""
+
+
+def test_the_typescript_sdk_and_its_streams_work_over_tls(
+    tls_server: Server, tmp_path: Path
+) -> None:
+    sdk = Path(__file__).resolve().parents[2] / "sdk" / "typescript"
+    tsc = sdk / "node_modules" / ".bin" / "tsc"
+    assert tsc.exists(), "the TypeScript SDK's tools are missing: run scripts/setup --dev"
+    subprocess.run([str(tsc), "-p", str(sdk)], check=True, timeout=300)
+    script = tmp_path / "tls.mjs"
+    script.write_text(NODE_PROGRAM.replace("@corral/sdk", str(sdk / "dist" / "index.js")))
+    env = {**os.environ, "CORRAL_URL": tls_server.url, "CORRAL_API_KEY": tls_server.admin_key}
+    env.pop("NODE_EXTRA_CA_CERTS", None)
+
+    def run(extra: dict[str, str]) -> list[str]:
+        done = subprocess.run(
+            ["node", str(script)],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return list(json.loads(done.stdout))
+
+    assert run({"NODE_EXTRA_CA_CERTS": str(ca_of(tls_server))}) == ["42\n", "streamed\n"]
+    name, message = run({})
+    assert name == "ConnectionFailed" and "NODE_EXTRA_CA_CERTS" in message, message

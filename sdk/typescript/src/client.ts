@@ -3,7 +3,7 @@
  * every other part of the SDK goes through, with the server's errors turned into Corral's.
  */
 
-import { AuthError, ConnectionFailed, CorralError, errorOfBody } from "./errors.js";
+import { AuthError, ConnectionFailed, CorralError, errorOfBody, unreachable } from "./errors.js";
 import type { Schemas } from "./types.js";
 import { Socket } from "./websocket.js";
 
@@ -169,9 +169,7 @@ export class Client {
     if (error instanceof Error && error.name === "TimeoutError") {
       return new ConnectionFailed(`the Corral server at ${this.url} did not answer in time (${reason})`);
     }
-    return new ConnectionFailed(
-      `cannot reach the Corral server at ${this.url} (${reason}); is \`corral serve\` running, and is CORRAL_URL right?`,
-    );
+    return unreachable(this.url, cause ?? error);
   }
 }
 

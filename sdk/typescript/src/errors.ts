@@ -211,3 +211,18 @@ export function errorOfBody(status: number, body: string, retryAfter?: string | 
   if (retryAfter && /^\d+$/.test(retryAfter)) made.retryAfter = Number(retryAfter);
   return made;
 }
+
+/** The error for a server that cannot be reached: what to do depends on why. */
+export function unreachable(url: string, error: unknown): ConnectionFailed {
+  const reason = error instanceof Error ? error.message : String(error);
+  const code = String((error as { code?: unknown } | undefined)?.code ?? "");
+  if (/CERT|SELF_SIGNED|UNABLE_TO_(VERIFY|GET_ISSUER)/.test(code)) {
+    return new ConnectionFailed(
+      `the Corral server at ${url} has a TLS certificate Node does not trust (${reason}): start Node ` +
+        "with NODE_EXTRA_CA_CERTS set to the CA file `corral serve` printed (the one CORRAL_CA names)",
+    );
+  }
+  return new ConnectionFailed(
+    `cannot reach the Corral server at ${url} (${reason}); is \`corral serve\` running, and is CORRAL_URL right?`,
+  );
+}

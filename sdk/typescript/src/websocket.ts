@@ -12,7 +12,7 @@ import * as http from "node:http";
 import * as https from "node:https";
 import type { Duplex } from "node:stream";
 
-import { ConnectionFailed, CorralError, errorOfBody } from "./errors.js";
+import { ConnectionFailed, CorralError, errorOfBody, unreachable } from "./errors.js";
 
 const GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const TEXT = 0x1;
@@ -78,13 +78,7 @@ export class Socket {
         });
       });
       request.on("timeout", () => request.destroy(new Error(`no answer in ${timeoutMs} ms`)));
-      request.on("error", (error: Error) => {
-        reject(
-          error instanceof CorralError
-            ? error
-            : new ConnectionFailed(`cannot open a stream to ${url} (${error.message})`),
-        );
-      });
+      request.on("error", (error: Error) => reject(error instanceof CorralError ? error : unreachable(url, error)));
       request.end();
     });
   }
