@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import websockets
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -265,3 +266,25 @@ def test_interrupted_upload_leaves_no_file(http: httpx.Client, sandbox_id: str) 
         )
     stat = http.get(f"/v1/sandboxes/{sandbox_id}/files/stat", params={"path": "/root/partial"})
     assert error_of(stat, 404) == "file_not_found"
+
+
+async def test_a_browser_websocket_offers_its_key_as_a_subprotocol(server: Server) -> None:
+    """Browsers cannot set headers on a WebSocket (the web console's terminal): the key may
+    come as a subprotocol, `corral.key.<key>`, beside `corral`, which the server accepts."""
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=admin, timeout=60) as http:
+        created = (await http.post("/v1/sandboxes", json={"runtime": "namespaces"})).json()
+        url = f"ws{server.url.removeprefix('http')}/v1/sandboxes/{created['id']}/exec/stream"
+        try:
+            offered = ["corral", f"corral.key.{server.admin_key}"]
+            async with websockets.connect(url, subprotocols=offered) as socket:  # type: ignore[arg-type]
+                assert socket.subprotocol == "corral"
+                await socket.send(json.dumps({"argv": ["echo", "over a subprotocol"]}))
+                messages = [await asyncio.wait_for(socket.recv(), 30) for _ in range(3)]
+                assert b"\x01over a subprotocol\n" in messages
+            for wrong in (["corral", "corral.key.corral_wrong"], ["corral"]):
+                with pytest.raises(websockets.InvalidStatus) as denied:
+                    await websockets.connect(url, subprotocols=wrong)  # type: ignore[arg-type]
+                assert denied.value.response.status_code == 401
+        finally:
+            await http.delete(f"/v1/sandboxes/{created['id']}")

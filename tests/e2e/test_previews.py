@@ -223,6 +223,13 @@ async def _websocket_echo(url: str, headers: dict[str, str]) -> None:
         await socket.send("close")
         with pytest.raises(websockets.ConnectionClosed):
             await socket.recv()
+    # A Corral key offered as a subprotocol (as the web console's terminal does) is the
+    # caller's: the sandbox's server sees the other subprotocols, not the key.
+    offered = ["chat", "corral.key.corral_not_for_the_sandbox"]
+    async with websockets.connect(url, additional_headers=headers, subprotocols=offered) as probe:  # type: ignore[arg-type]
+        await probe.send("headers")
+        seen = str(await probe.recv()).lower()
+        assert "sec-websocket-protocol: chat" in seen and "not_for_the_sandbox" not in seen, seen
     with pytest.raises(websockets.InvalidStatus) as refused:  # no token
         await websockets.connect(url)
     assert refused.value.response.status_code == 403

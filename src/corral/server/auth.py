@@ -75,10 +75,33 @@ async def admin_tenant(tenant: Annotated[Tenant, Depends(current_tenant)]) -> Te
     return tenant
 
 
+# A browser cannot set headers on a WebSocket (the console's terminal): it offers the key as a
+# subprotocol, `corral.key.<key>`, beside `corral`, the one the server then accepts with.
+KEY_PROTOCOL = "corral.key."
+PROTOCOL = "corral"
+
+
+def websocket_authorization(websocket: WebSocket) -> str | None:
+    """The `Authorization` header, else one made from a key offered as a subprotocol."""
+    header = websocket.headers.get("authorization")
+    if header is not None:
+        return header
+    for offered in websocket.scope.get("subprotocols", ()):
+        if offered.startswith(KEY_PROTOCOL):
+            return "Bearer " + str(offered).removeprefix(KEY_PROTOCOL)
+    return None
+
+
+def websocket_protocol(websocket: WebSocket) -> str | None:
+    """The subprotocol to accept with: `corral` if offered (a browser refuses a socket that
+    answers none of those it offered), else none."""
+    return PROTOCOL if PROTOCOL in websocket.scope.get("subprotocols", ()) else None
+
+
 async def websocket_tenant(websocket: WebSocket) -> Tenant:
     service: Service = websocket.app.state.service
     address = websocket.client.host if websocket.client else "unknown"
-    return await tenant_of(service, websocket.headers.get("authorization"), address)
+    return await tenant_of(service, websocket_authorization(websocket), address)
 
 
 Me = Annotated[Tenant, Depends(current_tenant)]

@@ -1,5 +1,6 @@
 """A WebSocket echo server for tests, run inside sandboxes (standard library only): each
-message comes back as it was sent, text as text and bytes as bytes; "close" closes."""
+message comes back as it was sent, text as text and bytes as bytes; "close" closes, and
+"headers" answers with the headers of the request that opened the socket."""
 
 import base64
 import hashlib
@@ -62,6 +63,8 @@ def serve(conn):
                 return
             if opcode == 9:
                 send_frame(conn, 10, data)
+            elif data == b"headers":
+                send_frame(conn, 1, request)
             elif opcode in (1, 2):
                 send_frame(conn, opcode, data)
     except (EOFError, OSError):

@@ -15,6 +15,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from corral.engine.ports import PortStream
+from corral.server.auth import KEY_PROTOCOL
 from corral.server.previews.proxy import Headers
 
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -45,7 +46,13 @@ async def relay_websocket(
     host = dict(scope["headers"]).get(b"host", b"sandbox").decode("latin-1")
     protocol = ClientProtocol(
         parse_uri(f"ws://{host}{target}"),
-        subprotocols=scope.get("subprotocols") or None,
+        # A Corral key offered as a subprotocol is the caller's, never the sandbox's to see.
+        subprotocols=[
+            offered
+            for offered in scope.get("subprotocols") or ()
+            if not offered.startswith(KEY_PROTOCOL)
+        ]
+        or None,
         max_size=MAX_MESSAGE,
     )
     request = protocol.connect()

@@ -28,7 +28,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from corral.core.errors import CorralError, InvalidRequest
-from corral.server.auth import websocket_tenant
+from corral.server.auth import websocket_protocol, websocket_tenant
 from corral.server.errors import describe_validation, error_response
 from corral.server.resources.sandboxes import Process, Sandboxes
 from corral.server.routes.processes import command_of
@@ -163,7 +163,7 @@ async def admit(websocket: WebSocket, sandbox_id: str) -> Sandboxes | None:
     except CorralError as error:
         await deny(websocket, error)
         return None
-    await websocket.accept()
+    await websocket.accept(subprotocol=websocket_protocol(websocket))
     return sandboxes
 
 
