@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from starlette.routing import Route
 from starlette.types import Scope
 
-from corral.server import errors, tracing
+from corral.server import console, errors, tracing
 from corral.server.audit import AuditRequests
 from corral.server.auth import service_of
 from corral.server.config import ServerConfig
@@ -73,6 +73,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(errors.BodyLimit, limit=config.max_body_bytes, unlimited=_is_upload)
     for router in ROUTERS:
         app.include_router(router)
+    app.router.routes.extend(console.routes())  # the web console, at /ui
     mcp = McpEndpoint(service, app)  # MCP over streamable HTTP, as the calling key
     app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
     e2b = E2bApps(service)  # E2B's SDKs, routed by their headers on the same port
