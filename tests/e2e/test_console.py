@@ -125,6 +125,7 @@ def test_the_console_from_login_to_terminal_files_and_previews(
     refused.get_by_label("API key").fill("corral_not_a_key")
     refused.get_by_role("button", name="Log in").click()
     expect(refused.get_by_text("That key was not accepted")).to_be_visible()
+    check_page(refused, "login", ["API key", "Log in"])
 
     log_in(page, server, server.admin_key)
     # The key is in this tab's session storage only: not in local storage, not in a cookie.
