@@ -38,6 +38,8 @@ NODE_WIDE = {
     ("GET", "/healthz"): "liveness, no key",
     ("GET", "/metrics"): "an admin's: the node's metrics",
     ("POST", "/v1/webhooks"): "registers a webhook of the caller's own",
+    ("GET", "/ui"): "the web console's page, the same for all: it calls the API with a key",
+    ("HEAD", "/ui"): "the web console's page, the same for all: it calls the API with a key",
     **{
         (method, path): "the schema"
         for method in ("GET", "HEAD")
