@@ -3,9 +3,16 @@ its sources in console/ build to: a change to the sources without `npm run build
 
 from __future__ import annotations
 
+import asyncio
 import filecmp
 import subprocess
 from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from corral.server.console import Console
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = ROOT / "console"
@@ -32,3 +39,17 @@ def test_the_shipped_console_is_built_from_its_sources(tmp_path: Path) -> None:
     assert names == shipped and "index.html" in names
     stale = [name for name in names if not filecmp.cmp(built / name, SHIPPED / name, shallow=False)]
     assert not stale, f"stale in the package: {stale}; run `npm run build` in console/"
+
+
+def test_an_installation_without_the_console_says_how_to_build_it(tmp_path: Path) -> None:
+    app = Starlette(routes=[Mount("/ui", app=Console(tmp_path))])
+
+    async def fetch() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as client:
+            return await client.get("/ui/")
+
+    answer = asyncio.run(fetch())
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "console_not_built"
+    assert "npm run build" in answer.json()["error"]["message"]

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
+
+from corral.core.errors import NotFound
+from corral.server.errors import error_response
 
 ASSETS = Path(__file__).parent / "static" / "console"
 HEADERS = {
@@ -42,17 +45,12 @@ class Console:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not (self._assets / "index.html").is_file():
-            missing = JSONResponse(
-                {
-                    "error": {
-                        "code": "console_not_built",
-                        "message": "this installation has no web console files: "
-                        "run `npm ci && npm run build` in console/",
-                    }
-                },
-                status_code=404,
+            missing = NotFound(
+                "this installation has no web console files: run `npm ci && npm run build` "
+                "in console/",
+                code="console_not_built",
             )
-            await missing(scope, receive, send)
+            await error_response(missing)(scope, receive, send)
             return
 
         async def secured(message: Message) -> None:
