@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 
 import corral
+from corral.core.errors import Conflict
 from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
 from corral.host.procs import process_start_time
+from corral.host.scope import HostScope
 from tests.conftest import leftovers
 
 HANG = 60.0  # seconds: only to catch hangs
@@ -227,3 +229,25 @@ async def test_paused_sandbox_is_adopted_paused(data_dir: Path, runtime: str) ->
         await second.resume(info.id)
         assert (await second.run(info.id, "echo awake")).stdout == b"awake\n"
         await second.terminate(info.id)
+
+
+async def test_an_engine_in_another_host_scope_refuses_the_data_directory(
+    data_dir: Path,
+) -> None:
+    """Sandboxes keep the host scope they were made in (their cgroups, interfaces and firewall
+    table are named by it): an engine started in another scope on their data directory is
+    refused with what to do, and takes or touches nothing, so the right one adopts them."""
+    first = Engine(data_dir)
+    await first.start()
+    info = await first.create(SandboxSpec(runtime="namespaces"))
+    await first.close(keep_sandboxes=True)
+    wrong = Engine(data_dir, scope=HostScope(3))
+    with pytest.raises(Conflict) as refused:
+        await wrong.start()
+    assert refused.value.code == "host_scope_mismatch"
+    assert "host scope none (the whole host)" in str(refused.value)
+    assert "start it with no --host-scope" in str(refused.value)
+    await wrong.close()
+    async with Engine(data_dir) as right:
+        assert (await right.run(info.id, "echo still here")).stdout == b"still here\n"
+        await right.terminate(info.id)

@@ -4,15 +4,24 @@ an uplink it switched on is forwarded to sandboxes only."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from corral.core.egress import EgressPolicy
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine
-from corral.host import network
+from corral.host import cgroups, network, userns
+from corral.host.scope import HostScope
+from corral.runtimes.base import cgroup_for
+from tests.conftest import require_runtime
 
 # Two fake neighbours of the host, each in its own namespace behind a veth (documentation
 # addresses, never routed anywhere real).
@@ -92,7 +101,7 @@ async def test_the_host_routes_for_its_sandboxes_only(engine: Engine, fresh_host
         uplinks = network.uplinks()
         assert uplinks, "the host has no default route"
         assert switch("all") == "0"
-        assert switch(network.host_iface(record.plan.network.index)) == "1"
+        assert switch(record.plan.host_scope.iface(record.plan.network.index)) == "1"
         for iface in uplinks:
             assert switch(iface) == "1"
         assert set(uplinks) <= network.routed_by_corral()
@@ -116,10 +125,92 @@ async def test_the_host_routes_for_its_sandboxes_only(engine: Engine, fresh_host
             text=True,
             check=True,
         ).stdout
-        assert 'iifname @routed oifname != "crx*" drop' in chain
+        assert 'iifname @routed oifname != "crx*" oifname != "cr0*"' in chain
         # The control: had the host forwarded (what the engine used to switch on), it would.
         for iface in NEIGHBOURS:
             network.forwarding(iface).write_text("1\n")
         assert "REFUSED" in dial("crtna-ns", far_b)
     finally:
         await engine.terminate(info.id)
+
+
+FETCH = (
+    "python3 -c \"import urllib.request as u; print(u.urlopen('https://pypi.org/simple/six/',"
+    ' timeout=60).status)"'
+)
+
+
+@contextlib.asynccontextmanager
+async def scoped_engine(data_dir: Path, index: int) -> AsyncIterator[Engine]:
+    """An engine in host scope `index`, on a data directory of its own that shares the test
+    images, as one node of a local cluster."""
+    own = Path(tempfile.mkdtemp(prefix=f"{data_dir.name}-scope{index}-", dir=data_dir.parent))
+    try:
+        own.chmod(0o711)
+        (own / "images").symlink_to(data_dir / "images")
+        async with Engine(own, scope=HostScope(index), boot_images=False) as engine:
+            yield engine
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+        # Tables outlive engines (until reboot); this one would keep claiming the uplink.
+        subprocess.run(["nft", "delete", "table", "inet", f"corral_{index}"], check=False)
+
+
+def nft(*args: str) -> str:
+    return subprocess.run(["nft", *args], capture_output=True, text=True, check=True).stdout
+
+
+def scope_leftovers(index: int) -> list[str]:
+    """What scope `index`'s sandboxes left: interfaces and cgroups."""
+    scope = HostScope(index)
+    ifaces = [i.name for i in Path("/sys/class/net").iterdir()]
+    group = cgroups.ROOT / ("memory" if cgroups.layout() == "v1" else "") / scope.cgroup_parent
+    return [i for i in ifaces if i.startswith(scope.iface_prefix)] + (
+        [g.name for g in group.glob("sb-*")] if group.is_dir() else []
+    )
+
+
+async def test_engines_in_two_scopes_share_the_host(data_dir: Path, fresh_host: None) -> None:
+    """Two engines on one machine, as two nodes of a local cluster: each sandbox gets its
+    engine's cgroup, firewall table, interface and ranges; both reach the internet at once
+    (neither engine's table drops the other's replies); one's rules and cleanup leave the
+    other's sandbox alone; the neighbours still cannot route through the host."""
+    require_runtime("namespaces")
+    require_runtime("gvisor")
+    closed = EgressPolicy.parse({"allow": []})
+    async with scoped_engine(data_dir, 1) as one, scoped_engine(data_dir, 2) as two:
+        a = await one.create(SandboxSpec(runtime="namespaces", network="internet"))
+        b = await two.create(SandboxSpec(runtime="gvisor", network="internet"))
+        c = await two.create(SandboxSpec(runtime="namespaces", network="internet", egress=closed))
+        plans = {
+            1: [one.registry.get(a.id).plan],
+            2: [two.registry.get(b.id).plan, two.registry.get(c.id).plan],
+        }
+        for index, scoped in plans.items():
+            scope = HostScope(index)
+            for plan in scoped:
+                assert plan.scope == index
+                assert plan.uid_slot in scope.share(userns.SLOTS)
+                assert plan.network.index in scope.share(network.POOL_SIZE)
+                assert switch(scope.iface(plan.network.index)) == "1"
+                assert cgroup_for(plan).exists()
+        assert cgroup_for(plans[2][0]).name.startswith("corral-2/")
+        # The closed sandbox's rules are in its engine's table only.
+        assert f"sandbox_{plans[2][1].network.index}" in nft("list", "table", "inet", "corral_2")
+        assert "sandbox_" not in nft("list", "table", "inet", "corral_1")
+        fetched = await asyncio.gather(
+            one.run(a.id, FETCH, timeout=120), two.run(b.id, FETCH, timeout=120)
+        )
+        for result in fetched:
+            assert result.stdout.strip() == b"200", result.stderr
+        blocked = await two.run(c.id, FETCH, timeout=120)
+        assert blocked.exit_code != 0
+        assert "REFUSED" not in dial("crtna-ns", NEIGHBOURS["crtnb"][1])
+        # One engine ending its sandbox and closing leaves the other's working.
+        await one.terminate(a.id)
+        assert scope_leftovers(1) == []
+        again = await two.run(b.id, FETCH, timeout=120)
+        assert again.stdout.strip() == b"200", again.stderr
+        for info in (b, c):
+            await two.terminate(info.id)
+    assert scope_leftovers(1) == [] and scope_leftovers(2) == []

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from corral.core.errors import SandboxFailed
+from corral.core.spec import SandboxSpec
+from corral.engine.planner import plan_sandbox
 from corral.host import network, seccomp, userns
-from corral.images.store import apt_sources
+from corral.host.scope import PREFIXES, SCOPES, HostScope
+from corral.images.store import RootImage, apt_sources
+from corral.runtimes.plan import SandboxPlan
 
 
 def test_seccomp_program_is_bpf_and_cached() -> None:
@@ -27,12 +32,65 @@ def test_uid_ranges_are_private_and_unprivileged() -> None:
         userns.host_uid(userns.SLOTS)
     used = set(range(10))
     assert userns.pick_slot(used) not in used
+    among = range(100, 110)
+    assert userns.pick_slot({100, 101, 5}, among) in range(102, 110)
+    with pytest.raises(SandboxFailed) as refused:
+        userns.pick_slot(set(among) | {5}, among)
+    assert refused.value.code == "capacity"
 
 
 def test_network_addresses_and_interfaces() -> None:
     assert network.addresses(0) == ("100.96.0.1", "100.96.0.2")
     assert network.addresses(1) == ("100.96.0.5", "100.96.0.6")
-    assert len(network.host_iface(network.POOL_SIZE - 1)) <= 15  # IFNAMSIZ
+    assert HostScope().iface(network.POOL_SIZE - 1) == "crx3fff"
+
+
+def test_an_engine_alone_has_the_whole_host() -> None:
+    alone = HostScope()
+    assert (alone.cgroup_parent, alone.table, alone.iface_prefix) == ("corral", "corral", "crx")
+    assert alone.share(userns.SLOTS) == range(userns.SLOTS)
+    assert alone.share(network.POOL_SIZE) == range(network.POOL_SIZE)
+
+
+def test_scopes_share_the_host_without_overlap() -> None:
+    scopes = [HostScope(index) for index in range(SCOPES)]
+    assert (scopes[3].cgroup_parent, scopes[3].table, scopes[3].iface(10)) == (
+        "corral-3",
+        "corral_3",
+        "cr3a",
+    )
+    for total in (userns.SLOTS, network.POOL_SIZE):
+        shares = [scope.share(total) for scope in scopes]
+        taken = [number for share in shares for number in share]
+        assert len(taken) == len(set(taken)) and all(0 <= n < total for n in taken)
+        assert min(len(share) for share in shares) == total // SCOPES
+    # No scope's interfaces match another's pattern (nftables matches "prefix*"), and every
+    # one is within the kernel's 15 characters.
+    prefixes = [scope.iface_prefix for scope in [HostScope(), *scopes]]
+    assert sorted(prefixes) == sorted(PREFIXES)
+    for prefix in prefixes:
+        assert [p for p in prefixes if p.startswith(prefix)] == [prefix]
+    for scope in [HostScope(), *scopes]:
+        assert max(len(scope.iface(slot)) for slot in scope.share(network.POOL_SIZE)) <= 15
+    for wrong in (-1, SCOPES):
+        with pytest.raises(ValueError):
+            HostScope(wrong)
+
+
+def test_a_plan_takes_its_resources_from_its_scope(tmp_path: Path) -> None:
+    image = RootImage(name="debian", layers=(tmp_path,))
+    spec = SandboxSpec(runtime="namespaces", network="internet")
+    scope = HostScope(5)
+    live: list[SandboxPlan] = []
+    for _ in range(3):
+        plan = plan_sandbox(
+            spec, image, data_dir=tmp_path, live=live, volume_mountpoint=Path, scope=scope
+        )
+        live.append(plan)
+        assert plan.scope == 5 and plan.cgroup_name.startswith("corral-5/")
+        assert plan.uid_slot in scope.share(userns.SLOTS)
+        assert plan.network.index in scope.share(network.POOL_SIZE)
+    assert len({p.network.index for p in live}) == 3 == len({p.uid_slot for p in live})
 
 
 def test_nameservers_are_the_hosts_ipv4_ones(tmp_path: Path) -> None:
@@ -53,3 +111,22 @@ def test_apt_sources_finds_only_files_serving_the_suite() -> None:
     for path in found:
         assert "bookworm" in path.read_text()
         assert not path.name.startswith("corral-")
+
+
+def test_the_servers_host_scope_reaches_its_engine(tmp_path: Path) -> None:
+    from corral.server.config import ServerConfig
+    from corral.server.service import Service
+
+    assert Service(ServerConfig(data_dir=tmp_path / "a")).engine.scope == HostScope()
+    scoped = Service(ServerConfig(data_dir=tmp_path / "b", host_scope=4))
+    assert scoped.engine.scope == HostScope(4) == scoped.engine.egress.scope
+
+
+def test_a_host_scope_out_of_range_is_refused_by_the_command_line() -> None:
+    from typer.testing import CliRunner
+
+    from corral.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--host-scope", "16", "--no-prepare"])
+    assert result.exit_code == 2
+    assert "host-scope" in result.output and "less than or equal to 15" in result.output

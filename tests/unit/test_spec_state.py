@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -24,6 +25,7 @@ from corral.core.errors import (
 from corral.core.ids import check_id, new_id
 from corral.core.spec import SandboxSpec, check_sandbox_path
 from corral.core.state import SandboxState, parse_state, require_state
+from corral.host.scope import HostScope
 from corral.runtimes.plan import Bind, PlanLimits, PlanNetwork, SandboxPlan
 
 
@@ -134,6 +136,13 @@ def test_plan_round_trips() -> None:
         "/etc/resolv.conf",
     ) in plan.etc_binds
     assert '"uid_slot": 7' in plan.describe()
+    scoped = dataclasses.replace(plan, scope=4)
+    assert SandboxPlan.from_dict(scoped.to_dict()) == scoped
+    assert scoped.cgroup_name == "corral-4/sb-0123456789abcdef"
+    # A record written before scopes existed has none: the engine had the host to itself.
+    old = plan.to_dict()
+    del old["scope"]
+    assert SandboxPlan.from_dict(old).host_scope == HostScope()
 
 
 def test_public_surface() -> None:

@@ -150,6 +150,20 @@ LogFormat = Annotated[
     LogFormats,
     typer.Option(help="json: one object per line with the request id, key and sandbox id."),
 ]
+BootImages = Annotated[
+    bool, typer.Option(help="Start gvisor sandboxes from a saved boot of their configuration.")
+]
+HostScopeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--host-scope",
+        min=0,
+        max=15,
+        help="Share this machine with other Corral engines: each uses its own scope, 0 to 15 "
+        "(its cgroup, firewall table, interface names and a sixteenth of the uid and address "
+        "ranges). Without it, the engine takes the whole machine.",
+    ),
+]
 Overcommit = Annotated[
     str,
     typer.Option(
@@ -196,9 +210,7 @@ def serve(
     max_sandboxes_per_key: int = typer.Option(100, help="Live sandboxes one API key may have."),
     max_sandboxes: int = typer.Option(2000, help="Live sandboxes on this node, all keys."),
     pool: PoolOption = None,
-    boot_images: bool = typer.Option(
-        True, help="Start gvisor sandboxes from a saved boot of their configuration."
-    ),
+    boot_images: BootImages = True,
     allow_registry: RegistryOption = None,
     tls: TlsOption = "off",
     tls_cert: TlsCert = None,
@@ -216,6 +228,7 @@ def serve(
     audit_retention: AuditRetention = 90.0,
     database_url: DatabaseUrl = None,
     overcommit: Overcommit = "",
+    host_scope: HostScopeOption = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
     log_format: LogFormat = LogFormats.text,
 ) -> None:
@@ -234,7 +247,7 @@ def serve(
             egress_floor=_floor(egress_allow, egress_deny), dns_upstream=_items(dns_upstream),
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
-            database_url=database_url or None,
+            database_url=database_url or None, host_scope=host_scope,
         )  # fmt: skip
         config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))

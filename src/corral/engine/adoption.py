@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import CorralError
+from corral.core.errors import Conflict, CorralError
 from corral.core.state import EndReason, SandboxState
 from corral.engine.checkpoints import CHECKPOINT_DIR
 from corral.engine.lifecycle import Lifecycle
@@ -24,6 +24,7 @@ from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
 from corral.engine.volumes import VolumeStore
 from corral.host.procs import process_start_time
+from corral.host.scope import HostScope
 from corral.runtimes import Launch
 
 log = logging.getLogger("corral.engine")
@@ -33,6 +34,14 @@ log = logging.getLogger("corral.engine")
 # behind an adopting engine's back; an engine in this same process takes them back on adoption
 # and so still learns their exit status.
 _HANDED_OVER: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _scope_name(index: object) -> str:
+    return "none (the whole host)" if index is None else str(index)
+
+
+def _scope_option(index: object) -> str:
+    return "no --host-scope" if index is None else f"--host-scope {index}"
 
 
 class Adoption:
@@ -96,6 +105,20 @@ class Adoption:
             await self._volumes.sweep()
         except CorralError as exc:
             log.error("could not unmount unused volumes: %s", exc)
+
+    def check_scope(self, scope: HostScope) -> None:
+        """Refuse to start in `scope` on sandboxes made in another: their cgroups, interfaces
+        and firewall rules are in that scope's names, which this engine would not use."""
+        for path, saved in self._read_records():
+            plan = saved.get("plan")
+            made_in = plan.get("scope") if isinstance(plan, dict) else None
+            if made_in != scope.index and saved.get("state") != SandboxState.TERMINATED.value:
+                raise Conflict(
+                    f"the sandbox recorded in {path.parent} was made in host scope "
+                    f"{_scope_name(made_in)} and this engine runs in {_scope_name(scope.index)}; "
+                    f"start it with {_scope_option(made_in)}, or use another --data-dir",
+                    code="host_scope_mismatch",
+                )
 
     def _read_records(self) -> list[tuple[Path, dict[str, Any]]]:
         """Every readable sandbox record in the data directory; unreadable ones are logged."""

@@ -69,6 +69,7 @@ from corral.engine.supervision import Supervisor
 from corral.engine.tasks import Tasks
 from corral.engine.usage import Usage
 from corral.engine.volumes import VolumeStore
+from corral.host.scope import HostScope
 from corral.images.store import ImageStore, StatusLine
 
 __all__ = ["Engine", "default_data_dir", "lock_data_dir"]
@@ -96,6 +97,7 @@ class Engine:
         at_rest_key: Path | None = None,
         egress: EgressSettings | None = None,
         boot_images: bool = True,
+        scope: HostScope | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
@@ -107,7 +109,8 @@ class Engine:
             self.data_dir, default=default_runtime, runsc=runsc_path
         )
         tasks = self._tasks = Tasks()
-        self.egress = Egress(egress or EgressSettings(), registry.internet_at)
+        self.scope = scope or HostScope()
+        self.egress = Egress(egress or EgressSettings(), registry.internet_at, self.scope)
         lifecycle = self._lifecycle = Lifecycle(
             data_dir=self.data_dir,
             registry=registry,
@@ -167,6 +170,7 @@ class Engine:
         return self
 
     def _prepare(self) -> None:
+        self._adoption.check_scope(self.scope)
         install_agent(self.data_dir / "agent")
         self.keys.check()
         self.images.built.prepare()

@@ -146,6 +146,7 @@ class Lifecycle:
             data_dir=self._data_dir,
             live=[record.plan for record in self._registry.live()],
             volume_mountpoint=self._volumes.mountpoint,
+            scope=self.egress.scope,
             cpu_weight=FILL_WEIGHT if for_pool else 100,
             template=template,
         )
@@ -412,7 +413,7 @@ class Lifecycle:
                 ports = await self.egress.start()
                 found = [(r.plan.network.index, r.spec.egress) for r in adopted]
                 rules = [rule for rule in (self.egress.rules(*f) for f in found) if rule]
-                await asyncio.to_thread(network.install_firewall, *ports, rules)
+                await asyncio.to_thread(network.install_firewall, self.egress.scope, *ports, rules)
                 self.egress.installed([slot for slot, _, _ in rules])
                 self._firewall_ready = True
 

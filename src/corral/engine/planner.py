@@ -10,6 +10,7 @@ from corral.core.errors import SandboxFailed
 from corral.core.ids import new_id
 from corral.core.spec import SandboxSpec
 from corral.host import network, userns
+from corral.host.scope import HostScope
 from corral.images.store import RootImage
 from corral.runtimes.plan import Bind, PlanLimits, PlanNetwork, PlanVolume, SandboxPlan
 
@@ -24,10 +25,12 @@ def plan_sandbox(
     data_dir: Path,
     live: Sequence[SandboxPlan],
     volume_mountpoint: Callable[[str], Path],
+    scope: HostScope,
     cpu_weight: int = 100,
     template: bool = False,
 ) -> SandboxPlan:
-    """The plan of a new sandbox for `spec` on `image`, beside the `live` sandboxes' plans."""
+    """The plan of a new sandbox for `spec` on `image`, beside the `live` sandboxes' plans, in
+    the engine's `scope` of the host."""
     assert spec.runtime is not None  # the engine names it before planning
     sandbox_id = new_id("sb")
     return SandboxPlan(
@@ -46,8 +49,8 @@ def plan_sandbox(
             tmp_bytes=min(spec.disk_mb, spec.memory_mb // 2) * MiB,
             cpu_weight=cpu_weight,
         ),
-        network=_network(spec, live),
-        uid_slot=userns.pick_slot({plan.uid_slot for plan in live}),
+        network=_network(spec, live, scope),
+        uid_slot=userns.pick_slot({plan.uid_slot for plan in live}, scope.share(userns.SLOTS)),
         agent_dir=str(data_dir / "agent"),
         hostname=sandbox_id,
         template=template,
@@ -55,14 +58,15 @@ def plan_sandbox(
             PlanVolume(m.volume, str(volume_mountpoint(m.volume)), m.path, m.read_only)
             for m in spec.volumes
         ),
+        scope=scope.index,
     )
 
 
-def _network(spec: SandboxSpec, live: Sequence[SandboxPlan]) -> PlanNetwork:
+def _network(spec: SandboxSpec, live: Sequence[SandboxPlan], scope: HostScope) -> PlanNetwork:
     if spec.network != "internet":
         return PlanNetwork(spec.network)
     used = {plan.network.index for plan in live}
-    free = next((i for i in range(network.POOL_SIZE) if i not in used), None)
+    free = next((i for i in scope.share(network.POOL_SIZE) if i not in used), None)
     if free is None:
         raise SandboxFailed("no free address for another internet sandbox", code="capacity")
     return PlanNetwork("internet", free, (network.addresses(free)[0],))  # Corral's resolver

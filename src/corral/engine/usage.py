@@ -20,7 +20,6 @@ from corral.core.models import UsageSample
 from corral.core.state import SandboxState
 from corral.engine.record import SandboxRecord
 from corral.engine.registry import Registry
-from corral.host import network
 from corral.runtimes.base import cgroup_for
 
 log = logging.getLogger("corral.engine")
@@ -54,7 +53,7 @@ def sample(record: SandboxRecord, previous: UsageSample | None) -> UsageSample:
         percent = max(0.0, (cpu - previous.cpu_seconds) / (now - previous.at) * 100)
     rx = tx = 0
     if plan.network.policy == "internet":
-        stats = Path("/sys/class/net") / network.host_iface(plan.network.index) / "statistics"
+        stats = Path("/sys/class/net") / plan.host_scope.iface(plan.network.index) / "statistics"
         # The host's end of the veth: what it sends, the sandbox receives.
         rx, tx = _counter(stats / "tx_bytes"), _counter(stats / "rx_bytes")
     return UsageSample(

@@ -2,7 +2,8 @@
 
 Each internet sandbox gets a network namespace made on the host (so nothing inside can
 reconfigure it), with one veth whose host end is its gateway, addresses from 100.96.0.0/16 (a
-/30 each) and a default route out. One nftables table, ``inet corral``, then decides:
+/30 each) and a default route out. One nftables table per engine (``inet corral``; see
+`corral.host.scope` for engines that share a machine), then decides:
 
 - every DNS packet a sandbox sends (to any address) is redirected to Corral's resolver on the
   host, and nothing else of a sandbox's reaches the host itself (refused at once);
@@ -35,10 +36,10 @@ from pathlib import Path
 
 from corral.core.egress import METADATA_ADDRESSES, PRIVATE_RANGES
 from corral.core.errors import SandboxFailed
+from corral.host.scope import PREFIXES, HostScope
 
 POOL = ipaddress.ip_network("100.96.0.0/16")
 POOL_SIZE = POOL.num_addresses // 4
-IFACE_PREFIX = "crx"
 NETNS_DIR = Path("/run/netns")
 SYSCTL_DIR = Path("/proc/sys/net/ipv4/conf")
 
@@ -86,10 +87,6 @@ def addresses(index: int) -> tuple[str, str]:
     return str(ipaddress.ip_address(base + 1)), str(ipaddress.ip_address(base + 2))
 
 
-def host_iface(index: int) -> str:
-    return f"{IFACE_PREFIX}{index:x}"
-
-
 def netns_path(name: str) -> Path:
     """Where the network namespace `name` (a sandbox's id) is pinned."""
     return NETNS_DIR / name
@@ -113,24 +110,46 @@ def uplinks() -> tuple[str, ...]:
 
 
 def routed_by_corral() -> set[str]:
-    """Uplinks whose forwarding Corral switched on (the ``routed`` set of its table)."""
-    listed = _query(["nft", "list", "set", "inet", "corral", "routed"])
-    elements = re.search(r"elements = \{([^}]*)\}", listed)
-    return set(re.findall(r'"([^"]+)"', elements.group(1))) if elements else set()
+    """Uplinks whose forwarding Corral switched on (the ``routed`` sets of every engine's table
+    on this host: one engine's uplink is not the operator's choice to the next)."""
+    tables = re.findall(r"^table inet (corral\w*)$", _query(["nft", "list", "tables"]), re.M)
+    routed: set[str] = set()
+    for table in tables:
+        listed = _query(["nft", "list", "set", "inet", table, "routed"])
+        elements = re.search(r"elements = \{([^}]*)\}", listed)
+        routed.update(re.findall(r'"([^"]+)"', elements.group(1)) if elements else ())
+    return routed
 
 
 SandboxRules = tuple[int, tuple[str, ...], tuple[str, ...] | None]  # slot, deny, allow
 
 
-def install_firewall(dns_port: int, proxy_port: int, rules: Sequence[SandboxRules] = ()) -> None:
-    """(Re)write the ``inet corral`` table (DNS sent to `dns_port`, proxied TCP to `proxy_port`)
-    with each sandbox's `rules` in the same transaction, and turn on the uplinks' forwarding."""
+def install_firewall(
+    scope: HostScope, dns_port: int, proxy_port: int, rules: Sequence[SandboxRules] = ()
+) -> None:
+    """(Re)write the `scope`'s table (DNS sent to `dns_port`, proxied TCP to `proxy_port`)
+    with each sandbox's `rules` in the same transaction, and turn on the uplinks' forwarding.
+
+    What comes in on a routed uplink may go to any Corral engine's sandboxes (`PREFIXES`):
+    every engine's table sees every forwarded packet, and none may drop another's replies."""
     routed, routed_set = _to_route()
-    sandboxes = f'iifname "{IFACE_PREFIX}*"'
-    ruleset = f"""
-table inet corral
-delete table inet corral
-table inet corral {{
+    ruleset = _table(scope, dns_port, proxy_port, routed_set)
+    ruleset += "".join(line + "\n" for slot in rules for line in _sandbox_rules(scope.table, *slot))
+    _run(["nft", "-f", "-"], "install the sandbox firewall", stdin=ruleset)
+    for iface in routed:  # only now that the table guards what comes in on them
+        if forwarding(iface).exists():
+            forwarding(iface).write_text("1\n")
+
+
+def _table(scope: HostScope, dns_port: int, proxy_port: int, routed_set: str) -> str:
+    """The nftables script that (re)writes the `scope`'s table, without sandboxes' rules."""
+    table, ours = scope.table, f'"{scope.iface_prefix}*"'
+    elsewhere = " ".join(f'oifname != "{prefix}*"' for prefix in PREFIXES)  # not a sandbox
+    sandboxes = f"iifname {ours}"
+    return f"""
+table inet {table}
+delete table inet {table}
+table inet {table} {{
   set routed {{
     type ifname
 {routed_set}  }}
@@ -155,10 +174,10 @@ table inet corral {{
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
-    iifname @routed oifname != "{IFACE_PREFIX}*" drop
-    oifname "{IFACE_PREFIX}*" ct state established,related accept
-    {sandboxes} oifname "{IFACE_PREFIX}*" jump refuse
-    oifname "{IFACE_PREFIX}*" drop
+    iifname @routed {elsewhere} drop
+    oifname {ours} ct state established,related accept
+    {sandboxes} oifname {ours} jump refuse
+    oifname {ours} drop
     {sandboxes} meta nfproto ipv6 drop
     {sandboxes} ip saddr & 0.0.0.3 != 0.0.0.2 drop
     {sandboxes} fib saddr . iif oif missing drop
@@ -172,15 +191,10 @@ table inet corral {{
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {POOL} oifname != "{IFACE_PREFIX}*" masquerade
+    ip saddr {POOL} {elsewhere} masquerade
   }}
 }}
 """
-    ruleset += "".join(line + "\n" for slot in rules for line in _sandbox_rules(*slot))
-    _run(["nft", "-f", "-"], "install the sandbox firewall", stdin=ruleset)
-    for iface in routed:  # only now that the table guards what comes in on them
-        if forwarding(iface).exists():
-            forwarding(iface).write_text("1\n")
 
 
 def _to_route() -> tuple[set[str], str]:
@@ -192,37 +206,41 @@ def _to_route() -> tuple[set[str], str]:
     return routed, f"    elements = {{ {elements} }}\n" if routed else ""
 
 
-def filter_sandbox(index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None) -> None:
+def filter_sandbox(
+    scope: HostScope, index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None
+) -> None:
     """Send the TCP of slot `index` through the egress proxy, and let its other traffic out
     only to the `allow` blocks (None: anywhere) outside the `deny` blocks."""
-    rules = _sandbox_rules(index, deny, allow)
+    rules = _sandbox_rules(scope.table, index, deny, allow)
     _run(["nft", "-f", "-"], "apply the sandbox's network rules", stdin="\n".join(rules) + "\n")
 
 
-def _sandbox_rules(index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None) -> list[str]:
-    chain = f"sandbox_{index}"
-    rules = [f"add chain inet corral {chain}", f"flush chain inet corral {chain}"]
+def _sandbox_rules(
+    table: str, index: int, deny: tuple[str, ...], allow: tuple[str, ...] | None
+) -> list[str]:
+    chain, at = f"sandbox_{index}", f"inet {table}"
+    rules = [f"add chain {at} {chain}", f"flush chain {at} {chain}"]
     if deny:
-        rules.append(f"add rule inet corral {chain} ip daddr {{ {', '.join(deny)} }} jump refuse")
+        rules.append(f"add rule {at} {chain} ip daddr {{ {', '.join(deny)} }} jump refuse")
     if allow is not None:
         if allow:
-            rules.append(f"add rule inet corral {chain} ip daddr {{ {', '.join(allow)} }} return")
-        rules.append(f"add rule inet corral {chain} jump refuse")
+            rules.append(f"add rule {at} {chain} ip daddr {{ {', '.join(allow)} }} return")
+        rules.append(f"add rule {at} {chain} jump refuse")
     address = addresses(index)[1]
     rules += [
-        f"add element inet corral filtered {{ {address} : jump {chain} }}",
-        f"add element inet corral proxied {{ {address} }}",
+        f"add element {at} filtered {{ {address} : jump {chain} }}",
+        f"add element {at} proxied {{ {address} }}",
     ]
     return rules
 
 
-def unfilter_sandbox(index: int) -> None:
+def unfilter_sandbox(scope: HostScope, index: int) -> None:
     """Undo `filter_sandbox` for slot `index` (nothing to undo is fine)."""
-    address = addresses(index)[1]
+    address, at = addresses(index)[1], f"inet {scope.table}"
     for command in (
-        f"delete element inet corral proxied {{ {address} }}",
-        f"delete element inet corral filtered {{ {address} }}",
-        f"delete chain inet corral sandbox_{index}",
+        f"delete element {at} proxied {{ {address} }}",
+        f"delete element {at} filtered {{ {address} }}",
+        f"delete chain {at} sandbox_{index}",
     ):
         subprocess.run(["nft", command], capture_output=True, check=False, timeout=30)
 
@@ -245,12 +263,12 @@ def host_addresses() -> frozenset[str]:
     return frozenset(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
 
 
-def create(ns: str, index: int) -> Path:
+def create(ns: str, index: int, scope: HostScope) -> Path:
     """Make network namespace `ns` with its veth, the addresses of slot `index` of the pool and
     a default route; return its path."""
     gateway, address = addresses(index)
-    iface = host_iface(index)
-    destroy(ns, index)  # a leftover from a crashed engine would make every step below fail
+    iface = scope.iface(index)
+    destroy(ns, index, scope)  # a leftover from a crashed engine would make every step below fail
     outside = (
         f"netns add {ns}\n"
         f"link add {iface} type veth peer name eth0 netns {ns}\n"
@@ -268,15 +286,15 @@ def create(ns: str, index: int) -> Path:
         _run(["ip", "-n", ns, "-batch", "-"], "set up the sandbox network", stdin=inside)
         forwarding(iface).write_text("1\n")
     except (SandboxFailed, OSError):
-        destroy(ns, index)
+        destroy(ns, index, scope)
         raise
     return netns_path(ns)
 
 
-def destroy(ns: str, index: int) -> None:
+def destroy(ns: str, index: int, scope: HostScope) -> None:
     """Remove network namespace `ns` and the veth of slot `index`; missing ones are fine."""
     if index < 0:
         return
-    subprocess.run(["ip", "link", "del", host_iface(index)], capture_output=True, check=False)
+    subprocess.run(["ip", "link", "del", scope.iface(index)], capture_output=True, check=False)
     if netns_path(ns).exists():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)

@@ -28,12 +28,13 @@ def host_uid(slot: int) -> int:
     return UID_BASE + slot * RANGE
 
 
-def pick_slot(used: Collection[int]) -> int:
-    """A free slot, chosen at random so a range freed a moment ago is unlikely to be reused."""
-    if len(used) >= SLOTS:
+def pick_slot(used: Collection[int], among: range = range(SLOTS)) -> int:
+    """A free slot of `among`, chosen at random so a range freed a moment ago is unlikely to be
+    reused."""
+    if sum(slot in among for slot in used) >= len(among):
         raise SandboxFailed("no free uid range for another sandbox", code="capacity")
     while True:
-        slot = secrets.randbelow(SLOTS)
+        slot = among[secrets.randbelow(len(among))]
         if slot not in used:
             return slot
 

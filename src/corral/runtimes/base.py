@@ -214,7 +214,7 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
     write_etc_files(plan)
     if plan.network.policy == "internet":
-        network.create(plan.sandbox_id, plan.network.index)
+        network.create(plan.sandbox_id, plan.network.index, plan.host_scope)
     lowers = []
     for index, layer in enumerate(plan.layers):
         lower = plan.dir / "lower" / str(index)

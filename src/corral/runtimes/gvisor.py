@@ -296,7 +296,7 @@ class GVisorRuntime(Runtime):
             self._runsc(plan, "delete", "-force", plan.sandbox_id, check=False)
         if cgroup.exists():
             cgroup.destroy()
-        network.destroy(plan.sandbox_id, plan.network.index)
+        network.destroy(plan.sandbox_id, plan.network.index, plan.host_scope)
         mounts.remove_tree(plan.dir)
 
 

@@ -152,7 +152,7 @@ class NamespacesRuntime(Runtime):
             deadline = time.monotonic() + 5
             while cgroup.pids() and time.monotonic() < deadline:
                 time.sleep(0.005)
-        network.destroy(plan.sandbox_id, plan.network.index)
+        network.destroy(plan.sandbox_id, plan.network.index, plan.host_scope)
         if cgroup.exists():
             cgroup.destroy()
         mounts.remove_tree(plan.dir)

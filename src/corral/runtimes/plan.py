@@ -19,6 +19,7 @@ from typing import Any
 
 from corral.agent import protocol
 from corral.core.spec import NetworkPolicy
+from corral.host.scope import HostScope
 
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -119,6 +120,11 @@ class SandboxPlan:
     template: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
     volumes: tuple[PlanVolume, ...] = ()
+    scope: int | None = None  # the engine's share of the host (`corral.host.scope`)
+
+    @property
+    def host_scope(self) -> HostScope:
+        return HostScope(self.scope)
 
     # Paths derived from `directory`; nothing else decides where a sandbox's files live.
     @property
@@ -189,7 +195,7 @@ class SandboxPlan:
 
     @property
     def cgroup_name(self) -> str:
-        return f"corral/{self.sandbox_id}"
+        return f"{self.host_scope.cgroup_parent}/{self.sandbox_id}"
 
     @property
     def agent_argv(self) -> list[str]:

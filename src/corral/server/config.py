@@ -51,6 +51,7 @@ class ServerConfig:
     audit_retention: float = 90 * 86400.0  # seconds the audit log keeps an entry; 0: no log
     # The store shared by servers: a postgresql:// URL; without one, SQLite in `data_dir`.
     database_url: str | None = None
+    host_scope: int | None = None  # this engine's share of a machine others run on too
 
     def __post_init__(self) -> None:
         if self.webhook_url is not None and not self.webhook_secret:

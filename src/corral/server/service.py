@@ -25,7 +25,7 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
-from corral.engine import Engine
+from corral.engine import Engine, HostScope
 from corral.engine.egress import EgressSettings
 from corral.images.builder import Builder
 from corral.images.oci.egress import Egress
@@ -57,6 +57,7 @@ class Service:
             on_change=self._changed,
             at_rest_key=config.at_rest_key,
             boot_images=config.boot_images,
+            scope=HostScope(config.host_scope),
             egress=EgressSettings(
                 config.egress_floor, config.dns_upstream or None, self._egress_denied
             ),

@@ -19,6 +19,7 @@ from corral.engine.egress.guard import EgressSettings, Guard, Lookup, OnDenied
 from corral.engine.egress.proxy import Proxy
 from corral.engine.egress.resolver import Resolver
 from corral.host import network
+from corral.host.scope import HostScope
 
 __all__ = ["Egress", "EgressSettings", "OnDenied"]
 
@@ -26,7 +27,10 @@ __all__ = ["Egress", "EgressSettings", "OnDenied"]
 class Egress:
     """The host's side of every internet sandbox's network: resolver, proxy, firewall rules."""
 
-    def __init__(self, settings: EgressSettings, lookup: Lookup) -> None:
+    def __init__(
+        self, settings: EgressSettings, lookup: Lookup, scope: HostScope | None = None
+    ) -> None:
+        self.scope = scope or HostScope()  # whose firewall table the rules go in
         self.guard = Guard(settings, lookup)
         self.resolver = Resolver(self.guard)
         self.proxy = Proxy(self.guard)
@@ -77,7 +81,7 @@ class Egress:
         if rules is None:
             await self._unfilter(slot)
             return
-        await asyncio.to_thread(network.filter_sandbox, *rules)
+        await asyncio.to_thread(network.filter_sandbox, self.scope, *rules)
         self._filtered.add(slot)
 
     async def forget(self, sandbox_id: str, slot: int) -> None:
@@ -88,7 +92,7 @@ class Egress:
     async def _unfilter(self, slot: int) -> None:
         if slot in self._filtered:
             self._filtered.discard(slot)
-            await asyncio.to_thread(network.unfilter_sandbox, slot)
+            await asyncio.to_thread(network.unfilter_sandbox, self.scope, slot)
 
 
 def _allowed_blocks(floor: EgressPolicy, own: EgressPolicy) -> tuple[str, ...] | None:
