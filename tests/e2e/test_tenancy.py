@@ -56,6 +56,7 @@ NODE_WIDE = {
     ("DELETE", "/v1/pools/{name}"): "an admin's: the node's warm pools",
     ("GET", "/v1/keys"): "an admin's: the node's keys",
     ("GET", "/v1/admin/sandboxes"): "an admin's: every key's sandboxes",
+    ("GET", "/v1/nodes"): "an admin's: the machines that run sandboxes, counts only",
     ("DELETE", "/v1/admin/sandboxes/{sandbox_id}"): "an admin's: ends any sandbox",
     ("POST", "/v1/keys"): "an admin's: the node's keys",
     ("DELETE", "/v1/keys/{key_id}"): "an admin's: the node's keys",

@@ -466,6 +466,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/nodes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Nodes
+         * @description Each node: its runtimes, capacity, what its sandboxes ask for, load and pools.
+         */
+        get: operations["list_nodes_v1_nodes_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/pools": {
         parameters: {
             query?: never;
@@ -1837,6 +1857,68 @@ export interface components {
              */
             language: string;
         };
+        /** NodeOut */
+        NodeOut: {
+            /** @description what its live sandboxes ask for */
+            allocated: components["schemas"]["NodeResources"];
+            /** @description the machine times the overcommit ratios */
+            capacity: components["schemas"]["NodeResources"];
+            /**
+             * Load
+             * @description the 1-minute load average per CPU
+             */
+            load: number;
+            /** Max Sandboxes */
+            max_sandboxes: number;
+            /** Memory Available Mb */
+            memory_available_mb: number;
+            /** Name */
+            name: string;
+            /** Pools */
+            pools: components["schemas"]["NodePool"][];
+            /**
+             * Runtimes
+             * @description those that can run there, strongest first
+             */
+            runtimes: string[];
+            /**
+             * Sandboxes
+             * @description live sandboxes, idle pooled ones included
+             */
+            sandboxes: number;
+            /**
+             * Scope
+             * @description its engine's host scope (--host-scope)
+             */
+            scope: number | null;
+            /**
+             * State
+             * @description ready
+             */
+            state: string;
+        };
+        /** NodePool */
+        NodePool: {
+            /** Idle */
+            idle: number;
+            /** Image */
+            image: string;
+            /** Name */
+            name: string;
+            /** Runtime */
+            runtime: string | null;
+            /** Size */
+            size: number;
+        };
+        /** NodeResources */
+        NodeResources: {
+            /** Cpu */
+            cpu: number;
+            /** Disk Mb */
+            disk_mb: number;
+            /** Memory Mb */
+            memory_mb: number;
+        };
         /**
          * OwnedSandboxOut
          * @description A sandbox as an admin lists it: with the id of the key that owns it.
@@ -2157,6 +2239,11 @@ export interface components {
             metadata: {
                 [key: string]: string;
             };
+            /**
+             * Node
+             * @description the machine whose engine runs it
+             */
+            node?: string | null;
             /** Runtime */
             runtime: string;
             spec: components["schemas"]["SpecBody"];
@@ -4942,6 +5029,89 @@ export interface operations {
                     "application/json": {
                         [key: string]: unknown;
                     }[];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Too Many Requests */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    list_nodes_v1_nodes_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NodeOut"][];
                 };
             };
             /** @description Bad Request */

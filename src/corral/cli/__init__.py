@@ -16,6 +16,7 @@
     corral expose ID PORT                a port of a sandbox at a URL (corral previews lists)
     corral port-forward ID LOCAL:REMOTE  a local TCP port carried to a port in a sandbox
     corral top                           your sandboxes and what each uses, live
+    corral nodes list                    the machines that run sandboxes (admin key)
 
 Commands that talk to a server read CORRAL_URL and CORRAL_API_KEY (or --url, --api-key).
 """
@@ -28,6 +29,7 @@ from corral.cli import (
     _images,
     _keys,
     _local,
+    _nodes,
     _previews,
     _remote,
     _top,
@@ -44,6 +46,7 @@ _commands = (
     _keys,
     _local,
     _deployments,
+    _nodes,
     _previews,
     _remote,
     _top,

@@ -150,6 +150,11 @@ LogFormat = Annotated[
     LogFormats,
     typer.Option(help="json: one object per line with the request id, key and sandbox id."),
 ]
+NodeName = Annotated[
+    str | None,
+    typer.Option(help="This machine's name in sandboxes' info and `corral nodes list` "
+                 "(default: its host name)."),
+]  # fmt: skip
 BootImages = Annotated[
     bool, typer.Option(help="Start gvisor sandboxes from a saved boot of their configuration.")
 ]
@@ -229,6 +234,7 @@ def serve(
     database_url: DatabaseUrl = None,
     overcommit: Overcommit = "",
     host_scope: HostScopeOption = None,
+    node_name: NodeName = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
     log_format: LogFormat = LogFormats.text,
 ) -> None:
@@ -247,7 +253,7 @@ def serve(
             egress_floor=_floor(egress_allow, egress_deny), dns_upstream=_items(dns_upstream),
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
-            database_url=database_url or None, host_scope=host_scope,
+            database_url=database_url or None, host_scope=host_scope, node_name=node_name,
         )  # fmt: skip
         config = _with_overcommit(config, overcommit)
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))

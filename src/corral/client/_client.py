@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.core.audit import AuditEntry, ReplayReport, ReplayStep
 from corral.core.errors import AuthError
-from corral.core.models import BuiltImage, SandboxInfo, SnapshotInfo, UsageSample
+from corral.core.models import BuiltImage, NodeInfo, SandboxInfo, SnapshotInfo, UsageSample
 
 if TYPE_CHECKING:
     import asyncio
@@ -279,6 +279,12 @@ class AsyncClient:
         """End any live sandbox, whoever owns it (admin key; `terminated_by_admin`)."""
         ended = await self.request("DELETE", f"/v1/admin/sandboxes/{sandbox_id}")
         return SandboxInfo.from_dict(ended)
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The machines whose engines run sandboxes: runtimes, capacity, what their sandboxes
+        ask for, load and pools (admin key)."""
+        listed = await self.request("GET", "/v1/nodes")
+        return [NodeInfo.from_dict(node) for node in listed]
 
     async def remove_pool(self, name: str) -> None:
         """Remove a pool and end its idle sandboxes (admin key)."""

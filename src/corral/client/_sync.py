@@ -300,6 +300,7 @@ class Client(Twin[AsyncClient]):
     set_pool = blocking(AsyncClient.set_pool)
     remove_pool = blocking(AsyncClient.remove_pool)
     list_all_sandboxes = blocking(AsyncClient.list_all_sandboxes)
+    nodes = blocking(AsyncClient.nodes)
     end_sandbox = blocking(AsyncClient.end_sandbox)
     events = blocking_iter(AsyncClient.events)
     list_snapshots = blocking(AsyncClient.list_snapshots)

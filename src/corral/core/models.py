@@ -34,6 +34,7 @@ class SandboxInfo:
     end_detail: str | None = None
     history: tuple[StateChange, ...] = ()
     timeout_remaining: float | None = None  # seconds of lifetime left while paused/hibernated
+    node: str | None = None  # the machine whose engine runs it (`corral nodes list`)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -53,6 +54,7 @@ class SandboxInfo:
             ended_at=data.get("ended_at"),
             end_reason=EndReason(data["end_reason"]) if data.get("end_reason") else None,
             end_detail=data.get("end_detail"),
+            node=data.get("node"),
             history=tuple(
                 StateChange(SandboxState(h["state"]), h["at"], h.get("reason"))
                 for h in data.get("history", ())
@@ -72,6 +74,7 @@ class SandboxInfo:
             "ended_at": self.ended_at,
             "end_reason": self.end_reason.value if self.end_reason else None,
             "end_detail": self.end_detail,
+            "node": self.node,
             "history": [
                 {"state": h.state.value, "at": h.at, "reason": h.reason} for h in self.history
             ],
@@ -261,3 +264,37 @@ class UsageSample:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageSample:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One machine whose engine runs sandboxes: what it offers, what its live sandboxes ask
+    of it, and how busy it is (`Client.nodes()`, `corral nodes list`)."""
+
+    name: str
+    state: str  # "ready"
+    runtimes: tuple[str, ...]  # those that can run there, strongest first
+    sandboxes: int  # live ones, idle pooled ones included
+    max_sandboxes: int
+    capacity: Mapping[str, float]  # cpu, memory_mb, disk_mb: the machine times the overcommit
+    allocated: Mapping[str, float]  # the same, as its live sandboxes ask for them
+    load: float  # the 1-minute load average per CPU
+    memory_available_mb: int
+    pools: tuple[Mapping[str, Any], ...] = ()  # name, runtime, image, size, idle
+    scope: int | None = None  # its engine's host scope (`corral serve --host-scope`)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NodeInfo:
+        values = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        values["runtimes"] = tuple(values.get("runtimes", ()))
+        values["pools"] = tuple(values.get("pools", ()))
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "runtimes": list(self.runtimes),
+            "capacity": dict(self.capacity),
+            "allocated": dict(self.allocated),
+            "pools": [dict(pool) for pool in self.pools],
+        }

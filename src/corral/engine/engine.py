@@ -31,6 +31,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,14 @@ class Engine:
         egress: EgressSettings | None = None,
         boot_images: bool = True,
         scope: HostScope | None = None,
+        node: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
         self.images = ImageStore(self.data_dir / "images")
         self.snapshots = SnapshotStore(self.data_dir / "snapshots", self.keys)
-        self.registry = registry = Registry(on_change)
+        self.node = node or socket.gethostname()  # this machine's name in `SandboxInfo.node`
+        self.registry = registry = Registry(on_change, self.node)
         self.volumes = VolumeStore(self.data_dir / "volumes", registry.volume_users)
         self.runtimes = runtimes = RuntimeSet(
             self.data_dir, default=default_runtime, runsc=runsc_path

@@ -110,6 +110,7 @@ class SandboxRecord:
         self.ended_at: float | None = None
         self.end_reason: EndReason | None = None
         self.end_detail: str | None = None
+        self.node: str | None = None  # set by the registry that holds it
         self.history: list[StateChange] = [StateChange(SandboxState.CREATING, self.created_at)]
         self.launch: Launch | None = None
         self.exit_status: int | None = None
@@ -254,6 +255,7 @@ class SandboxRecord:
             end_reason=self.end_reason,
             end_detail=self.end_detail,
             history=tuple(self.history),
+            node=self.node,
         )
 
     def to_saved(self) -> dict[str, Any]:

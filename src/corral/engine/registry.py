@@ -26,12 +26,16 @@ class Registry:
     raises is logged, never propagated.
     """
 
-    def __init__(self, on_change: Callable[[SandboxInfo], None] | None = None) -> None:
+    def __init__(
+        self, on_change: Callable[[SandboxInfo], None] | None = None, node: str | None = None
+    ) -> None:
         self._records: dict[str, SandboxRecord] = {}
         self._on_change = on_change
+        self.node = node  # named in every sandbox's info
 
     def add(self, record: SandboxRecord) -> None:
         record.on_change = self._notify
+        record.node = self.node
         self._records[record.id] = record
 
     def discard(self, sandbox_id: str) -> None:

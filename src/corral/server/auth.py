@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from corral.core.errors import AuthError, PermissionDenied
 from corral.server import audit
 from corral.server.logs import KEY_ID
-from corral.server.resources.admin import AllSandboxes, Keys, Pools
+from corral.server.resources.admin import AllSandboxes, Keys, Nodes, Pools
 from corral.server.resources.audit import AuditTrail
 from corral.server.resources.images import Images
 from corral.server.resources.sandboxes import Sandboxes
@@ -147,6 +147,10 @@ async def _all_sandboxes(tenant: Admin) -> AllSandboxes:
     return AllSandboxes(tenant)
 
 
+async def _nodes(tenant: Admin) -> Nodes:
+    return Nodes(tenant)
+
+
 async def _webhooks(tenant: Me) -> TenantWebhooks:
     return TenantWebhooks(tenant)
 
@@ -165,4 +169,5 @@ AdminImagesDep = Annotated[Images, Depends(_admin_images)]
 AdminPoolsDep = Annotated[Pools, Depends(_admin_pools)]
 KeysDep = Annotated[Keys, Depends(_keys)]
 AllSandboxesDep = Annotated[AllSandboxes, Depends(_all_sandboxes)]
+NodesDep = Annotated[Nodes, Depends(_nodes)]
 WebhooksDep = Annotated[TenantWebhooks, Depends(_webhooks)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from corral.core.egress import EgressPolicy
 from corral.core.errors import InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KEY_FILE, KeyRing
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -52,8 +55,15 @@ class ServerConfig:
     # The store shared by servers: a postgresql:// URL; without one, SQLite in `data_dir`.
     database_url: str | None = None
     host_scope: int | None = None  # this engine's share of a machine others run on too
+    node_name: str | None = None  # in each sandbox's info; default: the host name
 
     def __post_init__(self) -> None:
+        if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
+            raise InvalidRequest(
+                f"node name {self.node_name!r} is not 1 to 64 letters, digits, '.', '_' or "
+                "'-'; choose another with --node-name",
+                code="invalid_node_name",
+            )
         if self.webhook_url is not None and not self.webhook_secret:
             raise InvalidRequest(
                 "--webhook needs a secret to sign with: set CORRAL_WEBHOOK_SECRET",

@@ -121,6 +121,34 @@ class PoolBody(Request):
     size: int = Field(description="idle sandboxes to keep started")
 
 
+class NodeResources(BaseModel):
+    cpu: float
+    memory_mb: float
+    disk_mb: float
+
+
+class NodePool(BaseModel):
+    name: str
+    runtime: str | None
+    image: str
+    size: int
+    idle: int
+
+
+class NodeOut(BaseModel):
+    name: str
+    state: str = Field(description="ready")
+    runtimes: list[str] = Field(description="those that can run there, strongest first")
+    sandboxes: int = Field(description="live sandboxes, idle pooled ones included")
+    max_sandboxes: int
+    capacity: NodeResources = Field(description="the machine times the overcommit ratios")
+    allocated: NodeResources = Field(description="what its live sandboxes ask for")
+    load: float = Field(description="the 1-minute load average per CPU")
+    memory_available_mb: int
+    pools: list[NodePool]
+    scope: int | None = Field(description="its engine's host scope (--host-scope)")
+
+
 class PoolOut(BaseModel):
     name: str
     image: str
@@ -216,6 +244,7 @@ class SandboxOut(BaseModel):
     ended_at: float | None
     end_reason: str | None
     end_detail: str | None
+    node: str | None = Field(None, description="the machine whose engine runs it")
     metadata: dict[str, str]
     spec: SpecBody
     history: list[HistoryEntry]
@@ -234,6 +263,7 @@ class SandboxOut(BaseModel):
             ended_at=info.ended_at,
             end_reason=info.end_reason.value if info.end_reason else None,
             end_detail=info.end_detail,
+            node=info.node,
             metadata=dict(info.spec.metadata),
             # The environment may hold secrets: it goes in, it never comes back out.
             spec=SpecBody(**{**spec, "env": {name: "" for name in spec["env"]}}),

@@ -58,6 +58,7 @@ class Service:
             at_rest_key=config.at_rest_key,
             boot_images=config.boot_images,
             scope=HostScope(config.host_scope),
+            node=config.node_name,
             egress=EgressSettings(
                 config.egress_floor, config.dns_upstream or None, self._egress_denied
             ),

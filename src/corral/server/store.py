@@ -142,6 +142,7 @@ def _info(row: SandboxRow, keys: KeyRing) -> SandboxInfo:
         ended_at=row.ended_at,
         end_reason=EndReason(row.end_reason) if row.end_reason else None,
         end_detail=row.end_detail,
+        node=row.node,
         history=tuple(
             StateChange(SandboxState(state), at, reason)
             for state, at, reason in json.loads(row.history)
@@ -158,6 +159,7 @@ def _columns(info: SandboxInfo, keys: KeyRing) -> dict[str, Any]:
         "created_at": info.created_at,
         "expires_at": info.expires_at,
         "ended_at": info.ended_at,
+        "node": info.node,
         "end_reason": info.end_reason.value if info.end_reason else None,
         "end_detail": info.end_detail,
     }

@@ -74,6 +74,7 @@ class SandboxRow(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     end_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class BlobRow(Base):

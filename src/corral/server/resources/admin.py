@@ -1,15 +1,17 @@
-"""What the node's operators manage: warm pools and API keys. Listing pools is open to every
-key; changing them, and everything about keys, needs an admin key (checked by the routes'
-dependency, `corral.server.auth.admin_tenant`)."""
+"""What the node's operators manage: warm pools, API keys and the nodes. Listing pools is open
+to every key; changing them, everything about keys and the nodes need an admin key (checked by
+the routes' dependency, `corral.server.auth.admin_tenant`)."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict
 from typing import Any
 
 from corral.core.egress import EgressPolicy
 from corral.core.errors import SandboxNotFound
 from corral.core.ids import check_id
-from corral.core.models import SandboxInfo
+from corral.core.models import NodeInfo, SandboxInfo
 from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason
@@ -75,6 +77,47 @@ class Keys:
         key = await self._store.revoke_key(key_id)
         await self._service.end_sandboxes_of(key.id)
         return key
+
+
+class Nodes:
+    """The machines whose engines run sandboxes: this server's own, for now (one node)."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self._service = tenant.service
+
+    def list(self) -> list[NodeInfo]:
+        service, engine = self._service, self._service.engine
+        admission = service.admission
+        pools = (
+            {"name": pool.name, "runtime": pool.template.runtime, "image": pool.template.image,
+             "size": pool.size, "idle": len(pool.idle)}
+            for pool in engine.pools.list()
+        )  # fmt: skip
+        cpus = os.cpu_count() or 1
+        return [
+            NodeInfo(
+                name=engine.node,
+                state="ready",
+                runtimes=tuple(n for n, why in engine.runtimes.report().items() if why is None),
+                sandboxes=len(engine.registry.live()),
+                max_sandboxes=service.config.max_sandboxes,
+                capacity=asdict(admission.capacity),
+                allocated=asdict(admission.in_use()),
+                load=round(os.getloadavg()[0] / cpus, 3),
+                memory_available_mb=_available_mb(),
+                pools=tuple(pools),
+                scope=engine.scope.index,
+            )
+        ]
+
+
+def _available_mb() -> int:
+    """The machine's available memory (MemAvailable), in MiB."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
 
 
 class AllSandboxes:

@@ -1,0 +1,100 @@
+"""The nodes: the machines whose engines run sandboxes, as an operator lists them (admin key),
+and the node each sandbox's info names. One server, named and scoped as a node of a local
+cluster would be."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral import CorralError, NodeInfo, Sandbox
+from corral.server.config import ServerConfig
+from tests.conftest import require_runtime
+from tests.e2e.conftest import SERVER_DIR, Server, start_server
+from tests.e2e.test_cli import corral
+
+NAME = "node-a.test"
+SCOPE = 5
+
+
+@pytest.fixture(scope="module")
+def node(data_dir: Path) -> Iterator[Server]:
+    require_runtime("namespaces")
+    running = start_server(
+        SERVER_DIR.with_name(SERVER_DIR.name + "-node"),
+        data_dir / "images",
+        "--node-name",
+        NAME,
+        "--host-scope",
+        str(SCOPE),
+        "--pool",
+        "namespaces:default:1",
+    )
+    try:
+        yield running
+    finally:
+        running.stop_and_clean()
+        subprocess.run(["nft", "delete", "table", "inet", f"corral_{SCOPE}"], check=False)
+
+
+def only_node(server: Server) -> NodeInfo:
+    with server.client() as admin:
+        nodes = admin.nodes()
+    assert [n.name for n in nodes] == [NAME]
+    return nodes[0]
+
+
+def test_an_admin_lists_the_node_with_its_capacity_load_and_pools(node: Server) -> None:
+    before = only_node(node)
+    assert before.state == "ready" and before.scope == SCOPE
+    assert "namespaces" in before.runtimes
+    assert before.capacity["cpu"] > 0 and before.capacity["memory_mb"] > 0
+    assert before.max_sandboxes == 2000 and before.memory_available_mb > 0
+    assert [(p["name"], p["size"]) for p in before.pools] == [("namespaces-debian", 1)]
+    tenant = node.client(node.new_key("nodes-tenant"))
+    sandbox = Sandbox.create(runtime="namespaces", cpu=0.25, pool=False, client=tenant)
+    try:
+        assert sandbox.info().node == NAME
+        during = only_node(node)
+        assert during.sandboxes >= before.sandboxes + 1
+        assert during.allocated["cpu"] >= before.allocated["cpu"] + 0.25
+    finally:
+        sandbox.terminate()
+    # The store keeps the node of an ended sandbox too.
+    ended = [s for s in Sandbox.list(state="terminated", client=tenant) if s.id == sandbox.id]
+    assert [s.node for s in ended] == [NAME]
+    tenant.close()
+
+
+def test_a_tenant_may_not_list_the_nodes(node: Server) -> None:
+    tenant = node.client(node.new_key("nodes-stranger"))
+    with pytest.raises(CorralError) as refused:
+        tenant.nodes()
+    assert refused.value.status_code == 403
+    tenant.close()
+
+
+def test_corral_nodes_list_as_a_table_and_as_json(node: Server) -> None:
+    listed = corral(node, "nodes", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (described,) = json.loads(listed.stdout)
+    assert described["name"] == NAME and described["scope"] == SCOPE
+    assert set(described["capacity"]) == {"cpu", "memory_mb", "disk_mb"}
+    table = corral(node, "nodes", "list")
+    assert table.returncode == 0, table.stderr
+    assert NAME in table.stdout and "namespaces" in table.stdout
+    answer = httpx.get(f"{node.url}/v1/nodes", headers={"Authorization": "Bearer wrong"})
+    assert answer.status_code == 401
+
+
+def test_a_node_name_that_is_not_a_name_is_refused() -> None:
+    for wrong in ("", "-a", "a b", "x" * 65, "a/b"):
+        with pytest.raises(CorralError) as refused:
+            ServerConfig(data_dir=Path("/nonexistent"), node_name=wrong)
+        assert refused.value.code == "invalid_node_name"
+        assert "--node-name" in str(refused.value)
