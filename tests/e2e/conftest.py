@@ -43,6 +43,7 @@ class Server:
         *extra: str,
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,  # another checkout's, for an A/B (bench/ab.py)
+        start_timeout: float = 60,  # a cluster's front answers once its nodes do
     ) -> None:
         self.data_dir = data_dir
         self.python = python
@@ -52,6 +53,7 @@ class Server:
         self.url = f"{'https' if secure else 'http'}://127.0.0.1:{self.port}"
         self.admin_key = "corral_test_" + secrets.token_urlsafe(16)
         self.extra = extra
+        self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
         images.mkdir(parents=True, exist_ok=True)  # on a fresh machine no engine made it yet
@@ -87,7 +89,7 @@ class Server:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
@@ -138,10 +140,11 @@ def start_server(
     *extra: str,
     env: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    start_timeout: float = 60,
 ) -> Server:
     for stale in data_dir.glob("corral.db*"):
         stale.unlink()
-    server = Server(data_dir, images, *extra, env=env, python=python)
+    server = Server(data_dir, images, *extra, env=env, python=python, start_timeout=start_timeout)
     server.start()
     return server
 

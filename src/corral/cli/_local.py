@@ -99,6 +99,7 @@ DatabaseUrl = Annotated[
         envvar=DATABASE_URL_VAR,
         help="A PostgreSQL database for the store (postgresql://USER:PASSWORD@HOST/DB), shared "
         "by servers; set it in the environment to keep the password out of process lists. "
+        "sqlite:////PATH shares a SQLite file between servers of one machine. "
         "Default: SQLite in the data directory.",
         show_default=False,
     ),
@@ -150,6 +151,11 @@ LogFormat = Annotated[
     LogFormats,
     typer.Option(help="json: one object per line with the request id, key and sandbox id."),
 ]
+ClusterOption = Annotated[
+    str | None,
+    typer.Option(help="Serve as the front of a cluster: local:N starts a Ray cluster of N "
+                 "nodes on this machine, each running a Corral node (docs/cluster.md)."),
+]  # fmt: skip
 NodeName = Annotated[
     str | None,
     typer.Option(help="This machine's name in sandboxes' info and `corral nodes list` "
@@ -235,6 +241,7 @@ def serve(
     overcommit: Overcommit = "",
     host_scope: HostScopeOption = None,
     node_name: NodeName = None,
+    cluster: ClusterOption = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
     log_format: LogFormat = LogFormats.text,
 ) -> None:
@@ -243,19 +250,18 @@ def serve(
     from corral.server.config import ServerConfig
 
     try:
-        config = ServerConfig(
+        config = _with_overcommit(ServerConfig(
             data_dir=data_dir or default_data_dir(), default_runtime=runtime,
             max_sandboxes_per_key=max_sandboxes_per_key, max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()), boot_images=boot_images,
             allowed_registries=_items(allow_registry), at_rest_key=at_rest_key,
             open_host_image=open_host_image, preview_domain=preview_domain,
-            max_image_bytes_per_key=max_image_mib_per_key << 20,
+            max_image_bytes_per_key=max_image_mib_per_key << 20, cluster=cluster,
             egress_floor=_floor(egress_allow, egress_deny), dns_upstream=_items(dns_upstream),
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
             database_url=database_url or None, host_scope=host_scope, node_name=node_name,
-        )  # fmt: skip
-        config = _with_overcommit(config, overcommit)
+        ), overcommit)  # fmt: skip
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         config.key_ring().check()  # an unusable key file is refused before anything starts
         key_note = asyncio.run(_bootstrap_keys(config))
@@ -281,8 +287,14 @@ def _run(
     if log_format == "json":
         use_json(log_level)
         options["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
+    if config.cluster is not None:
+        from corral.server.cluster.front import create_front_app
+
+        app = create_front_app(config)
+    else:
+        app = create_app(config)
     uvicorn.run(
-        create_app(config),
+        app,
         host=host,
         port=port,
         log_level=log_level,

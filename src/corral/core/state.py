@@ -37,6 +37,7 @@ class EndReason(StrEnum):
     IDLE = "idle"  # unused for its idle_timeout, with on_idle="terminate"
     KEY_REVOKED = "key_revoked"  # the API key that owned it was revoked
     ADMIN = "terminated_by_admin"  # an admin key ended it
+    NODE_LOST = "node_lost"  # the cluster lost the node that ran it (corral.server.cluster)
 
 
 def require_state(

@@ -11,6 +11,8 @@ from corral.core.errors import InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KEY_FILE, KeyRing
 
+SQLITE = "sqlite:///"  # a --database-url naming a SQLite file: sqlite:////abs/path
+MAX_LOCAL_NODES = 16  # one host scope each (corral.host.scope)
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -56,8 +58,18 @@ class ServerConfig:
     database_url: str | None = None
     host_scope: int | None = None  # this engine's share of a machine others run on too
     node_name: str | None = None  # in each sandbox's info; default: the host name
+    cluster: str | None = None  # serve as a cluster's front (`local:N`; corral.server.cluster)
 
     def __post_init__(self) -> None:
+        if self.cluster is not None:
+            self.cluster_nodes  # noqa: B018 (refused now, not when the front starts)
+        sqlite = self.database_url or ""
+        if sqlite.startswith(SQLITE) and not Path(sqlite.removeprefix(SQLITE)).is_absolute():
+            raise InvalidRequest(
+                f"--database-url {self.database_url!r} names a relative SQLite file; "
+                "use sqlite:////absolute/path/corral.db",
+                code="invalid_database_url",
+            )
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
             raise InvalidRequest(
                 f"node name {self.node_name!r} is not 1 to 64 letters, digits, '.', '_' or "
@@ -73,9 +85,28 @@ class ServerConfig:
     @property
     def database(self) -> Path | str:
         """Where the store is: the PostgreSQL URL, or the SQLite file in the data directory."""
+        if self.database_url and self.database_url.startswith(SQLITE):
+            return Path(self.database_url.removeprefix(SQLITE))  # servers on one machine
         return self.database_url or self.data_dir / "corral.db"
+
+    @property
+    def cluster_nodes(self) -> int:
+        """The node count of a ``local:N`` cluster; other forms are refused, saying what is."""
+        kind, _, count = (self.cluster or "").partition(":")
+        if kind == "local" and count.isdigit() and 1 <= int(count) <= MAX_LOCAL_NODES:
+            return int(count)
+        raise InvalidRequest(
+            f"--cluster {self.cluster!r} is not supported: use local:N, a Ray cluster of N "
+            f"(1 to {MAX_LOCAL_NODES}) nodes on this machine; joining an existing Ray cluster "
+            "(ray://HOST:PORT, auto) is not built yet",
+            code="invalid_cluster",
+        )
+
+    @property
+    def key_file(self) -> Path:
+        """The file of the keys of data at rest: the operator's, or the data directory's own."""
+        return self.at_rest_key or self.data_dir / KEY_FILE
 
     def key_ring(self) -> KeyRing:
         """The keys of data at rest (read when first used; see `corral.engine.sealing`)."""
-        path = self.at_rest_key or self.data_dir / KEY_FILE
-        return KeyRing(path=path, create=self.at_rest_key is None)
+        return KeyRing(path=self.key_file, create=self.at_rest_key is None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
 from websockets.client import ClientProtocol
@@ -14,7 +15,6 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from corral.engine.ports import PortStream
 from corral.server.auth import KEY_PROTOCOL
 from corral.server.previews.proxy import Headers
 
@@ -38,11 +38,27 @@ class Refused(Exception):
     """The sandbox's server did not accept the WebSocket."""
 
 
+class Stream(Protocol):
+    """Bytes each way: a port connection through a sandbox's agent, or a TCP connection."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def receive(self) -> bytes | None: ...
+
+
 async def relay_websocket(
-    stream: PortStream, scope: Scope, receive: Receive, send: Send, *, target: str, headers: Headers
+    stream: Stream,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    target: str,
+    headers: Headers,
+    keep_key: bool = False,
 ) -> None:
-    """Open the WebSocket in the sandbox, accept the client's, then relay until either closes.
-    Raises `Refused` (the client's is not accepted yet) if the sandbox's server says no."""
+    """Open the WebSocket at the far end, accept the client's, then relay until either closes.
+    Raises `Refused` (the client's is not accepted yet) if the far end says no. A Corral key
+    offered as a subprotocol is dropped unless `keep_key` (the far end is a Corral node)."""
     host = dict(scope["headers"]).get(b"host", b"sandbox").decode("latin-1")
     protocol = ClientProtocol(
         parse_uri(f"ws://{host}{target}"),
@@ -50,7 +66,7 @@ async def relay_websocket(
         subprotocols=[
             offered
             for offered in scope.get("subprotocols") or ()
-            if not offered.startswith(KEY_PROTOCOL)
+            if keep_key or not offered.startswith(KEY_PROTOCOL)
         ]
         or None,
         max_size=MAX_MESSAGE,
@@ -72,13 +88,13 @@ async def relay_websocket(
             await inbound
 
 
-async def _flush(stream: PortStream, protocol: ClientProtocol) -> None:
+async def _flush(stream: Stream, protocol: ClientProtocol) -> None:
     for data in protocol.data_to_send():
         if data:
             await stream.send(data)
 
 
-async def _handshake(stream: PortStream, protocol: ClientProtocol) -> None:
+async def _handshake(stream: Stream, protocol: ClientProtocol) -> None:
     while protocol.state is State.CONNECTING:
         data = await stream.receive()
         if data is None:
@@ -91,7 +107,7 @@ async def _handshake(stream: PortStream, protocol: ClientProtocol) -> None:
         raise Refused("the server in the sandbox did not accept the WebSocket")
 
 
-async def _from_client(stream: PortStream, protocol: ClientProtocol, receive: Receive) -> None:
+async def _from_client(stream: Stream, protocol: ClientProtocol, receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "websocket.receive":
@@ -107,7 +123,7 @@ async def _from_client(stream: PortStream, protocol: ClientProtocol, receive: Re
         await _flush(stream, protocol)
 
 
-async def _from_sandbox(stream: PortStream, protocol: ClientProtocol, send: Send) -> None:
+async def _from_sandbox(stream: Stream, protocol: ClientProtocol, send: Send) -> None:
     pending: tuple[Opcode, bytearray] | None = None  # a message arriving in fragments
     while protocol.state is not State.CLOSED:
         data = await stream.receive()

@@ -1,0 +1,173 @@
+"""Cluster mode on a real local Ray cluster: `corral serve --cluster local:2` on this machine,
+two nodes (each its own Corral server, data directory and host scope) behind one front.
+
+Creates spread over the nodes and reach them directly (HTTP and WebSockets); a node selector
+picks one; a node killed with SIGKILL is reported lost, its sandboxes end `node_lost`, the other
+node keeps working and takes the new creates; nothing is left on the host afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral import Client, Sandbox
+from corral.engine import Engine, HostScope
+from corral.host import cgroups
+from corral.server.cluster.local import LocalRay
+from corral.server.config import ServerConfig
+from tests.conftest import require_runtime
+from tests.e2e.conftest import SERVER_DIR, Server, start_server
+
+NODES = 2
+
+
+@pytest.fixture(scope="module")
+def front(data_dir: Path) -> Iterator[Server]:
+    require_runtime("namespaces")
+    directory = SERVER_DIR.with_name(SERVER_DIR.name + "-cluster")
+    running = start_server(
+        directory, data_dir / "images", "--cluster", f"local:{NODES}", start_timeout=240
+    )
+    try:
+        yield running
+    finally:
+        running.stop()
+        asyncio.run(_end_leftovers(directory))
+
+
+async def _end_leftovers(directory: Path) -> None:
+    """A stopped node keeps its sandboxes for its next start, as any server does: end them."""
+    key = ServerConfig(data_dir=directory).key_file
+    for index in range(NODES):
+        node = directory / "nodes" / f"n{index}"
+        if node.is_dir():
+            async with Engine(node, scope=HostScope(index), at_rest_key=key, boot_images=False):
+                pass
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
+def scope_cgroups(index: int) -> list[str]:
+    group = cgroups.ROOT / ("memory" if cgroups.layout() == "v1" else "") / f"corral-{index}"
+    return [g.name for g in group.glob("sb-*")] if group.is_dir() else []
+
+
+def test_creates_spread_over_the_nodes_and_reach_them_directly(front: Server) -> None:
+    with front.client() as admin:
+        nodes = admin.nodes()
+    assert [(n.name, n.state, n.scope) for n in nodes] == [("n0", "ready", 0), ("n1", "ready", 1)]
+    assert all("namespaces" in n.runtimes for n in nodes)
+    # Ray's servers are out of reach: none listens in the host's network namespace.
+    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True)
+    ray_servers = ('"raylet"', '"gcs_server"', '"ray::')
+    assert not [
+        line for line in listening.stdout.splitlines() if any(r in line for r in ray_servers)
+    ]
+    tenant = front.client(front.new_key("cluster-tenant"))
+    made = [Sandbox.create(runtime="namespaces", client=tenant) for _ in range(4)]
+    try:
+        assert {s.info().node for s in made} == {"n0", "n1"}
+        for sandbox in made:
+            assert sandbox.run("echo via the front").stdout == "via the front\n"
+            sandbox.files.write("/root/big.bin", io.BytesIO(b"x" * 2_000_000))
+            assert len(sandbox.files.read("/root/big.bin")) == 2_000_000
+            seen: list[bytes] = []
+            streamed = sandbox.exec(cmd="echo one; echo two >&2; exit 3", on_stdout=seen.append)
+            assert streamed.wait() == 3 and b"".join(seen) == b"one\n"
+        listed = {s.id for s in Sandbox.list(client=tenant)}
+        assert {s.id for s in made} <= listed
+        # Another key sees none of them, whichever node it asks.
+        stranger = front.client(front.new_key("cluster-stranger"))
+        assert not {s.id for s in Sandbox.list(client=stranger)} & listed
+        with pytest.raises(Exception) as hidden:
+            Sandbox.connect(made[0].id, client=stranger).run("true")
+        assert getattr(hidden.value, "status_code", None) == 404
+        stranger.close()
+    finally:
+        for sandbox in made:
+            sandbox.terminate()
+        tenant.close()
+
+
+def test_a_restarted_cluster_takes_its_sandboxes_back(front: Server) -> None:
+    """Stopping the front stops the nodes as any server stops: their sandboxes keep running
+    (none is reported lost), and the next start adopts them, reached through the store."""
+    key = front.new_key("cluster-restart")
+    with front.client(key) as first:
+        kept = [s for node in ("n0", "n1") for s in _on_node(front, key, first, node, 1)]
+        kept[0].files.write("/root/kept.txt", "before")
+    front.stop()
+    front.start()
+    with front.client(key) as tenant:
+        for sandbox in kept:
+            again = Sandbox.connect(sandbox.id, client=tenant)
+            assert again.info().state.value == "running"
+            assert again.run("echo back").stdout == "back\n"
+        assert Sandbox.connect(kept[0].id, client=tenant).files.read_text("/root/kept.txt") == (
+            "before"
+        )
+        for sandbox in kept:
+            Sandbox.connect(sandbox.id, client=tenant).terminate()
+
+
+def test_a_node_selector_picks_the_node_and_a_wrong_one_is_refused(front: Server) -> None:
+    key = front.new_key("cluster-selector")
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=front.url, headers=auth, timeout=120) as http:
+        made = http.post("/v1/sandboxes", json={"runtime": "namespaces", "node": "n1"})
+        assert made.status_code == 201, made.text
+        assert made.json()["node"] == "n1"
+        http.delete(f"/v1/sandboxes/{made.json()['id']}")
+        wrong = http.post("/v1/sandboxes", json={"runtime": "namespaces", "node": "n9"})
+        assert wrong.status_code == 400
+        assert wrong.json()["error"]["code"] == "node_not_found"
+        assert "corral nodes list" in wrong.json()["error"]["message"]
+
+
+def test_a_node_killed_with_sigkill_is_lost_and_its_sandboxes_end_node_lost(
+    front: Server,
+) -> None:
+    key = front.new_key("cluster-loss")
+    with front.client(key) as tenant, front.client() as admin:
+        victims = _on_node(front, key, tenant, "n1", 2)
+        (survivor,) = _on_node(front, key, tenant, "n0", 1)
+        LocalRay(front.data_dir / "cluster", NODES).kill_node(1)
+        wait_until(lambda: {n.name: n.state for n in admin.nodes()}["n1"] == "lost", "n1 is lost")
+        for victim in victims:
+            ended = victim.info()
+            assert ended.state.value == "terminated"
+            assert ended.end_reason is not None and ended.end_reason.value == "node_lost"
+            assert ended.end_detail and "n1" in ended.end_detail
+        assert survivor.run("echo still here").stdout == "still here\n"
+        after = Sandbox.create(runtime="namespaces", client=tenant)
+        assert after.info().node == "n0"
+        wait_until(lambda: scope_cgroups(1) == [], "n1's sandboxes are cleaned up")
+        for sandbox in (survivor, after):
+            sandbox.terminate()
+
+
+def _on_node(front: Server, key: str, client: Client, node: str, count: int) -> list[Sandbox]:
+    """`count` sandboxes made on `node` by the selector (an HTTP field, not in the SDK)."""
+    made = []
+    for _ in range(count):
+        answer = httpx.post(
+            f"{front.url}/v1/sandboxes",
+            json={"runtime": "namespaces", "node": node},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+        )
+        assert answer.status_code == 201, answer.text
+        made.append(Sandbox.connect(answer.json()["id"], client=client))
+    return made

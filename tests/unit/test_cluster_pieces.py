@@ -1,0 +1,136 @@
+"""Cluster mode's pieces that need no cluster: its options, placement, routing by path, and
+that the one-machine path never imports Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.core.errors import CorralError
+from corral.server.cluster.front import _sandbox_of
+from corral.server.cluster.placement import Node, choose
+from corral.server.config import ServerConfig
+
+
+def test_the_one_machine_path_never_imports_ray() -> None:
+    program = (
+        "import sys, corral.cli, corral.server.app, corral.server.service\n"
+        "from corral.server.config import ServerConfig\n"
+        "corral.server.app.create_app(ServerConfig(data_dir=__import__('pathlib').Path('/x')))\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("cluster", "nodes"), [("local:1", 1), ("local:3", 3), ("local:16", 16)])
+def test_a_local_cluster_is_named_by_its_node_count(cluster: str, nodes: int) -> None:
+    assert ServerConfig(data_dir=Path("/x"), cluster=cluster).cluster_nodes == nodes
+
+
+@pytest.mark.parametrize(
+    "cluster", ["local:0", "local:17", "local:", "local:x", "ray://10.0.0.1:6379", "auto", ""]
+)
+def test_a_cluster_that_is_not_supported_is_refused_saying_what_is(cluster: str) -> None:
+    with pytest.raises(CorralError) as refused:
+        ServerConfig(data_dir=Path("/x"), cluster=cluster)
+    assert refused.value.code == "invalid_cluster" and refused.value.status_code == 400
+    assert "local:N" in str(refused.value)
+
+
+def test_a_shared_sqlite_store_is_named_by_an_absolute_path() -> None:
+    config = ServerConfig(data_dir=Path("/x"), database_url="sqlite:////var/lib/c/corral.db")
+    assert config.database == Path("/var/lib/c/corral.db")
+    with pytest.raises(CorralError) as refused:
+        ServerConfig(data_dir=Path("/x"), database_url="sqlite:///relative.db")
+    assert refused.value.code == "invalid_database_url"
+
+
+def _node(name: str, cpu_used: float, runtimes: tuple[str, ...] = ("namespaces",),
+          idle: int = 0) -> dict[str, Any]:  # fmt: skip
+    return {
+        "name": name, "runtimes": list(runtimes), "capacity": {"cpu": 4.0},
+        "allocated": {"cpu": cpu_used},
+        "pools": [{"name": "p", "runtime": "namespaces", "image": "debian", "size": 1,
+                   "idle": idle}],
+    }  # fmt: skip
+
+
+def _choose(seen: dict[str, dict[str, Any] | None], body: Any) -> tuple[list[str], Any] | None:
+    nodes = {
+        name: Node(name, index, f"http://n{index}", "ready" if info is not None else "lost")
+        for index, (name, info) in enumerate(seen.items())
+    }
+
+    async def describe(node: Node) -> dict[str, Any] | None:
+        return seen[node.name]
+
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    chosen = asyncio.run(choose(nodes, describe, raw))
+    if chosen is None:
+        return None
+    return [n.name for n in chosen[0]], json.loads(chosen[1])
+
+
+def test_creates_go_to_the_emptiest_node_first_and_to_a_pool_hit_before_that() -> None:
+    seen = {"n0": _node("n0", 3.0), "n1": _node("n1", 1.0), "n2": _node("n2", 2.0)}
+    assert _choose(seen, {})[0] == ["n1", "n2", "n0"]  # type: ignore[index]
+    seen["n0"] = _node("n0", 3.0, idle=1)
+    assert _choose(seen, {"runtime": "namespaces"})[0][0] == "n0"  # type: ignore[index]
+
+
+def test_only_nodes_with_the_runtime_and_alive_are_candidates() -> None:
+    seen = {
+        "n0": _node("n0", 0.0, runtimes=("namespaces",)),
+        "n1": _node("n1", 1.0, runtimes=("gvisor", "namespaces")),
+        "n2": None,  # lost
+    }
+    assert _choose(seen, {"runtime": "gvisor"})[0] == ["n1"]  # type: ignore[index]
+    with pytest.raises(CorralError) as refused:
+        _choose({"n0": _node("n0", 0.0)}, {"runtime": "gvisor"})
+    assert (refused.value.status_code, refused.value.code) == (429, "no_node_available")
+    assert "none runs gvisor" in str(refused.value)
+
+
+def test_a_node_selector_picks_one_and_is_not_sent_on() -> None:
+    seen = {"n0": _node("n0", 0.0), "n1": _node("n1", 3.0)}
+    names, body = _choose(seen, {"node": "n1", "cpu": 1})  # type: ignore[misc]
+    assert names == ["n1"] and body == {"cpu": 1}
+    with pytest.raises(CorralError) as unknown:
+        _choose(seen, {"node": "n7"})
+    assert (unknown.value.status_code, unknown.value.code) == (400, "node_not_found")
+    with pytest.raises(CorralError) as wrong_type:
+        _choose(seen, {"node": ["n0"]})
+    assert wrong_type.value.code == "node_not_found"
+    with pytest.raises(CorralError) as lost:
+        _choose({"n0": _node("n0", 0.0), "n1": None}, {"node": "n1"})
+    assert lost.value.code == "no_node_available" and "n1 is not ready" in str(lost.value)
+
+
+def test_a_body_that_is_not_an_object_is_left_to_a_node_to_refuse() -> None:
+    seen = {"n0": _node("n0", 0.0)}
+    assert _choose(seen, b"{not json") is None
+    assert _choose(seen, [1, 2]) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "sandbox"),
+    [
+        ("/v1/sandboxes/sb-0123456789abcdef/exec", "sb-0123456789abcdef"),
+        ("/v1/sandboxes/sb-0123456789abcdef", "sb-0123456789abcdef"),
+        ("/preview/sb-0123456789abcdef/8080/index.html", "sb-0123456789abcdef"),
+        ("/v1/sandboxes", None),
+        ("/v1/sandboxes/usage", None),
+        ("/v1/images/im-1", None),
+    ],
+)
+def test_requests_about_a_sandbox_are_routed_by_its_id(path: str, sandbox: str | None) -> None:
+    assert _sandbox_of(path) == sandbox
