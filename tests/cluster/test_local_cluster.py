@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,6 +90,14 @@ def test_creates_spread_over_the_nodes_and_reach_them_directly(front: Server) ->
             assert streamed.wait() == 3 and b"".join(seen) == b"one\n"
         listed = {s.id for s in Sandbox.list(client=tenant)}
         assert {s.id for s in made} <= listed
+        # Metrics from every node: each sample labelled by its node (admin), and the key's
+        # sandboxes' newest samples from both nodes.
+        admin_auth = {"Authorization": f"Bearer {front.admin_key}"}
+        scraped = httpx.get(f"{front.url}/metrics", headers=admin_auth, timeout=60)
+        assert scraped.status_code == 200
+        assert 'node="n0"' in scraped.text and 'node="n1"' in scraped.text
+        usage = {row["sandbox_id"] for row in tenant.sandbox_usage()}
+        assert {s.id for s in made} <= usage
         # Another key sees none of them, whichever node it asks.
         stranger = front.client(front.new_key("cluster-stranger"))
         assert not {s.id for s in Sandbox.list(client=stranger)} & listed
@@ -143,6 +153,7 @@ def test_a_node_killed_with_sigkill_is_lost_and_its_sandboxes_end_node_lost(
     with front.client(key) as tenant, front.client() as admin:
         victims = _on_node(front, key, tenant, "n1", 2)
         (survivor,) = _on_node(front, key, tenant, "n0", 1)
+        events = EventReader(front.url, key, {v.id for v in victims})
         LocalRay(front.data_dir / "cluster", NODES).kill_node(1)
         wait_until(lambda: {n.name: n.state for n in admin.nodes()}["n1"] == "lost", "n1 is lost")
         for victim in victims:
@@ -150,12 +161,40 @@ def test_a_node_killed_with_sigkill_is_lost_and_its_sandboxes_end_node_lost(
             assert ended.state.value == "terminated"
             assert ended.end_reason is not None and ended.end_reason.value == "node_lost"
             assert ended.end_detail and "n1" in ended.end_detail
+        # The key's event stream at the front says so too (the node's own cannot).
+        events.thread.join(timeout=60)
+        assert events.lost == {v.id for v in victims}
         assert survivor.run("echo still here").stdout == "still here\n"
         after = Sandbox.create(runtime="namespaces", client=tenant)
         assert after.info().node == "n0"
         wait_until(lambda: scope_cgroups(1) == [], "n1's sandboxes are cleaned up")
         for sandbox in (survivor, after):
             sandbox.terminate()
+
+
+class EventReader:
+    """A key's event stream through the front, read on a thread until every one of `waited`
+    has ended `node_lost`."""
+
+    def __init__(self, url: str, key: str, waited: set[str]) -> None:
+        self.lost: set[str] = set()
+        self._waited = waited
+        self._connected = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(url, key), daemon=True)
+        self.thread.start()
+        assert self._connected.wait(30), "the event stream did not open"
+
+    def _read(self, url: str, key: str) -> None:
+        auth = {"Authorization": f"Bearer {key}"}
+        with httpx.stream("GET", f"{url}/v1/events", headers=auth, timeout=120) as answer:
+            for line in answer.iter_lines():
+                self._connected.set()
+                if line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    if event.get("end_reason") == "node_lost":
+                        self.lost.add(event["sandbox_id"])
+                if self.lost >= self._waited:
+                    return
 
 
 def _on_node(front: Server, key: str, client: Client, node: str, count: int) -> list[Sandbox]:

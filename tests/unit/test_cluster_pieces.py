@@ -14,6 +14,7 @@ import pytest
 
 from corral.core.errors import CorralError
 from corral.server.cluster.front import _sandbox_of
+from corral.server.cluster.gather import labelled
 from corral.server.cluster.placement import Node, choose
 from corral.server.config import ServerConfig
 
@@ -127,10 +128,34 @@ def test_a_body_that_is_not_an_object_is_left_to_a_node_to_refuse() -> None:
         ("/v1/sandboxes/sb-0123456789abcdef/exec", "sb-0123456789abcdef"),
         ("/v1/sandboxes/sb-0123456789abcdef", "sb-0123456789abcdef"),
         ("/preview/sb-0123456789abcdef/8080/index.html", "sb-0123456789abcdef"),
+        ("/sandboxes/sb-0123456789abcdef/connect", "sb-0123456789abcdef"),
+        ("/v2/sandboxes/sb-0123456789abcdef/connect", "sb-0123456789abcdef"),
         ("/v1/sandboxes", None),
+        ("/sandboxes", None),
         ("/v1/sandboxes/usage", None),
         ("/v1/images/im-1", None),
     ],
 )
 def test_requests_about_a_sandbox_are_routed_by_its_id(path: str, sandbox: str | None) -> None:
     assert _sandbox_of(path) == sandbox
+
+
+def test_metrics_of_the_nodes_are_one_exposition_labelled_by_node() -> None:
+    exposition = (
+        "# HELP corral_sandboxes Live sandboxes.\n# TYPE corral_sandboxes gauge\n"
+        'corral_sandboxes{runtime="gvisor"} 2.0\ncorral_sandboxes{} 1.0\n'
+        "# HELP corral_up Up.\n# TYPE corral_up gauge\ncorral_up 1.0\n"
+    )
+    merged = labelled({"n0": exposition, "n1": exposition.replace("2.0", "5.0")})
+    assert merged.splitlines() == [
+        "# HELP corral_sandboxes Live sandboxes.",
+        "# TYPE corral_sandboxes gauge",
+        'corral_sandboxes{node="n0",runtime="gvisor"} 2.0',
+        'corral_sandboxes{node="n0"} 1.0',
+        'corral_sandboxes{node="n1",runtime="gvisor"} 5.0',
+        'corral_sandboxes{node="n1"} 1.0',
+        "# HELP corral_up Up.",
+        "# TYPE corral_up gauge",
+        'corral_up{node="n0"} 1.0',
+        'corral_up{node="n1"} 1.0',
+    ]

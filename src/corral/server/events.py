@@ -5,13 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from corral.core.models import SandboxInfo
 
 EVENT_BACKLOG = 1000  # events kept for one slow reader
+EVENT_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
+
+
+async def server_sent(
+    queue: asyncio.Queue[dict[str, Any]], sandbox_id: str | None
+) -> AsyncIterator[bytes]:
+    """The events of `queue` (of one sandbox only, with `sandbox_id`) as server-sent events,
+    numbered from 1, with a comment every `EVENT_KEEPALIVE` seconds of quiet."""
+    yield b": connected\n\n"
+    number = 0
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.get(), EVENT_KEEPALIVE)
+        except TimeoutError:
+            yield b": keepalive\n\n"  # proxies keep the connection; clients ignore it
+            continue
+        if sandbox_id is not None and event.get("sandbox_id") not in (None, sandbox_id):
+            continue
+        number += 1
+        data = json.dumps(event)
+        yield f"id: {number}\nevent: {event['type']}\ndata: {data}\n\n".encode()
 
 
 class EventHub:

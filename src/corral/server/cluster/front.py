@@ -35,18 +35,21 @@ from corral.core.errors import CorralError, LimitReached, ServiceUnavailable
 from corral.core.models import StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine, HostScope
-from corral.server.cluster import placement
+from corral.server.cluster import gather, placement
+from corral.server.cluster.events import merged_events
 from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
 from corral.server.cluster.sockets import relay
 from corral.server.config import ServerConfig
 from corral.server.errors import error_response
+from corral.server.events import EventHub
 from corral.server.store import Store
 
 log = logging.getLogger("corral.cluster")
 
 FRONT_KEY_NAME = "corral-front"  # the front's own admin key, made afresh at each start
 START_TIMEOUT = 180.0
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 # Not copied between the client's connection and the node's.
 HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "te"})
@@ -72,6 +75,7 @@ class Front:
         }
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
         self.located: dict[str, str] = {}  # sandbox id -> node name, for those made here
+        self.events = EventHub()  # what only the front knows: sandboxes ended with a node
         self._store: Store | None = None
         self._key = ""
         self._agent: asyncio.subprocess.Process | None = None
@@ -202,7 +206,8 @@ class Front:
         now = time.time()
         why = f"node {node.name} was lost: {detail}"
         for info in await self.store.live_sandboxes():
-            if info.node != node.name:
+            found = await self.store.get_sandbox(info.id) if info.node == node.name else None
+            if found is None:
                 continue
             ended = replace(
                 info,
@@ -214,6 +219,7 @@ class Front:
                 history=(*info.history, StateChange(SandboxState.TERMINATED, now, "node_lost")),
             )
             await self.store.update_sandbox(ended)
+            self.events.publish(found[0], ended)
         task = asyncio.create_task(self._clean_up(node))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
@@ -235,6 +241,10 @@ class Front:
 
     def ready(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.state == "ready"]
+
+    def urls(self) -> dict[str, str]:
+        """Every ready node's URL, by name."""
+        return {node.name: node.url for node in self.ready()}
 
     def any_nodes(self) -> list[Node]:
         """Every ready node, in a random order (the first that answers serves)."""
@@ -317,8 +327,12 @@ def _unavailable(node: Node, exc: Exception | None) -> Response:
 
 def _sandbox_of(path: str) -> str | None:
     parts = path.strip("/").split("/")
-    if len(parts) >= 3 and parts[:2] == ["v1", "sandboxes"] and parts[2].startswith("sb-"):
-        return parts[2]
+    if parts[:1] == ["v2"]:  # E2B's control API, /v2/sandboxes/{id}…, as /sandboxes/{id}…
+        parts = parts[1:]
+    for start in (["v1", "sandboxes"], ["sandboxes"]):
+        rest = parts[len(start) :]
+        if parts[: len(start)] == start and rest and rest[0].startswith("sb-"):
+            return rest[0]
     if len(parts) >= 2 and parts[0] == "preview":
         return parts[1]
     return None
@@ -342,6 +356,9 @@ def create_front_app(config: ServerConfig) -> Starlette:
             Route("/healthz", _healthz),
             Route("/v1/nodes", _nodes),
             Route("/v1/sandboxes", _create, methods=["POST"]),
+            Route("/v1/events", _events),
+            Route("/metrics", _metrics),
+            Route("/v1/metrics/sandboxes", _latest_metrics),
             Route("/{path:path}", _anything, methods=METHODS),
             WebSocketRoute("/{path:path}", _socket),
         ],
@@ -389,6 +406,40 @@ async def _nodes(request: Request) -> Response:
         for node, seen in zip(front.nodes.values(), described, strict=True)
     ]
     return JSONResponse(listed)
+
+
+async def _events(request: Request) -> Response:
+    """Every node's events for the caller (or only its node's, with `sandbox_id`), merged."""
+    front, sandbox_id = _front(request), request.query_params.get("sandbox_id")
+    try:
+        nodes = await front.nodes_for(sandbox_id) if sandbox_id else front.ready()
+    except CorralError as error:
+        return error_response(error)
+    return await merged_events(
+        front.http, [node.url for node in nodes], request, _headers(request.headers.raw),
+        store=front.store, hub=front.events,
+    )  # fmt: skip
+
+
+async def _metrics(request: Request) -> Response:
+    """Every ready node's Prometheus metrics, each sample labelled with its `node`."""
+    front = _front(request)
+    answers = await gather.ask_all(
+        front.http, front.urls(), "/metrics", _headers(request.headers.raw)
+    )
+    if isinstance(answers, Response):
+        return answers
+    texts = {name: answer.text for name, answer in answers.items()}
+    return Response(gather.labelled(texts), media_type=PROMETHEUS)
+
+
+async def _latest_metrics(request: Request) -> Response:
+    """The caller's sandboxes' newest usage samples, from every ready node."""
+    front = _front(request)
+    answers = await gather.ask_all(
+        front.http, front.urls(), request.url.path, _headers(request.headers.raw)
+    )
+    return answers if isinstance(answers, Response) else gather.joined(answers)
 
 
 async def _anything(request: Request) -> Response:
