@@ -48,10 +48,12 @@ async def pools_full(client: AsyncClient, timeout: float = 300) -> None:
     raise TimeoutError("the pools did not fill")
 
 
-async def warm_first_command(client: AsyncClient, rounds: int) -> dict[str, float]:
+async def warm_first_command(
+    client: AsyncClient, admin: AsyncClient, rounds: int
+) -> dict[str, float]:
     samples = []
     for _ in range(rounds):
-        await pools_full(client)
+        await pools_full(admin)
         started = time.perf_counter()
         sandbox = await AsyncSandbox.create(runtime="namespaces", client=client)
         await sandbox.run("echo ok")
@@ -109,7 +111,7 @@ async def measure(front: Server, nodes: int, rounds: int) -> dict[str, Any]:
         await pools_full(admin)
         async with AsyncClient(url=front.url, api_key=key) as client:
             figures: dict[str, Any] = {"nodes": nodes}
-            figures["warm_first_command"] = await warm_first_command(client, rounds)
+            figures["warm_first_command"] = await warm_first_command(client, admin, rounds)
             figures["cold_create_throughput"] = await create_throughput(client, 24, 8)
     figures["exec_routing"] = await routing(front, key, rounds * 5)
     return figures

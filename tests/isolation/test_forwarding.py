@@ -64,6 +64,9 @@ def fresh_host() -> Iterator[None]:
     for iface, (host_side, far_side) in NEIGHBOURS.items():
         netns = f"{iface}-ns"
         subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+        # A namespace goes away lazily, and its veth with it: one from the test before may
+        # still be there.
+        subprocess.run(["ip", "link", "del", iface], capture_output=True, check=False)
         ip("netns", "add", netns)
         ip("link", "add", iface, "type", "veth", "peer", "name", "eth0", "netns", netns)
         ip("addr", "add", f"{host_side}/30", "dev", iface)

@@ -68,6 +68,17 @@ async def test_slow_reader_does_not_block_other_streams(link: AgentLink) -> None
     assert result["signal"] == 9
 
 
+async def test_a_signal_is_named_by_its_own_name_only(link: AgentLink) -> None:
+    """Found by the API fuzzer: "__dict__" was looked up on the signal module (a 500)."""
+    sleeper = await link.open(P.PROC_START, {"argv": ["sleep", "30"], "timeout": 30})
+    _, started = await sleeper.receive()
+    for wrong in ("__dict__", "getsignal", "TERM", "SIGNOPE", 999):
+        with pytest.raises(InvalidRequest):
+            await link.call(P.PROC_SIGNAL, {"id": started["id"], "signal": wrong})
+    await link.call(P.PROC_SIGNAL, {"id": started["id"], "signal": "SIGKILL"})
+    assert (await sleeper.result())["signal"] == 9
+
+
 async def test_files_stream_and_cancel(link: AgentLink, tmp_path: Path) -> None:
     files = SandboxFiles(link)
     data = bytes(range(256)) * 40_000  # ~10 MB, ten windows

@@ -404,10 +404,10 @@ class Agent:
     async def proc_signal(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
         proc = self.find_proc(params)
         sig = params.get("signal", "SIGKILL")
-        try:
-            signum = int(sig) if isinstance(sig, int) else int(getattr(signal, str(sig)))
+        try:  # a name is one of the signals' own ("SIGTERM"), never any attribute of `signal`
+            signum = int(sig) if isinstance(sig, int) else int(signal.Signals[str(sig)])
             signal.Signals(signum)
-        except (AttributeError, ValueError):
+        except (KeyError, ValueError):
             raise GuestError("invalid_request", "unknown signal %r" % (sig,)) from None
         if signum == signal.SIGKILL and not proc.exited.is_set():
             tree.end_all(tree.family(proc.pid))  # everything the command started goes with it
