@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from corral import Client, Sandbox
+from corral.core.errors import ServiceUnavailable
 from corral.engine import Engine, HostScope
 from corral.host import cgroups
 from corral.server.cluster.local import LocalRay
@@ -210,3 +211,23 @@ def _on_node(front: Server, key: str, client: Client, node: str, count: int) -> 
         assert answer.status_code == 201, answer.text
         made.append(Sandbox.connect(answer.json()["id"], client=client))
     return made
+
+
+def test_a_cluster_that_fails_to_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A `ray start` that fails after starting some servers (a node that times out, as seen
+    under load) must not leave them, the namespace or the host's mount behind."""
+    fake = tmp_path / "ray"
+    fake.write_text(
+        "#!/bin/sh\nsleep 300 >/dev/null 2>&1 &\necho 'The current node timed out' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    ray = LocalRay(tmp_path / "cluster", 1)
+    ray.hostnet.parent.mkdir()
+    ray._ray = str(fake)
+    with pytest.raises(ServiceUnavailable, match="timed out") as raised:
+        ray.start()
+    assert raised.value.code == "cluster_unavailable"
+    assert ray.processes() == []
+    assert not Path(f"/run/netns/{ray.netns}").exists()
+    assert str(ray.hostnet) not in Path("/proc/self/mountinfo").read_text()
+    assert not ray.hostnet.exists()

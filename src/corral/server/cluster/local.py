@@ -44,6 +44,13 @@ class LocalRay:
 
     def start(self) -> None:
         self.stop()  # what a crashed front left
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # a half-started cluster leaves no process, namespace or mount behind
+            raise
+
+    def _start(self) -> None:
         self._run(["ip", "netns", "add", self.netns])
         self._run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         self.hostnet.touch()
