@@ -352,7 +352,8 @@ class Service:
 
     async def _revoked_loop(self) -> None:
         """End the sandboxes of keys revoked elsewhere (`corral keys revoke` on this machine):
-        revocations through the API end them at once."""
+        revocations through the API end them at once. Take up the quotas, key networks and
+        webhooks set through other servers sharing the store too."""
         while True:
             await asyncio.sleep(REVOKED_EVERY)
             try:
@@ -360,6 +361,8 @@ class Service:
                     await self.end_sandboxes_of(key_id)
                 self.quotas = await self.store.quotas()  # set with `corral keys quota` too
                 self.key_networks = await self.store.key_networks.all()
+                if self.webhooks is not None:  # registered through another server
+                    await self.webhooks.sync()
             except Exception:
                 log.exception("could not end the sandboxes of revoked keys")
 

@@ -178,14 +178,26 @@ class Webhooks:
         self._guarded.close()
         self._trusted.close()
 
-    def of(self, owner: str) -> list[Webhook]:
+    async def sync(self) -> None:
+        """Take up what other servers sharing the store (a cluster's nodes and front) added or
+        removed; they do the same with this one's."""
+        stored = {hook.id: hook for hook in await self._store.all()}
+        for hook_id in [h for h, hook in self._hooks.items() if hook.owner != OPERATOR]:
+            if hook_id not in stored:
+                self._stop(hook_id)
+        for hook in stored.values():
+            if hook.id not in self._hooks:
+                self._run(hook)
+
+    async def of(self, owner: str) -> list[Webhook]:
+        await self.sync()
         return [hook for hook in self._hooks.values() if hook.owner == owner]
 
     async def add(self, owner: str, url: Any, events: Any) -> tuple[Webhook, str]:
         """Register `url` for `owner`'s events; the webhook and its secret (shown once)."""
         url = await asyncio.to_thread(check_url, url, self._egress)
         wanted = check_events(events)
-        if len(self.of(owner)) >= MAX_PER_KEY:
+        if len(await self.of(owner)) >= MAX_PER_KEY:
             raise LimitReached(f"a key may have {MAX_PER_KEY} webhooks; delete one first",
                                code="too_many_webhooks")  # fmt: skip
         secret = "whsec_" + secrets.token_urlsafe(32)
@@ -196,15 +208,19 @@ class Webhooks:
 
     async def remove(self, owner: str, hook_id: str) -> Webhook:
         check_id(hook_id, "whk")
+        await self.sync()
         hook = self._hooks.get(hook_id)
         if hook is None or hook.owner != owner:
             raise NotFound(f"no webhook {hook_id}", code="webhook_not_found")
         await self._store.remove(hook_id)
+        self._stop(hook_id)
+        return hook
+
+    def _stop(self, hook_id: str) -> None:
         self._hooks.pop(hook_id, None)
         self._queues.pop(hook_id, None)
         if (task := self._senders.pop(hook_id, None)) is not None:
             task.cancel()
-        return hook
 
     def publish(self, owner: str, event: dict[str, Any]) -> None:
         """Queue `event` (of `owner`'s sandbox) for every webhook that wants it; never waits."""

@@ -20,8 +20,8 @@ class TenantWebhooks:
     async def create(self, url: Any, events: Any) -> tuple[Webhook, str]:
         return await self._hooks.add(self._tenant.id, url, events)
 
-    def list(self) -> list[Webhook]:
-        return self._hooks.of(self._tenant.id)
+    async def list(self) -> list[Webhook]:
+        return await self._hooks.of(self._tenant.id)
 
     async def delete(self, hook_id: str) -> Webhook:
         return await self._hooks.remove(self._tenant.id, hook_id)

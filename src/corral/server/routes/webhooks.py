@@ -31,7 +31,7 @@ async def create_webhook(body: CreateWebhook, webhooks: WebhooksDep) -> dict[str
 @router.get("")
 async def list_webhooks(webhooks: WebhooksDep) -> list[dict[str, Any]]:
     """Your webhooks (never their secrets)."""
-    return [hook.to_dict() for hook in webhooks.list()]
+    return [hook.to_dict() for hook in await webhooks.list()]
 
 
 @router.delete("/{webhook_id}")
