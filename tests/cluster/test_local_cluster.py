@@ -1,19 +1,23 @@
 """Cluster mode on a real local Ray cluster: `corral serve --cluster local:2` on this machine,
-two nodes (each its own Corral server, data directory and host scope) behind one front.
+two nodes (each its own Corral server, data directory and host scope) behind one front, with
+the store in SQLite and again in PostgreSQL.
 
 Creates spread over the nodes and reach them directly (HTTP and WebSockets); a node selector
-picks one; a node killed with SIGKILL is reported lost, its sandboxes end `node_lost`, the other
-node keeps working and takes the new creates; nothing is left on the host afterwards."""
+picks one; a node killed with SIGKILL while creates are in flight is reported lost, its sandboxes
+end `node_lost`, no create is lost or made twice, the other node keeps working and takes the
+new creates; nothing is left on the host afterwards."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -25,24 +29,35 @@ from corral.engine import Engine, HostScope
 from corral.host import cgroups
 from corral.server.cluster.local import LocalRay
 from corral.server.config import ServerConfig
+from corral.server.service import REVOKED_EVERY
 from tests.conftest import require_runtime
 from tests.e2e.conftest import SERVER_DIR, Server, start_server
+from tests.e2e.test_lifecycle import COUNTER, count
+from tests.e2e.test_webhooks import Receiver, verified
+from tests.postgres import running_postgres
 
 NODES = 2
 
 
-@pytest.fixture(scope="module")
-def front(data_dir: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def front(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[Server]:
+    """The cluster, its store in the front's SQLite file that every node opens, or in a real
+    PostgreSQL server (every test runs on both)."""
     require_runtime("namespaces")
-    directory = SERVER_DIR.with_name(SERVER_DIR.name + "-cluster")
-    running = start_server(
-        directory, data_dir / "images", "--cluster", f"local:{NODES}", start_timeout=240
-    )
-    try:
-        yield running
-    finally:
-        running.stop()
-        asyncio.run(_end_leftovers(directory))
+    directory = SERVER_DIR.with_name(f"{SERVER_DIR.name}-cluster-{request.param}")
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":
+            postgres = stack.enter_context(running_postgres())
+            patch = stack.enter_context(pytest.MonkeyPatch.context())
+            patch.setenv("CORRAL_DATABASE_URL", postgres.database())
+        running = start_server(
+            directory, data_dir / "images", "--cluster", f"local:{NODES}", start_timeout=240
+        )
+        try:
+            yield running
+        finally:
+            running.stop()
+            asyncio.run(_end_leftovers(directory))
 
 
 async def _end_leftovers(directory: Path) -> None:
@@ -147,15 +162,81 @@ def test_a_node_selector_picks_the_node_and_a_wrong_one_is_refused(front: Server
         assert "corral nodes list" in wrong.json()["error"]["message"]
 
 
-def test_a_node_killed_with_sigkill_is_lost_and_its_sandboxes_end_node_lost(
+def test_a_snapshot_taken_on_one_node_starts_and_forks_on_the_other(front: Server) -> None:
+    """Memory and files move: the snapshot is copied to the other node (checked against its
+    digest there), listed once, and deleted on every node that has a copy."""
+    require_runtime("gvisor")
+    key = front.new_key("cluster-moves")
+    auth = {"Authorization": f"Bearer {key}"}
+    with (
+        front.client(key) as tenant,
+        httpx.Client(base_url=front.url, headers=auth, timeout=180) as http,
+    ):
+        (origin,) = _on_node(front, key, tenant, "n0", 1, runtime="gvisor", timeout=600)
+        origin.exec("python3", "-c", COUNTER)
+        wait_until(lambda: origin.files.exists("/root/count"), "the counter counts")
+        origin.files.write("/root/moved.txt", "from n0")
+        taken = origin.snapshot(name="moving")
+        at_snapshot = count(origin)
+        made = http.post("/v1/sandboxes", json={"snapshot": "moving", "node": "n1"})
+        assert made.status_code == 201, made.text
+        started = Sandbox.connect(made.json()["id"], client=tenant)
+        assert started.info().node == "n1"
+        forked = http.post(f"/v1/sandboxes/{origin.id}/fork", json={"count": 2, "node": "n1"})
+        assert forked.status_code == 201, forked.text
+        copies = [Sandbox.connect(entry["id"], client=tenant) for entry in forked.json()]
+        try:
+            for copy in (started, *copies):
+                assert copy.info().node == "n1"
+                assert copy.files.read_text("/root/moved.txt") == "from n0"
+                assert count(copy) >= at_snapshot  # its memory went on from the snapshot
+            assert [s["id"] for s in http.get("/v1/snapshots").json()] == [taken.id]
+            held = [front.data_dir / "nodes" / n / "snapshots" / taken.id for n in ("n0", "n1")]
+            assert all(path.is_dir() for path in held)
+            # Neither a tenant nor another admin can take archives (a sandbox's memory), and
+            # nobody can fork onto a node that is not there.
+            archive = http.get(f"/v1/snapshots/{taken.id}/archive")
+            assert archive.status_code == 403
+            assert archive.json()["error"]["code"] == "admin_required"
+            admin = {"Authorization": f"Bearer {front.admin_key}"}
+            for method in ("GET", "PUT"):
+                refused = http.request(
+                    method, f"/v1/snapshots/{taken.id}/archive", headers=admin, content=b"x"
+                )
+                assert refused.status_code == 403
+                assert refused.json()["error"]["code"] == "cluster_front_only"
+            nowhere = http.post(f"/v1/sandboxes/{origin.id}/fork", json={"count": 1, "node": "n7"})
+            assert nowhere.status_code == 400
+            assert nowhere.json()["error"]["code"] == "node_not_found"
+            assert http.delete("/v1/snapshots/moving").status_code == 204
+            assert http.get("/v1/snapshots/moving").status_code == 404
+            assert not any(path.exists() for path in held)
+        finally:
+            for sandbox in (origin, started, *copies):
+                sandbox.terminate()
+
+
+def test_a_node_killed_with_sigkill_mid_load_is_lost_and_no_create_is_lost_or_doubled(
     front: Server,
 ) -> None:
     key = front.new_key("cluster-loss")
+    receiver = Receiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     with front.client(key) as tenant, front.client() as admin:
+        # A webhook registered through the front (on one node) reaches every node and the
+        # front, which share the store: each takes it up within a few seconds.
+        url = f"http://localhost:{receiver.server_address[1]}/cluster"
+        hook = tenant.create_webhook(url, events=["sandbox.state"])
+        time.sleep(REVOKED_EVERY + 1)
         victims = _on_node(front, key, tenant, "n1", 2)
         (survivor,) = _on_node(front, key, tenant, "n0", 1)
+        wanted = {survivor.id, *(v.id for v in victims)}
+        wait_until(lambda: _delivered(receiver) >= wanted, "both nodes deliver")
         events = EventReader(front.url, key, {v.id for v in victims})
-        LocalRay(front.data_dir / "cluster", NODES).kill_node(1)
+        load = CreateLoad(front.url, key, count=12, at_once=6)
+        assert load.n1_answered.wait(120), "no create reached n1"
+        LocalRay(front.data_dir / "cluster", NODES).kill_node(1)  # creates still in flight
+        load.finish()
         wait_until(lambda: {n.name: n.state for n in admin.nodes()}["n1"] == "lost", "n1 is lost")
         for victim in victims:
             ended = victim.info()
@@ -165,12 +246,73 @@ def test_a_node_killed_with_sigkill_is_lost_and_its_sandboxes_end_node_lost(
         # The key's event stream at the front says so too (the node's own cannot).
         events.thread.join(timeout=60)
         assert events.lost == {v.id for v in victims}
+        # And so do the key's webhooks, sent by the front, signed with the webhook's secret.
+        lost = {v.id for v in victims}
+        wait_until(lambda: _delivered(receiver, "node_lost") >= lost, "webhooks hear of the loss")
+        assert all(verified(hook["secret"], delivery) for delivery in receiver.at("/cluster"))
         assert survivor.run("echo still here").stdout == "still here\n"
+        # Every create either made one sandbox and said which, or failed and said why; what a
+        # failed one may have made on n1 ended with it; nothing runs that nobody was given.
+        made = [a.json() for a in load.answers if a.status_code == 201]
+        failed = [a for a in load.answers if a.status_code != 201]
+        assert len(made) + len(failed) == 12 and len({m["id"] for m in made}) == len(made)
+        assert {a.json()["error"]["code"] for a in failed} <= {"node_unavailable"}
+        known = {m["id"] for m in made} | {v.id for v in victims} | {survivor.id}
         after = Sandbox.create(runtime="namespaces", client=tenant)
         assert after.info().node == "n0"
         wait_until(lambda: scope_cgroups(1) == [], "n1's sandboxes are cleaned up")
+        wait_until(
+            lambda: all(
+                i.state.value == "terminated" for i in Sandbox.list(client=tenant) if i.node == "n1"
+            ),
+            "n1's sandboxes are ended in the store",
+        )
+        everything = {info.id: info for info in Sandbox.list(client=tenant)}
+        unknown = {i: everything[i] for i in everything.keys() - known - {after.id}}
+        assert len(unknown) <= len(failed)
+        for info in [*unknown.values(), *(everything[m["id"]] for m in made)]:
+            if info.node == "n1":
+                assert info.end_reason is not None and info.end_reason.value == "node_lost"
+            else:
+                assert info.id not in unknown and info.state.value == "running"
+        for m in made:
+            if everything[m["id"]].node == "n0":
+                assert Sandbox.connect(m["id"], client=tenant).run("echo ok").stdout == "ok\n"
+                Sandbox.connect(m["id"], client=tenant).terminate()
         for sandbox in (survivor, after):
             sandbox.terminate()
+        tenant.delete_webhook(hook["id"])
+    receiver.shutdown()
+    receiver.server_close()
+
+
+def _delivered(receiver: Receiver, end_reason: str | None = None) -> set[str]:
+    """The sandboxes whose events reached the webhook (those that ended so, if given)."""
+    events = [delivery["body"]["data"] for delivery in receiver.at("/cluster")]
+    return {e["sandbox_id"] for e in events if end_reason in (None, e["end_reason"])}
+
+
+class CreateLoad:
+    """`count` creates through the front, `at_once` at a time, on threads."""
+
+    def __init__(self, url: str, key: str, *, count: int, at_once: int) -> None:
+        self.answers: list[httpx.Response] = []
+        self.n1_answered = threading.Event()
+        self._pool = ThreadPoolExecutor(at_once)
+        self._futures = [self._pool.submit(self._create, url, key) for _ in range(count)]
+
+    def _create(self, url: str, key: str) -> None:
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"runtime": "namespaces"}
+        answer = httpx.post(f"{url}/v1/sandboxes", json=body, headers=auth, timeout=180)
+        self.answers.append(answer)
+        if answer.status_code == 201 and answer.json()["node"] == "n1":
+            self.n1_answered.set()
+
+    def finish(self) -> None:
+        for future in self._futures:
+            future.result(timeout=240)
+        self._pool.shutdown()
 
 
 class EventReader:
@@ -198,13 +340,15 @@ class EventReader:
                     return
 
 
-def _on_node(front: Server, key: str, client: Client, node: str, count: int) -> list[Sandbox]:
+def _on_node(
+    front: Server, key: str, client: Client, node: str, count: int, **spec: object
+) -> list[Sandbox]:
     """`count` sandboxes made on `node` by the selector (an HTTP field, not in the SDK)."""
     made = []
     for _ in range(count):
         answer = httpx.post(
             f"{front.url}/v1/sandboxes",
-            json={"runtime": "namespaces", "node": node},
+            json={"runtime": "namespaces", **spec, "node": node},
             headers={"Authorization": f"Bearer {key}"},
             timeout=120,
         )

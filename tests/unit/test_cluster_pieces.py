@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from corral.core.errors import CorralError
-from corral.server.cluster.front import _sandbox_of
 from corral.server.cluster.gather import labelled
 from corral.server.cluster.placement import Node, choose
+from corral.server.cluster.proxy import sandbox_of
 from corral.server.config import ServerConfig
 
 
@@ -137,7 +137,7 @@ def test_a_body_that_is_not_an_object_is_left_to_a_node_to_refuse() -> None:
     ],
 )
 def test_requests_about_a_sandbox_are_routed_by_its_id(path: str, sandbox: str | None) -> None:
-    assert _sandbox_of(path) == sandbox
+    assert sandbox_of(path) == sandbox
 
 
 def test_metrics_of_the_nodes_are_one_exposition_labelled_by_node() -> None:

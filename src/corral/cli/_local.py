@@ -288,7 +288,7 @@ def _run(
         use_json(log_level)
         options["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
     if config.cluster is not None:
-        from corral.server.cluster.front import create_front_app
+        from corral.server.cluster.api import create_front_app
 
         app = create_front_app(config)
     else:

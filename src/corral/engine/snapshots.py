@@ -4,22 +4,29 @@
 sandbox's spec, so a new sandbox gets the same image, runtime and limits). A snapshot is written
 under ``.tmp-<sn-id>`` and renamed when complete, so a crash mid-write leaves a temporary
 directory (swept at the next start), never a snapshot that looks usable and is not.
+
+Snapshots move between the nodes of a cluster as a tar archive and its SHA-256 (`pack`,
+`install`): the receiving node checks the digest before it unpacks anything, and installs the
+snapshot the same way, whole or not at all. Nodes share the at-rest key, so what is sealed
+on one opens on the other.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.core.errors import NotFound
-from corral.core.ids import new_id
+from corral.core.errors import Conflict, InvalidRequest, NotFound
+from corral.core.ids import check_id, new_id
 from corral.core.models import SnapshotInfo
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KeyRing, SealError, open_secret, open_spec, seal_secret, seal_spec
@@ -27,6 +34,7 @@ from corral.engine.sealing import KeyRing, SealError, open_secret, open_spec, se
 log = logging.getLogger("corral.engine")
 
 META_NAME = "snapshot.json"
+CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -128,3 +136,72 @@ class SnapshotStore:
             for s in self._snapshots.values()
             if s.info.expires_at is not None and s.info.expires_at <= now
         ]
+
+    def pack(self, snapshot_id: str, archive: Path) -> str:
+        """Write snapshot `snapshot_id` as a tar archive to `archive`; its SHA-256."""
+        snapshot = self.get(snapshot_id)
+        with tarfile.open(archive, "w") as tar:
+            for path in sorted(snapshot.path.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(snapshot.path)), recursive=False)
+        return file_digest(archive)
+
+    def install(self, snapshot_id: str, archive: Path, digest: str) -> Snapshot:
+        """Install snapshot `snapshot_id` from an archive that `pack` wrote on another node,
+        if its SHA-256 is `digest`; nothing is installed otherwise."""
+        check_id(snapshot_id, "sn")
+        if snapshot_id in self._snapshots:
+            raise Conflict(f"snapshot {snapshot_id} is here already", code="snapshot_exists")
+        if file_digest(archive) != digest:
+            raise InvalidRequest(
+                f"the archive of snapshot {snapshot_id} does not match its digest {digest}: "
+                "it was damaged on the way; copy it again",
+                code="digest_mismatch",
+            )
+        with self.writing() as (_, temp):
+            try:
+                _unpack(archive, temp)
+                meta = json.loads((temp / META_NAME).read_text())
+                info = SnapshotInfo(**meta["info"])
+                spec = open_spec(self.keys, meta["spec"])
+                secret = open_secret(self.keys, meta.get("agent_secret"))
+            except (OSError, ValueError, KeyError, TypeError, tarfile.TarError, SealError) as exc:
+                raise InvalidRequest(
+                    f"the archive of snapshot {snapshot_id} is not a snapshot: {exc}",
+                    code="invalid_archive",
+                ) from None
+            if info.id != snapshot_id:
+                raise InvalidRequest(
+                    f"the archive holds snapshot {info.id}, not {snapshot_id}",
+                    code="invalid_archive",
+                )
+            final = self.root / snapshot_id
+            temp.rename(final)
+        snapshot = Snapshot(info, spec, final, secret)
+        self._snapshots[snapshot_id] = snapshot
+        return snapshot
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of the file at `path`."""
+    with path.open("rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _unpack(archive: Path, into: Path) -> None:
+    """Unpack `pack`'s archive into the empty directory `into`: plain files and directories
+    only, each inside `into` (ValueError for anything else)."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            target = into / member.name
+            inside = not member.name.startswith("/") and ".." not in Path(member.name).parts
+            if not inside or not (member.isfile() or member.isdir()):
+                raise ValueError(f"{member.name!r} is not a plain file inside the snapshot")
+            if member.isdir():
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with source, os.fdopen(os.open(target, flags, 0o600), "wb") as out:
+                shutil.copyfileobj(source, out, CHUNK)

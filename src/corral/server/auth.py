@@ -15,7 +15,7 @@ from corral.server.resources.admin import AllSandboxes, Keys, Nodes, Pools
 from corral.server.resources.audit import AuditTrail
 from corral.server.resources.images import Images
 from corral.server.resources.sandboxes import Sandboxes
-from corral.server.resources.snapshots import Snapshots
+from corral.server.resources.snapshots import SnapshotArchives, Snapshots
 from corral.server.resources.volumes import Volumes
 from corral.server.resources.webhooks import TenantWebhooks
 from corral.server.service import Service
@@ -151,6 +151,18 @@ async def _nodes(tenant: Admin) -> Nodes:
     return Nodes(tenant)
 
 
+async def _snapshot_archives(tenant: Admin) -> SnapshotArchives:
+    """Only for a cluster's front: an archive holds a sandbox's memory, which no other key,
+    an admin's included, may read."""
+    if tenant.key.id != tenant.service.config.front_key_id:
+        raise PermissionDenied(
+            "only a cluster's front copies snapshots between nodes; start from a snapshot "
+            "(POST /v1/sandboxes with snapshot) instead",
+            code="cluster_front_only",
+        )
+    return SnapshotArchives(tenant)
+
+
 async def _webhooks(tenant: Me) -> TenantWebhooks:
     return TenantWebhooks(tenant)
 
@@ -170,4 +182,5 @@ AdminPoolsDep = Annotated[Pools, Depends(_admin_pools)]
 KeysDep = Annotated[Keys, Depends(_keys)]
 AllSandboxesDep = Annotated[AllSandboxes, Depends(_all_sandboxes)]
 NodesDep = Annotated[Nodes, Depends(_nodes)]
+SnapshotArchivesDep = Annotated[SnapshotArchives, Depends(_snapshot_archives)]
 WebhooksDep = Annotated[TenantWebhooks, Depends(_webhooks)]

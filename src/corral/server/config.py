@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,9 @@ from corral.engine.sealing import KEY_FILE, KeyRing
 SQLITE = "sqlite:///"  # a --database-url naming a SQLite file: sqlite:////abs/path
 MAX_LOCAL_NODES = 16  # one host scope each (corral.host.scope)
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+FRONT_KEY_ENV = "CORRAL_CLUSTER_FRONT_KEY_ID"
 
 
 @dataclass
@@ -59,6 +63,9 @@ class ServerConfig:
     host_scope: int | None = None  # this engine's share of a machine others run on too
     node_name: str | None = None  # in each sandbox's info; default: the host name
     cluster: str | None = None  # serve as a cluster's front (`local:N`; corral.server.cluster)
+    # On a cluster's node: the id of the front's key, the one key that may copy snapshots
+    # (their memory) between nodes. The front sets it in each node server's environment.
+    front_key_id: str | None = field(default_factory=lambda: os.environ.get(FRONT_KEY_ENV) or None)
 
     def __post_init__(self) -> None:
         if self.cluster is not None:

@@ -40,10 +40,8 @@ async def choose(
     if not isinstance(spec, dict):
         return None
     wanted = spec.pop("node", None)
-    if wanted is not None and (not isinstance(wanted, str) or wanted not in nodes):
-        raise InvalidRequest(
-            f"no node {wanted!r} in this cluster; see corral nodes list", code="node_not_found"
-        )
+    if wanted is not None:
+        named(nodes, wanted)
     candidates = [
         node for node in nodes.values()
         if node.state == "ready" and wanted in (None, node.name)
@@ -66,6 +64,15 @@ async def choose(
         )
     able.sort(key=lambda pair: _rank(pair[1], spec))
     return [node for node, _ in able], json.dumps(spec).encode()
+
+
+def named(nodes: Mapping[str, Node], wanted: object) -> Node:
+    """The node called `wanted`, or a clear refusal."""
+    if not isinstance(wanted, str) or wanted not in nodes:
+        raise InvalidRequest(
+            f"no node {wanted!r} in this cluster; see corral nodes list", code="node_not_found"
+        )
+    return nodes[wanted]
 
 
 def _rank(info: dict[str, Any], spec: dict[str, Any]) -> tuple[int, float]:

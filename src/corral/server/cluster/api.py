@@ -1,0 +1,205 @@
+"""The front's HTTP API: the Corral API over every node (see `corral.server.cluster.front`).
+
+Creates are placed (`placement`); what names a sandbox goes to its node (`proxy`); snapshots
+are found, listed and copied across the nodes (`moves`); the views that span the cluster
+(nodes, events, metrics) are gathered from every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from corral.core.errors import CorralError, LimitReached
+from corral.server.cluster import gather, moves, placement
+from corral.server.cluster.events import merged_events
+from corral.server.cluster.front import Front
+from corral.server.cluster.proxy import create_on, forward, headers, sandbox_of
+from corral.server.cluster.sockets import relay
+from corral.server.config import ServerConfig
+from corral.server.errors import error_response
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def create_front_app(config: ServerConfig) -> Starlette:
+    """The front's ASGI app: it starts the cluster on startup and stops it on shutdown."""
+    front = Front(config, config.cluster_nodes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.front = front
+        await front.start()
+        try:
+            yield
+        finally:
+            await front.close()
+
+    return Starlette(
+        routes=[
+            Route("/healthz", _healthz),
+            Route("/v1/nodes", _nodes),
+            Route("/v1/sandboxes", _create, methods=["POST"]),
+            Route("/v1/sandboxes/{sandbox_id}/fork", _fork, methods=["POST"]),
+            Route("/v1/snapshots", _snapshots, methods=["GET"]),
+            Route("/v1/snapshots/{ref}", _snapshot, methods=["GET", "DELETE"]),
+            Route("/v1/events", _events),
+            Route("/metrics", _metrics),
+            Route("/v1/metrics/sandboxes", _latest_metrics),
+            Route("/{path:path}", _anything, methods=METHODS),
+            WebSocketRoute("/{path:path}", _socket),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _front(request: Request | WebSocket) -> Front:
+    front: Front = request.app.state.front
+    return front
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "nodes": len(_front(request).ready())})
+
+
+async def _create(request: Request) -> Response:
+    front, body = _front(request), await request.body()
+    try:
+        chosen = await placement.choose(front.nodes, front.describe, body)
+        if chosen is None:  # not JSON, or not an object: a node says what is wrong
+            return await forward(front, front.any_nodes(), request, body)
+        nodes, sent = chosen
+        snapshot = await moves.holder_first(front, request, sent, nodes)
+        answer: Response | None = None
+        for node in nodes:  # the next when one is full
+            if snapshot is not None and node is not snapshot[1]:
+                await moves.copy(front, snapshot[0], snapshot[1], node)
+            answer = await create_on(front, node, request, sent)
+            if answer.status_code != 429:
+                break
+    except CorralError as error:
+        return error_response(error)
+    assert answer is not None
+    return answer
+
+
+async def _fork(request: Request) -> Response:
+    """A fork on the sandbox's node, or, with `"node"` in the body, onto that node."""
+    front, body = _front(request), await request.body()
+    sandbox_id = request.path_params["sandbox_id"]
+    try:
+        asked = json.loads(body or b"{}")
+    except ValueError:
+        asked = None  # a node says what is wrong with it
+    wanted = asked.pop("node", None) if isinstance(asked, dict) else None
+    try:
+        nodes = await front.nodes_for(sandbox_id)
+        if wanted is None:
+            return await forward(front, nodes, request, body)
+        target = placement.named(front.nodes, wanted)
+        if target.state != "ready":
+            raise LimitReached(
+                f"node {target.name} is {target.state}; fork onto another, or retry shortly",
+                code="no_node_available",
+            )
+        if nodes[0] is target:
+            return await forward(front, nodes, request, json.dumps(asked).encode())
+        return await moves.fork_across(
+            front, request, sandbox_id, source=nodes[0], target=target, count=asked.get("count")
+        )
+    except CorralError as error:
+        return error_response(error)
+
+
+async def _snapshots(request: Request) -> Response:
+    return await moves.list_all(_front(request), request)
+
+
+async def _snapshot(request: Request) -> Response:
+    """One of the caller's snapshots, from the node that has it; deleted on every node."""
+    front, ref = _front(request), request.path_params["ref"]
+    if request.method == "DELETE":
+        return await moves.delete_everywhere(front, request, ref)
+    found = await moves.find(front, ref, moves.asked(request))
+    if found is None:
+        return await forward(front, front.any_nodes(), request)  # it says there is none
+    return JSONResponse(found[1])
+
+
+async def _nodes(request: Request) -> Response:
+    front = _front(request)
+    probe = await forward(front, front.any_nodes(), request)  # the caller must be an admin
+    if probe.status_code != 200:
+        return probe
+    if isinstance(probe, StreamingResponse) and probe.background is not None:
+        await probe.background()
+    described = await asyncio.gather(*(front.describe(n) for n in front.nodes.values()))
+    listed = [
+        placement.node_entry(node, seen)
+        for node, seen in zip(front.nodes.values(), described, strict=True)
+    ]
+    return JSONResponse(listed)
+
+
+async def _events(request: Request) -> Response:
+    """Every node's events for the caller (or only its node's, with `sandbox_id`), merged."""
+    front, sandbox_id = _front(request), request.query_params.get("sandbox_id")
+    try:
+        nodes = await front.nodes_for(sandbox_id) if sandbox_id else front.ready()
+    except CorralError as error:
+        return error_response(error)
+    return await merged_events(
+        front.http, [node.url for node in nodes], request, headers(request.headers.raw),
+        store=front.store, hub=front.events,
+    )  # fmt: skip
+
+
+async def _metrics(request: Request) -> Response:
+    """Every ready node's Prometheus metrics, each sample labelled with its `node`."""
+    front = _front(request)
+    answers = await gather.ask_all(
+        front.http, front.urls(), "/metrics", headers(request.headers.raw)
+    )
+    if isinstance(answers, Response):
+        return answers
+    texts = {name: answer.text for name, answer in answers.items()}
+    return Response(gather.labelled(texts), media_type=PROMETHEUS)
+
+
+async def _latest_metrics(request: Request) -> Response:
+    """The caller's sandboxes' newest usage samples, from every ready node."""
+    front = _front(request)
+    answers = await gather.ask_all(
+        front.http, front.urls(), request.url.path, headers(request.headers.raw)
+    )
+    return answers if isinstance(answers, Response) else gather.joined(answers)
+
+
+async def _anything(request: Request) -> Response:
+    front = _front(request)
+    try:
+        nodes = await front.nodes_for(sandbox_of(request.url.path))
+    except CorralError as error:
+        return error_response(error)
+    return await forward(front, nodes, request)
+
+
+async def _socket(websocket: WebSocket) -> None:
+    front = _front(websocket)
+    try:
+        nodes = await front.nodes_for(sandbox_of(websocket.url.path))
+    except CorralError:
+        nodes = []
+    if not nodes:
+        await websocket.close(code=1013)
+        return
+    await relay(nodes[0].url, websocket.scope, websocket.receive, websocket.send)

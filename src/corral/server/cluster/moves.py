@@ -1,0 +1,205 @@
+"""Snapshots across the nodes of a cluster.
+
+A snapshot lives on the node that took it. The front finds it wherever it is, lists each once
+and deletes every copy; when a sandbox is to start from it on another node (a create placed
+there, or a fork onto another node), the front copies it there first: the holder packs it as an
+archive and names its SHA-256, the archive streams through the front to the other node, which
+checks the digest before it installs anything (`corral.engine.snapshots`). The copy stays, so
+the next start there needs none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from corral.core.errors import InvalidRequest, ServiceUnavailable
+from corral.core.spec import FIXED_AT_START
+from corral.engine.checkpoints import MAX_FORK
+from corral.server.cluster.placement import Node
+from corral.server.cluster.proxy import headers
+from corral.server.errors import error_response
+
+if TYPE_CHECKING:
+    from corral.server.cluster.front import Front
+
+DIGEST_HEADER = "X-Corral-Digest"
+FORK_TTL = 3600.0  # of the snapshot a fork across nodes is made from (deleted after)
+Headers = list[tuple[bytes, bytes]]
+
+
+def asked(request: Request) -> Headers:
+    """The caller's headers, to send on with a body of the front's own."""
+    return [(k, v) for k, v in headers(request.headers.raw) if k.lower() != b"content-length"]
+
+
+async def find(front: Front, ref: str, sent: Headers) -> tuple[Node, dict[str, Any]] | None:
+    """The first ready node that has the caller's snapshot `ref` (id or name), and its entry."""
+    for node in front.ready():
+        try:
+            answer = await front.http.get(
+                f"{node.url}/v1/snapshots/{quote(ref, safe='')}", headers=sent, timeout=30
+            )
+        except httpx.HTTPError:
+            continue
+        if answer.status_code == 200:
+            return node, answer.json()
+    return None
+
+
+async def copy(front: Front, snapshot_id: str, source: Node, target: Node) -> None:
+    """Copy snapshot `snapshot_id` from `source` to `target` (nothing if it is there)."""
+    auth = front.admin_headers()
+    archive = f"/v1/snapshots/{snapshot_id}/archive"
+    try:
+        async with front.http.stream("GET", source.url + archive, headers=auth) as packed:
+            if packed.status_code != 200:
+                await packed.aread()
+                raise _failed(snapshot_id, source, target, packed)
+            digest = {DIGEST_HEADER: packed.headers.get(DIGEST_HEADER, "")}
+            installed = await front.http.put(
+                target.url + archive, headers={**auth, **digest}, content=packed.aiter_raw()
+            )
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(
+            f"copying snapshot {snapshot_id} from node {source.name} to node {target.name} "
+            f"failed ({type(exc).__name__}); retry",
+            code="snapshot_copy_failed",
+        ) from None
+    if installed.status_code != 201 and _code(installed) != "snapshot_exists":
+        raise _failed(snapshot_id, source, target, installed)
+
+
+def _code(answer: httpx.Response) -> str | None:
+    try:
+        code = answer.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
+def _failed(
+    snapshot_id: str, source: Node, target: Node, answer: httpx.Response
+) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"copying snapshot {snapshot_id} from node {source.name} to node {target.name} failed "
+        f"({answer.status_code} {_code(answer) or answer.text[:200]}); retry",
+        code="snapshot_copy_failed",
+    )
+
+
+async def holder_first(
+    front: Front, request: Request, body: bytes, nodes: list[Node]
+) -> tuple[str, Node] | None:
+    """For a create from a snapshot: its id and the node that holds it, which goes first
+    among `nodes` if it is there (a start there needs no copy). None if the body names no
+    snapshot, or none of the caller's (a node then says so)."""
+    spec = json.loads(body)
+    ref = spec.get("snapshot")
+    if not isinstance(ref, str) or not ref:
+        return None
+    found = await find(front, ref, asked(request))
+    if found is None:
+        return None
+    holder, entry = found
+    if holder in nodes:
+        nodes.remove(holder)
+        nodes.insert(0, holder)
+    return str(entry["id"]), holder
+
+
+async def list_all(front: Front, request: Request) -> Response:
+    """The caller's snapshots on every node, each once (a copied one is on several)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for node in front.ready():
+        try:
+            answer = await front.http.get(f"{node.url}/v1/snapshots", headers=asked(request))
+        except httpx.HTTPError:
+            continue
+        if answer.status_code != 200:
+            return _relayed(answer)
+        for entry in answer.json():
+            seen.setdefault(entry["id"], entry)
+    return JSONResponse(sorted(seen.values(), key=lambda entry: entry["created_at"]))
+
+
+async def delete_everywhere(front: Front, request: Request, ref: str) -> Response:
+    """Delete the caller's snapshot `ref` on every node that has a copy."""
+    answers = []
+    for node in front.ready():
+        try:
+            answers.append(
+                await front.http.delete(
+                    f"{node.url}/v1/snapshots/{quote(ref, safe='')}", headers=asked(request)
+                )
+            )
+        except httpx.HTTPError:
+            continue
+    done = [answer for answer in answers if answer.status_code == 204]
+    if done or not answers:
+        return Response(status_code=204) if done else _no_node()
+    return _relayed(answers[0])
+
+
+async def fork_across(
+    front: Front, request: Request, sandbox_id: str, *, source: Node, target: Node, count: object
+) -> Response:
+    """`count` copies of sandbox `sandbox_id` (on `source`) started on `target`: a snapshot
+    taken for the purpose, copied, started from `count` times, and deleted everywhere. All
+    or nothing, as a fork on one node."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+        raise InvalidRequest(f"count must be 1 to {MAX_FORK}")
+    sent = asked(request)
+    info = await front.http.get(f"{source.url}/v1/sandboxes/{sandbox_id}", headers=sent)
+    if info.status_code != 200:
+        return _relayed(info)
+    taken = await front.http.post(
+        f"{source.url}/v1/sandboxes/{sandbox_id}/snapshot", headers=sent, json={"ttl": FORK_TTL}
+    )
+    if taken.status_code != 201:
+        return _relayed(taken)
+    snapshot_id = taken.json()["id"]
+    fixed = {*FIXED_AT_START, "volumes", "env"}  # the snapshot's own
+    spec = {k: v for k, v in info.json()["spec"].items() if k not in fixed}
+    made: list[dict[str, Any]] = []
+    try:
+        await copy(front, snapshot_id, source, target)
+        for _ in range(count):
+            answer = await front.http.post(
+                f"{target.url}/v1/sandboxes", headers=sent, json={**spec, "snapshot": snapshot_id}
+            )
+            if answer.status_code != 201:
+                for entry in made:
+                    with contextlib.suppress(httpx.HTTPError):
+                        await front.http.delete(
+                            f"{target.url}/v1/sandboxes/{entry['id']}", headers=sent
+                        )
+                return _relayed(answer)
+            made.append(answer.json())
+            front.located[made[-1]["id"]] = target.name
+    finally:
+        for node in (source, target):
+            with contextlib.suppress(httpx.HTTPError):
+                await front.http.delete(f"{node.url}/v1/snapshots/{snapshot_id}", headers=sent)
+    return JSONResponse(made, status_code=201)
+
+
+def _relayed(answer: httpx.Response) -> Response:
+    kept = {"content-type", "retry-after"}
+    return Response(
+        answer.content,
+        status_code=answer.status_code,
+        headers={k: v for k, v in answer.headers.items() if k.lower() in kept},
+    )
+
+
+def _no_node() -> Response:
+    return error_response(
+        ServiceUnavailable("no node of the cluster answered; retry", code="no_node_ready")
+    )

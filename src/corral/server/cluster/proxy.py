@@ -1,0 +1,117 @@
+"""Requests sent on from the front to a node: as they are, streamed both ways; to the next
+node only where the first cannot have acted on them."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from corral.core.errors import LimitReached, ServiceUnavailable
+from corral.server.cluster.placement import Node
+from corral.server.errors import error_response
+
+if TYPE_CHECKING:
+    from corral.server.cluster.front import Front
+
+# Not copied between the client's connection and the node's.
+HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "te"})
+
+
+def headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in raw if name.decode("latin-1").lower() not in HOP]
+
+
+async def forward(
+    front: Front, nodes: list[Node], request: Request, body: bytes | None = None
+) -> Response:
+    """`request` sent on to the first of `nodes` that takes the connection (one that refuses
+    it has read nothing of the request; a read goes on to the next whatever happened), and
+    its answer streamed back."""
+    if not nodes:
+        return error_response(
+            ServiceUnavailable("no node of the cluster is ready; retry", code="no_node_ready")
+        )
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    content: Any = body if body is not None else request.stream()
+    for node in nodes:
+        sent = front.http.build_request(
+            request.method, node.url + path, headers=headers(request.headers.raw), content=content
+        )
+        try:
+            answer = await front.http.send(sent, stream=True)
+            break
+        except httpx.ConnectError:
+            continue  # down, and not yet reported lost: the next
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            if request.method in ("GET", "HEAD"):  # it died under us; a read may go again
+                continue
+            return unavailable(node, exc)
+        except httpx.HTTPError as exc:
+            return unavailable(node, exc)
+    else:
+        return unavailable(node, None)
+    return StreamingResponse(
+        answer.aiter_raw(),
+        status_code=answer.status_code,
+        headers={k: v for k, v in answer.headers.items() if k.lower() not in HOP},
+        background=BackgroundTask(answer.aclose),
+    )
+
+
+def unavailable(node: Node, exc: Exception | None) -> Response:
+    why = f" ({type(exc).__name__})" if exc is not None else ""
+    return error_response(
+        ServiceUnavailable(f"node {node.name} did not answer{why}; retry", code="node_unavailable")
+    )
+
+
+def sandbox_of(path: str) -> str | None:
+    parts = path.strip("/").split("/")
+    if parts[:1] == ["v2"]:  # E2B's control API, /v2/sandboxes/{id}…, as /sandboxes/{id}…
+        parts = parts[1:]
+    for start in (["v1", "sandboxes"], ["sandboxes"]):
+        rest = parts[len(start) :]
+        if parts[: len(start)] == start and rest and rest[0].startswith("sb-"):
+            return rest[0]
+    if len(parts) >= 2 and parts[0] == "preview":
+        return parts[1]
+    return None
+
+
+async def create_on(front: Front, node: Node, request: Request, body: bytes) -> Response:
+    """Create on `node`; the answer is read whole (it is small) to learn the new id's node."""
+    target = node.url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    sent = [(k, v) for k, v in headers(request.headers.raw) if k.lower() != b"content-length"]
+    try:
+        answer = await front.http.request("POST", target, headers=sent, content=body)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # it got nothing: the next node
+        return error_response(
+            LimitReached(
+                f"node {node.name} did not answer ({type(exc).__name__}); retry",
+                code="node_unavailable",
+            )
+        )
+    except httpx.HTTPError as exc:
+        # Sent, and perhaps made: another node must not make a second one. If the node is
+        # lost, what it made ends `node_lost`.
+        return error_response(
+            ServiceUnavailable(
+                f"node {node.name} failed during the create ({type(exc).__name__}); list your "
+                "sandboxes before you retry: it may have made one",
+                code="node_unavailable",
+            )
+        )
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        made = answer.json()
+        front.located[made["id"]] = made.get("node") or node.name
+    kept = HOP | {"content-length", "content-encoding"}  # the body is read, decoded
+    return Response(
+        answer.content,
+        status_code=answer.status_code,
+        headers={k: v for k, v in answer.headers.items() if k.lower() not in kept},
+    )
