@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from e2b import Sandbox as E2bSandbox
 
 from corral import Client, Sandbox
 from corral.core.errors import ServiceUnavailable
@@ -125,6 +126,38 @@ def test_creates_spread_over_the_nodes_and_reach_them_directly(front: Server) ->
         for sandbox in made:
             sandbox.terminate()
         tenant.close()
+
+
+def test_an_e2b_program_reaches_sandboxes_on_every_node(
+    front: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E2B's SDK, unchanged, against the front: its control calls and its calls to a sandbox's
+    own daemon (which name the sandbox in a header, not the path) reach the sandbox's node."""
+    key = front.new_key("cluster-e2b")
+    for name, value in (("E2B_API_URL", front.url), ("E2B_SANDBOX_URL", front.url),
+                        ("E2B_API_KEY", key)):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    made: dict[str, E2bSandbox] = {}
+    with front.client(key) as tenant:
+        try:
+            for _ in range(12):  # E2B's creates go to any node: until both have one
+                sandbox = E2bSandbox.create(timeout=300)
+                node = Sandbox.connect(sandbox.sandbox_id, client=tenant).info().node
+                if node in made:
+                    sandbox.kill()
+                    continue
+                made[str(node)] = sandbox
+                if len(made) == NODES:
+                    break
+            assert sorted(made) == ["n0", "n1"]
+            for node, sandbox in made.items():
+                assert sandbox.commands.run(f"echo on {node}").stdout == f"on {node}\n"
+                sandbox.files.write("/tmp/e2b.txt", node)
+                assert sandbox.files.read("/tmp/e2b.txt") == node
+                assert sandbox.is_running()
+        finally:
+            for sandbox in made.values():
+                sandbox.kill()
 
 
 def test_a_restarted_cluster_takes_its_sandboxes_back(front: Server) -> None:

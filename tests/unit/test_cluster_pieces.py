@@ -140,6 +140,12 @@ def test_requests_about_a_sandbox_are_routed_by_its_id(path: str, sandbox: str |
     assert sandbox_of(path) == sandbox
 
 
+def test_e2b_requests_to_a_sandboxs_daemon_are_routed_by_their_header() -> None:
+    named = [(b"e2b-sandbox-id", b"sb-0123456789abcdef"), (b"e2b-sandbox-port", b"49983")]
+    assert sandbox_of("/process.Process/Start", named) == "sb-0123456789abcdef"
+    assert sandbox_of("/files", [(b"e2b-sandbox-id", b"../etc")]) is None
+
+
 def test_metrics_of_the_nodes_are_one_exposition_labelled_by_node() -> None:
     exposition = (
         "# HELP corral_sandboxes Live sandboxes.\n# TYPE corral_sandboxes gauge\n"

@@ -7,6 +7,7 @@ its own process). The front (`front`: the nodes and their loss; `api`: its HTTP 
 each create on a node (`placement`), sends every request about a sandbox straight to its node
 (`proxy`, `sockets`: HTTP and WebSockets, nothing through Ray), copies snapshots to the node
 that needs them (`moves`), and ends the sandboxes of a node Ray reports lost (`node_lost`).
-All of them share one store and one key for data at rest. `corral.server.cluster.local` starts a Ray cluster of N
-nodes on this machine, in a network namespace of its own, for trying it out and for tests.
+All of them share one store and one key for data at rest. `corral.server.cluster.local`
+starts a Ray cluster of N nodes on this machine, in a network namespace of its own, for trying
+it out and for tests.
 """

@@ -187,7 +187,7 @@ async def _latest_metrics(request: Request) -> Response:
 async def _anything(request: Request) -> Response:
     front = _front(request)
     try:
-        nodes = await front.nodes_for(sandbox_of(request.url.path))
+        nodes = await front.nodes_for(sandbox_of(request.url.path, request.headers.raw))
     except CorralError as error:
         return error_response(error)
     return await forward(front, nodes, request)
@@ -196,7 +196,7 @@ async def _anything(request: Request) -> Response:
 async def _socket(websocket: WebSocket) -> None:
     front = _front(websocket)
     try:
-        nodes = await front.nodes_for(sandbox_of(websocket.url.path))
+        nodes = await front.nodes_for(sandbox_of(websocket.url.path, websocket.headers.raw))
     except CorralError:
         nodes = []
     if not nodes:

@@ -4,6 +4,7 @@ node only where the first cannot have acted on them."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -70,7 +71,12 @@ def unavailable(node: Node, exc: Exception | None) -> Response:
     )
 
 
-def sandbox_of(path: str) -> str | None:
+def sandbox_of(path: str, sent: Sequence[tuple[bytes, bytes]] = ()) -> str | None:
+    """The sandbox a request is about: named in its path, or, for E2B's SDKs talking to a
+    sandbox's own daemon (envd, the code interpreter), in its `E2b-Sandbox-Id` header."""
+    named = dict(sent).get(b"e2b-sandbox-id", b"").decode("latin-1").strip()
+    if named.startswith("sb-"):
+        return named
     parts = path.strip("/").split("/")
     if parts[:1] == ["v2"]:  # E2B's control API, /v2/sandboxes/{id}…, as /sandboxes/{id}…
         parts = parts[1:]
