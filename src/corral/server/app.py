@@ -34,7 +34,7 @@ from corral.server.service import Service
 def _is_upload(scope: Scope) -> bool:
     path = str(scope.get("path", ""))
     return scope.get("method") == "PUT" and (
-        path.endswith("/files/content") or path.startswith("/v1/blobs/")
+        path.endswith(("/files/content", "/archive")) or path.startswith("/v1/blobs/")
     )
 
 
