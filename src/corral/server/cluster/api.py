@@ -29,6 +29,7 @@ from corral.server.errors import error_response
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+CREATES = ("/v1/sandboxes", "/sandboxes", "/v2/sandboxes")
 
 
 def create_front_app(config: ServerConfig) -> Starlette:
@@ -48,7 +49,8 @@ def create_front_app(config: ServerConfig) -> Starlette:
         routes=[
             Route("/healthz", _healthz),
             Route("/v1/nodes", _nodes),
-            Route("/v1/sandboxes", _create, methods=["POST"]),
+            # Creates, Corral's and E2B's (whose answers name the sandbox `sandboxID`).
+            *(Route(path, _create, methods=["POST"]) for path in CREATES),
             Route("/v1/sandboxes/{sandbox_id}/fork", _fork, methods=["POST"]),
             Route("/v1/snapshots", _snapshots, methods=["GET"]),
             Route("/v1/snapshots/{ref}", _snapshot, methods=["GET", "DELETE"]),

@@ -113,8 +113,8 @@ async def create_on(front: Front, node: Node, request: Request, body: bytes) -> 
             )
         )
     with contextlib.suppress(ValueError, KeyError, TypeError):
-        made = answer.json()
-        front.located[made["id"]] = made.get("node") or node.name
+        made = answer.json()  # Corral's sandbox, or E2B's (`sandboxID`)
+        front.located[made.get("id") or made["sandboxID"]] = made.get("node") or node.name
     kept = HOP | {"content-length", "content-encoding"}  # the body is read, decoded
     return Response(
         answer.content,
