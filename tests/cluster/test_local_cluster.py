@@ -38,6 +38,7 @@ from tests.e2e.test_webhooks import Receiver, verified
 from tests.postgres import running_postgres
 
 NODES = 2
+PREVIEW_DOMAIN = "preview.test"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -52,8 +53,9 @@ def front(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[Server]:
             patch = stack.enter_context(pytest.MonkeyPatch.context())
             patch.setenv("CORRAL_DATABASE_URL", postgres.database())
         running = start_server(
-            directory, data_dir / "images", "--cluster", f"local:{NODES}", start_timeout=240
-        )
+            directory, data_dir / "images", "--cluster", f"local:{NODES}",
+            "--preview-domain", PREVIEW_DOMAIN, start_timeout=240,
+        )  # fmt: skip
         try:
             yield running
         finally:
@@ -105,6 +107,11 @@ def test_creates_spread_over_the_nodes_and_reach_them_directly(front: Server) ->
             seen: list[bytes] = []
             streamed = sandbox.exec(cmd="echo one; echo two >&2; exit 3", on_stdout=seen.append)
             assert streamed.wait() == 3 and b"".join(seen) == b"one\n"
+        # A preview by host name reaches its sandbox's node too.
+        for sandbox in {s.info().node: s for s in made}.values():  # one on each node
+            sandbox.files.write("/srv/index.html", sandbox.id)
+            sandbox.run("cd /srv && nohup python3 -m http.server 8000 >/dev/null 2>&1 &")
+            _until_previewed(front, sandbox)
         listed = {s.id for s in Sandbox.list(client=tenant)}
         assert {s.id for s in made} <= listed
         # Metrics from every node: each sample labelled by its node (admin), and the key's
@@ -126,6 +133,16 @@ def test_creates_spread_over_the_nodes_and_reach_them_directly(front: Server) ->
         for sandbox in made:
             sandbox.terminate()
         tenant.close()
+
+
+def _until_previewed(front: Server, sandbox: Sandbox) -> None:
+    """Wait until the sandbox's port 8000 answers through the front, by host name."""
+    preview = sandbox.expose(8000)
+    host = {"Host": f"8000-{sandbox.id}.{PREVIEW_DOMAIN}", **preview.headers}
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{front.url}/index.html", headers=host).text != sandbox.id:
+        assert time.monotonic() < deadline, f"{sandbox.id}'s preview never answered"
+        time.sleep(0.2)
 
 
 def test_an_e2b_program_reaches_sandboxes_on_every_node(

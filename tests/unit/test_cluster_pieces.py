@@ -146,6 +146,13 @@ def test_e2b_requests_to_a_sandboxs_daemon_are_routed_by_their_header() -> None:
     assert sandbox_of("/files", [(b"e2b-sandbox-id", b"../etc")]) is None
 
 
+def test_previews_by_host_name_are_routed_by_the_sandbox_in_it() -> None:
+    host = [(b"host", b"8000-sb-0123456789abcdef.preview.test")]
+    assert sandbox_of("/index.html", host) == "sb-0123456789abcdef"
+    assert sandbox_of("/", [(b"host", b"sb-0123456789abcdef.preview.test")]) is None
+    assert sandbox_of("/", [(b"host", b"127.0.0.1:8470")]) is None
+
+
 def test_metrics_of_the_nodes_are_one_exposition_labelled_by_node() -> None:
     exposition = (
         "# HELP corral_sandboxes Live sandboxes.\n# TYPE corral_sandboxes gauge\n"

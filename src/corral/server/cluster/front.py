@@ -150,6 +150,8 @@ class Front:
         ]  # fmt: skip
         if self.config.default_runtime:
             argv += ["--runtime", self.config.default_runtime]
+        if self.config.preview_domain:
+            argv += ["--preview-domain", self.config.preview_domain]
         for _name, template, size in self.config.pools:
             argv += ["--pool", f"{template.runtime}:{template.image}:{size}"]
         log_path = data / "server.log"

@@ -4,6 +4,7 @@ node only where the first cannot have acted on them."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from corral.server.errors import error_response
 if TYPE_CHECKING:
     from corral.server.cluster.front import Front
 
+PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 # Not copied between the client's connection and the node's.
 HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "te"})
 
@@ -72,11 +74,16 @@ def unavailable(node: Node, exc: Exception | None) -> Response:
 
 
 def sandbox_of(path: str, sent: Sequence[tuple[bytes, bytes]] = ()) -> str | None:
-    """The sandbox a request is about: named in its path, or, for E2B's SDKs talking to a
-    sandbox's own daemon (envd, the code interpreter), in its `E2b-Sandbox-Id` header."""
-    named = dict(sent).get(b"e2b-sandbox-id", b"").decode("latin-1").strip()
+    """The sandbox a request is about: named in its path; in its host name, for a preview
+    by host name (`{port}-{sandbox}.{domain}`); or, for E2B's SDKs talking to a sandbox's own
+    daemon (envd, the code interpreter), in its `E2b-Sandbox-Id` header."""
+    given = dict(sent)
+    named = given.get(b"e2b-sandbox-id", b"").decode("latin-1").strip()
     if named.startswith("sb-"):
         return named
+    label = PREVIEW_HOST.match(given.get(b"host", b"").decode("latin-1").lower())
+    if label is not None:
+        return label[1]
     parts = path.strip("/").split("/")
     if parts[:1] == ["v2"]:  # E2B's control API, /v2/sandboxes/{id}…, as /sandboxes/{id}…
         parts = parts[1:]
