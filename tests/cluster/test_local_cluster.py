@@ -24,7 +24,7 @@ import httpx
 import pytest
 from e2b import Sandbox as E2bSandbox
 
-from corral import Client, Sandbox
+from corral import Client, CorralError, Sandbox
 from corral.core.errors import ServiceUnavailable
 from corral.engine import Engine, HostScope
 from corral.host import cgroups
@@ -33,6 +33,7 @@ from corral.server.config import ServerConfig
 from corral.server.service import REVOKED_EVERY
 from tests.conftest import require_runtime
 from tests.e2e.conftest import SERVER_DIR, Server, start_server
+from tests.e2e.test_cli import corral
 from tests.e2e.test_lifecycle import COUNTER, count
 from tests.e2e.test_webhooks import Receiver, verified
 from tests.postgres import running_postgres
@@ -184,8 +185,13 @@ def test_a_restarted_cluster_takes_its_sandboxes_back(front: Server) -> None:
     with front.client(key) as first:
         kept = [s for node in ("n0", "n1") for s in _on_node(front, key, first, node, 1)]
         kept[0].files.write("/root/kept.txt", "before")
+    with front.client() as admin:
+        admin.drain_node("n0")  # and a drained node stays drained
     front.stop()
     front.start()
+    with front.client() as admin:
+        assert {n.name: n.state for n in admin.nodes()} == {"n0": "draining", "n1": "ready"}
+        admin.drain_node("n0", draining=False)
     with front.client(key) as tenant:
         for sandbox in kept:
             again = Sandbox.connect(sandbox.id, client=tenant)
@@ -210,6 +216,40 @@ def test_a_node_selector_picks_the_node_and_a_wrong_one_is_refused(front: Server
         assert wrong.status_code == 400
         assert wrong.json()["error"]["code"] == "node_not_found"
         assert "corral nodes list" in wrong.json()["error"]["message"]
+
+
+def test_a_drained_node_takes_no_new_sandboxes_and_keeps_its_own(front: Server) -> None:
+    key = front.new_key("cluster-drain")
+    auth = {"Authorization": f"Bearer {key}"}
+    with front.client(key) as tenant, front.client() as admin:
+        (kept,) = _on_node(front, key, tenant, "n1", 1)
+        assert admin.drain_node("n1").state == "draining"
+        assert {n.name: n.state for n in admin.nodes()} == {"n0": "ready", "n1": "draining"}
+        made = [Sandbox.create(runtime="namespaces", client=tenant) for _ in range(3)]
+        assert {s.info().node for s in made} == {"n0"}
+        there = {"runtime": "namespaces", "node": "n1"}
+        refused = httpx.post(f"{front.url}/v1/sandboxes", json=there, headers=auth, timeout=60)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "no_node_available"
+        assert "n1 is draining" in refused.json()["error"]["message"]
+        assert kept.run("echo still here").stdout == "still here\n"
+        # Only an admin drains, only a node the cluster has.
+        with pytest.raises(CorralError) as forbidden:
+            tenant.drain_node("n0")
+        assert forbidden.value.status_code == 403
+        with pytest.raises(CorralError) as unknown:
+            admin.drain_node("n9")
+        assert unknown.value.code == "node_not_found"
+        # `corral nodes drain --wait` returns once its sandboxes have ended.
+        threading.Timer(2, kept.terminate).start()
+        waited = corral(front, "nodes", "drain", "n1", "--wait", "120")
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert "n1: draining, 0 sandboxes in use" in waited.stdout
+        assert admin.drain_node("n1", draining=False).state == "ready"
+        back = httpx.post(f"{front.url}/v1/sandboxes", json=there, headers=auth, timeout=60)
+        assert back.status_code == 201 and back.json()["node"] == "n1"
+        for sandbox in [*made, Sandbox.connect(back.json()["id"], client=tenant)]:
+            sandbox.terminate()
 
 
 def test_a_snapshot_taken_on_one_node_starts_and_forks_on_the_other(front: Server) -> None:

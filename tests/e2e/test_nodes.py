@@ -79,6 +79,19 @@ def test_a_tenant_may_not_list_the_nodes(node: Server) -> None:
     tenant.close()
 
 
+def test_a_server_on_its_own_has_no_nodes_to_drain(node: Server) -> None:
+    with node.client() as admin, pytest.raises(CorralError) as refused:
+        admin.drain_node(NAME)
+    assert refused.value.status_code == 400 and refused.value.code == "not_a_cluster"
+    tenant = node.client(node.new_key("nodes-drainer"))
+    with pytest.raises(CorralError) as forbidden:
+        tenant.drain_node(NAME, draining=False)
+    assert forbidden.value.status_code == 403
+    tenant.close()
+    drained = corral(node, "nodes", "drain", NAME)
+    assert drained.returncode != 0 and "not a cluster" in drained.stderr + drained.stdout
+
+
 def test_corral_nodes_list_as_a_table_and_as_json(node: Server) -> None:
     listed = corral(node, "nodes", "list", "--json")
     assert listed.returncode == 0, listed.stderr

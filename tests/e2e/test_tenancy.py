@@ -57,6 +57,8 @@ NODE_WIDE = {
     ("GET", "/v1/keys"): "an admin's: the node's keys",
     ("GET", "/v1/admin/sandboxes"): "an admin's: every key's sandboxes",
     ("GET", "/v1/nodes"): "an admin's: the machines that run sandboxes, counts only",
+    ("POST", "/v1/nodes/{name}/drain"): "an admin's: a cluster's nodes (not_a_cluster here)",
+    ("DELETE", "/v1/nodes/{name}/drain"): "an admin's: a cluster's nodes (not_a_cluster here)",
     ("GET", "/v1/snapshots/{snapshot_id}/archive"): "a cluster front's alone (403 for others)",
     ("PUT", "/v1/snapshots/{snapshot_id}/archive"): "a cluster front's alone (403 for others)",
     ("DELETE", "/v1/admin/sandboxes/{sandbox_id}"): "an admin's: ends any sandbox",

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from corral.core.errors import CorralError
 from corral.server.cluster.gather import labelled
-from corral.server.cluster.placement import Node, choose
+from corral.server.cluster.placement import Node, choose, node_entry
 from corral.server.cluster.proxy import sandbox_of
 from corral.server.config import ServerConfig
 
@@ -65,11 +66,14 @@ def _node(name: str, cpu_used: float, runtimes: tuple[str, ...] = ("namespaces",
     }  # fmt: skip
 
 
-def _choose(seen: dict[str, dict[str, Any] | None], body: Any) -> tuple[list[str], Any] | None:
+def _choose(
+    seen: dict[str, dict[str, Any] | None], body: Any, draining: tuple[str, ...] = ()
+) -> tuple[list[str], Any] | None:
     nodes = {
-        name: Node(name, index, f"http://n{index}", "ready" if info is not None else "lost")
+        name: Node(name, index, f"http://n{index}", "ready" if info is not None else "lost",
+                   draining=name in draining)
         for index, (name, info) in enumerate(seen.items())
-    }
+    }  # fmt: skip
 
     async def describe(node: Node) -> dict[str, Any] | None:
         return seen[node.name]
@@ -113,7 +117,18 @@ def test_a_node_selector_picks_one_and_is_not_sent_on() -> None:
     assert wrong_type.value.code == "node_not_found"
     with pytest.raises(CorralError) as lost:
         _choose({"n0": _node("n0", 0.0), "n1": None}, {"node": "n1"})
-    assert lost.value.code == "no_node_available" and "n1 is not ready" in str(lost.value)
+    assert lost.value.code == "no_node_available" and "n1 is lost" in str(lost.value)
+
+
+def test_a_draining_node_takes_no_new_sandboxes_and_is_listed_so() -> None:
+    seen = {"n0": _node("n0", 3.0), "n1": _node("n1", 0.0)}
+    assert _choose(seen, {}, draining=("n1",))[0] == ["n0"]  # type: ignore[index]
+    with pytest.raises(CorralError) as refused:
+        _choose(seen, {"node": "n1"}, draining=("n1",))
+    assert refused.value.code == "no_node_available" and "n1 is draining" in str(refused.value)
+    node = Node("n1", 1, "http://n1", "ready", draining=True)
+    assert node_entry(node, {"name": "n1", "state": "ready"})["state"] == "draining"
+    assert node_entry(replace(node, state="lost"), None)["state"] == "lost"
 
 
 def test_a_body_that_is_not_an_object_is_left_to_a_node_to_refuse() -> None:

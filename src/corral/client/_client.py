@@ -286,6 +286,12 @@ class AsyncClient:
         listed = await self.request("GET", "/v1/nodes")
         return [NodeInfo.from_dict(node) for node in listed]
 
+    async def drain_node(self, name: str, draining: bool = True) -> NodeInfo:
+        """Place no new sandboxes on a cluster's node (`draining=False`: place there again);
+        its sandboxes run on and are reached as ever (admin key)."""
+        entry = await self.request("POST" if draining else "DELETE", f"/v1/nodes/{name}/drain")
+        return NodeInfo.from_dict(entry)
+
     async def remove_pool(self, name: str) -> None:
         """Remove a pool and end its idle sandboxes (admin key)."""
         await self.request("DELETE", f"/v1/pools/{name}")

@@ -301,6 +301,7 @@ class Client(Twin[AsyncClient]):
     remove_pool = blocking(AsyncClient.remove_pool)
     list_all_sandboxes = blocking(AsyncClient.list_all_sandboxes)
     nodes = blocking(AsyncClient.nodes)
+    drain_node = blocking(AsyncClient.drain_node)
     end_sandbox = blocking(AsyncClient.end_sandbox)
     events = blocking_iter(AsyncClient.events)
     list_snapshots = blocking(AsyncClient.list_snapshots)

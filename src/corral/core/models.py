@@ -272,7 +272,7 @@ class NodeInfo:
     of it, and how busy it is (`Client.nodes()`, `corral nodes list`)."""
 
     name: str
-    state: str  # "ready"
+    state: str  # "ready"; in a cluster also "draining", "lost" or "unreachable"
     runtimes: tuple[str, ...]  # those that can run there, strongest first
     sandboxes: int  # live ones, idle pooled ones included
     max_sandboxes: int

@@ -137,7 +137,7 @@ class NodePool(BaseModel):
 
 class NodeOut(BaseModel):
     name: str
-    state: str = Field(description="ready")
+    state: str = Field(description="ready; in a cluster also draining, lost or unreachable")
     runtimes: list[str] = Field(description="those that can run there, strongest first")
     sandboxes: int = Field(description="live sandboxes, idle pooled ones included")
     max_sandboxes: int

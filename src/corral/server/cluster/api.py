@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -49,6 +51,7 @@ def create_front_app(config: ServerConfig) -> Starlette:
         routes=[
             Route("/healthz", _healthz),
             Route("/v1/nodes", _nodes),
+            Route("/v1/nodes/{name}/drain", _drain, methods=["POST", "DELETE"]),
             # Creates, Corral's and E2B's (whose answers name the sandbox `sandboxID`).
             *(Route(path, _create, methods=["POST"]) for path in CREATES),
             Route("/v1/sandboxes/{sandbox_id}/fork", _fork, methods=["POST"]),
@@ -139,17 +142,46 @@ async def _snapshot(request: Request) -> Response:
 
 async def _nodes(request: Request) -> Response:
     front = _front(request)
-    probe = await forward(front, front.any_nodes(), request)  # the caller must be an admin
-    if probe.status_code != 200:
-        return probe
-    if isinstance(probe, StreamingResponse) and probe.background is not None:
-        await probe.background()
+    refused = await _unless_admin(front, request)
+    if refused is not None:
+        return refused
+    return JSONResponse(await _listed(front))
+
+
+async def _drain(request: Request) -> Response:
+    """POST: place no new sandboxes on the node; DELETE: place there again (admin keys)."""
+    front = _front(request)
+    refused = await _unless_admin(front, request)
+    if refused is not None:
+        return refused
+    try:
+        node = placement.named(front.nodes, request.path_params["name"])
+    except CorralError as error:
+        return error_response(error)
+    front.drain(node, request.method == "POST")
+    return JSONResponse(next(e for e in await _listed(front) if e["name"] == node.name))
+
+
+async def _unless_admin(front: Front, request: Request) -> Response | None:
+    """None if the caller's key is an admin's; else the node's answer that says why not."""
+    nodes = front.any_nodes()
+    if not nodes:
+        return await forward(front, nodes, request)
+    try:
+        probe = await front.http.get(
+            f"{nodes[0].url}/v1/nodes", headers=headers(request.headers.raw)
+        )
+    except httpx.HTTPError:
+        return await forward(front, [], request)
+    return None if probe.status_code == 200 else moves.relayed(probe)
+
+
+async def _listed(front: Front) -> list[dict[str, Any]]:
     described = await asyncio.gather(*(front.describe(n) for n in front.nodes.values()))
-    listed = [
+    return [
         placement.node_entry(node, seen)
         for node, seen in zip(front.nodes.values(), described, strict=True)
     ]
-    return JSONResponse(listed)
 
 
 async def _events(request: Request) -> Response:

@@ -58,6 +58,7 @@ class Front:
         self.config = config
         self.directory = config.data_dir / "cluster"
         self.ray = LocalRay(self.directory, count)
+        self._draining_file = self.directory / "draining.json"
         self.nodes = {
             f"n{index}": Node(f"n{index}", index, f"http://127.0.0.1:{_free_port()}")
             for index in range(count)
@@ -81,6 +82,7 @@ class Front:
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._load_draining()
         self._store = await Store.open(self.config.database, self.config.key_ring())
         # Sandboxes ended with their node are the front's to tell the webhooks about.
         self.webhooks = Webhooks(
@@ -260,6 +262,18 @@ class Front:
                 log.error("could not clean up after node %s: %s", node.name, exc)
                 break
         await self._end_sandboxes_of(node, why)
+
+    def drain(self, node: Node, draining: bool) -> None:
+        """Stop (or start again) placing sandboxes on `node`; kept across restarts."""
+        node.draining = draining
+        names = sorted(n.name for n in self.nodes.values() if n.draining)
+        self._draining_file.write_text(json.dumps(names))
+
+    def _load_draining(self) -> None:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            for name in json.loads(self._draining_file.read_text()):
+                if name in self.nodes:
+                    self.nodes[name].draining = True
 
     def ready(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.state == "ready"]

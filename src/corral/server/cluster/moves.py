@@ -123,7 +123,7 @@ async def list_all(front: Front, request: Request) -> Response:
         except httpx.HTTPError:
             continue
         if answer.status_code != 200:
-            return _relayed(answer)
+            return relayed(answer)
         for entry in answer.json():
             seen.setdefault(entry["id"], entry)
     return JSONResponse(sorted(seen.values(), key=lambda entry: entry["created_at"]))
@@ -144,7 +144,7 @@ async def delete_everywhere(front: Front, request: Request, ref: str) -> Respons
     done = [answer for answer in answers if answer.status_code == 204]
     if done or not answers:
         return Response(status_code=204) if done else _no_node()
-    return _relayed(answers[0])
+    return relayed(answers[0])
 
 
 async def fork_across(
@@ -158,12 +158,12 @@ async def fork_across(
     sent = asked(request)
     info = await front.http.get(f"{source.url}/v1/sandboxes/{sandbox_id}", headers=sent)
     if info.status_code != 200:
-        return _relayed(info)
+        return relayed(info)
     taken = await front.http.post(
         f"{source.url}/v1/sandboxes/{sandbox_id}/snapshot", headers=sent, json={"ttl": FORK_TTL}
     )
     if taken.status_code != 201:
-        return _relayed(taken)
+        return relayed(taken)
     snapshot_id = taken.json()["id"]
     fixed = {*FIXED_AT_START, "volumes", "env"}  # the snapshot's own
     spec = {k: v for k, v in info.json()["spec"].items() if k not in fixed}
@@ -180,7 +180,7 @@ async def fork_across(
                         await front.http.delete(
                             f"{target.url}/v1/sandboxes/{entry['id']}", headers=sent
                         )
-                return _relayed(answer)
+                return relayed(answer)
             made.append(answer.json())
             front.located[made[-1]["id"]] = target.name
     finally:
@@ -190,7 +190,7 @@ async def fork_across(
     return JSONResponse(made, status_code=201)
 
 
-def _relayed(answer: httpx.Response) -> Response:
+def relayed(answer: httpx.Response) -> Response:
     kept = {"content-type", "retry-after"}
     return Response(
         answer.content,

@@ -22,6 +22,7 @@ class Node:
     url: str
     state: str = "starting"  # starting, ready, lost
     detail: str | None = None
+    draining: bool = False  # no new sandboxes; those it has run on and are reached as ever
 
 
 Describe = Callable[[Node], Awaitable[dict[str, Any] | None]]
@@ -44,7 +45,7 @@ async def choose(
         named(nodes, wanted)
     candidates = [
         node for node in nodes.values()
-        if node.state == "ready" and wanted in (None, node.name)
+        if node.state == "ready" and not node.draining and wanted in (None, node.name)
     ]  # fmt: skip
     seen = await asyncio.gather(*(describe(node) for node in candidates))
     runtime = spec.get("runtime")
@@ -56,7 +57,7 @@ async def choose(
     if not able:
         raise LimitReached(
             "no node of the cluster can take this sandbox now"
-            + (f" (node {wanted} is not ready)" if wanted else "")
+            + (f" (node {wanted} is {_state(nodes[wanted])})" if wanted else "")
             + (f" (none runs {runtime})" if runtime else "")
             + "; retry shortly",
             code="no_node_available",
@@ -75,6 +76,10 @@ def named(nodes: Mapping[str, Node], wanted: object) -> Node:
     return nodes[wanted]
 
 
+def _state(node: Node) -> str:
+    return "draining" if node.draining and node.state == "ready" else node.state
+
+
 def _rank(info: dict[str, Any], spec: dict[str, Any]) -> tuple[int, float]:
     """Lower is better: a node with an idle pooled sandbox of this runtime first, then the one
     whose live sandboxes ask for the smallest share of its CPUs."""
@@ -90,7 +95,7 @@ def _rank(info: dict[str, Any], spec: dict[str, Any]) -> tuple[int, float]:
 def node_entry(node: Node, seen: dict[str, Any] | None) -> dict[str, Any]:
     """Node `node` as `GET /v1/nodes` lists it: its own view when it answers, else its state."""
     if seen is not None and node.state == "ready":
-        return seen
+        return {**seen, "state": _state(node)}
     empty = {"cpu": 0.0, "memory_mb": 0.0, "disk_mb": 0.0}
     return {
         "name": node.name, "state": node.state if node.state != "ready" else "unreachable",
