@@ -163,17 +163,16 @@ async def _drain(request: Request) -> Response:
 
 
 async def _unless_admin(front: Front, request: Request) -> Response | None:
-    """None if the caller's key is an admin's; else the node's answer that says why not."""
-    nodes = front.any_nodes()
-    if not nodes:
-        return await forward(front, nodes, request)
-    try:
-        probe = await front.http.get(
-            f"{nodes[0].url}/v1/nodes", headers=headers(request.headers.raw)
-        )
-    except httpx.HTTPError:
-        return await forward(front, [], request)
-    return None if probe.status_code == 200 else moves.relayed(probe)
+    """None if the caller's key is an admin's; else the answer that says why not (the first
+    node that answers asks the store)."""
+    sent = headers(request.headers.raw)
+    for node in front.any_nodes():
+        try:
+            probe = await front.http.get(f"{node.url}/v1/nodes", headers=sent, timeout=30)
+        except httpx.HTTPError:
+            continue  # down, and not yet reported lost: the next
+        return None if probe.status_code == 200 else moves.relayed(probe)
+    return await forward(front, [], request)  # no node answers
 
 
 async def _listed(front: Front) -> list[dict[str, Any]]:

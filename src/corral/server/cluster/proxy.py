@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 # Not copied between the client's connection and the node's.
-HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "te"})
+# The client's Host goes on: a node serves previews by host name.
+HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te"})
 
 
 def headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
