@@ -111,9 +111,10 @@ async def _fork(request: Request) -> Response:
         if wanted is None:
             return await forward(front, nodes, request, body)
         target = placement.named(front.nodes, wanted)
-        if target.state != "ready":
+        if placement.state_of(target) != "ready":
             raise LimitReached(
-                f"node {target.name} is {target.state}; fork onto another, or retry shortly",
+                f"node {target.name} is {placement.state_of(target)}; fork onto another, or "
+                "retry shortly",
                 code="no_node_available",
             )
         if nodes[0] is target:

@@ -57,7 +57,7 @@ async def choose(
     if not able:
         raise LimitReached(
             "no node of the cluster can take this sandbox now"
-            + (f" (node {wanted} is {_state(nodes[wanted])})" if wanted else "")
+            + (f" (node {wanted} is {state_of(nodes[wanted])})" if wanted else "")
             + (f" (none runs {runtime})" if runtime else "")
             + "; retry shortly",
             code="no_node_available",
@@ -76,7 +76,8 @@ def named(nodes: Mapping[str, Node], wanted: object) -> Node:
     return nodes[wanted]
 
 
-def _state(node: Node) -> str:
+def state_of(node: Node) -> str:
+    """As `corral nodes list` shows it: `draining` for a ready node that takes no more."""
     return "draining" if node.draining and node.state == "ready" else node.state
 
 
@@ -95,7 +96,7 @@ def _rank(info: dict[str, Any], spec: dict[str, Any]) -> tuple[int, float]:
 def node_entry(node: Node, seen: dict[str, Any] | None) -> dict[str, Any]:
     """Node `node` as `GET /v1/nodes` lists it: its own view when it answers, else its state."""
     if seen is not None and node.state == "ready":
-        return {**seen, "state": _state(node)}
+        return {**seen, "state": state_of(node)}
     empty = {"cpu": 0.0, "memory_mb": 0.0, "disk_mb": 0.0}
     return {
         "name": node.name, "state": node.state if node.state != "ready" else "unreachable",
