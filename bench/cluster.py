@@ -1,6 +1,7 @@
 """Cluster mode on one machine: create throughput and the warm first command with 1, 2 and 3
-nodes of a local cluster (`corral serve --cluster local:N`), and what the front's routing
-costs (the same exec through the front and straight at the node, samples interleaved).
+nodes of a local cluster (`corral serve --cluster local:N`), what the front's routing costs
+(the same exec through the front and straight at the node, samples interleaved), and what a
+start from a snapshot held by another node costs (the copy) against one on its own node.
 
     python bench/cluster.py --data-dir /var/tmp/corral-bench-cluster [--nodes 1,2,3]
 
@@ -105,6 +106,32 @@ async def routing(front: Server, key: str, rounds: int) -> dict[str, Any]:
     return {name: summary(values) for name, values in samples.items()}
 
 
+async def snapshot_starts(front: Server, key: str, rounds: int) -> dict[str, Any]:
+    """A gVisor sandbox started from a fresh snapshot on the node that holds it, and on the
+    other node (the snapshot copied there first, as an archive checked against its digest)."""
+    samples: dict[str, list[float]] = {"same_node": [], "other_node": []}
+    size = 0
+    async with httpx.AsyncClient(
+        base_url=front.url, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    ) as http:
+        origin = await http.post("/v1/sandboxes", json={"runtime": "gvisor", "node": "n0"})
+        origin_id = origin.json()["id"]
+        for _ in range(rounds):
+            taken = (await http.post(f"/v1/sandboxes/{origin_id}/snapshot", json={})).json()
+            size = taken["size_bytes"]
+            for name, node in (("other_node", "n1"), ("same_node", "n0")):
+                started = time.perf_counter()
+                made = await http.post(
+                    "/v1/sandboxes", json={"snapshot": taken["id"], "node": node}
+                )
+                samples[name].append(time.perf_counter() - started)
+                assert made.status_code == 201, made.text
+                await http.delete(f"/v1/sandboxes/{made.json()['id']}")
+            await http.delete(f"/v1/snapshots/{taken['id']}")
+        await http.delete(f"/v1/sandboxes/{origin_id}")
+    return {"snapshot_mb": round(size / 1e6, 1), **{k: summary(v) for k, v in samples.items()}}
+
+
 async def measure(front: Server, nodes: int, rounds: int) -> dict[str, Any]:
     key = front.new_key("bench")
     async with AsyncClient(url=front.url, api_key=front.admin_key) as admin:
@@ -114,6 +141,8 @@ async def measure(front: Server, nodes: int, rounds: int) -> dict[str, Any]:
             figures["warm_first_command"] = await warm_first_command(client, admin, rounds)
             figures["cold_create_throughput"] = await create_throughput(client, 24, 8)
     figures["exec_routing"] = await routing(front, key, rounds * 5)
+    if nodes >= 2:
+        figures["snapshot_start"] = await snapshot_starts(front, key, max(3, rounds // 4))
     return figures
 
 
