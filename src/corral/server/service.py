@@ -38,7 +38,7 @@ from corral.server.owners import OwnerJournal
 from corral.server.previews.grants import Grants
 from corral.server.store import ENDED_RETENTION, Store
 from corral.server.throttle import FailedLogins, InFlight
-from corral.server.webhooks import Webhooks, operator_webhook
+from corral.server.webhooks import Webhooks
 
 log = logging.getLogger("corral.server")
 
@@ -96,11 +96,7 @@ class Service:
         self.quotas = await self._store.quotas()
         self.key_networks = await self._store.key_networks.all()
         await self.audit.start(self._store.sessions, self.engine.keys)
-        self.webhooks = Webhooks(
-            self._store.webhooks,
-            operator_webhook(self.config),
-            Egress.of(self.config.webhook_hosts),
-        )
+        self.webhooks = Webhooks.for_server(self._store.webhooks, self.config)
         await self.webhooks.start()
         self.events.listeners.append(self.webhooks.publish)
         await self.engine.start()  # re-adopts the sandboxes a previous server left running

@@ -167,6 +167,11 @@ class Webhooks:
         self._guarded = httpx.Client(transport=GuardedTransport(self._egress), timeout=TIMEOUT)
         self._trusted = httpx.Client(timeout=TIMEOUT, trust_env=False)
 
+    @classmethod
+    def for_server(cls, store: WebhookStore, config: ServerConfig) -> Webhooks:
+        """A server's webhooks: the keys' in `store`, and the operator's if `config` has one."""
+        return cls(store, operator_webhook(config), Egress.of(config.webhook_hosts))
+
     async def start(self) -> None:
         for hook in [*([self._operator] if self._operator else []), *await self._store.all()]:
             self._run(hook)

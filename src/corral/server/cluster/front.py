@@ -29,13 +29,12 @@ from corral.core.errors import Conflict, CorralError, ServiceUnavailable
 from corral.core.models import StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine, HostScope
-from corral.images.oci.egress import Egress
 from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
 from corral.server.config import FRONT_KEY_ENV, ServerConfig
 from corral.server.events import EventHub
 from corral.server.store import Store
-from corral.server.webhooks import Webhooks, operator_webhook
+from corral.server.webhooks import Webhooks
 
 log = logging.getLogger("corral.cluster")
 
@@ -85,11 +84,7 @@ class Front:
         self._load_draining()
         self._store = await Store.open(self.config.database, self.config.key_ring())
         # Sandboxes ended with their node are the front's to tell the webhooks about.
-        self.webhooks = Webhooks(
-            self.store.webhooks,
-            operator_webhook(self.config),
-            Egress.of(self.config.webhook_hosts),
-        )
+        self.webhooks = Webhooks.for_server(self.store.webhooks, self.config)
         await self.webhooks.start()
         self.events.listeners.append(self.webhooks.publish)
         for key in await self.store.list_keys():
