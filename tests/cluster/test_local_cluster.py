@@ -306,6 +306,77 @@ def test_a_snapshot_taken_on_one_node_starts_and_forks_on_the_other(front: Serve
                 sandbox.terminate()
 
 
+def test_a_sandbox_moves_to_the_other_node_keeping_its_id_memory_and_files(
+    front: Server,
+) -> None:
+    """Hibernated on n0 and woken on n1 with its memory and files; a running one moves back
+    and runs on; a draining node's sandboxes that can move, move; the rest stay."""
+    require_runtime("gvisor")
+    key = front.new_key("cluster-move")
+    auth = {"Authorization": f"Bearer {key}"}
+    with (
+        front.client(key) as tenant,
+        front.client() as admin,
+        httpx.Client(base_url=front.url, headers=auth, timeout=180) as http,
+    ):
+        (moving,) = _on_node(front, key, tenant, "n0", 1, runtime="gvisor", timeout=600)
+        (staying,) = _on_node(front, key, tenant, "n0", 1)
+        moving.exec("python3", "-c", COUNTER)
+        wait_until(lambda: moving.files.exists("/root/count"), "the counter counts")
+        moving.files.write("/root/moved.txt", "from n0")
+        before = count(moving)
+        moving.hibernate()
+        moved = http.post(f"/v1/sandboxes/{moving.id}/move", json={"node": "n1"})
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["id"] == moving.id and moved.json()["node"] == "n1"
+        assert moved.json()["state"] == "hibernated"  # it was: it wakes on use, there
+        assert not (front.data_dir / "nodes" / "n0" / "sandboxes" / moving.id).exists()
+        assert count(moving) >= before and moving.info().node == "n1"
+        after = count(moving)
+        wait_until(lambda: count(moving) > after, "the counter counts on, on n1")
+        assert moving.files.read_text("/root/moved.txt") == "from n0"
+        # A running sandbox moves and runs on; the front picks the node.
+        back = http.post(f"/v1/sandboxes/{moving.id}/move", json={})
+        assert back.status_code == 200, back.text
+        assert (back.json()["node"], back.json()["state"]) == ("n0", "running")
+        assert "moving to node n0" in [h["reason"] for h in back.json()["history"]]
+        assert [s.id for s in Sandbox.list(client=tenant) if s.id == moving.id] == [moving.id]
+        # What cannot move is refused, clearly, and runs on where it is.
+        for body, status, code in (
+            ({"node": "n0"}, 400, "same_node"),
+            ({"node": "n7"}, 400, "node_not_found"),
+            ({"nodes": "n1"}, 400, "invalid_request"),
+        ):
+            refused = http.post(f"/v1/sandboxes/{moving.id}/move", json=body)
+            assert (refused.status_code, refused.json()["error"]["code"]) == (status, code)
+        fixed = http.post(f"/v1/sandboxes/{staying.id}/move", json={"node": "n1"})
+        assert fixed.status_code == 400 and fixed.json()["error"]["code"] == "not_supported"
+        stranger = {"Authorization": f"Bearer {front.new_key('cluster-move-2')}"}
+        theirs = http.post(f"/v1/sandboxes/{moving.id}/move", json={}, headers=stranger)
+        assert theirs.status_code == 404
+        for who, code in ((auth, "admin_required"), (admin_auth(front), "cluster_front_only")):
+            handed = http.post(
+                f"/v1/sandboxes/{moving.id}/hand-off", json={"to": "n1"}, headers=who
+            )
+            assert (handed.status_code, handed.json()["error"]["code"]) == (403, code)
+        # Draining n0 moves the gVisor sandbox away (woken there: it was running).
+        admin.drain_node("n0")
+        try:
+            wait_until(lambda: moving.info().node == "n1", "the drain moves it", timeout=180)
+            assert moving.info().state == "running"
+            assert moving.files.read_text("/root/moved.txt") == "from n0"
+            assert staying.info().node == "n0"
+            assert staying.run("echo still here").stdout == "still here\n"
+        finally:
+            admin.drain_node("n0", draining=False)
+            for sandbox in (moving, staying):
+                sandbox.terminate()
+
+
+def admin_auth(front: Server) -> dict[str, str]:
+    return {"Authorization": f"Bearer {front.admin_key}"}
+
+
 def test_a_node_killed_with_sigkill_mid_load_is_lost_and_no_create_is_lost_or_doubled(
     front: Server,
 ) -> None:

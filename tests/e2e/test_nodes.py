@@ -92,6 +92,38 @@ def test_a_server_on_its_own_has_no_nodes_to_drain(node: Server) -> None:
     assert drained.returncode != 0 and "not a cluster" in drained.stderr + drained.stdout
 
 
+def test_a_server_on_its_own_moves_no_sandbox_and_hands_none_off(node: Server) -> None:
+    """A move is a cluster's (its front's); the nodes' side of it is the front's key's alone:
+    a checkpoint holds the sandbox's memory, which not even an admin may take."""
+    key = node.new_key("nodes-mover")
+    tenant = node.client(key)
+    sandbox = Sandbox.create(runtime="namespaces", pool=False, client=tenant)
+    mine = {"Authorization": f"Bearer {key}"}
+    admin = {"Authorization": f"Bearer {node.admin_key}"}
+    base = f"/v1/sandboxes/{sandbox.id}"
+    try:
+        with httpx.Client(base_url=node.url, timeout=60) as http:
+            moved = http.post(f"{base}/move", json={"node": "n1"}, headers=mine)
+            assert moved.status_code == 400 and moved.json()["error"]["code"] == "not_a_cluster"
+            assert "snapshot it" in moved.json()["error"]["message"]
+            theirs = http.post(f"{base}/move", json={}, headers=admin)  # not the admin's
+            assert theirs.status_code == 404
+            for method, path, body in (
+                ("POST", f"{base}/hand-off", {"to": "n1"}),
+                ("DELETE", f"{base}/hand-off", None),
+                ("POST", f"{base}/hand-off/done", None),
+                ("POST", f"{base}/take-in", {"snapshot": "sn-0"}),
+            ):
+                for who, code in ((mine, "admin_required"), (admin, "cluster_front_only")):
+                    answer = http.request(method, path, json=body, headers=who)
+                    assert answer.status_code == 403, (method, path, answer.text)
+                    assert answer.json()["error"]["code"] == code
+        assert sandbox.info().state.value == "running"  # and nothing happened to it
+    finally:
+        sandbox.terminate()
+        tenant.close()
+
+
 def test_corral_nodes_list_as_a_table_and_as_json(node: Server) -> None:
     listed = corral(node, "nodes", "list", "--json")
     assert listed.returncode == 0, listed.stderr

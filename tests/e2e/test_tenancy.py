@@ -61,6 +61,15 @@ NODE_WIDE = {
     ("DELETE", "/v1/nodes/{name}/drain"): "an admin's: a cluster's nodes (not_a_cluster here)",
     ("GET", "/v1/snapshots/{snapshot_id}/archive"): "a cluster front's alone (403 for others)",
     ("PUT", "/v1/snapshots/{snapshot_id}/archive"): "a cluster front's alone (403 for others)",
+    **{
+        route: "a cluster front's alone (403 for others): a sandbox's memory moving"
+        for route in (
+            ("POST", "/v1/sandboxes/{sandbox_id}/hand-off"),
+            ("DELETE", "/v1/sandboxes/{sandbox_id}/hand-off"),
+            ("POST", "/v1/sandboxes/{sandbox_id}/hand-off/done"),
+            ("POST", "/v1/sandboxes/{sandbox_id}/take-in"),
+        )
+    },
     ("DELETE", "/v1/admin/sandboxes/{sandbox_id}"): "an admin's: ends any sandbox",
     ("POST", "/v1/keys"): "an admin's: the node's keys",
     ("DELETE", "/v1/keys/{key_id}"): "an admin's: the node's keys",
@@ -90,6 +99,7 @@ BODIES: dict[str, Any] = {
     "/network": {"allow": ["stolen.test"]},
     "/snapshot": {},
     "/fork": {"count": 1},
+    "/move": {"node": "n1"},
     "/exec": {"cmd": "true"},
     "/code": {"code": "owned = 'stolen'"},
     "/code/contexts": {},

@@ -128,11 +128,7 @@ class Checkpoints:
         async with record.lock:
             record.require("wake", SandboxState.HIBERNATED)
             started = time.perf_counter()
-            forgetting = self._forgetting.pop(record.id, None)
-            if forgetting is not None:
-                await asyncio.wait({forgetting})
-            else:  # hibernated by an earlier engine, which may have stopped before this
-                await asyncio.to_thread(runtime.forget, plan)
+            await self.settled(record)
             image = plan.dir / CHECKPOINT_DIR
             async with self._sealed.opened(image) as clear:
                 await self._lifecycle.start_runtime(record, lambda: runtime.restore(plan, clear))
@@ -142,6 +138,14 @@ class Checkpoints:
             # The image is stale from the first write on: never restore it twice.
             await asyncio.to_thread(shutil.rmtree, image, True)
         return record.info()
+
+    async def settled(self, record: SandboxRecord) -> None:
+        """Once a hibernated sandbox's runtime has forgotten it (`restore` needs that done)."""
+        forgetting = self._forgetting.pop(record.id, None)
+        if forgetting is not None:
+            await asyncio.wait({forgetting})
+        else:  # hibernated by an earlier engine, which may have stopped before this
+            await asyncio.to_thread(self._runtimes.get(record.runtime).forget, record.plan)
 
     # -- snapshots ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
     commands      processes and the agent's answers                      (commands.py)
     interpreter   code contexts, run_code                                (interpreter.py)
     checkpoints   hibernate, wake, snapshots, forks                      (checkpoints.py)
+    moving        sandboxes moving to and from other engines (nodes)     (moving.py)
     pools         warm pools                                             (pools.py)
     exporter      a sandbox's changes as an image layer                  (export.py)
     usage         CPU, memory, disk and network of each sandbox, sampled  (usage.py)
@@ -57,6 +58,7 @@ from corral.engine.export import Exporter
 from corral.engine.files import SandboxFiles
 from corral.engine.interpreter import Interpreter
 from corral.engine.lifecycle import Lifecycle
+from corral.engine.moving import Moving
 from corral.engine.pools import PoolKeeper
 from corral.engine.ports import Ports
 from corral.engine.process import Process
@@ -130,6 +132,7 @@ class Engine:
         checkpoints = self._checkpoints = Checkpoints(
             registry, runtimes, lifecycle, self.snapshots, tasks
         )
+        self.moving = Moving(registry, runtimes, lifecycle, checkpoints, self.snapshots)
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
         self._commands = Commands(access, runtimes)
         self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code

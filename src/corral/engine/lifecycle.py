@@ -31,9 +31,10 @@ from corral.engine.tasks import Tasks
 from corral.engine.volumes import VolumeStore
 from corral.host import network, userns
 from corral.host.procs import process_start_time
-from corral.images.store import ImageStore, StatusLine
+from corral.images.store import ImageStore, RootImage, StatusLine
 from corral.runtimes import Launch, Runtime
 from corral.runtimes.base import make_sandbox_dir
+from corral.runtimes.plan import SandboxPlan
 
 log = logging.getLogger("corral.engine")
 
@@ -140,16 +141,7 @@ class Lifecycle:
         stages.mark("image")
         # Planning picks a free uid range and address among registered sandboxes: register the
         # new one before the next await, so concurrent creates never pick the same.
-        plan = plan_sandbox(
-            spec,
-            image,
-            data_dir=self._data_dir,
-            live=[record.plan for record in self._registry.live()],
-            volume_mountpoint=self._volumes.mountpoint,
-            scope=self.egress.scope,
-            cpu_weight=FILL_WEIGHT if for_pool else 100,
-            template=template,
-        )
+        plan = self.plan(spec, image, for_pool=for_pool, template=template)
         restore = restore or boot
         # A restored agent holds its snapshot's secret already (None: a v1 agent).
         secret = new_secret() if restore is None else restore.agent_secret
@@ -174,6 +166,32 @@ class Lifecycle:
         if key is not None and boot is None:
             self.boots.want(key, spec)
         return record
+
+    def plan(
+        self,
+        spec: SandboxSpec,
+        image: RootImage,
+        *,
+        for_pool: bool = False,
+        template: bool = False,
+        sandbox_id: str | None = None,
+    ) -> SandboxPlan:
+        """A plan for `spec` on `image` with host resources no registered sandbox holds."""
+        return plan_sandbox(
+            spec,
+            image,
+            data_dir=self._data_dir,
+            live=[record.plan for record in self._registry.live()],
+            volume_mountpoint=self._volumes.mountpoint,
+            scope=self.egress.scope,
+            cpu_weight=FILL_WEIGHT if for_pool else 100,
+            template=template,
+            sandbox_id=sandbox_id,
+        )
+
+    async def resolve(self, spec: SandboxSpec) -> RootImage:
+        """The root image of `spec`, built or pulled first if it must be."""
+        return await asyncio.to_thread(self._images.resolve, spec.image, None)
 
     async def _identify(self, record: SandboxRecord) -> None:
         """Before anyone can see it, a sandbox restored from a boot image takes its own
@@ -220,7 +238,7 @@ class Lifecycle:
         plan = record.plan
         # Recorded before anything is built, so a later engine finds and cleans up what a
         # crash in the middle would leave.
-        await asyncio.to_thread(_make_dir_and_save, record)
+        await asyncio.to_thread(make_dir_and_save, record)
         stages.mark("record")
         if plan.volumes:  # registered above, so no `release` unmounts them under us
             await self._volumes.acquire(v.volume_id for v in plan.volumes)
@@ -381,6 +399,7 @@ class Lifecycle:
         async with record.lock:
             if not record.alive:
                 return
+            record.require_staying("end")
             if not record.ending:
                 record.move(Phase.ENDING)
             await record.link.close()
@@ -440,7 +459,7 @@ class Lifecycle:
             await self.egress.forget(record.id, record.plan.network.index)
 
 
-def _make_dir_and_save(record: SandboxRecord) -> None:
+def make_dir_and_save(record: SandboxRecord) -> None:
     make_sandbox_dir(record.plan)
     record.save()
 

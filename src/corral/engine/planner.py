@@ -28,11 +28,13 @@ def plan_sandbox(
     scope: HostScope,
     cpu_weight: int = 100,
     template: bool = False,
+    sandbox_id: str | None = None,
 ) -> SandboxPlan:
     """The plan of a new sandbox for `spec` on `image`, beside the `live` sandboxes' plans, in
-    the engine's `scope` of the host."""
+    the engine's `scope` of the host; under a new id, or `sandbox_id` (one moving here from
+    another node)."""
     assert spec.runtime is not None  # the engine names it before planning
-    sandbox_id = new_id("sb")
+    sandbox_id = sandbox_id or new_id("sb")
     return SandboxPlan(
         sandbox_id=sandbox_id,
         runtime=spec.runtime,

@@ -111,6 +111,7 @@ class SandboxRecord:
         self.end_reason: EndReason | None = None
         self.end_detail: str | None = None
         self.node: str | None = None  # set by the registry that holds it
+        self.leaving: str | None = None  # the node it is moving to (see `corral.engine.moving`)
         self.history: list[StateChange] = [StateChange(SandboxState.CREATING, self.created_at)]
         self.launch: Launch | None = None
         self.exit_status: int | None = None
@@ -240,7 +241,17 @@ class SandboxRecord:
         """Refuse `action` unless the sandbox is in one of `allowed` and not on its way out."""
         if self.phase is Phase.ENDING:
             raise InvalidState(f"cannot {action} sandbox {self.id}: it is ending")
+        self.require_staying(action)
         require_state(self.id, action, self.state, *allowed)
+
+    def require_staying(self, action: str) -> None:
+        """Refuse `action` while the sandbox moves to another node: it is not here to change."""
+        if self.leaving is not None:
+            raise InvalidState(
+                f"cannot {action} sandbox {self.id}: it is moving to node {self.leaving}; retry "
+                "in a few seconds",
+                code="sandbox_moving",
+            )
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(

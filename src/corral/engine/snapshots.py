@@ -129,6 +129,14 @@ class SnapshotStore:
         snapshot.path.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def take_out(self, snapshot_id: str, to: Path) -> Snapshot:
+        """Move snapshot `snapshot_id`'s directory to `to` (on the same file system); it is
+        no longer a snapshot. For a sandbox that moved here (`corral.engine.moving`)."""
+        snapshot = self.get(snapshot_id)
+        del self._snapshots[snapshot_id]
+        snapshot.path.rename(to)
+        return snapshot
+
     def expired(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         return [

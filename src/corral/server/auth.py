@@ -14,6 +14,7 @@ from corral.server.logs import KEY_ID
 from corral.server.resources.admin import AllSandboxes, Keys, Nodes, Pools
 from corral.server.resources.audit import AuditTrail
 from corral.server.resources.images import Images
+from corral.server.resources.moves import SandboxMoves
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.resources.snapshots import SnapshotArchives, Snapshots
 from corral.server.resources.volumes import Volumes
@@ -151,16 +152,24 @@ async def _nodes(tenant: Admin) -> Nodes:
     return Nodes(tenant)
 
 
-async def _snapshot_archives(tenant: Admin) -> SnapshotArchives:
-    """Only for a cluster's front: an archive holds a sandbox's memory, which no other key,
-    an admin's included, may read."""
+def _front_only(tenant: Tenant, instead: str) -> None:
+    """Refuse every key but a cluster's front's: what it moves between nodes holds sandboxes'
+    memory, which no other key, an admin's included, may read."""
     if tenant.key.id != tenant.service.config.front_key_id:
         raise PermissionDenied(
-            "only a cluster's front copies snapshots between nodes; start from a snapshot "
-            "(POST /v1/sandboxes with snapshot) instead",
+            f"only a cluster's front moves memory between nodes; {instead}",
             code="cluster_front_only",
         )
+
+
+async def _snapshot_archives(tenant: Admin) -> SnapshotArchives:
+    _front_only(tenant, "start from a snapshot (POST /v1/sandboxes with snapshot) instead")
     return SnapshotArchives(tenant)
+
+
+async def _moves(tenant: Admin) -> SandboxMoves:
+    _front_only(tenant, "move a sandbox through the front (POST /v1/sandboxes/{id}/move)")
+    return SandboxMoves(tenant)
 
 
 async def _webhooks(tenant: Me) -> TenantWebhooks:
@@ -183,4 +192,5 @@ KeysDep = Annotated[Keys, Depends(_keys)]
 AllSandboxesDep = Annotated[AllSandboxes, Depends(_all_sandboxes)]
 NodesDep = Annotated[Nodes, Depends(_nodes)]
 SnapshotArchivesDep = Annotated[SnapshotArchives, Depends(_snapshot_archives)]
+MovesDep = Annotated[SandboxMoves, Depends(_moves)]
 WebhooksDep = Annotated[TenantWebhooks, Depends(_webhooks)]

@@ -273,6 +273,26 @@ class SandboxOut(BaseModel):
         )
 
 
+class Move(Request):
+    node: str | None = Field(None, description="the node to move it to; else the front picks")
+
+
+class HandOff(Request):
+    to: str = Field(description="the node it moves to")
+
+
+class HandOffOut(BaseModel):
+    snapshot: SnapshotOut = Field(description="its checkpoint, to copy to the other node")
+    was: str = Field(description="its state before the hand-off")
+    sandbox: SandboxOut
+
+
+class TakeIn(Request):
+    snapshot: str = Field(description="the hand-off's snapshot, copied to this node")
+    timeout_remaining: float | None = Field(None, description="its lifetime left")
+    wake: bool = Field(False, description="wake it once it is here (it was running)")
+
+
 class OwnedSandboxOut(BaseModel):
     """A sandbox as an admin lists it: with the id of the key that owns it."""
 

@@ -269,6 +269,18 @@ class Service:
                 )
         return len(mine)
 
+    def moved_away(self, sandbox_id: str) -> None:
+        """The sandbox went to another node, which records it from now on."""
+        self._owners.pop(sandbox_id, None)
+
+    async def moved_in(self, owner: str, info: SandboxInfo) -> None:
+        """The sandbox came here from another node: this node's in the store once this
+        returns, and its owner hears of it."""
+        self._owners[info.id] = owner
+        self._writes.put_nowait(("update", info))
+        await self.recorded()
+        self.events.publish(owner, info)
+
     async def recorded(self) -> None:
         """Wait until every change so far is in the store."""
         await self._writes.join()

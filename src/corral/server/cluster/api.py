@@ -21,7 +21,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from corral.core.errors import CorralError, LimitReached
-from corral.server.cluster import gather, moves, placement
+from corral.server.cluster import gather, migration, moves, placement
 from corral.server.cluster.events import merged_events
 from corral.server.cluster.front import Front
 from corral.server.cluster.proxy import create_on, forward, headers, sandbox_of
@@ -55,6 +55,7 @@ def create_front_app(config: ServerConfig) -> Starlette:
             # Creates, Corral's and E2B's (whose answers name the sandbox `sandboxID`).
             *(Route(path, _create, methods=["POST"]) for path in CREATES),
             Route("/v1/sandboxes/{sandbox_id}/fork", _fork, methods=["POST"]),
+            Route("/v1/sandboxes/{sandbox_id}/move", _move, methods=["POST"]),
             Route("/v1/snapshots", _snapshots, methods=["GET"]),
             Route("/v1/snapshots/{ref}", _snapshot, methods=["GET", "DELETE"]),
             Route("/v1/events", _events),
@@ -124,6 +125,42 @@ async def _fork(request: Request) -> Response:
         )
     except CorralError as error:
         return error_response(error)
+
+
+async def _move(request: Request) -> Response:
+    """Move one of the caller's sandboxes to another node (`"node"`, or the front picks),
+    keeping its id, memory and files (see `migration`)."""
+    front, body = _front(request), await request.body()
+    sandbox_id = request.path_params["sandbox_id"]
+    try:
+        asked = json.loads(body or b"{}")
+    except ValueError:
+        asked = None
+    if not isinstance(asked, dict) or set(asked) - {"node"}:
+        return await forward(front, front.any_nodes(), request, body)  # it says what is wrong
+    try:
+        nodes = await front.nodes_for(sandbox_id)
+        if not nodes:
+            return await forward(front, nodes, request, body)  # no node answers
+        seen = await front.http.get(
+            f"{nodes[0].url}/v1/sandboxes/{sandbox_id}", headers=moves.asked(request)
+        )
+        if seen.status_code != 200:  # not the caller's, or no such sandbox
+            return moves.relayed(seen)
+        info = seen.json()
+        source = front.nodes.get(info.get("node") or "")
+        if source is None or source.state != "ready":
+            raise LimitReached(
+                f"sandbox {sandbox_id}'s node is not ready; retry shortly", code="node_unavailable"
+            )
+        target = await migration.target_for(front, info["runtime"], source, asked.get("node"))
+        return JSONResponse(await migration.move(front, sandbox_id, source, target))
+    except migration.MoveFailed as failed:
+        return moves.relayed(failed.answer)
+    except CorralError as error:
+        return error_response(error)
+    except httpx.HTTPError as exc:
+        return error_response(migration.unanswered(nodes[0], exc))
 
 
 async def _snapshots(request: Request) -> Response:

@@ -29,6 +29,7 @@ from corral.core.errors import Conflict, CorralError, ServiceUnavailable
 from corral.core.models import StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine, HostScope
+from corral.server.cluster import migration
 from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
 from corral.server.config import FRONT_KEY_ENV, ServerConfig
@@ -71,6 +72,7 @@ class Front:
         self._agent: asyncio.subprocess.Process | None = None
         self._listening: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._evacuations: dict[str, asyncio.Task[None]] = {}  # by node: moves off it
 
     @property
     def store(self) -> Store:
@@ -163,7 +165,9 @@ class Front:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._agent.wait(), 120)
             self._agent = None
-        await asyncio.gather(*self._cleanups, return_exceptions=True)
+        for task in self._evacuations.values():
+            task.cancel()
+        await asyncio.gather(*self._cleanups, *self._evacuations.values(), return_exceptions=True)
         await asyncio.to_thread(self.ray.stop)
         await self.http.aclose()
         if self.webhooks is not None:
@@ -195,6 +199,8 @@ class Front:
                 if (await self.http.get(f"{node.url}/healthz", timeout=2)).status_code == 200:
                     node.state = "ready"
                     log.info("node %s is ready at %s", node.name, node.url)
+                    if node.draining:  # drained before a restart: what is left moves now
+                        self._evacuate(node)
                     return
             await asyncio.sleep(0.2)
         await self.lost(node, "its Corral server did not answer")
@@ -259,10 +265,19 @@ class Front:
         await self._end_sandboxes_of(node, why)
 
     def drain(self, node: Node, draining: bool) -> None:
-        """Stop (or start again) placing sandboxes on `node`; kept across restarts."""
+        """Stop (or start again) placing sandboxes on `node`, and move away those that can
+        move (`migration.evacuate`); kept across restarts."""
         node.draining = draining
         names = sorted(n.name for n in self.nodes.values() if n.draining)
         self._draining_file.write_text(json.dumps(names))
+        if draining:
+            self._evacuate(node)
+
+    def _evacuate(self, node: Node) -> None:
+        running = self._evacuations.get(node.name)
+        if running is None or running.done():
+            task = asyncio.create_task(migration.evacuate(self, node))
+            self._evacuations[node.name] = task
 
     def _load_draining(self) -> None:
         with contextlib.suppress(OSError, ValueError, TypeError):
