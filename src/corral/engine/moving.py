@@ -112,6 +112,15 @@ class Moving:
             self._registry.discard(sandbox_id)
         await self._drop_hand_off(sandbox_id)
 
+    async def forget_moved(self, sandbox_id: str, now_on: str) -> None:
+        """Forget a hibernated sandbox that moved to node `now_on` before this engine could
+        forget it (it stopped between the move and `gone`)."""
+        record = self._registry.get(sandbox_id)
+        async with record.lock:
+            record.require("forget", SandboxState.HIBERNATED)
+            record.leaving = now_on
+        await self.gone(sandbox_id)
+
     def _leaving(self, sandbox_id: str) -> SandboxRecord:
         record = self._registry.get(sandbox_id)
         if record.leaving is None:

@@ -304,6 +304,8 @@ class Service:
             )
             await self.store.update_sandbox(lost)
         for info in self.engine.list_sandboxes():
+            if await self._moved_on(info):
+                continue
             owner = await self.store.owner(info.id)
             if owner is None and info.id in journal:  # answered, then the server was killed
                 owner = journal[info.id]
@@ -315,6 +317,19 @@ class Service:
             await self.store.update_sandbox(self.engine.get(info.id))
             if info.state is not SandboxState.TERMINATED:
                 self._owners[info.id] = owner
+
+    async def _moved_on(self, info: SandboxInfo) -> bool:
+        """Whether `info` is a stale copy of a sandbox that moved to another node of the
+        cluster (this node stopped before it could forget it); if so, it is forgotten here."""
+        if self.config.front_key_id is None or info.state is not SandboxState.HIBERNATED:
+            return False
+        found = await self.store.get_sandbox(info.id)
+        now_on = found[1].node if found else None
+        if now_on is None or now_on == self.engine.node:
+            return False
+        log.warning("forgetting %s: it moved to node %s", info.id, now_on)
+        await self.engine.moving.forget_moved(info.id, now_on)
+        return True
 
     def _changed(self, info: SandboxInfo) -> None:
         if info.state is SandboxState.RUNNING and len(info.history) > 1:
