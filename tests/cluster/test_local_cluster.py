@@ -326,10 +326,8 @@ def test_a_sandbox_moves_to_the_other_node_keeping_its_id_memory_and_files(
         moving.files.write("/root/moved.txt", "from n0")
         before = count(moving)
         moving.hibernate()
-        moved = http.post(f"/v1/sandboxes/{moving.id}/move", json={"node": "n1"})
-        assert moved.status_code == 200, moved.text
-        assert moved.json()["id"] == moving.id and moved.json()["node"] == "n1"
-        assert moved.json()["state"] == "hibernated"  # it was: it wakes on use, there
+        moved = moving.move("n1")  # the SDK's
+        assert (moved.id, moved.node, moved.state.value) == (moving.id, "n1", "hibernated")
         assert not (front.data_dir / "nodes" / "n0" / "sandboxes" / moving.id).exists()
         assert count(moving) >= before and moving.info().node == "n1"
         after = count(moving)

@@ -106,6 +106,9 @@ def test_a_server_on_its_own_moves_no_sandbox_and_hands_none_off(node: Server) -
             moved = http.post(f"{base}/move", json={"node": "n1"}, headers=mine)
             assert moved.status_code == 400 and moved.json()["error"]["code"] == "not_a_cluster"
             assert "snapshot it" in moved.json()["error"]["message"]
+            with pytest.raises(CorralError) as not_here:
+                sandbox.move()
+            assert not_here.value.code == "not_a_cluster"
             theirs = http.post(f"{base}/move", json={}, headers=admin)  # not the admin's
             assert theirs.status_code == 404
             for method, path, body in (

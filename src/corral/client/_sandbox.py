@@ -286,6 +286,14 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
         self._info = parse_info(await self.client.request("POST", self._path("/wake")))
         return self._info
 
+    async def move(self, node: str | None = None) -> SandboxInfo:
+        """Move to another node of a cluster (`node`, else the front picks one), keeping the
+        id, memory and files (gvisor): hibernated there, and woken if it was running. Open
+        streams to it end; a server on its own answers `not_a_cluster`."""
+        body = {} if node is None else {"node": node}
+        self._info = parse_info(await self.client.request("POST", self._path("/move"), json=body))
+        return self._info
+
     async def run(
         self,
         cmd: str | Sequence[str],
@@ -431,6 +439,7 @@ class Sandbox(Twin[AsyncSandbox]):
     fork = blocking_self_each(AsyncSandbox.fork)
     hibernate = blocking(AsyncSandbox.hibernate)
     wake = blocking(AsyncSandbox.wake)
+    move = blocking(AsyncSandbox.move)
     run = blocking(AsyncSandbox.run)
     exec = blocking_as(Process, AsyncSandbox.exec)
     processes = blocking(AsyncSandbox.processes)

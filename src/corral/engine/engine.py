@@ -132,7 +132,7 @@ class Engine:
         checkpoints = self._checkpoints = Checkpoints(
             registry, runtimes, lifecycle, self.snapshots, tasks
         )
-        self.moving = Moving(registry, runtimes, lifecycle, checkpoints, self.snapshots)
+        self.moving = Moving(registry, runtimes, lifecycle, checkpoints, images=self.images)
         access = self._access = Access(registry, lifecycle.resume, checkpoints.wake)
         self._commands = Commands(access, runtimes)
         self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code

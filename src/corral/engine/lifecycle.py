@@ -189,10 +189,6 @@ class Lifecycle:
             sandbox_id=sandbox_id,
         )
 
-    async def resolve(self, spec: SandboxSpec) -> RootImage:
-        """The root image of `spec`, built or pulled first if it must be."""
-        return await asyncio.to_thread(self._images.resolve, spec.image, None)
-
     async def _identify(self, record: SandboxRecord) -> None:
         """Before anyone can see it, a sandbox restored from a boot image takes its own
         hostname and a secret of its own: the image's is every restored sandbox's."""

@@ -28,7 +28,7 @@ from corral.engine.lifecycle import Lifecycle, make_dir_and_save
 from corral.engine.record import Phase, SandboxRecord
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
-from corral.engine.snapshots import SnapshotStore
+from corral.images.store import ImageStore
 
 HAND_OFF_TTL = 3600.0  # a hand-off's snapshot, if the move is never finished
 
@@ -42,13 +42,15 @@ class Moving:
         runtimes: RuntimeSet,
         lifecycle: Lifecycle,
         checkpoints: Checkpoints,
-        snapshots: SnapshotStore,
+        *,
+        images: ImageStore,
     ) -> None:
         self._registry = registry
+        self._images = images
         self._runtimes = runtimes
         self._lifecycle = lifecycle
         self._checkpoints = checkpoints
-        self._snapshots = snapshots
+        self._snapshots = checkpoints.snapshots
         self._handed: dict[str, str] = {}  # sandbox id -> its hand-off snapshot's id
 
     async def hand_off(self, sandbox_id: str, to: str) -> tuple[SnapshotInfo, SandboxInfo]:
@@ -154,7 +156,7 @@ class Moving:
             )
         spec = taken.spec
         runtime = self._runtimes.check(spec.runtime or self._runtimes.default)
-        image = await self._lifecycle.resolve(spec)
+        image = await asyncio.to_thread(self._images.resolve, spec.image, None)
         if self._registry.find(sandbox_id) is not None:  # taken in meanwhile
             raise Conflict(f"sandbox {sandbox_id} is here already", code="sandbox_exists")
         plan = self._lifecycle.plan(spec, image, sandbox_id=sandbox_id)

@@ -36,7 +36,7 @@ CREATES = ("/v1/sandboxes", "/sandboxes", "/v2/sandboxes")
 
 def create_front_app(config: ServerConfig) -> Starlette:
     """The front's ASGI app: it starts the cluster on startup and stops it on shutdown."""
-    front = Front(config, config.cluster_nodes)
+    front = Front(config, config.cluster_nodes, migration.evacuate)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from corral.core.errors import Conflict, CorralError, ServiceUnavailable
 from corral.core.models import StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine, HostScope
-from corral.server.cluster import migration
 from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
 from corral.server.config import FRONT_KEY_ENV, ServerConfig
@@ -39,6 +39,7 @@ from corral.server.webhooks import Webhooks
 
 log = logging.getLogger("corral.cluster")
 
+Evacuate = Callable[["Front", Node], Coroutine[Any, Any, None]]
 FRONT_KEY_NAME = "corral-front"  # the front's own admin key, made afresh at each start
 START_TIMEOUT = 180.0
 CLEANUP_TIMEOUT = 60.0  # for a lost node's server to die and free its data directory
@@ -54,8 +55,10 @@ def _free_port() -> int:
 class Front:
     """The nodes of a local cluster, their servers, and the store they share."""
 
-    def __init__(self, config: ServerConfig, count: int) -> None:
+    def __init__(self, config: ServerConfig, count: int, evacuate: Evacuate) -> None:
+        """`evacuate` moves what can move off a draining node (`migration.evacuate`)."""
         self.config = config
+        self._evacuate_with = evacuate
         self.directory = config.data_dir / "cluster"
         self.ray = LocalRay(self.directory, count)
         self._draining_file = self.directory / "draining.json"
@@ -276,7 +279,7 @@ class Front:
     def _evacuate(self, node: Node) -> None:
         running = self._evacuations.get(node.name)
         if running is None or running.done():
-            task = asyncio.create_task(migration.evacuate(self, node))
+            task = asyncio.create_task(self._evacuate_with(self, node))
             self._evacuations[node.name] = task
 
     def _load_draining(self) -> None:
