@@ -1,7 +1,8 @@
 """Cluster mode on one machine: create throughput and the warm first command with 1, 2 and 3
 nodes of a local cluster (`corral serve --cluster local:N`), what the front's routing costs
 (the same exec through the front and straight at the node, samples interleaved), and what a
-start from a snapshot held by another node costs (the copy) against one on its own node.
+start from a snapshot held by another node costs (the copy) against one on its own node, and
+what moving a running sandbox to another node costs against a hibernation and wake where it is.
 
     python bench/cluster.py --data-dir /var/tmp/corral-bench-cluster [--nodes 1,2,3]
 
@@ -132,6 +133,28 @@ async def snapshot_starts(front: Server, key: str, rounds: int) -> dict[str, Any
     return {"snapshot_mb": round(size / 1e6, 1), **{k: summary(v) for k, v in samples.items()}}
 
 
+async def moves(front: Server, key: str, rounds: int) -> dict[str, Any]:
+    """A running gVisor sandbox moved to the other node and woken there (hibernate, copy,
+    take in, wake), against a hibernation and a wake on its own node; interleaved."""
+    samples: dict[str, list[float]] = {"move_running": [], "hibernate_and_wake": []}
+    async with httpx.AsyncClient(
+        base_url=front.url, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    ) as http:
+        made = await http.post("/v1/sandboxes", json={"runtime": "gvisor", "node": "n0"})
+        path = f"/v1/sandboxes/{made.json()['id']}"
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for step in ("/hibernate", "/wake"):
+                assert (await http.post(path + step)).status_code == 200
+            samples["hibernate_and_wake"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            moved = await http.post(path + "/move", json={})
+            samples["move_running"].append(time.perf_counter() - started)
+            assert moved.status_code == 200 and moved.json()["state"] == "running", moved.text
+        await http.delete(path)
+    return {name: summary(values) for name, values in samples.items()}
+
+
 async def measure(front: Server, nodes: int, rounds: int) -> dict[str, Any]:
     key = front.new_key("bench")
     async with AsyncClient(url=front.url, api_key=front.admin_key) as admin:
@@ -143,6 +166,7 @@ async def measure(front: Server, nodes: int, rounds: int) -> dict[str, Any]:
     figures["exec_routing"] = await routing(front, key, rounds * 5)
     if nodes >= 2:
         figures["snapshot_start"] = await snapshot_starts(front, key, max(3, rounds // 4))
+        figures["move"] = await moves(front, key, max(3, rounds // 4))
     return figures
 
 

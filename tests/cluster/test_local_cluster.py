@@ -375,6 +375,50 @@ def admin_auth(front: Server) -> dict[str, str]:
     return {"Authorization": f"Bearer {front.admin_key}"}
 
 
+def test_a_keys_quota_holds_across_the_nodes(front: Server) -> None:
+    """Each node alone would let the key have more: the front counts its sandboxes on both."""
+    key = front.new_key("cluster-quota")
+    admin = {"Authorization": f"Bearer {front.admin_key}"}
+    limit = httpx.put(
+        f"{front.url}/v1/keys/cluster-quota/quota", json={"memory_mb": 1024}, headers=admin
+    )
+    assert limit.status_code == 200, limit.text
+    with front.client(key) as tenant:
+        made = [
+            *_on_node(front, key, tenant, "n0", 1, memory_mb=512),
+            *_on_node(front, key, tenant, "n1", 1, memory_mb=512),
+        ]
+        auth = {"Authorization": f"Bearer {key}"}
+        for node in ("n0", "n1"):
+            refused = httpx.post(
+                f"{front.url}/v1/sandboxes",
+                json={"runtime": "namespaces", "memory_mb": 512, "node": node},
+                headers=auth,
+                timeout=60,
+            )
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "quota_exceeded"
+            assert "across the cluster" in refused.json()["error"]["message"]
+        made.pop().terminate()
+
+        def room() -> bool:  # once n1 has written the end into the store
+            answer = httpx.post(
+                f"{front.url}/v1/sandboxes",
+                json={"runtime": "namespaces", "memory_mb": 512, "node": "n0"},
+                headers=auth,
+                timeout=60,
+            )
+            if answer.status_code == 201:
+                made.append(Sandbox.connect(answer.json()["id"], client=tenant))
+            else:
+                assert answer.json()["error"]["code"] == "quota_exceeded", answer.text
+            return answer.status_code == 201
+
+        wait_until(room, "the ended sandbox's memory counts no more", timeout=30)
+        for sandbox in made:
+            sandbox.terminate()
+
+
 def test_a_node_killed_with_sigkill_mid_load_is_lost_and_no_create_is_lost_or_doubled(
     front: Server,
 ) -> None:

@@ -68,7 +68,6 @@ class Moving:
             await self._checkpoints.hibernate(record, f"moving to node {to}")
         async with record.lock:
             record.require("move", SandboxState.HIBERNATED)
-            await self._checkpoints.settled(record)
             record.leaving = to
             try:
                 taken = await self._snapshot_of(record)
@@ -109,6 +108,7 @@ class Moving:
         story goes on there)."""
         record = self._leaving(sandbox_id)
         async with record.lock:
+            await self._checkpoints.settled(record)  # runsc's own cleanup, after the hand-off
             await asyncio.to_thread(self._runtimes.get(record.runtime).destroy, record.plan)
             await self._lifecycle.forget_egress(record)
             self._registry.discard(sandbox_id)

@@ -21,9 +21,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from corral.core.errors import CorralError, LimitReached
-from corral.server.cluster import gather, migration, moves, placement
+from corral.core.quota import Quota
+from corral.engine.checkpoints import MAX_FORK
+from corral.server.cluster import gather, limits, migration, moves, placement
 from corral.server.cluster.events import merged_events
 from corral.server.cluster.front import Front
+from corral.server.cluster.placement import Node
 from corral.server.cluster.proxy import create_on, forward, headers, sandbox_of
 from corral.server.cluster.sockets import relay
 from corral.server.config import ServerConfig
@@ -84,28 +87,72 @@ async def _create(request: Request) -> Response:
         if chosen is None:  # not JSON, or not an object: a node says what is wrong
             return await forward(front, front.any_nodes(), request, body)
         nodes, sent = chosen
-        snapshot = await moves.holder_first(front, request, sent, nodes)
-        answer: Response | None = None
-        for node in nodes:  # the next when one is full
-            if snapshot is not None and node is not snapshot[1]:
-                await moves.copy(front, snapshot[0], snapshot[1], node)
-            answer = await create_on(front, node, request, sent)
-            if answer.status_code != 429:
-                break
+        asks = limits.asked(json.loads(sent))
+        held = await front.limits.reserve(request.headers.get("authorization"), asks, 1)
+        try:
+            answer = await _placed(front, request, nodes, sent)
+        except BaseException:
+            front.limits.failed(held)
+            raise
     except CorralError as error:
         return error_response(error)
+    front.limits.made(held, _made(answer))
+    return answer
+
+
+async def _placed(front: Front, request: Request, nodes: list[Node], sent: bytes) -> Response:
+    """The create on the first of `nodes` that can take it (the next when one is full)."""
+    snapshot = await moves.holder_first(front, request, sent, nodes)
+    answer: Response | None = None
+    for node in nodes:
+        if snapshot is not None and node is not snapshot[1]:
+            await moves.copy(front, snapshot[0], snapshot[1], node)
+        answer = await create_on(front, node, request, sent)
+        if answer.status_code != 429:
+            break
     assert answer is not None
     return answer
 
 
+def _made(answer: Response) -> list[str]:
+    """The ids of the sandboxes a create or fork answer says were made (Corral's or E2B's)."""
+    body = getattr(answer, "body", None)  # none in an answer streamed through
+    if answer.status_code not in (200, 201) or not isinstance(body, bytes):
+        return []
+    try:
+        made = json.loads(body)
+        entries = made if isinstance(made, list) else [made]
+        return [str(entry.get("id") or entry["sandboxID"]) for entry in entries]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
 async def _fork(request: Request) -> Response:
-    """A fork on the sandbox's node, or, with `"node"` in the body, onto that node."""
+    """A fork on the sandbox's node, or, with `"node"` in the body, onto that node; counted
+    against the key's limits across the cluster (its number of sandboxes)."""
     front, body = _front(request), await request.body()
-    sandbox_id = request.path_params["sandbox_id"]
     try:
         asked = json.loads(body or b"{}")
     except ValueError:
         asked = None  # a node says what is wrong with it
+    count = asked.get("count") if isinstance(asked, dict) else None
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+        count = 0  # the node refuses it
+    try:
+        held = await front.limits.reserve(request.headers.get("authorization"), Quota(), count)
+    except CorralError as error:
+        return error_response(error)
+    try:
+        answer = await _forked(front, request, body, asked)
+    except BaseException:
+        front.limits.failed(held)
+        raise
+    front.limits.made(held, _made(answer))
+    return answer
+
+
+async def _forked(front: Front, request: Request, body: bytes, asked: Any) -> Response:
+    sandbox_id = request.path_params["sandbox_id"]
     wanted = asked.pop("node", None) if isinstance(asked, dict) else None
     try:
         nodes = await front.nodes_for(sandbox_id)

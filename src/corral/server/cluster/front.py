@@ -30,6 +30,7 @@ from corral.core.errors import Conflict, CorralError, ServiceUnavailable
 from corral.core.models import StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine, HostScope
+from corral.server.cluster.limits import KeyLimits
 from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
 from corral.server.config import FRONT_KEY_ENV, ServerConfig
@@ -70,6 +71,7 @@ class Front:
         self.located: dict[str, str] = {}  # sandbox id -> node name, for those made here
         self.events = EventHub()  # what only the front knows: sandboxes ended with a node
         self._store: Store | None = None
+        self._limits: KeyLimits | None = None
         self.webhooks: Webhooks | None = None
         self._key = self._key_id = ""
         self._agent: asyncio.subprocess.Process | None = None
@@ -82,12 +84,19 @@ class Front:
         assert self._store is not None, "the front is not started"
         return self._store
 
+    @property
+    def limits(self) -> KeyLimits:
+        """The per-key limits, checked across every node (`corral.server.cluster.limits`)."""
+        assert self._limits is not None, "the front is not started"
+        return self._limits
+
     # -- starting and stopping ---------------------------------------------------------------
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._load_draining()
         self._store = await Store.open(self.config.database, self.config.key_ring())
+        self._limits = KeyLimits(self.store, self.config.max_sandboxes_per_key)
         # Sandboxes ended with their node are the front's to tell the webhooks about.
         self.webhooks = Webhooks.for_server(self.store.webhooks, self.config)
         await self.webhooks.start()
