@@ -31,6 +31,7 @@ from corral.core.state import SandboxState
 from corral.server.cluster import placement
 from corral.server.cluster.moves import copy
 from corral.server.cluster.placement import Node
+from corral.server.schemas import SandboxOut
 
 if TYPE_CHECKING:
     from corral.server.cluster.front import Front
@@ -85,31 +86,55 @@ async def move(front: Front, sandbox_id: str, source: Node, target: Node) -> dic
         raise MoveFailed(handed)
     out = handed.json()
     try:
-        await copy(front, out["snapshot"]["id"], source, target)
-        taken = await front.http.post(
-            f"{target.url}{base}/take-in",
-            headers=auth,
-            json={
-                "snapshot": out["snapshot"]["id"],
-                "timeout_remaining": out["sandbox"]["timeout_remaining"],
-                "wake": out["was"] == SandboxState.RUNNING.value,
-            },
-        )
-        if taken.status_code != 201:
-            raise MoveFailed(taken)
+        entry = await _take_in(front, sandbox_id, out, source, target)
     except BaseException as exc:
-        with contextlib.suppress(httpx.HTTPError):  # it stays where it was, hibernated
-            await front.http.delete(f"{source.url}{base}/hand-off", headers=auth)
-        if isinstance(exc, httpx.HTTPError):
-            raise unanswered(target, exc) from None
-        raise
+        arrived = isinstance(exc, Exception) and await _arrived(front, sandbox_id, target)
+        if not arrived:  # it stays where it was, hibernated
+            with contextlib.suppress(httpx.HTTPError):
+                await front.http.delete(f"{source.url}{base}/hand-off", headers=auth)
+            if isinstance(exc, httpx.HTTPError):
+                raise unanswered(target, exc) from None
+            raise
+        found = await front.store.get_sandbox(sandbox_id)
+        assert found is not None
+        entry = SandboxOut.of(found[1]).model_dump(mode="json")
     front.located[sandbox_id] = target.name
     try:
         await front.http.post(f"{source.url}{base}/hand-off/done", headers=auth)
     except httpx.HTTPError as exc:  # its copy there is stale: a restart there drops it
         log.warning("node %s did not forget moved sandbox %s: %s", source.name, sandbox_id, exc)
+    return entry
+
+
+async def _take_in(
+    front: Front, sandbox_id: str, handed: dict[str, Any], source: Node, target: Node
+) -> dict[str, Any]:
+    """Steps 2 and 3: the hand-off's snapshot copied to `target`, which takes the sandbox in."""
+    snapshot_id = handed["snapshot"]["id"]
+    await copy(front, snapshot_id, source, target)
+    taken = await front.http.post(
+        f"{target.url}/v1/sandboxes/{sandbox_id}/take-in",
+        headers=front.admin_headers(),
+        json={
+            "snapshot": snapshot_id,
+            "timeout_remaining": handed["sandbox"]["timeout_remaining"],
+            "wake": handed["was"] == SandboxState.RUNNING.value,
+        },
+    )
+    if taken.status_code != 201:
+        raise MoveFailed(taken)
     entry: dict[str, Any] = taken.json()
     return entry
+
+
+async def _arrived(front: Front, sandbox_id: str, target: Node) -> bool:
+    """Whether `target` took the sandbox in after all (its answer was lost on the way): the
+    store says so. Then the move is done, and the old node must not keep it."""
+    try:
+        found = await front.store.get_sandbox(sandbox_id)
+    except Exception:  # the store cannot say: the move failed, as far as anyone knows
+        return False
+    return found is not None and found[1].node == target.name
 
 
 def unanswered(node: Node, exc: Exception) -> ServiceUnavailable:
