@@ -4,6 +4,7 @@ Usage (as root, after scripts/setup):
     .venv/bin/python bench/run.py            # the full run: ~200 samples per figure
     .venv/bin/python bench/run.py --quick    # a smoke run: few samples, small bursts
     .venv/bin/python bench/run.py --only core  # the speed targets' figures, merged in
+    .venv/bin/python bench/run.py --only load --gvisor-burst 100  # target 5: load, merged in
 
 It starts a real server (`corral serve` on a free port, its own data directory) and drives it
 through the public SDK, as users do; raw runtimes run in the same process as baselines, so
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -247,16 +249,20 @@ class Suite:
             await self.client.set_pool(pool, size, runtime=runtime)
             await self.wait_idle(pool, size)
 
+        failures: collections.Counter[str] = collections.Counter()  # why, by error code
+
         async def one() -> AsyncSandbox | None:
             try:
                 sandbox = await AsyncSandbox.create(runtime=runtime, pool=warm, client=self.client)
-            except corral.CorralError:
+            except corral.CorralError as exc:
+                failures[f"create: {exc.code}"] += 1
                 return None
             try:
                 if (await sandbox.run("echo ok")).stdout == "ok\n":
                     return sandbox
-            except corral.CorralError:
-                pass
+                failures["echo: wrong output"] += 1
+            except corral.CorralError as exc:
+                failures[f"echo: {exc.code}"] += 1
             await sandbox.terminate()
             return None
 
@@ -267,9 +273,11 @@ class Suite:
         await asyncio.gather(*(s.terminate() for s in ok), return_exceptions=True)
         if warm:
             await self.client.remove_pool(pool)
-        figure = {"wall_s": round(wall, 2), "success": round(len(ok) / count, 4)}
+        figure: dict[str, Any] = {"wall_s": round(wall, 2), "success": round(len(ok) / count, 4)}
         if warm:
             figure["pool_size"] = size
+        if failures:
+            figure["failures"] = dict(failures)
         self.record(f"burst {count} creates " + ("warm" if warm else "cold"), runtime, figure)
 
     async def concurrent_execs(self, runtime: str) -> None:
@@ -280,11 +288,17 @@ class Suite:
             )
         )
 
+        failures: collections.Counter[str] = collections.Counter()  # why, by error code
+
         async def one(sandbox: AsyncSandbox) -> bool:
             try:
-                return (await sandbox.run("echo ok")).stdout == "ok\n"
-            except corral.CorralError:
+                ok = (await sandbox.run("echo ok")).stdout == "ok\n"
+            except corral.CorralError as exc:
+                failures[exc.code] += 1
                 return False
+            if not ok:
+                failures["wrong output"] += 1
+            return ok
 
         count = self.args.execs
         start = time.perf_counter()
@@ -298,6 +312,7 @@ class Suite:
                 "sandboxes": len(sandboxes),
                 "wall_s": round(wall, 2),
                 "success": round(sum(outcomes) / count, 4),
+                **({"failures": dict(failures)} if failures else {}),
             },
         )
 
@@ -658,6 +673,11 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         if args.only == "observability":
             await observability_figures(suite, runtimes, summary)
             return {"machine": machine(), "args": vars(args), "results": suite.results}
+        if args.only == "load":  # issue 18's target 5: creates and execs under load
+            for runtime in runtimes:
+                await suite.burst(runtime, warm=False)
+                await suite.concurrent_execs(runtime)
+            return {"machine": machine(), "args": vars(args), "results": suite.results}
         if args.only == "core":
             for runtime in runtimes:
                 await core_figures(suite, runtime)
@@ -839,7 +859,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["core", "code", "e2b", "observability", "previews"],
+        choices=["core", "load", "code", "e2b", "observability", "previews"],
         help="only these figures, merged into results.json",
     )
     args = parser.parse_args()
