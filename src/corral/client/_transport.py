@@ -52,6 +52,9 @@ class Socket:
         await self._ws.close()
 
 
+CONNECT_RETRIES = 3  # of a connection that could not be made (nothing was sent)
+
+
 class Transport:
     """One server's HTTP connection pool and WebSockets, with one API key."""
 
@@ -68,13 +71,15 @@ class Transport:
         self.url = url
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._tls = tls_context(ca, verify) if url.startswith("https:") else None
+        # A connection that could not be made sent nothing, so it is tried again: on a busy
+        # machine (a burst of gVisor starts) a connect can take longer than its timeout.
+        sockets = httpx.AsyncHTTPTransport(verify=self._tls or True, retries=CONNECT_RETRIES)
         self._http = httpx.AsyncClient(
             base_url=url,
             headers=self._headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
-            verify=self._tls or True,
             # An ASGI app in this process (a server's own tools): no socket, no TLS.
-            transport=httpx.ASGITransport(app=app) if app is not None else None,
+            transport=httpx.ASGITransport(app=app) if app is not None else sockets,
         )
         self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
 
