@@ -167,22 +167,37 @@ class Checkpoints:
             record.require("snapshot", SandboxState.RUNNING, SandboxState.PAUSED)
             with self.snapshots.writing() as (snapshot_id, temp):
                 await self._checkpoint_running(record, runtime, temp)
-                now = time.time()
-                info = SnapshotInfo(
-                    id=snapshot_id,
-                    sandbox_id=record.id,
-                    runtime=record.runtime,
-                    image=record.spec.image,
-                    created_at=now,
-                    expires_at=now + ttl if ttl is not None else None,
-                    size_bytes=0,
-                    name=name,
-                    owner=owner,
-                )
-                taken = await asyncio.to_thread(
-                    self.snapshots.commit, temp, info, record.spec, record.link.secret
-                )
+                taken = await self.commit(record, snapshot_id, temp, ttl, name=name, owner=owner)
         record.touch()
+        return taken
+
+    async def commit(
+        self,
+        record: SandboxRecord,
+        snapshot_id: str,
+        temp: Path,
+        ttl: float | None,
+        *,
+        name: str | None = None,
+        owner: str | None = None,
+    ) -> SnapshotInfo:
+        """The checkpoint of `record` written into `temp` (from `snapshots.writing`), made a
+        snapshot deleted `ttl` seconds from now."""
+        now = time.time()
+        info = SnapshotInfo(
+            id=snapshot_id,
+            sandbox_id=record.id,
+            runtime=record.runtime,
+            image=record.spec.image,
+            created_at=now,
+            expires_at=now + ttl if ttl is not None else None,
+            size_bytes=0,
+            name=name,
+            owner=owner,
+        )
+        taken = await asyncio.to_thread(
+            self.snapshots.commit, temp, info, record.spec, record.link.secret
+        )
         return taken.info
 
     async def _checkpoint_running(self, record: SandboxRecord, runtime: Runtime, to: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,20 +80,7 @@ class Moving:
         """The hibernated sandbox's checkpoint, as a snapshot nobody lists (no owner)."""
         with self._snapshots.writing() as (snapshot_id, temp):
             await asyncio.to_thread(_link_files, record.plan.dir / CHECKPOINT_DIR, temp)
-            now = time.time()
-            info = SnapshotInfo(
-                id=snapshot_id,
-                sandbox_id=record.id,
-                runtime=record.runtime,
-                image=record.spec.image,
-                created_at=now,
-                expires_at=now + HAND_OFF_TTL,
-                size_bytes=0,
-            )
-            taken = await asyncio.to_thread(
-                self._snapshots.commit, temp, info, record.spec, record.link.secret
-            )
-        return taken.info
+            return await self._checkpoints.commit(record, snapshot_id, temp, HAND_OFF_TTL)
 
     async def stay(self, sandbox_id: str) -> SandboxInfo:
         """The move failed: the sandbox stays here, hibernated, as before its hand-off."""
