@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
+from corral.engine import moving
 from corral.server.config import ServerConfig
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.service import Service
@@ -90,3 +95,96 @@ async def test_a_cluster_node_forgets_a_sandbox_that_moved_on_while_it_was_down(
         finally:
             await service.close()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_cluster_node_leaves_other_nodes_sandboxes_and_ends_what_the_cluster_ended(
+    data_dir: Path,
+) -> None:
+    """At its start, a cluster's node neither ends another node's live sandboxes in the shared
+    store (they run there) nor takes back one of its own that the front ended while it was
+    away (`node_lost`): it ends that copy, and the store keeps why."""
+    require_runtime("namespaces")
+    directory = data_dir.with_name(data_dir.name + "-node-start")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o711)
+    (data_dir / "images").mkdir(exist_ok=True)
+    (directory / "images").symlink_to(data_dir / "images")
+    config = ServerConfig(data_dir=directory, node_name="a", host_scope=6, front_key_id="k")
+    service = Service(config)
+    await service.start()
+    try:
+        key, _ = await service.store.create_key("owner")
+        made = await service.engine.create(SandboxSpec(runtime="namespaces"))
+        service.own(key.id, made)
+        await service.recorded()
+    finally:
+        await service.close()
+    store = await Store.open(config.database, config.key_ring())
+    found = await store.get_sandbox(made.id)
+    assert found is not None
+    now = time.time()
+    lost = dataclasses.replace(
+        found[1], state=SandboxState.TERMINATED, ended_at=now, end_reason=EndReason.NODE_LOST,
+        end_detail="node a was lost", expires_at=None,
+    )  # fmt: skip
+    await store.update_sandbox(lost)
+    elsewhere = dataclasses.replace(found[1], id="sb-0000000000000002", node="b")
+    await store.add_sandbox(key.id, elsewhere)
+    await store.close()
+    service = Service(config)
+    await service.start()
+    try:
+        assert service.engine.get(made.id).state is SandboxState.TERMINATED
+        ended = await service.store.get_sandbox(made.id)
+        other = await service.store.get_sandbox(elsewhere.id)
+        assert ended is not None and other is not None
+        assert (ended[1].state, ended[1].end_reason) == (
+            SandboxState.TERMINATED, EndReason.NODE_LOST
+        )  # fmt: skip
+        assert other[1].state is SandboxState.RUNNING
+    finally:
+        await service.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_move_the_front_left_unfinished_is_settled_by_the_store(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose sandbox was handed off and never taken back nor forgotten (the front
+    stopped mid-move) settles it once the move is overdue: it stays, hibernated, while the
+    store names this node; it is forgotten once the store names another (it was taken in)."""
+    require_runtime("gvisor")
+    monkeypatch.setattr(moving, "LEAVE_TIMEOUT", 0.0)
+    directory = data_dir.with_name(data_dir.name + "-unfinished")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o711)
+    (data_dir / "images").mkdir(exist_ok=True)
+    (directory / "images").symlink_to(data_dir / "images")
+    config = ServerConfig(data_dir=directory, node_name="a", host_scope=6, front_key_id="k")
+    service = Service(config)
+    await service.start()
+    try:
+        key, _ = await service.store.create_key("owner")
+        made = await service.engine.create(SandboxSpec(runtime="gvisor"))
+        service.own(key.id, made)
+        record = service.engine.registry.get(made.id)
+        await service.engine.moving.hand_off(made.id, "b")
+        await _until(lambda: record.leaving is None, "the move is settled")
+        assert service.engine.get(made.id).state is SandboxState.HIBERNATED  # it stayed
+        await service.engine.moving.hand_off(made.id, "b")
+        await service.recorded()
+        found = await service.store.get_sandbox(made.id)
+        assert found is not None
+        await service.store.update_sandbox(dataclasses.replace(found[1], node="b"))
+        await _until(lambda: service.engine.registry.find(made.id) is None, "it is forgotten")
+        assert not (directory / "sandboxes" / made.id).exists()
+    finally:
+        await service.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.2)

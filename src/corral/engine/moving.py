@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from corral.engine.runtime_set import RuntimeSet
 from corral.images.store import ImageStore
 
 HAND_OFF_TTL = 3600.0  # a hand-off's snapshot, if the move is never finished
+# A move that the front neither finished nor undid by then (it stopped mid-move) is overdue:
+# the node settles it by the store (`corral.server.service`).
+LEAVE_TIMEOUT = 600.0
 
 
 class Moving:
@@ -50,7 +54,8 @@ class Moving:
         self._lifecycle = lifecycle
         self._checkpoints = checkpoints
         self._snapshots = checkpoints.snapshots
-        self._handed: dict[str, str] = {}  # sandbox id -> its hand-off snapshot's id
+        # sandbox id -> its hand-off snapshot's id, and when it was handed off
+        self._handed: dict[str, tuple[str, float]] = {}
 
     async def hand_off(self, sandbox_id: str, to: str) -> tuple[SnapshotInfo, SandboxInfo]:
         """Hibernate the sandbox (if it is not) and make its checkpoint a snapshot for node
@@ -73,8 +78,17 @@ class Moving:
             except BaseException:
                 record.leaving = None
                 raise
-        self._handed[sandbox_id] = taken.id
+        self._handed[sandbox_id] = (taken.id, time.monotonic())
         return taken, before
+
+    def overdue(self) -> list[str]:
+        """The sandboxes handed off more than `LEAVE_TIMEOUT` ago and still leaving."""
+        since, found = time.monotonic() - LEAVE_TIMEOUT, []
+        for sandbox_id, (_, handed_at) in self._handed.items():
+            record = self._registry.find(sandbox_id)
+            if handed_at <= since and record is not None and record.leaving is not None:
+                found.append(sandbox_id)
+        return found
 
     async def _snapshot_of(self, record: SandboxRecord) -> SnapshotInfo:
         """The hibernated sandbox's checkpoint, as a snapshot nobody lists (no owner)."""
@@ -116,9 +130,9 @@ class Moving:
         return record
 
     async def _drop_hand_off(self, sandbox_id: str) -> None:
-        snapshot_id = self._handed.pop(sandbox_id, None)
-        if snapshot_id is not None:
-            await self._checkpoints.delete_snapshot(snapshot_id)
+        handed = self._handed.pop(sandbox_id, None)
+        if handed is not None:
+            await self._checkpoints.delete_snapshot(handed[0])
 
     async def take_in(
         self,

@@ -290,7 +290,10 @@ class Service:
     async def _reconcile(self, journal: dict[str, str]) -> None:
         known = {info.id for info in self.engine.list_sandboxes()}
         for info in await self.store.live_sandboxes():
-            if info.id in known:
+            # A cluster's node answers for its own sandboxes only: the others run elsewhere.
+            # A server on its own answers for all (its name may have changed).
+            theirs = self.config.front_key_id is not None and info.node != self.engine.node
+            if info.id in known or theirs:
                 continue
             now = time.time()
             lost = dataclasses.replace(
@@ -319,16 +322,24 @@ class Service:
                 self._owners[info.id] = owner
 
     async def _moved_on(self, info: SandboxInfo) -> bool:
-        """Whether `info` is a stale copy of a sandbox that moved to another node of the
-        cluster (this node stopped before it could forget it); if so, it is forgotten here."""
-        if self.config.front_key_id is None or info.state is not SandboxState.HIBERNATED:
+        """Whether `info` is a stale copy on a cluster's node, dealt with here: a sandbox that
+        moved to another node (this node stopped before it could forget it) is forgotten; one
+        the front ended while this node was lost (`node_lost`) is ended, as the store says."""
+        if self.config.front_key_id is None or info.state is SandboxState.TERMINATED:
             return False
         found = await self.store.get_sandbox(info.id)
-        now_on = found[1].node if found else None
-        if now_on is None or now_on == self.engine.node:
+        if found is None:
             return False
-        log.warning("forgetting %s: it moved to node %s", info.id, now_on)
-        await self.engine.moving.forget_moved(info.id, now_on)
+        stored = found[1]
+        if stored.state is SandboxState.TERMINATED:
+            log.warning("ending %s: the cluster ended it while this node was away", info.id)
+            reason, detail = stored.end_reason or EndReason.NODE_LOST, stored.end_detail or ""
+            await self.engine.terminate(info.id, reason=reason, detail=detail)
+            return True
+        if info.state is not SandboxState.HIBERNATED or stored.node in (None, self.engine.node):
+            return False
+        log.warning("forgetting %s: it moved to node %s", info.id, stored.node)
+        await self.engine.moving.forget_moved(info.id, stored.node)
         return True
 
     def _changed(self, info: SandboxInfo) -> None:
@@ -386,8 +397,23 @@ class Service:
                 self.key_networks = await self.store.key_networks.all()
                 if self.webhooks is not None:  # registered through another server
                     await self.webhooks.sync()
+                await self._settle_moves()
             except Exception:
                 log.exception("could not end the sandboxes of revoked keys")
+
+    async def _settle_moves(self) -> None:
+        """Settle the moves that the front neither finished nor undid (it stopped mid-move)
+        by the store: the sandbox is gone if its row names another node (the take-in
+        happened), else it stays here, hibernated."""
+        for sandbox_id in self.engine.moving.overdue():
+            found = await self.store.get_sandbox(sandbox_id)
+            now_on = found[1].node if found else None
+            log.warning("settling the unfinished move of %s (node %s)", sandbox_id, now_on)
+            if now_on not in (None, self.engine.node):
+                await self.engine.moving.gone(sandbox_id)
+                self.moved_away(sandbox_id)
+            else:
+                await self.engine.moving.stay(sandbox_id)
 
     async def _prune_loop(self) -> None:
         while True:
