@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from corral.core.errors import CorralError
+from corral.server.cluster import joining
 from corral.server.cluster.gather import labelled
 from corral.server.cluster.placement import Node, choose, node_entry
 from corral.server.cluster.proxy import sandbox_of
@@ -35,17 +36,84 @@ def test_the_one_machine_path_never_imports_ray() -> None:
 
 @pytest.mark.parametrize(("cluster", "nodes"), [("local:1", 1), ("local:3", 3), ("local:16", 16)])
 def test_a_local_cluster_is_named_by_its_node_count(cluster: str, nodes: int) -> None:
-    assert ServerConfig(data_dir=Path("/x"), cluster=cluster).cluster_nodes == nodes
+    config = ServerConfig(data_dir=Path("/x"), cluster=cluster)
+    assert (config.cluster_nodes, config.ray_address) == (nodes, None)
+
+
+JOINED = {"database_url": "postgresql://corral@db/corral", "at_rest_key": Path("/etc/k")}
 
 
 @pytest.mark.parametrize(
-    "cluster", ["local:0", "local:17", "local:", "local:x", "ray://10.0.0.1:6379", "auto", ""]
+    "cluster", ["auto", "10.0.0.1:6379", "ray://head.svc:10001", "ray://10.0.0.1:10001"]
+)
+def test_a_running_ray_cluster_is_joined_by_its_address(cluster: str) -> None:
+    config = ServerConfig(data_dir=Path("/x"), cluster=cluster, **JOINED)  # type: ignore[arg-type]
+    assert (config.cluster_nodes, config.ray_address) == (0, cluster)
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [
+        "local:0",
+        "local:17",
+        "local:",
+        "local:x",
+        "ray://",
+        "ray://h",
+        "http://h:1",
+        "h",
+        "",
+        " auto",
+    ],
 )
 def test_a_cluster_that_is_not_supported_is_refused_saying_what_is(cluster: str) -> None:
     with pytest.raises(CorralError) as refused:
-        ServerConfig(data_dir=Path("/x"), cluster=cluster)
+        ServerConfig(data_dir=Path("/x"), cluster=cluster, **JOINED)  # type: ignore[arg-type]
     assert refused.value.code == "invalid_cluster" and refused.value.status_code == 400
-    assert "local:N" in str(refused.value)
+    assert "local:N" in str(refused.value) and "ray://HOST:PORT" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "needed"),
+    [({"at_rest_key": Path("/etc/k")}, "--database-url postgresql://"),
+     ({"database_url": "sqlite:////var/lib/c.db", "at_rest_key": Path("/k")}, "postgresql://"),
+     ({"database_url": "postgresql://corral@db/corral"}, "--at-rest-key")],
+)  # fmt: skip
+def test_a_joined_cluster_needs_a_shared_store_and_at_rest_key(
+    settings: dict[str, Any], needed: str
+) -> None:
+    with pytest.raises(CorralError) as refused:
+        ServerConfig(data_dir=Path("/x"), cluster="auto", **settings)
+    assert refused.value.code == "invalid_cluster" and needed in str(refused.value)
+
+
+def test_a_joined_node_names_itself_and_serves_tls_on_its_ray_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(joining.STORE_ENV, raising=False)
+    monkeypatch.setenv(joining.KEY_ENV, "/etc/corral/at-rest.key")
+    monkeypatch.setenv(joining.NAME_ENV, "gpu-7")
+    monkeypatch.setenv(joining.SCOPE_ENV, "3")
+    settings = {"host": "127.0.0.1", "data_dir": str(tmp_path), "args": ["--log-level", "info"]}
+    with pytest.raises(ValueError, match=f"set {joining.STORE_ENV} in the Ray node's"):
+        joining.node_server(settings)  # it would serve a store of its own
+    monkeypatch.setenv(joining.STORE_ENV, "postgresql://corral:secret@db/corral")
+    argv, joined = joining.node_server(settings)
+    assert (joined.name, joined.scope) == ("gpu-7", 3)
+    assert joined.url.startswith("https://127.0.0.1:")
+    assert joined.ca == (tmp_path / "gpu-7" / "tls" / "ca.pem").read_text()
+    assert not [arg for arg in argv if "secret" in arg or "at-rest" in arg]  # not through Ray
+    served = argv[argv.index("serve") :]
+    for option, value in (("--host", "127.0.0.1"), ("--data-dir", str(tmp_path / "gpu-7")),
+                          ("--node-name", "gpu-7"), ("--tls", "auto"), ("--host-scope", "3"),
+                          ("--port", joined.url.rsplit(":", 1)[1]), ("--log-level", "info")):  # fmt: skip
+        assert served[served.index(option) + 1] == value
+    monkeypatch.setenv(joining.NAME_ENV, "../etc")
+    with pytest.raises(ValueError, match=joining.NAME_ENV):
+        joining.node_name()
+    monkeypatch.setenv(joining.SCOPE_ENV, "16")
+    with pytest.raises(ValueError, match="0 to 15"):
+        joining.node_scope()
 
 
 def test_a_shared_sqlite_store_is_named_by_an_absolute_path() -> None:

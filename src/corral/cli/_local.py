@@ -154,7 +154,10 @@ LogFormat = Annotated[
 ClusterOption = Annotated[
     str | None,
     typer.Option(help="Serve as the front of a cluster: local:N starts a Ray cluster of N "
-                 "nodes on this machine, each running a Corral node (docs/cluster.md)."),
+                 "nodes on this machine, each running a Corral node; auto, HOST:PORT or "
+                 "ray://HOST:PORT joins a running Ray cluster, whose nodes that offer the "
+                 "resource corral_node run one each (needs --database-url postgresql://… and "
+                 "--at-rest-key; docs/cluster.md)."),
 ]  # fmt: skip
 NodeName = Annotated[
     str | None,

@@ -15,6 +15,8 @@ from corral.engine.sealing import KEY_FILE, KeyRing
 SQLITE = "sqlite:///"  # a --database-url naming a SQLite file: sqlite:////abs/path
 MAX_LOCAL_NODES = 16  # one host scope each (corral.host.scope)
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# What a front joins: the local Ray node (`auto`), a GCS address, or a Ray Client address.
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9][A-Za-z0-9.-]*:[0-9]{1,5}")
 
 
 FRONT_KEY_ENV = "CORRAL_CLUSTER_FRONT_KEY_ID"
@@ -62,14 +64,15 @@ class ServerConfig:
     database_url: str | None = None
     host_scope: int | None = None  # this engine's share of a machine others run on too
     node_name: str | None = None  # in each sandbox's info; default: the host name
-    cluster: str | None = None  # serve as a cluster's front (`local:N`; corral.server.cluster)
+    # Serve as a cluster's front: `local:N`, or the Ray cluster to join (corral.server.cluster).
+    cluster: str | None = None
     # On a cluster's node: the id of the front's key, the one key that may copy snapshots
     # (their memory) between nodes. The front sets it in each node server's environment.
     front_key_id: str | None = field(default_factory=lambda: os.environ.get(FRONT_KEY_ENV) or None)
 
     def __post_init__(self) -> None:
         if self.cluster is not None:
-            self.cluster_nodes  # noqa: B018 (refused now, not when the front starts)
+            self._check_cluster()
         sqlite = self.database_url or ""
         if sqlite.startswith(SQLITE) and not Path(sqlite.removeprefix(SQLITE)).is_absolute():
             raise InvalidRequest(
@@ -98,16 +101,47 @@ class ServerConfig:
 
     @property
     def cluster_nodes(self) -> int:
-        """The node count of a ``local:N`` cluster; other forms are refused, saying what is."""
+        """The node count of a ``local:N`` cluster; 0 for a Ray cluster the front joins."""
         kind, _, count = (self.cluster or "").partition(":")
-        if kind == "local" and count.isdigit() and 1 <= int(count) <= MAX_LOCAL_NODES:
-            return int(count)
-        raise InvalidRequest(
-            f"--cluster {self.cluster!r} is not supported: use local:N, a Ray cluster of N "
-            f"(1 to {MAX_LOCAL_NODES}) nodes on this machine; joining an existing Ray cluster "
-            "(ray://HOST:PORT, auto) is not built yet",
-            code="invalid_cluster",
-        )
+        return int(count) if kind == "local" and count.isdigit() else 0
+
+    @property
+    def ray_address(self) -> str | None:
+        """The Ray cluster a front joins (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``), or
+        None for a local one."""
+        local = self.cluster is None or self.cluster.startswith("local:")
+        return None if local else self.cluster
+
+    def _check_cluster(self) -> None:
+        """Refuse a `--cluster` that is not one of its forms, saying what they are, and a
+        joined cluster without what its nodes on other machines must share."""
+        cluster = self.cluster or ""
+        if not (
+            1 <= self.cluster_nodes <= MAX_LOCAL_NODES
+            if cluster.startswith("local:")
+            else RAY_ADDRESS.fullmatch(cluster)
+        ):
+            raise InvalidRequest(
+                f"--cluster {cluster!r} is not supported: use local:N, a Ray cluster of N (1 to "
+                f"{MAX_LOCAL_NODES}) nodes on this machine, or join a running Ray cluster with "
+                "auto (this machine is one of its nodes), HOST:PORT (its GCS address) or "
+                "ray://HOST:PORT (Ray Client)",
+                code="invalid_cluster",
+            )
+        if self.ray_address is None:
+            return
+        if isinstance(self.database, Path):
+            raise InvalidRequest(
+                "a joined Ray cluster's nodes run on other machines and share one store: give "
+                "--database-url postgresql://USER@HOST/DB (docs/cluster.md)",
+                code="invalid_cluster",
+            )
+        if self.at_rest_key is None:
+            raise InvalidRequest(
+                "a joined Ray cluster's nodes share one key for data at rest: give "
+                "--at-rest-key FILE, a file present at that path on every node (docs/cluster.md)",
+                code="invalid_cluster",
+            )
 
     @property
     def key_file(self) -> Path:

@@ -320,4 +320,4 @@ async def _socket(websocket: WebSocket) -> None:
     if not nodes:
         await websocket.close(code=1013)
         return
-    await relay(nodes[0].url, websocket.scope, websocket.receive, websocket.send)
+    await relay(nodes[0].url, front.trust, websocket.scope, websocket.receive, websocket.send)

@@ -7,6 +7,11 @@ key: every node shares the store); the rest goes to any ready node. The node ser
 started and watched by the Ray driver (`corral.server.cluster.agent`), which the front runs
 and listens to: a node it reports lost is taken out of placement and its sandboxes end in the
 store with the reason `node_lost`.
+
+A local cluster (`local:N`) is started here, and its nodes are named and placed by the front.
+A joined one (`auto`, `HOST:PORT`, `ray://HOST:PORT`) is the operator's: its nodes come and go
+with the Ray nodes that offer them, name themselves, and serve over TLS from a CA of their own
+that the front learns through the agent (`corral.server.cluster.joining`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import random
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +36,7 @@ from corral.core.errors import Conflict, CorralError, ServiceUnavailable
 from corral.core.models import StateChange
 from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine, HostScope
+from corral.server.cluster.joining import STORE_ENV, logged
 from corral.server.cluster.limits import KeyLimits
 from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
@@ -54,20 +61,26 @@ def _free_port() -> int:
 
 
 class Front:
-    """The nodes of a local cluster, their servers, and the store they share."""
+    """The nodes of a cluster, their servers, and the store they share."""
 
     def __init__(self, config: ServerConfig, count: int, evacuate: Evacuate) -> None:
         """`evacuate` moves what can move off a draining node (`migration.evacuate`)."""
         self.config = config
         self._evacuate_with = evacuate
         self.directory = config.data_dir / "cluster"
-        self.ray = LocalRay(self.directory, count)
+        # A local cluster is the front's to start; a joined one (count 0) is the operator's.
+        self.ray = LocalRay(self.directory, count) if count else None
         self._draining_file = self.directory / "draining.json"
+        self._draining: set[str] = set()  # names, kept across restarts
         self.nodes = {
             f"n{index}": Node(f"n{index}", index, f"http://127.0.0.1:{_free_port()}")
             for index in range(count)
         }
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+        # Joined nodes serve TLS from CAs of their own, trusted here as they join.
+        self.trust = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.trust.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), verify=self.trust)
+        self._joined = asyncio.Event()  # the agent started the nodes there at the start
         self.located: dict[str, str] = {}  # sandbox id -> node name, for those made here
         self.events = EventHub()  # what only the front knows: sandboxes ended with a node
         self._store: Store | None = None
@@ -106,8 +119,10 @@ class Front:
                 await self.store.revoke_key(key.id)
         made, self._key = await self.store.create_key(FRONT_KEY_NAME, admin=True)
         self._key_id = made.id
-        await asyncio.to_thread(self.ray.start)
-        agent = self.ray.in_netns([sys.executable, "-m", "corral.server.cluster.agent"])
+        agent = [sys.executable, "-m", "corral.server.cluster.agent"]
+        if self.ray is not None:
+            await asyncio.to_thread(self.ray.start)
+            agent = self.ray.in_netns(agent)
         log_file = (self.directory / "agent.log").open("ab")
         self._agent = await asyncio.create_subprocess_exec(
             *agent, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file
@@ -118,7 +133,7 @@ class Front:
         await self._agent.stdin.drain()
         self._listening = asyncio.create_task(self._listen())
         deadline = time.monotonic() + START_TIMEOUT
-        while any(node.state == "starting" for node in self.nodes.values()):
+        while not self._joined.is_set():
             if time.monotonic() > deadline or self._listening.done():
                 await self.close()
                 raise ServiceUnavailable(
@@ -129,11 +144,16 @@ class Front:
             await asyncio.sleep(0.1)
 
     def _plan(self) -> dict[str, Any]:
+        """What the agent starts. No secret: the nodes find the front's key in the store, and
+        need only know which it is."""
+        env = {FRONT_KEY_ENV: self._key_id}
+        if self.ray is None:  # the store's URL and the at-rest key: each node's environment's
+            join = {"args": self._shared_args(), "data_dir": str(self.config.data_dir / "nodes")}
+            return {"address": self.config.ray_address, "env": env, "nodes": [], "join": join}
         return {
-            "address": self.ray.address,
+            "address": self.ray.address, "env": env, "join": None,
             "nodes": [
-                {"name": node.name, "resource": resource(node.index), "argv": self._argv(node),
-                 "env": {"CORRAL_API_KEY": self._key, FRONT_KEY_ENV: self._key_id}}
+                {"name": node.name, "resource": resource(node.index or 0), "argv": self._argv(node)}
                 for node in self.nodes.values()
             ],
         }  # fmt: skip
@@ -142,19 +162,26 @@ class Front:
         return self.config.data_dir / "nodes" / node.name
 
     def _argv(self, node: Node) -> list[str]:
-        """How node `node`'s Corral server is started (in the host's network namespace)."""
+        """How a local node's Corral server is started (in the host's network namespace)."""
+        assert self.ray is not None and node.index is not None
         data = self.node_dir(node)
         data.mkdir(parents=True, exist_ok=True)
         images = data / "images"
         if not images.exists():  # one machine: the nodes share the built images
             images.symlink_to(self.config.data_dir / "images")
-        database = self.config.database
         port = node.url.rsplit(":", 1)[1]
+        database = self.config.database
         argv = [
             sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1", "--port", port,
             "--data-dir", str(data), "--host-scope", str(node.index), "--node-name", node.name,
             "--database-url", f"sqlite:///{database}" if isinstance(database, Path) else database,
-            "--at-rest-key", str(self.config.key_file), "--no-prepare",
+            "--at-rest-key", str(self.config.key_file), "--no-prepare", *self._shared_args(),
+        ]  # fmt: skip
+        return logged(self.ray.on_host(argv), data / "server.log")
+
+    def _shared_args(self) -> list[str]:
+        """What every node's `corral serve` is given."""
+        argv = [
             "--max-sandboxes", str(self.config.max_sandboxes),
             "--max-sandboxes-per-key", str(self.config.max_sandboxes_per_key),
             "--log-level", "warning",
@@ -165,8 +192,7 @@ class Front:
             argv += ["--preview-domain", self.config.preview_domain]
         for _name, template, size in self.config.pools:
             argv += ["--pool", f"{template.runtime}:{template.image}:{size}"]
-        log_path = data / "server.log"
-        return ["sh", "-c", 'exec "$@" >>"$0" 2>&1', str(log_path), *self.ray.on_host(argv)]
+        return argv
 
     async def close(self) -> None:
         if self._listening is not None:  # nodes stopped from here on are not lost
@@ -180,7 +206,8 @@ class Front:
         for task in self._evacuations.values():
             task.cancel()
         await asyncio.gather(*self._cleanups, *self._evacuations.values(), return_exceptions=True)
-        await asyncio.to_thread(self.ray.stop)
+        if self.ray is not None:
+            await asyncio.to_thread(self.ray.stop)
         await self.http.aclose()
         if self.webhooks is not None:
             await self.webhooks.close()
@@ -195,8 +222,11 @@ class Front:
         async for line in self._agent.stdout:
             try:
                 said = json.loads(line)
-                node = self.nodes[said["node"]]
-            except (ValueError, KeyError, TypeError):
+                if said.get("state") == "joined":
+                    self._joined.set()
+                    continue
+                node = self._joining(said) if "url" in said else self.nodes[said["node"]]
+            except (ValueError, KeyError, TypeError, AttributeError, ssl.SSLError):
                 log.warning("the cluster agent said %r", line[:200])
                 continue
             if said.get("state") == "up":
@@ -204,11 +234,27 @@ class Front:
             elif said.get("state") == "lost" and node.state != "lost":
                 await self.lost(node, str(said.get("detail") or "Ray lost it"))
 
+    def _joining(self, said: dict[str, Any]) -> Node:
+        """A joined node that is up, new or back: where it serves, and the CA to trust."""
+        name, url, scope = str(said["node"]), str(said["url"]), said["scope"]
+        if not url.startswith("https://") or not (scope is None or isinstance(scope, int)):
+            raise ValueError(f"no HTTPS URL or scope for node {name}")
+        self.trust.load_verify_locations(cadata=str(said["ca"]))
+        node = self.nodes.setdefault(name, Node(name, scope, url))
+        node.url, node.index, node.state, node.detail = url, scope, "starting", None
+        node.draining = name in self._draining
+        log.info("node %s joined at %s", name, url)
+        return node
+
     async def _until_healthy(self, node: Node) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if (await self.http.get(f"{node.url}/healthz", timeout=2)).status_code == 200:
+                    if await self.describe(node) is None:  # it does not know the front's key
+                        why = f"it does not share the front's store (check its {STORE_ENV})"
+                        await self.lost(node, why)
+                        return
                     node.state = "ready"
                     log.info("node %s is ready at %s", node.name, node.url)
                     if node.draining:  # drained before a restart: what is left moves now
@@ -223,6 +269,8 @@ class Front:
         log.warning("node %s is lost: %s", node.name, detail)
         why = f"node {node.name} was lost: {detail}"
         await self._end_sandboxes_of(node, why)
+        if self.ray is None:  # another machine's: its server ends them when it starts again
+            return
         task = asyncio.create_task(self._clean_up(node, why))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
@@ -250,16 +298,17 @@ class Front:
             self.events.publish(found[0], ended)
 
     async def _clean_up(self, node: Node, why: str) -> None:
-        """On this machine, what a lost node's sandboxes left running is ended by an engine on
-        its data directory, once the node's server is gone (it holds the directory until it
-        dies). A create that the dying server finished after the node was reported lost is
-        then ended in the store too: none is left running where nothing runs it."""
+        """On this machine (a local cluster), what a lost node's sandboxes left running is
+        ended by an engine on its data directory, once the node's server is gone (it holds the
+        directory until it dies). A create that the dying server finished after the node was
+        reported lost is then ended in the store too: none is left running where nothing runs
+        it."""
         deadline = time.monotonic() + CLEANUP_TIMEOUT
         while True:
             try:
                 async with Engine(
                     self.node_dir(node),
-                    scope=HostScope(node.index),
+                    scope=HostScope(node.index or 0),
                     at_rest_key=self.config.key_file,
                     boot_images=False,
                     node=node.name,
@@ -280,8 +329,8 @@ class Front:
         """Stop (or start again) placing sandboxes on `node`, and move away those that can
         move (`migration.evacuate`); kept across restarts."""
         node.draining = draining
-        names = sorted(n.name for n in self.nodes.values() if n.draining)
-        self._draining_file.write_text(json.dumps(names))
+        (self._draining.add if draining else self._draining.discard)(node.name)
+        self._draining_file.write_text(json.dumps(sorted(self._draining)))
         if draining:
             self._evacuate(node)
 
@@ -293,9 +342,9 @@ class Front:
 
     def _load_draining(self) -> None:
         with contextlib.suppress(OSError, ValueError, TypeError):
-            for name in json.loads(self._draining_file.read_text()):
-                if name in self.nodes:
-                    self.nodes[name].draining = True
+            self._draining = {str(name) for name in json.loads(self._draining_file.read_text())}
+        for node in self.nodes.values():
+            node.draining = node.name in self._draining
 
     def ready(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.state == "ready"]

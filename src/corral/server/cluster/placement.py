@@ -18,7 +18,7 @@ RETRY_AFTER = 5
 @dataclass
 class Node:
     name: str
-    index: int  # its host scope, and its Ray resource `corral_node_<index>`
+    index: int | None  # its host scope (a local node's Ray resource is `corral_node_<index>`)
     url: str
     state: str = "starting"  # starting, ready, lost
     detail: str | None = None

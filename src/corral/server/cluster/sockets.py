@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from urllib.parse import urlsplit
 
 from starlette.types import Receive, Scope, Send
@@ -29,15 +30,20 @@ class TcpStream:
         return await self._reader.read(CHUNK) or None
 
 
-async def relay(node_url: str, scope: Scope, receive: Receive, send: Send) -> None:
-    """Relay the WebSocket of `scope` to the same path on the node at `node_url`."""
+async def relay(
+    node_url: str, trust: ssl.SSLContext, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Relay the WebSocket of `scope` to the same path on the node at `node_url` (over TLS,
+    trusting `trust`, for an https:// one)."""
     if (await receive())["type"] != "websocket.connect":
         return
     where = urlsplit(node_url)
     query = scope.get("query_string", b"").decode("latin-1")
     target = scope["path"] + (f"?{query}" if query else "")
     try:
-        reader, writer = await asyncio.open_connection(where.hostname, where.port)
+        reader, writer = await asyncio.open_connection(
+            where.hostname, where.port, ssl=trust if where.scheme == "https" else None
+        )
     except OSError:
         await send({"type": "websocket.close", "code": 1013, "reason": "node unavailable"})
         return
