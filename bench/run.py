@@ -52,6 +52,23 @@ WAKE_AFTER = 3.0  # seconds a sandbox stays hibernated before the benchmark wake
 BUDGET = 8 * 1024 * MiB  # density is reported as sandboxes per 8 GiB
 
 
+class Failures:
+    """What failed, counted by error code, with the first message of each code (its why)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.messages: dict[str, str] = {}
+
+    def add(self, code: str, message: str = "") -> None:
+        self.counts[code] += 1
+        self.messages.setdefault(code, message[:300])
+
+    def figure(self) -> dict[str, Any]:
+        if not self.counts:
+            return {}
+        return {"failures": dict(self.counts), "failure_messages": self.messages}
+
+
 def summary(samples: list[float], failures: int = 0) -> dict[str, Any]:
     """p50/p95/p99/max in milliseconds, and the success rate."""
     ordered = sorted(samples)
@@ -249,20 +266,20 @@ class Suite:
             await self.client.set_pool(pool, size, runtime=runtime)
             await self.wait_idle(pool, size)
 
-        failures: collections.Counter[str] = collections.Counter()  # why, by error code
+        failures = Failures()
 
         async def one() -> AsyncSandbox | None:
             try:
                 sandbox = await AsyncSandbox.create(runtime=runtime, pool=warm, client=self.client)
             except corral.CorralError as exc:
-                failures[f"create: {exc.code}"] += 1
+                failures.add(f"create: {exc.code}", exc.message)
                 return None
             try:
                 if (await sandbox.run("echo ok")).stdout == "ok\n":
                     return sandbox
-                failures["echo: wrong output"] += 1
+                failures.add("echo: wrong output")
             except corral.CorralError as exc:
-                failures[f"echo: {exc.code}"] += 1
+                failures.add(f"echo: {exc.code}", exc.message)
             await sandbox.terminate()
             return None
 
@@ -276,8 +293,7 @@ class Suite:
         figure: dict[str, Any] = {"wall_s": round(wall, 2), "success": round(len(ok) / count, 4)}
         if warm:
             figure["pool_size"] = size
-        if failures:
-            figure["failures"] = dict(failures)
+        figure.update(failures.figure())
         self.record(f"burst {count} creates " + ("warm" if warm else "cold"), runtime, figure)
 
     async def concurrent_execs(self, runtime: str) -> None:
@@ -288,16 +304,16 @@ class Suite:
             )
         )
 
-        failures: collections.Counter[str] = collections.Counter()  # why, by error code
+        failures = Failures()
 
         async def one(sandbox: AsyncSandbox) -> bool:
             try:
                 ok = (await sandbox.run("echo ok")).stdout == "ok\n"
             except corral.CorralError as exc:
-                failures[exc.code] += 1
+                failures.add(exc.code, exc.message)
                 return False
             if not ok:
-                failures["wrong output"] += 1
+                failures.add("wrong output")
             return ok
 
         count = self.args.execs
@@ -312,7 +328,7 @@ class Suite:
                 "sandboxes": len(sandboxes),
                 "wall_s": round(wall, 2),
                 "success": round(sum(outcomes) / count, 4),
-                **({"failures": dict(failures)} if failures else {}),
+                **failures.figure(),
             },
         )
 
@@ -724,6 +740,11 @@ def ratio(results: dict[str, Any], runtime: str, figure: str, base: str) -> str:
     return f"{ours['p50_ms'] / raw['p50_ms']:.2f}x"
 
 
+def _cell(value: object) -> str:
+    """`value` in a table's cell: a `|` or a line break in a message would end it."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Benchmark results", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["machine"].items()]
@@ -743,7 +764,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("|---" * (len(keys) + 1) + "|")
         for runtime, values in by_runtime.items():
             lines.append(
-                f"| {runtime} | " + " | ".join(str(values.get(k, "")) for k in keys) + " |"
+                f"| {runtime} | " + " | ".join(_cell(values.get(k, "")) for k in keys) + " |"
             )
         lines.append("")
     lines.append("## Corral / baseline (time to first command, p50)\n")
