@@ -30,8 +30,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral import Image
 from corral.engine import Engine, HostScope
 from corral.engine.sealing import KeyRing
+from corral.images.store import ImageStore
 from corral.server.cluster.joining import KEY_ENV, NAME_ENV, RESOURCE, SCOPE_ENV, STORE_ENV
 from tests.cluster.test_local_cluster import _on_node, scope_cgroups, wait_until
 from tests.conftest import require_runtime
@@ -122,10 +124,14 @@ def joined(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[tuple[Ser
     require_runtime("namespaces")
     directory = SERVER_DIR.with_name(f"{SERVER_DIR.name}-joined-{request.param}")
     nodes = directory / "nodes"
-    for name in SCOPES:  # one machine: the nodes share the built images
-        (nodes / name).mkdir(parents=True, exist_ok=True)
+    # Each node keeps its own built images, as on machines of their own; the base image,
+    # made once here, they share (it would take each a minute to make).
+    shared = data_dir / "images"
+    ImageStore(shared).resolve("debian")
+    for name in SCOPES:
+        (nodes / name / "images").mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
-            (nodes / name / "images").symlink_to(data_dir / "images")
+            (nodes / name / "images" / "debian").symlink_to(shared / "debian")
     key = directory / "at-rest.key"
     KeyRing(path=key, create=True).current  # noqa: B018 (made on first use)
     with contextlib.ExitStack() as stack:
@@ -165,6 +171,7 @@ def test_nodes_join_serve_tls_and_a_sandbox_moves_between_them(
 ) -> None:
     require_runtime("gvisor")
     front, ray = joined
+    nodes = front.data_dir / "nodes"
     assert _states(front) == {"j0": "ready"}
     ray.add("j1")  # a node that joins after the front started
     wait_until(lambda: _states(front) == {"j0": "ready", "j1": "ready"}, "j1 joins", 180)
@@ -189,17 +196,47 @@ def test_nodes_join_serve_tls_and_a_sandbox_moves_between_them(
         finally:
             here.terminate()
             there.terminate()
-        # A running gVisor sandbox moves to the other node (its memory copied through the
-        # front, over TLS at both ends) and counts on there.
-        moving = _on_node(front, key, tenant, "j0", 1, runtime="gvisor", timeout=600)[0]
+        # An image built through the front is on the node that built it only; a running
+        # gVisor sandbox of it moves to the other node (its memory copied through the front,
+        # over TLS at both ends, and the image with it) and counts on there.
+        built, made = (
+            Image.debian_slim().run_commands(f"echo {word} > /etc/built").build(client=tenant)
+            for word in ("moved", "made")
+        )
+        origin, other = _holder_and_not(nodes, built.id)
+        # A create placed on a node that lacks the image gets it there first.
+        _, lacking = _holder_and_not(nodes, made.id)
+        (fresh,) = _on_node(front, key, tenant, lacking, 1, image=made.id)
+        try:
+            assert fresh.run("cat /etc/built").stdout == "made\n"
+            assert (nodes / lacking / "images" / "built" / f"{made.id}.json").exists()
+        finally:
+            fresh.terminate()
+        moving = _on_node(
+            front, key, tenant, origin, 1, runtime="gvisor", image=built.id, timeout=600
+        )[0]
         try:
             moving.exec("python3", "-c", COUNTER)
             wait_until(lambda: moving.files.exists("/root/count"), "the counter counts")
             before = count(moving)
-            assert moving.move("j1").node == "j1"
-            wait_until(lambda: count(moving) > before, "the counter counts on j1")
+            assert moving.move(other).node == other
+            wait_until(lambda: count(moving) > before, f"the counter counts on {other}")
+            assert (nodes / other / "images" / "built" / f"{built.id}.json").exists()
+            assert moving.run("cat /etc/built").stdout == "moved\n"
+            # The image's archive is the front's to copy: no tenant or admin may take it.
+            archive = f"{front.url}/v1/images/{built.id}/archive"
+            for who, code in ((key, "admin_required"), (front.admin_key, "cluster_front_only")):
+                taken = httpx.get(archive, headers={"Authorization": f"Bearer {who}"})
+                assert (taken.status_code, taken.json()["error"]["code"]) == (403, code)
         finally:
             moving.terminate()
+
+
+def _holder_and_not(nodes: Path, image: str) -> tuple[str, str]:
+    """The node that has built image `image`, and the other one (which must not have it)."""
+    held = [n for n in SCOPES if (nodes / n / "images" / "built" / f"{image}.json").exists()]
+    assert len(held) == 1, held
+    return held[0], next(n for n in SCOPES if n != held[0])
 
 
 def test_a_killed_node_is_lost_and_joins_again_under_its_name(

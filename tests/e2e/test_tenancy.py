@@ -62,6 +62,10 @@ NODE_WIDE = {
     ("GET", "/v1/snapshots/{snapshot_id}/archive"): "a cluster front's alone (403 for others)",
     ("PUT", "/v1/snapshots/{snapshot_id}/archive"): "a cluster front's alone (403 for others)",
     **{
+        (method, "/v1/images/{image_id}/archive"): "a cluster front's alone (403 for others)"
+        for method in ("HEAD", "GET", "PUT")
+    },
+    **{
         route: "a cluster front's alone (403 for others): a sandbox's memory moving"
         for route in (
             ("POST", "/v1/sandboxes/{sandbox_id}/hand-off"),

@@ -16,7 +16,8 @@ from corral.core.errors import Conflict, CorralError
 from corral.core.models import SnapshotInfo
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KeyRing
-from corral.engine.snapshots import SnapshotStore, file_digest
+from corral.engine.snapshots import SnapshotStore
+from corral.images.transfer import file_digest
 
 
 def store(root: Path, key: Path) -> SnapshotStore:

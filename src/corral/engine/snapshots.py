@@ -13,7 +13,6 @@ on one opens on the other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from corral.core.ids import check_id, new_id
 from corral.core.models import SnapshotInfo
 from corral.core.spec import SandboxSpec
 from corral.engine.sealing import KeyRing, SealError, open_secret, open_spec, seal_secret, seal_spec
+from corral.images.transfer import file_digest
 
 log = logging.getLogger("corral.engine")
 
@@ -187,12 +187,6 @@ class SnapshotStore:
         snapshot = Snapshot(info, spec, final, secret)
         self._snapshots[snapshot_id] = snapshot
         return snapshot
-
-
-def file_digest(path: Path) -> str:
-    """`sha256:<hex>` of the file at `path`."""
-    with path.open("rb") as handle:
-        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _unpack(archive: Path, into: Path) -> None:

@@ -13,7 +13,7 @@ from corral.server import audit
 from corral.server.logs import KEY_ID
 from corral.server.resources.admin import AllSandboxes, Keys, Nodes, Pools
 from corral.server.resources.audit import AuditTrail
-from corral.server.resources.images import Images
+from corral.server.resources.images import ImageArchives, Images
 from corral.server.resources.moves import SandboxMoves
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.resources.snapshots import SnapshotArchives, Snapshots
@@ -167,6 +167,11 @@ async def _snapshot_archives(tenant: Admin) -> SnapshotArchives:
     return SnapshotArchives(tenant)
 
 
+async def _image_archives(tenant: Admin) -> ImageArchives:
+    _front_only(tenant, "build the image on the node (POST /v1/images) instead")
+    return ImageArchives(tenant)
+
+
 async def _moves(tenant: Admin) -> SandboxMoves:
     _front_only(tenant, "move a sandbox through the front (POST /v1/sandboxes/{id}/move)")
     return SandboxMoves(tenant)
@@ -192,5 +197,6 @@ KeysDep = Annotated[Keys, Depends(_keys)]
 AllSandboxesDep = Annotated[AllSandboxes, Depends(_all_sandboxes)]
 NodesDep = Annotated[Nodes, Depends(_nodes)]
 SnapshotArchivesDep = Annotated[SnapshotArchives, Depends(_snapshot_archives)]
+ImageArchivesDep = Annotated[ImageArchives, Depends(_image_archives)]
 MovesDep = Annotated[SandboxMoves, Depends(_moves)]
 WebhooksDep = Annotated[TenantWebhooks, Depends(_webhooks)]

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket
 from corral.core.errors import CorralError, LimitReached
 from corral.core.quota import Quota
 from corral.engine.checkpoints import MAX_FORK
-from corral.server.cluster import gather, limits, migration, moves, placement
+from corral.server.cluster import gather, images, limits, migration, moves, placement
 from corral.server.cluster.events import merged_events
 from corral.server.cluster.front import Front
 from corral.server.cluster.placement import Node
@@ -103,10 +103,14 @@ async def _create(request: Request) -> Response:
 async def _placed(front: Front, request: Request, nodes: list[Node], sent: bytes) -> Response:
     """The create on the first of `nodes` that can take it (the next when one is full)."""
     snapshot = await moves.holder_first(front, request, sent, nodes)
+    authorization = request.headers.get("authorization")
+    image = None if snapshot else await images.named(front, authorization, json.loads(sent))
     answer: Response | None = None
     for node in nodes:
         if snapshot is not None and node is not snapshot[1]:
             await moves.copy(front, snapshot[0], snapshot[1], node)
+        elif image is not None:
+            await images.bring(front, image, node)
         answer = await create_on(front, node, request, sent)
         if answer.status_code != 429:
             break

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from corral.core.errors import LimitReached
 from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
-from corral.server.store import Store
+from corral.server.store import ApiKey, Store
 
 RECENT = 30.0  # seconds a made sandbox counts here if the store has not shown it yet
 
@@ -44,6 +44,12 @@ def asked(body: object) -> Quota:
     return Quota(cpu=float(cpu), memory_mb=int(memory_mb), disk_mb=int(disk_mb))
 
 
+async def bearer_key(store: Store, authorization: str | None) -> ApiKey | None:
+    """The live key an `Authorization: Bearer` header gives, or None."""
+    scheme, _, secret = (authorization or "").partition(" ")
+    return await store.authenticate(secret.strip()) if scheme.lower() == "bearer" else None
+
+
 class KeyLimits:
     """The front's count of each key's sandboxes across the nodes, and the checks on it."""
 
@@ -57,8 +63,7 @@ class KeyLimits:
         """Count `count` sandboxes asking for `asks` each against the key's limits, or refuse
         them (429); `made` or `failed` tells what became of each. Nothing is counted for a
         request without a valid key: the node it goes to refuses it."""
-        scheme, _, secret = (authorization or "").partition(" ")
-        key = await self._store.authenticate(secret.strip()) if scheme.lower() == "bearer" else None
+        key = await bearer_key(self._store, authorization)
         if key is None:
             return []
         async with self._lock:

@@ -5,7 +5,8 @@ and deletes every copy; when a sandbox is to start from it on another node (a cr
 there, or a fork onto another node), the front copies it there first: the holder packs it as an
 archive and names its SHA-256, the archive streams through the front to the other node, which
 checks the digest before it installs anything (`corral.engine.snapshots`). The copy stays, so
-the next start there needs none.
+the next start there needs none. The built image its sandboxes start from goes along the same
+way if that node lacks it (`corral.images.transfer`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from starlette.responses import JSONResponse, Response
 from corral.core.errors import InvalidRequest, ServiceUnavailable
 from corral.core.spec import FIXED_AT_START
 from corral.engine.checkpoints import MAX_FORK
+from corral.server.cluster import images
+from corral.server.cluster.archives import copy_archive
 from corral.server.cluster.placement import Node
 from corral.server.cluster.proxy import headers
 from corral.server.errors import error_response
@@ -29,7 +32,6 @@ from corral.server.errors import error_response
 if TYPE_CHECKING:
     from corral.server.cluster.front import Front
 
-DIGEST_HEADER = "X-Corral-Digest"
 FORK_TTL = 3600.0  # of the snapshot a fork across nodes is made from (deleted after)
 Headers = list[tuple[bytes, bytes]]
 
@@ -54,44 +56,13 @@ async def find(front: Front, ref: str, sent: Headers) -> tuple[Node, dict[str, A
 
 
 async def copy(front: Front, snapshot_id: str, source: Node, target: Node) -> None:
-    """Copy snapshot `snapshot_id` from `source` to `target` (nothing if it is there)."""
-    auth = front.admin_headers()
-    archive = f"/v1/snapshots/{snapshot_id}/archive"
-    try:
-        async with front.http.stream("GET", source.url + archive, headers=auth) as packed:
-            if packed.status_code != 200:
-                await packed.aread()
-                raise _failed(snapshot_id, source, target, packed)
-            digest = {DIGEST_HEADER: packed.headers.get(DIGEST_HEADER, "")}
-            installed = await front.http.put(
-                target.url + archive, headers={**auth, **digest}, content=packed.aiter_raw()
-            )
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailable(
-            f"copying snapshot {snapshot_id} from node {source.name} to node {target.name} "
-            f"failed ({type(exc).__name__}); retry",
-            code="snapshot_copy_failed",
-        ) from None
-    if installed.status_code != 201 and _code(installed) != "snapshot_exists":
-        raise _failed(snapshot_id, source, target, installed)
-
-
-def _code(answer: httpx.Response) -> str | None:
-    try:
-        code = answer.json()["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return code if isinstance(code, str) else None
-
-
-def _failed(
-    snapshot_id: str, source: Node, target: Node, answer: httpx.Response
-) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        f"copying snapshot {snapshot_id} from node {source.name} to node {target.name} failed "
-        f"({answer.status_code} {_code(answer) or answer.text[:200]}); retry",
-        code="snapshot_copy_failed",
-    )
+    """Copy snapshot `snapshot_id` from `source` to `target` (nothing if it is there), and
+    the built image its sandboxes start from, if `target` lacks it."""
+    image = await copy_archive(
+        front, f"/v1/snapshots/{snapshot_id}/archive", source, target,
+        what=f"snapshot {snapshot_id}", code="snapshot_copy_failed",
+    )  # fmt: skip
+    await images.copy(front, image, source, target)
 
 
 async def holder_first(

@@ -1,9 +1,11 @@
 """Images for one tenant: build from recipes, snapshot sandboxes' files, list, describe,
-remove; and the uploads builds need."""
+remove; the uploads builds need; and, for a cluster's front, images copied between nodes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable
+import functools
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from corral.core.errors import ImageNotFound, LimitReached
@@ -11,9 +13,11 @@ from corral.core.names import check_image_name
 from corral.core.quota import Quota
 from corral.core.recipe import check_recipe
 from corral.core.spec import SandboxSpec
+from corral.images import transfer
 from corral.images.builder import BUILD_SPEC, BuildProgress
 from corral.images.lanes import IMAGES
 from corral.images.layers import Manifest
+from corral.server.resources.archives import Archives
 from corral.server.store import ImageEntry
 from corral.server.tenancy import Tenant
 
@@ -145,3 +149,31 @@ def _describe(entry: ImageEntry, manifest: Manifest) -> dict[str, Any]:
         "env": sorted(manifest.env),
         "workdir": manifest.workdir,
     }
+
+
+class ImageArchives(Archives):
+    """Built images packed and installed whole, for a cluster's nodes on other machines
+    (the front's key; `corral.images.transfer`)."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        super().__init__(tenant)
+        self._images = tenant.service.engine.images
+
+    def has(self, image_id: str) -> None:
+        """Nothing if built image `image_id` is here whole, else ImageNotFound."""
+        if not transfer.can_run(self._images.built, image_id):
+            raise ImageNotFound(f"no built image {image_id!r} on this node")
+
+    async def pack(self, image_id: str) -> tuple[Path, str]:
+        """Image `image_id` as an archive (the caller deletes it) and its SHA-256."""
+        self.has(image_id)
+        return await self._packed(functools.partial(transfer.pack, self._images.built, image_id))
+
+    async def install(
+        self, image_id: str, chunks: AsyncIterator[bytes], digest: str | None
+    ) -> dict[str, Any]:
+        """Install image `image_id` from the archive in `chunks`, if it is `digest`."""
+        bases = set(self._images.names)
+        install = functools.partial(transfer.install, self._images.built, image_id, base_ok=bases)
+        manifest = await self._received(chunks, digest, install)
+        return {"id": manifest.id, "layers": list(manifest.layers)}

@@ -3,16 +3,15 @@ front (admin keys), copied from one node to another as archives with a digest.""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import tempfile
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from corral.core.errors import Conflict, InvalidRequest
+from corral.core.errors import Conflict
 from corral.core.models import SnapshotInfo
 from corral.core.names import check_image_name
 from corral.core.quota import Quota
+from corral.server.resources.archives import Archives
 from corral.server.tenancy import Tenant
 
 
@@ -47,44 +46,23 @@ class Snapshots:
         await self._engine.delete_snapshot(self._tenant.snapshot(ref).id)
 
 
-class SnapshotArchives:
-    """Snapshots packed and installed whole, to move them between nodes (admin keys only)."""
+class SnapshotArchives(Archives):
+    """Snapshots packed and installed whole, to move them between nodes (the front's key)."""
 
     def __init__(self, tenant: Tenant) -> None:
+        super().__init__(tenant)
         self._store = tenant.service.engine.snapshots
-        self._temp = self._store.root / ".tmp-archives"  # swept at every start
 
-    def _new_archive(self) -> Path:
-        self._temp.mkdir(mode=0o700, exist_ok=True)
-        handle, name = tempfile.mkstemp(suffix=".tar", dir=self._temp)
-        os.close(handle)  # mkstemp made it 0600
-        return Path(name)
-
-    async def pack(self, snapshot_id: str) -> tuple[Path, str]:
-        """Snapshot `snapshot_id` as an archive (the caller deletes it) and its SHA-256."""
-        self._store.get(snapshot_id)
-        archive = self._new_archive()
-        try:
-            return archive, await asyncio.to_thread(self._store.pack, snapshot_id, archive)
-        except BaseException:
-            archive.unlink(missing_ok=True)
-            raise
+    async def pack(self, snapshot_id: str) -> tuple[Path, str, str]:
+        """Snapshot `snapshot_id` as an archive (the caller deletes it), its SHA-256, and the
+        image its sandboxes start from."""
+        image = self._store.get(snapshot_id).info.image
+        archive, digest = await self._packed(functools.partial(self._store.pack, snapshot_id))
+        return archive, digest, image
 
     async def install(
         self, snapshot_id: str, chunks: AsyncIterator[bytes], digest: str | None
     ) -> SnapshotInfo:
         """Install snapshot `snapshot_id` from the archive in `chunks`, if it is `digest`."""
-        if not digest or not digest.startswith("sha256:"):
-            raise InvalidRequest(
-                "send the archive's SHA-256 in the X-Corral-Digest header (sha256:<hex>)",
-                code="digest_required",
-            )
-        archive = self._new_archive()
-        try:
-            with archive.open("wb") as out:
-                async for chunk in chunks:
-                    await asyncio.to_thread(out.write, chunk)
-            installed = await asyncio.to_thread(self._store.install, snapshot_id, archive, digest)
-        finally:
-            archive.unlink(missing_ok=True)
-        return installed.info
+        install = functools.partial(self._store.install, snapshot_id)
+        return (await self._received(chunks, digest, install)).info

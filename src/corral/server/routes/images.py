@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from corral.core.errors import CorralError
-from corral.server.auth import AdminImagesDep, ImagesDep
+from corral.server.auth import AdminImagesDep, ImageArchivesDep, ImagesDep
+from corral.server.resources.archives import DIGEST_HEADER
 from corral.server.schemas import (
     BlobOut,
     BuildImage,
@@ -133,3 +135,33 @@ async def remove_image(ref: str, images: ImagesDep) -> Response:
 
 def _line(event: dict[str, Any]) -> bytes:
     return json.dumps(event).encode() + b"\n"
+
+
+@router.head("/images/{image_id}/archive", status_code=204, tags=["nodes"])
+async def has_image(image_id: str, archives: ImageArchivesDep) -> Response:
+    """204 if this node has the built image whole, else 404 (the front's key only)."""
+    archives.has(image_id)
+    return Response(status_code=204)
+
+
+@router.get("/images/{image_id}/archive", tags=["nodes"])
+async def pack_image(image_id: str, archives: ImageArchivesDep) -> FileResponse:
+    """The built image (manifest and layers) as a tar archive, its SHA-256 in
+    `X-Corral-Digest` (the front's key only)."""
+    archive, digest = await archives.pack(image_id)
+    return FileResponse(
+        archive,
+        media_type="application/x-tar",
+        headers={DIGEST_HEADER: digest},
+        background=BackgroundTask(archive.unlink, missing_ok=True),
+    )
+
+
+@router.put("/images/{image_id}/archive", status_code=201, tags=["nodes"])
+async def install_image(
+    image_id: str, request: Request, archives: ImageArchivesDep
+) -> dict[str, Any]:
+    """Install a built image from another node's archive, checked against `X-Corral-Digest`
+    (the front's key only)."""
+    digest = request.headers.get(DIGEST_HEADER)
+    return await archives.install(image_id, request.stream(), digest)

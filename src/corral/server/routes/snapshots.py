@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from corral.server.auth import SnapshotArchivesDep, SnapshotsDep
+from corral.server.resources.archives import DIGEST_HEADER, IMAGE_HEADER
 from corral.server.schemas import SnapshotOut, TakeSnapshot
 
 router = APIRouter(prefix="/v1", tags=["snapshots"])
@@ -39,17 +40,15 @@ async def delete_snapshot(ref: str, snapshots: SnapshotsDep) -> Response:
     return Response(status_code=204)
 
 
-DIGEST_HEADER = "X-Corral-Digest"
-
-
 @router.get("/snapshots/{snapshot_id}/archive", tags=["nodes"])
 async def pack_snapshot(snapshot_id: str, archives: SnapshotArchivesDep) -> FileResponse:
-    """The snapshot as a tar archive, its SHA-256 in `X-Corral-Digest` (admin keys only)."""
-    archive, digest = await archives.pack(snapshot_id)
+    """The snapshot as a tar archive, its SHA-256 in `X-Corral-Digest` and the image its
+    sandboxes start from in `X-Corral-Image` (the front's key only)."""
+    archive, digest, image = await archives.pack(snapshot_id)
     return FileResponse(
         archive,
         media_type="application/x-tar",
-        headers={DIGEST_HEADER: digest},
+        headers={DIGEST_HEADER: digest, IMAGE_HEADER: image},
         background=BackgroundTask(archive.unlink, missing_ok=True),
     )
 
