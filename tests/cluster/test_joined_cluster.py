@@ -184,6 +184,7 @@ def test_nodes_join_serve_tls_and_a_sandbox_moves_between_them(
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(f"{node_url}/healthz", verify=ssl.create_default_context())
     key = front.new_key("joined")
+    auth = {"Authorization": f"Bearer {key}"}
     with front.client(key) as tenant:
         here, there = (_on_node(front, key, tenant, node, 1)[0] for node in ("j0", "j1"))
         try:
@@ -204,6 +205,11 @@ def test_nodes_join_serve_tls_and_a_sandbox_moves_between_them(
             for word in ("moved", "made")
         )
         origin, other = _holder_and_not(nodes, built.id)
+        # Listed and found through the front whichever node answers (each has one of them).
+        assert {built.id, made.id} <= {image.id for image in tenant.list_images()}
+        for image in (built, made):
+            found = httpx.get(f"{front.url}/v1/images/{image.id}", headers=auth)
+            assert found.status_code == 200 and found.json()["id"] == image.id
         # A create placed on a node that lacks the image gets it there first.
         _, lacking = _holder_and_not(nodes, made.id)
         (fresh,) = _on_node(front, key, tenant, lacking, 1, image=made.id)

@@ -1,8 +1,8 @@
 """The front's HTTP API: the Corral API over every node (see `corral.server.cluster.front`).
 
 Creates are placed (`placement`); what names a sandbox goes to its node (`proxy`); snapshots
-are found, listed and copied across the nodes (`moves`); the views that span the cluster
-(nodes, events, metrics) are gathered from every node.
+are found, listed and copied across the nodes (`moves`), and so are built images (`images`);
+the views that span the cluster (nodes, events, metrics) are gathered from every node.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from starlette.applications import Starlette
@@ -59,8 +60,10 @@ def create_front_app(config: ServerConfig) -> Starlette:
             *(Route(path, _create, methods=["POST"]) for path in CREATES),
             Route("/v1/sandboxes/{sandbox_id}/fork", _fork, methods=["POST"]),
             Route("/v1/sandboxes/{sandbox_id}/move", _move, methods=["POST"]),
-            Route("/v1/snapshots", _snapshots, methods=["GET"]),
+            Route("/v1/snapshots", _each_once, methods=["GET"]),
             Route("/v1/snapshots/{ref}", _snapshot, methods=["GET", "DELETE"]),
+            Route("/v1/images", _each_once, methods=["GET"]),  # each node lists what it has
+            Route("/v1/images/{ref}", _image, methods=["GET"]),
             Route("/v1/events", _events),
             Route("/metrics", _metrics),
             Route("/v1/metrics/sandboxes", _latest_metrics),
@@ -214,7 +217,8 @@ async def _move(request: Request) -> Response:
         return error_response(migration.unanswered(nodes[0], exc))
 
 
-async def _snapshots(request: Request) -> Response:
+async def _each_once(request: Request) -> Response:
+    """The caller's snapshots or built images from every node, each once."""
     return await moves.list_all(_front(request), request)
 
 
@@ -223,7 +227,18 @@ async def _snapshot(request: Request) -> Response:
     front, ref = _front(request), request.path_params["ref"]
     if request.method == "DELETE":
         return await moves.delete_everywhere(front, request, ref)
-    found = await moves.find(front, ref, moves.asked(request))
+    found = await moves.find(front, moves.snapshot_path(ref), moves.asked(request))
+    if found is None:
+        return await forward(front, front.any_nodes(), request)  # it says there is none
+    return JSONResponse(found[1])
+
+
+async def _image(request: Request) -> Response:
+    """One of the caller's built images, from a node that has it whole."""
+    front, ref = _front(request), request.path_params["ref"]
+    if ref == "usage":  # the node's disk use, not an image
+        return await _anything(request)
+    found = await moves.find(front, f"/v1/images/{quote(ref, safe='')}", moves.asked(request))
     if found is None:
         return await forward(front, front.any_nodes(), request)  # it says there is none
     return JSONResponse(found[1])

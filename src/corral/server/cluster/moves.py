@@ -36,18 +36,21 @@ FORK_TTL = 3600.0  # of the snapshot a fork across nodes is made from (deleted a
 Headers = list[tuple[bytes, bytes]]
 
 
+def snapshot_path(ref: str) -> str:
+    return f"/v1/snapshots/{quote(ref, safe='')}"
+
+
 def asked(request: Request) -> Headers:
     """The caller's headers, to send on with a body of the front's own."""
     return [(k, v) for k, v in headers(request.headers.raw) if k.lower() != b"content-length"]
 
 
-async def find(front: Front, ref: str, sent: Headers) -> tuple[Node, dict[str, Any]] | None:
-    """The first ready node that has the caller's snapshot `ref` (id or name), and its entry."""
+async def find(front: Front, path: str, sent: Headers) -> tuple[Node, dict[str, Any]] | None:
+    """The first ready node that has what `path` names (the caller's snapshot or built image,
+    by id or name), and its entry."""
     for node in front.ready():
         try:
-            answer = await front.http.get(
-                f"{node.url}/v1/snapshots/{quote(ref, safe='')}", headers=sent, timeout=30
-            )
+            answer = await front.http.get(f"{node.url}{path}", headers=sent, timeout=30)
         except httpx.HTTPError:
             continue
         if answer.status_code == 200:
@@ -75,7 +78,7 @@ async def holder_first(
     ref = spec.get("snapshot")
     if not isinstance(ref, str) or not ref:
         return None
-    found = await find(front, ref, asked(request))
+    found = await find(front, snapshot_path(ref), asked(request))
     if found is None:
         return None
     holder, entry = found
@@ -86,11 +89,12 @@ async def holder_first(
 
 
 async def list_all(front: Front, request: Request) -> Response:
-    """The caller's snapshots on every node, each once (a copied one is on several)."""
+    """The caller's snapshots (or built images) on every node, each once (a copy is on
+    several nodes, and each node lists only those it has)."""
     seen: dict[str, dict[str, Any]] = {}
     for node in front.ready():
         try:
-            answer = await front.http.get(f"{node.url}/v1/snapshots", headers=asked(request))
+            answer = await front.http.get(f"{node.url}{request.url.path}", headers=asked(request))
         except httpx.HTTPError:
             continue
         if answer.status_code != 200:
