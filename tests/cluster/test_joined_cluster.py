@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral import Image
+from corral import Image, Sandbox
 from corral.engine import Engine, HostScope
 from corral.engine.sealing import KeyRing
 from corral.images.store import ImageStore
@@ -236,6 +236,51 @@ def test_nodes_join_serve_tls_and_a_sandbox_moves_between_them(
                 assert (taken.status_code, taken.json()["error"]["code"]) == (403, code)
         finally:
             moving.terminate()
+
+
+def test_two_fronts_serve_one_cluster_and_share_its_drains(
+    joined: tuple[Server, OperatorsRay], data_dir: Path
+) -> None:
+    """A second front joins the same cluster: it finds the same nodes (their servers are the
+    Ray nodes' own, not a front's), reaches sandboxes made through the first, and a drain made
+    through one front holds on the other; stopping a front leaves the nodes serving."""
+    first, ray = joined
+    if "j1" not in _states(first):
+        ray.add("j1")
+    wait_until(lambda: _states(first) == {"j0": "ready", "j1": "ready"}, "both ready", 180)
+    second = start_server(
+        first.data_dir.with_name(first.data_dir.name + "-second"), data_dir / "images",
+        "--cluster", ray.address, "--database-url", ray.env[STORE_ENV],
+        "--at-rest-key", ray.env[KEY_ENV], start_timeout=240,
+    )  # fmt: skip
+    key = first.new_key("two-fronts")
+    try:
+        assert _states(second) == {"j0": "ready", "j1": "ready"}
+        with first.client(key) as through_first, second.client(key) as through_second:
+            (made,) = _on_node(first, key, through_first, "j1", 1)
+            again = Sandbox.connect(made.id, client=through_second)
+            assert again.run("echo either front").stdout == "either front\n"
+            # A drain through the second front holds on the first.
+            with second.client() as admin:
+                admin.drain_node("j1")
+            assert _states(first)["j1"] == "draining"
+            refused = httpx.post(
+                f"{first.url}/v1/sandboxes", json={"runtime": "namespaces", "node": "j1"},
+                headers={"Authorization": f"Bearer {key}"}, timeout=60,
+            )  # fmt: skip
+            assert refused.status_code == 429, refused.text
+            with first.client() as admin:
+                admin.drain_node("j1", draining=False)
+            assert _states(second)["j1"] == "ready"
+            # The nodes are not the first front's: they serve on once it has stopped.
+            first.stop()
+            try:
+                assert again.run("echo still").stdout == "still\n"
+            finally:
+                first.start()
+            made.terminate()
+    finally:
+        second.stop()
 
 
 def _holder_and_not(nodes: Path, image: str) -> tuple[str, str]:

@@ -179,3 +179,22 @@ def test_quotas_limit_a_key_and_show_its_usage(server: Server) -> None:
         finally:
             first.terminate()
             corral.Volume.from_name("quota-vol", client=client).delete()
+
+
+def test_a_cluster_fronts_key_name_is_reserved(server: Server) -> None:
+    """Only a cluster's front's own key may move a sandbox's memory between nodes, and a key is
+    known as one by its name: no key made through the API or the CLI may take such a name."""
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    for name in ("corral-front", "corral-front-1a2b3c"):
+        refused = httpx.post(f"{server.url}/v1/keys", json={"name": name, "admin": True},
+                             headers=admin)  # fmt: skip
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "reserved_name"
+    assert not [k for k in _keys(server) if k["name"].startswith("corral-front")]
+    made = subprocess.run(
+        [sys.executable, "-m", "corral", "keys", "create", "corral-front-x",
+         "--data-dir", str(server.data_dir)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    said = " ".join((made.stderr + made.stdout).split())  # however the console wrapped it
+    assert made.returncode != 0 and "a cluster front's own" in said

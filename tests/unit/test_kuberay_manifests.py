@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from corral.server.cluster.joining import KEY_ENV, NAME_ENV, RESOURCE, STORE_ENV
+from corral.server.cluster.joining import DATA_ENV, KEY_ENV, NAME_ENV, RESOURCE, STORE_ENV
 
 KUBERAY = Path(__file__).parents[2] / "deploy" / "kuberay"
 
@@ -47,16 +47,20 @@ def test_the_workers_are_corral_nodes_with_their_secrets_from_the_pod() -> None:
 
 def test_the_front_joins_the_head_and_shares_the_nodes_paths() -> None:
     (cluster,) = _load("raycluster.yaml")
-    front = next(doc for doc in _load("front.yaml") if doc["kind"] == "Deployment")
+    front = next(doc for doc in _load("front.yaml") if doc["kind"] == "StatefulSet")
     (container,) = front["spec"]["template"]["spec"]["containers"]
     options = _options(container["command"])
     head = cluster["metadata"]["name"]
     assert options["cluster"] == f"ray://{head}-head-svc:10001"
     worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     worker_env = {item["name"]: item for item in worker["env"]}
-    # The nodes keep their data under the front's --data-dir, at the same path on every pod.
+    # The nodes keep their data on their machine's volume, whichever front found them.
     worker_mounts = {mount["name"]: mount for mount in worker["volumeMounts"]}
-    assert options["data-dir"] == worker_mounts["data"]["mountPath"]
+    assert worker_env[DATA_ENV]["value"].startswith(worker_mounts["data"]["mountPath"] + "/")
+    # Each front its own data directory (its id and key): a volume per replica.
+    (claim,) = front["spec"]["volumeClaimTemplates"]
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]]["mountPath"] == options["data-dir"]
     assert options["at-rest-key"] == worker_env[KEY_ENV]["value"]
     env = {item["name"]: item for item in container["env"]}
     assert env[STORE_ENV] == worker_env[STORE_ENV]

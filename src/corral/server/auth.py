@@ -155,7 +155,7 @@ async def _nodes(tenant: Admin) -> Nodes:
 def _front_only(tenant: Tenant, instead: str) -> None:
     """Refuse every key but a cluster's front's: what it moves between nodes holds sandboxes'
     memory, which no other key, an admin's included, may read."""
-    if tenant.key.id != tenant.service.config.front_key_id:
+    if tenant.service.config.front_key_id is None or not tenant.key.front:
         raise PermissionDenied(
             f"only a cluster's front moves memory between nodes; {instead}",
             code="cluster_front_only",

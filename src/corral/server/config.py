@@ -66,8 +66,8 @@ class ServerConfig:
     node_name: str | None = None  # in each sandbox's info; default: the host name
     # Serve as a cluster's front: `local:N`, or the Ray cluster to join (corral.server.cluster).
     cluster: str | None = None
-    # On a cluster's node: the id of the front's key, the one key that may copy snapshots
-    # (their memory) between nodes. The front sets it in each node server's environment.
+    # Set on a cluster's node (the id of the key of the front that started it): only a
+    # front's own key (`corral-front…`) may copy snapshots (their memory) between nodes.
     front_key_id: str | None = field(default_factory=lambda: os.environ.get(FRONT_KEY_ENV) or None)
 
     def __post_init__(self) -> None:

@@ -78,6 +78,11 @@ def _volume(row: VolumeRow) -> VolumeEntry:
     return VolumeEntry(row.id, row.name, row.size_mb, row.created_at)
 
 
+# The names of a cluster's fronts' own keys (one per front): the only keys that may move a
+# sandbox's memory between nodes. No other key may take such a name.
+FRONT_KEY_PREFIX = "corral-front"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """An API key as listed: never the secret, which is shown once, on creation."""
@@ -92,6 +97,11 @@ class ApiKey:
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    @property
+    def front(self) -> bool:
+        """Whether this is a cluster's front's own key."""
+        return self.admin and self.name.startswith(FRONT_KEY_PREFIX)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,11 +202,19 @@ class Store:
     # -- keys -------------------------------------------------------------------------------
 
     async def create_key(
-        self, name: str, *, admin: bool = False, secret: str | None = None
+        self, name: str, *, admin: bool = False, secret: str | None = None, front: bool = False
     ) -> tuple[ApiKey, str]:
-        """A new key and its secret (shown once; only its digest is stored)."""
+        """A new key and its secret (shown once; only its digest is stored). `front`: a
+        cluster's front's own key, whose name starts with `FRONT_KEY_PREFIX` (no other may)."""
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise InvalidRequest("a key's name must be 1 to 200 characters")
+        if name.startswith(FRONT_KEY_PREFIX) != front:
+            raise InvalidRequest(
+                f"key names starting with {FRONT_KEY_PREFIX!r} are a cluster front's own; "
+                "choose another name",
+                code="reserved_name",
+            )
+        admin = admin or front
         secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
         row = KeyRow(
             id=new_id("key"),

@@ -10,8 +10,9 @@ which names the node and starts its server (`corral.server.cluster.joining`). Li
 ``{"node": NAME, "state": "up"}`` once its server process runs (with ``url``, ``ca`` and
 ``scope`` for a joined node), ``{"state": "joined"}`` once the nodes there at the start are
 up, ``{"node": NAME, "state": "lost", "detail": ...}`` when Ray reports the node or its actor
-dead. It ends when stdin closes (the front is gone), taking the actors and their servers with
-it.
+dead. It ends when stdin closes (the front is gone), taking a local cluster's actors and their
+servers with it. A joined cluster's node actors are its Ray nodes' own (detached, named by Ray
+node in the namespace ``corral``): every front finds the same ones, and they live on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ PING_TIMEOUT = 3.0
 MISSES = 2  # consecutive failed pings before a node is lost
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 120.0  # for a joined node's actor to be placed and name itself
+NAMESPACE = "corral"  # where a joined cluster's node actors are found by name
 
 
 def _die_with_parent() -> None:
@@ -91,7 +93,8 @@ def _say(**line: Any) -> None:
 
 
 class Keepers:
-    """The nodes' actors: those watched, by node name, and every one started (to stop)."""
+    """The nodes' actors: those watched, by node name, and those this front started, which
+    it stops when it stops (a local cluster's; a joined cluster's belong to its Ray nodes)."""
 
     def __init__(self, plan: dict[str, Any]) -> None:
         self.plan = plan
@@ -120,11 +123,15 @@ class Keepers:
             if not found.get("Alive") or not offered or node_id in self._seen:
                 continue
             self._seen.add(node_id)
-            pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
-            keeper = NodeKeeper.options(scheduling_strategy=pinned).remote(  # type: ignore[attr-defined]
-                [], self.plan["env"], {**self.plan["join"], "host": found["NodeManagerAddress"]}
-            )
-            self.started.append(keeper)
+            # The Ray node's own actor, not this front's: every front of the cluster finds the
+            # same one (and its server), and it lives as long as its Ray node.
+            join = {**self.plan["join"], "host": found["NodeManagerAddress"]}
+            keeper = NodeKeeper.options(  # type: ignore[attr-defined]
+                name=f"node-{node_id}",
+                lifetime="detached",
+                get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote([], self.plan["env"], join)
             try:
                 where = ray.get(keeper.where.remote(), timeout=START_TIMEOUT)
             except Exception as exc:  # the node died, or cannot name itself
@@ -135,6 +142,7 @@ class Keepers:
                       f"(set {joining.NAME_ENV})", file=sys.stderr)  # fmt: skip
                 with contextlib.suppress(Exception):
                     ray.get(keeper.stop.remote(), timeout=90)
+                    ray.kill(keeper)
                 continue
             self.watched[where["name"]] = keeper
             _say(node=where["name"], state="up", **{k: v for k, v in where.items() if k != "name"})
@@ -169,7 +177,12 @@ def _watch(keepers: Keepers, stopping: threading.Event) -> None:
 
 def main() -> None:
     plan = json.loads(sys.stdin.readline())
-    ray.init(address=plan["address"], logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address=plan["address"],
+        namespace=NAMESPACE,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     keepers = Keepers(plan)
     keepers.start_named()
     keepers.join_new()

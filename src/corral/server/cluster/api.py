@@ -260,9 +260,9 @@ async def _drain(request: Request) -> Response:
         return refused
     try:
         node = placement.named(front.nodes, request.path_params["name"])
+        await front.drain(node, request.method == "POST")
     except CorralError as error:
         return error_response(error)
-    front.drain(node, request.method == "POST")
     return JSONResponse(next(e for e in await _listed(front) if e["name"] == node.name))
 
 

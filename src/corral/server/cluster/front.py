@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import socket
 import ssl
 import sys
@@ -42,13 +43,12 @@ from corral.server.cluster.local import LocalRay, resource
 from corral.server.cluster.placement import Node
 from corral.server.config import FRONT_KEY_ENV, ServerConfig
 from corral.server.events import EventHub
-from corral.server.store import Store
+from corral.server.store import FRONT_KEY_PREFIX, Store
 from corral.server.webhooks import Webhooks
 
 log = logging.getLogger("corral.cluster")
 
 Evacuate = Callable[["Front", Node], Coroutine[Any, Any, None]]
-FRONT_KEY_NAME = "corral-front"  # the front's own admin key, made afresh at each start
 START_TIMEOUT = 180.0
 CLEANUP_TIMEOUT = 60.0  # for a lost node's server to die and free its data directory
 
@@ -70,8 +70,6 @@ class Front:
         self.directory = config.data_dir / "cluster"
         # A local cluster is the front's to start; a joined one (count 0) is the operator's.
         self.ray = LocalRay(self.directory, count) if count else None
-        self._draining_file = self.directory / "draining.json"
-        self._draining: set[str] = set()  # names, kept across restarts
         self.nodes = {
             f"n{index}": Node(f"n{index}", index, f"http://127.0.0.1:{_free_port()}")
             for index in range(count)
@@ -107,17 +105,19 @@ class Front:
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._load_draining()
         self._store = await Store.open(self.config.database, self.config.key_ring())
         self._limits = KeyLimits(self.store, self.config.max_sandboxes_per_key)
         # Sandboxes ended with their node are the front's to tell the webhooks about.
         self.webhooks = Webhooks.for_server(self.store.webhooks, self.config)
         await self.webhooks.start()
         self.events.listeners.append(self.webhooks.publish)
+        # Its own key, made afresh at each start under this front's name (any number of
+        # fronts may serve one cluster, each with its own).
+        name = f"{FRONT_KEY_PREFIX}-{self._front_id()}"
         for key in await self.store.list_keys():
-            if key.name == FRONT_KEY_NAME and key.revoked_at is None:
+            if key.name in (name, FRONT_KEY_PREFIX) and key.revoked_at is None:
                 await self.store.revoke_key(key.id)
-        made, self._key = await self.store.create_key(FRONT_KEY_NAME, admin=True)
+        made, self._key = await self.store.create_key(name, front=True)
         self._key_id = made.id
         agent = [sys.executable, "-m", "corral.server.cluster.agent"]
         if self.ray is not None:
@@ -142,6 +142,17 @@ class Front:
                     code="cluster_unavailable",
                 )
             await asyncio.sleep(0.1)
+
+    def _front_id(self) -> str:
+        """This front's id, made once and kept in its data directory."""
+        path = self.directory / "front-id"
+        with contextlib.suppress(OSError):
+            kept = path.read_text().strip()
+            if kept.isalnum():
+                return kept
+        made = secrets.token_hex(6)
+        path.write_text(made + "\n")
+        return made
 
     def _plan(self) -> dict[str, Any]:
         """What the agent starts. No secret: the nodes find the front's key in the store, and
@@ -242,7 +253,6 @@ class Front:
         self.trust.load_verify_locations(cadata=str(said["ca"]))
         node = self.nodes.setdefault(name, Node(name, scope, url))
         node.url, node.index, node.state, node.detail = url, scope, "starting", None
-        node.draining = name in self._draining
         log.info("node %s joined at %s", name, url)
         return node
 
@@ -325,12 +335,27 @@ class Front:
                 break
         await self._end_sandboxes_of(node, why)
 
-    def drain(self, node: Node, draining: bool) -> None:
+    async def drain(self, node: Node, draining: bool) -> None:
         """Stop (or start again) placing sandboxes on `node`, and move away those that can
-        move (`migration.evacuate`); kept across restarts."""
+        move (`migration.evacuate`). The node keeps it (across restarts, for every front)."""
+        try:
+            marked = await self.http.request(
+                "POST" if draining else "DELETE",
+                f"{node.url}/v1/nodes/{node.name}/drain",
+                headers=self.admin_headers(),
+                timeout=30,
+            )
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(
+                f"node {node.name} did not answer ({type(exc).__name__}); retry",
+                code="node_unavailable",
+            ) from None
+        if marked.status_code != 200:
+            raise ServiceUnavailable(
+                f"node {node.name} refused to drain ({marked.status_code}): {marked.text[:200]}",
+                code="node_unavailable",
+            )
         node.draining = draining
-        (self._draining.add if draining else self._draining.discard)(node.name)
-        self._draining_file.write_text(json.dumps(sorted(self._draining)))
         if draining:
             self._evacuate(node)
 
@@ -339,12 +364,6 @@ class Front:
         if running is None or running.done():
             task = asyncio.create_task(self._evacuate_with(self, node))
             self._evacuations[node.name] = task
-
-    def _load_draining(self) -> None:
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            self._draining = {str(name) for name in json.loads(self._draining_file.read_text())}
-        for node in self.nodes.values():
-            node.draining = node.name in self._draining
 
     def ready(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.state == "ready"]
@@ -382,4 +401,11 @@ class Front:
             listed = answer.json() if answer.status_code == 200 else []
         except (httpx.HTTPError, ValueError):
             return None
-        return listed[0] if listed else None
+        if not listed:
+            return None
+        draining = listed[0].get("state") == "draining"  # set there, by any front
+        if draining and not node.draining and node.state == "ready":
+            self._evacuate(node)  # drained through another front, or before a restart
+        node.draining = draining
+        seen: dict[str, Any] = listed[0]
+        return seen

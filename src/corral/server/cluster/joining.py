@@ -7,7 +7,8 @@ that offers the resource ``corral_node`` runs one Corral node. It is named by
 stay the same across restarts since the store maps sandboxes to it; ``CORRAL_HOST_SCOPE``
 gives it a host scope, for several nodes on one machine. Its server listens on the node's Ray
 address, on a port free there, with TLS from a CA of its own (`--tls auto` in its data
-directory, ``<front's data dir>/nodes/<name>``); the CA's certificate travels back to the
+directory, ``<CORRAL_NODE_DATA_DIR>/<name>``, by default under the front's data directory's
+``nodes/``, at the same path on the node's machine); the CA's certificate travels back to the
 front through Ray, and the front trusts it. No secret travels through Ray: the node finds the
 store's URL and the key for data at rest in its own environment, and the front's key in the
 store.
@@ -32,6 +33,8 @@ SCOPE_ENV = "CORRAL_HOST_SCOPE"
 # and the path of the key for data at rest, as `corral serve` reads them.
 STORE_ENV = "CORRAL_DATABASE_URL"
 KEY_ENV = "CORRAL_AT_REST_KEY"
+# Where the node keeps its data directory (`<it>/<name>`); default: the front's `nodes/`.
+DATA_ENV = "CORRAL_NODE_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def node_server(settings: dict[str, Any]) -> tuple[list[str], Joined]:
             f"set {' and '.join(missing)} in the Ray node's environment: the cluster's "
             "PostgreSQL URL and the path of its key for data at rest (docs/cluster.md)"
         )
-    data = Path(settings["data_dir"]) / name
+    data = Path(os.environ.get(DATA_ENV) or settings["data_dir"]) / name
     data.mkdir(parents=True, exist_ok=True)
     files = tls.auto_files(data / "tls", host)  # the server finds and keeps them
     assert files.ca is not None

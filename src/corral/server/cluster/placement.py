@@ -44,15 +44,17 @@ async def choose(
     if wanted is not None:
         named(nodes, wanted)
     candidates = [
-        node for node in nodes.values()
-        if node.state == "ready" and not node.draining and wanted in (None, node.name)
-    ]  # fmt: skip
+        node for node in nodes.values() if node.state == "ready" and wanted in (None, node.name)
+    ]  # a draining one too: it says whether it still is (another front may have changed it)
     seen = await asyncio.gather(*(describe(node) for node in candidates))
     runtime = spec.get("runtime")
     able = [
         (node, info)
         for node, info in zip(candidates, seen, strict=True)
-        if info is not None and (runtime is None or runtime in info["runtimes"])
+        if info is not None
+        and not node.draining  # as the node said just now (`describe`)
+        and info.get("state") != "draining"
+        and (runtime is None or runtime in info["runtimes"])
     ]
     if not able:
         raise LimitReached(

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from corral.core.egress import EgressPolicy
-from corral.core.errors import SandboxNotFound
+from corral.core.errors import InvalidRequest, NotFound, PermissionDenied, SandboxNotFound
 from corral.core.ids import check_id
 from corral.core.models import NodeInfo, SandboxInfo
 from corral.core.quota import Quota
@@ -79,11 +79,41 @@ class Keys:
         return key
 
 
+DRAINING_FILE = "draining"  # in a cluster node's data directory: it takes no new sandboxes
+
+
 class Nodes:
-    """The machines whose engines run sandboxes: this server's own, for now (one node)."""
+    """The machines whose engines run sandboxes: this server's own (one node). On a cluster's
+    node, also whether it is draining, which its fronts set and read here."""
 
     def __init__(self, tenant: Tenant) -> None:
+        self._tenant = tenant
         self._service = tenant.service
+        self._draining = tenant.service.config.data_dir / DRAINING_FILE
+
+    def drain(self, name: str, draining: bool) -> NodeInfo:
+        """Mark this cluster node as draining (or not), for every front (a front's key)."""
+        if self._service.config.front_key_id is None:
+            raise InvalidRequest(
+                f"this server is not a cluster's front, so it has no nodes to drain ({name!r}); "
+                "to take this machine out of use, stop creating sandboxes on it and stop the "
+                "server",
+                code="not_a_cluster",
+            )
+        if not self._tenant.key.front:
+            raise PermissionDenied(
+                "a node is drained through the cluster's front (corral nodes drain NODE)",
+                code="cluster_front_only",
+            )
+        if name != self._service.engine.node:
+            raise NotFound(
+                f"this node is {self._service.engine.node}, not {name!r}", code="node_not_found"
+            )
+        if draining:
+            self._draining.touch()
+        else:
+            self._draining.unlink(missing_ok=True)
+        return self.list()[0]
 
     def list(self) -> list[NodeInfo]:
         service, engine = self._service, self._service.engine
@@ -97,7 +127,7 @@ class Nodes:
         return [
             NodeInfo(
                 name=engine.node,
-                state="ready",
+                state="draining" if self._draining.exists() else "ready",
                 runtimes=tuple(n for n, why in engine.runtimes.report().items() if why is None),
                 sandboxes=len(engine.registry.live()),
                 max_sandboxes=service.config.max_sandboxes,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from corral.core.errors import InvalidRequest
 from corral.server.auth import NodesDep
 from corral.server.schemas import NodeOut
 
@@ -18,12 +17,14 @@ async def list_nodes(nodes: NodesDep) -> list[NodeOut]:
 
 
 @router.post("/nodes/{name}/drain")
-@router.delete("/nodes/{name}/drain")
 async def drain_node(name: str, nodes: NodesDep) -> NodeOut:
-    """Place no new sandboxes on a cluster's node (DELETE: place there again). Served by a
-    cluster's front (docs/cluster.md); a server on its own is one machine, and says so."""
-    raise InvalidRequest(
-        f"this server is not a cluster's front, so it has no nodes to drain ({name!r}); to take "
-        "this machine out of use, stop creating sandboxes on it and stop the server",
-        code="not_a_cluster",
-    )
+    """Place no new sandboxes on a cluster's node. Served by a cluster's front
+    (docs/cluster.md), which marks the node itself so that every front knows; a server on its
+    own is one machine, and says so."""
+    return NodeOut(**nodes.drain(name, draining=True).to_dict())
+
+
+@router.delete("/nodes/{name}/drain")
+async def undrain_node(name: str, nodes: NodesDep) -> NodeOut:
+    """Place sandboxes on the cluster's node again."""
+    return NodeOut(**nodes.drain(name, draining=False).to_dict())
