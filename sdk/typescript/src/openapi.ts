@@ -527,16 +527,16 @@ export interface paths {
         put?: never;
         /**
          * Drain Node
-         * @description Place no new sandboxes on a cluster's node (DELETE: place there again). Served by a
-         *     cluster's front (docs/cluster.md); a server on its own is one machine, and says so.
+         * @description Place no new sandboxes on a cluster's node. Served by a cluster's front
+         *     (docs/cluster.md), which marks the node itself so that every front knows; a server on its
+         *     own is one machine, and says so.
          */
         post: operations["drain_node_v1_nodes__name__drain_post"];
         /**
-         * Drain Node
-         * @description Place no new sandboxes on a cluster's node (DELETE: place there again). Served by a
-         *     cluster's front (docs/cluster.md); a server on its own is one machine, and says so.
+         * Undrain Node
+         * @description Place sandboxes on the cluster's node again.
          */
-        delete: operations["drain_node_v1_nodes__name__drain_delete"];
+        delete: operations["undrain_node_v1_nodes__name__drain_delete"];
         options?: never;
         head?: never;
         patch?: never;
@@ -5732,7 +5732,7 @@ export interface operations {
             };
         };
     };
-    drain_node_v1_nodes__name__drain_delete: {
+    undrain_node_v1_nodes__name__drain_delete: {
         parameters: {
             query?: never;
             header?: never;
