@@ -178,6 +178,8 @@ def test_pages_and_filters(server: Server, client: Client) -> None:
         ({"order": "sideways"}, "invalid_request"),
         ({"since": "yesterday"}, "invalid_request"),
         ({"cursor": "abc"}, "invalid_request"),
+        ({"cursor": 2**70}, "invalid_request"),  # past SQLite's integers (was a 500)
+        ({"cursor": -1}, "invalid_request"),
         ({"colour": "red"}, "invalid_request"),
     ],
 )

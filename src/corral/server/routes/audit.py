@@ -31,7 +31,7 @@ class AuditQuery(BaseModel):
     operation: str | None = Field(None, description="exec, code, files.write, ...")
     since: float | None = Field(None, description="unix seconds, from")
     until: float | None = Field(None, description="unix seconds, before")
-    cursor: int | None = Field(None, description="the previous page's `next`")
+    cursor: int | None = Field(None, ge=0, le=2**63 - 1, description="the previous page's `next`")
     order: Literal["asc", "desc"] = "asc"
     limit: int = Field(100, description="entries per page, 1 to 1000")
 
