@@ -92,7 +92,7 @@ class Server:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"server exited: {self.logs()}")
             try:
                 # Readiness only: TLS tests check the certificate themselves.
                 up = httpx.get(f"{self.url}/healthz", timeout=1, verify=False)  # noqa: S501
@@ -101,7 +101,17 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server did not start: {self.log.read_text()[-3000:]}")
+        raise RuntimeError(f"server did not start: {self.logs()}")
+
+    def logs(self) -> str:
+        """The end of its log, and of a cluster's agent's and nodes' (CI keeps no files)."""
+        found = [self.log, self.data_dir / "cluster" / "agent.log"]
+        found += sorted(self.data_dir.glob("nodes/*/server.log"))
+        return "\n".join(
+            f"--- {log}:\n{log.read_text(errors='replace')[-3000:]}"
+            for log in found
+            if log.exists()
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None:

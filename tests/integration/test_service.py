@@ -60,11 +60,7 @@ async def test_a_cluster_node_forgets_a_sandbox_that_moved_on_while_it_was_down(
     start, that the store has it on another node: it drops its stale copy instead of taking
     the sandbox back. A server on its own (not a cluster's node) keeps what it has."""
     require_runtime("gvisor")
-    directory = data_dir.with_name(data_dir.name + "-moved-on")
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(mode=0o711)
-    (data_dir / "images").mkdir(exist_ok=True)
-    (directory / "images").symlink_to(data_dir / "images")
+    directory = _fresh_dir(data_dir, "-moved-on")
     alone = ServerConfig(data_dir=directory, node_name="a", host_scope=6)
     node = dataclasses.replace(alone, front_key_id="k-front")
     service = Service(alone)
@@ -104,11 +100,7 @@ async def test_a_cluster_node_leaves_other_nodes_sandboxes_and_ends_what_the_clu
     store (they run there) nor takes back one of its own that the front ended while it was
     away (`node_lost`): it ends that copy, and the store keeps why."""
     require_runtime("namespaces")
-    directory = data_dir.with_name(data_dir.name + "-node-start")
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(mode=0o711)
-    (data_dir / "images").mkdir(exist_ok=True)
-    (directory / "images").symlink_to(data_dir / "images")
+    directory = _fresh_dir(data_dir, "-node-start")
     config = ServerConfig(data_dir=directory, node_name="a", host_scope=6, front_key_id="k")
     service = Service(config)
     await service.start()
@@ -155,11 +147,7 @@ async def test_a_move_the_front_left_unfinished_is_settled_by_the_store(
     store names this node; it is forgotten once the store names another (it was taken in)."""
     require_runtime("gvisor")
     monkeypatch.setattr(moving, "LEAVE_TIMEOUT", 0.0)
-    directory = data_dir.with_name(data_dir.name + "-unfinished")
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(mode=0o711)
-    (data_dir / "images").mkdir(exist_ok=True)
-    (directory / "images").symlink_to(data_dir / "images")
+    directory = _fresh_dir(data_dir, "-unfinished")
     config = ServerConfig(data_dir=directory, node_name="a", host_scope=6, front_key_id="k")
     service = Service(config)
     await service.start()
@@ -188,3 +176,13 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 60) -> N
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         await asyncio.sleep(0.2)
+
+
+def _fresh_dir(data_dir: Path, suffix: str) -> Path:
+    """An empty data directory beside `data_dir` that shares its built images."""
+    directory = data_dir.with_name(data_dir.name + suffix)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o711)
+    (data_dir / "images").mkdir(exist_ok=True)
+    (directory / "images").symlink_to(data_dir / "images")
+    return directory

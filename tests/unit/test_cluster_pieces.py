@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -255,3 +257,22 @@ def test_metrics_of_the_nodes_are_one_exposition_labelled_by_node() -> None:
         'corral_up{node="n0"} 1.0',
         'corral_up{node="n1"} 1.0',
     ]
+
+
+def test_the_driver_waits_for_a_head_that_does_not_answer_yet_then_says_so() -> None:
+    """A front may start before its cluster's head answers: the driver tries again, saying
+    so in its log, and gives up with Ray's error past its time (the front reports it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there
+    script = (
+        "from corral.server.cluster import agent; agent.CONNECT_TIMEOUT = 6; "
+        f"agent._connect('ray://127.0.0.1:{port}')"
+    )
+    env = {**os.environ, "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1"}
+    env["RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S"] = "1"  # Ray Client's own tries: 3 of 1 s
+    argv = [sys.executable, "-c", script]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode != 0
+    assert f"Ray at ray://127.0.0.1:{port} does not answer yet" in done.stderr
+    assert done.stderr.rstrip().endswith("ConnectionError: ray client connection timeout")

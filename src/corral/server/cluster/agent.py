@@ -39,6 +39,7 @@ PING_TIMEOUT = 3.0
 MISSES = 2  # consecutive failed pings before a node is lost
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 120.0  # for a joined node's actor to be placed and name itself
+CONNECT_TIMEOUT = 90.0  # for the cluster's head to answer
 NAMESPACE = "corral"  # where a joined cluster's node actors are found by name
 
 
@@ -175,14 +176,28 @@ def _watch(keepers: Keepers, stopping: threading.Event) -> None:
                 del keepers.watched[name], misses[name]  # its name may join again
 
 
+def _connect(address: str) -> None:
+    """`ray.init`, again while the cluster does not answer: a head that is still starting
+    (its Ray Client server last) refuses connections for a while, longer on a busy machine
+    than Ray Client's own 30 s of retries."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        try:
+            ray.init(
+                address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
+                log_to_driver=False,
+            )  # fmt: skip
+            return
+        except ConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"Ray at {address} does not answer yet ({exc}); retrying", file=sys.stderr)
+            time.sleep(2)
+
+
 def main() -> None:
     plan = json.loads(sys.stdin.readline())
-    ray.init(
-        address=plan["address"],
-        namespace=NAMESPACE,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
-    )
+    _connect(plan["address"])
     keepers = Keepers(plan)
     keepers.start_named()
     keepers.join_new()

@@ -107,7 +107,9 @@ async def _placed(front: Front, request: Request, nodes: list[Node], sent: bytes
     """The create on the first of `nodes` that can take it (the next when one is full)."""
     snapshot = await moves.holder_first(front, request, sent, nodes)
     authorization = request.headers.get("authorization")
-    image = None if snapshot else await images.named(front, authorization, json.loads(sent))
+    # A local cluster's nodes share their images: only a joined one's may lack one.
+    joined = front.ray is None and snapshot is None
+    image = await images.named(front, authorization, json.loads(sent)) if joined else None
     answer: Response | None = None
     for node in nodes:
         if snapshot is not None and node is not snapshot[1]:

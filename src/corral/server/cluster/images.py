@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import httpx
 
+from corral.core.names import BUILTIN_IMAGES
 from corral.server.cluster.archives import copy_archive
 from corral.server.cluster.limits import bearer_key
 from corral.server.cluster.placement import Node
@@ -54,7 +55,7 @@ async def named(front: Front, authorization: str | None, spec: object) -> str | 
     """The id of the caller's built image that a create's body names (by id or name), or
     None (a built-in image, none, or not the caller's: the node says what is wrong)."""
     ref = spec.get("image") if isinstance(spec, dict) else None
-    if not isinstance(ref, str) or not ref:
+    if not isinstance(ref, str) or not ref or ref in BUILTIN_IMAGES:
         return None
     key = await bearer_key(front.store, authorization)
     entry = await front.store.find_image(key.id, ref) if key is not None else None
