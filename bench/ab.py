@@ -12,6 +12,13 @@ never beside the test suite. `--baseline-arg` passes an option to the baseline's
 to A/B a setting within one checkout:
 
     python bench/ab.py --baseline .venv/bin/python --baseline-arg=--no-boot-images
+
+`--burst N` measures only bursts of N creates at once without a pool (`--rounds` of them per
+side, the sides taking turns): success, each create's time to its first command, and failures
+by code with the first message of each:
+
+    python bench/ab.py --baseline .venv/bin/python --baseline-arg=--start-limit=0 \
+        --runtime gvisor --burst 100 --rounds 2
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral import AsyncClient, AsyncSandbox
+from corral import AsyncClient, AsyncSandbox, CorralError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.run import Failures
 from tests.e2e.conftest import Server, start_server
 
 POOL = 4
@@ -126,6 +134,51 @@ async def execs(clients: dict[str, AsyncClient], runtime: str, samples: int) -> 
     return {name: {what: summary(t) for what, t in f.items()} for name, f in times.items()}
 
 
+async def bursts(
+    clients: dict[str, AsyncClient], runtime: str, count: int, rounds: int
+) -> dict[str, Any]:
+    """`count` creates at once without a pool, each with its first command, ended together
+    after; a burst per round and side, the sides taking turns."""
+    found: dict[str, dict[str, Any]] = {}
+    for name in clients:
+        found[name] = {"times": [], "walls": [], "failures": Failures()}
+    for _ in range(rounds):
+        for name, client in clients.items():
+            side = found[name]
+
+            async def one(client: AsyncClient = client, side: dict[str, Any] = side) -> Any:
+                start = time.perf_counter()
+                try:
+                    sandbox = await AsyncSandbox.create(runtime=runtime, pool=False, client=client)
+                except CorralError as exc:
+                    side["failures"].add(f"create: {exc.code}", exc.message)
+                    return None
+                try:
+                    if (await sandbox.run("echo ok")).stdout == "ok\n":
+                        side["times"].append(time.perf_counter() - start)
+                    else:
+                        side["failures"].add("echo: wrong output")
+                except CorralError as exc:
+                    side["failures"].add(f"echo: {exc.code}", exc.message)
+                return sandbox
+
+            start = time.perf_counter()
+            made = await asyncio.gather(*(one() for _ in range(count)))
+            side["walls"].append(round(time.perf_counter() - start, 2))
+            await asyncio.gather(*(s.terminate() for s in made if s), return_exceptions=True)
+    return {
+        name: {
+            f"burst {count}": {
+                **(summary(side["times"]) if side["times"] else {}),
+                "success": round(len(side["times"]) / (count * rounds), 4),
+                "wall_s": side["walls"],
+                **side["failures"].figure(),
+            }
+        }
+        for name, side in found.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="the baseline checkout's python")
@@ -133,6 +186,9 @@ def main() -> None:
     parser.add_argument("--runtime", action="append", choices=["namespaces", "gvisor"])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument(
+        "--burst", type=int, default=0, help="only bursts of this many creates at once"
+    )
     parser.add_argument(
         "--baseline-arg", action="append", default=[], help="an option for the baseline's server"
     )
@@ -156,6 +212,10 @@ async def measure(args: argparse.Namespace, running: dict[str, Server]) -> dict[
             for name, server in running.items()
         }
         for runtime in args.runtime or ["namespaces", "gvisor"]:
+            if args.burst:
+                results[runtime] = await bursts(clients, runtime, args.burst, args.rounds)
+                print(runtime, json.dumps(results[runtime], indent=1), flush=True)
+                continue
             found = await claims(clients, runtime, args.rounds)
             for name, more in (await colds(clients, runtime, args.rounds)).items():
                 found[name].update(more)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -47,6 +50,22 @@ def test_health_and_openapi_need_no_key(server: Server) -> None:
     assert health["status"] == "ok" and "namespaces" in health["runtimes"]
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert "/v1/sandboxes/{sandbox_id}/exec" in spec["paths"]
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server: Server) -> None:
+    """The server keeps an idle connection open past the 5 s clients keep theirs, so none
+    sends a request on a connection the server is closing at that moment (a burst of gVisor
+    creates lost commands to that race: ReadError)."""
+    where = urlsplit(server.url)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {where.netloc}\r\n\r\n".encode()
+    with socket.create_connection((where.hostname, where.port), timeout=30) as conn:
+        for pause in (0, 6):
+            time.sleep(pause)
+            conn.sendall(request)
+            answer = b""
+            while b'"status"' not in answer and (chunk := conn.recv(65536)):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), (pause, answer)
 
 
 def test_every_call_needs_a_valid_key(server: Server) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,16 @@ from corral.core.errors import InvalidRequest, SandboxNotFound
 from corral.core.spec import SandboxSpec
 from corral.core.state import SandboxState
 from corral.engine import Engine
+from corral.engine.gate import default_limit
 from corral.engine.record import Phase
 from corral.host.cgroups import Cgroup
 from tests.conftest import leftovers
 
 
 async def pool_of(engine: Engine, name: str, idle: int | None = None) -> dict[str, Any]:
-    """The pool's figures, once it has `idle` idle sandboxes (the bound only catches hangs)."""
-    for _ in range(600):
+    """The pool's figures, once it has `idle` idle sandboxes (the bound only catches hangs; a
+    fresh data directory builds the debian image first, ~30 s here)."""
+    for _ in range(3600):
         pool = next(p for p in engine.list_pools() if p["name"] == name)
         if idle is None or pool["idle"] == idle:
             return pool
@@ -103,6 +107,37 @@ async def test_pooled_sandboxes_are_unreachable_and_cleaned_up(data_dir: Path) -
         engine.configure_pool("q", SandboxSpec(runtime="namespaces"), 1)
         await pool_of(engine, "q", idle=1)
     assert leftovers(data_dir) == baseline  # closing the engine ends idle sandboxes too
+
+
+async def test_a_burst_of_creates_starts_in_turns(data_dir: Path) -> None:
+    """One start at a time (`--start-limit 1`): a burst of creates all run, never two
+    runtimes starting together, each waiting for the ones before it."""
+    async with Engine(data_dir, start_limit=1) as engine:
+        gate, inside, most = engine.starts, 0, 0
+        taking = gate.turn
+
+        @contextlib.asynccontextmanager
+        async def counted(*, urgent: bool) -> AsyncIterator[None]:
+            nonlocal inside, most
+            async with taking(urgent=urgent):
+                inside += 1
+                most = max(most, inside)
+                try:
+                    yield
+                finally:
+                    inside -= 1
+
+        gate.turn = counted  # type: ignore[method-assign]
+        made = await asyncio.gather(
+            *(engine.create(SandboxSpec(runtime="namespaces")) for _ in range(4))
+        )
+        assert most == 1
+        for info in made:
+            assert (await engine.run(info.id, "echo ok")).stdout == b"ok\n"
+        waits = sorted(engine.registry.get(info.id).timings["start_queue"] for info in made)
+        assert waits[-1] > waits[0]
+    assert Engine(data_dir).starts.limit == default_limit()
+    assert Engine(data_dir, start_limit=0).starts.limit is None
 
 
 async def test_bad_pool_settings(engine: Engine) -> None:

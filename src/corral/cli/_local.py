@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from corral.server.tls import TlsFiles
 
 T = TypeVar("T")
+# Seconds an idle HTTP connection stays open: longer than clients keep theirs (httpx, and so
+# the SDKs: 5 s), so a client never sends a request on a connection the server is closing at
+# that moment; uvicorn's 5 s lost commands to that race in bursts of gVisor creates.
+KEEP_ALIVE = 30
+
 PoolOption = Annotated[
     list[str] | None,
     typer.Option(help="A warm pool, RUNTIME:IMAGE:SIZE (IMAGE 'default' is debian); repeatable."),
@@ -167,6 +172,11 @@ NodeName = Annotated[
 BootImages = Annotated[
     bool, typer.Option(help="Start gvisor sandboxes from a saved boot of their configuration.")
 ]
+StartLimit = Annotated[
+    int | None,
+    typer.Option(min=0, help="Sandboxes starting at once, the others waiting their turn "
+                 "(default: 2 per CPU; 0: no bound)."),
+]  # fmt: skip
 HostScopeOption = Annotated[
     int | None,
     typer.Option(
@@ -225,6 +235,7 @@ def serve(
     max_sandboxes: int = typer.Option(2000, help="Live sandboxes on this node, all keys."),
     pool: PoolOption = None,
     boot_images: BootImages = True,
+    start_limit: StartLimit = None,
     allow_registry: RegistryOption = None,
     tls: TlsOption = "off",
     tls_cert: TlsCert = None,
@@ -257,6 +268,7 @@ def serve(
             data_dir=data_dir or default_data_dir(), default_runtime=runtime,
             max_sandboxes_per_key=max_sandboxes_per_key, max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()), boot_images=boot_images,
+            start_limit=start_limit,
             allowed_registries=_items(allow_registry), at_rest_key=at_rest_key,
             open_host_image=open_host_image, preview_domain=preview_domain,
             max_image_bytes_per_key=max_image_mib_per_key << 20, cluster=cluster,
@@ -302,6 +314,7 @@ def _run(
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=KEEP_ALIVE,
         ws_max_size=16 * 1024 * 1024,
         ssl_context_factory=(lambda _config, _default: secure.context()) if secure else None,
         **options,

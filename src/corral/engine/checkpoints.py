@@ -130,7 +130,7 @@ class Checkpoints:
             started = time.perf_counter()
             await self.settled(record)
             image = plan.dir / CHECKPOINT_DIR
-            async with self._sealed.opened(image) as clear:
+            async with self._lifecycle.gate.turn(urgent=True), self._sealed.opened(image) as clear:
                 await self._lifecycle.start_runtime(record, lambda: runtime.restore(plan, clear))
                 await self._lifecycle.wait_for_agent(record)
             record.timings["wake"] = time.perf_counter() - started  # asked for, or on use

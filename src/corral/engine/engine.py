@@ -43,6 +43,7 @@ from corral.core.ids import check_id
 from corral.core.models import ExecResult, ProcessInfo, SandboxInfo, SnapshotInfo, VolumeInfo
 from corral.core.spec import DEFAULT_VOLUME_SIZE_MB, SandboxSpec
 from corral.core.state import EndReason, SandboxState
+from corral.engine import gate
 from corral.engine.access import Access
 from corral.engine.adoption import Adoption
 from corral.engine.checkpoints import Checkpoints
@@ -84,6 +85,8 @@ class Engine:
     `on_change`, if given, is called from the event loop with a sandbox's new `SandboxInfo` after
     every change of its state (adoptions that end a sandbox included); whatever it raises is
     logged, never propagated. One engine per data directory: it adopts every sandbox there.
+    `start_limit`: sandboxes whose runtimes start at once, the others waiting their turn
+    (`corral.engine.gate`); default 2 per CPU, 0 for no bound.
     """
 
     _started = False
@@ -102,6 +105,7 @@ class Engine:
         boot_images: bool = True,
         scope: HostScope | None = None,
         node: str | None = None,
+        start_limit: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
@@ -127,8 +131,10 @@ class Engine:
             sealed=SealedImages(self.keys, self.data_dir / "staging"),
             egress=self.egress,
             boot_images=boot_images,
+            start_limit=gate.default_limit() if start_limit is None else start_limit or None,
         )
         self.boots = lifecycle.boots
+        self.starts = lifecycle.gate  # where a sandbox's start waits its turn
         checkpoints = self._checkpoints = Checkpoints(
             registry, runtimes, lifecycle, self.snapshots, tasks
         )

@@ -21,6 +21,7 @@ from corral.core.spec import FIXED_AT_START, MAX_TIMEOUT, SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine.boots import BootImages, BootKey, boot_key, key_for
 from corral.engine.egress import Egress
+from corral.engine.gate import StartGate
 from corral.engine.planner import plan_sandbox
 from corral.engine.record import Phase, SandboxRecord, new_secret
 from corral.engine.registry import Registry
@@ -70,8 +71,10 @@ class Lifecycle:
         sealed: SealedImages,
         egress: Egress,
         boot_images: bool = True,
+        start_limit: int | None = None,
     ) -> None:
         self._data_dir = data_dir
+        self.gate = StartGate(start_limit)
         self.boots = BootImages(data_dir / "boots", sealed.keys, tasks, self._boot_image)
         self.boots.enabled = boot_images
         self.egress = egress
@@ -238,21 +241,23 @@ class Lifecycle:
         stages.mark("record")
         if plan.volumes:  # registered above, so no `release` unmounts them under us
             await self._volumes.acquire(v.volume_id for v in plan.volumes)
-        await asyncio.to_thread(runtime.create, plan)
-        await self.apply_egress(record)  # before anything in it runs
-        stages.mark("runtime_create")
-        if restore_from is None:
-            # A restored agent holds its secret already; a new one reads it, once.
-            record.link.write_key(userns.host_uid(plan.uid_slot))
-            await self.start_runtime(record, lambda: runtime.start(plan))
-            stages.mark("runtime_start")
-            await self.wait_for_agent(record)
-        else:
-            async with self.sealed.opened(restore_from) as image:
-                await self.start_runtime(record, lambda: runtime.restore(plan, image))
+        async with self.gate.turn(urgent=record.claimed):  # a pool's fill is not
+            stages.mark("start_queue")
+            await asyncio.to_thread(runtime.create, plan)
+            await self.apply_egress(record)  # before anything in it runs
+            stages.mark("runtime_create")
+            if restore_from is None:
+                # A restored agent holds its secret already; a new one reads it, once.
+                record.link.write_key(userns.host_uid(plan.uid_slot))
+                await self.start_runtime(record, lambda: runtime.start(plan))
                 stages.mark("runtime_start")
                 await self.wait_for_agent(record)
-        stages.mark("agent_ready")
+            else:
+                async with self.sealed.opened(restore_from) as image:
+                    await self.start_runtime(record, lambda: runtime.restore(plan, image))
+                    stages.mark("runtime_start")
+                    await self.wait_for_agent(record)
+            stages.mark("agent_ready")
 
     async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:
         """Undo a start that failed half-way. Its address and uid slot stay taken until all of

@@ -33,6 +33,7 @@ class ServerConfig:
     max_sandboxes: int = 2000  # live sandboxes on this node, all keys together
     pools: tuple[tuple[str, SandboxSpec, int], ...] = ()  # (name, template, size)
     boot_images: bool = True  # start gvisor sandboxes from saved boots (corral.engine.boots)
+    start_limit: int | None = None  # runtimes starting at once (corral.engine.gate); 0: any
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
     max_volumes_per_key: int = 100

@@ -59,6 +59,7 @@ class Service:
             boot_images=config.boot_images,
             scope=HostScope(config.host_scope),
             node=config.node_name,
+            start_limit=config.start_limit,
             egress=EgressSettings(
                 config.egress_floor, config.dns_upstream or None, self._egress_denied
             ),

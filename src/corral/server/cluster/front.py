@@ -201,6 +201,8 @@ class Front:
             argv += ["--runtime", self.config.default_runtime]
         if self.config.preview_domain:
             argv += ["--preview-domain", self.config.preview_domain]
+        if self.config.start_limit is not None:
+            argv += ["--start-limit", str(self.config.start_limit)]
         for _name, template, size in self.config.pools:
             argv += ["--pool", f"{template.runtime}:{template.image}:{size}"]
         return argv
