@@ -130,3 +130,24 @@ def test_a_host_scope_out_of_range_is_refused_by_the_command_line() -> None:
     result = CliRunner().invoke(app, ["serve", "--host-scope", "16", "--no-prepare"])
     assert result.exit_code == 2
     assert "host-scope" in result.output and "less than or equal to 15" in result.output
+
+
+def test_the_servers_start_limit_reaches_its_engine(tmp_path: Path) -> None:
+    from corral.engine.gate import default_limit
+    from corral.server.config import ServerConfig
+    from corral.server.service import Service
+
+    assert Service(ServerConfig(data_dir=tmp_path / "a")).engine.starts.limit == default_limit()
+    assert Service(ServerConfig(data_dir=tmp_path / "b", start_limit=3)).engine.starts.limit == 3
+    assert Service(ServerConfig(data_dir=tmp_path / "c", start_limit=0)).engine.starts.limit is None
+
+
+def test_a_negative_start_limit_is_refused_by_the_command_line() -> None:
+    from typer.testing import CliRunner
+
+    from corral.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--start-limit", "-1", "--no-prepare"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.replace("│", " ").split())  # the box wraps lines
+    assert "'--start-limit': Input should be greater than or equal to 0" in said
