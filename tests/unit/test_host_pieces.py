@@ -10,7 +10,7 @@ import pytest
 from corral.core.errors import SandboxFailed
 from corral.core.spec import SandboxSpec
 from corral.engine.planner import plan_sandbox
-from corral.host import network, seccomp, userns
+from corral.host import cgroups, network, seccomp, userns
 from corral.host.scope import PREFIXES, SCOPES, HostScope
 from corral.images.store import RootImage, apt_sources
 from corral.runtimes.plan import SandboxPlan
@@ -151,3 +151,30 @@ def test_a_negative_start_limit_is_refused_by_the_command_line() -> None:
     assert result.exit_code == 2
     said = " ".join(result.output.replace("│", " ").split())  # the box wraps lines
     assert "'--start-limit': Input should be greater than or equal to 0" in said
+
+
+def test_a_containers_cpu_limit_is_read_from_its_cgroups(tmp_path: Path) -> None:
+    """The tightest CFS quota of the process's cgroup and its ancestors, in both layouts."""
+    own = tmp_path / "self-cgroup"
+    v2 = tmp_path / "v2"
+    (v2 / "pod" / "box").mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    (v2 / "pod" / "cpu.max").write_text("300000 100000\n")  # the pod: 3 CPUs
+    (v2 / "pod" / "box" / "cpu.max").write_text("max 100000\n")
+    own.write_text("0::/pod/box\n")
+    assert cgroups.cpu_limit(v2, own) == 3.0
+    (v2 / "pod" / "box" / "cpu.max").write_text("150000 100000\n")
+    assert cgroups.cpu_limit(v2, own) == 1.5
+    own.write_text("0::/\n")  # a cgroup namespace's root, no quota
+    assert cgroups.cpu_limit(v2, own) is None
+
+    v1 = tmp_path / "v1"
+    (v1 / "cpu" / "docker" / "c1").mkdir(parents=True)
+    for where, quota in (("docker", "-1"), ("docker/c1", "200000")):
+        (v1 / "cpu" / where / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (v1 / "cpu" / where / "cpu.cfs_period_us").write_text("100000\n")
+    own.write_text("4:memory:/docker/c1\n2:cpu,cpuacct:/docker/c1\n0::/\n")
+    assert cgroups.cpu_limit(v1, own) == 2.0
+    own.write_text("2:cpu,cpuacct:/docker\n")
+    assert cgroups.cpu_limit(v1, own) is None
+    assert cgroups.cpu_limit(v1, tmp_path / "no-such-file") is None

@@ -85,3 +85,16 @@ async def test_no_limit_lets_every_start_go_and_the_default_grows_with_cpus() ->
     go.set()
     await asyncio.wait_for(asyncio.gather(*held), 10)
     assert default_limit() >= 2
+
+
+def test_the_default_follows_a_containers_cpu_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 per CPU of the affinity, or of a cgroup quota below it; never below 2."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
+    monkeypatch.setattr("corral.host.cgroups.cpu_limit", lambda: None)
+    assert default_limit() == 16
+    monkeypatch.setattr("corral.host.cgroups.cpu_limit", lambda: 1.5)
+    assert default_limit() == 3
+    monkeypatch.setattr("corral.host.cgroups.cpu_limit", lambda: 0.25)
+    assert default_limit() == 2
+    monkeypatch.setattr("corral.host.cgroups.cpu_limit", lambda: 64.0)
+    assert default_limit() == 16

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 from collections import deque
 from collections.abc import AsyncIterator
+
+from corral.host import cgroups
 
 STARTS_PER_CPU = 2  # runtimes starting at once per CPU (a start is mostly CPU: runsc, Python)
 
 
 def default_limit() -> int:
-    """`STARTS_PER_CPU` per CPU this process may run on, at least 2."""
-    return max(2, STARTS_PER_CPU * len(os.sched_getaffinity(0)))
+    """`STARTS_PER_CPU` per CPU this process may run on (its affinity, or its cgroup's CPU
+    quota where that is less: a container's limit), at least 2."""
+    cpus: float = len(os.sched_getaffinity(0))
+    cpus = min(cpus, cgroups.cpu_limit() or cpus)
+    return max(2, math.ceil(STARTS_PER_CPU * cpus))
 
 
 class StartGate:

@@ -48,6 +48,40 @@ def layout() -> str:
     return ""
 
 
+def cpu_limit(root: Path = ROOT, own: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPUs this process's cgroup and its ancestors let it use (the tightest CFS quota),
+    None where none is set: a container's CPU limit, which the CPU affinity does not show."""
+    limits: list[float] = []
+    for line in _read(own).splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and (root / "cgroup.controllers").exists():  # v2
+            base, name = root, "cpu.max"
+        elif "cpu" in controllers.split(","):  # v1
+            base, name = root / "cpu", "cpu.cfs_quota_us"
+        else:
+            continue
+        where = base / path.strip("/")
+        while True:
+            limits += filter(None, [_quota(where, name)])
+            if where == base:
+                break
+            where = where.parent
+    return min(limits, default=None)
+
+
+def _quota(where: Path, name: str) -> float | None:
+    """The cores `where`'s quota allows, None if unbounded or unreadable."""
+    if name == "cpu.max":
+        quota, _, period = _read(where / name).partition(" ")
+    else:
+        quota, period = _read(where / name), _read(where / "cpu.cfs_period_us")
+    try:
+        cores = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):  # "max", -1 (no quota), or no such file
+        return None
+    return cores if cores > 0 else None
+
+
 def _write(path: Path, value: str) -> None:
     with path.open("w") as handle:
         handle.write(value)
