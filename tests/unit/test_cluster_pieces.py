@@ -276,3 +276,17 @@ def test_the_driver_waits_for_a_head_that_does_not_answer_yet_then_says_so() -> 
     assert done.returncode != 0
     assert f"Ray at ray://127.0.0.1:{port} does not answer yet" in done.stderr
     assert done.stderr.rstrip().endswith("ConnectionError: ray client connection timeout")
+
+
+async def test_a_local_clusters_nodes_get_the_fronts_start_limit(tmp_path: Path) -> None:
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    for limit, expected in ((None, None), (0, "0"), (3, "3")):
+        front = Front(ServerConfig(data_dir=tmp_path, start_limit=limit), 0, evacuate)
+        argv = front._shared_args()
+        await front.http.aclose()
+        given = argv[argv.index("--start-limit") + 1] if "--start-limit" in argv else None
+        assert given == expected
