@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from corral.core.errors import InvalidRequest, SandboxNotFound
+from corral.core.errors import InvalidRequest, SandboxEnded, SandboxNotFound
 from corral.core.spec import SandboxSpec
 from corral.core.state import SandboxState
 from corral.engine import Engine
@@ -138,6 +138,25 @@ async def test_a_burst_of_creates_starts_in_turns(data_dir: Path) -> None:
         assert waits[-1] > waits[0]
     assert Engine(data_dir).starts.limit == default_limit()
     assert Engine(data_dir, start_limit=0).starts.limit is None
+
+
+async def test_a_create_ended_while_it_waits_its_turn_starts_nothing(data_dir: Path) -> None:
+    """A create still waiting for its turn when it is ended (the engine closing) starts no
+    runtime when its turn comes, and leaves nothing behind."""
+    baseline = leftovers(data_dir)
+    async with Engine(data_dir, start_limit=1) as engine:
+        async with engine.starts.turn(urgent=True):  # the only place, held
+            creating = asyncio.ensure_future(engine.create(SandboxSpec(runtime="namespaces")))
+            for _ in range(3600):  # a bound for hangs only (a fresh debian build first)
+                if engine.starts.urgent_waiting:
+                    break
+                await asyncio.sleep(0.05)
+            (record,) = [r for r in engine.registry if r.phase is Phase.CREATING]
+            await engine.terminate(record.id)
+        with pytest.raises(SandboxEnded, match="ended before it started"):
+            await creating
+        assert engine.registry.get(record.id).info().state is SandboxState.TERMINATED
+        assert leftovers(data_dir) == baseline
 
 
 async def test_bad_pool_settings(engine: Engine) -> None:

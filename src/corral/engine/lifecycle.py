@@ -14,7 +14,7 @@ from pathlib import Path
 
 from corral.agent import protocol as P
 from corral.core.egress import EgressPolicy
-from corral.core.errors import CorralError, InvalidRequest, SandboxFailed
+from corral.core.errors import CorralError, InvalidRequest, SandboxEnded, SandboxFailed
 from corral.core.ids import check_id
 from corral.core.models import SandboxInfo, SnapshotInfo
 from corral.core.spec import FIXED_AT_START, MAX_TIMEOUT, SandboxSpec
@@ -243,6 +243,8 @@ class Lifecycle:
             await self._volumes.acquire(v.volume_id for v in plan.volumes)
         async with self.gate.turn(urgent=record.claimed):  # a pool's fill is not
             stages.mark("start_queue")
+            if not record.alive or record.ending:  # ended while it waited (engine closing)
+                raise SandboxEnded(f"sandbox {record.id} ended before it started")
             await asyncio.to_thread(runtime.create, plan)
             await self.apply_egress(record)  # before anything in it runs
             stages.mark("runtime_create")
@@ -262,6 +264,8 @@ class Lifecycle:
     async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:
         """Undo a start that failed half-way. Its address and uid slot stay taken until all of
         it is gone: a sandbox planned meanwhile must not get its veth or firewall rules."""
+        if not record.alive or record.ending:  # `end` has released (or releases) it all
+            return
         try:
             record.move(Phase.ENDING)
             await record.link.close()
@@ -414,8 +418,9 @@ class Lifecycle:
             self._registry.forget_old()
         await self.release_volumes(record)
         # The watcher reaps the runtime's process once it has gone; let it finish.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(record.exited.wait(), 10)
+        if record.launch is not None:  # none yet: ended while it waited its turn
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(record.exited.wait(), 10)
 
     async def release_volumes(self, record: SandboxRecord) -> None:
         """After the sandbox ended: unmount its volumes from the host unless others use them."""
