@@ -260,15 +260,13 @@ def serve(
     log_format: LogFormat = LogFormats.text,
 ) -> None:
     """Start the Corral server; it prints its URL, an API key and an example to try."""
-    # The server's dependencies load only here, so client commands start fast.
-    from corral.server.config import ServerConfig
+    from corral.server.config import ServerConfig  # only here: client commands start fast
 
     try:
         config = _with_overcommit(ServerConfig(
             data_dir=data_dir or default_data_dir(), default_runtime=runtime,
             max_sandboxes_per_key=max_sandboxes_per_key, max_sandboxes=max_sandboxes,
             pools=tuple(_parse_pool(item) for item in pool or ()), boot_images=boot_images,
-            start_limit=start_limit,
             allowed_registries=_items(allow_registry), at_rest_key=at_rest_key,
             open_host_image=open_host_image, preview_domain=preview_domain,
             max_image_bytes_per_key=max_image_mib_per_key << 20, cluster=cluster,
@@ -276,7 +274,7 @@ def serve(
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
             database_url=database_url or None, host_scope=host_scope, node_name=node_name,
-        ), overcommit)  # fmt: skip
+            start_limit=start_limit), overcommit)  # fmt: skip
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         config.key_ring().check()  # an unusable key file is refused before anything starts
         key_note = asyncio.run(_bootstrap_keys(config))

@@ -85,8 +85,6 @@ class Engine:
     `on_change`, if given, is called from the event loop with a sandbox's new `SandboxInfo` after
     every change of its state (adoptions that end a sandbox included); whatever it raises is
     logged, never propagated. One engine per data directory: it adopts every sandbox there.
-    `start_limit`: sandboxes whose runtimes start at once, the others waiting their turn
-    (`corral.engine.gate`); default 2 per CPU, 0 for no bound.
     """
 
     _started = False
@@ -105,7 +103,7 @@ class Engine:
         boot_images: bool = True,
         scope: HostScope | None = None,
         node: str | None = None,
-        start_limit: int | None = None,
+        start_limit: int | None = None,  # starts at once (`corral.engine.gate`); 0: no bound
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
@@ -114,11 +112,9 @@ class Engine:
         self.node = node or socket.gethostname()  # this machine's name in `SandboxInfo.node`
         self.registry = registry = Registry(on_change, self.node)
         self.volumes = VolumeStore(self.data_dir / "volumes", registry.volume_users)
-        self.runtimes = runtimes = RuntimeSet(
-            self.data_dir, default=default_runtime, runsc=runsc_path
-        )
+        runtimes = RuntimeSet(self.data_dir, default=default_runtime, runsc=runsc_path)
+        self.runtimes, self.scope = runtimes, scope or HostScope()
         tasks = self._tasks = Tasks()
-        self.scope = scope or HostScope()
         self.egress = Egress(egress or EgressSettings(), registry.internet_at, self.scope)
         lifecycle = self._lifecycle = Lifecycle(
             data_dir=self.data_dir,
@@ -133,8 +129,7 @@ class Engine:
             boot_images=boot_images,
             start_limit=gate.default_limit() if start_limit is None else start_limit or None,
         )
-        self.boots = lifecycle.boots
-        self.starts = lifecycle.gate  # where a sandbox's start waits its turn
+        self.boots, self.starts = lifecycle.boots, lifecycle.gate  # starts wait their turn there
         checkpoints = self._checkpoints = Checkpoints(
             registry, runtimes, lifecycle, self.snapshots, tasks
         )
@@ -298,7 +293,7 @@ class Engine:
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         """Make the sandbox end `seconds` from now (at most 24 h)."""
-        info = self._lifecycle.set_timeout(self.registry.get(sandbox_id), seconds)
+        info = self.registry.get(sandbox_id).set_timeout(seconds)
         self._supervisor.wake()
         return info
 

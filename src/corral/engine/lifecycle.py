@@ -17,7 +17,7 @@ from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest, SandboxEnded, SandboxFailed
 from corral.core.ids import check_id
 from corral.core.models import SandboxInfo, SnapshotInfo
-from corral.core.spec import FIXED_AT_START, MAX_TIMEOUT, SandboxSpec
+from corral.core.spec import FIXED_AT_START, SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine.boots import BootImages, BootKey, boot_key, key_for
 from corral.engine.egress import Egress
@@ -371,28 +371,6 @@ class Lifecycle:
             record.require("resume", SandboxState.PAUSED)
             await asyncio.to_thread(self._runtimes.get(record.runtime).resume, record.plan)
             record.move(Phase.RUNNING)
-        return record.info()
-
-    def set_timeout(self, record: SandboxRecord, seconds: float) -> SandboxInfo:
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not 1 <= seconds <= MAX_TIMEOUT
-        ):
-            raise InvalidRequest(
-                f"timeout must be 1 to {MAX_TIMEOUT:g} seconds (24 h), got {seconds!r}"
-            )
-        record.require(
-            "set the timeout of",
-            SandboxState.RUNNING,
-            SandboxState.PAUSED,
-            SandboxState.HIBERNATED,
-        )
-        if record.state is SandboxState.RUNNING:
-            record.expires_at = time.time() + float(seconds)
-        else:  # the lifetime counts only while running
-            record.remaining = float(seconds)
-        record.save()
         return record.info()
 
     # -- the end ------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from enum import StrEnum
 from typing import Any
 
 from corral.agent import protocol
-from corral.core.errors import InvalidState
+from corral.core.errors import InvalidRequest, InvalidState
 from corral.core.models import SandboxInfo, StateChange
-from corral.core.spec import SandboxSpec
+from corral.core.spec import MAX_TIMEOUT, SandboxSpec
 from corral.core.state import EndReason, SandboxState, require_state
 from corral.engine.agentlink import AgentLink
 from corral.engine.sealing import KeyRing, open_secret, open_spec, seal_secret, seal_spec
@@ -214,6 +214,26 @@ class SandboxRecord:
             self.touch()  # its idle time starts now, not when the pool started it
         self.expires_at = now + spec.timeout
         self.move(Phase.RUNNING)
+
+    def set_timeout(self, seconds: float) -> SandboxInfo:
+        """A new lifetime of `seconds` from now (counted only while it runs); saved."""
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 1 <= seconds <= MAX_TIMEOUT
+        ):
+            raise InvalidRequest(
+                f"timeout must be 1 to {MAX_TIMEOUT:g} seconds (24 h), got {seconds!r}"
+            )
+        self.require(
+            "set the timeout of", SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.HIBERNATED
+        )
+        if self.state is SandboxState.RUNNING:
+            self.expires_at = time.time() + float(seconds)
+        else:  # the lifetime counts only while running
+            self.remaining = float(seconds)
+        self.save()
+        return self.info()
 
     def end(self, reason: EndReason, detail: str | None = None) -> None:
         self.end_reason = reason
