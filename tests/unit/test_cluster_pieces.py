@@ -290,3 +290,16 @@ async def test_a_local_clusters_nodes_get_the_fronts_start_limit(tmp_path: Path)
         await front.http.aclose()
         given = argv[argv.index("--start-limit") + 1] if "--start-limit" in argv else None
         assert given == expected
+
+
+async def test_a_local_clusters_nodes_doze_as_the_front_does(tmp_path: Path) -> None:
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    for doze_after, expected in ((None, "0"), (2.5, "2.5"), (10.0, "10.0")):
+        front = Front(ServerConfig(data_dir=tmp_path, doze_after=doze_after), 0, evacuate)
+        argv = front._shared_args()
+        await front.http.aclose()
+        assert argv[argv.index("--doze-after") + 1] == expected

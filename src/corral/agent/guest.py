@@ -85,10 +85,10 @@ class Stream:
 
     async def send_data(self, kind: int, data: bytes) -> None:
         """Send `data` once the host has given credit; drop it once the host has gone."""
-        while self.window <= 0 and not self.detached:
+        while self.window <= 0 and not self.detached and not self.cancelled:
             self.window_open.clear()
             await self.window_open.wait()
-        if self.detached:  # no host will ever read this stream again
+        if self.detached or self.cancelled:  # no host will read this stream (further)
             return
         self.window -= len(data)
         await self.agent.send(P.encode(self.id, kind, data))
@@ -432,7 +432,7 @@ class Agent:
         return [proc.describe() for proc in self.procs.values()]
 
     async def ping(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
-        return {"pong": True, "time": time.time()}
+        return {"pong": True, "time": time.time(), "others": len(tree.everyone(tree.scan()))}
 
     async def identify(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
         """Become a sandbox restored from a boot image (see `shield.take_identity`)."""

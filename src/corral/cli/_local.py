@@ -20,6 +20,7 @@ from corral.core.egress import EgressPolicy
 from corral.core.errors import CorralError, InvalidRequest
 from corral.core.spec import SandboxSpec
 from corral.engine import Engine, default_data_dir, lock_data_dir
+from corral.engine.doze import DOZE_AFTER
 from corral.runtimes import PREFERENCE
 
 if TYPE_CHECKING:
@@ -177,6 +178,11 @@ StartLimit = Annotated[
     typer.Option(min=0, help="Sandboxes starting at once, the others waiting their turn "
                  "(default: 2 per CPU; 0: no bound)."),
 ]  # fmt: skip
+DozeAfter = Annotated[
+    float,
+    typer.Option(min=0, help="Seconds a gvisor sandbox with nothing of its own running may "
+                 "stay unused before it is frozen until its next use (0: never)."),
+]  # fmt: skip
 HostScopeOption = Annotated[
     int | None,
     typer.Option(
@@ -236,6 +242,7 @@ def serve(
     pool: PoolOption = None,
     boot_images: BootImages = True,
     start_limit: StartLimit = None,
+    doze_after: DozeAfter = DOZE_AFTER,
     allow_registry: RegistryOption = None,
     tls: TlsOption = "off",
     tls_cert: TlsCert = None,
@@ -274,17 +281,24 @@ def serve(
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
             database_url=database_url or None, host_scope=host_scope, node_name=node_name,
-            start_limit=start_limit), overcommit)  # fmt: skip
+            start_limit=start_limit, doze_after=doze_after or None), overcommit)  # fmt: skip
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
-        config.key_ring().check()  # an unusable key file is refused before anything starts
-        key_note = asyncio.run(_bootstrap_keys(config))
-        os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner
-        if prepare:
-            _prepare_image(config)
+        key_note = _ready(config, prepare)
     except CorralError as error:
         fail(error)
     _banner(host, port, key_note, secure)
     _run(config, host, port, (log_level, log_format), secure)
+
+
+def _ready(config: ServerConfig, prepare: bool) -> tuple[str, str | None]:
+    """Check the key file, make the first API key, take the data directory and (`prepare`)
+    build the default image, so that a failure shows before the banner; the key's note."""
+    config.key_ring().check()  # an unusable key file is refused before anything starts
+    key_note = asyncio.run(_bootstrap_keys(config))
+    os.close(lock_data_dir(config.data_dir))  # fail now, not after the banner
+    if prepare:
+        _prepare_image(config)
+    return key_note
 
 
 def _run(

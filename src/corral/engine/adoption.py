@@ -184,6 +184,12 @@ class Adoption:
             return
         self._lifecycle.watch(record)
         log.info("adopted sandbox %s (%s, %s)", record.id, record.runtime, record.state)
+        runtime = self._runtimes.get(record.runtime)
+        if record.phase is Phase.RUNNING and runtime.freeze_idle and not record.pooled:
+            try:  # it may have been left dozing (`corral.engine.doze`): its agent must re-dial
+                await asyncio.to_thread(runtime.wake, record.plan)
+            except (CorralError, OSError) as exc:
+                log.warning("could not thaw adopted sandbox %s: %s", record.id, exc)
         if record.pooled:  # an idle pooled sandbox: nobody's yet, and pools refill themselves
             await self._lifecycle.end(
                 record, EndReason.ENGINE_SHUTDOWN, "idle pooled sandbox released"

@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,8 @@ from corral.core.errors import AgentUnavailable, CorralError, from_guest
 
 HELLO_TIMEOUT = 5.0
 MAX_UNREAD_MESSAGES = 64  # EVENTs a stream may have waiting (one or two in practice)
-# Connections waiting for their HELLO at once. Past it the oldest is dropped, not the newest,
-# so connections that never answer cannot keep the agent out for long. (Only a process that
-# knows the socket's secret name can connect at all.)
+# Connections waiting for their HELLO at once; past it the oldest is dropped, so connections
+# that never answer cannot keep the agent out (only who knows the socket's name can connect).
 MAX_HANDSHAKES = 8
 
 
@@ -62,9 +61,7 @@ class Channel:
         self._reply: dict[str, Any] | None = None
         self._unread_bytes = 0
         self._unread_messages = 0
-        # Its caller waits for its end (a call with one answer, or a command run to
-        # completion): a checkpoint lets it finish first (see `AgentLink.quiesce`).
-        self.awaited = False
+        self.awaited = False  # its caller waits for its end, which a quiesce lets come first
 
     # Called by the connection's reader.
     def _deliver(self, kind: int, payload: Any) -> None:
@@ -260,6 +257,7 @@ class AgentLink:
         self._quiescing = False  # between `quiesce` and the next `listen`
         self._pending: list[asyncio.StreamWriter] = []
         self._lost_at: float | None = time.monotonic()  # since when no agent is connected
+        self.waker: Callable[[], Awaitable[None]] | None = None  # thaws it (engine/doze.py)
 
     def write_key(self, owner: int) -> None:
         """Leave the secret where the agent, starting, reads it (owned by the sandbox's root,
@@ -371,6 +369,11 @@ class AgentLink:
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
 
+    @property
+    def streams(self) -> bool:
+        """Whether a call (one answer, or a stream) is under way on the agent's connection."""
+        return self._conn is not None and any(not c.finished for c in self._conn.channels.values())
+
     def silence(self) -> float:
         """Seconds the agent has kept silent while calls wait for it (0 if none waits): long
         silence under a call means a stopped agent, or a command that prints nothing."""
@@ -407,6 +410,8 @@ class AgentLink:
     ) -> Channel:
         """Send a CALL and return its channel (`awaited`: its caller waits for its end, which
         a quiesce lets come first)."""
+        if self.waker is not None:  # the sandbox dozes: it thaws first
+            await self.waker()
         if self._quiescing:  # a checkpoint's moment: wait for the agent to dial back
             await self.wait_connected(connect_timeout)
         if self._server is None:
@@ -440,6 +445,8 @@ class AgentLink:
         streams open at this moment end, their processes do not. Awaited calls already sent
         (one answer, or a command run to completion) end first, for up to `timeout`; new
         calls wait for the agent to dial back (`listen`)."""
+        if self.waker is not None:
+            await self.waker()
         self._quiescing = True
         if self._server is not None:
             self._server.close()

@@ -3,6 +3,7 @@
     registry      the sandboxes by id, and who hears of their changes    (registry.py)
     lifecycle     start, watch, pause, resume, end                       (lifecycle.py)
     supervisor    lifetimes, idle timeouts, snapshot ttls                (supervision.py)
+    doze          idle gVisor sandboxes frozen until their next use       (doze.py)
     adoption      handing sandboxes from one engine to the next          (adoption.py)
     commands      processes and the agent's answers                      (commands.py)
     interpreter   code contexts, run_code                                (interpreter.py)
@@ -54,6 +55,7 @@ from corral.engine.datadir import (
     lock_data_dir,
     prepare_data_dir,
 )
+from corral.engine.doze import DOZE_AFTER, Doze
 from corral.engine.egress import Egress, EgressSettings
 from corral.engine.export import Exporter
 from corral.engine.files import SandboxFiles
@@ -104,6 +106,7 @@ class Engine:
         scope: HostScope | None = None,
         node: str | None = None,
         start_limit: int | None = None,  # starts at once (`corral.engine.gate`); 0: no bound
+        doze_after: float | None = DOZE_AFTER,  # idle seconds (`corral.engine.doze`); None: never
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.keys = KeyRing(path=at_rest_key or self.data_dir / KEY_FILE, create=not at_rest_key)
@@ -139,15 +142,14 @@ class Engine:
         self.interpreter = Interpreter(access, runtimes)  # code contexts and run_code
         self.ports = Ports(access)  # TCP connections to ports in sandboxes
         self.usage = Usage(registry)  # what each sandbox uses, sampled every few seconds
-        self._supervisor = Supervisor(
-            registry=registry, lifecycle=lifecycle, checkpoints=checkpoints, tasks=tasks
-        )
+        self.doze = Doze(registry, runtimes, tasks, doze_after)  # idle sandboxes frozen
+        self._supervisor = Supervisor(registry=registry, lifecycle=lifecycle,
+            checkpoints=checkpoints, tasks=tasks, doze=self.doze)  # fmt: skip
         self._adoption = Adoption(
             self.data_dir, registry, runtimes, lifecycle=lifecycle, volumes=self.volumes
         )
-        self._pools = PoolKeeper(
-            registry=registry, runtimes=runtimes, lifecycle=lifecycle, access=access
-        )
+        self._pools = PoolKeeper(registry=registry, runtimes=runtimes, lifecycle=lifecycle,
+                                 access=access)  # fmt: skip
         self.pools = self._pools.pools
 
     # -- life of the engine ------------------------------------------------------------------------

@@ -362,6 +362,8 @@ class Lifecycle:
     async def pause(self, record: SandboxRecord, reason: str | None = None) -> SandboxInfo:
         async with record.lock:
             record.require("pause", SandboxState.RUNNING)
+            if record.link.waker is not None:  # it dozes: runsc pauses only a thawed sandbox
+                await record.link.waker()
             await asyncio.to_thread(self._runtimes.get(record.runtime).pause, record.plan)
             record.move(Phase.PAUSED, reason)
         return record.info()

@@ -24,6 +24,7 @@ from corral.agent import protocol as P
 from corral.core.errors import AgentUnavailable, CorralError
 from corral.core.state import EndReason
 from corral.engine.checkpoints import Checkpoints
+from corral.engine.doze import Doze
 from corral.engine.lifecycle import Lifecycle
 from corral.engine.record import Phase, SandboxRecord
 from corral.engine.registry import Registry
@@ -45,8 +46,10 @@ class Supervisor:
         lifecycle: Lifecycle,
         checkpoints: Checkpoints,
         tasks: Tasks,
+        doze: Doze,
     ) -> None:
         self._registry = registry
+        self._doze = doze
         self._lifecycle = lifecycle
         self._checkpoints = checkpoints
         self._tasks = tasks
@@ -95,6 +98,7 @@ class Supervisor:
             elif idle_at is not None:
                 next_deadline = min(next_deadline, idle_at)
         self._check_agents()
+        self._doze.check(time.monotonic())
         for snapshot_id in self._checkpoints.snapshots.expired(now):
             self._tasks.spawn(self._checkpoints.delete_snapshot(snapshot_id))
         return next_deadline

@@ -71,9 +71,10 @@ class Runtime(ABC):
     """One isolation technology. Subclasses live one per module in `corral.runtimes`."""
 
     name: ClassVar[str]
-    # Whether an idle pooled sandbox is frozen until it is claimed: worth it where an idle
-    # sandbox still burns CPU (gVisor's Sentry, ~4 % of a core here), not where it sleeps.
-    freeze_pooled: ClassVar[bool] = False
+    # Whether an idle sandbox is frozen (pooled until it is claimed; running while it dozes,
+    # `corral.engine.doze`): worth it where an idle sandbox still burns CPU (gVisor's Sentry,
+    # ~2 % of a core here), not where it sleeps.
+    freeze_idle: ClassVar[bool] = False
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -119,16 +120,28 @@ class Runtime(ABC):
 
     def set_pooled(self, plan: SandboxPlan, pooled: bool) -> None:
         """Make an idle pooled sandbox use (next to) no CPU: the lowest CPU share under
-        contention, frozen where `freeze_pooled`; or, claimed, a normal sandbox again."""
+        contention, frozen where `freeze_idle`; or, claimed, a normal sandbox again."""
         cgroup = cgroup_for(plan)
         if pooled:
             cgroup.set_weight(POOLED_WEIGHT)
-            if self.freeze_pooled:
+            if self.freeze_idle:
                 cgroup.freeze()
         else:
-            if self.freeze_pooled:
+            if self.freeze_idle:
                 cgroup.thaw()
             cgroup.set_weight(100)
+
+    def doze(self, plan: SandboxPlan) -> None:
+        """Freeze a running sandbox that has nothing running but its agent (`freeze_idle`)."""
+        cgroup_for(plan).freeze()
+
+    def wake(self, plan: SandboxPlan) -> None:
+        """Undo `doze`."""
+        cgroup_for(plan).thaw()
+
+    def dozing(self, plan: SandboxPlan) -> bool:
+        """Whether the sandbox is frozen by `doze` (or still, by a previous engine)."""
+        return cgroup_for(plan).frozen()
 
     def log_tail(self, plan: SandboxPlan) -> str:
         """The end of what the runtime's own processes wrote about the sandbox ("" if none)."""

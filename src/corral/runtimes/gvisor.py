@@ -60,7 +60,7 @@ class GVisorRuntime(Runtime):
 
     name = "gvisor"
     checkpoints = True
-    freeze_pooled = True  # the installed runsc's Sentry wakes every 400 µs even when idle
+    freeze_idle = True  # the installed runsc's Sentry wakes every 400 µs even when idle
 
     def __init__(self, data_dir: Path, runsc: str = "runsc") -> None:
         super().__init__(data_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 from corral.core.egress import EgressPolicy
 from corral.core.errors import InvalidRequest
 from corral.core.spec import SandboxSpec
+from corral.engine.doze import DOZE_AFTER
 from corral.engine.sealing import KEY_FILE, KeyRing
 
 SQLITE = "sqlite:///"  # a --database-url naming a SQLite file: sqlite:////abs/path
@@ -34,6 +35,7 @@ class ServerConfig:
     pools: tuple[tuple[str, SandboxSpec, int], ...] = ()  # (name, template, size)
     boot_images: bool = True  # start gvisor sandboxes from saved boots (corral.engine.boots)
     start_limit: int | None = None  # runtimes starting at once (corral.engine.gate); 0: any
+    doze_after: float | None = DOZE_AFTER  # idle seconds before dozing (corral.engine.doze)
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
     max_volumes_per_key: int = 100

@@ -60,6 +60,7 @@ class Service:
             scope=HostScope(config.host_scope),
             node=config.node_name,
             start_limit=config.start_limit,
+            doze_after=config.doze_after,
             egress=EgressSettings(
                 config.egress_floor, config.dns_upstream or None, self._egress_denied
             ),

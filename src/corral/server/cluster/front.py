@@ -195,6 +195,7 @@ class Front:
         argv = [
             "--max-sandboxes", str(self.config.max_sandboxes),
             "--max-sandboxes-per-key", str(self.config.max_sandboxes_per_key),
+            "--doze-after", str(self.config.doze_after or 0),
             "--log-level", "warning",
         ]  # fmt: skip
         if self.config.default_runtime:
