@@ -715,6 +715,10 @@ async def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
                 await suite.burst(runtime, warm=False)
                 await suite.concurrent_execs(runtime)
             return {"machine": machine(), "args": vars(args), "results": suite.results}
+        if args.only == "density":  # issue 18's target 4: idle memory and CPU
+            for runtime in runtimes:
+                await suite.density(runtime)
+            return {"machine": machine(), "args": vars(args), "results": suite.results}
         if args.only == "core":
             for runtime in runtimes:
                 await core_figures(suite, runtime)
@@ -904,7 +908,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["core", "load", "code", "e2b", "observability", "previews"],
+        choices=["core", "load", "density", "code", "e2b", "observability", "previews"],
         help="only these figures, merged into results.json",
     )
     args = parser.parse_args()

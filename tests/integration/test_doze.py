@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from corral.agent import protocol as P
+from corral.core.errors import SandboxFailed
 from corral.core.spec import SandboxSpec
 from corral.core.state import SandboxState
-from corral.engine import Engine
+from corral.engine import Engine, doze
 from tests.conftest import require_runtime
 
 AFTER = 1.0  # seconds unused before a sandbox dozes, here
@@ -95,6 +96,21 @@ async def test_a_sandbox_with_something_of_its_own_running_never_dozes(engine: E
         await engine.terminate(info.id)
 
 
+async def test_a_background_job_that_ends_by_itself_lets_its_sandbox_doze(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No use after it: the agent is asked again later (`BUSY_RECHECK`), not only after a use."""
+    monkeypatch.setattr(doze, "BUSY_RECHECK", 1.0)
+    info = await engine.create(SandboxSpec(runtime="gvisor"))
+    try:
+        await engine.run(info.id, "nohup sleep 4 >/dev/null 2>&1 &")
+        await asyncio.sleep(AFTER * 3)
+        assert not dozing(engine, info.id)  # the job still runs
+        await dozed(engine, info.id)
+    finally:
+        await engine.terminate(info.id)
+
+
 async def test_an_open_stream_keeps_a_sandbox_awake(engine: Engine) -> None:
     """A read that waits for its reader (a slow download) must not be frozen mid-way."""
     info = await engine.create(SandboxSpec(runtime="gvisor"))
@@ -137,14 +153,15 @@ async def test_pause_snapshot_and_terminate_of_a_dozing_sandbox(engine: Engine) 
     assert not engine.registry.get(info.id).alive
 
 
-async def test_the_next_engine_wakes_a_sandbox_left_dozing(data_dir: Path) -> None:
+async def test_a_sandbox_left_dozing_is_thawed_by_the_next_engine(data_dir: Path) -> None:
     require_runtime("gvisor")
     first = await Engine(data_dir, doze_after=AFTER).start()
     info = await first.create(SandboxSpec(runtime="gvisor"))
     await dozed(first, info.id)
-    record = first.registry.get(info.id)
+    record, runtime = first.registry.get(info.id), first.runtimes.get("gvisor")
     await first.close(keep_sandboxes=True)
-    assert first.runtimes.get("gvisor").dozing(record.plan)  # left frozen
+    assert not runtime.dozing(record.plan)  # a graceful stop thaws what it leaves running
+    runtime.doze(record.plan)  # as an engine killed while it dozed leaves it
     async with Engine(data_dir, doze_after=None) as second:  # it never dozes anything itself
         try:
             assert not dozing(second, info.id)
@@ -162,5 +179,27 @@ async def test_namespaces_sandboxes_never_doze(engine: Engine) -> None:
         await asyncio.sleep(AFTER * 4)
         assert not dozing(engine, info.id)
         assert engine.registry.get(info.id).link.waker is None
+    finally:
+        await engine.terminate(info.id)
+
+
+async def test_a_thaw_that_fails_is_a_clear_error_and_the_next_use_retries(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = await engine.create(SandboxSpec(runtime="gvisor"))
+    try:
+        await dozed(engine, info.id)
+        runtime = engine.runtimes.get("gvisor")
+
+        def broken(_plan: object) -> None:
+            raise OSError("the freezer is gone")
+
+        monkeypatch.setattr(runtime, "wake", broken)
+        with pytest.raises(SandboxFailed) as failed:
+            await engine.run(info.id, "true")
+        assert failed.value.code == "thaw_failed" and "the freezer is gone" in failed.value.message
+        assert dozing(engine, info.id)
+        monkeypatch.undo()
+        assert (await engine.run(info.id, "echo up")).stdout == b"up\n"
     finally:
         await engine.terminate(info.id)

@@ -153,6 +153,27 @@ def test_a_negative_start_limit_is_refused_by_the_command_line() -> None:
     assert "'--start-limit': Input should be greater than or equal to 0" in said
 
 
+def test_the_servers_doze_setting_reaches_its_engine(tmp_path: Path) -> None:
+    from corral.engine.doze import DOZE_AFTER
+    from corral.server.config import ServerConfig
+    from corral.server.service import Service
+
+    assert Service(ServerConfig(data_dir=tmp_path / "a")).engine.doze.after == DOZE_AFTER
+    assert Service(ServerConfig(data_dir=tmp_path / "b", doze_after=2.5)).engine.doze.after == 2.5
+    assert Service(ServerConfig(data_dir=tmp_path / "c", doze_after=None)).engine.doze.after is None
+
+
+def test_a_negative_doze_after_is_refused_by_the_command_line() -> None:
+    from typer.testing import CliRunner
+
+    from corral.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--doze-after", "-1", "--no-prepare"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.replace("│", " ").split())  # the box wraps lines
+    assert "'--doze-after': Input should be greater than or equal to 0" in said
+
+
 def test_a_containers_cpu_limit_is_read_from_its_cgroups(tmp_path: Path) -> None:
     """The tightest CFS quota of the process's cgroup and its ancestors, in both layouts."""
     own = tmp_path / "self-cgroup"

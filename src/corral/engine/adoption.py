@@ -66,6 +66,8 @@ class Adoption:
         """Let go of a running sandbox, leaving it to a later engine."""
         async with record.lock:  # a pause or resume in flight finishes first
             await self._lifecycle.stop_watching(record)
+            if record.link.waker is not None:  # it dozes: thawed for any later engine
+                await record.link.waker()
             await record.link.close()
             record.save()
             launch = record.launch

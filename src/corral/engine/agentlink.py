@@ -280,6 +280,8 @@ class AgentLink:
 
     async def listen(self) -> None:
         """Listen on the socket, replacing whatever a previous host left there."""
+        if self._server is not None:  # (a quiesce that failed before it closed it)
+            self._server.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._server = await asyncio.start_unix_server(
@@ -370,8 +372,7 @@ class AgentLink:
         return self._conn is not None and not self._conn.closed
 
     @property
-    def streams(self) -> bool:
-        """Whether a call (one answer, or a stream) is under way on the agent's connection."""
+    def streams(self) -> bool:  # whether a call (one answer, or a stream) is under way
         return self._conn is not None and any(not c.finished for c in self._conn.channels.values())
 
     def silence(self) -> float:
@@ -441,10 +442,9 @@ class AgentLink:
 
     async def quiesce(self, timeout: float = 5.0) -> None:
         """Stop listening and have the agent hang up, so that the sandbox holds no host socket
-        (gVisor cannot checkpoint one). The agent re-dials until `listen` is called again;
-        streams open at this moment end, their processes do not. Awaited calls already sent
-        (one answer, or a command run to completion) end first, for up to `timeout`; new
-        calls wait for the agent to dial back (`listen`)."""
+        (gVisor cannot checkpoint one). The agent re-dials until `listen`; streams open now
+        end, their processes do not. Awaited calls already sent end first, for up to
+        `timeout`; new calls wait for the agent to dial back. A dozing sandbox thaws first."""
         if self.waker is not None:
             await self.waker()
         self._quiescing = True

@@ -22,7 +22,7 @@ import logging
 import time
 
 from corral.agent import protocol as P
-from corral.core.errors import CorralError
+from corral.core.errors import CorralError, SandboxFailed
 from corral.engine.record import Phase, SandboxRecord
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
@@ -32,6 +32,7 @@ log = logging.getLogger("corral.engine")
 
 DOZE_AFTER = 10.0  # seconds unused (and nothing of its own running) before a sandbox dozes
 CENSUS_TIMEOUT = 5.0  # seconds the agent has to say what runs beside it
+BUSY_RECHECK = 60.0  # seconds before asking again an unused sandbox that had something running
 
 
 class Doze:
@@ -45,7 +46,8 @@ class Doze:
         self._tasks = tasks
         self.after = after  # None or 0: never
         self._asking: set[str] = set()  # sandboxes whose agent is being asked
-        self._busy: dict[str, float] = {}  # sandbox -> its last use when it was found busy
+        # sandbox -> (its last use, time.monotonic()) when something of its own was running
+        self._busy: dict[str, tuple[float, float]] = {}
 
     def check(self, now: float) -> None:
         """Ask the agents of sandboxes idle long enough what runs beside them (from the
@@ -58,13 +60,21 @@ class Doze:
                 and record.id not in self._asking
                 and not record.lock.locked()
                 and self._quiet(record, now)
-                and self._busy.get(record.id) != record.last_active
+                and not self._still_busy(record, now)
             ):
                 self._asking.add(record.id)
                 task = self._tasks.spawn(self._try(record))
                 task.add_done_callback(functools.partial(self._asked, record.id))
-        for sandbox_id in [s for s in self._busy if self._registry.find(s) is None]:
-            del self._busy[sandbox_id]
+        for sandbox_id in list(self._busy):
+            found = self._registry.find(sandbox_id)
+            if found is None or not found.alive:
+                del self._busy[sandbox_id]
+
+    def _still_busy(self, record: SandboxRecord, now: float) -> bool:
+        """Found running something of its own, not used since, and asked recently: what runs
+        in the background may end by itself (a job), so unused ones are asked again later."""
+        used, asked = self._busy.get(record.id, (None, 0.0))
+        return used == record.last_active and now - asked < BUSY_RECHECK
 
     def _asked(self, sandbox_id: str, _task: asyncio.Task[None]) -> None:
         self._asking.discard(sandbox_id)
@@ -94,9 +104,9 @@ class Doze:
             async with asyncio.timeout(CENSUS_TIMEOUT):
                 answer = await record.link.call(P.PING, {})
         except (TimeoutError, CorralError):
-            return  # busy, ending, or an old agent: try again after its next use
+            answer = {}  # busy, ending, or an old agent: as if something ran
         if answer.get("others") != 0:  # something of its own runs, or an agent that cannot say
-            self._busy[record.id] = used
+            self._busy[record.id] = (used, time.monotonic())  # ask again later, not every round
             return
         async with record.lock:  # no pause, checkpoint or end begins while it freezes
             if (
@@ -116,9 +126,10 @@ class Doze:
             await asyncio.to_thread(runtime.doze, record.plan)
         except (CorralError, OSError) as exc:
             log.warning("sandbox %s could not doze: %s", record.id, exc)
-            with contextlib.suppress(CorralError, OSError):
+            self._busy[record.id] = (record.last_active, time.monotonic())
+            with contextlib.suppress(CorralError, OSError):  # if this fails, the next use retries
                 await asyncio.to_thread(runtime.wake, record.plan)
-            record.link.waker = None
+                record.link.waker = None
         finally:
             thawed.release()
 
@@ -127,5 +138,12 @@ class Doze:
         async with thawed:
             if record.link.waker is None:
                 return
-            await asyncio.to_thread(self._runtimes.get(record.runtime).wake, record.plan)
-            record.link.waker = None  # (not if thawing failed: the next use tries again)
+            try:
+                if record.alive and not record.ending:  # (killed frozen: the call finds it gone)
+                    await asyncio.to_thread(self._runtimes.get(record.runtime).wake, record.plan)
+            except (CorralError, OSError) as exc:
+                if record.alive and not record.ending:  # the next use tries again
+                    raise SandboxFailed(
+                        f"sandbox {record.id} could not be thawed: {exc}", code="thaw_failed"
+                    ) from exc
+            record.link.waker = None
