@@ -139,10 +139,10 @@ class Doze:
             if record.link.waker is None:
                 return
             try:
-                if record.alive and not record.ending:  # (killed frozen: the call finds it gone)
+                if not record.gone:  # (killed frozen: the call finds it gone)
                     await asyncio.to_thread(self._runtimes.get(record.runtime).wake, record.plan)
             except (CorralError, OSError) as exc:
-                if record.alive and not record.ending:  # the next use tries again
+                if not record.gone:  # the next use tries again
                     raise SandboxFailed(
                         f"sandbox {record.id} could not be thawed: {exc}", code="thaw_failed"
                     ) from exc

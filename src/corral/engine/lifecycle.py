@@ -243,7 +243,7 @@ class Lifecycle:
             await self._volumes.acquire(v.volume_id for v in plan.volumes)
         async with self.gate.turn(urgent=record.claimed):  # a pool's fill is not
             stages.mark("start_queue")
-            if not record.alive or record.ending:  # ended while it waited (engine closing)
+            if record.gone:  # ended while it waited (engine closing)
                 raise SandboxEnded(f"sandbox {record.id} ended before it started")
             await asyncio.to_thread(runtime.create, plan)
             await self.apply_egress(record)  # before anything in it runs
@@ -264,7 +264,7 @@ class Lifecycle:
     async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:
         """Undo a start that failed half-way. Its address and uid slot stay taken until all of
         it is gone: a sandbox planned meanwhile must not get its veth or firewall rules."""
-        if not record.alive or record.ending:  # `end` has released (or releases) it all
+        if record.gone:  # `end` has released (or releases) it all
             return
         try:
             record.move(Phase.ENDING)

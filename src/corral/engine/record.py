@@ -175,6 +175,11 @@ class SandboxRecord:
     def ending(self) -> bool:
         return self.phase is Phase.ENDING
 
+    @property
+    def gone(self) -> bool:
+        """Ended, or on its way out: nothing more is started in it."""
+        return not self.alive or self.ending
+
     def move(self, target: Phase, reason: str | None = None) -> None:
         """Change phase, refusing illegal transitions; a public change enters the history.
 

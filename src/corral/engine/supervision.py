@@ -85,7 +85,7 @@ class Supervisor:
         """Start what is due; return when to look again."""
         next_deadline = now + 1.0
         for record in self._registry:
-            if not record.alive or record.ending or record.id in self._settling:
+            if record.gone or record.id in self._settling:
                 continue
             if record.expires_at is not None and record.expires_at <= now:
                 self._settle(record, self._lifetime_over(record))

@@ -7,9 +7,10 @@ nothing of OpenTelemetry is imported and `span` is one shared no-op.
 
 Spans: one per HTTP request, by FastAPI's own instrumentation once a tracer provider is set
 (named by method and route; a client's W3C `traceparent` continues its trace), and inside a
-create one per stage of the engine's start (image, plan, record, runtime_create, runtime_start,
-agent_ready; or the pool claim), placed where they happened from the engine's own stopwatch, so
-the trace shows where its milliseconds went.
+create one per stage of the engine's start (image, plan, record, start_queue (its turn at the
+gate, and its volumes), runtime_create, runtime_start, agent_ready; or the pool claim), placed
+where they happened from the engine's own stopwatch, so the trace shows where its milliseconds
+went.
 """
 
 from __future__ import annotations
