@@ -19,6 +19,7 @@ from corral.core.errors import SandboxFailed
 from corral.core.spec import SandboxSpec
 from corral.core.state import SandboxState
 from corral.engine import Engine, doze
+from corral.server.metrics import exposition
 from tests.conftest import require_runtime
 
 AFTER = 1.0  # seconds unused before a sandbox dozes, here
@@ -66,6 +67,7 @@ async def test_an_idle_sandbox_dozes_and_every_kind_of_use_wakes_it(engine: Engi
         await asyncio.sleep(1.0)
         assert cpu_seconds(engine, info.id) - used < 0.002
         assert engine.get(info.id).state is SandboxState.RUNNING  # dozing is not a state
+        assert b'corral_sandboxes_dozing{runtime="gvisor"} 1.0' in exposition(engine, {})
         # A command, a file read, a listing and the process list each thaw it and answer.
         result = await engine.run(info.id, "cat /root/note /tmp/before")
         assert result.stdout == b"keptok\n" and not dozing(engine, info.id)

@@ -90,15 +90,24 @@ class _Live(Collector):
     def collect(self) -> Iterator[Metric]:
         engine, owners = self._engine, self._owners
         states: Tally[tuple[str, str]] = Tally()
+        dozing: Tally[str] = Tally()
         for record in engine.registry.live():
             state = "pooled" if record.pooled else record.state.value
             states[state, record.runtime] += 1
+            dozing[record.runtime] += record.link.waker is not None
         sandboxes = GaugeMetricFamily(
             "corral_sandboxes", "Live sandboxes by state and runtime.", labels=["state", "runtime"]
         )
         for (state, runtime), count in sorted(states.items()):
             sandboxes.add_metric([state, runtime], count)
         yield sandboxes
+        frozen = GaugeMetricFamily(
+            "corral_sandboxes_dozing", "Running sandboxes frozen until their next use.",
+            labels=["runtime"],
+        )  # fmt: skip
+        for runtime, count in sorted(dozing.items()):
+            frozen.add_metric([runtime], count)
+        yield frozen
         yield from _pools(engine.pools.list())
         latest = sorted(engine.usage.latest().items())
         for kind, name, text, field in _PER_SANDBOX:
