@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import json
 import os
 import platform
@@ -86,13 +87,6 @@ def summary(samples: list[float], failures: int = 0) -> dict[str, Any]:
         "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
         "success": round(len(ordered) / total, 4) if total else None,
     }
-
-
-async def timed(call: Awaitable[Any]) -> float:
-    """Seconds `call` took."""
-    start = time.perf_counter()
-    await call
-    return time.perf_counter() - start
 
 
 def pss_bytes(pids: set[int]) -> int:
@@ -354,14 +348,18 @@ class Suite:
                     for _ in range(min(8, count - start))
                 )
             )
-        settled = time.monotonic()
-        await asyncio.sleep(3)  # let every agent settle into idle
-        idle_cpu = await self.idle_cpu(made)
+        # Idle but used a moment ago, all of them (the first ones made may be dozing by now).
+        await asyncio.gather(*(s.run("true") for s in made))
+        used = time.monotonic()
+        await asyncio.sleep(1)
+        idle_cpu = await self.idle_cpu(made)  # 5 s, well inside `DOZE_AFTER`
         # Unused for longer than `DOZE_AFTER` (nothing of their own running), gVisor ones doze.
-        await asyncio.sleep(max(0.0, settled + DOZE_AFTER + 3 - time.monotonic()))
+        await asyncio.sleep(max(0.0, used + DOZE_AFTER + 3 - time.monotonic()))
         dozing_cpu = await self.idle_cpu(made)
-        after_doze = [await timed(s.run("true")) for s in made]  # each thaws one
-        awake = [await timed(s.run("true")) for s in made]
+        # Per sandbox, the first command after its doze (it thaws), then the next at once.
+        true = [functools.partial(s.run, "true") for s in made]
+        pairs = [(await self.timed(run), await self.timed(run)) for run in true]
+        after_doze, awake = [first for first, _ in pairs], [then for _, then in pairs]
         per_sandbox = []
         for sandbox in made:
             record = json.loads(
