@@ -7,8 +7,10 @@ is skipped with the reason it gives.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,12 @@ def _is_sandbox_process(proc: Path) -> bool:
     return b"/run/corral/agent/guest.py" in cmdline or cmdline.startswith(
         (b"runsc-sandbox", b"runsc-gofer")
     )
+
+
+async def wait_until(condition: Callable[[], bool], what: str, hang: float = 60.0) -> None:
+    """Poll `condition` until it holds; `hang` seconds only to catch hangs."""
+    deadline = time.monotonic() + hang
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.05)

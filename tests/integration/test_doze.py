@@ -8,8 +8,7 @@ are there to catch hangs.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from corral.core.spec import SandboxSpec
 from corral.core.state import SandboxState
 from corral.engine import Engine, doze
 from corral.server.metrics import exposition
-from tests.conftest import require_runtime
+from tests.conftest import require_runtime, wait_until
 
 AFTER = 1.0  # seconds unused before a sandbox dozes, here
 HANG = 60.0  # seconds: only to catch hangs
@@ -36,14 +35,6 @@ async def engine(data_dir: Path) -> AsyncIterator[Engine]:
 def dozing(engine: Engine, sandbox_id: str) -> bool:
     record = engine.registry.get(sandbox_id)
     return engine.runtimes.get(record.runtime).dozing(record.plan)
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 async def dozed(engine: Engine, sandbox_id: str) -> None:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from corral.core.state import EndReason, SandboxState
 from corral.engine import Engine
 from corral.host.procs import process_start_time
 from corral.host.scope import HostScope
-from tests.conftest import leftovers
+from tests.conftest import leftovers, wait_until
 
 HANG = 60.0  # seconds: only to catch hangs
 
@@ -39,14 +39,6 @@ async def cleanup(data_dir: Path) -> AsyncIterator[None]:
     yield
     async with Engine(data_dir):
         pass
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 def record(data_dir: Path, sandbox_id: str) -> dict[str, object]:
