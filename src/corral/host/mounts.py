@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from corral.core.errors import SandboxFailed
+from corral.host import loop
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -29,6 +30,7 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_NOATIME = 0x400
 MNT_DETACH = 0x2
 
 # The new mount API has the same numbers on every architecture.
@@ -174,13 +176,15 @@ def format_disk(image: Path, size_mb: int, *, journal: bool = False) -> None:
     """Make a sparse ext4 disk of `size_mb` MiB at `image` (it takes only what is written).
 
     No root reserve: its user may fill all of it. A journal only where the data must survive
-    a host crash (volumes); a sandbox's writable layer is as ephemeral as the sandbox.
+    a host crash (volumes); a sandbox's writable layer is as ephemeral as the sandbox. No
+    blocks reserved for growing it online (`resize_inode`): no disk is ever grown, and for
+    2 GiB they were 1 MiB of the 1.2 written and 1.3 of mkfs's 3.5 ms.
     """
     with image.open("wb") as handle:
         handle.truncate(size_mb * 1024 * 1024)
-    features = ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+    features = ["-O", "^resize_inode", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
     if not journal:
-        features = ["-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"]
+        features = ["-O", "^has_journal,^resize_inode", "-E", "lazy_itable_init=1,nodiscard"]
     _run(["mkfs.ext4", "-q", "-F", "-m", "0", *features, str(image)], "format the disk")
 
 
@@ -191,10 +195,7 @@ def create_disk(image: Path, size_mb: int, mountpoint: Path) -> None:
     """
     format_disk(image, size_mb)
     mountpoint.mkdir(exist_ok=True)
-    _run(
-        ["mount", "-o", "loop,nodev,nosuid,noatime", str(image), str(mountpoint)],
-        "mount the sandbox disk",
-    )
+    mount_disk(image, mountpoint)
 
 
 def is_mount_point(path: Path) -> bool:
@@ -224,13 +225,13 @@ def mount_disk(image: Path, mountpoint: Path) -> None:
     If the disk is still attached (its filesystem kept alive by a mount elsewhere), that same
     device is mounted, so the kernel hands back the same filesystem instance.
     """
-    options = "nodev,nosuid,noatime"
+    flags = MS_NODEV | MS_NOSUID | MS_NOATIME
     device = loop_device_of(image)
-    if device is None:
-        argv = ["mount", "-o", f"loop,{options}", str(image), str(mountpoint)]
-    else:
-        argv = ["mount", "-o", options, device, str(mountpoint)]
-    _run(argv, f"mount the disk {image.name}")
+    if device is not None:
+        mount(device, mountpoint, "ext4", flags)
+        return
+    with loop.attached(image) as attached:
+        mount(attached, mountpoint, "ext4", flags)
 
 
 def _run(argv: list[str], what: str) -> None:
