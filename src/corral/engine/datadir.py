@@ -3,6 +3,7 @@
 <data>/engine.lock     held by the one engine using the directory
 <data>/agent/          the guest agent's code and its `leader` program (built here from
                        leader.c), bound read-only into every sandbox
+<data>/bin/            the engine's own `enter` program (built here from runtimes/enter.c)
 <data>/sandboxes/      one directory per sandbox: its record, plan, disk and sockets
 <data>/images/         built-in images, layers, manifests, uploaded blobs
 <data>/snapshots/      memory snapshots
@@ -98,6 +99,12 @@ def prepare_data_dir(data_dir: Path) -> None:
             )
 
 
+def install_programs(data_dir: Path) -> None:
+    """Install what the engine runs from `data_dir`: the guest agent and its own tools."""
+    install_agent(data_dir / "agent")
+    install_tools(data_dir / "bin")
+
+
 def install_agent(agent_dir: Path) -> None:
     """Write the guest agent's code into `agent_dir` where it differs, atomically per file,
     with its modules compiled for this Python's version: an image with the same version then
@@ -124,32 +131,45 @@ def _write(target: Path, data: bytes) -> None:
 
 
 LEADER_FLAGS = ("-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-O2", "-s")
+ENTER_FLAGS = ("-O2", "-s")
 
 
 def build_leader(agent_dir: Path) -> bool:
-    """Build the agent's `leader` program from leader.c with the host's C compiler (`$CC`,
-    else cc), statically and without a C library (see leader.c) so that it runs in any image;
-    kept while its source is unchanged.
+    """Build the agent's `leader` program from leader.c, statically and without a C library
+    (see leader.c) so that it runs in any image.
     Whether it is there: without it commands still run, but start slower (see agent.procs)."""
-    source = resources.files("corral.agent").joinpath("leader.c").read_bytes()
-    target, built_from = agent_dir / "leader", agent_dir / "leader.c"
+    return _build("corral.agent", "leader", LEADER_FLAGS, agent_dir, "commands in sandboxes")
+
+
+def install_tools(tools_dir: Path) -> bool:
+    """Build the engine's own `enter` program (runtimes/enter.c) into `tools_dir`.
+    Whether it is there: without it sandboxes still start, but slower (runtimes.base.spawn)."""
+    tools_dir.mkdir(mode=0o700, exist_ok=True)
+    return _build("corral.runtimes", "enter", ENTER_FLAGS, tools_dir, "namespaces sandboxes")
+
+
+def _build(package: str, name: str, flags: tuple[str, ...], directory: Path, slower: str) -> bool:
+    """Build `directory/name` from `package`'s `name.c` with the host's C compiler (`$CC`, else
+    cc); kept while its source is unchanged. Whether it is there."""
+    source = resources.files(package).joinpath(f"{name}.c").read_bytes()
+    target, built_from = directory / name, directory / f"{name}.c"
     if target.exists() and built_from.exists() and built_from.read_bytes() == source:
         return True
-    target.unlink(missing_ok=True)  # an old build may not understand the new agent
+    target.unlink(missing_ok=True)  # an old build may not understand the new caller
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
-        log.warning("no C compiler (cc): commands in sandboxes start slower; install gcc")
+        log.warning("no C compiler (cc): %s start slower; install gcc", slower)
         return False
-    with tempfile.TemporaryDirectory(dir=agent_dir, prefix=".build-") as work:
-        (Path(work) / "leader.c").write_bytes(source)
-        argv = [compiler, *LEADER_FLAGS, "-o", "leader", "leader.c"]
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
+        (Path(work) / f"{name}.c").write_bytes(source)
+        argv = [compiler, *flags, "-o", name, f"{name}.c"]
         done = subprocess.run(
             argv, cwd=work, capture_output=True, text=True, timeout=120, check=False
         )
         if done.returncode != 0:
-            log.warning("cannot build the agent's leader program: %s", done.stderr.strip())
+            log.warning("cannot build the %s program: %s", name, done.stderr.strip())
             return False
-        os.chmod(Path(work) / "leader", 0o755)  # noqa: S103 - every sandbox user runs it
-        os.replace(Path(work) / "leader", target)
+        os.chmod(Path(work) / name, 0o755)  # noqa: S103 - every sandbox user runs the leader
+        os.replace(Path(work) / name, target)
     _write(built_from, source)
     return True

@@ -51,7 +51,7 @@ from corral.engine.checkpoints import Checkpoints
 from corral.engine.commands import Commands
 from corral.engine.datadir import (
     default_data_dir,
-    install_agent,
+    install_programs,
     lock_data_dir,
     prepare_data_dir,
 )
@@ -180,7 +180,7 @@ class Engine:
 
     def _prepare(self) -> None:
         self._adoption.check_scope(self.scope)
-        install_agent(self.data_dir / "agent")
+        install_programs(self.data_dir)
         self.keys.check()
         self.images.built.prepare()
         self.snapshots.load()

@@ -106,6 +106,7 @@ class NamespacesRuntime(Runtime):
                 log_fd=log_fd,
                 pass_fds=(fd, program),
                 env=plan.guest_env,
+                enter=plan.enter_program,
             )
         finally:
             os.close(fd)

@@ -194,6 +194,12 @@ class SandboxPlan:
         ]
 
     @property
+    def enter_program(self) -> Path:
+        """The engine's `enter` program (runtimes/enter.c, see `runtimes.base.spawn`), built
+        by the engine beside the agent's directory (`engine.datadir.install_tools`)."""
+        return Path(self.agent_dir).parent / "bin" / "enter"
+
+    @property
     def cgroup_name(self) -> str:
         return f"{self.host_scope.cgroup_parent}/{self.sandbox_id}"
 
