@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
 from corral.engine.sealed_images import SealedImages
 from corral.engine.snapshots import Snapshot, SnapshotStore
-from corral.engine.tasks import Tasks
+from corral.engine.tasks import Tasks, finish_in_thread
 from corral.engine.volumes import VolumeStore
 from corral.host import network, userns
 from corral.host.procs import process_start_time
@@ -237,29 +237,39 @@ class Lifecycle:
         plan = record.plan
         # Recorded before anything is built, so a later engine finds and cleans up what a
         # crash in the middle would leave.
-        await asyncio.to_thread(make_dir_and_save, record)
+        await finish_in_thread(lambda: make_dir_and_save(record))
         stages.mark("record")
         if plan.volumes:  # registered above, so no `release` unmounts them under us
             await self._volumes.acquire(v.volume_id for v in plan.volumes)
         async with self.gate.turn(urgent=record.claimed):  # a pool's fill is not
             stages.mark("start_queue")
-            if record.gone:  # ended while it waited (engine closing)
-                raise SandboxEnded(f"sandbox {record.id} ended before it started")
-            await asyncio.to_thread(runtime.create, plan)
-            await self.apply_egress(record)  # before anything in it runs
+            async with self._step(record):
+                await finish_in_thread(lambda: runtime.create(plan))
+                await self.apply_egress(record)  # before anything in it runs
             stages.mark("runtime_create")
             if restore_from is None:
                 # A restored agent holds its secret already; a new one reads it, once.
                 record.link.write_key(userns.host_uid(plan.uid_slot))
-                await self.start_runtime(record, lambda: runtime.start(plan))
+                async with self._step(record):
+                    await self.start_runtime(record, lambda: runtime.start(plan))
                 stages.mark("runtime_start")
                 await self.wait_for_agent(record)
             else:
                 async with self.sealed.opened(restore_from) as image:
-                    await self.start_runtime(record, lambda: runtime.restore(plan, image))
+                    async with self._step(record):
+                        await self.start_runtime(record, lambda: runtime.restore(plan, image))
                     stages.mark("runtime_start")
                     await self.wait_for_agent(record)
             stages.mark("agent_ready")
+
+    @contextlib.asynccontextmanager
+    async def _step(self, record: SandboxRecord) -> AsyncIterator[None]:
+        """A step of a start that builds on the host: `end` waits for it, then undoes all of
+        it, rather than undoing it while it builds; a sandbox ended before it is not built."""
+        async with record.lock:
+            if record.gone:  # ended while it waited (terminated, engine closing)
+                raise SandboxEnded(f"sandbox {record.id} ended before it started")
+            yield
 
     async def _abandon(self, record: SandboxRecord, runtime: Runtime) -> None:
         """Undo a start that failed half-way. Its address and uid slot stay taken until all of
@@ -283,7 +293,7 @@ class Lifecycle:
         record.exited = asyncio.Event()
         await record.link.listen()
         try:
-            started = await asyncio.to_thread(launch)
+            started = await finish_in_thread(launch)
             started.start_time = await asyncio.to_thread(process_start_time, started.pid)
         except CorralError:
             await record.link.close()

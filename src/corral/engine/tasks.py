@@ -4,11 +4,32 @@ close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 log = logging.getLogger("corral.engine")
+T = TypeVar("T")
+
+
+async def finish_in_thread(call: Callable[[], T]) -> T:
+    """`call()` in a worker thread, which a cancellation waits for before it is raised.
+
+    A thread cannot be stopped: a start cancelled half-way (a pool removed while it fills,
+    a create abandoned) must undo what the thread built after the thread is done, or the undo
+    runs beside the build and the build's mounts outlive it (a disk and an overlay, with no
+    record left to find them by)."""
+    future = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller gets
+        raise
 
 
 class Tasks:
