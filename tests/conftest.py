@@ -104,7 +104,7 @@ def _is_sandbox_process(proc: Path) -> bool:
         cmdline = (proc / "cmdline").read_bytes()
     except OSError:
         return False
-    return b"/run/corral/agent/guest.py" in cmdline or cmdline.startswith(
+    return b"/run/corral/agent/start.py" in cmdline or cmdline.startswith(
         (b"runsc-sandbox", b"runsc-gofer")
     )
 

@@ -245,7 +245,7 @@ async def test_agent_death_is_recorded(engine: Engine, runtime: str) -> None:
     """SIGKILL from inside: bubblewrap's kernel drops it (the agent is pid 1); gVisor delivers
     it, and the sandbox ends with the reason (see tests/isolation/test_agent_channel.py)."""
     info = await engine.create(SandboxSpec(runtime=runtime))
-    await engine.exec(info.id, cmd="sleep 0.2; kill -9 $(pgrep -f /run/corral/agent/guest.py)")
+    await engine.exec(info.id, cmd="sleep 0.2; kill -9 $(pgrep -f /run/corral/agent/start.py)")
     if runtime == "namespaces":
         await asyncio.sleep(1)
         assert (await engine.run(info.id, "echo alive")).stdout == b"alive\n"

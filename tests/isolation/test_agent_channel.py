@@ -98,7 +98,7 @@ async def attack_and_check(engine: Engine, sandbox_id: str, signals: tuple[str, 
     info = engine.get(sandbox_id)
     assert info.state is SandboxState.RUNNING
     me = await engine.run(sandbox_id, "id -u; cat /proc/1/cmdline | tr '\\0' ' '")
-    assert me.stdout.decode().startswith("0\n") and "guest.py" in me.stdout.decode(), me
+    assert me.stdout.decode().startswith("0\n") and "start.py" in me.stdout.decode(), me
     assert await files.read_bytes("/root/truth.txt") == b"what the agent wrote"
     assert await engine.ping(sandbox_id) < 5
 

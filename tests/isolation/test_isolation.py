@@ -274,7 +274,7 @@ async def test_cannot_trace_or_poke_its_agent(engine: Engine, sandbox: SandboxIn
         "import ctypes, os, glob\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
         "agent = next(int(p.split('/')[2]) for p in glob.glob('/proc/[0-9]*/cmdline')"
-        " if b'guest.py' in open(p, 'rb').read())\n"
+        " if b'/run/corral/agent/start.py' in open(p, 'rb').read())\n"
         "print('ptrace', libc.ptrace(16, agent, 0, 0), ctypes.get_errno())\n"
         "try:\n"
         "    open(f'/proc/{agent}/mem', 'rb').read(1); print('MEM READ')\n"

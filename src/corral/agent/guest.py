@@ -12,24 +12,17 @@ interpreted by the sandbox's filesystem and cannot name anything on the host.
 
 It runs as the sandbox's pid 1, non-dumpable, handling every signal it can (see `shield.harden`).
 
-Usage: python3 -I -S guest.py SOCKET_DIR
+Started by start.py (`python3 -I -S start.py SOCKET_DIR`), which imports it compiled.
 """
 
 from __future__ import annotations
-
-import sys
-
-if __name__ == "__main__":  # the agent's own process, not a host process importing this
-    # No ssl (asyncio imports it; 2 ms of the agent's start) and no OpenSSL (hmac then uses
-    # Python's sha256; 0.47 MiB less private memory per idle agent). docs/performance.md.
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
-    sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
 
 import asyncio
 import errno
 import functools
 import os
 import signal
+import sys
 import time
 
 try:
@@ -480,7 +473,7 @@ def read_secret(socket_dir: str) -> bytes:
 def main() -> None:
     args = sys.argv[1:]
     if len(args) not in (1, 2) or (len(args) == 2 and not args[1].isdigit()):
-        sys.stderr.write("usage: guest.py SOCKET_DIR [MEMORY_BUDGET_BYTES]\n")
+        sys.stderr.write("usage: start.py SOCKET_DIR [MEMORY_BUDGET_BYTES]\n")
         sys.exit(2)
     socket_dir = args[0]
     budget = int(args[1]) if len(args) == 2 else 0
@@ -494,7 +487,3 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(Agent(socket_dir, secret, budget).run())
-
-
-if __name__ == "__main__":
-    main()

@@ -113,6 +113,7 @@ METHODS = frozenset(
 # Where the host's pieces appear inside every sandbox.
 GUEST_DIR = "/run/corral"
 GUEST_AGENT_DIR = GUEST_DIR + "/agent"
+GUEST_AGENT_START = GUEST_AGENT_DIR + "/start.py"  # the script the agent's Python runs
 GUEST_SOCKET_DIR = GUEST_DIR + "/sock"
 KEY_NAME = "agent.key"  # in the socket directory, until the agent has proved it read it
 LEGACY_SOCKET_NAME = "agent.sock"  # of agents before version 2, which sent HELLO unasked

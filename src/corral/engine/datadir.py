@@ -29,6 +29,7 @@ log = logging.getLogger("corral.engine")
 HASH = py_compile.PycInvalidationMode.CHECKED_HASH
 
 AGENT_FILES = (
+    "start.py",
     "guest.py",
     "contexts.py",
     "kernel.py",
@@ -117,7 +118,7 @@ def install_agent(agent_dir: Path) -> None:
         if changed:
             _write(target, source)
         compiled = Path(importlib.util.cache_from_source(str(target)))
-        if name.endswith(".py") and name != "guest.py" and (changed or not compiled.exists()):
+        if name.endswith(".py") and name != "start.py" and (changed or not compiled.exists()):
             # Checked by the source's hash: a stale file is never used, only recompiled.
             py_compile.compile(str(target), str(compiled), doraise=True, invalidation_mode=HASH)
     build_leader(agent_dir)

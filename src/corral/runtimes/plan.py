@@ -210,7 +210,7 @@ class SandboxPlan:
             "python3",
             "-I",
             "-S",
-            f"{protocol.GUEST_AGENT_DIR}/guest.py",
+            protocol.GUEST_AGENT_START,
             protocol.GUEST_SOCKET_DIR,
         ]
 
