@@ -38,6 +38,7 @@ from corral.core.code import CodeContext, Execution, ExecutionError, Logs, Resul
 from corral.core.errors import (
     AgentUnavailable,
     AuthError,
+    CheckpointFailed,
     CommandTimeout,
     Conflict,
     ConnectionFailed,
@@ -104,6 +105,7 @@ __all__ = [
     "AuthError",
     "BuildEvent",
     "BuiltImage",
+    "CheckpointFailed",
     "Client",
     "CodeContext",
     "CommandResult",

@@ -71,6 +71,10 @@ export class Conflict extends CorralError {
   static override readonly status: number = 409;
   static override readonly defaultCode: string = "conflict";
 }
+/** The runtime could not save the sandbox's memory; nothing was saved (try again). */
+export class CheckpointFailed extends Conflict {
+  static override readonly defaultCode: string = "checkpoint_failed";
+}
 export class InvalidState extends Conflict {
   static override readonly defaultCode: string = "invalid_state";
 }
@@ -166,6 +170,7 @@ const CLASSES: ErrorClass[] = [
   ImageNotFound,
   VolumeNotFound,
   ContextNotFound,
+  CheckpointFailed,
   InvalidState,
   FileExists,
   PathBusy,

@@ -116,6 +116,14 @@ class Conflict(CorralError):
     default_code = "conflict"
 
 
+class CheckpointFailed(Conflict):
+    """The runtime could not save the sandbox's memory (a snapshot, fork, hibernate or move):
+    something in its current state cannot be checkpointed. Nothing was saved; the sandbox
+    goes on as it was, unless the runtime ended it (its state then says so)."""
+
+    default_code = "checkpoint_failed"
+
+
 class InvalidState(Conflict):
     """The sandbox is in a state that does not allow this operation."""
 

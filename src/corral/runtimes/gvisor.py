@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from corral.core.errors import SandboxFailed
+from corral.core.errors import CheckpointFailed, SandboxFailed
 from corral.host import mounts, network, userns
 from corral.host.cgroups import CPU_PERIOD_US, layout, shares
 from corral.runtimes.base import (
@@ -214,14 +214,20 @@ class GVisorRuntime(Runtime):
         extra = ["--leave-running"] if leave_running else []
         # Uncompressed: faster both ways, and a compressed image leaves the Sentry and every
         # restored copy holding 30 to 90 MiB more (measured).
-        self._runsc(
-            plan,
-            "checkpoint",
-            f"--image-path={image_dir}",
-            "--compression=none",
-            *extra,
-            plan.sandbox_id,
-        )
+        try:
+            self._runsc(
+                plan,
+                "checkpoint",
+                f"--image-path={image_dir}",
+                "--compression=none",
+                *extra,
+                plan.sandbox_id,
+            )
+        except SandboxFailed as exc:  # runsc's own failure (seen: a crash in its encoder)
+            raise CheckpointFailed(
+                f"the sandbox's memory could not be saved, and nothing was: {exc.message}. "
+                "Try again; if it fails again, something running in it cannot be checkpointed"
+            ) from exc
         if not leave_running:
             cgroup = cgroup_for(plan)
             if cgroup.exists():
