@@ -10,8 +10,9 @@ import socket
 
 import pytest
 
+from corral.client import _http1
 from corral.client._transport import Transport
-from corral.core.errors import ConnectionFailed
+from corral.core.errors import ConnectionFailed, CorralError
 
 ANSWER = (
     b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok": 1}\r\n'
@@ -76,3 +77,146 @@ async def test_a_request_sent_and_not_answered_is_not_sent_again() -> None:
         server.close()
         await transport.aclose()
     assert len(asked) == 1
+
+
+# -- the fast lane (corral.client._http1): whole requests on keep-alive connections ----------
+
+
+class Recorder:
+    """A small HTTP/1.1 server that answers each request with the next canned answer (or
+    `ANSWER`), keeps what it was asked, and counts its connections."""
+
+    def __init__(self, *answers: bytes, close_after: bool = False) -> None:
+        self.answers = list(answers)
+        self.asked: list[bytes] = []
+        self.connections = 0
+        self.close_after = close_after
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.asked.append(head + await reader.readexactly(length))
+                answer = self.answers.pop(0) if self.answers else ANSWER
+                writer.write(answer)
+                await writer.drain()
+                if self.close_after or b"Connection: close" in answer:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    async def __aenter__(self) -> Transport:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.transport = Transport(f"http://127.0.0.1:{port}", "k", 30, ca=None, verify=True)
+        return self.transport
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.transport.aclose()
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
+
+
+async def test_requests_share_one_kept_alive_connection() -> None:
+    recorder = Recorder()
+    async with recorder as transport:
+        assert transport._lane is not None  # the lane, not httpx, carries them
+        for _ in range(3):
+            assert await transport.request("POST", "/v1/x", json={"a": [1, "é"]}) == {"ok": 1}
+    assert recorder.connections == 1 and len(recorder.asked) == 3
+
+
+async def test_the_lane_sends_what_httpx_would() -> None:
+    recorder = Recorder()
+    async with recorder as transport:
+        await transport.request("POST", "/v1/sandboxes/sb_1/exec", json={"argv": ["true"]})
+        await transport.request("GET", "/v1/files", params={"path": "/a b", "all": True, "n": None})
+        await transport.request("PUT", "/v1/files/content", content=b"\x00raw")
+        await transport.request("GET", "/v1/images/a b")
+    assert recorder.connections == 1
+    post, get, put, spaced = recorder.asked
+    assert post.startswith(b"POST /v1/sandboxes/sb_1/exec HTTP/1.1\r\n")
+    assert b"\r\nAuthorization: Bearer k\r\n" in post
+    assert b"\r\nContent-Type: application/json\r\n" in post
+    assert post.endswith(b'\r\n\r\n{"argv":["true"]}')
+    assert get.startswith(b"GET /v1/files?path=%2Fa+b&all=true&n= HTTP/1.1\r\n")
+    assert b"Content-Length" not in get and b"Content-Type" not in put
+    assert put.endswith(b"\r\nContent-Length: 4\r\n\r\n\x00raw")
+    assert spaced.startswith(b"GET /v1/images/a%20b HTTP/1.1\r\n")
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_used() -> None:
+    recorder = Recorder(close_after=True)
+    async with recorder as transport:
+        for method in ("GET", "POST", "GET"):
+            assert await transport.request(method, "/v1/x") == {"ok": 1}
+            await asyncio.sleep(0.05)  # the server's close arrives while the connection idles
+    assert recorder.connections == 3 and len(recorder.asked) == 3
+
+
+async def test_chunked_and_unframed_answers_are_read_whole() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"ok\r\n6;x=1\r\n": [1]\r\n1\r\n}\r\n0\r\n\r\n'
+    )
+    unframed = b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"ok": 2}'
+    recorder = Recorder(chunked, unframed)
+    async with recorder as transport:
+        assert await transport.request("GET", "/a") == {"ok": [1]}
+        assert await transport.request("GET", "/b") == {"ok": 2}
+        assert await transport.request("GET", "/c") == {"ok": 1}
+    assert recorder.connections == 2  # the unframed answer ended its connection
+
+
+async def test_an_error_answer_is_corrals_error_with_its_retry_after() -> None:
+    body = b'{"error": {"code": "too_many_sandboxes", "message": "terminate some"}}'
+    refused = (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    async with Recorder(refused) as transport:
+        with pytest.raises(CorralError) as refusal:
+            await transport.request("POST", "/v1/sandboxes", json={})
+        assert await transport.request("GET", "/v1/x") == {"ok": 1}  # the connection lives on
+    assert refusal.value.code == "too_many_sandboxes" and refusal.value.retry_after == 7
+
+
+async def test_an_answer_cut_short_fails_and_is_not_asked_again() -> None:
+    cut = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"ok"'
+    recorder = Recorder(cut, close_after=True)
+    async with recorder as transport:
+        with pytest.raises(ConnectionFailed):
+            await transport.request("GET", "/v1/x")
+    assert len(recorder.asked) == 1
+
+
+def test_a_proxy_in_the_environment_leaves_requests_to_httpx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert Transport("https://corral.invalid", "k", 30, ca=None, verify=True)._lane is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert Transport("https://corral.invalid", "k", 30, ca=None, verify=True)._lane is not None
+
+
+async def test_a_connection_idle_too_long_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_http1, "KEEP_IDLE", 0.1)  # the server could be closing it right now
+    recorder = Recorder()
+    async with recorder as transport:
+        await transport.request("POST", "/v1/x", json={})
+        await transport.request("POST", "/v1/x", json={})
+        await asyncio.sleep(0.2)
+        await transport.request("POST", "/v1/x", json={})
+    assert recorder.connections == 2 and len(recorder.asked) == 3

@@ -1,5 +1,5 @@
-"""The SDK's wire: HTTP (httpx) and WebSockets (websockets), with their errors turned into
-Corral's at this boundary.
+"""The SDK's wire: HTTP (whole requests on the SDK's own lane, `_http1`; streams on httpx) and
+WebSockets (websockets), with their errors turned into Corral's at this boundary.
 
 Loaded on a client's first request, not by `import corral`: httpx alone takes longer to import
 than the rest of the SDK together, and a program that imports Corral without calling it (or
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import urllib.request
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from corral.client._http1 import Lane
 from corral.core.errors import ConnectionFailed, CorralError, InvalidRequest, from_response
 
 
@@ -82,10 +84,18 @@ class Transport:
             transport=httpx.ASGITransport(app=app) if app is not None else sockets,
         )
         self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
+        # Whole requests take the fast lane, but not through a proxy (httpx honours the
+        # environment's) nor to an app in this process.
+        direct = app is None and not urllib.request.getproxies()
+        self._lane = (
+            Lane(url, self._headers, timeout, self._tls, CONNECT_RETRIES) if direct else None
+        )
 
     async def aclose(self) -> None:
         for socket in list(self._sockets):
             await socket.close()
+        if self._lane is not None:
+            await self._lane.aclose()
         await self._http.aclose()
 
     async def request(
@@ -97,11 +107,17 @@ class Transport:
         params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
         content: bytes | AsyncIterable[bytes] | None = None,
     ) -> Any:
+        response: Any
         try:
-            response = await self._http.request(
-                method, path, json=json, params=params, content=content
-            )
-        except httpx.TransportError as exc:
+            if self._lane is not None and not isinstance(content, AsyncIterable):
+                response = await self._lane.request(
+                    method, path, json=json, content=content, params=params
+                )
+            else:
+                response = await self._http.request(
+                    method, path, json=json, params=params, content=content
+                )
+        except (httpx.TransportError, OSError) as exc:
             raise self.unreachable(exc) from exc
         if response.status_code >= 400:
             raise _error(response.status_code, response.content, response.headers)
