@@ -86,9 +86,9 @@ class Transport:
         self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
         # Whole requests take the fast lane, but not through a proxy (httpx honours the
         # environment's) nor to an app in this process.
-        direct = app is None and not urllib.request.getproxies()
+        self._direct = app is None and not urllib.request.getproxies()
         self._lane = (
-            Lane(url, self._headers, timeout, self._tls, CONNECT_RETRIES) if direct else None
+            Lane(url, self._headers, timeout, self._tls, CONNECT_RETRIES) if self._direct else None
         )
 
     async def aclose(self) -> None:
@@ -161,6 +161,8 @@ class Transport:
                 max_size=None,  # the agent's chunks are bounded; frames are never huge
                 open_timeout=10,
                 ssl=self._tls,
+                # True: as the environment says, read at every connect (0.1 ms each time)
+                proxy=None if self._direct else True,
             )
         except InvalidStatus as exc:  # refused with an answer: the server's error
             answer = exc.response
