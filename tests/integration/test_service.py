@@ -15,6 +15,7 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import moving
+from corral.server import service as service_module
 from corral.server.config import ServerConfig
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.service import Service
@@ -186,3 +187,34 @@ def _fresh_dir(data_dir: Path, suffix: str) -> Path:
     (data_dir / "images").mkdir(exist_ok=True)
     (directory / "images").symlink_to(data_dir / "images")
     return directory
+
+
+async def test_the_store_has_a_new_sandbox_after_its_first_requests_not_before_them(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create is answered with its catalogue write still queued: the write lingers
+    (`WRITE_LINGER`), so the requests that follow a create (its first command) do not wait for
+    it. Anything that reads the store waits for it: a list, the record of one just ended."""
+    require_runtime("namespaces")
+    monkeypatch.setattr(service_module, "WRITE_LINGER", 1.0, raising=False)  # to see it
+    config = ServerConfig(data_dir=_fresh_dir(data_dir, "-linger"))
+    service = Service(config)
+    await service.start()
+    try:
+        key, _ = await service.store.create_key("owner")
+        sandboxes = Sandboxes(Tenant(service, key))
+        made = await sandboxes.create(SandboxSpec(runtime="namespaces"), pool=False)
+        await asyncio.sleep(0.1)
+        assert await service.store.get_sandbox(made.id) is None  # not yet: lingering
+        assert [s.id for s in await sandboxes.list(None, {})] == [made.id]  # waits for it
+        assert await service.store.get_sandbox(made.id) is not None
+        await service.engine.terminate(made.id)
+        service.engine.registry.discard(made.id)  # as once `ENDED_KEPT` newer ones have ended
+        ended = await sandboxes.info(made.id)  # from the store, once it has the end
+        assert ended.state is SandboxState.TERMINATED
+        await asyncio.sleep(1.5)  # lingered, then written without anyone waiting
+        stored = await service.store.get_sandbox(made.id)
+        assert stored is not None and stored[1].state is SandboxState.TERMINATED
+    finally:
+        await service.close()
+    shutil.rmtree(config.data_dir, ignore_errors=True)

@@ -101,6 +101,7 @@ class Sandboxes:
         sandbox_id = await self._tenant.sandbox(sandbox_id)
         with contextlib.suppress(SandboxNotFound):
             return self._engine.get(sandbox_id)
+        await self._service.recorded()  # it may have ended a moment ago
         found = await self._service.store.get_sandbox(sandbox_id)
         if found is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
