@@ -16,6 +16,8 @@ try:
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
 
+# What separates words (compiled with the agent, not at a sandbox's first command: 0.2 ms)
+BLANKS = re.compile(r"[ \t]+")
 # A word the shell takes as it is: nothing it would quote, expand, glob, redirect or split on.
 PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:=@%+,-]+\Z")
 # What the shell runs itself, or reads as syntax: never run from outside it.
@@ -37,7 +39,7 @@ def plain(cmd: str, env: Dict[str, str], cwd: str) -> Optional[List[str]]:
     """`cmd` as the argv the shell would exec, where the shell would do nothing but that: plain
     words separated by spaces, the first a program (not a builtin, keyword or assignment).
     `env` gets what the shell would add (PWD, SHLVL, _). None: the shell must run it."""
-    words = [word for word in re.split(r"[ \t]+", cmd) if word]
+    words = [word for word in BLANKS.split(cmd) if word]
     if not words or not all(PLAIN_WORD.match(word) for word in words) or "=" in words[0]:
         return None
     if any(name in ("BASH_ENV", "ENV") or name.startswith("BASH_FUNC_") for name in env):
