@@ -220,3 +220,14 @@ async def test_a_connection_idle_too_long_is_not_used(monkeypatch: pytest.Monkey
         await asyncio.sleep(0.2)
         await transport.request("POST", "/v1/x", json={})
     assert recorder.connections == 2 and len(recorder.asked) == 3
+
+
+async def test_a_large_body_arrives_whole() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB, written after the head rather than joined to it
+    recorder = Recorder()
+    async with recorder as transport:
+        await transport.request("PUT", "/v1/files/content", content=body)
+        await transport.request("PUT", "/v1/files/content", content=b"small")
+    big, small = recorder.asked
+    assert big.endswith(b"\r\nContent-Length: 1048576\r\n\r\n" + body)
+    assert small.endswith(b"\r\nContent-Length: 5\r\n\r\nsmall")

@@ -28,6 +28,7 @@ MAX_CONNECTIONS = 100  # at once, as httpx's pool: more requests wait for one to
 CLOSE_WAIT = 1.0  # seconds a closing client waits for its connections to close
 RETRY_BACKOFF = 0.5  # seconds before the second retry of a connect; doubled for each next
 MAX_HEAD = 64 * 1024  # the status line and headers of one response
+JOIN_BELOW = 64 * 1024  # a body up to this size is sent in one write with the request's head
 RETRY_SAFE = frozenset(("GET", "PUT", "DELETE"))  # idempotent: may be sent again
 
 
@@ -96,11 +97,15 @@ class Lane:
             head += "Content-Type: application/json\r\n"
         if body is not None or method in ("POST", "PUT", "PATCH"):
             head += f"Content-Length: {len(body or b'')}\r\n"
-        message = (head + "\r\n").encode("latin-1") + (body or b"")
+        message = [(head + "\r\n").encode("latin-1")]
+        if body and len(body) > JOIN_BELOW:
+            message.append(body)  # written after the head, not copied into one with it
+        elif body:
+            message[0] += body  # one write: the server reads the request at once
         async with self._slots:
             return await self._send(message, method)
 
-    async def _send(self, message: bytes, method: str) -> Answer:
+    async def _send(self, message: list[bytes], method: str) -> Answer:
         while True:
             connection, reused = await self._take()
             try:
@@ -158,13 +163,14 @@ class Lane:
         return made, False
 
     async def _exchange(
-        self, connection: Connection, message: bytes, method: str
+        self, connection: Connection, message: list[bytes], method: str
     ) -> tuple[Answer, bool]:
         """Send `message` and read the whole answer; whether the connection may be reused."""
         reader, writer = connection
         try:
-            writer.write(message)
-            await writer.drain()
+            for part in message:
+                writer.write(part)
+                await writer.drain()
             async with asyncio.timeout(self._timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
