@@ -218,3 +218,28 @@ async def test_the_store_has_a_new_sandbox_after_its_first_requests_not_before_t
     finally:
         await service.close()
     shutil.rmtree(config.data_dir, ignore_errors=True)
+
+
+async def test_a_store_other_servers_read_is_written_without_lingering(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store named by --database-url (servers on one machine, or a cluster's) is read by
+    other servers, which cannot ask this one to write: its changes are not held back."""
+    require_runtime("namespaces")
+    monkeypatch.setattr(service_module, "WRITE_LINGER", 30.0)
+    directory = _fresh_dir(data_dir, "-shared-store")
+    config = ServerConfig(data_dir=directory, database_url=f"sqlite:///{directory}/shared.db")
+    service = Service(config)
+    await service.start()
+    try:
+        key, _ = await service.store.create_key("owner")
+        made = await Sandboxes(Tenant(service, key)).create(SandboxSpec(runtime="namespaces"))
+        for _ in range(100):  # well before the 30 s a linger would take
+            if await service.store.get_sandbox(made.id) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert await service.store.get_sandbox(made.id) is not None
+        await service.engine.terminate(made.id)
+    finally:
+        await service.close()
+    shutil.rmtree(directory, ignore_errors=True)

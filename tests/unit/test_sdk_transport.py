@@ -6,13 +6,15 @@ asked again, since the server may have acted on it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 
 import pytest
 
 from corral.client import _http1
 from corral.client._transport import Transport
-from corral.core.errors import ConnectionFailed, CorralError
+from corral.core.errors import ConnectionFailed, CorralError, InvalidRequest
 
 ANSWER = (
     b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok": 1}\r\n'
@@ -82,6 +84,17 @@ async def test_a_request_sent_and_not_answered_is_not_sent_again() -> None:
 # -- the fast lane (corral.client._http1): whole requests on keep-alive connections ----------
 
 
+HANG_UP = b""  # as a Recorder's answer: read the request, then close without answering
+
+
+@pytest.fixture(autouse=True)
+def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the machine's environment, these tests talk to their servers directly."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 class Recorder:
     """A small HTTP/1.1 server that answers each request with the next canned answer (or
     `ANSWER`), keeps what it was asked, and counts its connections."""
@@ -106,6 +119,8 @@ class Recorder:
                         length = int(line.split(b":")[1])
                 self.asked.append(head + await reader.readexactly(length))
                 answer = self.answers.pop(0) if self.answers else ANSWER
+                if answer == HANG_UP:
+                    break
                 writer.write(answer)
                 await writer.drain()
                 if self.close_after or b"Connection: close" in answer:
@@ -231,3 +246,80 @@ async def test_a_large_body_arrives_whole() -> None:
     big, small = recorder.asked
     assert big.endswith(b"\r\nContent-Length: 1048576\r\n\r\n" + body)
     assert small.endswith(b"\r\nContent-Length: 5\r\n\r\nsmall")
+
+
+async def test_only_a_get_is_sent_again_when_a_kept_connection_fails() -> None:
+    """The server took the request and closed the connection without an answer: it may have
+    acted on it, so only a GET (no effect to repeat) goes again on a new connection; a PUT
+    (an append) or a DELETE is not repeated."""
+    for method, again in (("GET", True), ("PUT", False), ("DELETE", False), ("POST", False)):
+        recorder = Recorder(ANSWER, HANG_UP)
+        async with recorder as transport:
+            await transport.request("GET", "/v1/first")  # the connection is kept
+            if again:
+                assert await transport.request(method, "/v1/x") == {"ok": 1}
+            else:
+                with pytest.raises(ConnectionFailed):
+                    await transport.request(method, "/v1/x", content=b"more")
+        sent = [a for a in recorder.asked if a.startswith(method.encode() + b" /v1/x ")]
+        assert len(sent) == (2 if again else 1), method
+
+
+async def test_answers_without_a_body_keep_their_connection() -> None:
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ANSWER
+    trailers = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'9\r\n{"ok": 3}\r\n0\r\nX-Trailer: 1\r\n\r\n'
+    )
+    recorder = Recorder(no_content, hints, trailers)
+    async with recorder as transport:
+        assert await transport.request("DELETE", "/v1/a") is None
+        assert await transport.request("GET", "/v1/b") == {"ok": 1}  # after the 103
+        assert await transport.request("GET", "/v1/c") == {"ok": 3}  # trailers read
+        assert await transport.request("GET", "/v1/d") == {"ok": 1}
+    assert recorder.connections == 1
+
+
+def test_the_environment_without_a_proxy_keeps_the_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("no_proxy", "localhost,.internal")  # says where not to use one
+    assert Transport("http://corral.invalid", "k", 30, ca=None, verify=True)._lane is not None
+
+
+def test_https_in_any_case_is_tls() -> None:
+    transport = Transport("HTTPS://corral.invalid", "k", 30, ca=None, verify=True)
+    assert transport._tls is not None and transport._lane is not None
+    assert transport._lane._tls is transport._tls and transport._lane._port == 443
+
+
+def test_an_api_key_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        Transport("http://corral.invalid", "corral_key\n", 30, ca=None, verify=True)
+    assert refused.value.code == "invalid_api_key" and "line break" in refused.value.message
+
+
+def test_a_socket_numbered_past_1024_is_still_checked() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 2000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    ours, theirs = socket.socketpair()
+    probe = socket.socket(fileno=os.dup2(ours.fileno(), 2000))  # the same socket, as fd 2000
+    try:
+        assert probe.fileno() == 2000
+        assert not _http1._readable(probe)  # idle and open: may be used again
+        theirs.close()
+        assert _http1._readable(probe)  # closed by the other side: not used
+    finally:
+        probe.close()
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_closed_lane_keeps_no_connection() -> None:
+    recorder = Recorder()
+    async with recorder as transport:
+        await transport.request("GET", "/v1/a")
+        await transport.aclose()
+        await transport.request("GET", "/v1/b")  # still answered, on a connection not kept
+        assert transport._lane is not None and transport._lane._idle == []

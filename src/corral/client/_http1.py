@@ -29,7 +29,9 @@ CLOSE_WAIT = 1.0  # seconds a closing client waits for its connections to close
 RETRY_BACKOFF = 0.5  # seconds before the second retry of a connect; doubled for each next
 MAX_HEAD = 64 * 1024  # the status line and headers of one response
 JOIN_BELOW = 64 * 1024  # a body up to this size is sent in one write with the request's head
-RETRY_SAFE = frozenset(("GET", "PUT", "DELETE"))  # idempotent: may be sent again
+# Sent again on a fresh connection if a kept one fails: no effect to repeat (a PUT may append,
+# a DELETE answers not-found the second time).
+RETRY_SAFE = frozenset(("GET",))
 
 
 class Failed(OSError):
@@ -72,9 +74,12 @@ class Lane:
         self._retries = retries
         host = parts.netloc.rpartition("@")[2]
         fixed = {"Host": host, "User-Agent": "corral-python", "Accept": "*/*", **headers}
+        if any(c in str(value) for value in fixed.values() for c in "\r\n\0"):
+            raise ValueError("a header (the API key?) holds a line break or NUL")
         self._head = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
         self._idle: list[tuple[Connection, float]] = []  # and since when, newest last
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._closed = False  # then connections are closed after their answer, never kept
 
     async def request(
         self,
@@ -118,13 +123,17 @@ class Lane:
             except BaseException:
                 connection[1].close()
                 raise
-            if keep:
-                self._idle.append((connection, time.monotonic()))
+            now = time.monotonic()
+            while self._idle and now - self._idle[0][1] >= KEEP_IDLE:  # the oldest, gone stale
+                self._idle.pop(0)[0][1].close()
+            if keep and not self._closed:
+                self._idle.append((connection, now))
             else:
                 connection[1].close()
             return answer
 
     async def aclose(self) -> None:
+        self._closed = True
         idle, self._idle = [connection for connection, _ in self._idle], []
         for _, writer in idle:
             writer.close()
@@ -168,22 +177,30 @@ class Lane:
         """Send `message` and read the whole answer; whether the connection may be reused."""
         reader, writer = connection
         try:
-            for part in message:
-                writer.write(part)
-                await writer.drain()
             async with asyncio.timeout(self._timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
+                for part in message:
+                    writer.write(part)
+                    await writer.drain()
+                status, headers = 100, dict[str, str]()
+                while 100 <= status < 200:  # an interim answer (100, 103) precedes the real one
+                    status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             raise Failed(f"the server closed the connection: {exc}") from exc
         except asyncio.LimitOverrunError as exc:
-            raise Failed("the server's response headers are too large") from exc
-        status, headers = parse_head(head)
+            raise OSError("the server's response headers are too large") from exc
+        empty = method == "HEAD" or status in (204, 304)  # framed by definition: no body
         async with asyncio.timeout(self._timeout):
             try:
-                body = await read_body(reader, headers, method == "HEAD" or status in (204, 304))
-            except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                body = await read_body(reader, headers, empty)
+            except (
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ValueError,
+            ) as exc:
                 raise OSError(f"the server's response was cut short: {exc}") from exc
-        framed = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "")
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        framed = empty or chunked or "content-length" in headers
         keep = framed and headers.get("connection", "").lower() != "close"
         return Answer(status, headers, body), keep
 
@@ -209,9 +226,11 @@ async def read_body(reader: asyncio.StreamReader, headers: dict[str, str], empty
         chunks: list[bytes] = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
             if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers, read so the next answer starts where it should
                 return b"".join(chunks)
+            chunk = await reader.readexactly(size + 2)
             chunks.append(chunk[:-2])
     if "content-length" in headers:
         return await reader.readexactly(int(headers["content-length"]))
@@ -236,10 +255,13 @@ def _text(value: Any) -> str:
 
 def _readable(sock: Any) -> bool:
     """Whether an idle socket has something to read: the server closed it (or broke it)."""
-    if sock is None:
-        return True
     try:
-        ready, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
+        fd = sock.fileno()
+        if hasattr(select, "poll"):  # any descriptor number, unlike select()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        ready, _, _ = select.select([fd], [], [], 0)
+    except (AttributeError, OSError, ValueError):
         return True
     return bool(ready)

@@ -71,8 +71,14 @@ class Transport:
         app: Any = None,
     ) -> None:
         self.url = url
+        if api_key and any(c in api_key for c in "\r\n\0"):
+            raise InvalidRequest(
+                "the API key holds a line break: set CORRAL_API_KEY (or api_key=) to the key "
+                "alone, without the newline a file or secret may end with",
+                code="invalid_api_key",
+            )
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._tls = tls_context(ca, verify) if url.startswith("https:") else None
+        self._tls = tls_context(ca, verify) if url.lower().startswith("https:") else None
         # A connection that could not be made sent nothing, so it is tried again: on a busy
         # machine (a burst of gVisor starts) a connect can take longer than its timeout.
         sockets = httpx.AsyncHTTPTransport(verify=self._tls or True, retries=CONNECT_RETRIES)
@@ -86,7 +92,8 @@ class Transport:
         self._sockets: weakref.WeakSet[Socket] = weakref.WeakSet()
         # Whole requests take the fast lane, but not through a proxy (httpx honours the
         # environment's) nor to an app in this process.
-        self._direct = app is None and not urllib.request.getproxies()
+        proxies = [kind for kind in urllib.request.getproxies() if kind != "no"]
+        self._direct = app is None and not proxies
         self._lane = (
             Lane(url, self._headers, timeout, self._tls, CONNECT_RETRIES) if self._direct else None
         )
@@ -153,7 +160,7 @@ class Transport:
         return response.status_code == 200
 
     async def websocket(self, path: str) -> Socket:
-        url = "ws" + self.url.removeprefix("http") + path
+        url = "ws" + self.url[len("http") :] + path  # http: -> ws:, https: -> wss:
         try:
             ws = await connect(
                 url,

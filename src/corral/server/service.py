@@ -44,7 +44,10 @@ log = logging.getLogger("corral.server")
 
 PRUNE_EVERY = 3600.0
 REVOKED_EVERY = 5.0  # seconds between looks for keys revoked by another process
-WRITE_LINGER = 0.05  # seconds a sandbox change waits before the store has it (`_write_loop`)
+# Seconds a sandbox change waits before the store has it (`_write_loop`), where the store is
+# this server's own: a store other servers read (a cluster's, or one named by --database-url)
+# is written at once.
+WRITE_LINGER = 0.05
 
 
 class Service:
@@ -91,6 +94,8 @@ class Service:
         self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._flush = asyncio.Event()  # someone waits for the store: write without lingering
         self._writing = False  # writes are taken from the queue and not yet done
+        self._waiting = 0  # callers of `recorded()` waiting: write without lingering
+        self._own_store = config.database_url is None and config.front_key_id is None
         self._journal = OwnerJournal(config.data_dir / "owners.journal")
         self._write_failed = False  # then the journal keeps what the store may lack
         self._tasks: list[asyncio.Task[None]] = []
@@ -232,6 +237,7 @@ class Service:
     async def usage(self, key_id: str) -> Quota:
         """Everything the key takes that a quota limits."""
         snapshots = sum(s.size_bytes for s in self.engine.list_snapshots() if s.owner == key_id)
+        await self.recorded()  # its live sandboxes are counted from the store
         return await self.store.usage(key_id, snapshot_bytes=snapshots)
 
     def refuse_past_quota(self, key_id: str, used: Quota, adding: Quota) -> None:
@@ -290,8 +296,12 @@ class Service:
     async def recorded(self) -> None:
         """Wait until every change so far is in the store."""
         if self._writes.qsize() or self._writing:
+            self._waiting += 1
             self._flush.set()
-            await self._writes.join()
+            try:
+                await self._writes.join()
+            finally:
+                self._waiting -= 1
 
     # -- keeping the store in agreement with the engine -------------------------------------------
 
@@ -381,8 +391,9 @@ class Service:
             self._writing = True
             # The requests that follow a change come first (a create's first command would
             # otherwise wait for the event loop's part of a transaction, about 1 ms).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush.wait(), WRITE_LINGER)
+            if self._own_store and not self._waiting:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush.wait(), WRITE_LINGER)
             self._flush.clear()
             while not self._writes.empty():
                 batch.append(self._writes.get_nowait())

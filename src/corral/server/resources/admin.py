@@ -76,6 +76,7 @@ class Keys:
         """Revoke a key: it stops working at once, and its sandboxes end (`key_revoked`)."""
         key = await self._store.revoke_key(key_id)
         await self._service.end_sandboxes_of(key.id)
+        await self._service.recorded()  # answered once the store says how they ended
         return key
 
 
