@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.core.errors import CorralError
 from corral.core.models import SandboxInfo, StateChange
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
@@ -216,6 +218,7 @@ async def test_the_store_has_a_new_sandbox_after_its_first_requests_not_before_t
         stored = await service.store.get_sandbox(made.id)
         assert stored is not None and stored[1].state is SandboxState.TERMINATED
     finally:
+        await _end_all(service)
         await service.close()
     shutil.rmtree(config.data_dir, ignore_errors=True)
 
@@ -239,7 +242,16 @@ async def test_a_store_other_servers_read_is_written_without_lingering(
                 break
             await asyncio.sleep(0.05)
         assert await service.store.get_sandbox(made.id) is not None
-        await service.engine.terminate(made.id)
     finally:
+        await _end_all(service)
         await service.close()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _end_all(service: Service) -> None:
+    """End what a test started, even when it failed half-way: `Service.close` keeps sandboxes
+    running for the next server, and no later test may find them."""
+    for record in list(service.engine.registry):
+        if record.alive:
+            with contextlib.suppress(CorralError):
+                await service.engine.terminate(record.id)
