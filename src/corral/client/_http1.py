@@ -74,8 +74,6 @@ class Lane:
         self._retries = retries
         host = parts.netloc.rpartition("@")[2]
         fixed = {"Host": host, "User-Agent": "corral-python", "Accept": "*/*", **headers}
-        if any(c in str(value) for value in fixed.values() for c in "\r\n\0"):
-            raise ValueError("a header (the API key?) holds a line break or NUL")
         self._head = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
         self._idle: list[tuple[Connection, float]] = []  # and since when, newest last
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -176,12 +174,13 @@ class Lane:
     ) -> tuple[Answer, bool]:
         """Send `message` and read the whole answer; whether the connection may be reused."""
         reader, writer = connection
+        headers: dict[str, str]
         try:
             async with asyncio.timeout(self._timeout):
                 for part in message:
                     writer.write(part)
                     await writer.drain()
-                status, headers = 100, dict[str, str]()
+                status, headers = 100, {}
                 while 100 <= status < 200:  # an interim answer (100, 103) precedes the real one
                     status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
