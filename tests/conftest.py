@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,41 @@ RUNTIME_NAMES = ("namespaces", "gvisor")
 REQUIRED = {name for name in os.environ.get("CORRAL_REQUIRE_RUNTIMES", "").split(",") if name}
 
 
+def host_remnants() -> set[str]:
+    """What sandboxes hold on the host, whoever made them: their cgroups (in every scope), netns
+    and processes, and the host's interfaces."""
+    from corral.host.cgroups import ROOT, layout
+
+    parent = ROOT / ("memory" if layout() == "v1" else "")
+    netns = Path("/run/netns")
+    return {
+        *(p.name for p in parent.glob("corral*/sb-*")),
+        *((p.name for p in netns.glob("sb-*")) if netns.is_dir() else ()),
+        *(p.name for p in Path("/sys/class/net").iterdir()),
+        *(p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _is_sandbox_process(p)),
+    }
+
+
+# What was on the host before this run: a run killed half-way leaves its sandboxes' cgroups and
+# netns behind, and the machine, with them, goes on to the next run. The leftover checks look
+# for what this run leaves (`new`); the report's header names what it found.
+EARLIER: set[str] = set()
+
+
+def pytest_configure() -> None:
+    EARLIER.update(host_remnants())
+
+
+def new(names: Iterable[str]) -> list[str]:
+    """`names` less what was on the host before this run (`EARLIER`)."""
+    return sorted(name for name in names if name not in EARLIER)
+
+
 def pytest_report_header() -> list[str]:
     lines = []
+    strays = sorted(name for name in EARLIER if name.startswith("sb-") or name.isdigit())
+    if strays:
+        lines.append(f"left on this host by earlier runs (ignored by leftover checks): {strays}")
     for name in RUNTIME_NAMES:
         reason = runtimes.unavailable_reason(name)
         missing = "FAILS (required): " if name in REQUIRED else "SKIPPED: "
@@ -77,14 +110,14 @@ async def sandbox(engine: Engine, runtime: str) -> AsyncIterator[SandboxInfo]:
 
 def leftovers(data_dir: Path) -> dict[str, list[str]]:
     """What sandboxes leave on the host: their directories, cgroups, mounts (volumes' too),
-    netns, processes."""
+    netns, processes (those of this run: `new`)."""
     from corral.host.cgroups import ROOT, layout
 
     group = ROOT / ("memory" if layout() == "v1" else "") / "corral"
     netns = Path("/run/netns")
     return {
         "dirs": sorted(p.name for p in (data_dir / "sandboxes").glob("sb-*")),
-        "cgroups": sorted(p.name for p in group.glob("sb-*")) if group.is_dir() else [],
+        "cgroups": new(p.name for p in group.glob("sb-*")) if group.is_dir() else [],
         "mounts": sorted(  # a volume's disk stays mounted only while a sandbox uses it
             point
             for line in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -92,8 +125,8 @@ def leftovers(data_dir: Path) -> dict[str, list[str]]:
                 (f"{data_dir}/sandboxes/", f"{data_dir}/volumes/")
             )
         ),
-        "netns": sorted(p.name for p in netns.glob("sb-*")) if netns.is_dir() else [],
-        "processes": sorted(
+        "netns": new(p.name for p in netns.glob("sb-*")) if netns.is_dir() else [],
+        "processes": new(
             p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _is_sandbox_process(p)
         ),
     }

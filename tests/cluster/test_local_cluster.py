@@ -31,7 +31,7 @@ from corral.host import cgroups
 from corral.server.cluster.local import LocalRay
 from corral.server.config import ServerConfig
 from corral.server.service import REVOKED_EVERY
-from tests.conftest import require_runtime
+from tests.conftest import new, require_runtime
 from tests.e2e.conftest import SERVER_DIR, Server, start_server
 from tests.e2e.test_cli import corral
 from tests.e2e.test_lifecycle import COUNTER, count
@@ -83,7 +83,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 90) -> Non
 
 def scope_cgroups(index: int) -> list[str]:
     group = cgroups.ROOT / ("memory" if cgroups.layout() == "v1" else "") / f"corral-{index}"
-    return [g.name for g in group.glob("sb-*")] if group.is_dir() else []
+    return new(g.name for g in group.glob("sb-*")) if group.is_dir() else []
 
 
 def test_creates_spread_over_the_nodes_and_reach_them_directly(front: Server) -> None:

@@ -21,7 +21,7 @@ from corral.engine import Engine
 from corral.host import cgroups, network, userns
 from corral.host.scope import HostScope
 from corral.runtimes.base import cgroup_for
-from tests.conftest import require_runtime
+from tests.conftest import new, require_runtime
 
 # Two fake neighbours of the host, each in its own namespace behind a veth (documentation
 # addresses, never routed anywhere real).
@@ -168,8 +168,8 @@ def scope_leftovers(index: int) -> list[str]:
     scope = HostScope(index)
     ifaces = [i.name for i in Path("/sys/class/net").iterdir()]
     group = cgroups.ROOT / ("memory" if cgroups.layout() == "v1" else "") / scope.cgroup_parent
-    return [i for i in ifaces if i.startswith(scope.iface_prefix)] + (
-        [g.name for g in group.glob("sb-*")] if group.is_dir() else []
+    return new([i for i in ifaces if i.startswith(scope.iface_prefix)]) + (
+        new(g.name for g in group.glob("sb-*")) if group.is_dir() else []
     )
 
 
