@@ -83,6 +83,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(
         PreviewGateway, service=service, deployments=deployments, domain=config.preview_domain
     )
+    app.add_middleware(errors.EarlyAnswers)  # an error sent before the body reaches its client
     app.add_middleware(RequestContext)  # outermost: every line of a request carries its ids
 
     @app.get("/healthz", tags=["server"])

@@ -8,6 +8,8 @@ server and never shown to the client.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -26,6 +28,10 @@ from corral.server.metrics import ERRORS
 log = logging.getLogger("corral.server")
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+# What an error answered before its request's body arrived waits for: the rest of the body, read
+# and dropped (`EarlyAnswers`), up to this many bytes and seconds.
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 10.0
 
 
 def error_response(error: CorralError) -> JSONResponse:
@@ -143,6 +149,57 @@ class BodyLimit:
                 raise
         if exceeded and not started:
             await _send_error(send, too_large)
+
+
+class EarlyAnswers:
+    """An error answered before the request's body has arrived (a 413 from the body's declared
+    length, a 404 or 401 for an upload) waits for the rest of the body, read and dropped.
+
+    Otherwise the server closes the connection with the body unread, the client's next write
+    meets a reset, and the client reports a broken connection instead of the error (httpx and
+    the SDK did, for any body past a few MiB). A body longer than `DRAIN_BYTES`, or slower than
+    `DRAIN_SECONDS`, is not waited for; nor is one the client holds back until it hears
+    `100 Continue`, which then never comes: the answer tells it not to send.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        length = headers.get(b"content-length", b"")
+        pending = b"transfer-encoding" in headers or (length.isdigit() and int(length) > 0)
+        if not pending:  # no body: nothing to wait for
+            await self.app(scope, receive, send)
+            return
+        waits = headers.get(b"expect", b"").lower() == b"100-continue"
+
+        async def tracked_receive() -> Message:
+            nonlocal pending, waits
+            message = await receive()
+            waits = False  # uvicorn sends 100 Continue when the body is first asked for
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                pending = False
+            return message
+
+        async def lingering_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                await drain()
+            await send(message)
+
+        async def drain() -> None:
+            if not pending or waits or (length.isdigit() and int(length) > DRAIN_BYTES):
+                return
+            dropped = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    while pending and dropped <= DRAIN_BYTES:
+                        dropped += len((await tracked_receive()).get("body", b""))
+
+        await self.app(scope, tracked_receive, lingering_send)
 
 
 async def _send_error(send: Send, error: CorralError) -> None:

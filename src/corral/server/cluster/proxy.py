@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 # Not copied between the client's connection and the node's.
-# The client's Host goes on: a node serves previews by host name.
-HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te"})
+# The client's Host goes on: a node serves previews by host name. `Expect: 100-continue` is the
+# front's to answer (it does as it reads the body); the front's own client sends at once.
+HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect"})
 
 
 def headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
