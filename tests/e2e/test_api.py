@@ -142,6 +142,22 @@ def test_bad_bodies_get_clear_errors(server: Server, http: httpx.Client) -> None
         "/v1/sandboxes", content=chunks(), headers={"Content-Type": "application/json"}
     )
     assert error_of(streamed, 413) == "payload_too_large"
+    # A body the server refuses from its head, too large for the machine's socket buffers to
+    # hide that it is never read: the server reads and drops it, so the answer is not lost to
+    # a reset (`EarlyAnswers`); the SDK asks first (`Expect: 100-continue`), at any size.
+    large = json.dumps({"env": {"A": "x" * (16 << 20)}}).encode()
+    refused = http.post(
+        "/v1/sandboxes", content=large, headers={"Content-Type": "application/json"}
+    )
+    assert error_of(refused, 413) == "payload_too_large"
+    upload = http.put(
+        "/v1/sandboxes/sb-nothinghere00000/files/content",
+        params={"path": "/root/big.bin"},
+        content=bytes(16 << 20),
+    )
+    assert error_of(upload, 404) == "sandbox_not_found"
+    with server.client() as sdk, pytest.raises(corral.PayloadTooLarge):
+        Sandbox.create(runtime="namespaces", env={"A": "x" * (80 << 20)}, client=sdk)
     assert error_of(http.get("/v1/nothing-here"), 404) == "not_found"
     assert error_of(http.put("/v1/sandboxes"), 405) == "method_not_allowed"
     # None of it left a sandbox, or a sandbox's directory, behind.

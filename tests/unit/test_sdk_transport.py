@@ -6,6 +6,7 @@ asked again, since the server may have acted on it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import socket
@@ -99,8 +100,9 @@ class Recorder:
     """A small HTTP/1.1 server that answers each request with the next canned answer (or
     `ANSWER`), keeps what it was asked, and counts its connections."""
 
-    def __init__(self, *answers: bytes, close_after: bool = False) -> None:
+    def __init__(self, *answers: bytes, close_after: bool = False, continues: bool = True) -> None:
         self.answers = list(answers)
+        self.continues = continues  # answers `Expect: 100-continue` (as uvicorn does)
         self.asked: list[bytes] = []
         self.connections = 0
         self.close_after = close_after
@@ -113,6 +115,8 @@ class Recorder:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if self.continues and b"\r\nExpect: 100-continue\r\n" in head:
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
@@ -237,15 +241,20 @@ async def test_a_connection_idle_too_long_is_not_used(monkeypatch: pytest.Monkey
     assert recorder.connections == 2 and len(recorder.asked) == 3
 
 
-async def test_a_large_body_arrives_whole() -> None:
+@pytest.mark.parametrize("continues", [True, False], ids=["100-continue", "no-word"])
+async def test_a_large_body_arrives_whole(continues: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large body waits for the server's `100 Continue`, or, from a server that says
+    nothing, a moment (`CONTINUE_WAIT`); a small one goes with its head."""
+    monkeypatch.setattr(_http1, "CONTINUE_WAIT", 0.2)
     body = bytes(range(256)) * 4096  # 1 MiB, written after the head rather than joined to it
-    recorder = Recorder()
+    recorder = Recorder(continues=continues)
     async with recorder as transport:
         await transport.request("PUT", "/v1/files/content", content=body)
         await transport.request("PUT", "/v1/files/content", content=b"small")
     big, small = recorder.asked
-    assert big.endswith(b"\r\nContent-Length: 1048576\r\n\r\n" + body)
+    assert big.endswith(b"\r\nContent-Length: 1048576\r\nExpect: 100-continue\r\n\r\n" + body)
     assert small.endswith(b"\r\nContent-Length: 5\r\n\r\nsmall")
+    assert recorder.connections == 1  # the connection was kept
 
 
 async def test_only_a_get_is_sent_again_when_a_kept_connection_fails() -> None:
@@ -323,3 +332,40 @@ async def test_a_closed_lane_keeps_no_connection() -> None:
         await transport.aclose()
         await transport.request("GET", "/v1/b")  # still answered, on a connection not kept
         assert transport._lane is not None and transport._lane._idle == []
+
+
+async def test_an_answer_before_the_whole_body_is_sent_is_read() -> None:
+    """A server may refuse a body from its head alone (corral's 413 past --max-body-bytes, a
+    404 for an upload) and never read it. The lane asks before it sends a large body, so the
+    answer arrives instead of a reset; the connection, its body declared and unsent, is not
+    used again."""
+    body = b'{"error": {"code": "payload_too_large", "message": "the request body is over"}}'
+    refusal = b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    connections = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # each request refused from its head; the connection left open
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(refusal)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = Transport(f"http://127.0.0.1:{port}", None, 30, ca=None, verify=True)
+    try:
+        for _ in range(3):
+            with pytest.raises(CorralError) as refused:
+                env = {"A": "x" * (64 << 20)}
+                await asyncio.wait_for(transport.request("POST", "/v1/sandboxes", json=env), 30)
+            assert refused.value.code == "payload_too_large"
+    finally:
+        server.close()
+        await transport.aclose()
+    assert connections == 3

@@ -29,6 +29,9 @@ CLOSE_WAIT = 1.0  # seconds a closing client waits for its connections to close
 RETRY_BACKOFF = 0.5  # seconds before the second retry of a connect; doubled for each next
 MAX_HEAD = 64 * 1024  # the status line and headers of one response
 JOIN_BELOW = 64 * 1024  # a body up to this size is sent in one write with the request's head
+# A larger one waits for the server's `100 Continue` (the server may refuse it from the head
+# alone, and an answer to a body it never reads is lost to a reset), or this many seconds.
+CONTINUE_WAIT = 1.0
 # Sent again on a fresh connection if a kept one fails: no effect to repeat (a PUT may append,
 # a DELETE answers not-found the second time).
 RETRY_SAFE = frozenset(("GET",))
@@ -100,11 +103,11 @@ class Lane:
             head += "Content-Type: application/json\r\n"
         if body is not None or method in ("POST", "PUT", "PATCH"):
             head += f"Content-Length: {len(body or b'')}\r\n"
-        message = [(head + "\r\n").encode("latin-1")]
         if body and len(body) > JOIN_BELOW:
-            message.append(body)  # written after the head, not copied into one with it
-        elif body:
-            message[0] += body  # one write: the server reads the request at once
+            head += "Expect: 100-continue\r\n"
+            message = [(head + "\r\n").encode("latin-1"), body]  # not copied into one
+        else:  # one write: the server reads the request at once
+            message = [(head + "\r\n").encode("latin-1") + (body or b"")]
         async with self._slots:
             return await self._send(message, method)
 
@@ -175,12 +178,23 @@ class Lane:
         """Send `message` and read the whole answer; whether the connection may be reused."""
         reader, writer = connection
         headers: dict[str, str]
+        head, *rest = message
+        status, headers = 100, {}  # until the answer's head is read
+        unsent = False
         try:
             async with asyncio.timeout(self._timeout):
-                for part in message:
-                    writer.write(part)
-                    await writer.drain()
-                status, headers = 100, {}
+                writer.write(head)
+                await writer.drain()
+                if rest:  # asked for `100 Continue`: the answer may come instead
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(CONTINUE_WAIT):
+                            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                    unsent = status >= 200  # answered from the head alone
+                    if not unsent:  # to go on, or no word in time: the body follows
+                        status = 100
+                        for part in rest:
+                            writer.write(part)
+                            await writer.drain()
                 while 100 <= status < 200:  # an interim answer (100, 103) precedes the real one
                     status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -201,6 +215,7 @@ class Lane:
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         framed = empty or chunked or "content-length" in headers
         keep = framed and headers.get("connection", "").lower() != "close"
+        keep = keep and not unsent  # a body declared and never sent: the connection is done
         return Answer(status, headers, body), keep
 
 
