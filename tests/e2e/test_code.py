@@ -173,6 +173,41 @@ def test_contexts_survive_hibernation_snapshots_and_forks(client: corral.Client)
             assert restored.run_code("kept + '!'").text == "'before!'"
 
 
+async def test_the_code_websocket_closes_when_its_sandbox_ends(server: Server) -> None:
+    """Idle or running code, a socket on a sandbox that ends says why and closes (4410), as
+    exec's does; it does not stay open on nothing."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async with corral.AsyncClient(url=server.url, api_key=server.admin_key) as client:
+        sandbox = await AsyncSandbox.create(runtime="namespaces", client=client)
+        url = f"ws://127.0.0.1:{server.port}/v1/sandboxes/{sandbox.id}/code/stream"
+        headers = {"Authorization": f"Bearer {server.admin_key}"}
+        async with (
+            connect(url, additional_headers=headers) as busy,
+            connect(url, additional_headers=headers) as idle,
+        ):
+            await busy.send(json.dumps({"id": 1, "code": "import time\ntime.sleep(60)"}))
+            assert json.loads(await busy.recv())["type"] == "started"
+            await sandbox.terminate()
+            told = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    told.append(json.loads(await asyncio.wait_for(busy.recv(), 30)))
+            *before, last = told
+            assert any(e.get("id") == 1 and e["type"] in ("failed", "end") for e in before), told
+            assert (last["type"], last["error"]["code"]) == ("error", "sandbox_ended"), told
+            assert busy.close_code == 4410
+            ended = json.loads(await asyncio.wait_for(idle.recv(), 30))
+            assert (ended["type"], ended["status"]) == ("error", 410)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(idle.recv(), 30)
+            assert idle.close_code == 4410
+        # A socket opened on the ended sandbox closes at once.
+        async with connect(url, additional_headers=headers) as late:
+            assert json.loads(await asyncio.wait_for(late.recv(), 30))["status"] == 410
+
+
 async def test_the_code_websocket_runs_many_executions_and_refuses_bad_ones(
     server: Server,
 ) -> None:

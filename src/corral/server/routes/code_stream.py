@@ -10,7 +10,9 @@
 Requests may overlap (their events are told apart by `id`); each runs like
 `POST /code` (the same events, the same checks), and one that cannot run gets `failed` with the
 HTTP status and error it would have had. A client that disconnects, or cancels, interrupts its
-code. The key and the sandbox are checked before the socket is accepted, as for exec.
+code. The key and the sandbox are checked before the socket is accepted, as for exec. Once the
+sandbox ends, what was running says `failed`, then the socket closes as exec's does:
+`{"type": "error", "status": 410, "error": {"code": "sandbox_ended", ...}}` and close code 4410.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from corral.core.errors import CorralError, InvalidRequest
+from corral.core.errors import CorralError, InvalidRequest, SandboxEnded
+from corral.core.state import SandboxState
 from corral.server.errors import describe_validation
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.routes.code import RunCode, open_execution
-from corral.server.routes.stream import admit
+from corral.server.routes.stream import admit, close_with
 
 router = APIRouter(prefix="/v1")
 MAX_RUNNING = 64  # executions one socket may have at once
+END_WAIT = 5.0  # seconds the executions of an ended sandbox get to say so before the close
 
 
 class CodeRequest(RunCode):
@@ -50,6 +54,31 @@ async def code_stream(websocket: WebSocket, sandbox_id: str) -> None:
         async with lock:
             await websocket.send_text(json.dumps(message, separators=(",", ":")))
 
+    serving = asyncio.create_task(_serve(websocket, sandboxes, sandbox_id, send, running))
+    ended = asyncio.create_task(_until_ended(sandboxes, sandbox_id))
+    try:
+        await asyncio.wait((serving, ended), return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():  # the sandbox ended: what ran has said so, and the socket closes
+            if running:
+                await asyncio.wait(list(running.values()), timeout=END_WAIT)
+            with contextlib.suppress(Exception):  # the client may be gone meanwhile
+                async with lock:
+                    await close_with(websocket, ended.result())
+    finally:
+        serving.cancel()
+        ended.cancel()
+        for task in running.values():
+            task.cancel()  # interrupts the code: nobody reads its events any more
+
+
+async def _serve(
+    websocket: WebSocket,
+    sandboxes: Sandboxes,
+    sandbox_id: str,
+    send: Any,
+    running: dict[int, asyncio.Task[None]],
+) -> None:
+    """Run what the client asks, until it leaves."""
     try:
         while True:
             text = await websocket.receive_text()
@@ -60,9 +89,22 @@ async def code_stream(websocket: WebSocket, sandbox_id: str) -> None:
                 task.add_done_callback(functools.partial(_forget, running, request.id))
     except (WebSocketDisconnect, RuntimeError, KeyError):
         pass  # the client left (KeyError: a binary message, which this socket does not take)
-    finally:
-        for task in running.values():
-            task.cancel()  # interrupts the code: nobody reads its events any more
+
+
+async def _until_ended(sandboxes: Sandboxes, sandbox_id: str) -> CorralError:
+    """Once the sandbox has ended (or is gone): the error its socket closes with."""
+    with await sandboxes.events(sandbox_id) as changes:
+        while True:
+            try:
+                info = await sandboxes.info(sandbox_id)
+            except CorralError as gone:
+                return gone
+            if info.state is SandboxState.TERMINATED:
+                why = info.end_reason.value if info.end_reason else "terminated"
+                return SandboxEnded(f"sandbox {sandbox_id} ended ({why}); create another")
+            change = await changes.get()
+            while change.get("sandbox_id") not in (sandbox_id, None):  # None: events were lost
+                change = await changes.get()
 
 
 async def _request(
