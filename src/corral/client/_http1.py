@@ -191,7 +191,6 @@ class Lane:
                             status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
                     unsent = status >= 200  # answered from the head alone
                     if not unsent:  # to go on, or no word in time: the body follows
-                        status = 100
                         for part in rest:
                             writer.write(part)
                             await writer.drain()

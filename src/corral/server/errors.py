@@ -171,7 +171,8 @@ class EarlyAnswers:
             return
         headers = dict(scope.get("headers", ()))
         length = headers.get(b"content-length", b"")
-        pending = b"transfer-encoding" in headers or (length.isdigit() and int(length) > 0)
+        declared = int(length) if length.isdigit() else None
+        pending = b"transfer-encoding" in headers or bool(declared)
         if not pending:  # no body: nothing to wait for
             await self.app(scope, receive, send)
             return
@@ -191,7 +192,7 @@ class EarlyAnswers:
             await send(message)
 
         async def drain() -> None:
-            if not pending or waits or (length.isdigit() and int(length) > DRAIN_BYTES):
+            if not pending or waits or (declared or 0) > DRAIN_BYTES:
                 return
             dropped = 0
             with contextlib.suppress(TimeoutError):

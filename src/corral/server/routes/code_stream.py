@@ -93,7 +93,7 @@ async def _serve(
 
 async def _until_ended(sandboxes: Sandboxes, sandbox_id: str) -> CorralError:
     """Once the sandbox has ended (or is gone): the error its socket closes with."""
-    with await sandboxes.events(sandbox_id) as changes:
+    with await sandboxes.events(None) as changes:  # the key's (`admit` checked the sandbox)
         while True:
             try:
                 info = await sandboxes.info(sandbox_id)
