@@ -5,8 +5,9 @@ samples interleaved, so that both see the same machine at the same moments.
     python bench/ab.py --baseline /work/main/.venv/bin/python --data-dir /var/tmp/corral-ab
 
 Figures, per runtime: a claim from a warm pool (POST /v1/sandboxes), the warm first command
-(the claim and `run("echo ok")`), the cold one (no pool), and the exec round trip of an argv
-command (`["true"]`) and of a shell one (`"echo ok"`). Each server gets its own data directory
+(the claim and `run("echo ok")`), the cold one (no pool) and its terminate, and the exec
+round trip of an argv command (`["true"]`) and of a shell one (`"echo ok"`); `--cold` measures
+only the cold ones and their terminates. Each server gets its own data directory
 (images shared), so two engines run at once: run it on a machine with nothing else running,
 never beside the test suite. `--baseline-arg` passes an option to the baseline's server only,
 to A/B a setting within one checkout:
@@ -101,17 +102,22 @@ async def claims(clients: dict[str, AsyncClient], runtime: str, rounds: int) -> 
 
 
 async def colds(clients: dict[str, AsyncClient], runtime: str, rounds: int) -> dict[str, Any]:
-    """A create without a pool and its first command, two per round and side."""
-    times: dict[str, list[float]] = {name: [] for name in clients}
+    """A create without a pool and its first command, then its terminate, two per round and
+    side."""
+    times: dict[str, dict[str, list[float]]] = {
+        name: {"cold first command": [], "terminate": []} for name in clients
+    }
     for _ in range(rounds):
         for name, client in clients.items():
             for _ in range(2):
                 start = time.perf_counter()
                 sandbox = await AsyncSandbox.create(runtime=runtime, pool=False, client=client)
                 assert (await sandbox.run("echo ok")).stdout == "ok\n"
-                times[name].append(time.perf_counter() - start)
+                times[name]["cold first command"].append(time.perf_counter() - start)
+                start = time.perf_counter()
                 await sandbox.terminate()
-    return {name: {"cold first command": summary(t)} for name, t in times.items()}
+                times[name]["terminate"].append(time.perf_counter() - start)
+    return {name: {what: summary(t) for what, t in f.items()} for name, f in times.items()}
 
 
 async def execs(clients: dict[str, AsyncClient], runtime: str, samples: int) -> dict[str, Any]:
@@ -189,6 +195,7 @@ def main() -> None:
     parser.add_argument(
         "--burst", type=int, default=0, help="only bursts of this many creates at once"
     )
+    parser.add_argument("--cold", action="store_true", help="only cold creates and terminates")
     parser.add_argument(
         "--baseline-arg", action="append", default=[], help="an option for the baseline's server"
     )
@@ -216,11 +223,12 @@ async def measure(args: argparse.Namespace, running: dict[str, Server]) -> dict[
                 results[runtime] = await bursts(clients, runtime, args.burst, args.rounds)
                 print(runtime, json.dumps(results[runtime], indent=1), flush=True)
                 continue
-            found = await claims(clients, runtime, args.rounds)
-            for name, more in (await colds(clients, runtime, args.rounds)).items():
-                found[name].update(more)
-            for name, more in (await execs(clients, runtime, args.samples)).items():
-                found[name].update(more)
+            found = await colds(clients, runtime, args.rounds)
+            if not args.cold:
+                for name, more in (await claims(clients, runtime, args.rounds)).items():
+                    found[name].update(more)
+                for name, more in (await execs(clients, runtime, args.samples)).items():
+                    found[name].update(more)
             results[runtime] = found
             print(runtime, json.dumps(found, indent=1), flush=True)
     return results

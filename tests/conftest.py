@@ -142,6 +142,15 @@ def _is_sandbox_process(proc: Path) -> bool:
     )
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """`/proc/<pid>/status` as a table ("PPid", "State"...); empty once the process is reaped."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
 async def wait_until(condition: Callable[[], bool], what: str, hang: float = 60.0) -> None:
     """Poll `condition` until it holds; `hang` seconds only to catch hangs."""
     deadline = time.monotonic() + hang

@@ -12,7 +12,7 @@ from corral.agent import protocol as P
 from corral.core.errors import CorralError
 from corral.core.spec import SandboxSpec, VolumeMount
 from corral.engine import Engine
-from tests.conftest import require_runtime
+from tests.conftest import proc_status, require_runtime, wait_until
 
 CAP_SYS_ADMIN = 1 << 21
 
@@ -82,6 +82,26 @@ async def test_sandboxes_restored_from_a_boot_image_are_fresh_and_their_own(
     finally:
         for info in (booted, *restored):
             await engine.terminate(info.id)
+
+
+async def test_the_reaper_is_a_sandboxs_parent_booted_or_restored(engine: Engine) -> None:
+    """runsc leaves a sandbox's processes to the engine's reaper (runtimes/reaper.c), not to
+    the host's init: they are reaped as they end, and terminate does not wait for the init."""
+    booted = await engine.create(SandboxSpec(runtime="gvisor"))
+    await boot_images(engine, 1)
+    restored = await engine.create(SandboxSpec(runtime="gvisor"))
+    assert "identify" in engine.registry.get(restored.id).timings
+    for info in (booted, restored):
+        launch = engine.registry.get(info.id).launch
+        assert launch is not None
+        reaper = int(proc_status(launch.pid)["PPid"])
+        assert proc_status(reaper)["Name"] == "reaper"
+        await engine.terminate(info.id)
+        assert proc_status(launch.pid) == {}  # reaped
+        await wait_until(
+            lambda: proc_status(reaper).get("State", "Z").startswith(("Z", "X")),  # noqa: B023
+            "the reaper ends with its sandbox",
+        )
 
 
 async def test_a_boot_image_that_fails_to_restore_is_dropped_and_the_sandbox_boots(

@@ -3,7 +3,8 @@
 <data>/engine.lock     held by the one engine using the directory
 <data>/agent/          the guest agent's code and its `leader` program (built here from
                        leader.c), bound read-only into every sandbox
-<data>/bin/            the engine's own `enter` program (built here from runtimes/enter.c)
+<data>/bin/            the engine's own `enter` and `reaper` programs (built here from
+                       runtimes/enter.c and reaper.c)
 <data>/sandboxes/      one directory per sandbox: its record, plan, disk and sockets
 <data>/images/         built-in images, layers, manifests, uploaded blobs
 <data>/snapshots/      memory snapshots
@@ -139,14 +140,19 @@ def build_leader(agent_dir: Path) -> bool:
     """Build the agent's `leader` program from leader.c, statically and without a C library
     (see leader.c) so that it runs in any image.
     Whether it is there: without it commands still run, but start slower (see agent.procs)."""
-    return _build("corral.agent", "leader", LEADER_FLAGS, agent_dir, "commands in sandboxes")
+    return _build("corral.agent", "leader", LEADER_FLAGS, agent_dir, "commands in sandboxes start")
 
 
 def install_tools(tools_dir: Path) -> bool:
-    """Build the engine's own `enter` program (runtimes/enter.c) into `tools_dir`.
-    Whether it is there: without it sandboxes still start, but slower (runtimes.base.spawn)."""
+    """Build the engine's own programs into `tools_dir`: `enter` (runtimes/enter.c) and
+    `reaper` (runtimes/reaper.c). Whether both are there: without them sandboxes still start
+    and end, but slower (runtimes.base.spawn, runtimes.gvisor.run_reaped)."""
     tools_dir.mkdir(mode=0o700, exist_ok=True)
-    return _build("corral.runtimes", "enter", ENTER_FLAGS, tools_dir, "namespaces sandboxes")
+    entered = _build(
+        "corral.runtimes", "enter", ENTER_FLAGS, tools_dir, "namespaces sandboxes start"
+    )
+    reaped = _build("corral.runtimes", "reaper", ENTER_FLAGS, tools_dir, "gVisor sandboxes end")
+    return entered and reaped
 
 
 def _build(package: str, name: str, flags: tuple[str, ...], directory: Path, slower: str) -> bool:
@@ -159,7 +165,7 @@ def _build(package: str, name: str, flags: tuple[str, ...], directory: Path, slo
     target.unlink(missing_ok=True)  # an old build may not understand the new caller
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
-        log.warning("no C compiler (cc): %s start slower; install gcc", slower)
+        log.warning("no C compiler (cc): %s slower; install gcc", slower)
         return False
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
         (Path(work) / f"{name}.c").write_bytes(source)

@@ -200,6 +200,12 @@ class SandboxPlan:
         return Path(self.agent_dir).parent / "bin" / "enter"
 
     @property
+    def reaper_program(self) -> Path:
+        """The engine's `reaper` program (runtimes/reaper.c, see `runtimes.gvisor.run_reaped`),
+        built beside `enter_program`."""
+        return self.enter_program.with_name("reaper")
+
+    @property
     def cgroup_name(self) -> str:
         return f"{self.host_scope.cgroup_parent}/{self.sandbox_id}"
 
