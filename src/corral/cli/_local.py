@@ -183,6 +183,12 @@ DozeAfter = Annotated[
     typer.Option(min=0, help="Seconds a gvisor sandbox with nothing of its own running may "
                  "stay unused before it is frozen until its next use (0: never)."),
 ]  # fmt: skip
+Favordynmods = Annotated[
+    bool,
+    typer.Option(help="Turn on the kernel's favordynmods cgroup mode, for the whole host until "
+                 "it reboots: every sandbox start moves processes between cgroups, which "
+                 "otherwise waits on the kernel (docs/performance.md)."),
+]  # fmt: skip
 HostScopeOption = Annotated[
     int | None,
     typer.Option(
@@ -243,6 +249,7 @@ def serve(
     boot_images: BootImages = True,
     start_limit: StartLimit = None,
     doze_after: DozeAfter = DOZE_AFTER,
+    favordynmods: Favordynmods = True,
     allow_registry: RegistryOption = None,
     tls: TlsOption = "off",
     tls_cert: TlsCert = None,
@@ -281,7 +288,8 @@ def serve(
             webhook_url=webhook, webhook_secret=os.environ.get("CORRAL_WEBHOOK_SECRET"),
             webhook_hosts=_items(allow_webhook_host), audit_retention=audit_retention * 86400,
             database_url=database_url or None, host_scope=host_scope, node_name=node_name,
-            start_limit=start_limit, doze_after=doze_after or None), overcommit)  # fmt: skip
+            start_limit=start_limit, doze_after=doze_after or None,
+            favordynmods=favordynmods), overcommit)  # fmt: skip
         secure = _tls_files(config.data_dir, host, tls, tls_cert, tls_key, tuple(tls_name or ()))
         key_note = _ready(config, prepare)
     except CorralError as error:

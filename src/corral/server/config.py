@@ -36,6 +36,7 @@ class ServerConfig:
     boot_images: bool = True  # start gvisor sandboxes from saved boots (corral.engine.boots)
     start_limit: int | None = None  # runtimes starting at once (corral.engine.gate); 0: any
     doze_after: float | None = DOZE_AFTER  # idle seconds before dozing (corral.engine.doze)
+    favordynmods: bool = True  # the host's cgroup mode (corral.host.cgroups)
     max_output_bytes: int = 8 * 1024 * 1024  # per stream of a command run to completion
     max_blob_bytes: int = 8 * 1024**3  # one upload for an image build (an archive, copied files)
     max_volumes_per_key: int = 100

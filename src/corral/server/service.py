@@ -25,7 +25,7 @@ from corral.core.models import SandboxInfo, StateChange
 from corral.core.quota import Quota
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
-from corral.engine import Engine, HostScope
+from corral.engine import Engine, HostScope, favor_dynamic_changes
 from corral.engine.egress import EgressSettings
 from corral.images.builder import Builder
 from corral.images.oci.egress import Egress
@@ -101,7 +101,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        raise_open_files_limit()
+        tune_host(self.config)
         self._store = await Store.open(self.config.database, self.engine.keys)
         self.quotas = await self._store.quotas()
         self.key_networks = await self._store.key_networks.all()
@@ -454,6 +454,22 @@ class Service:
 
 def _nothing() -> None:
     pass
+
+
+def tune_host(config: ServerConfig) -> None:
+    """What a starting server changes of its host: its own open files limit and, unless told
+    not to (`--no-favordynmods`), the kernel's cgroup mode (`favor_dynamic_changes`);
+    a kernel that refuses it only makes sandboxes start slower."""
+    raise_open_files_limit()
+    if not config.favordynmods:
+        return
+    try:
+        done = favor_dynamic_changes()
+    except (OSError, CorralError) as exc:
+        log.warning("cannot turn on the kernel's favordynmods cgroup mode: %s", exc)
+        return
+    if done == "turned on":
+        log.info("turned on the kernel's favordynmods cgroup mode (docs/performance.md)")
 
 
 def raise_open_files_limit() -> None:
