@@ -34,6 +34,23 @@ def detached(image: Path) -> bool:
     return mounts.loop_device_of(image) is None
 
 
+async def test_a_new_disk_is_a_new_file_whatever_held_the_path(place: Path) -> None:
+    """`create_disk` never formats a file that may be attached (`mount_disk(fresh=True)` does
+    not look for its device): an old disk at the same path, still mounted, is left whole."""
+    image, old, new = place / "disk.img", place / "old", place / "new"
+    mounts.create_disk(image, 64, old)
+    (old / "file").write_text("kept")
+    old_device = mounts.loop_device_of(image)
+    mounts.create_disk(image, 64, new)
+    try:
+        assert mounts.loop_device_of(image) not in (None, old_device)
+        assert (old / "file").read_text() == "kept"  # the old filesystem, untouched
+        assert not (new / "file").exists()  # a new, empty one
+    finally:
+        mounts.unmount(new)
+        mounts.unmount(old)
+
+
 async def test_a_disk_mounts_on_its_own_device_which_goes_with_the_mount(place: Path) -> None:
     image, point = place / "disk.img", place / "mnt"
     mounts.create_disk(image, 64, point)

@@ -9,10 +9,11 @@ uid-based permission checks keep them apart even if they could see each other's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 
 from corral.core.errors import SandboxFailed
 
@@ -40,7 +41,18 @@ def pick_slot(used: Collection[int], among: range = range(SLOTS)) -> int:
 
 
 def create(slot: int) -> int:
-    """Create a user namespace mapping 0…65535 to the slot's host range; return an fd to it.
+    """Create a user namespace mapping 0…65535 to the slot's host range; return an fd to it
+    (see `creating`)."""
+    with creating(slot) as userns_fd:
+        return os.dup(userns_fd())
+
+
+@contextlib.contextmanager
+def creating(slot: int) -> Iterator[Callable[[], int]]:
+    """`create`, begun at once and finished when the block first calls what it yields, which
+    returns an fd to the namespace (closed as the block ends: dup it to keep it). The process
+    that makes the namespace starts meanwhile, so the block can do other work first (the
+    sandbox's disk: 2.4 ms saved of a start on this project's VMs).
 
     The namespace is made by a short-lived process running as the range's root uid (so that uid
     owns it and may later enter it to start bubblewrap), and the map is written from here, as
@@ -63,6 +75,26 @@ def create(slot: int) -> int:
             "unshare (util-linux) is not installed", code="missing_dependency"
         ) from exc
     assert holder.stdin is not None and holder.stdout is not None
+    made: list[int] = []
+
+    def userns_fd() -> int:
+        if not made:
+            made.append(_mapped(holder, uid))
+        return made[0]
+
+    try:
+        yield userns_fd
+    finally:
+        holder.stdin.close()
+        holder.stdout.close()
+        holder.wait()
+        for fd in made:
+            os.close(fd)
+
+
+def _mapped(holder: subprocess.Popen[bytes], uid: int) -> int:
+    """Map the namespace `holder` made to `uid`'s range; an fd to it."""
+    assert holder.stdout is not None
     try:
         if holder.stdout.readline() != b"\n":
             raise SandboxFailed("could not create a user namespace", code="userns_failed")
@@ -74,7 +106,3 @@ def create(slot: int) -> int:
         raise SandboxFailed(
             f"could not set up a user namespace: {exc}", code="userns_failed"
         ) from exc
-    finally:
-        holder.stdin.close()
-        holder.stdout.close()
-        holder.wait()

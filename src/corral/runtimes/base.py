@@ -208,7 +208,7 @@ SANDBOX_CAPS = (
 )
 
 
-def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
+def prepare_host(plan: SandboxPlan, userns_fd: Callable[[], int]) -> list[Path]:
     """The host-side setup both runtimes share; returns the image's layers, staged.
 
     Makes the sandbox's directory and its socket directory (root's, read-only inside and not
@@ -216,7 +216,8 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
     replace or add one), formats and mounts its quota disk,
     writes its /etc files, makes its network namespace if it has internet, and stages each
     image layer under ``lower/N`` through an idmapped mount: files root owns on the host appear
-    owned by the sandbox's own root (its unprivileged host uid, mapped by `userns_fd`).
+    owned by the sandbox's own root (its unprivileged host uid, mapped by the namespace whose fd
+    `userns_fd` returns: asked for only then, see `userns.creating`).
 
     Each volume is staged the same way under ``volumes/N`` (see `SandboxPlan.volume_binds`),
     read-only at the mount itself when the sandbox may not write. Volumes keep their files'
@@ -236,7 +237,7 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
         lower.mkdir(parents=True, exist_ok=True)
         # Read-only at the mount: whatever process of the sandbox's runtime sees a layer, it
         # is shared by every sandbox of the image and must never change.
-        mounts.idmapped_bind(Path(layer), lower, userns_fd, readonly=True)
+        mounts.idmapped_bind(Path(layer), lower, userns_fd(), readonly=True)
         lowers.append(lower)
     for volume, bind in zip(plan.volumes, plan.volume_binds, strict=True):
         source = Path(volume.source)
@@ -247,7 +248,7 @@ def prepare_host(plan: SandboxPlan, userns_fd: int) -> list[Path]:
         staged = Path(bind.source)
         staged.parent.mkdir(mode=0o711, exist_ok=True)
         staged.mkdir(mode=0o700, exist_ok=True)
-        mounts.idmapped_bind(source, staged, userns_fd, readonly=volume.readonly)
+        mounts.idmapped_bind(source, staged, userns_fd(), readonly=volume.readonly)
     return lowers
 
 

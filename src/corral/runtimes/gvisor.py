@@ -133,11 +133,8 @@ class GVisorRuntime(Runtime):
         self.state_dir.mkdir(mode=0o700, exist_ok=True)
         # The Sentry and Gofer run as the sandbox's own unprivileged host uid (`oci_spec`), so
         # they see the image through idmapped mounts that make that uid the owner.
-        fd = userns.create(plan.uid_slot)
-        try:
-            lowers = prepare_host(plan, fd)
-        finally:
-            os.close(fd)
+        with userns.creating(plan.uid_slot) as userns_fd:
+            lowers = prepare_host(plan, userns_fd)
         # The overlay's file store lives on the sandbox's quota disk: a full disk is ENOSPC.
         uid = userns.host_uid(plan.uid_slot)
         plan.disk_dir.chmod(0o700)

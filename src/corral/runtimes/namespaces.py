@@ -72,9 +72,9 @@ class NamespacesRuntime(Runtime):
         return None
 
     def build(self, plan: SandboxPlan) -> None:
-        fd = userns.create(plan.uid_slot)
-        self._userns[plan.sandbox_id] = fd
-        lowers = prepare_host(plan, fd)
+        with userns.creating(plan.uid_slot) as userns_fd:
+            lowers = prepare_host(plan, userns_fd)
+            self._userns[plan.sandbox_id] = os.dup(userns_fd())
         upper, work = plan.disk_dir / "upper", plan.disk_dir / "work"
         upper.mkdir(mode=0o755)
         work.mkdir(mode=0o700)
