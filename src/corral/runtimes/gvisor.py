@@ -346,10 +346,11 @@ def _reaped_status(status_r: int, argv: list[str], timeout: float) -> int:
     """The exit code the reaper reports on `status_r` (see reaper.c) for `argv`."""
     deadline = time.monotonic() + timeout
     report = b""
+    waiting = select.poll()  # not select(): a busy engine's descriptors pass 1024
+    waiting.register(status_r, select.POLLIN)
     while len(report) < 8:
         left = deadline - time.monotonic()
-        ready, _, _ = select.select([status_r], [], [], max(left, 0))
-        if not ready:
+        if not waiting.poll(max(left, 0) * 1000):
             if len(report) >= 4:  # it started: end it, as Popen.wait's caller would
                 os.kill(int.from_bytes(report[:4], sys.byteorder, signed=True), signal.SIGKILL)
             raise subprocess.TimeoutExpired(argv, timeout)
