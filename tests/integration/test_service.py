@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
 from corral.engine import moving
 from corral.server import service as service_module
-from corral.server.config import ServerConfig
+from corral.server.config import SQLITE, ServerConfig
 from corral.server.resources.sandboxes import Sandboxes
 from corral.server.service import Service
 from corral.server.store import Store
@@ -179,6 +180,34 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 60) -> N
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         await asyncio.sleep(0.2)
+
+
+async def test_a_create_is_answered_once_a_shared_store_has_it(data_dir: Path) -> None:
+    """Where other servers read the store (a cluster's fronts find a sandbox's node there), a
+    create or fork is answered once the store has it."""
+    require_runtime("gvisor")  # forks are of memory
+    directory = _fresh_dir(data_dir, "-shared")
+    shared = ServerConfig(data_dir=directory, database_url=f"{SQLITE}{directory}/shared.db")
+    service = Service(shared)
+    await service.start()
+    try:
+        key, _ = await service.store.create_key("owner")
+        sandboxes = Sandboxes(Tenant(service, key))
+
+        # Read as another server would, at once (nothing awaited since the answer).
+        def stored(sandbox_id: str) -> bool:
+            with contextlib.closing(sqlite3.connect(shared.database)) as other:
+                row = other.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,))
+                return row.fetchone() is not None
+
+        made = await sandboxes.create(SandboxSpec(runtime="gvisor"), pool=False)
+        assert stored(made.id)
+        forked = await sandboxes.fork(made.id, 1)
+        assert [stored(info.id) for info in forked] == [True]
+        for info in (made, *forked):
+            await service.engine.terminate(info.id)
+    finally:
+        await service.close()
 
 
 def _fresh_dir(data_dir: Path, suffix: str) -> Path:

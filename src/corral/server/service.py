@@ -95,7 +95,8 @@ class Service:
         self._flush = asyncio.Event()  # someone waits for the store: write without lingering
         self._writing = False  # writes are taken from the queue and not yet done
         self._waiting = 0  # callers of `recorded()` waiting: write without lingering
-        self._own_store = config.database_url is None and config.front_key_id is None
+        # Whether this server alone reads its store (else nodes and fronts share it).
+        self.own_store = config.database_url is None and config.front_key_id is None
         self._journal = OwnerJournal(config.data_dir / "owners.journal")
         self._write_failed = False  # then the journal keeps what the store may lack
         self._tasks: list[asyncio.Task[None]] = []
@@ -391,7 +392,7 @@ class Service:
             self._writing = True
             # The requests that follow a change come first (a create's first command would
             # otherwise wait for the event loop's part of a transaction, about 1 ms).
-            if self._own_store and not self._waiting:
+            if self.own_store and not self._waiting:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._flush.wait(), WRITE_LINGER)
             self._flush.clear()

@@ -81,8 +81,11 @@ class Sandboxes:
             tracing.stages("engine.create", laps, sandbox_id=info.id, runtime=info.runtime)
             self._service.own(tenant.id, info)
         concerns(info.id)
-        # Answered before the store has it: the owner is journalled (`Service.own`), so an
-        # answered create survives a crash of the server.
+        # With a store of its own, answered before the store has it: the owner is journalled
+        # (`Service.own`), so an answered create survives a crash of the server. A shared
+        # store is how other servers (a cluster's fronts) find the sandbox: there, it first is.
+        if not self._service.own_store:
+            await self._service.recorded()
         return self._engine.get(info.id)
 
     async def fork(self, sandbox_id: str, count: int) -> builtins.list[SandboxInfo]:
@@ -94,6 +97,8 @@ class Sandboxes:
             made = await self._engine.fork(sandbox_id, count)
             for info in made:
                 self._service.own(self._tenant.id, info)
+        if not self._service.own_store:  # as for `create`
+            await self._service.recorded()
         return [self._engine.get(info.id) for info in made]
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
