@@ -95,7 +95,6 @@ class Service:
         self._flush = asyncio.Event()  # someone waits for the store: write without lingering
         self._writing = False  # writes are taken from the queue and not yet done
         self._waiting = 0  # callers of `recorded()` waiting: write without lingering
-        # Whether this server alone reads its store (else nodes and fronts share it).
         self.own_store = config.database_url is None and config.front_key_id is None
         self._journal = OwnerJournal(config.data_dir / "owners.journal")
         self._write_failed = False  # then the journal keeps what the store may lack
