@@ -27,25 +27,43 @@ from corral.engine.files import SandboxFiles
 from corral.engine.record import new_secret
 
 
-@pytest.fixture
-async def link(tmp_path: Path) -> AsyncIterator[AgentLink]:
-    link = AgentLink(tmp_path, "sb-test", new_secret())
+@contextlib.asynccontextmanager
+async def running_agent(socket_dir: Path) -> AsyncIterator[tuple[AgentLink, int]]:
+    """A host link and the agent (its pid) connected to it."""
+    link = AgentLink(socket_dir, "sb-test", new_secret())
     link.write_key(os.getuid())
     await link.listen()
     start = Path(guest_module.__file__).with_name("start.py")  # as sandboxes start it
-    agent = subprocess.Popen([sys.executable, "-I", "-S", str(start), str(tmp_path)])
+    agent = subprocess.Popen([sys.executable, "-I", "-S", str(start), str(socket_dir)])
     try:
         await link.wait_connected(10)
-        yield link
+        yield link, agent.pid
     finally:
         agent.kill()
         agent.wait()
         await link.close()
 
 
+@pytest.fixture
+async def link(tmp_path: Path) -> AsyncIterator[AgentLink]:
+    async with running_agent(tmp_path) as (link, _):
+        yield link
+
+
 async def test_hello_and_ping(link: AgentLink) -> None:
     assert link.hello["version"] == P.VERSION
     assert (await link.call(P.PING, {}))["pong"] is True
+
+
+async def test_a_started_agent_has_loaded_only_what_serving_needs(tmp_path: Path) -> None:
+    """Every idle agent keeps what it imported at its start, in every sandbox: no OpenSSL (the
+    link's HMAC uses Python's own sha256) and no compression modules (shutil brings them; it is
+    imported where a recursive remove or a code context needs it). docs/performance.md."""
+    async with running_agent(tmp_path) as (link, pid):
+        assert (await link.call(P.PING, {}))["pong"] is True
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    heavy = ("_ssl.", "_hashlib.", "libcrypto", "libssl", "_lzma.", "liblzma", "_bz2.", "libbz2")
+    assert [name for name in heavy if name in maps] == []
 
 
 async def test_unknown_method_is_an_error_not_a_crash(link: AgentLink) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 from typing import Any, Callable, Dict, List, Optional
@@ -52,12 +51,16 @@ INTERRUPT_GRACE = 2.0  # after SIGINT, before a context that does not stop is ki
 READY_TIMEOUT = 120.0  # for a kernel to load (IPython under gVisor on a busy machine)
 
 
+def which(program: str, path: Optional[str]) -> Optional[str]:
+    import shutil  # noqa: PLC0415 - not at the agent's start (see `fileops.fs_remove`)
+
+    return shutil.which(program, path=path)
+
+
 def available(path: Optional[str]) -> List[str]:
     """The languages whose programs this sandbox has (on `path`)."""
     return [
-        name
-        for name, (program, _) in KERNELS.items()
-        if program is None or shutil.which(program, path=path)
+        name for name, (program, _) in KERNELS.items() if program is None or which(program, path)
     ]
 
 
@@ -76,7 +79,7 @@ def kernel_argv(language: str, path: Optional[str]) -> List[str]:
     """How a context of `language` starts; its two descriptors are appended at its start."""
     program, script = KERNELS[language]
     if program == "node":
-        return [shutil.which(program, path=path) or program, os.path.join(HERE, script)]
+        return [which(program, path) or program, os.path.join(HERE, script)]
     return [sys.executable, os.path.join(HERE, script)]
 
 
