@@ -8,7 +8,7 @@ import dataclasses
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -186,17 +186,10 @@ async def test_a_create_is_answered_once_a_shared_store_has_it(data_dir: Path) -
     """Where other servers read the store (a cluster's fronts find a sandbox's node there), a
     create or fork is answered once the store has it."""
     require_runtime("gvisor")  # forks are of memory
-    directory = _fresh_dir(data_dir, "-shared")
-    shared = ServerConfig(data_dir=directory, database_url=f"{SQLITE}{directory}/shared.db")
-    service = Service(shared)
-    await service.start()
-    try:
-        key, _ = await service.store.create_key("owner")
-        sandboxes = Sandboxes(Tenant(service, key))
-
+    async with _sharing_a_store(data_dir) as (service, sandboxes):
         # Read as another server would, at once (nothing awaited since the answer).
         def stored(sandbox_id: str) -> bool:
-            with contextlib.closing(sqlite3.connect(shared.database)) as other:
+            with contextlib.closing(sqlite3.connect(service.config.database)) as other:
                 row = other.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,))
                 return row.fetchone() is not None
 
@@ -204,10 +197,23 @@ async def test_a_create_is_answered_once_a_shared_store_has_it(data_dir: Path) -
         assert stored(made.id)
         forked = await sandboxes.fork(made.id, 1)
         assert [stored(info.id) for info in forked] == [True]
+
+
+@contextlib.asynccontextmanager
+async def _sharing_a_store(data_dir: Path) -> AsyncIterator[tuple[Service, Sandboxes]]:
+    """A started service whose store other servers would read (`--database-url`), and a
+    tenant's sandboxes there; whatever it started ends with the block."""
+    directory = _fresh_dir(data_dir, "-shared-store")
+    config = ServerConfig(data_dir=directory, database_url=f"{SQLITE}{directory}/shared.db")
+    service = Service(config)
+    await service.start()
+    try:
+        key, _ = await service.store.create_key("owner")
+        yield service, Sandboxes(Tenant(service, key))
     finally:
-        for info in service.engine.list_sandboxes(state="running"):
-            await service.engine.terminate(info.id)  # a closing service would keep them
+        await _end_all(service)
         await service.close()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _fresh_dir(data_dir: Path, suffix: str) -> Path:
@@ -259,22 +265,13 @@ async def test_a_store_other_servers_read_is_written_without_lingering(
     other servers, which cannot ask this one to write: its changes are not held back."""
     require_runtime("namespaces")
     monkeypatch.setattr(service_module, "WRITE_LINGER", 30.0)
-    directory = _fresh_dir(data_dir, "-shared-store")
-    config = ServerConfig(data_dir=directory, database_url=f"sqlite:///{directory}/shared.db")
-    service = Service(config)
-    await service.start()
-    try:
-        key, _ = await service.store.create_key("owner")
-        made = await Sandboxes(Tenant(service, key)).create(SandboxSpec(runtime="namespaces"))
+    async with _sharing_a_store(data_dir) as (service, sandboxes):
+        made = await sandboxes.create(SandboxSpec(runtime="namespaces"))
         for _ in range(100):  # well before the 30 s a linger would take
             if await service.store.get_sandbox(made.id) is not None:
                 break
             await asyncio.sleep(0.05)
         assert await service.store.get_sandbox(made.id) is not None
-    finally:
-        await _end_all(service)
-        await service.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _end_all(service: Service) -> None:
