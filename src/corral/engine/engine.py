@@ -194,7 +194,7 @@ class Engine:
         reaper, the watchers and the agents' sockets stop (the agents re-dial by themselves).
         Sandboxes still being created are ended either way.
         """
-        await self.pools.close()  # idle pooled sandboxes are never kept: pools refill
+        await self._pools.close()  # idle pooled sandboxes are never kept: pools refill
         await self.boots.stop()
         await self._supervisor.stop()
         await self.usage.stop()

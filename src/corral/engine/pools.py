@@ -33,6 +33,7 @@ from corral.engine.lifecycle import Lifecycle
 from corral.engine.record import Phase
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
+from corral.engine.spares import SpareKeeper
 
 log = logging.getLogger("corral.engine.pools")
 
@@ -217,6 +218,7 @@ class PoolKeeper:
             fill=self._fill, alive=self._alive, discard=self._discard, quiet=self.quiet
         )
         lifecycle.boots.start(self.quiet)  # boot images are made in the same gaps
+        self.spares = SpareKeeper(runtimes.spares, self.quiet)  # and spare disks
 
     def configure(self, name: str, template: SandboxSpec, size: int) -> dict[str, Any]:
         if template.volumes:
@@ -256,6 +258,11 @@ class PoolKeeper:
             record.timings["egress_rules"] = time.perf_counter() - start
         return claimed
 
+    async def close(self) -> None:
+        """Stop filling pools and making spare disks; end every idle pooled sandbox."""
+        await self.pools.close()
+        await self.spares.stop()
+
     @contextlib.asynccontextmanager
     async def user_create(self) -> AsyncIterator[None]:
         """Hold pool fills back while the block (a user's create) runs."""
@@ -267,6 +274,7 @@ class PoolKeeper:
             self._user_creates -= 1
             if not self._user_creates:
                 self._no_user_creates.set()
+            self.spares.want()
 
     async def quiet(self) -> None:
         """Return when a pool may start a sandbox: no create in flight, a gap in use."""
@@ -282,6 +290,7 @@ class PoolKeeper:
         assert template.runtime is not None
         runtime = self._runtimes.check(template.runtime)
         record = await self._lifecycle.start(template, runtime, None, for_pool=True)
+        self.spares.want()
         if template.image == CODE_IMAGE:  # its first run_code finds an interpreter running
             await prestart(record)
         await asyncio.to_thread(runtime.set_pooled, record.plan, True)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from corral.core.errors import RuntimeUnavailable
+from corral.host.spares import SpareDisks
 from corral.runtimes import PREFERENCE, Runtime, make_runtime
 
 
@@ -19,11 +20,13 @@ class RuntimeSet:
         self._runsc = runsc or os.environ.get("CORRAL_RUNSC", "runsc")
         self._runtimes: dict[str, Runtime] = {}
         self._unavailable: dict[str, str | None] = {}
+        self.spares = SpareDisks(data_dir / "spares")  # every runtime's disks (engine.spares)
 
     def get(self, name: str) -> Runtime:
         """The runtime called `name` (unknown names are a `RuntimeUnavailable` error)."""
         if name not in self._runtimes:
             self._runtimes[name] = make_runtime(name, self._data_dir, runsc=self._runsc)
+            self._runtimes[name].spares = self.spares
         return self._runtimes[name]
 
     def unavailable_reason(self, name: str) -> str | None:

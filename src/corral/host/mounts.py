@@ -188,14 +188,16 @@ def format_disk(image: Path, size_mb: int, *, journal: bool = False) -> None:
     _run(["mkfs.ext4", "-q", "-F", "-m", "0", *features, str(image)], "format the disk")
 
 
-def create_disk(image: Path, size_mb: int, mountpoint: Path) -> None:
+def create_disk(image: Path, size_mb: int, mountpoint: Path, *, formatted: bool = False) -> None:
     """Make a sparse ext4 disk of `size_mb` MiB at `image` and mount it at `mountpoint`.
 
     The disk's size is the sandbox's quota: a full disk is ENOSPC inside. Always a new file:
-    nothing can be attached to it yet (see `mount_disk`).
+    nothing can be attached to it yet (see `mount_disk`). `formatted`: `image` is one already,
+    a spare disk just moved there (`corral.host.spares`), never mounted.
     """
-    image.unlink(missing_ok=True)
-    format_disk(image, size_mb)
+    if not formatted:
+        image.unlink(missing_ok=True)
+        format_disk(image, size_mb)
     mountpoint.mkdir(exist_ok=True)
     mount_disk(image, mountpoint, fresh=True)
 

@@ -21,6 +21,7 @@ from typing import ClassVar
 from corral.core.errors import InvalidRequest, SandboxFailed
 from corral.host import mounts, network, userns
 from corral.host.cgroups import Cgroup, CgroupLimits
+from corral.host.spares import SpareDisks
 from corral.runtimes.plan import SandboxPlan
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -80,6 +81,7 @@ class Runtime(ABC):
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
+        self.spares: SpareDisks | None = None  # the engine's, if it keeps spare disks
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:
@@ -208,12 +210,14 @@ SANDBOX_CAPS = (
 )
 
 
-def prepare_host(plan: SandboxPlan, userns_fd: Callable[[], int]) -> list[Path]:
+def prepare_host(
+    plan: SandboxPlan, userns_fd: Callable[[], int], spares: SpareDisks | None = None
+) -> list[Path]:
     """The host-side setup both runtimes share; returns the image's layers, staged.
 
     Makes the sandbox's directory and its socket directory (root's, read-only inside and not
     listable, so the sandbox can reach the agent's socket by its secret name but never find,
-    replace or add one), formats and mounts its quota disk,
+    replace or add one), formats (or takes one of `spares`) and mounts its quota disk,
     writes its /etc files, makes its network namespace if it has internet, and stages each
     image layer under ``lower/N`` through an idmapped mount: files root owns on the host appear
     owned by the sandbox's own root (its unprivileged host uid, mapped by the namespace whose fd
@@ -227,7 +231,9 @@ def prepare_host(plan: SandboxPlan, userns_fd: Callable[[], int]) -> list[Path]:
     make_sandbox_dir(plan)
     # Entered, never listed, from inside: the agent's socket is named after its secret.
     plan.socket_dir.mkdir(mode=0o711, exist_ok=True)
-    mounts.create_disk(plan.disk_image, plan.limits.disk_bytes // (1024 * 1024), plan.disk_dir)
+    size_mb = plan.limits.disk_bytes // (1024 * 1024)
+    spare = spares is not None and spares.take(size_mb, plan.disk_image)
+    mounts.create_disk(plan.disk_image, size_mb, plan.disk_dir, formatted=spare)
     write_etc_files(plan)
     if plan.network.policy == "internet":
         network.create(plan.sandbox_id, plan.network.index, plan.host_scope)

@@ -134,7 +134,7 @@ class GVisorRuntime(Runtime):
         # The Sentry and Gofer run as the sandbox's own unprivileged host uid (`oci_spec`), so
         # they see the image through idmapped mounts that make that uid the owner.
         with userns.creating(plan.uid_slot) as userns_fd:
-            lowers = prepare_host(plan, userns_fd)
+            lowers = prepare_host(plan, userns_fd, self.spares)
         # The overlay's file store lives on the sandbox's quota disk: a full disk is ENOSPC.
         uid = userns.host_uid(plan.uid_slot)
         plan.disk_dir.chmod(0o700)

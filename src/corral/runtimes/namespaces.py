@@ -73,7 +73,7 @@ class NamespacesRuntime(Runtime):
 
     def build(self, plan: SandboxPlan) -> None:
         with userns.creating(plan.uid_slot) as userns_fd:
-            lowers = prepare_host(plan, userns_fd)
+            lowers = prepare_host(plan, userns_fd, self.spares)
             self._userns[plan.sandbox_id] = os.dup(userns_fd())
         upper, work = plan.disk_dir / "upper", plan.disk_dir / "work"
         upper.mkdir(mode=0o755)
