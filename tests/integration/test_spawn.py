@@ -5,7 +5,9 @@ where it is not built, a `preexec_fn`. Real cgroups and a real network namespace
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import pytest
 
 from corral.core.errors import SandboxFailed
 from corral.engine.datadir import install_tools
+from corral.host import userns
 from corral.host.cgroups import Cgroup, CgroupLimits
 from corral.runtimes.base import spawn
 
@@ -114,3 +117,29 @@ def test_a_runtime_that_is_not_installed_fails_clearly(
         os.close(log_fd)
     assert failure.value.code == "runtime_failed"
     assert "no-such-runtime" in failure.value.message
+
+
+NS_GET_OWNER_UID = 0xB704  # ioctl: the uid that owns a user namespace
+
+
+def test_a_user_namespace_belongs_to_its_slots_uid_and_maps_its_range() -> None:
+    """`userns.creating` makes the namespace as the slot's host uid, so that bubblewrap, run as
+    that uid, may enter it, and maps the slot's whole range into it."""
+    if os.geteuid() != 0:
+        pytest.skip("mapping a range of host uids needs root")
+    slot = userns.SLOTS - 1  # the last slot: no sandbox of a test run is near it
+    with userns.creating(slot) as userns_fd:
+        fd = userns_fd()
+        owner = struct.unpack("I", fcntl.ioctl(fd, NS_GET_OWNER_UID, bytes(4)))[0]
+        seen = subprocess.run(
+            ["nsenter", f"--user=/proc/self/fd/{fd}", "cat", "/proc/self/uid_map"],
+            pass_fds=(fd,),
+            capture_output=True,
+            check=True,
+        )
+    assert owner == userns.host_uid(slot)
+    assert seen.stdout.split() == [
+        b"0",
+        str(userns.host_uid(slot)).encode(),
+        str(userns.RANGE).encode(),
+    ]

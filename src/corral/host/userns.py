@@ -57,22 +57,24 @@ def creating(slot: int) -> Iterator[Callable[[], int]]:
     The namespace is made by a short-lived process running as the range's root uid (so that uid
     owns it and may later enter it to start bubblewrap), and the map is written from here, as
     real root, which is what lets one process map a whole range without newuidmap.
+
+    That process becomes the uid through `setpriv`, not Popen's `user=`: given a user, Python
+    forks the whole engine instead of using vfork (6.3 ms with 150 MiB of engine here, the
+    engine's threads and event loop held meanwhile; 0.2 ms this way).
     """
     uid = host_uid(slot)
+    become = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     try:
         holder = subprocess.Popen(
-            ["unshare", "--user", "--", "/bin/sh", "-c", "echo; read x"],
+            [*become, "unshare", "--user", "--", "/bin/sh", "-c", "echo; read x"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            user=uid,
-            group=uid,
-            extra_groups=[],
             env={"PATH": "/usr/bin:/bin"},
         )
     except FileNotFoundError as exc:
         raise SandboxFailed(
-            "unshare (util-linux) is not installed", code="missing_dependency"
+            "setpriv and unshare (util-linux) are not installed", code="missing_dependency"
         ) from exc
     assert holder.stdin is not None and holder.stdout is not None
     made: list[int] = []
