@@ -8,6 +8,7 @@ only spares this object made are ever taken; a closing engine leaves none behind
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +103,4 @@ async def test_an_engine_keeps_spares_for_cold_creates_and_removes_them_as_it_cl
             for info in made:
                 await engine.terminate(info.id)
     assert not (directory / "spares").exists()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -49,6 +49,10 @@ REDIAL_DELAY = 0.05
 DRAIN_AFTER_EXIT = 0.2
 MAX_LIST_ENTRIES = 100_000
 KEEP_EXITED = 64
+# What one read of the host's connection asks for. asyncio's default (256 KiB) is past glibc's
+# threshold for a heap allocation: each read then maps a new buffer, shrinks it and unmaps it,
+# three memory-map changes that gVisor's Sentry makes slowly (docs/performance.md).
+READ_SIZE = 65536
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -126,6 +130,7 @@ class Agent:
             except OSError:
                 await asyncio.sleep(REDIAL_DELAY)
                 continue
+            writer.transport.max_size = READ_SIZE  # type: ignore[attr-defined]
             self.writer = writer
             try:
                 await self.hello(reader)
