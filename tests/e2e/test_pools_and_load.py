@@ -80,16 +80,20 @@ def _wait_idle(sdk: corral.Client, name: str, idle: int) -> None:
     raise AssertionError(f"pool {name} never reached {idle} idle: {sdk.list_pools()}")
 
 
-def _fds(server: Server) -> int:
-    """The server's open descriptors, less the database's: SQLAlchemy's pool keeps up to 15
-    connections open on purpose, as many as the busiest moment needed."""
+def _fd_targets(server: Server) -> list[str]:
+    """What the server's open descriptors are, less the database's: SQLAlchemy's pool keeps up
+    to 15 connections open on purpose, as many as the busiest moment needed."""
     assert server.process is not None
     database = str(server.data_dir / "corral.db")
-    count = 0
+    seen = []
     for fd in Path(f"/proc/{server.process.pid}/fd").iterdir():
         with contextlib.suppress(FileNotFoundError):  # closed while we looked
-            count += not os.readlink(fd).startswith(database)
-    return count
+            seen.append(os.readlink(fd))
+    return sorted(target for target in seen if not target.startswith(database))
+
+
+def _fds(server: Server) -> int:
+    return len(_fd_targets(server))
 
 
 def test_a_burst_past_the_limits_is_refused_at_once_and_leaks_nothing(data_dir: Path) -> None:
@@ -105,7 +109,8 @@ def test_a_burst_past_the_limits_is_refused_at_once_and_leaks_nothing(data_dir: 
         # A first burst warms up what is kept on purpose (the thread pool, for instance).
         asyncio.run(_burst(server, other_key, 12))
         before = leftovers(server.data_dir)
-        fds_before = _fds(server)
+        held_before = _fd_targets(server)
+        fds_before = len(held_before)
         created, refused, health, bystander = asyncio.run(_burst(server, other_key, 12))
         assert len(created) == 6 and len(refused) == 6
         for error in refused:
@@ -119,7 +124,7 @@ def test_a_burst_past_the_limits_is_refused_at_once_and_leaks_nothing(data_dir: 
             if _fds(server) <= fds_before + 2:
                 break
             time.sleep(0.1)
-        assert _fds(server) <= fds_before + 2
+        assert _fds(server) <= fds_before + 2, (held_before, _fd_targets(server))
     finally:
         server.stop_and_clean()
 
