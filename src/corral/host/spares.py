@@ -52,7 +52,8 @@ class SpareDisks:
         except OSError:
             spare.unlink(missing_ok=True)
             return False
-        self.taken += 1
+        with self._lock:  # creates take spares from several threads at once
+            self.taken += 1
         return True
 
     def wanted(self) -> int | None:
