@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
 import pytest
 
-from corral.agent import memory
+from corral.agent import aio, memory
 
 MiB = 1 << 20
 
@@ -75,9 +74,9 @@ async def test_it_looks_more_often_while_something_runs(
 
     async def sleep(delay: float) -> None:
         delays.append(delay)
-        raise asyncio.CancelledError
+        raise aio.CancelledError
 
-    monkeypatch.setattr(memory.asyncio, "sleep", sleep)
-    with pytest.raises(asyncio.CancelledError):
+    monkeypatch.setattr(memory.aio, "sleep", sleep)
+    with pytest.raises(aio.CancelledError):
         await memory.Guard(256 * MiB).watch(lambda pid: None, lambda: running)
     assert delays == [memory.RUNNING_INTERVAL if running else memory.IDLE_INTERVAL]

@@ -17,21 +17,33 @@ Started by start.py (`python3 -I -S start.py SOCKET_DIR`), which imports it comp
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import functools
 import os
 import signal
 import sys
 import time
 
 try:
-    from corral.agent import contexts, fileops, memory, ports, procs, shield, tree
+    from corral.agent import (
+        aio,
+        aiostreams,
+        aiosync,
+        contexts,
+        fileops,
+        memory,
+        ports,
+        procs,
+        shield,
+        tree,
+    )
     from corral.agent import protocol as P
     from corral.agent.fileops import GuestError
     from corral.agent.procs import Proc
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import aio  # type: ignore[import-not-found,no-redef]
+    import aiostreams  # type: ignore[import-not-found,no-redef]
+    import aiosync  # type: ignore[import-not-found,no-redef]
     import contexts  # type: ignore[import-not-found,no-redef]
     import fileops  # type: ignore[import-not-found,no-redef]
     import memory  # type: ignore[import-not-found,no-redef]
@@ -43,22 +55,15 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
     from fileops import GuestError  # type: ignore[no-redef]
     from procs import Proc  # type: ignore[no-redef]
 
-from typing import Any, Dict, List, Optional
+TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 REDIAL_DELAY = 0.05
 DRAIN_AFTER_EXIT = 0.2
 MAX_LIST_ENTRIES = 100_000
 KEEP_EXITED = 64
-# What one read of the host's connection asks for. asyncio's default (256 KiB) is past glibc's
-# threshold for a heap allocation: each read then maps a new buffer, shrinks it and unmaps it,
-# three memory-map changes that gVisor's Sentry makes slowly (docs/performance.md).
-READ_SIZE = 65536
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def resolve(future: "asyncio.Future[Any]", value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 class Stream:
@@ -68,9 +73,9 @@ class Stream:
         self.agent = agent
         self.id = stream_id
         self.window = P.WINDOW_INITIAL
-        self.window_open = asyncio.Event()
+        self.window_open = aiosync.Event()
         self.window_open.set()
-        self.incoming: "asyncio.Queue[Optional[bytes]]" = asyncio.Queue()
+        self.incoming: "aiosync.Queue[Optional[bytes]]" = aiosync.Queue()
         self.cancelled = False
         self.detached = False
         self.on_input: Optional[Any] = None  # callback for STDIN frames (processes)
@@ -107,9 +112,9 @@ class Agent:
         self.socket_path = os.path.join(socket_dir, P.socket_name(secret))
         self.guard = memory.Guard(memory_budget) if memory_budget > 0 else None
         self.secret = secret
-        self.loop = asyncio.get_event_loop()
-        self.writer: Optional[asyncio.StreamWriter] = None
-        self.write_lock = asyncio.Lock()
+        self.loop = aio.get_event_loop()
+        self.writer: Optional[aiostreams.StreamWriter] = None
+        self.write_lock = aiosync.Lock()
         self.streams: Dict[int, Stream] = {}
         self.procs: Dict[int, Proc] = {}
         self.by_pid: Dict[int, Proc] = {}
@@ -126,16 +131,15 @@ class Agent:
             self.loop.create_task(self.guard.watch(self.blame, lambda: bool(self.by_pid)))
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+                reader, writer = await aiostreams.open_unix_connection(self.socket_path)
             except OSError:
-                await asyncio.sleep(REDIAL_DELAY)
+                await aio.sleep(REDIAL_DELAY)
                 continue
-            writer.transport.max_size = READ_SIZE  # type: ignore[attr-defined]
             self.writer = writer
             try:
                 await self.hello(reader)
                 await self.serve(reader)
-            except (OSError, EOFError, asyncio.IncompleteReadError, P.ProtocolError):
+            except (OSError, EOFError, aio.IncompleteReadError, P.ProtocolError):
                 pass
             finally:
                 self.writer = None
@@ -149,9 +153,9 @@ class Agent:
                     stream.incoming.put_nowait(None)
                     stream.window_open.set()
                 self.streams = {}
-            await asyncio.sleep(REDIAL_DELAY)
+            await aio.sleep(REDIAL_DELAY)
 
-    async def hello(self, reader: asyncio.StreamReader) -> None:
+    async def hello(self, reader: aiostreams.StreamReader) -> None:
         """Answer the host's CHALLENGE, proving this is the sandbox's agent."""
         length, _stream, kind = P.decode_header(await reader.readexactly(P.HEADER.size))
         if kind != P.CHALLENGE or length > 1024:
@@ -173,7 +177,7 @@ class Agent:
             writer.write(frame)
             await writer.drain()
 
-    async def serve(self, reader: asyncio.StreamReader) -> None:
+    async def serve(self, reader: aiostreams.StreamReader) -> None:
         while True:
             header = await reader.readexactly(P.HEADER.size)
             length, stream_id, kind = P.decode_header(header)
@@ -265,17 +269,17 @@ class Agent:
     async def readable(self, fd: int, proc: Proc) -> bool:
         """Wait until `fd` has data; once the process has exited, wait at most DRAIN_AFTER_EXIT."""
         future = self.loop.create_future()
-        self.loop.add_reader(fd, lambda: resolve(future, True))
+        self.loop.add_reader(fd, aio.release, future, True)
         try:
             if proc.exited.is_set():
-                done, _ = await asyncio.wait([future], timeout=DRAIN_AFTER_EXIT)
+                done, _ = await aio.wait([future], timeout=DRAIN_AFTER_EXIT)
                 return bool(done)
             exit_wait = self.loop.create_task(proc.exited.wait())
-            done, _ = await asyncio.wait([future, exit_wait], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await aio.wait([future, exit_wait], return_when=aio.FIRST_COMPLETED)
             exit_wait.cancel()
             if future in done:
                 return True
-            done, _ = await asyncio.wait([future], timeout=DRAIN_AFTER_EXIT)
+            done, _ = await aio.wait([future], timeout=DRAIN_AFTER_EXIT)
             return bool(done)
         finally:
             self.loop.remove_reader(fd)
@@ -354,7 +358,7 @@ class Agent:
                 self.pump(stream, proc, ours["stdout"], P.STDOUT),
                 self.pump(stream, proc, ours["stderr"], P.STDERR),
             ]
-        await asyncio.gather(*pumps)
+        await aio.gather(*pumps)
         await proc.exited.wait()
 
     async def feed_stdin(self, proc: Proc, stream: Stream, data: Optional[bytes]) -> None:
@@ -374,12 +378,7 @@ class Agent:
                 written = os.write(fd, view)
                 view = view[written:]
             except BlockingIOError:
-                future = self.loop.create_future()
-                self.loop.add_writer(fd, functools.partial(resolve, future, None))
-                try:
-                    await future
-                finally:
-                    self.loop.remove_writer(fd)
+                await aio.writable(fd)
             except OSError:  # the process closed its stdin or exited
                 break
         if not stream.detached and data != b"\x04":
@@ -489,6 +488,4 @@ def main() -> None:
         sys.stderr.write("corral agent: cannot read the sandbox's key: %s\n" % (exc,))
         sys.exit(3)
     shield.quiet()
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(Agent(socket_dir, secret, budget).run())
+    aio.get_event_loop().run_until_complete(Agent(socket_dir, secret, budget).run())

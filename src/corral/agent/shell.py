@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional
+
+TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional
 
 try:
     from corral.agent.fileops import GuestError

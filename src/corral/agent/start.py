@@ -9,9 +9,8 @@ agent's start (docs/performance.md).
 import os
 import sys
 
-# No ssl (asyncio imports it; 2 ms of the agent's start) and no OpenSSL (hmac then uses
-# Python's sha256; 0.47 MiB less private memory per idle agent). docs/performance.md.
-sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+# No OpenSSL (hmac then uses Python's sha256; 0.47 MiB less private memory per idle agent).
+# docs/performance.md.
 sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
 # -I leaves the script's own directory off the path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

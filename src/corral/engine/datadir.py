@@ -32,6 +32,9 @@ HASH = py_compile.PycInvalidationMode.CHECKED_HASH
 AGENT_FILES = (
     "start.py",
     "guest.py",
+    "aio.py",
+    "aiosync.py",
+    "aiostreams.py",
     "contexts.py",
     "kernel.py",
     "kernel.js",
