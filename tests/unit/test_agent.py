@@ -66,6 +66,23 @@ async def test_a_started_agent_has_loaded_only_what_serving_needs(tmp_path: Path
     assert [name for name in heavy if name in maps] == []
 
 
+def test_the_agent_imports_no_asyncio_and_no_typing() -> None:
+    """Every agent's start imports what serving needs: its own event loop (`aio`), not asyncio
+    and what asyncio brings (logging, inspect, concurrent.futures), and not `typing`, whose
+    names the agent uses in annotations only. docs/performance.md, "Seventh round"."""
+    agent_dir = Path(guest_module.__file__).parent
+    code = (
+        f"import sys; sys.modules['_hashlib'] = None; sys.path.insert(0, {str(agent_dir)!r}); "
+        "import guest; print(' '.join(sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "guest" in loaded and "aio" in loaded
+    heavy = {"asyncio", "typing", "logging", "inspect", "concurrent", "ssl", "shutil"}
+    assert heavy & set(loaded) == set()
+
+
 async def test_unknown_method_is_an_error_not_a_crash(link: AgentLink) -> None:
     with pytest.raises(Exception) as failed:
         await link.call("no.such.method", {})
