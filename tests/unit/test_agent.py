@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -113,6 +114,27 @@ async def test_a_signal_is_named_by_its_own_name_only(link: AgentLink) -> None:
             await link.call(P.PROC_SIGNAL, {"id": started["id"], "signal": wrong})
     await link.call(P.PROC_SIGNAL, {"id": started["id"], "signal": "SIGKILL"})
     assert (await sleeper.result())["signal"] == 9
+
+
+async def test_a_flood_of_signals_leaves_the_agent_serving(tmp_path: Path) -> None:
+    """Anything in a sandbox may signal the agent (pid 1) as fast as it can: every signal it
+    handles is a byte in its loop's wake-up pipe (`aio.Loop`). Real-time signals queue, so
+    while it is stopped tens of thousands wait, more than the pipe holds; once it runs again
+    it still sees its commands end (SIGCHLD) and answers."""
+    async with running_agent(tmp_path) as (link, pid):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(80_000):
+                os.kill(pid, signal.SIGRTMIN + 4)
+        except OSError:  # the queue is full (RLIMIT_SIGPENDING): enough
+            pass
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for _ in range(3):
+            command = await link.open(P.PROC_START, {"argv": ["true"], "timeout": 30})
+            result = await asyncio.wait_for(command.result(), 30)
+            assert result["exit_code"] == 0, result
+        assert (await link.call(P.PING, {}))["pong"] is True
 
 
 async def test_files_stream_and_cancel(link: AgentLink, tmp_path: Path) -> None:

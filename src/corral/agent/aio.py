@@ -192,10 +192,15 @@ class Loop:
         signal.siginterrupt(signum, False)
 
     def _read_signals(self) -> None:
-        try:
-            data = os.read(self.wake_r, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
+        data = b""
+        while True:  # all of it: a full pipe would drop the next SIGCHLD's byte
+            try:
+                chunk = os.read(self.wake_r, 4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            data += chunk
+            if len(chunk) < 4096:
+                break
         for signum in set(data):
             handle = self.signals.get(signum)
             if handle is not None:

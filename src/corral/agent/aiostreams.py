@@ -103,8 +103,8 @@ class Connection:
         return data
 
     def write(self, data: bytes) -> None:
-        if self.closing or self.lost is not None or not data:
-            return  # as asyncio: writing to a closed connection drops the data
+        if self.closing or self.lost is not None or self.eof_to_send or not data:
+            return  # writing to a closed connection drops the data
         if not self.unsent:
             try:
                 sent = self.sock.send(data)
