@@ -84,6 +84,14 @@ def test_the_agent_imports_no_asyncio_and_no_typing() -> None:
     assert heavy & set(loaded) == set()
 
 
+async def test_a_call_larger_than_what_the_agent_buffers_is_answered(link: AgentLink) -> None:
+    """A CALL may carry megabytes (code to run, up to 4 MiB): the agent's reader pauses past
+    128 KiB unread, and must read on for a frame larger than that."""
+    padding = "x" * 300_000
+    assert (await link.call(P.PING, {"padding": padding}))["pong"] is True
+    assert (await link.call(P.PING, {}))["pong"] is True
+
+
 async def test_unknown_method_is_an_error_not_a_crash(link: AgentLink) -> None:
     with pytest.raises(Exception) as failed:
         await link.call("no.such.method", {})

@@ -8,6 +8,7 @@ fail loudly: cancellation, timeouts, hand-offs of a lock and a queue's items, fl
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -162,6 +163,24 @@ def test_a_queue_item_is_not_lost_when_the_getter_it_woke_is_cancelled(loop: aio
     assert run(loop, main()) == 1
 
 
+def test_a_waiter_cancelled_after_the_lock_passed_it_over_gets_cancelled_error(
+    loop: aio.Loop,
+) -> None:
+    lock = aiosync.Lock()
+
+    async def main() -> None:
+        await lock.acquire()
+        waiting = loop.create_task(lock.acquire())
+        await aio.sleep(0)
+        waiting.cancel()  # its future is cancelled; the task has not run since
+        lock.release()  # passes over the cancelled waiter
+        await aio.wait([waiting])
+        assert waiting.cancelled()  # not a ValueError from the waiters' deque
+        assert not lock.locked()
+
+    run(loop, main())
+
+
 def test_an_event_wakes_every_waiter(loop: aio.Loop) -> None:
     event = aiosync.Event()
 
@@ -275,6 +294,42 @@ def test_a_reader_stops_reading_past_its_limit_and_resumes_as_it_is_read(loop: a
     assert run(loop, main()) == sent
     writer.close()
     theirs.close()
+
+
+def test_a_read_larger_than_the_pause_limit_arrives_whole(loop: aio.Loop) -> None:
+    """A frame larger than what a reader buffers before it stops reading (a CALL carrying
+    300 KB of code) must not leave the reader waiting on a paused socket."""
+    reader, writer, theirs = streams()
+    theirs.setblocking(False)
+    payload = os.urandom(3 * aio.PAUSE_READING)
+
+    async def main() -> bytes:
+        receiving = loop.create_task(reader.readexactly(len(payload)))
+        view = memoryview(payload)
+        while view:
+            try:
+                view = view[theirs.send(view) :]
+            except BlockingIOError:
+                await aio.sleep(0.001)
+        return await aio.wait_for(receiving, 10)
+
+    assert run(loop, main()) == payload
+    writer.close()
+    theirs.close()
+
+
+def test_a_timer_weeks_away_does_not_break_the_loop(loop: aio.Loop) -> None:
+    """epoll refuses a timeout past 24.8 days: the loop waits at most a day at a time."""
+    a, b = socket.socketpair()
+    seen: list[bytes] = []
+    loop.call_later(30 * 86400, seen.append, b"never")
+    loop.add_reader(a.fileno(), lambda: seen.append(a.recv(10)))
+    b.send(b"x")
+    loop.run_once()
+    assert seen == [b"x"]
+    loop.remove_reader(a.fileno())
+    a.close()
+    b.close()
 
 
 def test_readexactly_at_the_end_raises_with_what_came(loop: aio.Loop) -> None:

@@ -61,6 +61,7 @@ ALL_COMPLETED = "ALL_COMPLETED"
 READ_SIZE = 65536
 HIGH_WATER = 65536  # a writer's drain() waits while more than this is unsent
 LOW_WATER = 16384
+MAX_SELECT = 86400.0
 PAUSE_READING = 2 * 65536  # a stream stops reading its socket while this much is unread
 
 
@@ -99,7 +100,9 @@ class Handle:
     def run(self) -> None:
         try:
             self.callback(*self.args)
-        except Exception as exc:  # one callback's bug must not stop the agent
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # one callback's bug must not stop the agent
             sys.stderr.write("corral agent: %r failed: %r\n" % (self.callback, exc))
 
 
@@ -221,8 +224,8 @@ class Loop:
         timeout: Optional[float] = None
         if self.ready:
             timeout = 0
-        elif timers:
-            timeout = max(0.0, timers[0].when - self.time())
+        elif timers:  # at most a day, as asyncio: epoll refuses a timeout past 24.8 days
+            timeout = min(max(0.0, timers[0].when - self.time()), MAX_SELECT)
         for key, mask in self.selector.select(timeout):
             reader, writer = key.data
             if mask & selectors.EVENT_READ and reader is not None:

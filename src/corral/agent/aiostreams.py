@@ -59,7 +59,7 @@ class Connection:
         self.resume_reading()
 
     def resume_reading(self) -> None:
-        if not self.reading and not self.at_eof and self.lost is None:
+        if not self.reading and not self.at_eof and self.lost is None and not self.closing:
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
 
@@ -87,13 +87,17 @@ class Connection:
             release(self.read_waiter)
 
     async def wait_readable(self) -> None:
+        """Wait for more data. A reader waiting for more than the limit lets reading resume
+        (as asyncio's): a frame larger than PAUSE_READING must still arrive whole."""
         if self.lost is not None and not isinstance(self.lost, ConnectionResetError):
             raise self.lost
-        self.read_waiter = self.loop.create_future()
+        self.resume_reading()
+        waiter = self.read_waiter = self.loop.create_future()
         try:
-            await self.read_waiter
+            await waiter
         finally:
-            self.read_waiter = None
+            if self.read_waiter is waiter:
+                self.read_waiter = None
 
     def take(self, size: int) -> bytes:
         data = bytes(self.buffer[:size])
@@ -158,11 +162,12 @@ class Connection:
                 raise ConnectionResetError("the connection is closing")
             if len(self.unsent) <= HIGH_WATER:
                 return
-            self.drain_waiter = self.loop.create_future()
+            waiter = self.drain_waiter = self.loop.create_future()
             try:
-                await self.drain_waiter
+                await waiter
             finally:
-                self.drain_waiter = None
+                if self.drain_waiter is waiter:
+                    self.drain_waiter = None
 
     def close(self) -> None:
         """Close once what is unsent has gone."""

@@ -69,7 +69,8 @@ class Lock:
             await waiter
         except CancelledError:
             if waiter.cancelled():
-                self.waiters.remove(waiter)
+                if waiter in self.waiters:  # release() may have passed over it already
+                    self.waiters.remove(waiter)
             else:  # handed the lock as it was cancelled: hand it on
                 self.release()
             raise
