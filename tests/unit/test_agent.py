@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -143,6 +144,30 @@ async def test_a_flood_of_signals_leaves_the_agent_serving(tmp_path: Path) -> No
             result = await asyncio.wait_for(command.result(), 30)
             assert result["exit_code"] == 0, result
         assert (await link.call(P.PING, {}))["pong"] is True
+
+
+async def test_stdin_arrives_whole_and_in_order_when_the_process_reads_it_late(
+    link: AgentLink,
+) -> None:
+    """Each STDIN frame is written by the agent as the pipe takes it: frames that arrive while
+    the pipe is full wait their turn, and the end of input comes after all of them."""
+    data = os.urandom(900_000)  # 14 frames, within the stream's window, 14 times the pipe
+    late_reader = "import hashlib, sys, time; time.sleep(0.5); " + (
+        "print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
+    )
+    command = await link.open(
+        P.PROC_START, {"argv": [sys.executable, "-c", late_reader], "stdin": True, "timeout": 30}
+    )
+    await command.send_data(P.STDIN, data)
+    await command.send_eof(P.STDIN)
+    out = b""
+    while True:
+        kind, payload = await asyncio.wait_for(command.receive(), 30)
+        if kind == P.STDOUT:
+            out += payload
+        elif kind == P.REPLY:
+            break
+    assert out.decode().strip() == hashlib.sha256(data).hexdigest()
 
 
 async def test_files_stream_and_cancel(link: AgentLink, tmp_path: Path) -> None:

@@ -362,30 +362,33 @@ class Agent:
         await proc.exited.wait()
 
     async def feed_stdin(self, proc: Proc, stream: Stream, data: Optional[bytes]) -> None:
-        fd = proc.stdin_fd
-        if fd is None:
-            return
-        if data is None:
-            if fd == proc.pty_fd:
-                data = b"\x04"  # end of input on a terminal is ^D, not a closed descriptor
-            else:
-                proc.stdin_fd = None
-                os.close(fd)
+        """One STDIN frame (None: the end of input), after the frames before it: one that came
+        while the pipe was full waits its turn, and the end of input comes after them all."""
+        async with proc.stdin_turn:
+            fd = proc.stdin_fd
+            if fd is None:
                 return
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(fd, view)
-                view = view[written:]
-            except BlockingIOError:
-                await aio.writable(fd)
-            except OSError:  # the process closed its stdin or exited
-                break
-        if not stream.detached and data != b"\x04":
-            try:
-                await self.send(P.encode(stream.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(data))))
-            except OSError:
-                pass
+            if data is None:
+                if fd == proc.pty_fd:
+                    data = b"\x04"  # end of input on a terminal is ^D, not a closed descriptor
+                else:
+                    proc.stdin_fd = None
+                    os.close(fd)
+                    return
+            view = memoryview(data)
+            while view:
+                try:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                except BlockingIOError:
+                    await aio.writable(fd)
+                except OSError:  # the process closed its stdin or exited
+                    break
+            if not stream.detached and data != b"\x04":
+                try:
+                    await self.send(P.encode(stream.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(data))))
+                except OSError:
+                    pass
 
     def forget_old(self) -> None:
         exited = [p for p in self.procs.values() if p.exited.is_set()]

@@ -47,6 +47,7 @@ class Proc:
         self.argv = argv
         self.tag = tag
         self.exited = aiosync.Event()
+        self.stdin_turn = aiosync.Lock()  # STDIN frames are written one after another
         self.status: Optional[int] = None
         self.timed_out = False
         self.oom_killed = False  # by the agent's memory guard (see `memory`)
