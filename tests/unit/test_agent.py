@@ -158,6 +158,7 @@ async def test_stdin_arrives_whole_and_in_order_when_the_process_reads_it_late(
     command = await link.open(
         P.PROC_START, {"argv": [sys.executable, "-c", late_reader], "stdin": True, "timeout": 30}
     )
+    assert (await command.receive())[1]["type"] == "started"  # as the engine, before stdin
     await command.send_data(P.STDIN, data)
     await command.send_eof(P.STDIN)
     out = b""
@@ -168,6 +169,35 @@ async def test_stdin_arrives_whole_and_in_order_when_the_process_reads_it_late(
         elif kind == P.REPLY:
             break
     assert out.decode().strip() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_command_ending_with_its_stdin_full_leaves_the_agent_serving(
+    link: AgentLink,
+) -> None:
+    """A command ends while a STDIN frame still waits for room in its pipe (a process it left
+    behind holds the pipe and never reads): the descriptor is closed, and its number, reused
+    by the next commands' pipes, must not still be watched for the old pipe."""
+    holder = "sleep 5 <&0 >/dev/null 2>&1 &"
+    command = await link.open(
+        P.PROC_START, {"argv": ["sh", "-c", holder], "stdin": True, "timeout": 30}
+    )
+    assert (await command.receive())[1]["type"] == "started"  # as the engine, before stdin
+    await command.send_data(P.STDIN, os.urandom(300_000))  # more than the pipe holds
+    assert (await asyncio.wait_for(command.result(), 30))["exit_code"] == 0
+    for number in range(10):
+        echo = await link.open(P.PROC_START, {"argv": ["cat"], "stdin": True, "timeout": 30})
+        assert (await echo.receive())[1]["type"] == "started"
+        await echo.send_data(P.STDIN, b"line %d" % number)
+        await echo.send_eof(P.STDIN)
+        out = b""
+        while True:
+            kind, payload = await asyncio.wait_for(echo.receive(), 30)
+            if kind == P.STDOUT:
+                out += payload
+            elif kind == P.REPLY:
+                assert "error" not in payload, payload
+                break
+        assert out == b"line %d" % number
 
 
 async def test_files_stream_and_cancel(link: AgentLink, tmp_path: Path) -> None:

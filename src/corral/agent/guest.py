@@ -341,6 +341,9 @@ class Agent:
                 timer.cancel()
             for leftover in (proc.pty_fd, ours.get("stdin")):
                 if leftover is not None:
+                    # A STDIN frame may still wait on it (a process left holding the pipe):
+                    # the loop must not keep watching a descriptor number that is reused.
+                    self.loop.remove_writer(leftover)
                     try:
                         os.close(leftover)
                     except OSError:
