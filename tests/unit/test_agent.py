@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,19 +156,7 @@ async def test_stdin_arrives_whole_and_in_order_when_the_process_reads_it_late(
     late_reader = "import hashlib, sys, time; time.sleep(0.5); " + (
         "print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
     )
-    command = await link.open(
-        P.PROC_START, {"argv": [sys.executable, "-c", late_reader], "stdin": True, "timeout": 30}
-    )
-    assert (await command.receive())[1]["type"] == "started"  # as the engine, before stdin
-    await command.send_data(P.STDIN, data)
-    await command.send_eof(P.STDIN)
-    out = b""
-    while True:
-        kind, payload = await asyncio.wait_for(command.receive(), 30)
-        if kind == P.STDOUT:
-            out += payload
-        elif kind == P.REPLY:
-            break
+    out, _ = await _fed(link, [sys.executable, "-c", late_reader], data)
     assert out.decode().strip() == hashlib.sha256(data).hexdigest()
 
 
@@ -185,19 +174,25 @@ async def test_a_command_ending_with_its_stdin_full_leaves_the_agent_serving(
     await command.send_data(P.STDIN, os.urandom(300_000))  # more than the pipe holds
     assert (await asyncio.wait_for(command.result(), 30))["exit_code"] == 0
     for number in range(10):
-        echo = await link.open(P.PROC_START, {"argv": ["cat"], "stdin": True, "timeout": 30})
-        assert (await echo.receive())[1]["type"] == "started"
-        await echo.send_data(P.STDIN, b"line %d" % number)
-        await echo.send_eof(P.STDIN)
-        out = b""
-        while True:
-            kind, payload = await asyncio.wait_for(echo.receive(), 30)
-            if kind == P.STDOUT:
-                out += payload
-            elif kind == P.REPLY:
-                assert "error" not in payload, payload
-                break
+        out, reply = await _fed(link, ["cat"], b"line %d" % number)
+        assert "error" not in reply, reply
         assert out == b"line %d" % number
+
+
+async def _fed(link: AgentLink, argv: list[str], data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Run `argv` with `data` as its whole stdin, sent once it has started (as the engine
+    does: a frame before the started event has no process to go to); its stdout and REPLY."""
+    command = await link.open(P.PROC_START, {"argv": argv, "stdin": True, "timeout": 30})
+    assert (await command.receive())[1]["type"] == "started"
+    await command.send_data(P.STDIN, data)
+    await command.send_eof(P.STDIN)
+    out = b""
+    while True:
+        kind, payload = await asyncio.wait_for(command.receive(), 30)
+        if kind == P.STDOUT:
+            out += payload
+        elif kind == P.REPLY:
+            return out, payload
 
 
 async def test_files_stream_and_cancel(link: AgentLink, tmp_path: Path) -> None:

@@ -86,11 +86,15 @@ class Connection:
         if self.read_waiter is not None:
             release(self.read_waiter)
 
+    def check(self) -> None:
+        """Raise what broke the connection, if anything did (our own close is an end)."""
+        if self.lost is not None and not isinstance(self.lost, ConnectionResetError):
+            raise self.lost
+
     async def wait_readable(self) -> None:
         """Wait for more data. A reader waiting for more than the limit lets reading resume
         (as asyncio's): a frame larger than PAUSE_READING must still arrive whole."""
-        if self.lost is not None and not isinstance(self.lost, ConnectionResetError):
-            raise self.lost
+        self.check()
         self.resume_reading()
         waiter = self.read_waiter = self.loop.create_future()
         try:
@@ -207,16 +211,14 @@ class StreamReader:
             return conn.take(len(conn.buffer))
         while size and not conn.buffer and not conn.at_eof and conn.lost is None:
             await conn.wait_readable()
-        if conn.lost is not None and not isinstance(conn.lost, ConnectionResetError):
-            raise conn.lost
+        conn.check()
         return conn.take(size)
 
     async def readexactly(self, size: int) -> bytes:
         conn = self.connection
         while len(conn.buffer) < size:
             if conn.at_eof or conn.lost is not None:
-                if conn.lost is not None and not isinstance(conn.lost, ConnectionResetError):
-                    raise conn.lost
+                conn.check()
                 partial = conn.take(len(conn.buffer))
                 raise IncompleteReadError(partial, size)
             await conn.wait_readable()
