@@ -72,7 +72,9 @@ async def test_a_started_agent_has_loaded_only_what_serving_needs(tmp_path: Path
 def test_the_agent_imports_no_asyncio_and_no_typing() -> None:
     """Every agent's start imports what serving needs: its own event loop (`aio`), not asyncio
     and what asyncio brings (logging, inspect, concurrent.futures), and not `typing`, whose
-    names the agent uses in annotations only. docs/performance.md, "Seventh round"."""
+    names the agent uses in annotations only. docs/performance.md, "Seventh round". Nor the
+    Python modules over the C ones the agent uses directly (`lean`), nor `subprocess`:
+    "Eighth round"."""
     agent_dir = Path(guest_module.__file__).parent
     code = (
         f"import sys; sys.modules['_hashlib'] = None; sys.path.insert(0, {str(agent_dir)!r}); "
@@ -83,6 +85,8 @@ def test_the_agent_imports_no_asyncio_and_no_typing() -> None:
     ).stdout.split()
     assert "guest" in loaded and "aio" in loaded
     heavy = {"asyncio", "typing", "logging", "inspect", "concurrent", "ssl", "shutil"}
+    heavy |= {"subprocess", "threading", "locale", "selectors", "collections", "signal"}
+    heavy |= {"socket", "enum", "functools", "json", "re", "hmac", "hashlib", "heapq"}
     assert heavy & set(loaded) == set()
 
 

@@ -9,9 +9,11 @@ import os
 import pwd
 import py_compile
 import select
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,16 +48,31 @@ BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
 
 
 @contextlib.contextmanager
-def start(params: dict[str, object]) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
+def start(params: dict[str, object]) -> Iterator[tuple[procs.Child, dict[str, int]]]:
     command = procs.Command(params, BASE_ENV)
     popen, fds = procs.spawn(command)
     try:
         yield popen, fds
     finally:
-        popen.kill()
-        popen.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(popen.pid, signal.SIGKILL)
+        finish(popen)
         for fd in fds.values():
             os.close(fd)
+
+
+def finish(child: procs.Child | subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """The exit code (or -signal) of a process `procs.spawn` started, reaped within `timeout`."""
+    if isinstance(child, subprocess.Popen):  # the fork way
+        return child.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while child.returncode is None:
+        pid, status = os.waitpid(child.pid, os.WNOHANG)
+        if pid:
+            child.returncode = status
+        assert time.monotonic() < deadline, f"process {child.pid} still running"
+        time.sleep(0.005)
+    return os.waitstatus_to_exitcode(child.returncode)
 
 
 def run(params: dict[str, object]) -> tuple[int, bytes, bytes]:
@@ -121,7 +138,7 @@ def test_terminal_is_the_controlling_one(way: str) -> None:
             if not chunk:
                 break
             output += chunk
-        assert popen.wait(timeout=10) == 0
+        assert finish(popen, 10) == 0
         device, controlling = output.decode().split()
         assert device.startswith("/dev/pts/")
         assert controlling == device.removeprefix("/dev/")
@@ -164,7 +181,7 @@ def test_descriptors_passed_on_purpose_stay_open_under_their_numbers(way: str) -
     command = procs.Command({"argv": ["sh", "-c", "ls /proc/self/fd"]}, BASE_ENV)
     popen, fds = procs.spawn(command, pass_fds=(first_r, second_w))
     try:
-        assert popen.wait(timeout=30) == 0
+        assert finish(popen) == 0
         listed = sorted(int(fd) for fd in read_all(fds["stdout"]).split())
     finally:
         for fd in (*fds.values(), first_r, first_w, second_r, second_w):
@@ -260,7 +277,7 @@ def test_a_file_without_an_interpreter_line_runs_in_the_shell(tmp_path: Path) ->
 def run_command(command: procs.Command) -> tuple[int, bytes, bytes]:
     popen, fds = procs.spawn(command)
     try:
-        status = popen.wait(timeout=30)
+        status = finish(popen)
         out, err = read_all(fds["stdout"]), read_all(fds["stderr"])
     finally:
         for fd in fds.values():

@@ -1,4 +1,4 @@
-"""The agent's event loop: the part of asyncio it uses, on `selectors`, without asyncio.
+"""The agent's event loop: the part of asyncio it uses, on epoll, without asyncio.
 
 `import asyncio` is most of a guest agent's start (about 18 ms of a namespaces sandbox's cold
 start on the reference machine) and most of an idle agent's private memory (about 5 MiB): it
@@ -14,13 +14,15 @@ run from the main thread.
 
 from __future__ import annotations
 
-import heapq
 import os
-import selectors
-import signal
+import select
 import sys
 import time
-from collections import deque
+
+try:
+    from corral.agent.lean import deque, heapify, heappop, heappush, signal
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    from lean import deque, heapify, heappop, heappush, signal  # type: ignore[import-not-found,no-redef]
 
 # `typing` is for the type checker only: importing it costs every agent 2 ms of its start and
 # 0.5 MiB (docs/performance.md). At run time `Future[int]` is just `Future`.
@@ -62,6 +64,8 @@ READ_SIZE = 65536
 HIGH_WATER = 65536  # a writer's drain() waits while more than this is unsent
 LOW_WATER = 16384
 MAX_SELECT = 86400.0
+READ = select.EPOLLIN
+WRITE = select.EPOLLOUT
 PAUSE_READING = 2 * 65536  # a stream stops reading its socket while this much is unread
 
 
@@ -107,10 +111,11 @@ class Handle:
 
 
 class Loop:
-    """Ready callbacks, timers and a selector; the callbacks run one at a time."""
+    """Ready callbacks, timers and an epoll set; the callbacks run one at a time."""
 
     def __init__(self) -> None:
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self.watched: Dict[int, Tuple[Optional[Handle], Optional[Handle]]] = {}  # fd: callbacks
         self.ready: Deque[Handle] = deque()
         self.timers: List[Handle] = []
         self.signals: Dict[int, Handle] = {}
@@ -123,7 +128,7 @@ class Loop:
         return time.monotonic()
 
     def close(self) -> None:
-        self.selector.close()
+        self.epoll.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
 
@@ -134,12 +139,12 @@ class Loop:
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Handle:
         handle = Handle(callback, args, self.time() + delay)
-        heapq.heappush(self.timers, handle)
+        heappush(self.timers, handle)
         if len(self.timers) > 64 and len(self.timers) > 2 * sum(
             1 for h in self.timers if not h.cancelled
         ):  # long timeouts cancelled early (every command's) would otherwise pile up
             self.timers = [h for h in self.timers if not h.cancelled]
-            heapq.heapify(self.timers)
+            heapify(self.timers)
         return handle
 
     def create_future(self) -> "Future[Any]":
@@ -151,44 +156,46 @@ class Loop:
     # -- descriptors ------------------------------------------------------------------------
 
     def _watch(self, fd: int, event: int, handle: Optional[Handle]) -> None:
-        try:
-            key = self.selector.get_key(fd)
-        except KeyError:
-            if handle is not None:
-                data = (handle, None) if event == selectors.EVENT_READ else (None, handle)
-                self.selector.register(fd, event, data)
-            return
-        reader, writer = key.data
-        old = reader if event == selectors.EVENT_READ else writer
+        """Make `handle` the callback of `fd`'s readiness `event` (READ or WRITE), or none."""
+        reader, writer = self.watched.get(fd, (None, None))
+        old = reader if event == READ else writer
         if old is not None:
             old.cancel()  # a callback already made ready must not run after its removal
-        if event == selectors.EVENT_READ:
+        if event == READ:
             reader = handle
         else:
             writer = handle
-        events = (selectors.EVENT_READ if reader else 0) | (selectors.EVENT_WRITE if writer else 0)
-        if events:
-            self.selector.modify(fd, events, (reader, writer))
+        events = (READ if reader else 0) | (WRITE if writer else 0)
+        if not events:
+            if self.watched.pop(fd, None) is not None:
+                try:
+                    self.epoll.unregister(fd)
+                except OSError:  # closed already, and so gone from the epoll set
+                    pass
+        elif fd in self.watched:
+            self.epoll.modify(fd, events)
+            self.watched[fd] = (reader, writer)
         else:
-            self.selector.unregister(fd)
+            self.epoll.register(fd, events)
+            self.watched[fd] = (reader, writer)
 
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
-        self._watch(fd, selectors.EVENT_READ, Handle(callback, args))
+        self._watch(fd, READ, Handle(callback, args))
 
     def remove_reader(self, fd: int) -> None:
-        self._watch(fd, selectors.EVENT_READ, None)
+        self._watch(fd, READ, None)
 
     def add_writer(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
-        self._watch(fd, selectors.EVENT_WRITE, Handle(callback, args))
+        self._watch(fd, WRITE, Handle(callback, args))
 
     def remove_writer(self, fd: int) -> None:
-        self._watch(fd, selectors.EVENT_WRITE, None)
+        self._watch(fd, WRITE, None)
 
     # -- signals ----------------------------------------------------------------------------
 
     def add_signal_handler(self, signum: int, callback: Callable[..., Any], *args: Any) -> None:
         """Run `callback` in the loop after `signum` arrives (the signal's number is written to
-        the loop's pipe by the interpreter's C handler, which wakes the selector)."""
+        the loop's pipe by the interpreter's C handler, which wakes the epoll wait)."""
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.signals[signum] = Handle(callback, args)
         signal.signal(signum, _no_op)
@@ -220,21 +227,22 @@ class Loop:
     def run_once(self) -> None:
         timers = self.timers
         while timers and timers[0].cancelled:
-            heapq.heappop(timers)
+            heappop(timers)
         timeout: Optional[float] = None
         if self.ready:
             timeout = 0
         elif timers:  # at most a day, as asyncio: epoll refuses a timeout past 24.8 days
             timeout = min(max(0.0, timers[0].when - self.time()), MAX_SELECT)
-        for key, mask in self.selector.select(timeout):
-            reader, writer = key.data
-            if mask & selectors.EVENT_READ and reader is not None:
+        for fd, mask in self.epoll.poll(-1 if timeout is None else timeout):
+            reader, writer = self.watched.get(fd, (None, None))
+            # An error or hang-up wakes both sides, as `selectors` does: each learns which.
+            if mask & ~WRITE and reader is not None:
                 self.ready.append(reader)
-            if mask & selectors.EVENT_WRITE and writer is not None:
+            if mask & ~READ and writer is not None:
                 self.ready.append(writer)
         now = self.time()
         while timers and timers[0].when <= now:
-            self.ready.append(heapq.heappop(timers))
+            self.ready.append(heappop(timers))
         for _ in range(len(self.ready)):
             handle = self.ready.popleft()
             if not handle.cancelled:

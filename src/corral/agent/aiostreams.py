@@ -7,8 +7,9 @@ A reader stops reading its socket while it holds PAUSE_READING unread bytes; a w
 
 from __future__ import annotations
 
+# The C module, without `socket`'s wrapper: that brings `enum` and `selectors` (see `lean`).
+import _socket as socket
 import os
-import socket
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
 if TYPE_CHECKING:

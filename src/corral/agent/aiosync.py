@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 try:
     from corral.agent.aio import CancelledError, Future, Generic, T, get_event_loop, release
+    from corral.agent.lean import deque
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     from aio import (  # type: ignore[import-not-found,no-redef]
         CancelledError,
@@ -15,6 +14,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
         get_event_loop,
         release,
     )
+    from lean import deque  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False  # `typing` is for annotations only (see aio)
 if TYPE_CHECKING:

@@ -12,9 +12,7 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
@@ -28,6 +26,7 @@ try:
     from corral.agent import protocol as P
     from corral.agent.execution import RESULT_LIMIT, Execution, Lines
     from corral.agent.fileops import GuestError
+    from corral.agent.lean import dumps, signal
     from corral.agent.procs import Proc
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     import aio  # type: ignore[import-not-found,no-redef]
@@ -37,6 +36,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
     import tree  # type: ignore[import-not-found,no-redef]
     from execution import RESULT_LIMIT, Execution, Lines  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
+    from lean import dumps, signal  # type: ignore[import-not-found,no-redef]
     from procs import Proc  # type: ignore[no-redef]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -213,7 +213,7 @@ class Context:
             request["setup"] = {"env": params.get("context_env") or {}, "cwd": params.get("cwd")}
             self.pooled = False
         try:
-            await self._write((json.dumps(request) + "\n").encode())
+            await self._write((dumps(request) + "\n").encode())
             await run.follow(self)
         finally:
             self.sink = None
@@ -323,7 +323,7 @@ async def code_run(agent: Any, stream: Any, params: Dict[str, Any]) -> Dict[str,
     async def send(message: Dict[str, Any]) -> None:
         """One message as a JSON line in FILE frames: under the stream's credit, so a host that
         reads slowly slows the code's output down rather than filling memory."""
-        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        line = (dumps(message) + "\n").encode()
         for start in range(0, len(line), P.CHUNK):
             if stream.cancelled:
                 return

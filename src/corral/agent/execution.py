@@ -8,7 +8,6 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 
 from __future__ import annotations
 
-import json
 import os
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
@@ -18,9 +17,10 @@ if TYPE_CHECKING:
     Send = Callable[[Dict[str, Any]], Awaitable[None]]
 
 try:
-    from corral.agent import aiosync
+    from corral.agent import aiosync, lean
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     import aiosync  # type: ignore[import-not-found,no-redef]
+    import lean  # type: ignore[import-not-found,no-redef]
 
 OUTPUT_LIMIT = 4 * 1024 * 1024  # per stream, per execution
 RESULT_LIMIT = 8 * 1024 * 1024  # one result's JSON
@@ -70,7 +70,7 @@ class Lines:
                 self.skipping = 0
                 continue
             try:
-                message = json.loads(line)
+                message = lean.loads(line)
             except ValueError:
                 continue
             if isinstance(message, dict):
@@ -130,7 +130,7 @@ class Execution:
         elif kind == "result" and isinstance(message.get("data"), dict):
             result = {"type": kind, "data": message["data"]}
             result["is_main_result"] = bool(message.get("is_main_result"))
-            size = len(json.dumps(result))
+            size = len(lean.dumps(result))
             if self.sent["results"] + size > RESULTS_LIMIT:
                 await self._drop("the execution's results are over %d MiB" % (RESULTS_LIMIT >> 20))
                 return

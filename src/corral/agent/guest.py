@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
 import time
 
@@ -30,6 +29,7 @@ try:
         aiosync,
         contexts,
         fileops,
+        lean,
         memory,
         ports,
         procs,
@@ -46,6 +46,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
     import aiosync  # type: ignore[import-not-found,no-redef]
     import contexts  # type: ignore[import-not-found,no-redef]
     import fileops  # type: ignore[import-not-found,no-redef]
+    import lean  # type: ignore[import-not-found,no-redef]
     import memory  # type: ignore[import-not-found,no-redef]
     import ports  # type: ignore[import-not-found,no-redef]
     import procs  # type: ignore[import-not-found,no-redef]
@@ -126,7 +127,7 @@ class Agent:
     # -- connection -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.loop.add_signal_handler(lean.signal.SIGCHLD, self.reap)
         if self.guard is not None:
             self.loop.create_task(self.guard.watch(self.blame, lambda: bool(self.by_pid)))
         while True:
@@ -408,11 +409,10 @@ class Agent:
         proc = self.find_proc(params)
         sig = params.get("signal", "SIGKILL")
         try:  # a name is one of the signals' own ("SIGTERM"), never any attribute of `signal`
-            signum = int(sig) if isinstance(sig, int) else int(signal.Signals[str(sig)])
-            signal.Signals(signum)
-        except (KeyError, ValueError):
+            signum = lean.signal_number(sig)
+        except ValueError:
             raise GuestError("invalid_request", "unknown signal %r" % (sig,)) from None
-        if signum == signal.SIGKILL and not proc.exited.is_set():
+        if signum == lean.signal.SIGKILL and not proc.exited.is_set():
             tree.end_all(tree.family(proc.pid))  # everything the command started goes with it
         elif not proc.exited.is_set():
             proc.kill_group(signum)

@@ -13,9 +13,13 @@
  * from 93 to 440 MiB, and the next one was killed at the sandbox's memory limit. So this
  * program makes its few system calls itself, and touches nothing but them.
  *
- * Usage: leader ERRFD TERMINAL UID GID GROUPS PATH ARGV0 ARGS...
+ * Usage: leader ERRFD[:KEEP] TERMINAL UID GID GROUPS PATH ARGV0 ARGS...
  *   ERRFD     a pipe's writing end: on failure 8 bytes (step, errno) are written to it; it is
  *             closed by a successful exec, so the agent reading it learns which happened
+ *   KEEP      with the colon, every descriptor from 3 up is closed at the exec but these
+ *             (ascending, comma-separated, maybe none): the agent starts the leader with
+ *             posix_spawn, which closes only what is close-on-exec. Without it (agents before
+ *             it, whose Python closed the rest), nothing more is closed
  *   TERMINAL  1 to take standard input (a terminal) as the controlling terminal, else 0
  *   UID GID   the user and group to become, or -1 to stay
  *   GROUPS    the supplementary groups, comma-separated, or - to keep them
@@ -28,10 +32,12 @@
 #include <asm/ioctls.h>
 #include <asm/unistd.h>
 #include <linux/errno.h>
+#include <linux/close_range.h>
 #include <linux/fcntl.h>
 #include <linux/prctl.h>
+#include <linux/resource.h>
 
-enum { SUBREAPER = 1, TERMINAL, GROUPS, GROUP, USER, EXEC, USAGE };
+enum { SUBREAPER = 1, TERMINAL, GROUPS, GROUP, USER, EXEC, USAGE, CLOSE };
 enum { MAX_GROUPS = 256 };
 
 /* A system call: its result, or -errno. */
@@ -52,6 +58,27 @@ static long sys(long n, long a, long b, long c) {
     return x0;
 #else
 #error "leader.c knows the system calls of x86-64 and arm64 only"
+#endif
+}
+
+/* The same, with a fourth argument. */
+static long sys4(long n, long a, long b, long c, long d) {
+#if defined(__x86_64__)
+    long result;
+    register long r10 __asm__("r10") = d;
+    __asm__ volatile("syscall"
+                     : "=a"(result)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10)
+                     : "rcx", "r11", "memory");
+    return result;
+#elif defined(__aarch64__)
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
+    return x0;
 #endif
 }
 
@@ -121,6 +148,40 @@ static void set_groups(const char *list, int fd) {
     }
 }
 
+/* Close-on-exec: descriptors `from` to `to`; by one where the kernel cannot do a range. */
+static void close_at_exec(unsigned long from, unsigned long to, int fd) {
+    long done = sys(__NR_close_range, (long)from, (long)to, CLOSE_RANGE_CLOEXEC);
+    if (done == -ENOSYS || done == -EINVAL) { /* before Linux 5.11 */
+        struct rlimit limit;
+        if ((done = sys4(__NR_prlimit64, 0, RLIMIT_NOFILE, 0, (long)&limit)) != 0) {
+            fail(fd, CLOSE, done);
+        }
+        for (unsigned long at = from; at <= to && at < limit.rlim_cur; at++) {
+            sys(__NR_fcntl, (long)at, F_SETFD, FD_CLOEXEC); /* -EBADF: not open */
+        }
+    } else if (done != 0) {
+        fail(fd, CLOSE, done);
+    }
+}
+
+/* Every descriptor from 3 up closed at the exec but those in `list` (see KEEP). */
+static void keep_only(const char *list, int fd) {
+    unsigned long from = 3;
+    for (const char *item = list; *item != '\0';) {
+        const char *end;
+        long keep = number(item, &end, fd);
+        if (keep < (long)from || (*end != ',' && *end != '\0')) {
+            fail(fd, USAGE, -EINVAL); /* not ascending, or not a descriptor above 2 */
+        }
+        if (keep > (long)from) {
+            close_at_exec(from, (unsigned long)keep - 1, fd);
+        }
+        from = (unsigned long)keep + 1;
+        item = *end == ',' ? end + 1 : end;
+    }
+    close_at_exec(from, 0xffffffffUL, fd);
+}
+
 __attribute__((used, noreturn)) void leader(long *stack) {
     long argc = stack[0];
     char **argv = (char **)(stack + 1);
@@ -128,10 +189,14 @@ __attribute__((used, noreturn)) void leader(long *stack) {
     if (argc < 8) {
         leave(127);
     }
-    int fd = (int)number(argv[1], 0, 2);
+    const char *keep;
+    int fd = (int)number(argv[1], &keep, 2);
     long done;
-    if (sys(__NR_fcntl, fd, F_SETFD, FD_CLOEXEC) != 0) {
+    if (sys(__NR_fcntl, fd, F_SETFD, FD_CLOEXEC) != 0 || (*keep != ':' && *keep != '\0')) {
         leave(127);
+    }
+    if (*keep == ':') {
+        keep_only(keep + 1, fd);
     }
     if ((done = sys(__NR_prctl, PR_SET_CHILD_SUBREAPER, 1, 0)) != 0) {
         fail(fd, SUBREAPER, done);

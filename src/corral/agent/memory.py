@@ -19,7 +19,6 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
@@ -28,8 +27,10 @@ if TYPE_CHECKING:
 
 try:
     from corral.agent import aio
+    from corral.agent.lean import signal
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     import aio  # type: ignore[import-not-found,no-redef]
+    from lean import signal  # type: ignore[import-not-found,no-redef]
 
 IDLE_INTERVAL = 0.25
 RUNNING_INTERVAL = 0.05

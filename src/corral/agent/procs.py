@@ -8,28 +8,29 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import pwd
 import struct
-import subprocess
-import termios
 import time
 
 try:
     from corral.agent import aiosync
     from corral.agent.fileops import GuestError
+    from corral.agent.lean import signal
     from corral.agent.shell import find_program, plain
     from corral.agent.tree import PR_SET_CHILD_SUBREAPER
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     import aiosync  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
+    from lean import signal  # type: ignore[import-not-found,no-redef]
     from shell import find_program, plain  # type: ignore[import-not-found,no-redef]
     from tree import PR_SET_CHILD_SUBREAPER  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
 if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional, Tuple
+
+    Stdio = Tuple[Optional[int], int, int]  # a command's descriptors 0 to 2 (None: /dev/null)
 
 # The program every command starts through where the host built it (see `spawn`).
 LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leader")
@@ -38,9 +39,7 @@ LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leader")
 class Proc:
     """A process started by the host."""
 
-    def __init__(
-        self, proc_id: int, popen: "subprocess.Popen[bytes]", argv: List[str], tag: str
-    ) -> None:
+    def __init__(self, proc_id: int, popen: Child, argv: List[str], tag: str) -> None:
         self.id = proc_id
         self.popen = popen
         self.pid = popen.pid
@@ -158,32 +157,26 @@ def resolve_user(user: Any) -> Optional[pwd.struct_passwd]:
         ) from None
 
 
-def spawn(
-    command: Command, pass_fds: Tuple[int, ...] = ()
-) -> Tuple["subprocess.Popen[bytes]", Dict[str, int]]:
+def spawn(command: Command, pass_fds: Tuple[int, ...] = ()) -> Tuple[Child, Dict[str, int]]:
     """Start `command` in a session of its own, as a child subreaper (see `tree`); the process
     and the agent's ends of its terminal ("pty") or pipes ("stdout", "stderr", "stdin").
     `pass_fds` stay open in the process, under the same numbers.
 
-    The command starts through `leader` (leader.c, built by the host) where it is there: Python
-    then starts it with vfork instead of forking the whole agent (tens of milliseconds under
-    gVisor). Without it, Python forks and does the same in the child (`_in_child`)."""
-    kwargs: Dict[str, Any] = {
-        "cwd": command.cwd,
-        "env": command.env,
-        "start_new_session": True,
-        "close_fds": True,
-        "pass_fds": pass_fds,
-    }
+    The command starts through `leader` (leader.c, built by the host) where it is there, with
+    `posix_spawn` (a vfork: forking the whole agent takes tens of milliseconds under gVisor,
+    and `subprocess` is 0.6 MiB of every idle agent's memory). Without it, Python's
+    `subprocess` forks and does the same in the child (`_fork`)."""
     child_fds: List[int] = []
     ours: Dict[str, int] = {}
     try:
         if command.pty:
-            _terminal(command, kwargs, child_fds, ours)
+            stdio = _terminal(command, child_fds, ours)
         else:
-            _pipes(command, kwargs, child_fds, ours)
-        fast = os.access(LEADER, os.X_OK)
-        popen = _lead(command, kwargs) if fast else _fork(command, kwargs)
+            stdio = _pipes(command, child_fds, ours)
+        if os.access(LEADER, os.X_OK):
+            child = _lead(command, stdio, pass_fds)
+        else:
+            child = _fork(command, stdio, pass_fds)
     except BaseException:
         for fd in list(ours.values()):
             os.close(fd)
@@ -191,10 +184,23 @@ def spawn(
     finally:
         for fd in child_fds:
             os.close(fd)
-    return popen, ours
+    return child, ours
 
 
-def _lead(command: Command, kwargs: Dict[str, Any]) -> "subprocess.Popen[bytes]":
+class Child:
+    """A process the agent started: what the agent uses of a `subprocess.Popen`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None  # its wait status, once reaped
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitpid(self.pid, 0)[1]
+        return self.returncode
+
+
+def _lead(command: Command, stdio: Stdio, pass_fds: Tuple[int, ...]) -> Child:
     """Start `command` through `LEADER`; raise what it reports before the command runs."""
     program = find_program(command.runs[0], command.env, command.cwd)
     uid = gid = -1
@@ -204,9 +210,10 @@ def _lead(command: Command, kwargs: Dict[str, Any]) -> "subprocess.Popen[bytes]"
         groups = ",".join(str(g) for g in os.getgrouplist(command.user.pw_name, gid))
     err_r, err_w = os.pipe()
     try:
-        kwargs["pass_fds"] = (*kwargs["pass_fds"], err_w)
-        options = [str(err_w), "1" if command.pty else "0", str(uid), str(gid), groups]
-        popen = _popen([LEADER, *options, program, *command.runs], kwargs, command.runs[0])
+        keep = "%d:%s" % (err_w, ",".join(str(fd) for fd in sorted(pass_fds)))  # see leader.c
+        options = [keep, "1" if command.pty else "0", str(uid), str(gid), groups]
+        argv = [LEADER, *options, program, *command.runs]
+        child = _posix_spawn(argv, command, stdio, (*pass_fds, err_w))
         os.close(err_w)
         err_w = -1
         report = _read_all(err_r)  # closed by the command's exec, or its failure reported
@@ -215,10 +222,51 @@ def _lead(command: Command, kwargs: Dict[str, Any]) -> "subprocess.Popen[bytes]"
         if err_w >= 0:
             os.close(err_w)
     if len(report) == 8:
-        popen.wait()
+        child.wait()
         step, code = struct.unpack("ii", report)
         raise _failure(step, code, command.runs[0])
-    return popen
+    return child
+
+
+def _posix_spawn(argv: List[str], command: Command, stdio: Stdio, keep: Tuple[int, ...]) -> Child:
+    """Start `argv` in `command.cwd` with its env, in a session of its own, with `stdio` as its
+    descriptors 0 to 2 and `keep` open under their numbers; nothing else of the agent's.
+
+    posix_spawn closes only what is close-on-exec: every descriptor the agent opens is
+    (Python's default), `keep` is made inheritable only for this call (the agent runs one
+    thing at a time), and the leader closes the rest but what it is told to keep. It has no
+    working directory of its own, so the agent moves to the command's for the call."""
+    actions: List[Tuple[Any, ...]] = []
+    for target, fd in enumerate(stdio):
+        if fd is None:
+            actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_RDONLY, 0))
+        else:
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+    here = os.open(".", os.O_RDONLY)
+    try:
+        try:
+            os.chdir(command.cwd)
+        except OSError as exc:
+            message = "cannot enter %s: %s" % (command.cwd, exc.strerror)
+            raise GuestError("invalid_cwd", message) from None
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            command.env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # what Python set aside, as Popen
+        )
+    except OSError as exc:
+        raise _failure(EXEC, exc.errno or errno.EIO, command.runs[0]) from None
+    finally:
+        for fd in keep:
+            os.set_inheritable(fd, False)
+        os.fchdir(here)
+        os.close(here)
+    return Child(pid)
 
 
 def _read_all(fd: int) -> bytes:
@@ -232,6 +280,7 @@ def _read_all(fd: int) -> bytes:
 
 LEADER_STEPS = {1: "become a subreaper", 2: "take its terminal", 3: "set its groups"}
 LEADER_STEPS.update({4: "set its group", 5: "become its user", 6: "run", 7: "start"})
+LEADER_STEPS[8] = "close the agent's descriptors for"
 EXEC = 6
 
 
@@ -250,19 +299,42 @@ def _failure(step: int, code: int, name: str) -> GuestError:
     return GuestError(errno.errorcode.get(code, "EIO"), message)
 
 
-def _fork(command: Command, kwargs: Dict[str, Any]) -> "subprocess.Popen[bytes]":
-    """Start `command` the slow way, without `LEADER`: Python forks the agent."""
-    kwargs["preexec_fn"] = functools.partial(_in_child, _libc(), bool(command.pty))
+def _fork(command: Command, stdio: Stdio, keep: Tuple[int, ...]) -> Any:
+    """Start `command` the slow way, without `LEADER`: Python's `subprocess` forks the agent,
+    and the child keeps what it starts in its tree and takes its terminal before the exec."""
+    import ctypes  # noqa: PLC0415 - the agent has checked it is there (guest.harden)
+    import subprocess  # noqa: PLC0415 - only here (see `spawn`)
+    import termios  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    terminal = bool(command.pty)
+
+    def in_child() -> None:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if terminal:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    stdin = subprocess.DEVNULL if stdio[0] is None else stdio[0]
+    kwargs: Dict[str, Any] = {"stdin": stdin, "stdout": stdio[1], "stderr": stdio[2]}
     user = command.user
     if user is not None:
         groups = os.getgrouplist(user.pw_name, user.pw_gid)
         kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=groups)
-    return _popen(command.runs, kwargs, command.runs[0])
+    try:
+        return subprocess.Popen(
+            command.runs,
+            cwd=command.cwd,
+            env=command.env,
+            start_new_session=True,
+            pass_fds=keep,
+            preexec_fn=in_child,  # noqa: PLW1509 - the fallback where no leader was built
+            **kwargs,
+        )
+    except OSError as exc:
+        raise _failure(EXEC, exc.errno or errno.EIO, command.runs[0]) from None
 
 
-def _terminal(
-    command: Command, kwargs: Dict[str, Any], child_fds: List[int], ours: Dict[str, int]
-) -> None:
+def _terminal(command: Command, child_fds: List[int], ours: Dict[str, int]) -> Stdio:
     master, slave = os.openpty()
     child_fds.append(slave)
     pty = command.pty or {}
@@ -271,48 +343,25 @@ def _terminal(
     if command.user is not None:
         os.fchown(slave, command.user.pw_uid, command.user.pw_gid)
     command.env.setdefault("TERM", "xterm-256color")
-    kwargs.update(stdin=slave, stdout=slave, stderr=slave)
     ours["pty"] = master
+    return slave, slave, slave
 
 
-def _in_child(libc: Any, terminal: bool) -> None:
-    """In the new process, before it runs the command: keep what it starts in its tree, and
-    take its terminal as the session's."""
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    if terminal:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _libc() -> Any:
-    import ctypes  # noqa: PLC0415 - the agent has checked it is there (guest.harden)
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _pipes(
-    command: Command, kwargs: Dict[str, Any], child_fds: List[int], ours: Dict[str, int]
-) -> None:
+def _pipes(command: Command, child_fds: List[int], ours: Dict[str, int]) -> Stdio:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     child_fds += [out_w, err_w]
     ours.update(stdout=out_r, stderr=err_r)
-    stdin_arg: Any = subprocess.DEVNULL
+    stdin: Optional[int] = None
     if command.stdin:
-        in_r, in_w = os.pipe()
-        child_fds.append(in_r)
+        stdin, in_w = os.pipe()
+        child_fds.append(stdin)
         ours["stdin"] = in_w
-        stdin_arg = in_r
-    kwargs.update(stdin=stdin_arg, stdout=out_w, stderr=err_w)
-
-
-def _popen(argv: List[str], kwargs: Dict[str, Any], name: str) -> "subprocess.Popen[bytes]":
-    try:
-        return subprocess.Popen(argv, **kwargs)
-    except OSError as exc:
-        raise _failure(EXEC, exc.errno or errno.EIO, name) from None
+    return stdin, out_w, err_w
 
 
 def set_size(fd: int, rows: int, cols: int) -> None:
     """Set the size of the terminal whose master is `fd`."""
+    import termios  # noqa: PLC0415 - once a terminal is used, not in every idle agent
+
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

@@ -31,10 +31,12 @@ sandbox that new ones start from) is given a secret of its own by IDENTIFY befor
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import struct
+
+try:
+    from corral.agent.lean import dumps, hmac_sha256, loads
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    from lean import dumps, hmac_sha256, loads  # type: ignore[import-not-found,no-redef]
 
 VERSION = 2
 
@@ -122,12 +124,12 @@ SECRET_BYTES = 32
 
 def socket_name(secret: bytes) -> str:
     """The name of the agent's socket in its directory: unguessable without the secret."""
-    return hmac.new(secret, b"corral agent socket", hashlib.sha256).hexdigest()[:32] + ".sock"
+    return hmac_sha256(secret, b"corral agent socket")[:32] + ".sock"
 
 
 def proof(secret: bytes, challenge: bytes) -> str:
     """What the agent answers a CHALLENGE with (hex)."""
-    return hmac.new(secret, b"corral agent hello" + challenge, hashlib.sha256).hexdigest()
+    return hmac_sha256(secret, b"corral agent hello" + challenge)
 
 
 class ProtocolError(Exception):
@@ -143,7 +145,7 @@ def encode(stream: int, kind: int, payload: bytes = b"") -> bytes:
 
 def encode_json(stream: int, kind: int, message: object) -> bytes:
     """One frame whose payload is `message` as compact JSON."""
-    return encode(stream, kind, json.dumps(message, separators=(",", ":")).encode())
+    return encode(stream, kind, dumps(message).encode())
 
 
 def decode_header(header: bytes) -> tuple[int, int, int]:
@@ -157,7 +159,7 @@ def decode_header(header: bytes) -> tuple[int, int, int]:
 def decode_json(payload: bytes) -> dict:  # type: ignore[type-arg]
     """The JSON object in a payload; anything else is a protocol error."""
     try:
-        message = json.loads(payload)
+        message = loads(payload)
     except ValueError as exc:
         raise ProtocolError("payload is not JSON: %s" % exc) from None
     if not isinstance(message, dict):

@@ -8,7 +8,6 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 from __future__ import annotations
 
 import os
-import re
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
 if TYPE_CHECKING:
@@ -19,10 +18,9 @@ try:
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
 
-# What separates words (compiled with the agent, not at a sandbox's first command: 0.2 ms)
-BLANKS = re.compile(r"[ \t]+")
-# A word the shell takes as it is: nothing it would quote, expand, glob, redirect or split on.
-PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:=@%+,-]+\Z")
+# The characters of a word the shell takes as it is: nothing it would quote, expand, glob,
+# redirect or split on. (Sets, not `re`: its import is memory every idle agent keeps.)
+PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:=@%+,-")
 # What the shell runs itself, or reads as syntax: never run from outside it.
 # (bash's `compgen -b` and `compgen -k`, as printed)
 BASH_WORDS = (
@@ -42,8 +40,8 @@ def plain(cmd: str, env: Dict[str, str], cwd: str) -> Optional[List[str]]:
     """`cmd` as the argv the shell would exec, where the shell would do nothing but that: plain
     words separated by spaces, the first a program (not a builtin, keyword or assignment).
     `env` gets what the shell would add (PWD, SHLVL, _). None: the shell must run it."""
-    words = [word for word in BLANKS.split(cmd) if word]
-    if not words or not all(PLAIN_WORD.match(word) for word in words) or "=" in words[0]:
+    words = [word for word in cmd.replace("\t", " ").split(" ") if word]  # blanks separate
+    if not words or not PLAIN.issuperset("".join(words)) or "=" in words[0]:
         return None
     if any(name in ("BASH_ENV", "ENV") or name.startswith("BASH_FUNC_") for name in env):
         return None  # the shell would read a file first, or run a function of that name

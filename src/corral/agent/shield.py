@@ -7,8 +7,12 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 from __future__ import annotations
 
 import os
-import signal
 import sys
+
+try:
+    from corral.agent.lean import signal
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    from lean import signal  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
 if TYPE_CHECKING:
@@ -36,10 +40,10 @@ def harden() -> None:
     # starts) keeps `kill -TERM 1` and the like from ending it. SIGKILL and SIGSTOP cannot be
     # handled: under gVisor the engine notices an agent that stops answering and ends the
     # sandbox, saying why (never a silent hang, never a stand-in).
-    faults = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGSYS", "SIGTRAP"}
+    faults = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT}
+    faults |= {signal.SIGSYS, signal.SIGTRAP}
     for sig in signal.valid_signals():
-        name = getattr(sig, "name", "")  # real-time signals have none
-        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) or name in faults:
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) or sig in faults:
             continue
         try:
             signal.signal(sig, _ignore)
@@ -81,8 +85,8 @@ def take_identity(hostname: Any, secret: Any) -> bytes:
         new = b""
     if len(new) != _SECRET_BYTES:
         raise ValueError("secret must be %d bytes in hex" % _SECRET_BYTES)
+    import _socket as socket  # noqa: PLC0415 - without `socket`'s wrapper (see `lean`)
     import ctypes  # noqa: PLC0415 - as in `harden`
-    import socket  # noqa: PLC0415
 
     socket.sethostname(hostname)
     libc = ctypes.CDLL(None, use_errno=True)

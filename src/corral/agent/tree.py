@@ -17,8 +17,12 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 from __future__ import annotations
 
 import os
-import signal
 import time
+
+try:
+    from corral.agent.lean import signal
+except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    from lean import signal  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
 if TYPE_CHECKING:

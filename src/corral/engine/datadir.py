@@ -35,6 +35,7 @@ AGENT_FILES = (
     "aio.py",
     "aiosync.py",
     "aiostreams.py",
+    "lean.py",
     "contexts.py",
     "kernel.py",
     "kernel.js",
