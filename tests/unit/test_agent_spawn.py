@@ -312,3 +312,30 @@ def test_a_fifo_named_as_a_command_never_blocks_the_agent(tmp_path: Path) -> Non
     (tmp_path / "fifo").chmod(0o755)
     command = procs.Command({"cmd": "./fifo", "cwd": str(tmp_path)}, {"PATH": "/bin"})
     assert command.direct is None  # left to the shell, which reports it
+
+
+def test_the_leader_keeps_only_what_it_is_told_to_and_reads_the_old_form(leader_dir: Path) -> None:
+    """`ERRFD:KEEP` closes every other descriptor from 3 up at the exec; plain `ERRFD` (agents
+    before it, still running in older sandboxes after an upgrade) closes nothing more."""
+    err_r, err_w = os.pipe()
+    kept_r, kept_w = os.pipe()
+    other = os.open(os.devnull, os.O_RDONLY)
+    fds = (err_w, kept_r, kept_w, other)
+
+    def listed(errfd: str) -> tuple[int, set[int]]:
+        argv = [str(leader_dir / "leader"), errfd, "0", "-1", "-1", "-", "/bin/ls"]
+        done = subprocess.run(
+            [*argv, "ls", "/proc/self/fd"], pass_fds=fds, capture_output=True, check=False
+        )
+        return done.returncode, {int(fd) for fd in done.stdout.split()}
+
+    try:
+        assert listed(f"{err_w}:{kept_r},{kept_w}") == (0, {0, 1, 2, 3, kept_r, kept_w})
+        assert listed(f"{err_w}:") == (0, {0, 1, 2, 3})
+        status, old_form = listed(str(err_w))
+        assert status == 0 and {kept_r, kept_w, other} <= old_form and err_w not in old_form
+        for bad in (f"{err_w}:{kept_w},{kept_r}", f"{err_w}:2", f"{err_w}:x", f"{err_w};"):
+            assert listed(bad)[0] == 127, bad  # refused, nothing run
+    finally:
+        for fd in (err_r, *fds):
+            os.close(fd)
