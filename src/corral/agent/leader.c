@@ -179,7 +179,7 @@ static void keep_only(const char *list, int fd) {
         from = (unsigned long)keep + 1;
         item = *end == ',' ? end + 1 : end;
     }
-    close_at_exec(from, 0xffffffffUL, fd);
+    close_at_exec(from, 0x7fffffffUL, fd); /* the largest descriptor (gVisor refuses ~0U) */
 }
 
 __attribute__((used, noreturn)) void leader(long *stack) {
