@@ -339,3 +339,19 @@ def test_the_leader_keeps_only_what_it_is_told_to_and_reads_the_old_form(leader_
     finally:
         for fd in (err_r, *fds):
             os.close(fd)
+
+
+def test_a_c_library_without_posix_spawns_setsid_forks_instead(
+    leader_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's posix_spawn refuses `setsid` where the C library lacks it (glibc before 2.26):
+    the command starts the slow way, in a session of its own all the same."""
+
+    def without_setsid(*_args: object, **_kwargs: object) -> int:
+        raise NotImplementedError("setsid")
+
+    monkeypatch.setattr(procs, "LEADER", str(leader_dir / "leader"))
+    monkeypatch.setattr(os, "posix_spawn", without_setsid)
+    status, out, _ = run({"argv": ["sh", "-c", "ps -o sid= -p $$; echo $$"]})
+    sid, pid = out.split()
+    assert status == 0 and sid == pid

@@ -173,9 +173,13 @@ def spawn(command: Command, pass_fds: Tuple[int, ...] = ()) -> Tuple[Child, Dict
             stdio = _terminal(command, child_fds, ours)
         else:
             stdio = _pipes(command, child_fds, ours)
+        child = None
         if os.access(LEADER, os.X_OK):
-            child = _lead(command, stdio, pass_fds)
-        else:
+            try:
+                child = _lead(command, stdio, pass_fds)
+            except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc < 2.26)
+                pass
+        if child is None:
             child = _fork(command, stdio, pass_fds)
     except BaseException:
         for fd in list(ours.values()):
