@@ -32,12 +32,19 @@
 #include <asm/ioctls.h>
 #include <asm/unistd.h>
 #include <linux/errno.h>
-#include <linux/close_range.h>
 #include <linux/fcntl.h>
 #include <linux/prctl.h>
-#include <linux/resource.h>
+
+/* Linux 5.11's, where the headers are older (the same number on x86-64 and arm64) */
+#ifndef __NR_close_range
+#define __NR_close_range 436
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 enum { SUBREAPER = 1, TERMINAL, GROUPS, GROUP, USER, EXEC, USAGE, CLOSE };
+enum { MAX_KEEP = 64 };
 enum { MAX_GROUPS = 256 };
 
 /* A system call: its result, or -errno. */
@@ -58,27 +65,6 @@ static long sys(long n, long a, long b, long c) {
     return x0;
 #else
 #error "leader.c knows the system calls of x86-64 and arm64 only"
-#endif
-}
-
-/* The same, with a fourth argument. */
-static long sys4(long n, long a, long b, long c, long d) {
-#if defined(__x86_64__)
-    long result;
-    register long r10 __asm__("r10") = d;
-    __asm__ volatile("syscall"
-                     : "=a"(result)
-                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10)
-                     : "rcx", "r11", "memory");
-    return result;
-#elif defined(__aarch64__)
-    register long x8 __asm__("x8") = n;
-    register long x0 __asm__("x0") = a;
-    register long x1 __asm__("x1") = b;
-    register long x2 __asm__("x2") = c;
-    register long x3 __asm__("x3") = d;
-    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
-    return x0;
 #endif
 }
 
@@ -148,38 +134,79 @@ static void set_groups(const char *list, int fd) {
     }
 }
 
-/* Close-on-exec: descriptors `from` to `to`; by one where the kernel cannot do a range. */
-static void close_at_exec(unsigned long from, unsigned long to, int fd) {
-    long done = sys(__NR_close_range, (long)from, (long)to, CLOSE_RANGE_CLOEXEC);
-    if (done == -ENOSYS || done == -EINVAL) { /* before Linux 5.11 */
-        struct rlimit limit;
-        if ((done = sys4(__NR_prlimit64, 0, RLIMIT_NOFILE, 0, (long)&limit)) != 0) {
-            fail(fd, CLOSE, done);
+/* One entry of getdents64's answer. */
+struct entry {
+    unsigned long long inode;
+    long long next;
+    unsigned short size;
+    unsigned char type;
+    char name[];
+};
+
+static int kept(long at, const long *keep, long count) {
+    for (long i = 0; i < count; i++) {
+        if (keep[i] == at) {
+            return 1;
         }
-        for (unsigned long at = from; at <= to && at < limit.rlim_cur; at++) {
-            sys(__NR_fcntl, (long)at, F_SETFD, FD_CLOEXEC); /* -EBADF: not open */
-        }
-    } else if (done != 0) {
-        fail(fd, CLOSE, done);
     }
+    return 0;
+}
+
+/* Close-on-exec, one by one, every descriptor from 3 up that /proc/self/fd lists but those in
+ * `keep`: where close_range is refused (Linux before 5.11, a seccomp filter that does not
+ * know it). Not under gVisor, whose close_range works (see the top of this file for why that
+ * matters). */
+static void by_listing(const long *keep, long count, int fd) {
+    long dir = sys(__NR_openat, AT_FDCWD, (long)"/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) {
+        fail(fd, CLOSE, dir);
+    }
+    char buffer[4096] __attribute__((aligned(8)));
+    long got;
+    while ((got = sys(__NR_getdents64, dir, (long)buffer, sizeof buffer)) > 0) {
+        for (long at = 0; at < got;) {
+            const struct entry *entry = (const struct entry *)(buffer + at);
+            at += entry->size;
+            if (entry->name[0] < '0' || entry->name[0] > '9') {
+                continue; /* . and .. */
+            }
+            long listed = number(entry->name, 0, fd);
+            if (listed >= 3 && listed != dir && !kept(listed, keep, count)) {
+                sys(__NR_fcntl, listed, F_SETFD, FD_CLOEXEC);
+            }
+        }
+    }
+    if (got < 0) {
+        fail(fd, CLOSE, got);
+    }
+    sys(__NR_close, dir, 0, 0);
 }
 
 /* Every descriptor from 3 up closed at the exec but those in `list` (see KEEP). */
 static void keep_only(const char *list, int fd) {
-    unsigned long from = 3;
+    long keep[MAX_KEEP];
+    long count = 0;
     for (const char *item = list; *item != '\0';) {
         const char *end;
-        long keep = number(item, &end, fd);
-        if (keep < (long)from || (*end != ',' && *end != '\0')) {
+        if (count == MAX_KEEP) {
+            fail(fd, USAGE, -E2BIG);
+        }
+        long at = number(item, &end, fd);
+        if (at < (count > 0 ? keep[count - 1] + 1 : 3) || (*end != ',' && *end != '\0')) {
             fail(fd, USAGE, -EINVAL); /* not ascending, or not a descriptor above 2 */
         }
-        if (keep > (long)from) {
-            close_at_exec(from, (unsigned long)keep - 1, fd);
-        }
-        from = (unsigned long)keep + 1;
+        keep[count++] = at;
         item = *end == ',' ? end + 1 : end;
     }
-    close_at_exec(from, 0x7fffffffUL, fd); /* the largest descriptor (gVisor refuses ~0U) */
+    long from = 3;
+    for (long i = 0; i <= count; i++) {
+        long to = i < count ? keep[i] - 1 : 0x7fffffffL; /* the largest (gVisor refuses ~0U) */
+        if (to >= from && sys(__NR_close_range, from, to, CLOSE_RANGE_CLOEXEC) != 0) {
+            by_listing(keep, count, fd);
+            return;
+        }
+        from = to + 2;
+    }
 }
 
 __attribute__((used, noreturn)) void leader(long *stack) {

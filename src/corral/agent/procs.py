@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 # The program every command starts through where the host built it (see `spawn`).
 LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leader")
+SPAWNS = [True]  # emptied once posix_spawn has said it cannot start a session here
 
 
 class Proc:
@@ -174,11 +175,11 @@ def spawn(command: Command, pass_fds: Tuple[int, ...] = ()) -> Tuple[Child, Dict
         else:
             stdio = _pipes(command, child_fds, ours)
         child = None
-        if os.access(LEADER, os.X_OK):
+        if SPAWNS and os.access(LEADER, os.X_OK):
             try:
                 child = _lead(command, stdio, pass_fds)
             except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc < 2.26)
-                pass
+                SPAWNS.clear()
         if child is None:
             child = _fork(command, stdio, pass_fds)
     except BaseException:
@@ -243,18 +244,19 @@ def _posix_spawn(argv: List[str], command: Command, stdio: Stdio, keep: Tuple[in
     actions: List[Tuple[Any, ...]] = []
     for target, fd in enumerate(stdio):
         if fd is None:
-            actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_RDONLY, 0))
+            actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_RDWR, 0))
         else:
             actions.append((os.POSIX_SPAWN_DUP2, fd, target))
-    here = os.open(".", os.O_RDONLY)
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    here = -1
     try:
+        here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.chdir(command.cwd)
         except OSError as exc:
             message = "cannot enter %s: %s" % (command.cwd, exc.strerror)
             raise GuestError("invalid_cwd", message) from None
-        for fd in keep:
-            os.set_inheritable(fd, True)
         pid = os.posix_spawn(
             argv[0],
             argv,
@@ -266,10 +268,11 @@ def _posix_spawn(argv: List[str], command: Command, stdio: Stdio, keep: Tuple[in
     except OSError as exc:
         raise _failure(EXEC, exc.errno or errno.EIO, command.runs[0]) from None
     finally:
+        if here >= 0:  # back where the agent was, before anything else can fail
+            os.fchdir(here)
+            os.close(here)
         for fd in keep:
             os.set_inheritable(fd, False)
-        os.fchdir(here)
-        os.close(here)
     return Child(pid)
 
 

@@ -9,12 +9,6 @@ agent's start (docs/performance.md).
 import os
 import sys
 
-# What the agent inherited besides its stdio (bubblewrap's user namespace, for one) is for no
-# process of the sandbox: commands start with posix_spawn, which keeps whatever is
-# inheritable (procs.spawn). One close_range call from Python 3.10 on; a close per possible
-# descriptor before it.
-os.closerange(3, max(os.sysconf("SC_OPEN_MAX"), 3))
-
 # No OpenSSL (hmac then uses Python's sha256; 0.47 MiB less private memory per idle agent).
 # docs/performance.md.
 sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
