@@ -60,6 +60,8 @@ STDLIB_ONLY = ("core", "agent")
 # Inside a sandbox the agent imports its siblings by their plain names.
 # The agent's modules import each other by bare name inside the sandbox.
 AGENT_SIBLINGS = {name.removesuffix(".py") for name in AGENT_FILES if name.endswith(".py")}
+# Standard modules of other Pythons than this one (the agent runs under the image's, 3.8 on)
+OTHER_PYTHONS = {"_sha2"}  # 3.12's SHA-2 (agent/lean.py)
 # Above these sizes a module, class or function stops being readable in one sitting. Data tables
 # (a seccomp rule list, an OCI spec) are the exception, by name.
 MAX_MODULE_LINES = 500
@@ -105,7 +107,8 @@ def third_party(path: Path) -> Iterator[str]:
             names = [node.module]
         for name in names:
             top = name.split(".")[0]
-            if top != "corral" and top not in sys.stdlib_module_names and top != "__future__":
+            standard = top in sys.stdlib_module_names or top in OTHER_PYTHONS
+            if top != "corral" and not standard and top != "__future__":
                 yield name
 
 
