@@ -113,20 +113,31 @@ static long number(const char *text, const char **end, int fd) {
     return negative ? -value : value;
 }
 
-static void set_groups(const char *list, int fd) {
-    unsigned int groups[MAX_GROUPS];
+/* The comma-separated numbers of `list`, none negative, into `out`: how many. More than `max`
+ * is a failure at `step`. */
+static long numbers(const char *list, long *out, long max, int step, int fd) {
     long count = 0;
     for (const char *item = list; *item != '\0';) {
         const char *end;
-        if (count == MAX_GROUPS) {
-            fail(fd, GROUPS, -E2BIG);
+        if (count == max) {
+            fail(fd, step, -E2BIG);
         }
-        long group = number(item, &end, fd);
-        if (group < 0 || (*end != ',' && *end != '\0')) {
+        long value = number(item, &end, fd);
+        if (value < 0 || (*end != ',' && *end != '\0')) {
             fail(fd, USAGE, -EINVAL);
         }
-        groups[count++] = (unsigned int)group;
+        out[count++] = value;
         item = *end == ',' ? end + 1 : end;
+    }
+    return count;
+}
+
+static void set_groups(const char *list, int fd) {
+    long listed[MAX_GROUPS];
+    unsigned int groups[MAX_GROUPS];
+    long count = numbers(list, listed, MAX_GROUPS, GROUPS, fd);
+    for (long i = 0; i < count; i++) {
+        groups[i] = (unsigned int)listed[i];
     }
     long done = sys(__NR_setgroups, count, (long)groups, 0);
     if (done != 0) {
@@ -185,18 +196,11 @@ static void by_listing(const long *keep, long count, int fd) {
 /* Every descriptor from 3 up closed at the exec but those in `list` (see KEEP). */
 static void keep_only(const char *list, int fd) {
     long keep[MAX_KEEP];
-    long count = 0;
-    for (const char *item = list; *item != '\0';) {
-        const char *end;
-        if (count == MAX_KEEP) {
-            fail(fd, USAGE, -E2BIG);
-        }
-        long at = number(item, &end, fd);
-        if (at < (count > 0 ? keep[count - 1] + 1 : 3) || (*end != ',' && *end != '\0')) {
+    long count = numbers(list, keep, MAX_KEEP, USAGE, fd);
+    for (long i = 0; i < count; i++) {
+        if (keep[i] < (i > 0 ? keep[i - 1] + 1 : 3)) {
             fail(fd, USAGE, -EINVAL); /* not ascending, or not a descriptor above 2 */
         }
-        keep[count++] = at;
-        item = *end == ',' ? end + 1 : end;
     }
     long from = 3;
     for (long i = 0; i <= count; i++) {
