@@ -11,12 +11,13 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from corral.core.errors import CorralError
-from corral.server.cluster import joining
+from corral.server.cluster import api, joining
 from corral.server.cluster.gather import labelled
 from corral.server.cluster.placement import Node, choose, node_entry
 from corral.server.cluster.proxy import sandbox_of
@@ -199,6 +200,21 @@ def test_a_draining_node_takes_no_new_sandboxes_and_is_listed_so() -> None:
     node = Node("n1", 1, "http://n1", "ready", draining=True)
     assert node_entry(node, {"name": "n1", "state": "ready"})["state"] == "draining"
     assert node_entry(replace(node, state="lost"), None)["state"] == "lost"
+
+
+def test_nodes_are_listed_as_they_were_asked_when_one_joins_meanwhile() -> None:
+    """A node that joins while the others are asked is listed next time, not a 500 (the
+    front's list of nodes grows under the `await`)."""
+    nodes = {"n0": Node("n0", 0, "http://n0", "ready")}
+
+    async def describe(node: Node) -> dict[str, Any] | None:
+        nodes["n1"] = Node("n1", 1, "http://n1", "starting")  # its `hello` arrives now
+        await asyncio.sleep(0)
+        return {**_node(node.name, 0.0), "state": "ready"}
+
+    front = SimpleNamespace(nodes=nodes, describe=describe)
+    listed = asyncio.run(api._listed(front))  # type: ignore[arg-type]
+    assert [(entry["name"], entry["state"]) for entry in listed] == [("n0", "ready")]
 
 
 def test_a_body_that_is_not_an_object_is_left_to_a_node_to_refuse() -> None:

@@ -282,11 +282,9 @@ async def _unless_admin(front: Front, request: Request) -> Response | None:
 
 
 async def _listed(front: Front) -> list[dict[str, Any]]:
-    described = await asyncio.gather(*(front.describe(n) for n in front.nodes.values()))
-    return [
-        placement.node_entry(node, seen)
-        for node, seen in zip(front.nodes.values(), described, strict=True)
-    ]
+    nodes = list(front.nodes.values())  # once: a node may join while they are asked
+    described = await asyncio.gather(*(front.describe(node) for node in nodes))
+    return [placement.node_entry(n, seen) for n, seen in zip(nodes, described, strict=True)]
 
 
 async def _events(request: Request) -> Response:
