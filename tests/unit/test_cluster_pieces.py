@@ -319,3 +319,30 @@ async def test_a_local_clusters_nodes_doze_as_the_front_does(tmp_path: Path) -> 
         argv = front._shared_args()
         await front.http.aclose()
         assert argv[argv.index("--doze-after") + 1] == expected
+
+
+async def test_a_lost_node_is_listed_lost_only_once_its_sandboxes_have_ended(
+    tmp_path: Path,
+) -> None:
+    """Whoever sees a node lost finds its sandboxes ended: until the store says so, the node
+    is listed unreachable (and takes no sandboxes, nor requests for its own)."""
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
+    node = front.nodes.setdefault("j1", Node("j1", 1, "https://j1", "ready"))
+    listed: list[str] = []
+
+    class Store:
+        async def live_sandboxes(self) -> list[Any]:
+            listed.append(node_entry(node, None)["state"])
+            assert front.ready() == []
+            return []
+
+    front._store = Store()  # type: ignore[assignment]
+    await front.lost(node, "Ray lost it")
+    await front.http.aclose()
+    assert listed == ["unreachable"]
+    assert node_entry(node, None)["state"] == "lost" and node.detail == "Ray lost it"

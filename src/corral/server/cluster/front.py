@@ -277,11 +277,16 @@ class Front:
         await self.lost(node, "its Corral server did not answer")
 
     async def lost(self, node: Node, detail: str) -> None:
-        """Node `node` is gone: no more placement there, and its sandboxes end (`node_lost`)."""
-        node.state, node.detail = "lost", detail
+        """Node `node` is gone: no more placement there, and its sandboxes end (`node_lost`).
+        It is listed lost once they have ended in the store (`unreachable` until then), so
+        whoever sees the node lost finds its sandboxes ended."""
+        node.state, node.detail = "losing", detail
         log.warning("node %s is lost: %s", node.name, detail)
         why = f"node {node.name} was lost: {detail}"
-        await self._end_sandboxes_of(node, why)
+        try:
+            await self._end_sandboxes_of(node, why)
+        finally:
+            node.state = "lost"
         if self.ray is None:  # another machine's: its server ends them when it starts again
             return
         task = asyncio.create_task(self._clean_up(node, why))

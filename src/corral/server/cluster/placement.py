@@ -20,7 +20,7 @@ class Node:
     name: str
     index: int | None  # its host scope (a local node's Ray resource is `corral_node_<index>`)
     url: str
-    state: str = "starting"  # starting, ready, lost
+    state: str = "starting"  # starting, ready, losing (its sandboxes are being ended), lost
     detail: str | None = None
     draining: bool = False  # no new sandboxes; those it has run on and are reached as ever
 
@@ -79,7 +79,10 @@ def named(nodes: Mapping[str, Node], wanted: object) -> Node:
 
 
 def state_of(node: Node) -> str:
-    """As `corral nodes list` shows it: `draining` for a ready node that takes no more."""
+    """As `corral nodes list` shows it: `draining` for a ready node that takes no more,
+    `unreachable` for one being lost (it is listed `lost` once its sandboxes have ended)."""
+    if node.state == "losing":
+        return "unreachable"
     return "draining" if node.draining and node.state == "ready" else node.state
 
 
@@ -101,7 +104,7 @@ def node_entry(node: Node, seen: dict[str, Any] | None) -> dict[str, Any]:
         return {**seen, "state": state_of(node)}
     empty = {"cpu": 0.0, "memory_mb": 0.0, "disk_mb": 0.0}
     return {
-        "name": node.name, "state": node.state if node.state != "ready" else "unreachable",
+        "name": node.name, "state": "unreachable" if node.state == "ready" else state_of(node),
         "runtimes": [], "sandboxes": 0, "max_sandboxes": 0, "capacity": empty,
         "allocated": empty, "load": 0.0, "memory_available_mb": 0, "pools": [],
         "scope": node.index, "detail": node.detail,
