@@ -103,6 +103,27 @@ async def test_concurrent_creates_cannot_both_pass(store: Store) -> None:
     assert all(isinstance(r, list) or r.code == "too_many_sandboxes" for r in results)  # type: ignore[union-attr]
 
 
+async def test_a_create_that_fails_while_another_is_checked_counts_no_more(
+    store: Store,
+) -> None:
+    """`failed` takes no lock: a create that fails while another of the key's is being
+    checked must not be written back by that check and count for ever."""
+    key, secret = await store.create_key("failing")
+    limits = KeyLimits(store, per_key=2)
+    held = await limits.reserve(f"Bearer {secret}", Quota(), 1)
+    quotas = store.quotas
+
+    async def meanwhile() -> dict[str, Quota]:
+        limits.failed(held)  # the first create's node refused it just now
+        return await quotas()
+
+    store.quotas = meanwhile  # type: ignore[method-assign]
+    second = await limits.reserve(f"Bearer {secret}", Quota(), 1)
+    store.quotas = quotas  # type: ignore[method-assign]
+    assert await limits.reserve(f"Bearer {secret}", Quota(), 1)  # 2 of 2: the failed one is gone
+    limits.failed(second)
+
+
 async def test_what_a_create_asks_for_and_what_is_not_checked(store: Store) -> None:
     default = SandboxSpec()
     assert asked({}) == Quota(cpu=default.cpu, memory_mb=default.memory_mb, disk_mb=default.disk_mb)

@@ -68,7 +68,8 @@ class KeyLimits:
             return []
         async with self._lock:
             live = await self._store.live_sandboxes(owner=key.id)
-            pending = [p for p in self._pending.get(key.id, []) if not await self._stored(p)]
+            listed = self._pending.get(key.id, [])
+            pending = [p for p in listed if not await self._stored(p)]
             mine = len(live) + len(pending)
             if mine + count > self._per_key:
                 raise LimitReached(
@@ -94,7 +95,11 @@ class KeyLimits:
                         retry_after=60,
                     )
             entries = [Pending(asks) for _ in range(count)]
-            self._pending[key.id] = pending + entries
+            # What the store shows now counts there; what failed meanwhile (`failed` takes no
+            # lock) is gone from the current list and must not come back from `listed`.
+            shown = {id(p) for p in listed} - {id(p) for p in pending}
+            now = [p for p in self._pending.get(key.id, []) if id(p) not in shown]
+            self._pending[key.id] = now + entries
         return entries
 
     async def _stored(self, entry: Pending) -> bool:
