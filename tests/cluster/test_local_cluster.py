@@ -75,10 +75,23 @@ async def _end_leftovers(directory: Path) -> None:
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    """Until `check()` holds; a front that says for now that no node is ready (503) or a
+    connection that fails is asked again, any other error fails at once."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while not _holds(check):
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.2)
+
+
+def _holds(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except CorralError as error:
+        if error.status_code != 503:
+            raise
+    except httpx.TransportError:
+        pass
+    return False
 
 
 def scope_cgroups(index: int) -> list[str]:

@@ -108,7 +108,7 @@ async def test_a_create_that_fails_while_another_is_checked_counts_no_more(
 ) -> None:
     """`failed` takes no lock: a create that fails while another of the key's is being
     checked must not be written back by that check and count for ever."""
-    key, secret = await store.create_key("failing")
+    _, secret = await store.create_key("failing")
     limits = KeyLimits(store, per_key=2)
     held = await limits.reserve(f"Bearer {secret}", Quota(), 1)
     quotas = store.quotas

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
 from corral.core.errors import CorralError
@@ -346,3 +347,81 @@ async def test_a_lost_node_is_listed_lost_only_once_its_sandboxes_have_ended(
     await front.http.aclose()
     assert listed == ["unreachable"]
     assert node_entry(node, None)["state"] == "lost" and node.detail == "Ray lost it"
+
+
+async def test_a_node_that_answers_slowly_at_first_is_ready_and_one_that_refuses_is_lost(
+    tmp_path: Path,
+) -> None:
+    """A joining node whose `/v1/nodes` fails at first (busy: a 503, a timeout) is asked again
+    and becomes ready; only one that refuses the front's key (it does not share the front's
+    store) is lost for it."""
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    class Store:
+        async def live_sandboxes(self) -> list[Any]:
+            return []
+
+    for answers, state in (([503, 503, 200], "ready"), ([503, 401], "lost")):
+        left = list(answers)
+
+        def answer(request: httpx.Request, left: list[int] = left) -> httpx.Response:
+            if request.url.path == "/healthz":
+                return httpx.Response(200, json={"status": "ok"})
+            status = left.pop(0) if len(left) > 1 else left[0]
+            if status != 200:
+                return httpx.Response(status, json={"error": {"code": "x", "message": "x"}})
+            return httpx.Response(200, json=[{**_node("j1", 0.0), "state": "ready"}])
+
+        front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
+        front._store = Store()  # type: ignore[assignment]
+        await front.http.aclose()
+        front.http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        node = front.nodes.setdefault("j1", Node("j1", 1, "https://j1"))
+        await front._until_healthy(node)
+        await front.http.aclose()
+        assert node.state == state
+        if state == "lost":
+            assert node.detail is not None and "does not share the front's store" in node.detail
+
+
+async def test_a_lost_nodes_sandboxes_are_ended_as_the_store_has_them_now(tmp_path: Path) -> None:
+    """A sandbox listed on the lost node that moved off it (or ended) meanwhile is left as it
+    now is, not overwritten from the list."""
+    from corral.core.models import SandboxInfo
+    from corral.core.spec import SandboxSpec
+    from corral.core.state import SandboxState
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    def on(node: str, number: int) -> SandboxInfo:
+        spec = SandboxSpec(runtime="namespaces")
+        return SandboxInfo(id=f"sb-{number:016x}", state=SandboxState.RUNNING,
+                           runtime="namespaces", spec=spec, created_at=0.0, expires_at=None,
+                           node=node)  # fmt: skip
+
+    listed = [on("j1", 1), on("j1", 2)]
+    now = {"sb-0000000000000001": on("j0", 1), "sb-0000000000000002": on("j1", 2)}
+    written: list[SandboxInfo] = []
+
+    class Store:
+        async def live_sandboxes(self) -> list[SandboxInfo]:
+            return listed
+
+        async def get_sandbox(self, sandbox_id: str) -> tuple[str, SandboxInfo]:
+            return "key-1", now[sandbox_id]  # the first moved to j0 since it was listed
+
+        async def update_sandbox(self, info: SandboxInfo) -> None:
+            written.append(info)
+
+    front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
+    front._store = Store()  # type: ignore[assignment]
+    await front.lost(front.nodes.setdefault("j1", Node("j1", 1, "https://j1", "ready")), "gone")
+    await front.http.aclose()
+    assert [(info.id, info.state.value, info.node) for info in written] == [
+        ("sb-0000000000000002", "terminated", "j1")
+    ]

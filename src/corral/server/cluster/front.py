@@ -243,10 +243,13 @@ class Front:
             except (ValueError, KeyError, TypeError, AttributeError, ssl.SSLError):
                 log.warning("the cluster agent said %r", line[:200])
                 continue
-            if said.get("state") == "up":
-                await self._until_healthy(node)
-            elif said.get("state") == "lost" and node.state != "lost":
-                await self.lost(node, str(said.get("detail") or "Ray lost it"))
+            try:  # in order, one at a time: a node's states never interleave
+                if said.get("state") == "up":
+                    await self._until_healthy(node)
+                elif said.get("state") == "lost" and node.state != "lost":
+                    await self.lost(node, str(said.get("detail") or "Ray lost it"))
+            except Exception:  # the store, say: the next word about the nodes is still heard
+                log.exception("handling the cluster agent's %r failed", line[:200])
 
     def _joining(self, said: dict[str, Any]) -> Node:
         """A joined node that is up, new or back: where it serves, and the CA to trust."""
@@ -264,10 +267,13 @@ class Front:
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if (await self.http.get(f"{node.url}/healthz", timeout=2)).status_code == 200:
-                    if await self.describe(node) is None:  # it does not know the front's key
-                        why = f"it does not share the front's store (check its {STORE_ENV})"
-                        await self.lost(node, why)
-                        return
+                    if await self.describe(node) is None:  # slow or busy, or foreign
+                        if await self._refuses_front(node):
+                            why = f"it does not share the front's store (check its {STORE_ENV})"
+                            await self.lost(node, why)
+                            return
+                        await asyncio.sleep(0.2)
+                        continue
                     node.state = "ready"
                     log.info("node %s is ready at %s", node.name, node.url)
                     if node.draining:  # drained before a restart: what is left moves now
@@ -275,6 +281,14 @@ class Front:
                     return
             await asyncio.sleep(0.2)
         await self.lost(node, "its Corral server did not answer")
+
+    async def _refuses_front(self, node: Node) -> bool:
+        """Whether node `node` refuses the front's admin key: it does not know it, so it does
+        not share the front's store. A timeout or a 5xx is not that."""
+        answer = await self.http.get(
+            f"{node.url}/v1/nodes", headers=self.admin_headers(), timeout=5
+        )
+        return answer.status_code in (401, 403)
 
     async def lost(self, node: Node, detail: str) -> None:
         """Node `node` is gone: no more placement there, and its sandboxes end (`node_lost`).
@@ -285,8 +299,9 @@ class Front:
         why = f"node {node.name} was lost: {detail}"
         try:
             await self._end_sandboxes_of(node, why)
-        finally:
-            node.state = "lost"
+        except Exception:  # the store: on this machine the clean-up below ends them again
+            log.exception("ending the sandboxes of lost node %s in the store failed", node.name)
+        node.state = "lost"
         if self.ray is None:  # another machine's: its server ends them when it starts again
             return
         task = asyncio.create_task(self._clean_up(node, why))
@@ -299,9 +314,12 @@ class Front:
         if self.webhooks is not None:
             await self.webhooks.sync()
         now = time.time()
-        for info in await self.store.live_sandboxes():
-            found = await self.store.get_sandbox(info.id) if info.node == node.name else None
+        for listed in await self.store.live_sandboxes():
+            found = await self.store.get_sandbox(listed.id) if listed.node == node.name else None
             if found is None:
+                continue
+            info = found[1]  # as it is now: moved off the node or ended meanwhile, it stays so
+            if info.node != node.name or info.state == SandboxState.TERMINATED:
                 continue
             ended = replace(
                 info,
