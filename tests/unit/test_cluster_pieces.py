@@ -425,3 +425,51 @@ async def test_a_lost_nodes_sandboxes_are_ended_as_the_store_has_them_now(tmp_pa
     assert [(info.id, info.state.value, info.node) for info in written] == [
         ("sb-0000000000000002", "terminated", "j1")
     ]
+
+
+async def test_a_fork_across_nodes_that_loses_a_node_midway_says_so_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All or nothing: the copies made before a node stopped answering are deleted, and the
+    caller gets `node_unavailable` (503), not an HTTP 500."""
+    from starlette.requests import Request
+
+    from corral.server.cluster import moves
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    async def copied(*_args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(moves, "copy", copied)
+    seen: list[tuple[str, str]] = []
+    creates = iter([httpx.Response(201, json={"id": "sb-0000000000000001"}), None])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, f"{request.url.host}{request.url.path}"))
+        if request.method == "GET":
+            return httpx.Response(200, json={"spec": {"runtime": "gvisor"}})
+        if request.url.path.endswith("/snapshot"):
+            return httpx.Response(201, json={"id": "snap-1"})
+        if request.method == "POST":
+            made = next(creates)
+            if made is None:
+                raise httpx.ConnectError("refused", request=request)
+            return made
+        return httpx.Response(204)
+
+    front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
+    await front.http.aclose()
+    front.http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    source, target = Node("j0", 0, "https://j0", "ready"), Node("j1", 1, "https://j1", "ready")
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/"})
+    with pytest.raises(CorralError) as refused:
+        await moves.fork_across(
+            front, request, "sb-00000000000000aa", source=source, target=target, count=2
+        )
+    await front.http.aclose()
+    assert (refused.value.status_code, refused.value.code) == (503, "node_unavailable")
+    assert ("DELETE", "j1/v1/sandboxes/sb-0000000000000001") in seen
+    assert {("DELETE", "j0/v1/snapshots/snap-1"), ("DELETE", "j1/v1/snapshots/snap-1")} <= set(seen)

@@ -131,6 +131,21 @@ async def fork_across(
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
         raise InvalidRequest(f"count must be 1 to {MAX_FORK}")
     sent = asked(request)
+    try:
+        return await _fork_across(
+            front, sent, sandbox_id, source=source, target=target, count=count
+        )
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(
+            f"node {source.name} or {target.name} did not answer during the fork "
+            f"({type(exc).__name__}); nothing was made, retry",
+            code="node_unavailable",
+        ) from exc
+
+
+async def _fork_across(
+    front: Front, sent: Headers, sandbox_id: str, *, source: Node, target: Node, count: int
+) -> Response:
     info = await front.http.get(f"{source.url}/v1/sandboxes/{sandbox_id}", headers=sent)
     if info.status_code != 200:
         return relayed(info)
@@ -143,6 +158,7 @@ async def fork_across(
     fixed = {*FIXED_AT_START, "volumes", "env"}  # the snapshot's own
     spec = {k: v for k, v in info.json()["spec"].items() if k not in fixed}
     made: list[dict[str, Any]] = []
+    whole = False
     try:
         await copy(front, snapshot_id, source, target)
         for _ in range(count):
@@ -150,15 +166,14 @@ async def fork_across(
                 f"{target.url}/v1/sandboxes", headers=sent, json={**spec, "snapshot": snapshot_id}
             )
             if answer.status_code != 201:
-                for entry in made:
-                    with contextlib.suppress(httpx.HTTPError):
-                        await front.http.delete(
-                            f"{target.url}/v1/sandboxes/{entry['id']}", headers=sent
-                        )
                 return relayed(answer)
             made.append(answer.json())
             front.located[made[-1]["id"]] = target.name
+        whole = True
     finally:
+        for entry in [] if whole else made:  # all or nothing
+            with contextlib.suppress(httpx.HTTPError):
+                await front.http.delete(f"{target.url}/v1/sandboxes/{entry['id']}", headers=sent)
         for node in (source, target):
             with contextlib.suppress(httpx.HTTPError):
                 await front.http.delete(f"{node.url}/v1/snapshots/{snapshot_id}", headers=sent)
