@@ -473,3 +473,28 @@ async def test_a_fork_across_nodes_that_loses_a_node_midway_says_so_and_leaves_n
     assert (refused.value.status_code, refused.value.code) == (503, "node_unavailable")
     assert ("DELETE", "j1/v1/sandboxes/sb-0000000000000001") in seen
     assert {("DELETE", "j0/v1/snapshots/snap-1"), ("DELETE", "j1/v1/snapshots/snap-1")} <= set(seen)
+
+
+async def test_an_answer_from_before_an_undrain_does_not_drain_the_node_again(
+    tmp_path: Path,
+) -> None:
+    """A node's view asked before a drain or undrain made here and answered after it is
+    stale on that point: the front's holds, and nothing is moved off the node."""
+    from corral.server.cluster.front import Front
+
+    async def evacuate(_front: Front, _node: Any) -> None:
+        raise AssertionError("nothing drains here")
+
+    node = Node("j1", 1, "https://j1", "ready", draining=True)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        node.draining, node.drains = False, node.drains + 1  # undrained meanwhile
+        return httpx.Response(200, json=[{**_node("j1", 0.0), "state": "draining"}])
+
+    front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
+    await front.http.aclose()
+    front.http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    seen = await front.describe(node)  # as a list or a create asks
+    await front.http.aclose()
+    assert seen is not None and seen["state"] == "ready"
+    assert not node.draining and not front._evacuations

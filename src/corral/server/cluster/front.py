@@ -381,7 +381,7 @@ class Front:
                 f"node {node.name} refused to drain ({marked.status_code}): {marked.text[:200]}",
                 code="node_unavailable",
             )
-        node.draining = draining
+        node.draining, node.drains = draining, node.drains + 1
         if draining:
             self._evacuate(node)
 
@@ -420,6 +420,7 @@ class Front:
 
     async def describe(self, node: Node) -> dict[str, Any] | None:
         """Node `node`'s own view of itself (GET /v1/nodes), None if it does not answer."""
+        drains = node.drains
         try:
             answer = await self.http.get(
                 f"{node.url}/v1/nodes", headers=self.admin_headers(), timeout=5
@@ -429,9 +430,11 @@ class Front:
             return None
         if not listed:
             return None
-        draining = listed[0].get("state") == "draining"  # set there, by any front
+        seen: dict[str, Any] = listed[0]
+        if node.drains != drains:  # drained or undrained here since it was asked: the front's
+            return {**seen, "state": "draining" if node.draining else "ready"}
+        draining = seen.get("state") == "draining"  # set there, by any front
         if draining and not node.draining and node.state == "ready":
             self._evacuate(node)  # drained through another front, or before a restart
         node.draining = draining
-        seen: dict[str, Any] = listed[0]
         return seen

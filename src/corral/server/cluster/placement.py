@@ -23,6 +23,7 @@ class Node:
     state: str = "starting"  # starting, ready, losing (its sandboxes are being ended), lost
     detail: str | None = None
     draining: bool = False  # no new sandboxes; those it has run on and are reached as ever
+    drains: int = 0  # drains and undrains made through this front, to tell stale answers by
 
 
 Describe = Callable[[Node], Awaitable[dict[str, Any] | None]]
