@@ -334,28 +334,36 @@ async def test_a_lost_node_is_listed_lost_only_once_its_sandboxes_have_ended(
 
     front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
     node = front.nodes.setdefault("j1", Node("j1", 1, "https://j1", "ready"))
-    listed: list[str] = []
+    listed: list[tuple[str, list[Node]]] = []
+    failures = [OSError("the store is down")]  # the first try fails: tried again
 
     class Store:
         async def live_sandboxes(self) -> list[Any]:
-            listed.append(node_entry(node, None)["state"])
-            assert front.ready() == []
+            listed.append((node_entry(node, None)["state"], front.ready()))
+            if failures:
+                raise failures.pop()
             return []
 
     front._store = Store()  # type: ignore[assignment]
     await front.lost(node, "Ray lost it")
+    assert node_entry(node, None)["state"] == "unreachable"
+    await asyncio.wait_for(asyncio.gather(*front._retries), 30)
     await front.http.aclose()
-    assert listed == ["unreachable"]
+    assert listed == [("unreachable", []), ("unreachable", [])]
     assert node_entry(node, None)["state"] == "lost" and node.detail == "Ray lost it"
 
 
 async def test_a_node_that_answers_slowly_at_first_is_ready_and_one_that_refuses_is_lost(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A joining node whose `/v1/nodes` fails at first (busy: a 503, a timeout) is asked again
     and becomes ready; only one that refuses the front's key (it does not share the front's
-    store) is lost for it."""
+    store) is lost for it, and one that does not list itself in time."""
+    from corral.server.cluster import front as fronts
     from corral.server.cluster.front import Front
+
+    monkeypatch.setattr(fronts, "START_TIMEOUT", 20.0)  # a regression fails, not hangs
+    monkeypatch.setattr(fronts, "LIST_TIMEOUT", 1.0)
 
     async def evacuate(_front: Front, _node: Any) -> None:
         raise AssertionError("nothing drains here")
@@ -364,7 +372,12 @@ async def test_a_node_that_answers_slowly_at_first_is_ready_and_one_that_refuses
         async def live_sandboxes(self) -> list[Any]:
             return []
 
-    for answers, state in (([503, 503, 200], "ready"), ([503, 401], "lost")):
+    cases = (
+        ([503, 503, 200], "ready", None),
+        ([503, 401], "lost", "does not share the front's store"),
+        ([503], "lost", "did not list itself"),  # for LIST_TIMEOUT
+    )
+    for answers, state, why in cases:
         left = list(answers)
 
         def answer(request: httpx.Request, left: list[int] = left) -> httpx.Response:
@@ -383,8 +396,7 @@ async def test_a_node_that_answers_slowly_at_first_is_ready_and_one_that_refuses
         await front._until_healthy(node)
         await front.http.aclose()
         assert node.state == state
-        if state == "lost":
-            assert node.detail is not None and "does not share the front's store" in node.detail
+        assert why is None or (node.detail is not None and why in node.detail)
 
 
 async def test_a_lost_nodes_sandboxes_are_ended_as_the_store_has_them_now(tmp_path: Path) -> None:

@@ -50,7 +50,15 @@ log = logging.getLogger("corral.cluster")
 
 Evacuate = Callable[["Front", Node], Coroutine[Any, Any, None]]
 START_TIMEOUT = 180.0
+LIST_TIMEOUT = 30.0  # for a node that answers /healthz to list itself (GET /v1/nodes)
 CLEANUP_TIMEOUT = 60.0  # for a lost node's server to die and free its data directory
+
+
+def _keep(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` as a task held in `tasks` until it is done."""
+    task = asyncio.create_task(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _free_port() -> int:
@@ -88,6 +96,7 @@ class Front:
         self._agent: asyncio.subprocess.Process | None = None
         self._listening: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.Task[None]] = set()  # ending a lost node's sandboxes again
         self._evacuations: dict[str, asyncio.Task[None]] = {}  # by node: moves off it
 
     @property
@@ -217,9 +226,10 @@ class Front:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._agent.wait(), 120)
             self._agent = None
-        for task in self._evacuations.values():
+        for task in (*self._evacuations.values(), *self._retries):
             task.cancel()
-        await asyncio.gather(*self._cleanups, *self._evacuations.values(), return_exceptions=True)
+        every = (*self._retries, *self._cleanups, *self._evacuations.values())
+        await asyncio.gather(*every, return_exceptions=True)
         if self.ray is not None:
             await asyncio.to_thread(self.ray.stop)
         await self.http.aclose()
@@ -246,7 +256,7 @@ class Front:
             try:  # in order, one at a time: a node's states never interleave
                 if said.get("state") == "up":
                     await self._until_healthy(node)
-                elif said.get("state") == "lost" and node.state != "lost":
+                elif said.get("state") == "lost" and node.state not in ("losing", "lost"):
                     await self.lost(node, str(said.get("detail") or "Ray lost it"))
             except Exception:  # the store, say: the next word about the nodes is still heard
                 log.exception("handling the cluster agent's %r failed", line[:200])
@@ -263,14 +273,18 @@ class Front:
         return node
 
     async def _until_healthy(self, node: Node) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline, listed_by = time.monotonic() + START_TIMEOUT, None
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if (await self.http.get(f"{node.url}/healthz", timeout=2)).status_code == 200:
+                    listed_by = listed_by or time.monotonic() + LIST_TIMEOUT
                     if await self.describe(node) is None:  # slow or busy, or foreign
                         if await self._refuses_front(node):
                             why = f"it does not share the front's store (check its {STORE_ENV})"
                             await self.lost(node, why)
+                            return
+                        if time.monotonic() > listed_by:
+                            await self.lost(node, "its Corral server did not list itself")
                             return
                         await asyncio.sleep(0.2)
                         continue
@@ -292,21 +306,34 @@ class Front:
 
     async def lost(self, node: Node, detail: str) -> None:
         """Node `node` is gone: no more placement there, and its sandboxes end (`node_lost`).
-        It is listed lost once they have ended in the store (`unreachable` until then), so
-        whoever sees the node lost finds its sandboxes ended."""
+        It is listed lost once they have ended in the store (`unreachable` until then, while
+        a failing store is tried again), so whoever sees the node lost finds them ended."""
         node.state, node.detail = "losing", detail
         log.warning("node %s is lost: %s", node.name, detail)
         why = f"node {node.name} was lost: {detail}"
         try:
             await self._end_sandboxes_of(node, why)
-        except Exception:  # the store: on this machine the clean-up below ends them again
-            log.exception("ending the sandboxes of lost node %s in the store failed", node.name)
-        node.state = "lost"
-        if self.ray is None:  # another machine's: its server ends them when it starts again
-            return
-        task = asyncio.create_task(self._clean_up(node, why))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+            node.state = "lost"
+        except Exception:
+            log.exception("ending lost node %s's sandboxes in the store failed", node.name)
+            _keep(self._retries, self._end_again(node, why))
+        if self.ray is not None:  # this machine's: what they left running ends too
+            _keep(self._cleanups, self._clean_up(node, why))
+
+    async def _end_again(self, node: Node, why: str) -> None:
+        """End a lost node's sandboxes in the store, tried again until it works (the node
+        is listed lost then) or the node joins again (its server ends them as it starts)."""
+        delay = 1.0
+        while node.state == "losing":
+            await asyncio.sleep(delay)
+            try:
+                await self._end_sandboxes_of(node, why)
+            except Exception as exc:
+                log.warning("ending lost node %s's sandboxes failed again: %s", node.name, exc)
+                delay = min(2 * delay, 30.0)
+                continue
+            if node.state == "losing":
+                node.state = "lost"
 
     async def _end_sandboxes_of(self, node: Node, why: str) -> None:
         """End in the store (and say so on the key's stream and webhooks) what still lives

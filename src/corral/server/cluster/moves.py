@@ -138,7 +138,7 @@ async def fork_across(
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(
             f"node {source.name} or {target.name} did not answer during the fork "
-            f"({type(exc).__name__}); nothing was made, retry",
+            f"({type(exc).__name__}); copies may remain: list your sandboxes before you retry",
             code="node_unavailable",
         ) from exc
 
