@@ -111,3 +111,18 @@ async def test_a_take_in_that_did_not_happen_leaves_the_sandbox_where_it_was(
     assert not any(call.endswith("/hand-off/done") for call in calls)
     found = await store.get_sandbox(SANDBOX)
     assert found is not None and found[1].node == "n0"
+
+
+async def test_a_lost_nodes_end_is_not_written_over_a_move_that_came_first(store: Store) -> None:
+    """The front ends a lost node's sandboxes with a write that holds only while the row is
+    live on that node: a move that committed after the front read the row stays."""
+    found = await store.get_sandbox(SANDBOX)
+    assert found is not None
+    ended = dataclasses.replace(found[1], state=SandboxState.TERMINATED, ended_at=time.time())
+    await store.update_sandbox(dataclasses.replace(found[1], node="n1"))  # moved meanwhile
+    assert not await store.update_sandbox(ended, live_on="n0")
+    now = await store.get_sandbox(SANDBOX)
+    assert now is not None and (now[1].node, now[1].state) == ("n1", SandboxState.HIBERNATED)
+    there = dataclasses.replace(ended, node="n1")
+    assert await store.update_sandbox(there, live_on="n1")  # where it is: it ends
+    assert not await store.update_sandbox(there, live_on="n1")  # and only once

@@ -427,8 +427,10 @@ async def test_a_lost_nodes_sandboxes_are_ended_as_the_store_has_them_now(tmp_pa
         async def get_sandbox(self, sandbox_id: str) -> tuple[str, SandboxInfo]:
             return "key-1", now[sandbox_id]  # the first moved to j0 since it was listed
 
-        async def update_sandbox(self, info: SandboxInfo) -> None:
+        async def update_sandbox(self, info: SandboxInfo, *, live_on: str) -> bool:
+            assert live_on == "j1"
             written.append(info)
+            return True
 
     front = Front(ServerConfig(data_dir=tmp_path), 0, evacuate)
     front._store = Store()  # type: ignore[assignment]

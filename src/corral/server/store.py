@@ -437,14 +437,16 @@ class Store:
         async with self._session.begin() as session:
             session.add(SandboxRow(id=info.id, owner=owner, **_columns(info, self._keys)))
 
-    async def update_sandbox(self, info: SandboxInfo) -> None:
-        """Record the engine's newest view of a sandbox (a no-op for unknown ids)."""
+    async def update_sandbox(self, info: SandboxInfo, *, live_on: str | None = None) -> bool:
+        """Record the engine's newest view of a sandbox (a no-op for unknown ids); with
+        `live_on`, only if the row is still live on that node. Whether a row changed."""
+        query = update(SandboxRow).where(SandboxRow.id == info.id)
+        if live_on is not None:
+            live = SandboxRow.state != SandboxState.TERMINATED.value
+            query = query.where(SandboxRow.node == live_on, live)
         async with self._session.begin() as session:
-            await session.execute(
-                update(SandboxRow)
-                .where(SandboxRow.id == info.id)
-                .values(**_columns(info, self._keys))
-            )
+            done = await session.execute(query.values(**_columns(info, self._keys)))
+        return bool(getattr(done, "rowcount", 0))
 
     async def owner(self, sandbox_id: str) -> str | None:
         async with self._session() as session:

@@ -357,8 +357,8 @@ class Front:
                 expires_at=None,
                 history=(*info.history, StateChange(SandboxState.TERMINATED, now, "node_lost")),
             )
-            await self.store.update_sandbox(ended)
-            self.events.publish(found[0], ended)
+            if await self.store.update_sandbox(ended, live_on=node.name):  # not moved since
+                self.events.publish(found[0], ended)
 
     async def _clean_up(self, node: Node, why: str) -> None:
         """On this machine (a local cluster), what a lost node's sandboxes left running is
