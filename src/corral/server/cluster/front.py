@@ -345,9 +345,7 @@ class Front:
             found = await self.store.get_sandbox(listed.id) if listed.node == node.name else None
             if found is None:
                 continue
-            info = found[1]  # as it is now: moved off the node or ended meanwhile, it stays so
-            if info.node != node.name or info.state == SandboxState.TERMINATED:
-                continue
+            info = found[1]  # as it is now (its history)
             ended = replace(
                 info,
                 state=SandboxState.TERMINATED,
@@ -357,7 +355,8 @@ class Front:
                 expires_at=None,
                 history=(*info.history, StateChange(SandboxState.TERMINATED, now, "node_lost")),
             )
-            if await self.store.update_sandbox(ended, live_on=node.name):  # not moved since
+            # Only while it is still live there: moved off the node or ended meanwhile, it stays.
+            if await self.store.update_sandbox(ended, live_on=node.name):
                 self.events.publish(found[0], ended)
 
     async def _clean_up(self, node: Node, why: str) -> None:
