@@ -1,6 +1,7 @@
-"""How the agent starts a command (agent.procs.spawn), on the host, both ways: through the
-`leader` program the engine builds (vfork, no fork of the agent) and without it (Python forks
-and sets things up in the child). Both must give the command the same process."""
+"""How the agent starts a command (agent.procs.spawn), on the host, each way: through the
+`leader.so` library the engine builds (the leader's steps in a vfork child of the agent), through
+the `leader` program (vfork, then its exec), and without either (Python forks and sets things up
+in the child). All must give the command the same process."""
 
 from __future__ import annotations
 
@@ -28,19 +29,25 @@ from corral.engine.datadir import build_leader, install_agent
 def leader_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     agent_dir = tmp_path_factory.mktemp("agent")
     assert build_leader(agent_dir), "the leader program must build (is gcc installed?)"
+    assert (agent_dir / "leader.so").exists(), "the leader library must build on x86-64"
     return agent_dir
 
 
-@pytest.fixture(params=["leader", "fork"])
+@pytest.fixture(params=["library", "leader", "fork"])
 def way(request: pytest.FixtureRequest, leader_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test runs both ways; the other way is made to fail, so neither is taken silently."""
-    leading = request.param == "leader"
+    """Each test runs each way; the other ways are made to fail, so none is taken silently."""
+    leading = request.param != "fork"
     monkeypatch.setattr(procs, "LEADER", str(leader_dir / ("leader" if leading else "absent")))
+    library = "leader.so" if request.param == "library" else "absent.so"
+    monkeypatch.setattr(procs, "LIBRARY", str(leader_dir / library))
+    monkeypatch.setattr(procs, "STARTERS", {})
 
-    def not_this_way(*_args: object) -> None:
+    def not_this_way(*_args: object, **_kwargs: object) -> None:
         raise AssertionError(f"spawn did not go the {request.param} way")
 
     monkeypatch.setattr(procs, "_fork" if leading else "_lead", not_this_way)
+    if request.param == "library":
+        monkeypatch.setattr(os, "posix_spawn", not_this_way)
     return str(request.param)
 
 
@@ -174,6 +181,46 @@ def test_nothing_of_the_agent_leaks_into_the_command(way: str) -> None:
     assert sorted(int(fd) for fd in out.split()) == [0, 1, 2, 3]  # 3: ls's own directory
 
 
+def test_the_command_has_default_signals_and_the_agents_mask(way: str) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ, and the agent handles signals of its own: the command
+    starts with them at their defaults (no handler of the agent's may run in the vfork child,
+    on the agent's memory), and with the signal mask the agent had."""
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        status, out, err = run({"argv": ["grep", "-E", "^Sig(Blk|Ign|Cgt)", "/proc/self/status"]})
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGUSR1, previous)
+    assert status == 0, err
+    masks = {line.split(":")[0]: int(line.split()[1], 16) for line in out.decode().splitlines()}
+    for name in ("SIGPIPE", "SIGXFSZ", "SIGUSR1"):
+        bit = 1 << (getattr(signal, name) - 1)
+        assert not masks["SigIgn"] & bit and not masks["SigCgt"] & bit, name
+    assert masks["SigBlk"] == 1 << (signal.SIGUSR2 - 1)
+
+
+@pytest.mark.parametrize("bad", [{"A\0B": "1"}, {"A": "1\0"}, {"A=B": "1"}])
+def test_what_a_c_string_cannot_carry_is_refused_as_posix_spawn_refuses_it(
+    way: str, bad: dict[str, str]
+) -> None:
+    command = procs.Command({"argv": ["true"]}, BASE_ENV)
+    command.env.update(bad)
+    with pytest.raises(ValueError, match=r"null byte|environment variable name"):
+        procs.spawn(command)
+
+
+def test_a_process_the_library_cannot_make_is_a_clear_error(
+    leader_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clone's refusal (EAGAIN at the sandbox's process limit) is said as posix_spawn's was."""
+    monkeypatch.setattr(procs, "LEADER", str(leader_dir / "leader"))
+    monkeypatch.setattr(procs, "STARTERS", {procs.LIBRARY: lambda *_args: -11})
+    with pytest.raises(GuestError) as refused:
+        run({"argv": ["true"]})
+    assert refused.value.code == "limit_reached"
+
+
 def test_descriptors_passed_on_purpose_stay_open_under_their_numbers(way: str) -> None:
     """As a code context's kernel gets its request and result pipes."""
     first_r, first_w = os.pipe()
@@ -191,14 +238,15 @@ def test_descriptors_passed_on_purpose_stay_open_under_their_numbers(way: str) -
     assert listed == sorted(passed | {own})
 
 
-def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["leader", "leader.so"])
+def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path, name: str) -> None:
     assert build_leader(tmp_path)
-    leader = tmp_path / "leader"
+    leader = tmp_path / name
     assert stat.S_IMODE(leader.stat().st_mode) == 0o755
     built = leader.stat().st_mtime_ns
     assert build_leader(tmp_path)
     assert leader.stat().st_mtime_ns == built  # unchanged source: kept
-    (tmp_path / "leader.c").write_text("/* another version */")
+    (tmp_path / f"{name}.c").write_text("/* another version */")
     assert build_leader(tmp_path)
     assert leader.stat().st_mtime_ns != built
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
@@ -209,9 +257,11 @@ def test_without_a_compiler_there_is_no_leader(
 ) -> None:
     assert build_leader(tmp_path)
     (tmp_path / "leader.c").write_text("/* an older version */")
+    (tmp_path / "leader.so.c").write_text("/* an older version */")
     monkeypatch.setenv("CC", "no-such-compiler")
     assert not build_leader(tmp_path)
     assert not (tmp_path / "leader").exists()  # a stale build is not used with a new agent
+    assert not (tmp_path / "leader.so").exists()
 
 
 @pytest.mark.parametrize(
@@ -362,6 +412,7 @@ def test_a_c_library_without_posix_spawns_setsid_forks_instead(
         raise NotImplementedError("setsid")
 
     monkeypatch.setattr(procs, "LEADER", str(leader_dir / "leader"))
+    monkeypatch.setattr(procs, "LIBRARY", str(leader_dir / "absent.so"))
     monkeypatch.setattr(procs, "SPAWNS", [True])
     monkeypatch.setattr(os, "posix_spawn", without_setsid)
     for _ in range(2):  # and once it has said so, it is not asked again

@@ -494,4 +494,5 @@ def main() -> None:
         sys.stderr.write("corral agent: cannot read the sandbox's key: %s\n" % (exc,))
         sys.exit(3)
     shield.quiet()
+    procs.starter()
     aio.get_event_loop().run_until_complete(Agent(socket_dir, secret, budget).run())
