@@ -52,6 +52,7 @@ def way(request: pytest.FixtureRequest, leader_dir: Path, monkeypatch: pytest.Mo
 
 
 BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
+POSIX_SPAWN = os.posix_spawn
 
 
 @contextlib.contextmanager
@@ -119,7 +120,16 @@ def test_what_the_command_detaches_stays_in_its_tree(way: str) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
-def test_user_and_groups(way: str) -> None:
+def test_user_and_groups(way: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's command starts through the program, never the library (see
+    procs._posix_spawn for why)."""
+    if way == "library":
+        monkeypatch.setattr(os, "posix_spawn", POSIX_SPAWN)
+
+        def not_the_library(*_args: object) -> None:
+            raise AssertionError("another user's command started through the library")
+
+        monkeypatch.setattr(procs, "_clone", not_the_library)
     user = pwd.getpwnam("nobody")
     status, out, err = run(
         {"argv": ["sh", "-c", "id -u; id -g; id -G; echo $HOME"], "user": user.pw_name}
@@ -183,8 +193,7 @@ def test_nothing_of_the_agent_leaks_into_the_command(way: str) -> None:
 
 def test_the_command_has_default_signals_and_the_agents_mask(way: str) -> None:
     """Python ignores SIGPIPE and SIGXFSZ, and the agent handles signals of its own: the command
-    starts with them at their defaults (no handler of the agent's may run in the vfork child,
-    on the agent's memory), and with the signal mask the agent had."""
+    starts with them at their defaults, and with the signal mask the agent had."""
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     try:

@@ -262,7 +262,9 @@ __attribute__((used, noreturn)) void leader(long *stack) {
  * its exec, on a stack of its own), and then takes the program's steps in that child, so the
  * command costs one exec instead of two. Under gVisor that is 6 to 10 ms of every command's
  * 20 to 30 (measured, see docs/performance.md). x86-64 only: elsewhere it is not built, and the
- * agent starts the program. */
+ * agent starts the program. The agent starts the program, too, for a command run as another
+ * user: after its setresuid this child, still on the agent's memory, could be stopped by that
+ * user's processes, and the agent, waiting for its exec, with it. */
 #if !defined(__x86_64__)
 #error "the leader library is for x86-64 only (the program serves elsewhere)"
 #endif
@@ -283,8 +285,7 @@ struct start {
     long argc;
     char **argv;
     char **envp;
-    const int *stdio;   /* descriptors for 0, 1 and 2; -1 for /dev/null */
-    unsigned long mask; /* the agent's signal mask, the child's at its exec */
+    const int *stdio; /* descriptors for 0, 1 and 2; -1 for /dev/null */
 };
 
 /* The child's stack: one spawn at a time, as the agent calls corral_spawn holding Python's GIL
@@ -301,27 +302,24 @@ static long sys4(long n, long a, long b, long c, long d) {
     return result;
 }
 
-/* In the child: no handler of the agent's may run here (it would run on the agent's memory),
- * so those signals go back to their defaults, as do SIGPIPE and SIGXFSZ, which Python ignores
- * (as posix_spawn's setsigdef did); then the agent's mask is restored. */
-static void default_signals(unsigned long mask) {
-    for (long sig = 1; sig <= 64; sig++) {
-        struct action old, plain = {0, 0, 0, 0};
-        if (sig == SIGKILL || sig == SIGSTOP || sys4(__NR_rt_sigaction, sig, 0, (long)&old, 8) != 0) {
-            continue;
-        }
-        if (old.handler > 1 || sig == SIGPIPE || sig == SIGXFSZ) { /* 0 default, 1 ignored */
-            sys4(__NR_rt_sigaction, sig, (long)&plain, 0, 8);
-        }
-    }
-    sys4(__NR_rt_sigprocmask, SIG_SETMASK, (long)&mask, 0, 8);
+/* Signals: the command gets SIGPIPE and SIGXFSZ at their defaults (Python ignores them, as
+ * posix_spawn's setsigdef undid), the agent's handlers reset by its exec, and the agent's mask.
+ * Unlike glibc's posix_spawn, the child does not block every signal and reset each handler
+ * first (about 130 system calls, 1 to 3 ms of every command under gVisor, measured): the agent's
+ * handlers are no-ops or a byte on its wakeup pipe (shield.harden, aio), so one that runs in
+ * this child, on the agent's memory, only makes the agent see a signal it was not sent, which
+ * whoever can signal this child (the agent's own user) can cause by signalling the agent. */
+static void default_signals(void) {
+    struct action plain = {0, 0, 0, 0};
+    sys4(__NR_rt_sigaction, SIGPIPE, (long)&plain, 0, 8);
+    sys4(__NR_rt_sigaction, SIGXFSZ, (long)&plain, 0, 8);
 }
 
 __attribute__((used, noreturn)) static void child(struct start *start) {
     const char *rest;
     int fd = (int)number(start->argv[1], &rest, 2);
     long done;
-    default_signals(start->mask);
+    default_signals();
     if ((done = sys(__NR_setsid, 0, 0, 0)) < 0) {
         fail(fd, SESSION, done);
     }
@@ -352,12 +350,10 @@ __attribute__((used, noreturn)) static void child(struct start *start) {
  * and `stdio` in a session of its own: its pid, or -errno where it could not be made. What
  * fails later is reported on ERRFD, as the program does. */
 __attribute__((visibility("default"))) long corral_spawn(char **argv, char **envp, const int *stdio) {
-    struct start start = {0, argv, envp, stdio, 0};
+    struct start start = {0, argv, envp, stdio};
     while (argv[start.argc] != 0) {
         start.argc++;
     }
-    unsigned long all = ~0UL;
-    sys4(__NR_rt_sigprocmask, SIG_SETMASK, (long)&all, (long)&start.mask, 8);
     long pid;
     register long r10 __asm__("r10") = 0;
     register long r8 __asm__("r8") = 0;
@@ -378,7 +374,6 @@ __attribute__((visibility("default"))) long corral_spawn(char **argv, char **env
                        "S"(child_stack + sizeof child_stack), "d"(0), "r"(r10), "r"(r8), "r"(r9),
                        "r"(r12)
                      : "rcx", "r11", "memory");
-    sys4(__NR_rt_sigprocmask, SIG_SETMASK, (long)&start.mask, 0, 8);
     return pid;
 }
 #endif

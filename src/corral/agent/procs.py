@@ -241,12 +241,12 @@ def _posix_spawn(argv: List[str], command: Command, stdio: Stdio, keep: Tuple[in
     descriptors 0 to 2 and `keep` open under their numbers; nothing else of the agent's.
 
     With `LIBRARY` the leader's steps run in the vfork child itself (`_clone`), which saves the
-    command an exec (under gVisor 6 to 10 ms of every command); without it `posix_spawn` starts
-    the leader program. Either way only what is close-on-exec is closed at first: every
-    descriptor the agent opens is (Python's default), `keep` is made inheritable only for this
-    call (the agent runs one thing at a time), and the leader's steps close the rest but what
-    they are told to keep. Neither has a working directory of its own, so the agent moves to
-    the command's for the call."""
+    command an exec (under gVisor 6 to 10 ms of every command); without it, or for a command
+    run as another user, `posix_spawn` starts the leader program. Either way only what is
+    close-on-exec is closed at first: every descriptor the agent opens is (Python's default),
+    `keep` is made inheritable only for this call (the agent runs one thing at a time), and the
+    leader's steps close the rest but what they are told to keep. Neither has a working
+    directory of its own, so the agent moves to the command's for the call."""
     for fd in keep:
         os.set_inheritable(fd, True)
     here = -1
@@ -257,7 +257,12 @@ def _posix_spawn(argv: List[str], command: Command, stdio: Stdio, keep: Tuple[in
         except OSError as exc:
             message = "cannot enter %s: %s" % (command.cwd, exc.strerror)
             raise GuestError("invalid_cwd", message) from None
-        start = starter()
+        # Not for a command run as another user: between its setresuid and its exec the child,
+        # still on the agent's memory, could be stopped by that user's processes, and the agent
+        # with it (a vfork parent waits for its child's exec). The program drops the user in a
+        # process of its own.
+        user = command.user
+        start = starter() if user is None or user.pw_uid == os.geteuid() else None
         if start is not None:
             pid = _clone(start, argv, command.env, stdio)
         else:
