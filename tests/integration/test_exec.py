@@ -265,7 +265,9 @@ async def test_a_sandbox_stays_snapshottable_after_many_commands(engine: Engine)
     """Starting a command leaves nothing behind in gVisor's Sentry: with a leader linked
     against a static C library (which reads /proc/self/exe), each command cost the Sentry
     ~90 KiB for good, and after 600 of them a second snapshot killed the sandbox at its
-    memory limit (see agent/leader.c)."""
+    memory limit (see agent/leader.c). Four at a time: a signal that ended the agent's wait for
+    its vfork child early (leader.so, before the agent blocked them around the clone) hung the
+    agent at the second command."""
     from corral.core.spec import SandboxSpec
     from tests.conftest import require_runtime
 

@@ -285,7 +285,8 @@ struct start {
     long argc;
     char **argv;
     char **envp;
-    const int *stdio; /* descriptors for 0, 1 and 2; -1 for /dev/null */
+    const int *stdio;   /* descriptors for 0, 1 and 2; -1 for /dev/null */
+    unsigned long mask; /* the agent's signal mask, the child's at its exec */
 };
 
 /* The child's stack: one spawn at a time, as the agent calls corral_spawn holding Python's GIL
@@ -303,23 +304,27 @@ static long sys4(long n, long a, long b, long c, long d) {
 }
 
 /* Signals: the command gets SIGPIPE and SIGXFSZ at their defaults (Python ignores them, as
- * posix_spawn's setsigdef undid), the agent's handlers reset by its exec, and the agent's mask.
- * Unlike glibc's posix_spawn, the child does not block every signal and reset each handler
- * first (about 130 system calls, 1 to 3 ms of every command under gVisor, measured): the agent's
- * handlers are no-ops or a byte on its wakeup pipe (shield.harden, aio), so one that runs in
- * this child, on the agent's memory, only makes the agent see a signal it was not sent, which
- * whoever can signal this child (the agent's own user) can cause by signalling the agent. */
-static void default_signals(void) {
+ * posix_spawn's setsigdef undid), the agent's handlers reset by its exec, and the agent's mask,
+ * which the parent blocked entirely around the clone: a signal must not end the parent's wait
+ * for its vfork child early (under gVisor one did, and the next command's child took the stack
+ * of one still running: the agent hung). Unlike glibc's posix_spawn, the child does not reset
+ * each handler before it unblocks (about 130 system calls, 1 to 3 ms of every command under
+ * gVisor, measured): the agent's handlers are no-ops or a byte on its wakeup pipe
+ * (shield.harden, aio), so one that runs in this child, on the agent's memory, only makes the
+ * agent see a signal it was not sent, which whoever can signal this child (the agent's own
+ * user) can cause by signalling the agent. */
+static void default_signals(unsigned long mask) {
     struct action plain = {0, 0, 0, 0};
     sys4(__NR_rt_sigaction, SIGPIPE, (long)&plain, 0, 8);
     sys4(__NR_rt_sigaction, SIGXFSZ, (long)&plain, 0, 8);
+    sys4(__NR_rt_sigprocmask, SIG_SETMASK, (long)&mask, 0, 8);
 }
 
 __attribute__((used, noreturn)) static void child(struct start *start) {
     const char *rest;
     int fd = (int)number(start->argv[1], &rest, 2);
     long done;
-    default_signals();
+    default_signals(start->mask);
     if ((done = sys(__NR_setsid, 0, 0, 0)) < 0) {
         fail(fd, SESSION, done);
     }
@@ -350,10 +355,12 @@ __attribute__((used, noreturn)) static void child(struct start *start) {
  * and `stdio` in a session of its own: its pid, or -errno where it could not be made. What
  * fails later is reported on ERRFD, as the program does. */
 __attribute__((visibility("default"))) long corral_spawn(char **argv, char **envp, const int *stdio) {
-    struct start start = {0, argv, envp, stdio};
+    struct start start = {0, argv, envp, stdio, 0};
     while (argv[start.argc] != 0) {
         start.argc++;
     }
+    unsigned long all = ~0UL;
+    sys4(__NR_rt_sigprocmask, SIG_SETMASK, (long)&all, (long)&start.mask, 8);
     long pid;
     register long r10 __asm__("r10") = 0;
     register long r8 __asm__("r8") = 0;
@@ -374,6 +381,7 @@ __attribute__((visibility("default"))) long corral_spawn(char **argv, char **env
                        "S"(child_stack + sizeof child_stack), "d"(0), "r"(r10), "r"(r8), "r"(r9),
                        "r"(r12)
                      : "rcx", "r11", "memory");
+    sys4(__NR_rt_sigprocmask, SIG_SETMASK, (long)&start.mask, 0, 8);
     return pid;
 }
 #endif
