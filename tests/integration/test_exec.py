@@ -266,7 +266,7 @@ async def test_a_sandbox_stays_snapshottable_after_many_commands(engine: Engine)
     against a static C library (which reads /proc/self/exe), each command cost the Sentry
     ~90 KiB for good, and after 600 of them a second snapshot killed the sandbox at its
     memory limit (see agent/leader.c). Four at a time: a signal that ended the agent's wait for
-    its vfork child early (leader.so, before the agent blocked them around the clone) hung the
+    its vfork child early (the leader library, before the agent blocked them around the clone) hung the
     agent at the second command."""
     from corral.core.spec import SandboxSpec
     from tests.conftest import require_runtime
@@ -285,6 +285,39 @@ async def test_a_sandbox_stays_snapshottable_after_many_commands(engine: Engine)
         assert (await engine.run(info.id, "echo alive")).stdout == b"alive\n"
     finally:
         await engine.terminate(info.id)
+
+
+async def test_a_snapshot_taken_before_the_agents_library_changed_restores_after(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gVisor sandbox restored from a snapshot maps its agent's leader library again by its
+    name: an upgrade builds a new one beside it (engine.datadir.build_leader) instead of
+    replacing it, so both the restored sandbox and a new one run commands."""
+    from corral.core.spec import SandboxSpec
+    from corral.engine import datadir
+    from tests.conftest import require_runtime
+
+    require_runtime("gvisor")
+    agent_dir = engine.data_dir / "agent"
+    info = await engine.create(SandboxSpec(runtime="gvisor"))
+    restored = fresh = None
+    try:
+        snapshot = await engine.snapshot(info.id)
+        before = (agent_dir / datadir.LIBRARY_POINTER).read_text()
+        monkeypatch.setattr(datadir, "LIBRARY_FLAGS", (*datadir.LIBRARY_FLAGS, "-DUPGRADED"))
+        assert datadir.build_leader(agent_dir)
+        assert (agent_dir / datadir.LIBRARY_POINTER).read_text() != before
+        restored = await engine.create(snapshot=snapshot.id)
+        fresh = await engine.create(SandboxSpec(runtime="gvisor"))
+        for sandbox in (restored, fresh):
+            assert (await engine.run(sandbox.id, ["echo", "alive"])).stdout == b"alive\n"
+        await engine.delete_snapshot(snapshot.id)
+    finally:
+        for made in (info, restored, fresh):
+            if made is not None:
+                await engine.terminate(made.id)
+        monkeypatch.undo()
+        datadir.build_leader(agent_dir)  # the pointer back to this version's library
 
 
 async def test_a_checkpoint_runsc_fails_is_a_clear_error_and_the_sandbox_goes_on(

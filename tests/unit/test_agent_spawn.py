@@ -1,5 +1,5 @@
 """How the agent starts a command (agent.procs.spawn), on the host, each way: through the
-`leader.so` library the engine builds (the leader's steps in a vfork child of the agent), through
+leader library the engine builds (the leader's steps in a vfork child of the agent), through
 the `leader` program (vfork, then its exec), and without either (Python forks and sets things up
 in the child). All must give the command the same process."""
 
@@ -22,6 +22,7 @@ import pytest
 
 from corral.agent import procs
 from corral.agent.fileops import GuestError
+from corral.engine import datadir
 from corral.engine.datadir import build_leader, install_agent
 
 
@@ -29,7 +30,7 @@ from corral.engine.datadir import build_leader, install_agent
 def leader_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     agent_dir = tmp_path_factory.mktemp("agent")
     assert build_leader(agent_dir), "the leader program must build (is gcc installed?)"
-    assert (agent_dir / "leader.so").exists(), "the leader library must build on x86-64"
+    assert (agent_dir / "leader.lib").exists(), "the leader library must build on x86-64"
     return agent_dir
 
 
@@ -38,7 +39,7 @@ def way(request: pytest.FixtureRequest, leader_dir: Path, monkeypatch: pytest.Mo
     """Each test runs each way; the other ways are made to fail, so none is taken silently."""
     leading = request.param != "fork"
     monkeypatch.setattr(procs, "LEADER", str(leader_dir / ("leader" if leading else "absent")))
-    library = "leader.so" if request.param == "library" else "absent.so"
+    library = "leader.lib" if request.param == "library" else "absent.lib"
     monkeypatch.setattr(procs, "LIBRARY", str(leader_dir / library))
     monkeypatch.setattr(procs, "STARTERS", {})
 
@@ -247,17 +248,36 @@ def test_descriptors_passed_on_purpose_stay_open_under_their_numbers(way: str) -
     assert listed == sorted(passed | {own})
 
 
-@pytest.mark.parametrize("name", ["leader", "leader.so"])
-def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path, name: str) -> None:
+def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path) -> None:
     assert build_leader(tmp_path)
-    leader = tmp_path / name
+    leader = tmp_path / "leader"
     assert stat.S_IMODE(leader.stat().st_mode) == 0o755
     built = leader.stat().st_mtime_ns
     assert build_leader(tmp_path)
     assert leader.stat().st_mtime_ns == built  # unchanged source: kept
-    (tmp_path / f"{name}.c").write_text("/* another version */")
+    (tmp_path / "leader.c").write_text("/* another version */")
     assert build_leader(tmp_path)
     assert leader.stat().st_mtime_ns != built
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_a_library_is_never_replaced_and_the_pointer_names_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gVisor sandbox restored from a snapshot maps its agent's library again by name, so a
+    new version (here: new flags) is a new file beside the old one, which stays unchanged."""
+    assert build_leader(tmp_path)
+    old = tmp_path / (tmp_path / "leader.lib").read_text()
+    assert old.name.startswith("leader-") and old.name.endswith(".so")
+    built = old.stat().st_mtime_ns
+    assert build_leader(tmp_path)
+    assert old.stat().st_mtime_ns == built  # the same source and flags: kept
+    flags = (*datadir.LIBRARY_FLAGS, "-DCORRAL_ANOTHER_VERSION")
+    monkeypatch.setattr(datadir, "LIBRARY_FLAGS", flags)
+    assert build_leader(tmp_path)
+    new = tmp_path / (tmp_path / "leader.lib").read_text()
+    assert new != old and new.exists()
+    assert old.stat().st_mtime_ns == built
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
@@ -266,11 +286,11 @@ def test_without_a_compiler_there_is_no_leader(
 ) -> None:
     assert build_leader(tmp_path)
     (tmp_path / "leader.c").write_text("/* an older version */")
-    (tmp_path / "leader.so.c").write_text("/* an older version */")
+    monkeypatch.setattr(datadir, "LIBRARY_FLAGS", (*datadir.LIBRARY_FLAGS, "-DCORRAL_NEWER"))
     monkeypatch.setenv("CC", "no-such-compiler")
     assert not build_leader(tmp_path)
     assert not (tmp_path / "leader").exists()  # a stale build is not used with a new agent
-    assert not (tmp_path / "leader.so").exists()
+    assert not (tmp_path / "leader.lib").exists()  # nor an older library
 
 
 @pytest.mark.parametrize(
@@ -366,11 +386,24 @@ def imported_from(agent_dir: Path) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stderr
 
 
-def test_a_fifo_named_as_a_command_never_blocks_the_agent(tmp_path: Path) -> None:
+def test_a_fifo_named_as_a_command_never_blocks_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_exec(*_args: object) -> None:
+        raise AssertionError("an exec was tried")
+
+    monkeypatch.setattr(procs, "_lead", no_exec)
+    monkeypatch.setattr(procs, "_fork", no_exec)
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "fifo").chmod(0o755)
     command = procs.Command({"cmd": "./fifo", "cwd": str(tmp_path)}, {"PATH": "/bin"})
     assert command.direct is None  # left to the shell, which reports it
+    # Named by a path, it is refused before any exec (gVisor's exec would block opening it,
+    # and the agent with it); so is a directory.
+    for name in ("./fifo", str(tmp_path / "fifo"), str(tmp_path)):
+        with pytest.raises(GuestError) as refused:
+            procs.spawn(procs.Command({"argv": [name], "cwd": str(tmp_path)}, BASE_ENV))
+        assert refused.value.code == "EACCES", name
 
 
 # What makes the leader's close_range fail (EPERM), as an old seccomp profile would.
@@ -421,7 +454,7 @@ def test_a_c_library_without_posix_spawns_setsid_forks_instead(
         raise NotImplementedError("setsid")
 
     monkeypatch.setattr(procs, "LEADER", str(leader_dir / "leader"))
-    monkeypatch.setattr(procs, "LIBRARY", str(leader_dir / "absent.so"))
+    monkeypatch.setattr(procs, "LIBRARY", str(leader_dir / "absent.lib"))
     monkeypatch.setattr(procs, "SPAWNS", [True])
     monkeypatch.setattr(os, "posix_spawn", without_setsid)
     for _ in range(2):  # and once it has said so, it is not asked again

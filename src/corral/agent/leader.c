@@ -257,7 +257,7 @@ __attribute__((used, noreturn)) void leader(long *stack) {
     lead(argc, argv, argv + argc + 1);
 }
 #else
-/* The library (leader.so): the agent's Python calls corral_spawn, which starts the command the
+/* The library (leader-<hash>.so, see engine/datadir.py): the agent's Python calls corral_spawn, which starts the command the
  * way posix_spawn would start the program (a vfork: the child shares the agent's memory until
  * its exec, on a stack of its own), and then takes the program's steps in that child, so the
  * command costs one exec instead of two. Under gVisor that is 6 to 10 ms of every command's
@@ -291,7 +291,7 @@ struct start {
 
 /* The child's stack: one spawn at a time, as the agent calls corral_spawn holding Python's GIL
  * (ctypes.PyDLL). The parent waits in clone until the child has exec'd or exited. */
-static char child_stack[32768] __attribute__((aligned(16)));
+static char child_stack[262144] __attribute__((aligned(16))); /* untouched pages cost nothing */
 
 static long sys4(long n, long a, long b, long c, long d) {
     long result;

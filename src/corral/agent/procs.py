@@ -17,13 +17,17 @@ try:
     from corral.agent import aiosync
     from corral.agent.fileops import GuestError
     from corral.agent.lean import signal
-    from corral.agent.shell import find_program, plain
+    from corral.agent.shell import find_program, plain, refuse_what_is_not_a_file
     from corral.agent.tree import PR_SET_CHILD_SUBREAPER
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     import aiosync  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
     from lean import signal  # type: ignore[import-not-found,no-redef]
-    from shell import find_program, plain  # type: ignore[import-not-found,no-redef]
+    from shell import (  # type: ignore[import-not-found,no-redef]
+        find_program,
+        plain,
+        refuse_what_is_not_a_file,
+    )
     from tree import PR_SET_CHILD_SUBREAPER  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
@@ -33,9 +37,10 @@ if TYPE_CHECKING:
     Stdio = Tuple[Optional[int], int, int]  # a command's descriptors 0 to 2 (None: /dev/null)
 
 # The program every command starts through where the host built it (see `spawn`), and the same
-# steps as a library the agent calls instead where the host could build that too (leader.c).
+# steps as a library the agent calls instead where the host could build that too (leader.c):
+# LIBRARY names it (engine.datadir.build_leader).
 LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leader")
-LIBRARY = LEADER + ".so"
+LIBRARY = LEADER + ".lib"
 SPAWNS = [True]  # emptied once posix_spawn has said it cannot start a session here
 STARTERS: Dict[str, Any] = {}  # LIBRARY's corral_spawn once loaded, None where it cannot be
 
@@ -170,6 +175,7 @@ def spawn(command: Command, pass_fds: Tuple[int, ...] = ()) -> Tuple[Child, Dict
     `posix_spawn` (a vfork: forking the whole agent takes tens of milliseconds under gVisor,
     and `subprocess` is 0.6 MiB of every idle agent's memory). Without it, Python's
     `subprocess` forks and does the same in the child (`_fork`)."""
+    refuse_what_is_not_a_file(command.runs[0], command.cwd)
     child_fds: List[int] = []
     ours: Dict[str, int] = {}
     try:
@@ -297,11 +303,17 @@ def starter() -> Any:
     (not built: no C compiler, not x86-64) or cannot be loaded, and the leader program serves."""
     if LIBRARY not in STARTERS:
         start = None
-        if os.path.exists(LIBRARY):
+        try:
+            with open(LIBRARY) as pointer:
+                name = pointer.read(64)
+        except OSError:
+            name = ""
+        if name.startswith("leader-") and name.endswith(".so") and "/" not in name:
             import ctypes  # noqa: PLC0415 - loaded already (shield.harden)
 
+            path = os.path.join(os.path.dirname(LIBRARY), name)
             try:
-                start = ctypes.PyDLL(LIBRARY).corral_spawn  # PyDLL: the GIL held, one at a time
+                start = ctypes.PyDLL(path).corral_spawn  # PyDLL: the GIL held, one at a time
             except (OSError, AttributeError):
                 start = None
             else:

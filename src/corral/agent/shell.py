@@ -79,6 +79,14 @@ def _same_dir(one: str, other: str) -> bool:
         return False
 
 
+def refuse_what_is_not_a_file(name: str, cwd: str) -> None:
+    """A command named by a path to something that is not a file (a FIFO: gVisor's exec opens
+    it first and blocks, and the agent with it; a directory) is refused as exec refuses it."""
+    path = os.path.join(cwd, name)
+    if "/" in name and os.path.exists(path) and not os.path.isfile(path):
+        raise GuestError("EACCES", "permission denied: %s" % name)
+
+
 def find_program(name: str, env: Dict[str, str], cwd: str) -> str:
     """The file `name` names as a command, searched on `env`'s PATH like exec does."""
     if "/" in name:

@@ -1,8 +1,8 @@
 """The engine's data directory: where it is, who may use it, and what it holds.
 
 <data>/engine.lock     held by the one engine using the directory
-<data>/agent/          the guest agent's code and its `leader` program (built here from
-                       leader.c), bound read-only into every sandbox
+<data>/agent/          the guest agent's code, its `leader` program and `leader-<hash>.so`
+                       libraries (built here from leader.c), bound read-only into every sandbox
 <data>/bin/            the engine's own `enter` and `reaper` programs (built here from
                        runtimes/enter.c and reaper.c)
 <data>/sandboxes/      one directory per sandbox: its record, plan, disk and sockets
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -138,20 +139,38 @@ def _write(target: Path, data: bytes) -> None:
 
 
 LEADER_FLAGS = ("-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-O2", "-s")
-LIBRARY_FLAGS = ("-shared", "-fPIC", *LEADER_FLAGS[1:], "-DCORRAL_LIBRARY")
+LIBRARY_FLAGS = ("-shared", "-fPIC", *LEADER_FLAGS[1:], "-Wl,-z,defs", "-DCORRAL_LIBRARY")
+LIBRARY_POINTER = "leader.lib"  # names the library agents load (agent.procs.LIBRARY)
 ENTER_FLAGS = ("-O2", "-s")
 
 
 def build_leader(agent_dir: Path) -> bool:
     """Build the agent's `leader` program from leader.c, statically and without a C library
-    (see leader.c) so that it runs in any image, and the same steps as `leader.so`, a library
-    the agent loads (x86-64 only; without it the program serves, a few ms slower under gVisor).
+    (see leader.c) so that it runs in any image, and the same steps as a library the agent
+    loads (x86-64 only; without it the program serves, a few ms slower under gVisor).
     Whether the program is there: without it commands still run, but start slower (see
-    agent.procs)."""
+    agent.procs).
+
+    The library is named by a hash of its source and flags, never replaced in place, and the
+    old ones are kept: an agent keeps the one it loaded mapped for its whole life, and a gVisor
+    sandbox restored from a snapshot taken before an upgrade maps it again by its name. The
+    file `leader.lib` names the one new agents load."""
     slower = "commands in sandboxes start"
     built = _build("corral.agent", "leader", LEADER_FLAGS, agent_dir, slower)
-    if platform.machine() in ("x86_64", "AMD64"):
-        _build("corral.agent", "leader", LIBRARY_FLAGS, agent_dir, slower, output="leader.so")
+    pointer = agent_dir / LIBRARY_POINTER
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pointer.unlink(missing_ok=True)
+        return built
+    source = resources.files("corral.agent").joinpath("leader.c").read_bytes()
+    digest = hashlib.sha256(source + "\0".join(LIBRARY_FLAGS).encode()).hexdigest()[:16]
+    library = f"leader-{digest}.so"
+    if (agent_dir / library).exists() or _build(
+        "corral.agent", "leader", LIBRARY_FLAGS, agent_dir, slower, output=library
+    ):
+        if not pointer.exists() or pointer.read_text() != library:
+            _write(pointer, library.encode())
+    else:
+        pointer.unlink(missing_ok=True)
     return built
 
 
@@ -176,29 +195,31 @@ def _build(
     *,
     output: str | None = None,
 ) -> bool:
-    """Build `directory/output` (else `name`) from `package`'s `name.c` with the host's C
-    compiler (`$CC`, else cc); kept while its source is unchanged. Whether it is there."""
+    """Build `directory/name` from `package`'s `name.c` with the host's C compiler (`$CC`,
+    else cc); kept while its source is unchanged. Whether it is there. With `output`, build
+    that file instead, whose name says what it was built from (nothing is kept or replaced)."""
     source = resources.files(package).joinpath(f"{name}.c").read_bytes()
-    output = output or name
-    target = directory / output
-    built_from = directory / f"{output}.c"
-    if target.exists() and built_from.exists() and built_from.read_bytes() == source:
-        return True
-    target.unlink(missing_ok=True)  # an old build may not understand the new caller
+    target = directory / (output or name)
+    built_from = directory / f"{name}.c"
+    if output is None:
+        if target.exists() and built_from.exists() and built_from.read_bytes() == source:
+            return True
+        target.unlink(missing_ok=True)  # an old build may not understand the new caller
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
         log.warning("no C compiler (cc): %s slower; install gcc", slower)
         return False
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
         (Path(work) / f"{name}.c").write_bytes(source)
-        argv = [compiler, *flags, "-o", output, f"{name}.c"]
+        argv = [compiler, *flags, "-o", target.name, f"{name}.c"]
         done = subprocess.run(
             argv, cwd=work, capture_output=True, text=True, timeout=120, check=False
         )
         if done.returncode != 0:
-            log.warning("cannot build %s: %s", output, done.stderr.strip())
+            log.warning("cannot build %s: %s", target.name, done.stderr.strip())
             return False
-        os.chmod(Path(work) / output, 0o755)  # noqa: S103 - every sandbox user runs the leader
-        os.replace(Path(work) / output, target)
-    _write(built_from, source)
+        os.chmod(Path(work) / target.name, 0o755)  # noqa: S103 - every sandbox user runs it
+        os.replace(Path(work) / target.name, target)
+    if output is None:
+        _write(built_from, source)
     return True
