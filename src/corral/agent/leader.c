@@ -289,8 +289,12 @@ struct start {
     unsigned long mask; /* the agent's signal mask, the child's at its exec */
 };
 
-/* The child's stack: one spawn at a time, as the agent calls corral_spawn holding Python's GIL
- * (ctypes.PyDLL). The parent waits in clone until the child has exec'd or exited. */
+/* The child's stack, and what it is told: one spawn at a time, as the agent calls corral_spawn
+ * holding Python's GIL (ctypes.PyDLL). The parent waits in clone until the child has exec'd or
+ * exited, and the agent then reads ERRFD to its end before it can call again (procs._lead), so
+ * neither is reused while a child may still be on them, even if that wait ended early; nor is
+ * anything the child reads on a stack the parent may have returned from. */
+static struct start start;
 static char child_stack[262144] __attribute__((aligned(16))); /* untouched pages cost nothing */
 
 static long sys4(long n, long a, long b, long c, long d) {
@@ -355,7 +359,10 @@ __attribute__((used, noreturn)) static void child(struct start *start) {
  * and `stdio` in a session of its own: its pid, or -errno where it could not be made. What
  * fails later is reported on ERRFD, as the program does. */
 __attribute__((visibility("default"))) long corral_spawn(char **argv, char **envp, const int *stdio) {
-    struct start start = {0, argv, envp, stdio, 0};
+    start.argc = 0;
+    start.argv = argv;
+    start.envp = envp;
+    start.stdio = stdio;
     while (argv[start.argc] != 0) {
         start.argc++;
     }
