@@ -257,9 +257,10 @@ __attribute__((used, noreturn)) void leader(long *stack) {
     lead(argc, argv, argv + argc + 1);
 }
 #else
-/* The library (leader-<hash>.so, see engine/datadir.py): the agent's Python calls corral_spawn, which starts the command the
- * way posix_spawn would start the program (a vfork: the child shares the agent's memory until
- * its exec, on a stack of its own), and then takes the program's steps in that child, so the
+/* The library (leader-<hash>.so, see engine/datadir.py): the agent's Python calls
+ * corral_spawn, which starts the command the way posix_spawn would start the program (a vfork:
+ * the child shares the agent's memory until its exec, on a stack of its own), and then takes
+ * the program's steps in that child, so the
  * command costs one exec instead of two. Under gVisor that is 6 to 10 ms of every command's
  * 20 to 30 (measured, see docs/performance.md). x86-64 only: elsewhere it is not built, and the
  * agent starts the program. The agent starts the program, too, for a command run as another
@@ -309,9 +310,9 @@ static long sys4(long n, long a, long b, long c, long d) {
 
 /* Signals: the command gets SIGPIPE and SIGXFSZ at their defaults (Python ignores them, as
  * posix_spawn's setsigdef undid), the agent's handlers reset by its exec, and the agent's mask,
- * which the parent blocked entirely around the clone: a signal must not end the parent's wait
- * for its vfork child early (under gVisor one did, and the next command's child took the stack
- * of one still running: the agent hung). Unlike glibc's posix_spawn, the child does not reset
+ * which the parent blocked entirely around the clone (without that, four concurrent commands
+ * hung the agent under gVisor; why is not known: gVisor's source ends a vfork wait only at the
+ * child's exec or exit, or a SIGKILL). Unlike glibc's posix_spawn, the child does not reset
  * each handler before it unblocks (about 130 system calls, 1 to 3 ms of every command under
  * gVisor, measured): the agent's handlers are no-ops or a byte on its wakeup pipe
  * (shield.harden, aio), so one that runs in this child, on the agent's memory, only makes the

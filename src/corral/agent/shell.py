@@ -8,6 +8,7 @@ Standard library only, for any Python >= 3.8, like the rest of the agent.
 from __future__ import annotations
 
 import os
+import stat
 
 TYPE_CHECKING = False  # `typing` is for annotations only: 2 ms of every agent's start (aio)
 if TYPE_CHECKING:
@@ -82,8 +83,13 @@ def _same_dir(one: str, other: str) -> bool:
 def refuse_what_is_not_a_file(name: str, cwd: str) -> None:
     """A command named by a path to something that is not a file (a FIFO: gVisor's exec opens
     it first and blocks, and the agent with it; a directory) is refused as exec refuses it."""
-    path = os.path.join(cwd, name)
-    if "/" in name and os.path.exists(path) and not os.path.isfile(path):
+    if "/" not in name:
+        return
+    try:
+        mode = os.stat(os.path.join(cwd, name)).st_mode
+    except OSError:
+        return  # exec says what is wrong with it
+    if not stat.S_ISREG(mode):
         raise GuestError("EACCES", "permission denied: %s" % name)
 
 

@@ -164,9 +164,7 @@ def build_leader(agent_dir: Path) -> bool:
     source = resources.files("corral.agent").joinpath("leader.c").read_bytes()
     digest = hashlib.sha256(source + "\0".join(LIBRARY_FLAGS).encode()).hexdigest()[:16]
     library = f"leader-{digest}.so"
-    if (agent_dir / library).exists() or _build(
-        "corral.agent", "leader", LIBRARY_FLAGS, agent_dir, slower, output=library
-    ):
+    if _build("corral.agent", "leader", LIBRARY_FLAGS, agent_dir, slower, output=library):
         if not pointer.exists() or pointer.read_text() != library:
             _write(pointer, library.encode())
     else:
@@ -197,13 +195,16 @@ def _build(
 ) -> bool:
     """Build `directory/name` from `package`'s `name.c` with the host's C compiler (`$CC`,
     else cc); kept while its source is unchanged. Whether it is there. With `output`, build
-    that file instead, whose name says what it was built from (nothing is kept or replaced)."""
+    that file instead, whose name says what it was built from: kept once there, never replaced."""
     source = resources.files(package).joinpath(f"{name}.c").read_bytes()
     target = directory / (output or name)
     built_from = directory / f"{name}.c"
-    if output is None:
-        if target.exists() and built_from.exists() and built_from.read_bytes() == source:
+    if output is not None:
+        if target.exists():
             return True
+    elif target.exists() and built_from.exists() and built_from.read_bytes() == source:
+        return True
+    else:
         target.unlink(missing_ok=True)  # an old build may not understand the new caller
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
