@@ -288,9 +288,13 @@ def test_a_snapshot_taken_on_one_node_starts_and_forks_on_the_other(front: Serve
         forked = http.post(f"/v1/sandboxes/{origin.id}/fork", json={"count": 2, "node": "n1"})
         assert forked.status_code == 201, forked.text
         copies = [Sandbox.connect(entry["id"], client=tenant) for entry in forked.json()]
+        # Onto its own node: the front sends the body on without `node`, with its new length.
+        at_home = http.post(f"/v1/sandboxes/{origin.id}/fork", json={"count": 1, "node": "n0"})
+        assert at_home.status_code == 201, at_home.text
+        copies.append(Sandbox.connect(at_home.json()[0]["id"], client=tenant))
         try:
             for copy in (started, *copies):
-                assert copy.info().node == "n1"
+                assert copy.info().node == ("n0" if copy is copies[-1] else "n1")
                 assert copy.files.read_text("/root/moved.txt") == "from n0"
                 assert count(copy) >= at_snapshot  # its memory went on from the snapshot
             assert [s["id"] for s in http.get("/v1/snapshots").json()] == [taken.id]

@@ -41,19 +41,24 @@ class StandIn:
         return {"Authorization": "Bearer corral_front"}
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "corral.db", KeyRing([bytes(32)]))
+async def store_with_sandbox(path: Path, state: SandboxState, node: str) -> Store:
+    """A store at `path` with one owner's gVisor sandbox `SANDBOX`, in `state`, on `node`."""
+    opened = await Store.open(path, KeyRing([bytes(32)]))
     key, _ = await opened.create_key("owner")
     now = time.time()
     await opened.add_sandbox(
         key.id,
         SandboxInfo(
-            id=SANDBOX, state=SandboxState.HIBERNATED, runtime="gvisor",
-            spec=SandboxSpec(runtime="gvisor"), created_at=now, expires_at=None, node="n0",
-            history=(StateChange(SandboxState.HIBERNATED, now),),
+            id=SANDBOX, state=state, runtime="gvisor", spec=SandboxSpec(runtime="gvisor"),
+            created_at=now, expires_at=None, node=node, history=(StateChange(state, now),),
         ),
     )  # fmt: skip
+    return opened
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await store_with_sandbox(tmp_path / "corral.db", SandboxState.HIBERNATED, "n0")
     yield opened
     await opened.close()
 

@@ -21,14 +21,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from corral.core.errors import CorralError, LimitReached
+from corral.core.errors import CorralError, LimitReached, ServiceUnavailable
 from corral.core.quota import Quota
 from corral.engine.checkpoints import MAX_FORK
 from corral.server.cluster import gather, images, limits, migration, moves, placement
 from corral.server.cluster.events import merged_events
 from corral.server.cluster.front import Front
 from corral.server.cluster.placement import Node
-from corral.server.cluster.proxy import create_on, forward, headers, sandbox_of
+from corral.server.cluster.proxy import (
+    create_on,
+    forward,
+    headers,
+    previewed,
+    sandbox_of,
+    small_body,
+)
 from corral.server.cluster.sockets import relay
 from corral.server.config import ServerConfig
 from corral.server.errors import error_response
@@ -166,7 +173,7 @@ async def _forked(front: Front, request: Request, body: bytes, asked: Any) -> Re
     try:
         nodes = await front.nodes_for(sandbox_id)
         if wanted is None:
-            return await forward(front, nodes, request, body)
+            return await forward(front, nodes, request, body, sandbox=sandbox_id)
         target = placement.named(front.nodes, wanted)
         if placement.state_of(target) != "ready":
             raise LimitReached(
@@ -175,7 +182,8 @@ async def _forked(front: Front, request: Request, body: bytes, asked: Any) -> Re
                 code="no_node_available",
             )
         if nodes[0] is target:
-            return await forward(front, nodes, request, json.dumps(asked).encode())
+            sent = json.dumps(asked).encode()
+            return await forward(front, nodes, request, sent, sandbox=sandbox_id)
         return await moves.fork_across(
             front, request, sandbox_id, source=nodes[0], target=target, count=asked.get("count")
         )
@@ -203,7 +211,7 @@ async def _move(request: Request) -> Response:
         )
         if seen.status_code != 200:  # not the caller's, or no such sandbox
             return moves.relayed(seen)
-        info = seen.json()
+        info = _sandbox_seen(seen, nodes[0])
         source = front.nodes.get(info.get("node") or "")
         if source is None or source.state != "ready":
             raise LimitReached(
@@ -217,6 +225,20 @@ async def _move(request: Request) -> Response:
         return error_response(error)
     except httpx.HTTPError as exc:
         return error_response(migration.unanswered(nodes[0], exc))
+
+
+def _sandbox_seen(seen: httpx.Response, node: Node) -> dict[str, Any]:
+    """A node's answer about a sandbox, checked to be one (not a 500 for whatever else)."""
+    try:
+        info = seen.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("runtime"), str):
+        raise ServiceUnavailable(
+            f"node {node.name} did not describe the sandbox; retry shortly",
+            code="node_unavailable",
+        )
+    return info
 
 
 async def _each_once(request: Request) -> Response:
@@ -323,17 +345,25 @@ async def _latest_metrics(request: Request) -> Response:
 
 async def _anything(request: Request) -> Response:
     front = _front(request)
+    sandbox = sandbox_of(request.url.path, request.headers.raw)
     try:
-        nodes = await front.nodes_for(sandbox_of(request.url.path, request.headers.raw))
+        nodes = await front.nodes_for(sandbox)
     except CorralError as error:
         return error_response(error)
-    return await forward(front, nodes, request)
+    # A preview's 404 is its server's, not a sign that the sandbox moved.
+    own = None if previewed(request.url.path, request.headers.raw) else sandbox
+    return await forward(front, nodes, request, await small_body(request), sandbox=own)
 
 
 async def _socket(websocket: WebSocket) -> None:
     front = _front(websocket)
+    sandbox = sandbox_of(websocket.url.path, websocket.headers.raw)
     try:
-        nodes = await front.nodes_for(sandbox_of(websocket.url.path, websocket.headers.raw))
+        # Asked of the store, not this front's memory: a node accepts a socket for a sandbox
+        # that moved away (it answers from the store) and cannot be sent it again after.
+        if sandbox is not None:
+            front.located.forget(sandbox)
+        nodes = await front.nodes_for(sandbox)
     except CorralError:
         nodes = []
     if not nodes:

@@ -40,6 +40,7 @@ from corral.engine import Engine, HostScope
 from corral.server.cluster.joining import STORE_ENV, logged
 from corral.server.cluster.limits import KeyLimits
 from corral.server.cluster.local import LocalRay, resource
+from corral.server.cluster.locations import Locations
 from corral.server.cluster.placement import Node
 from corral.server.config import FRONT_KEY_ENV, ServerConfig
 from corral.server.events import EventHub
@@ -87,7 +88,7 @@ class Front:
         self.trust.minimum_version = ssl.TLSVersion.TLSv1_3
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), verify=self.trust)
         self._joined = asyncio.Event()  # the agent started the nodes there at the start
-        self.located: dict[str, str] = {}  # sandbox id -> node name, for those made here
+        self.located = Locations()  # where each sandbox was last seen: a hint
         self.events = EventHub()  # what only the front knows: sandboxes ended with a node
         self._store: Store | None = None
         self._limits: KeyLimits | None = None
@@ -433,12 +434,15 @@ class Front:
     async def nodes_for(self, sandbox_id: str | None) -> list[Node]:
         """Where a request goes: the node that runs `sandbox_id`, else any ready one (they
         answer from the store, as for a sandbox of a lost node)."""
-        name = self.located.get(sandbox_id or "")
-        if name is None and sandbox_id and sandbox_id.startswith("sb-"):
-            found = await self.store.get_sandbox(sandbox_id)
-            name = found[1].node if found else None
+        name = await self.located.lookup(self.store, sandbox_id) if sandbox_id else None
         node = self.nodes.get(name or "")
         return [node] if node is not None and node.state == "ready" else self.any_nodes()
+
+    async def relocated(self, sandbox_id: str, tried: Node) -> Node | None:
+        """The ready node that runs `sandbox_id` now, when `tried` said it has no such
+        sandbox and the store names another (it moved through another front); else None."""
+        node = self.nodes.get(await self.located.recheck(self.store, sandbox_id) or "")
+        return node if node is not None and node is not tried and node.state == "ready" else None
 
     def admin_headers(self) -> dict[str, str]:
         """The front's own admin key, which every node knows (the shared store)."""

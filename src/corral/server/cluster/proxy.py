@@ -24,6 +24,7 @@ PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 # Not copied between the client's connection and the node's.
 # The client's Host goes on: a node serves previews by host name. `Expect: 100-continue` is the
 # front's to answer (it does as it reads the body); the front's own client sends at once.
+SMALL_BODY = 64 * 1024  # bytes; a request with a larger body is streamed to its node
 HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect"})
 
 
@@ -32,20 +33,30 @@ def headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 async def forward(
-    front: Front, nodes: list[Node], request: Request, body: bytes | None = None
+    front: Front,
+    nodes: list[Node],
+    request: Request,
+    body: bytes | None = None,
+    *,
+    sandbox: str | None = None,
 ) -> Response:
     """`request` sent on to the first of `nodes` that takes the connection (one that refuses
     it has read nothing of the request; a read goes on to the next whatever happened), and
-    its answer streamed back."""
+    its answer streamed back. A request about `sandbox` that its node answers 404 goes to
+    the node the store names instead, if another (it moved through another front), where it
+    can be sent again: read whole, or without a body."""
     if not nodes:
         return error_response(
             ServiceUnavailable("no node of the cluster is ready; retry", code="no_node_ready")
         )
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     content: Any = body if body is not None else request.stream()
+    sent_headers = headers(request.headers.raw)
+    if body is not None:  # its length is the body's, which may not be the one the client sent
+        sent_headers = [(k, v) for k, v in sent_headers if k.lower() != b"content-length"]
     for node in nodes:
         sent = front.http.build_request(
-            request.method, node.url + path, headers=headers(request.headers.raw), content=content
+            request.method, node.url + path, headers=sent_headers, content=content
         )
         try:
             answer = await front.http.send(sent, stream=True)
@@ -60,12 +71,32 @@ async def forward(
             return unavailable(node, exc)
     else:
         return unavailable(node, None)
+    if answer.status_code == 404 and sandbox is not None:
+        moved = await front.relocated(sandbox, node)
+        if moved is not None and (body is not None or not _has_body(request)):
+            await answer.aclose()
+            return await forward(front, [moved], request, body or b"")
     return StreamingResponse(
         answer.aiter_raw(),
         status_code=answer.status_code,
         headers={k: v for k, v in answer.headers.items() if k.lower() not in HOP},
         background=BackgroundTask(answer.aclose),
     )
+
+
+def _has_body(request: Request) -> bool:
+    sent = request.headers
+    return sent.get("content-length", "0") != "0" or "transfer-encoding" in sent
+
+
+async def small_body(request: Request) -> bytes | None:
+    """The body of `request` read whole if it is small (a command, a JSON object: so that it
+    can be sent again), else None (an upload: streamed through)."""
+    sent = request.headers
+    length = sent.get("content-length", "")
+    if "transfer-encoding" in sent or not length.isdigit() or int(length) > SMALL_BODY:
+        return None
+    return await request.body()
 
 
 def unavailable(node: Node, exc: Exception | None) -> Response:
@@ -83,18 +114,26 @@ def sandbox_of(path: str, sent: Sequence[tuple[bytes, bytes]] = ()) -> str | Non
     named = given.get(b"e2b-sandbox-id", b"").decode("latin-1").strip()
     if named.startswith("sb-"):
         return named
-    label = PREVIEW_HOST.match(given.get(b"host", b"").decode("latin-1").lower())
+    return previewed(path, sent) or _in_path(path.strip("/").split("/"))
+
+
+def previewed(path: str, sent: Sequence[tuple[bytes, bytes]] = ()) -> str | None:
+    """The sandbox whose preview a request is for (by host name, or under /preview/): its
+    answers are a tenant's server's, any 404 included."""
+    label = PREVIEW_HOST.match(dict(sent).get(b"host", b"").decode("latin-1").lower())
     if label is not None:
         return label[1]
     parts = path.strip("/").split("/")
+    return parts[1] if len(parts) >= 2 and parts[0] == "preview" else None
+
+
+def _in_path(parts: list[str]) -> str | None:
     if parts[:1] == ["v2"]:  # E2B's control API, /v2/sandboxes/{id}…, as /sandboxes/{id}…
         parts = parts[1:]
     for start in (["v1", "sandboxes"], ["sandboxes"]):
         rest = parts[len(start) :]
         if parts[: len(start)] == start and rest and rest[0].startswith("sb-"):
             return rest[0]
-    if len(parts) >= 2 and parts[0] == "preview":
-        return parts[1]
     return None
 
 
