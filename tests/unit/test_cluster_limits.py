@@ -124,6 +124,30 @@ async def test_a_create_that_fails_while_another_is_checked_counts_no_more(
     limits.failed(second)
 
 
+async def test_a_create_that_fails_while_the_store_is_asked_does_not_count_in_that_check(
+    store: Store,
+) -> None:
+    """A create in flight that fails while a check asks the store about another (made, not
+    shown there yet) is not counted by that check: the third create of a key that may have
+    two passes."""
+    _, secret = await store.create_key("failing-midway")
+    limits = KeyLimits(store, per_key=2)
+    made = await limits.reserve(f"Bearer {secret}", Quota(), 1)
+    limits.made(made, ["sb-00000000000000aa"])  # answered; the store does not show it yet
+    in_flight = await limits.reserve(f"Bearer {secret}", Quota(), 1)
+    owner = store.owner
+
+    async def meanwhile(sandbox_id: str) -> str | None:
+        limits.failed(in_flight)  # its node refused it just now
+        return await owner(sandbox_id)
+
+    store.owner = meanwhile  # type: ignore[method-assign]
+    third = await limits.reserve(f"Bearer {secret}", Quota(), 1)
+    store.owner = owner  # type: ignore[method-assign]
+    assert len(third) == 1
+    assert await refused(limits, secret, Quota()) == "too_many_sandboxes"  # 2 of 2 now
+
+
 async def test_what_a_create_asks_for_and_what_is_not_checked(store: Store) -> None:
     default = SandboxSpec()
     assert asked({}) == Quota(cpu=default.cpu, memory_mb=default.memory_mb, disk_mb=default.disk_mb)

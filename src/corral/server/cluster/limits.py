@@ -70,6 +70,8 @@ class KeyLimits:
             live = await self._store.live_sandboxes(owner=key.id)
             listed = self._pending.get(key.id, [])
             pending = [p for p in listed if not await self._stored(p)]
+            still = {id(p) for p in self._pending.get(key.id, [])}  # `failed` may have run
+            pending = [p for p in pending if id(p) in still]
             mine = len(live) + len(pending)
             if mine + count > self._per_key:
                 raise LimitReached(
