@@ -7,6 +7,7 @@ fail loudly: cancellation, timeouts, hand-offs of a lock and a queue's items, fl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -240,6 +241,38 @@ def test_a_removed_reader_made_ready_in_the_same_turn_does_not_run(loop: aio.Loo
     assert len(calls) == 1
     for sock in (a, b, c, d):
         sock.close()
+
+
+def _full_pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write, b"x" * 65536)
+    return read, write
+
+
+def test_a_writer_woken_before_its_descriptor_closes_returns_and_leaves_the_reused_number_watched(
+    loop: aio.Loop,
+) -> None:
+    """A STDIN frame waits for room in a pipe nobody reads, and its command ends: the frame is
+    woken (it would otherwise wait for ever, holding its data), and once it runs, the number
+    of the closed pipe, reused meanwhile and watched by another writer, stays watched."""
+    read, write = _full_pipe()
+    waiting = loop.create_task(aio.writable(write))
+    loop.run_once()
+    assert not waiting.done() and write in loop.watched
+    aio.wake_writer(write)
+    os.close(write)
+    reused = os.dup(read)  # the lowest free number: the one just closed
+    assert reused == write
+    others: list[str] = []
+    loop.add_writer(reused, others.append, "other")
+    run(loop, aio.wait_for(waiting, 5))
+    assert loop.watched[reused][1] is not None  # the other writer is still there
+    loop.remove_writer(reused)
+    for fd in (read, reused):
+        os.close(fd)
 
 
 def streams() -> tuple[aiostreams.StreamReader, aiostreams.StreamWriter, socket.socket]:

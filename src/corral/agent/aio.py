@@ -24,8 +24,7 @@ try:
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
     from lean import deque, heapify, heappop, heappush, signal  # type: ignore[import-not-found,no-redef]
 
-# `typing` is for the type checker only: importing it costs every agent 2 ms of its start and
-# 0.5 MiB (docs/performance.md). At run time `Future[int]` is just `Future`.
+# `typing` is for the type checker only: 2 ms of every agent's start (docs/performance.md).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import (
@@ -198,7 +197,7 @@ class Loop:
         the loop's pipe by the interpreter's C handler, which wakes the epoll wait)."""
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.signals[signum] = Handle(callback, args)
-        signal.signal(signum, _no_op)
+        signal.signal(signum, lambda *_: None)
         signal.siginterrupt(signum, False)
 
     def _read_signals(self) -> None:
@@ -247,10 +246,6 @@ class Loop:
             handle = self.ready.popleft()
             if not handle.cancelled:
                 handle.run()
-
-
-def _no_op(signum: int, frame: Any) -> None:
-    pass
 
 
 _loops: List[Loop] = []  # the process's one loop, once made
@@ -407,9 +402,8 @@ def release(future: Future[Any], value: Any = None) -> None:
 async def sleep(delay: float) -> None:
     loop = get_event_loop()
     future = loop.create_future()
-    timer = (
-        loop.call_later(delay, release, future) if delay > 0 else loop.call_soon(release, future)
-    )
+    later = loop.call_later(delay, release, future) if delay > 0 else None
+    timer = later or loop.call_soon(release, future)
     try:
         await future
     finally:
@@ -417,14 +411,25 @@ async def sleep(delay: float) -> None:
 
 
 async def writable(fd: int) -> None:
-    """Return once `fd` can be written to (a pipe or socket with room again)."""
+    """Return once `fd` can be written to (a pipe or socket with room again), or is given up
+    (`wake_writer`: the caller must check that it is still its to write to)."""
     loop = get_event_loop()
     future = loop.create_future()
     loop.add_writer(fd, release, future)
+    mine = loop.watched[fd][1]
     try:
         await future
-    finally:
-        loop.remove_writer(fd)
+    finally:  # not the writer of a descriptor that reused the number since `wake_writer`
+        if loop.watched.get(fd, (None, None))[1] is mine:
+            loop.remove_writer(fd)
+
+
+def wake_writer(fd: int) -> None:
+    """Wake who waits in `writable(fd)` and stop watching `fd`, before it is closed."""
+    writer = get_event_loop().watched.get(fd, (None, None))[1]
+    get_event_loop().remove_writer(fd)
+    if writer is not None:
+        writer.run()
 
 
 async def wait(

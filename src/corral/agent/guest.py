@@ -340,16 +340,16 @@ class Agent:
         finally:
             if timer is not None:
                 timer.cancel()
-            for leftover in (proc.pty_fd, ours.get("stdin")):
+            leftovers, proc.stdin_fd, proc.pty_fd = (proc.pty_fd, ours.get("stdin")), None, None
+            for leftover in leftovers:
                 if leftover is not None:
                     # A STDIN frame may still wait on it (a process left holding the pipe):
-                    # the loop must not keep watching a descriptor number that is reused.
-                    self.loop.remove_writer(leftover)
+                    # it gives up, and the loop no longer watches a number that is reused.
+                    aio.wake_writer(leftover)
                     try:
                         os.close(leftover)
                     except OSError:
                         pass
-            proc.stdin_fd = proc.pty_fd = None
             self.forget_old()
         return proc.result()
 
@@ -386,6 +386,8 @@ class Agent:
                     view = view[written:]
                 except BlockingIOError:
                     await aio.writable(fd)
+                    if proc.stdin_fd is None:  # the command ended meanwhile: fd is closed
+                        break
                 except OSError:  # the process closed its stdin or exited
                     break
             if not stream.detached and data != b"\x04":
