@@ -248,16 +248,24 @@ def test_descriptors_passed_on_purpose_stay_open_under_their_numbers(way: str) -
     assert listed == sorted(passed | {own})
 
 
-def test_the_leader_is_built_once_and_rebuilt_for_new_source(tmp_path: Path) -> None:
+def test_the_leader_is_built_once_and_rebuilt_for_new_source_or_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "leader.c").write_text("/* how earlier versions said what they built from */")
     assert build_leader(tmp_path)
+    assert not (tmp_path / "leader.c").exists()
     leader = tmp_path / "leader"
     assert stat.S_IMODE(leader.stat().st_mode) == 0o755
     built = leader.stat().st_mtime_ns
     assert build_leader(tmp_path)
-    assert leader.stat().st_mtime_ns == built  # unchanged source: kept
-    (tmp_path / "leader.c").write_text("/* another version */")
+    assert leader.stat().st_mtime_ns == built  # unchanged source and flags: kept
+    (tmp_path / "leader.built").write_text("another version's source")
     assert build_leader(tmp_path)
     assert leader.stat().st_mtime_ns != built
+    built = leader.stat().st_mtime_ns
+    monkeypatch.setattr(datadir, "LEADER_FLAGS", (*datadir.LEADER_FLAGS, "-DCORRAL_NEWER"))
+    assert build_leader(tmp_path)
+    assert leader.stat().st_mtime_ns != built  # the same source with other flags: rebuilt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
@@ -285,7 +293,7 @@ def test_without_a_compiler_there_is_no_leader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert build_leader(tmp_path)
-    (tmp_path / "leader.c").write_text("/* an older version */")
+    (tmp_path / "leader.built").write_text("an older version's source")
     monkeypatch.setattr(datadir, "LIBRARY_FLAGS", (*datadir.LIBRARY_FLAGS, "-DCORRAL_NEWER"))
     monkeypatch.setenv("CC", "no-such-compiler")
     assert not build_leader(tmp_path)

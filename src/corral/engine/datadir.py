@@ -162,8 +162,7 @@ def build_leader(agent_dir: Path) -> bool:
         pointer.unlink(missing_ok=True)
         return built
     source = resources.files("corral.agent").joinpath("leader.c").read_bytes()
-    digest = hashlib.sha256(source + "\0".join(LIBRARY_FLAGS).encode()).hexdigest()[:16]
-    library = f"leader-{digest}.so"
+    library = f"leader-{_made_from(source, LIBRARY_FLAGS)[:16]}.so"
     if _build("corral.agent", "leader", LIBRARY_FLAGS, agent_dir, slower, output=library):
         if not pointer.exists() or pointer.read_text() != library:
             _write(pointer, library.encode())
@@ -194,18 +193,20 @@ def _build(
     output: str | None = None,
 ) -> bool:
     """Build `directory/name` from `package`'s `name.c` with the host's C compiler (`$CC`,
-    else cc); kept while its source is unchanged. Whether it is there. With `output`, build
-    that file instead, whose name says what it was built from: kept once there, never replaced."""
+    else cc); kept while its source and flags are unchanged (`name.built` says what it was
+    built from). Whether it is there. With `output`, build that file instead, whose name says
+    what it was built from: kept once there, never replaced."""
     source = resources.files(package).joinpath(f"{name}.c").read_bytes()
     target = directory / (output or name)
-    built_from = directory / f"{name}.c"
+    stamp, made_from = directory / f"{name}.built", _made_from(source, flags)
     if output is not None:
         if target.exists():
             return True
-    elif target.exists() and built_from.exists() and built_from.read_bytes() == source:
+    elif target.exists() and stamp.exists() and stamp.read_text() == made_from:
         return True
     else:
         target.unlink(missing_ok=True)  # an old build may not understand the new caller
+        (directory / f"{name}.c").unlink(missing_ok=True)  # the stamp of earlier versions
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
         log.warning("no C compiler (cc): %s slower; install gcc", slower)
@@ -222,5 +223,9 @@ def _build(
         os.chmod(Path(work) / target.name, 0o755)  # noqa: S103 - every sandbox user runs it
         os.replace(Path(work) / target.name, target)
     if output is None:
-        _write(built_from, source)
+        _write(stamp, made_from.encode())
     return True
+
+
+def _made_from(source: bytes, flags: tuple[str, ...]) -> str:
+    return hashlib.sha256(source + "\0".join(flags).encode()).hexdigest()
