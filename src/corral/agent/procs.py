@@ -387,31 +387,36 @@ def _fork(command: Command, stdio: Stdio, keep: Tuple[int, ...]) -> Any:
     import termios  # noqa: PLC0415
 
     libc = ctypes.CDLL(None, use_errno=True)
-    terminal = bool(command.pty)
+    terminal, user = bool(command.pty), command.user
+    # Dropped in the child by hand: Popen's `user` and `group` are Python 3.9's.
+    groups = os.getgrouplist(user.pw_name, user.pw_gid) if user is not None else []
 
     def in_child() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         if terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if user is not None:
+            os.setgroups(groups)
+            os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+            os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
 
     stdin = subprocess.DEVNULL if stdio[0] is None else stdio[0]
-    kwargs: Dict[str, Any] = {"stdin": stdin, "stdout": stdio[1], "stderr": stdio[2]}
-    user = command.user
-    if user is not None:
-        groups = os.getgrouplist(user.pw_name, user.pw_gid)
-        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=groups)
     try:
         return subprocess.Popen(
             command.runs,
+            stdin=stdin,
+            stdout=stdio[1],
+            stderr=stdio[2],
             cwd=command.cwd,
             env=command.env,
             start_new_session=True,
             pass_fds=keep,
             preexec_fn=in_child,  # noqa: PLW1509 - the fallback where no leader was built
-            **kwargs,
         )
     except OSError as exc:
         raise _failure(EXEC, exc.errno or errno.EIO, command.runs[0]) from None
+    except subprocess.SubprocessError:  # `in_child` failed: it could not take the user
+        raise _failure(EXEC, errno.EPERM, command.runs[0]) from None
 
 
 def _terminal(command: Command, child_fds: List[int], ours: Dict[str, int]) -> Stdio:
