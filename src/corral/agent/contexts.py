@@ -123,14 +123,14 @@ class Context:
         out_r, out_w = os.pipe()
         self.command.argv[-2:] = [str(in_r), str(out_w)]
         try:
-            popen, ours = procs.spawn(self.command, pass_fds=(in_r, out_w))
+            child, ours = procs.spawn(self.command, pass_fds=(in_r, out_w))
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)
             raise
         os.close(in_r)
         os.close(out_w)
-        self.proc = agent.adopt(popen, self.command.argv, "code-context:" + self.id)
+        self.proc = agent.adopt(child, self.command.argv, "code-context:" + self.id)
         self.requests = in_w
         self.lines = Lines(out_r, RESULT_LIMIT)
         for fd in (out_r, *ours.values()):

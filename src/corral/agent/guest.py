@@ -264,7 +264,7 @@ class Agent:
             proc = self.by_pid.pop(pid, None)
             if proc is not None:
                 proc.status = status
-                proc.popen.returncode = status  # stop Popen from waiting on a reaped child
+                proc.child.returncode = status  # stop Popen from waiting on a reaped child
                 proc.exited.set()
 
     async def readable(self, fd: int, proc: Proc) -> bool:
@@ -304,9 +304,9 @@ class Agent:
         finally:
             os.close(fd)
 
-    def adopt(self, popen: Any, argv: List[str], tag: str) -> Proc:
+    def adopt(self, child: Any, argv: List[str], tag: str) -> Proc:
         """Keep a process just started: listed, reaped, and blamed for memory like the rest."""
-        proc = Proc(self.next_proc_id, popen, argv, tag)
+        proc = Proc(self.next_proc_id, child, argv, tag)
         self.next_proc_id += 1
         self.procs[proc.id] = proc
         self.by_pid[proc.pid] = proc
@@ -315,8 +315,8 @@ class Agent:
 
     async def proc_start(self, stream: Stream, params: Dict[str, Any]) -> Dict[str, Any]:
         command = procs.Command(params, self.base_env)
-        popen, ours = procs.spawn(command)
-        proc = self.adopt(popen, command.argv, command.tag)
+        child, ours = procs.spawn(command)
+        proc = self.adopt(child, command.argv, command.tag)
         for fd in ours.values():
             os.set_blocking(fd, False)
         proc.pty_fd = ours.get("pty")

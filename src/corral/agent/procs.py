@@ -48,10 +48,10 @@ STARTERS: Dict[str, Any] = {}  # LIBRARY's corral_spawn once loaded, None where 
 class Proc:
     """A process started by the host."""
 
-    def __init__(self, proc_id: int, popen: Child, argv: List[str], tag: str) -> None:
+    def __init__(self, proc_id: int, child: Child, argv: List[str], tag: str) -> None:
         self.id = proc_id
-        self.popen = popen
-        self.pid = popen.pid
+        self.child = child
+        self.pid = child.pid
         self.argv = argv
         self.tag = tag
         self.exited = aiosync.Event()
