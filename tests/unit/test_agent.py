@@ -183,6 +183,41 @@ async def test_a_command_ending_with_its_stdin_full_leaves_the_agent_serving(
         assert out == b"line %d" % number
 
 
+async def test_a_stdin_ended_early_is_not_closed_again_when_its_command_ends(
+    link: AgentLink,
+) -> None:
+    """The end of a command's input closes its pipe, and the next commands' pipes reuse the
+    number: the first command's end must not close (or stop watching) one of theirs."""
+    first = await link.open(
+        P.PROC_START, {"argv": ["sh", "-c", "cat >/dev/null; sleep 0.5"], "stdin": True}
+    )
+    assert (await first.receive())[1]["type"] == "started"
+    await first.send_eof(P.STDIN)
+    await link.call(P.PING, {})  # the agent has taken the end of input by its answer
+    # Pipes are made stdout, stderr, stdin, each at the lowest free numbers: the third of
+    # these gets the closed pipe's number for its own end of its stdout.
+    later = []
+    for params in ({"argv": ["cat"], "stdin": True}, {"argv": ["sleep", "1"]}) * 2:
+        started = await link.open(P.PROC_START, {**params, "timeout": 30})
+        assert (await started.receive())[1]["type"] == "started"
+        later.append(started)
+    assert (await asyncio.wait_for(first.result(), 30))["exit_code"] == 0
+    for command in later[::2]:
+        data = os.urandom(200_000)  # more than a pipe holds: the agent waits for room in it
+        await command.send_data(P.STDIN, data)
+        await command.send_eof(P.STDIN)
+        out = b""
+        while True:
+            kind, payload = await asyncio.wait_for(command.receive(), 30)
+            if kind == P.STDOUT:
+                out += payload
+            elif kind == P.REPLY:
+                break
+        assert payload["result"]["exit_code"] == 0 and out == data, payload
+    for command in later[1::2]:
+        assert (await asyncio.wait_for(command.result(), 30))["exit_code"] == 0
+
+
 async def _fed(link: AgentLink, argv: list[str], data: bytes) -> tuple[bytes, dict[str, Any]]:
     """Run `argv` with `data` as its whole stdin, sent once it has started (as the engine
     does: a frame before the started event has no process to go to); its stdout and REPLY."""

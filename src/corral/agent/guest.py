@@ -340,16 +340,16 @@ class Agent:
         finally:
             if timer is not None:
                 timer.cancel()
-            leftovers, proc.stdin_fd, proc.pty_fd = (proc.pty_fd, ours.get("stdin")), None, None
+            # What is still open (an end of input closed a pipe's stdin already): a STDIN frame
+            # waiting on it gives up, and the loop no longer watches a number that is reused.
+            leftovers = {fd for fd in (proc.pty_fd, proc.stdin_fd) if fd is not None}
+            proc.stdin_fd = proc.pty_fd = None
             for leftover in leftovers:
-                if leftover is not None:
-                    # A STDIN frame may still wait on it (a process left holding the pipe):
-                    # it gives up, and the loop no longer watches a number that is reused.
-                    aio.wake_writer(leftover)
-                    try:
-                        os.close(leftover)
-                    except OSError:
-                        pass
+                aio.wake_writer(leftover)
+                try:
+                    os.close(leftover)
+                except OSError:
+                    pass
             self.forget_old()
         return proc.result()
 
