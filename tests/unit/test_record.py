@@ -12,7 +12,7 @@ from corral.core.errors import InvalidState
 from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
-from corral.engine.record import Phase, SandboxRecord, new_secret
+from corral.engine.record import Phase, SandboxRecord, new_secret, read_saved
 from corral.engine.registry import Registry
 from corral.engine.sealing import KeyRing
 from corral.runtimes.plan import PlanLimits, PlanNetwork, SandboxPlan
@@ -125,6 +125,32 @@ def test_records_read_back_as_written(tmp_path: Path) -> None:
     again = SandboxRecord.from_saved(saved, KEYS)
     assert again.info() == record.info()
     assert again.phase is Phase.PAUSED
+
+
+def test_a_record_is_read_back_whichever_moment_of_a_save_the_engine_stopped_at(
+    tmp_path: Path,
+) -> None:
+    """A save writes the next record beside the old, removes the old, then renames the next
+    into place: stopped at any step, the directory still holds a whole record, owner-only."""
+    record = _record(tmp_path)
+    record.start_lifetime(record.spec)
+    directory = record.plan.dir
+    assert sorted(p.name for p in directory.iterdir()) == ["sandbox.json"]
+    assert (directory / "sandbox.json").stat().st_mode & 0o777 == 0o600
+    assert read_saved(directory)["phase"] == "running"
+    # Stopped while writing the next one: the old one counts, not the half-written one.
+    (directory / "sandbox.json.tmp").write_text('{"phase": "pau')
+    assert read_saved(directory)["phase"] == "running"
+    # Stopped after removing the old one: the next one, whole, counts.
+    record.move(Phase.PAUSED)
+    (directory / "sandbox.json").rename(directory / "sandbox.json.tmp")
+    again = SandboxRecord.from_saved(read_saved(directory), KEYS)
+    assert again.phase is Phase.PAUSED
+    record.move(Phase.RUNNING)  # the next save tidies up
+    assert sorted(p.name for p in directory.iterdir()) == ["sandbox.json"]
+    (directory / "sandbox.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        read_saved(directory)
 
 
 def test_records_keep_the_environment_and_the_agent_secret_sealed(tmp_path: Path) -> None:

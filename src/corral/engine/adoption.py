@@ -8,7 +8,6 @@ outlived its lifetime ends; idle pooled sandboxes are released (pools refill the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import subprocess
 import time
@@ -19,7 +18,7 @@ from corral.core.errors import Conflict, CorralError
 from corral.core.state import EndReason, SandboxState
 from corral.engine.checkpoints import CHECKPOINT_DIR
 from corral.engine.lifecycle import Lifecycle
-from corral.engine.record import RECORD_NAME, Phase, SandboxRecord
+from corral.engine.record import RECORD_NAME, Phase, SandboxRecord, read_saved
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
 from corral.engine.volumes import VolumeStore
@@ -128,9 +127,7 @@ class Adoption:
         for directory in sorted((self._data_dir / "sandboxes").glob("sb-*")):
             path = directory / RECORD_NAME
             try:
-                saved = json.loads(path.read_text())
-                if not isinstance(saved, dict):
-                    raise ValueError("not a JSON object")
+                saved = read_saved(directory)
             except FileNotFoundError:
                 log.warning("sandbox directory %s has no record; left as it is", directory)
                 continue
