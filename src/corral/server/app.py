@@ -57,9 +57,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             await service.close()
             tracing.stop()
 
+    this_version = version("corral")  # a search of the installed packages: once, not per request
     app = FastAPI(
         title="Corral",
-        version=version("corral"),
+        version=this_version,
         summary="Secure sandboxes for AI agents: create, run commands, move files.",
         lifespan=lifespan,
         # With traces on: one span per request (ours below it), not FastAPI's per dependency,
@@ -90,6 +91,6 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def healthz(request: Request) -> Health:
         """Liveness, with which runtimes this machine can run (no key needed)."""
         runtimes = service_of(request).runtimes()
-        return Health(status="ok", version=version("corral"), runtimes=runtimes)
+        return Health(status="ok", version=this_version, runtimes=runtimes)
 
     return app

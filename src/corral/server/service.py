@@ -192,7 +192,8 @@ class Service:
         if reserve:  # a build's sandbox is sized by Corral, not the tenant: not their quota
             n = count
             adding = Quota(cpu=spec.cpu * n, memory_mb=spec.memory_mb * n, disk_mb=spec.disk_mb * n)
-            self.refuse_past_quota(key_id, self.live_usage(key_id), adding)
+            if key_id in self.quotas:  # the sum goes over every live sandbox of the node
+                self.refuse_past_quota(key_id, self.live_usage(key_id), adding)
             release_room = self.admission.reserve(spec, count)
         else:
             self.admission.check(spec, count)
