@@ -260,16 +260,20 @@ def test_two_fronts_serve_one_cluster_and_share_its_drains(
             (made,) = _on_node(first, key, through_first, "j1", 1)
             again = Sandbox.connect(made.id, client=through_second)
             assert again.run("echo either front").stdout == "either front\n"
-            # Moved through the second front, a sandbox is still reached through the first,
-            # which last saw it on its old node: commands, a streamed one, files.
-            (roving,) = _on_node(first, key, through_first, "j1", 1, runtime="gvisor")
-            assert roving.run("echo on j1").stdout == "on j1\n"
-            assert Sandbox.connect(roving.id, client=through_second).move("j0").node == "j0"
-            assert roving.run("echo on j0").stdout == "on j0\n"
-            assert roving.exec(cmd="exit 7").wait() == 7  # over a WebSocket
-            roving.files.write("/root/note", "moved")
-            assert roving.files.read_text("/root/note") == "moved"
-            roving.terminate()
+            # Moved through the second front, sandboxes are still reached through the first,
+            # which last saw them on their old node: commands, a streamed one, files, an end.
+            roving = _on_node(first, key, through_first, "j1", 2, runtime="gvisor")
+            for sandbox in roving:
+                assert sandbox.run("echo on j1").stdout == "on j1\n"
+                assert Sandbox.connect(sandbox.id, client=through_second).move("j0").node == "j0"
+            assert roving[0].run("echo on j0").stdout == "on j0\n"
+            assert roving[0].exec(cmd="exit 7").wait() == 7  # over a WebSocket
+            roving[0].files.write("/root/note", "moved")
+            assert roving[0].files.read_text("/root/note") == "moved"
+            roving[1].terminate()  # the first request about it since it moved
+            ended = Sandbox.connect(roving[1].id, client=through_second).info()
+            assert (ended.state, ended.end_reason) == ("terminated", "terminated_by_user")
+            roving[0].terminate()
             # A drain through the second front holds on the first.
             with second.client() as admin:
                 admin.drain_node("j1")

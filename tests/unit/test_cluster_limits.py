@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,6 +147,25 @@ async def test_a_create_that_fails_while_the_store_is_asked_does_not_count_in_th
     store.owner = owner  # type: ignore[method-assign]
     assert len(third) == 1
     assert await refused(limits, secret, Quota()) == "too_many_sandboxes"  # 2 of 2 now
+
+
+async def test_a_create_that_fails_while_the_quota_is_read_does_not_count_against_it(
+    store: Store,
+) -> None:
+    key, secret = await store.create_key("failing-quota")
+    await store.set_quota(key.id, Quota(memory_mb=1024))
+    limits = KeyLimits(store, per_key=100)
+    in_flight = await limits.reserve(f"Bearer {secret}", asked({"memory_mb": 512}), 1)
+    usage = store.usage
+
+    async def meanwhile(key_id: str, **kwargs: Any) -> Quota:
+        limits.failed(in_flight)  # its node refused it just now
+        return await usage(key_id, **kwargs)
+
+    store.usage = meanwhile  # type: ignore[method-assign]
+    both = await limits.reserve(f"Bearer {secret}", asked({"memory_mb": 512}), 2)
+    store.usage = usage  # type: ignore[method-assign]
+    assert len(both) == 2  # 1024 of 1024: the failed one's 512 is not counted
 
 
 async def test_what_a_create_asks_for_and_what_is_not_checked(store: Store) -> None:

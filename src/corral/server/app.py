@@ -20,6 +20,7 @@ from starlette.types import Scope
 from corral.server import console, errors, tracing
 from corral.server.audit import AuditRequests
 from corral.server.auth import service_of
+from corral.server.cluster.elsewhere import Elsewhere
 from corral.server.config import ServerConfig
 from corral.server.deployments.host import DeploymentHost
 from corral.server.e2b import E2bApps, E2bGateway
@@ -84,6 +85,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(
         PreviewGateway, service=service, deployments=deployments, domain=config.preview_domain
     )
+    if config.front_key_id is not None:  # a cluster's node: one moved away is not answered here
+        app.add_middleware(Elsewhere, service=service)
     app.add_middleware(errors.EarlyAnswers)  # an error sent before the body reaches its client
     app.add_middleware(RequestContext)  # outermost: every line of a request carries its ids
 

@@ -171,7 +171,8 @@ async def _forked(front: Front, request: Request, body: bytes, asked: Any) -> Re
     sandbox_id = request.path_params["sandbox_id"]
     wanted = asked.pop("node", None) if isinstance(asked, dict) else None
     try:
-        nodes = await front.nodes_for(sandbox_id)
+        # Onto a named node: which node it runs on decides how, so that is the store's word.
+        nodes = await front.nodes_for(sandbox_id, fresh=wanted is not None)
         if wanted is None:
             return await forward(front, nodes, request, body, sandbox=sandbox_id)
         target = placement.named(front.nodes, wanted)
@@ -201,9 +202,10 @@ async def _move(request: Request) -> Response:
     except ValueError:
         asked = None
     if not isinstance(asked, dict) or set(asked) - {"node"}:
-        return await forward(front, front.any_nodes(), request, body)  # it says what is wrong
+        # The sandbox's node says what is wrong (another refuses it, naming that node).
+        return await forward(front, front.any_nodes(), request, body, sandbox=sandbox_id)
     try:
-        nodes = await front.nodes_for(sandbox_id)
+        nodes = await front.nodes_for(sandbox_id, fresh=True)  # a move starts from the truth
         if not nodes:
             return await forward(front, nodes, request, body)  # no node answers
         seen = await front.http.get(
@@ -313,7 +315,7 @@ async def _events(request: Request) -> Response:
     """Every node's events for the caller (or only its node's, with `sandbox_id`), merged."""
     front, sandbox_id = _front(request), request.query_params.get("sandbox_id")
     try:
-        nodes = await front.nodes_for(sandbox_id) if sandbox_id else front.ready()
+        nodes = await front.nodes_for(sandbox_id, fresh=True) if sandbox_id else front.ready()
     except CorralError as error:
         return error_response(error)
     return await merged_events(
@@ -350,20 +352,19 @@ async def _anything(request: Request) -> Response:
         nodes = await front.nodes_for(sandbox)
     except CorralError as error:
         return error_response(error)
-    # A preview's 404 is its server's, not a sign that the sandbox moved.
-    own = None if previewed(request.url.path, request.headers.raw) else sandbox
-    return await forward(front, nodes, request, await small_body(request), sandbox=own)
+    # A preview's body is its server's to take as it comes (`Expect`, a slow sender).
+    preview = previewed(request.url.path, request.headers.raw) is not None
+    body = None if preview else await small_body(request)
+    return await forward(front, nodes, request, body, sandbox=sandbox)
 
 
 async def _socket(websocket: WebSocket) -> None:
     front = _front(websocket)
     sandbox = sandbox_of(websocket.url.path, websocket.headers.raw)
     try:
-        # Asked of the store, not this front's memory: a node accepts a socket for a sandbox
-        # that moved away (it answers from the store) and cannot be sent it again after.
-        if sandbox is not None:
-            front.located.forget(sandbox)
-        nodes = await front.nodes_for(sandbox)
+        # Asked of the store, not this front's memory: a socket refused by a node cannot be
+        # sent on to another.
+        nodes = await front.nodes_for(sandbox, fresh=True)
     except CorralError:
         nodes = []
     if not nodes:

@@ -431,18 +431,15 @@ class Front:
         random.shuffle(ready)
         return ready
 
-    async def nodes_for(self, sandbox_id: str | None) -> list[Node]:
-        """Where a request goes: the node that runs `sandbox_id`, else any ready one (they
-        answer from the store, as for a sandbox of a lost node)."""
-        name = await self.located.lookup(self.store, sandbox_id) if sandbox_id else None
+    async def nodes_for(self, sandbox_id: str | None, *, fresh: bool = False) -> list[Node]:
+        """Where a request goes: the node that runs `sandbox_id` (remembered, or `fresh` from
+        the store), else any ready one (they answer from the store, as for a sandbox of a lost
+        node)."""
+        name = None
+        if sandbox_id is not None:
+            name = await self.located.lookup(self.store, sandbox_id, fresh=fresh)
         node = self.nodes.get(name or "")
         return [node] if node is not None and node.state == "ready" else self.any_nodes()
-
-    async def relocated(self, sandbox_id: str, tried: Node) -> Node | None:
-        """The ready node that runs `sandbox_id` now, when `tried` said it has no such
-        sandbox and the store names another (it moved through another front); else None."""
-        node = self.nodes.get(await self.located.recheck(self.store, sandbox_id) or "")
-        return node if node is not None and node is not tried and node.state == "ready" else None
 
     def admin_headers(self) -> dict[str, str]:
         """The front's own admin key, which every node knows (the shared store)."""

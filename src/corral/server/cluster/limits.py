@@ -67,11 +67,17 @@ class KeyLimits:
         if key is None:
             return []
         async with self._lock:
-            live = await self._store.live_sandboxes(owner=key.id)
             listed = self._pending.get(key.id, [])
-            pending = [p for p in listed if not await self._stored(p)]
-            still = {id(p) for p in self._pending.get(key.id, [])}  # `failed` may have run
-            pending = [p for p in pending if id(p) in still]
+            unstored = [p for p in listed if not await self._stored(p)]
+            # Read after the checks above: one stored meanwhile counts twice, never not at all.
+            live = await self._store.live_sandboxes(owner=key.id)
+            quota = (await self._store.quotas()).get(key.id)
+            used = await self._store.usage(key.id) if quota is not None else Quota()
+            # No await from here on: what failed meanwhile (`failed` takes no lock) is gone
+            # from the current list, and neither counts nor comes back from `listed`.
+            current = self._pending.get(key.id, [])
+            still = {id(p) for p in current}
+            pending = [p for p in unstored if id(p) in still]
             mine = len(live) + len(pending)
             if mine + count > self._per_key:
                 raise LimitReached(
@@ -80,9 +86,7 @@ class KeyLimits:
                     code="too_many_sandboxes",
                     retry_after=5,
                 )
-            quota = (await self._store.quotas()).get(key.id)
             if quota is not None:
-                used = await self._store.usage(key.id)
                 for entry in pending:
                     used = used.plus(entry.asks)
                 for _ in range(count):
@@ -97,11 +101,9 @@ class KeyLimits:
                         retry_after=60,
                     )
             entries = [Pending(asks) for _ in range(count)]
-            # What the store shows now counts there; what failed meanwhile (`failed` takes no
-            # lock) is gone from the current list and must not come back from `listed`.
-            shown = {id(p) for p in listed} - {id(p) for p in pending}
-            now = [p for p in self._pending.get(key.id, []) if id(p) not in shown]
-            self._pending[key.id] = now + entries
+            # What the store shows now counts there.
+            shown = {id(p) for p in listed} - {id(p) for p in unstored}
+            self._pending[key.id] = [p for p in current if id(p) not in shown] + entries
         return entries
 
     async def _stored(self, entry: Pending) -> bool:

@@ -2,11 +2,11 @@
 truth.
 
 A sandbox can change node without this front hearing of it: moved through another front, or
-by another front's drain. Its old node then answers 404 for it, and the front asks the store
-(which the take-in updated) before it believes that answer (`Front.relocated`). The hint
-is bounded: a long-lived front makes sandboxes without end, and an ended one is never
-asked about again, so the least recently used are forgotten past `LIMIT` (a forgotten one
-costs a store read at its next use, nothing else).
+by another front's drain. Its old node then refuses requests about it, naming the node that
+runs it now (421, `corral.server.cluster.elsewhere`), and the front sends them there and
+remembers that node instead. The hint is bounded: a long-lived front makes sandboxes
+without end, and an ended one is never asked about again, so the least recently used are
+forgotten past `LIMIT` (a forgotten one costs a store read at its next use, nothing else).
 """
 
 from __future__ import annotations
@@ -39,20 +39,16 @@ class Locations:
         while len(self._nodes) > self._limit:
             self._nodes.popitem(last=False)
 
-    async def lookup(self, store: Store, sandbox_id: str) -> str | None:
-        """The node of `sandbox_id`: remembered, else the store's word (then remembered)."""
-        name = self.get(sandbox_id)
+    async def lookup(self, store: Store, sandbox_id: str, *, fresh: bool = False) -> str | None:
+        """The node of `sandbox_id`: remembered (unless `fresh`), else the store's word, then
+        remembered."""
+        name = None if fresh else self.get(sandbox_id)
         if name is None and sandbox_id.startswith("sb-"):
-            name = await self.recheck(store, sandbox_id)
-        return name
-
-    async def recheck(self, store: Store, sandbox_id: str) -> str | None:
-        """The store's word on the node of `sandbox_id`, remembered (None: it has none)."""
-        self.forget(sandbox_id)
-        found = await store.get_sandbox(sandbox_id)
-        name = found[1].node if found else None
-        if name is not None:
-            self[sandbox_id] = name
+            self.forget(sandbox_id)
+            found = await store.get_sandbox(sandbox_id)
+            name = found[1].node if found else None
+            if name is not None:
+                self[sandbox_id] = name
         return name
 
     def forget(self, sandbox_id: str) -> None:

@@ -25,7 +25,12 @@ PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 # The client's Host goes on: a node serves previews by host name. `Expect: 100-continue` is the
 # front's to answer (it does as it reads the body); the front's own client sends at once.
 SMALL_BODY = 64 * 1024  # bytes; a request with a larger body is streamed to its node
-HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect"})
+NODE_HEADER = "x-corral-node"  # a node's 421: the node that runs the sandbox (`elsewhere`)
+FROM_STORE = "x-corral-from-store"  # the front's: answer from the store, wherever it runs
+# A client's `X-Corral-From-Store` is not sent on: only the front says so.
+HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect", FROM_STORE}
+)
 
 
 def headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -42,9 +47,13 @@ async def forward(
 ) -> Response:
     """`request` sent on to the first of `nodes` that takes the connection (one that refuses
     it has read nothing of the request; a read goes on to the next whatever happened), and
-    its answer streamed back. A request about `sandbox` that its node answers 404 goes to
-    the node the store names instead, if another (it moved through another front), where it
-    can be sent again: read whole, or without a body."""
+    its answer streamed back.
+
+    A request about `sandbox` that its node refuses, saying it runs on another node (421,
+    `corral.server.cluster.elsewhere`: it moved through another front), goes to that node,
+    where it can be sent again (read whole, or without a body): the first read nothing of
+    it. One that `nodes` holds not the sandbox's node for (that node is not ready) is marked
+    to be answered from the store."""
     if not nodes:
         return error_response(
             ServiceUnavailable("no node of the cluster is ready; retry", code="no_node_ready")
@@ -54,6 +63,8 @@ async def forward(
     sent_headers = headers(request.headers.raw)
     if body is not None:  # its length is the body's, which may not be the one the client sent
         sent_headers = [(k, v) for k, v in sent_headers if k.lower() != b"content-length"]
+    if sandbox is not None and front.located.get(sandbox) not in {n.name for n in nodes}:
+        sent_headers.append((FROM_STORE.encode(), b"1"))
     for node in nodes:
         sent = front.http.build_request(
             request.method, node.url + path, headers=sent_headers, content=content
@@ -71,17 +82,38 @@ async def forward(
             return unavailable(node, exc)
     else:
         return unavailable(node, None)
-    if answer.status_code == 404 and sandbox is not None:
-        moved = await front.relocated(sandbox, node)
-        if moved is not None and (body is not None or not _has_body(request)):
-            await answer.aclose()
-            return await forward(front, [moved], request, body or b"")
+    moved_to = answer.headers.get(NODE_HEADER) if answer.status_code == 421 else None
+    if sandbox is not None and moved_to is not None:
+        await answer.aclose()
+        return await _sent_on(front, request, body, sandbox, moved_to)
     return StreamingResponse(
         answer.aiter_raw(),
         status_code=answer.status_code,
         headers={k: v for k, v in answer.headers.items() if k.lower() not in HOP},
         background=BackgroundTask(answer.aclose),
     )
+
+
+async def _sent_on(
+    front: Front, request: Request, body: bytes | None, sandbox: str, name: str
+) -> Response:
+    """`request`, refused by a node because `sandbox` runs on node `name`, sent there."""
+    front.located[sandbox] = name
+    node = front.nodes.get(name)
+    if node is None or node.state != "ready":
+        return error_response(
+            ServiceUnavailable(
+                f"sandbox {sandbox}'s node {name} is not ready; retry shortly",
+                code="node_unavailable",
+            )
+        )
+    if body is None and _has_body(request):  # partly sent already: the caller sends it again
+        return error_response(
+            ServiceUnavailable(
+                f"sandbox {sandbox} moved to node {name} meanwhile; retry", code="sandbox_moved"
+            )
+        )
+    return await forward(front, [node], request, body or b"")
 
 
 def _has_body(request: Request) -> bool:
