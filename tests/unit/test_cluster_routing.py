@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from corral.core.errors import CorralError, SandboxNotFound
+from corral.core.errors import CorralError
 from corral.core.state import SandboxState
 from corral.server.cluster import api
 from corral.server.cluster.elsewhere import Elsewhere
@@ -104,8 +104,9 @@ def _request(
 
 
 async def _sent(front: Front, request: Request) -> httpx.Response:
-    nodes = await front.nodes_for(SANDBOX)
-    answer = await forward(front, nodes, request, await small_body(request), sandbox=SANDBOX)
+    nodes, elsewhere = await front.route(SANDBOX)
+    body = await small_body(request)
+    answer = await forward(front, nodes, request, body, sandbox=SANDBOX, from_store=elsewhere)
     if isinstance(answer, StreamingResponse):
         body = b"".join([chunk async for chunk in answer.body_iterator])  # type: ignore[misc]
         if answer.background is not None:
@@ -171,6 +172,19 @@ async def test_a_sandbox_whose_node_is_not_ready_is_answered_from_the_store(
     assert [(host, marked) for host, *_, marked in seen] == [("n0", None)]
 
 
+async def test_a_remembered_node_that_is_gone_is_asked_of_the_store_again(front: Front) -> None:
+    """The sandbox moved (to n1) while this front remembered n2, which has gone since: the
+    store's word, not any node's answer from the store."""
+    seen: Seen = []
+    _nodes(front, seen)
+    front.nodes["n2"] = Node("n2", 2, "http://n2.test", "lost")
+    front.located[SANDBOX] = "n2"
+    answer = await _sent(front, _request("DELETE", f"/v1/sandboxes/{SANDBOX}", b""))
+    assert answer.status_code == 200 and answer.json()["node"] == "n1"
+    assert [(host, marked) for host, *_, marked in seen] == [("n1", None)]
+    assert front.located.get(SANDBOX) == "n1"
+
+
 async def test_any_other_answer_of_the_node_is_the_callers(front: Front) -> None:
     """A 404 (a missing file, an ended sandbox) is not a sign of a move: no store read, no
     second node."""
@@ -221,17 +235,18 @@ def test_a_node_answer_that_is_not_a_sandbox_fails_a_move_clearly(answer: httpx.
 
 
 class _Engine:
-    """What `Elsewhere` asks of the node's engine: which node it is, whether it holds one."""
+    """What `Elsewhere` asks of the node's engine: which node it is, whether it holds one (and
+    hands it off: `leaving`)."""
 
     node = "n0"
 
-    def __init__(self, held: set[str]) -> None:
-        self.held = held
+    def __init__(self) -> None:
+        self.held: dict[str, str | None] = {}  # sandbox id -> the node it is leaving for
+        self.registry = self
 
-    def get(self, sandbox_id: str) -> object:
-        if sandbox_id not in self.held:
-            raise SandboxNotFound(f"no sandbox {sandbox_id}")
-        return object()
+    def find(self, sandbox_id: str) -> SimpleNamespace | None:
+        held = sandbox_id in self.held
+        return SimpleNamespace(leaving=self.held[sandbox_id]) if held else None
 
 
 async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
@@ -246,7 +261,7 @@ async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"answered"})
 
-    engine = _Engine(set())
+    engine = _Engine()
     service = SimpleNamespace(engine=engine, store=front.store)
     guarded = Elsewhere(app, service)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=guarded)
@@ -265,8 +280,13 @@ async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
         asked = await node.get(f"/v1/sandboxes/{SANDBOX}", headers={FROM_STORE: "1"})
         assert asked.status_code == 200
         assert (await node.post(f"/v1/sandboxes/{SANDBOX}/take-in")).status_code == 200  # a move's
-        engine.held.add(SANDBOX)
+        preview = f"/preview/{SANDBOX}/8080/v1/sandboxes/{SANDBOX}/take-in"
+        assert (await node.post(preview)).status_code == 421  # not a move's step
+        engine.held[SANDBOX] = None
         assert (await node.get(f"/v1/sandboxes/{SANDBOX}")).status_code == 200
+        engine.held[SANDBOX] = "n1"  # handed off, and taken in there: the store says n1
+        assert (await node.get(f"/v1/sandboxes/{SANDBOX}")).status_code == 421
+        assert (await node.post(f"/v1/sandboxes/{SANDBOX}/hand-off/done")).status_code == 200
         engine.held.clear()
         found = await front.store.get_sandbox(SANDBOX)
         assert found is not None
@@ -274,4 +294,4 @@ async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
         await front.store.update_sandbox(ended)
         assert (await node.get(f"/v1/sandboxes/{SANDBOX}")).status_code == 200
         assert (await node.get("/v1/sandboxes")).status_code == 200  # about no one sandbox
-    assert len(reached) == 5
+    assert len(reached) == 6

@@ -229,8 +229,7 @@ class Service:
                 continue
             with contextlib.suppress(SandboxNotFound):  # gone meanwhile
                 info = self.engine.get(sandbox_id)
-                awake = info.state is not SandboxState.HIBERNATED
-                spec = info.spec
+                spec, awake = info.spec, info.state is not SandboxState.HIBERNATED
                 cpu, memory = (spec.cpu, spec.memory_mb) if awake else (0.0, 0)
                 used = used.plus(Quota(cpu=cpu, memory_mb=memory, disk_mb=spec.disk_mb))
         return used

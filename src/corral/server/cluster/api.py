@@ -29,6 +29,7 @@ from corral.server.cluster.events import merged_events
 from corral.server.cluster.front import Front
 from corral.server.cluster.placement import Node
 from corral.server.cluster.proxy import (
+    FROM_STORE,
     create_on,
     forward,
     headers,
@@ -172,9 +173,11 @@ async def _forked(front: Front, request: Request, body: bytes, asked: Any) -> Re
     wanted = asked.pop("node", None) if isinstance(asked, dict) else None
     try:
         # Onto a named node: which node it runs on decides how, so that is the store's word.
-        nodes = await front.nodes_for(sandbox_id, fresh=wanted is not None)
-        if wanted is None:
-            return await forward(front, nodes, request, body, sandbox=sandbox_id)
+        nodes, elsewhere = await front.route(sandbox_id, fresh=wanted is not None)
+        if wanted is None or elsewhere:  # (its node is not ready: one says what is wrong)
+            return await forward(
+                front, nodes, request, body, sandbox=sandbox_id, from_store=elsewhere
+            )
         target = placement.named(front.nodes, wanted)
         if placement.state_of(target) != "ready":
             raise LimitReached(
@@ -205,12 +208,11 @@ async def _move(request: Request) -> Response:
         # The sandbox's node says what is wrong (another refuses it, naming that node).
         return await forward(front, front.any_nodes(), request, body, sandbox=sandbox_id)
     try:
-        nodes = await front.nodes_for(sandbox_id, fresh=True)  # a move starts from the truth
+        nodes, elsewhere = await front.route(sandbox_id, fresh=True)  # from the truth
         if not nodes:
             return await forward(front, nodes, request, body)  # no node answers
-        seen = await front.http.get(
-            f"{nodes[0].url}/v1/sandboxes/{sandbox_id}", headers=moves.asked(request)
-        )
+        sent = moves.asked(request) + ([(FROM_STORE.encode(), b"1")] if elsewhere else [])
+        seen = await front.http.get(f"{nodes[0].url}/v1/sandboxes/{sandbox_id}", headers=sent)
         if seen.status_code != 200:  # not the caller's, or no such sandbox
             return moves.relayed(seen)
         info = _sandbox_seen(seen, nodes[0])
@@ -315,7 +317,7 @@ async def _events(request: Request) -> Response:
     """Every node's events for the caller (or only its node's, with `sandbox_id`), merged."""
     front, sandbox_id = _front(request), request.query_params.get("sandbox_id")
     try:
-        nodes = await front.nodes_for(sandbox_id, fresh=True) if sandbox_id else front.ready()
+        nodes = (await front.route(sandbox_id, fresh=True))[0] if sandbox_id else front.ready()
     except CorralError as error:
         return error_response(error)
     return await merged_events(
@@ -349,13 +351,13 @@ async def _anything(request: Request) -> Response:
     front = _front(request)
     sandbox = sandbox_of(request.url.path, request.headers.raw)
     try:
-        nodes = await front.nodes_for(sandbox)
+        nodes, elsewhere = await front.route(sandbox)
     except CorralError as error:
         return error_response(error)
     # A preview's body is its server's to take as it comes (`Expect`, a slow sender).
     preview = previewed(request.url.path, request.headers.raw) is not None
     body = None if preview else await small_body(request)
-    return await forward(front, nodes, request, body, sandbox=sandbox)
+    return await forward(front, nodes, request, body, sandbox=sandbox, from_store=elsewhere)
 
 
 async def _socket(websocket: WebSocket) -> None:
@@ -364,7 +366,7 @@ async def _socket(websocket: WebSocket) -> None:
     try:
         # Asked of the store, not this front's memory: a socket refused by a node cannot be
         # sent on to another.
-        nodes = await front.nodes_for(sandbox, fresh=True)
+        nodes = (await front.route(sandbox, fresh=True))[0]
     except CorralError:
         nodes = []
     if not nodes:

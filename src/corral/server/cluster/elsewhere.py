@@ -13,19 +13,18 @@ own steps are the front's (`migration`).
 
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from corral.core.errors import SandboxNotFound
 from corral.core.state import SandboxState
 from corral.server.cluster.proxy import FROM_STORE, NODE_HEADER, sandbox_of
 from corral.server.service import Service
 
 CODE = "sandbox_on_another_node"
 # A move's own steps, the front's: about a sandbox the store places on the other node.
-MOVE_STEPS = ("/take-in", "/hand-off", "/hand-off/done")
+MOVE_STEP = re.compile(r"/v1/sandboxes/sb-[0-9a-z]+/(take-in|hand-off|hand-off/done)")
 
 
 class Elsewhere:
@@ -40,7 +39,7 @@ class Elsewhere:
             sent = scope.get("headers", ())
             path = scope.get("path", "")
             sandbox = sandbox_of(path, sent)
-            asked = FROM_STORE.encode() in dict(sent) or path.endswith(MOVE_STEPS)
+            asked = FROM_STORE.encode() in dict(sent) or MOVE_STEP.fullmatch(path) is not None
             if sandbox is not None and not asked:
                 node = await runs_elsewhere(self.service, sandbox)
                 if node is not None:
@@ -52,9 +51,9 @@ class Elsewhere:
 async def runs_elsewhere(service: Service, sandbox_id: str) -> str | None:
     """The node that runs `sandbox_id` as the store has it, where that is another node than
     this one and the sandbox lives."""
-    with contextlib.suppress(SandboxNotFound):
-        service.engine.get(sandbox_id)
-        return None  # this node's
+    record = service.engine.registry.find(sandbox_id)
+    if record is not None and record.leaving is None:
+        return None  # this node's (one it hands off may be taken in already: the store says)
     found = await service.store.get_sandbox(sandbox_id)
     if found is None or found[1].state is SandboxState.TERMINATED:
         return None

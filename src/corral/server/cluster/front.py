@@ -431,15 +431,18 @@ class Front:
         random.shuffle(ready)
         return ready
 
-    async def nodes_for(self, sandbox_id: str | None, *, fresh: bool = False) -> list[Node]:
-        """Where a request goes: the node that runs `sandbox_id` (remembered, or `fresh` from
-        the store), else any ready one (they answer from the store, as for a sandbox of a lost
-        node)."""
+    async def route(
+        self, sandbox_id: str | None, *, fresh: bool = False
+    ) -> tuple[list[Node], bool]:
+        """Where a request about `sandbox_id` goes: its node (remembered, or `fresh` from the
+        store), and False; else any ready one, and True (they answer from the store)."""
         name = None
         if sandbox_id is not None:
             name = await self.located.lookup(self.store, sandbox_id, fresh=fresh)
-        node = self.nodes.get(name or "")
-        return [node] if node is not None and node.state == "ready" else self.any_nodes()
+            if not fresh and name is not None and name not in self.urls():
+                # The one remembered is gone: it may have moved, as another front knows.
+                name = await self.located.lookup(self.store, sandbox_id, fresh=True)
+        return ([self.nodes[name]], False) if name in self.urls() else (self.any_nodes(), True)
 
     def admin_headers(self) -> dict[str, str]:
         """The front's own admin key, which every node knows (the shared store)."""

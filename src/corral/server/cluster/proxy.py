@@ -44,6 +44,7 @@ async def forward(
     body: bytes | None = None,
     *,
     sandbox: str | None = None,
+    from_store: bool = False,
 ) -> Response:
     """`request` sent on to the first of `nodes` that takes the connection (one that refuses
     it has read nothing of the request; a read goes on to the next whatever happened), and
@@ -52,8 +53,8 @@ async def forward(
     A request about `sandbox` that its node refuses, saying it runs on another node (421,
     `corral.server.cluster.elsewhere`: it moved through another front), goes to that node,
     where it can be sent again (read whole, or without a body): the first read nothing of
-    it. One that `nodes` holds not the sandbox's node for (that node is not ready) is marked
-    to be answered from the store."""
+    it. One sent `from_store` (`nodes` are not the sandbox's: `Front.route`) says so, and is
+    answered from the store."""
     if not nodes:
         return error_response(
             ServiceUnavailable("no node of the cluster is ready; retry", code="no_node_ready")
@@ -63,7 +64,7 @@ async def forward(
     sent_headers = headers(request.headers.raw)
     if body is not None:  # its length is the body's, which may not be the one the client sent
         sent_headers = [(k, v) for k, v in sent_headers if k.lower() != b"content-length"]
-    if sandbox is not None and front.located.get(sandbox) not in {n.name for n in nodes}:
+    if from_store:
         sent_headers.append((FROM_STORE.encode(), b"1"))
     for node in nodes:
         sent = front.http.build_request(

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from starlette.types import Receive, Scope, Send
 from websockets.exceptions import InvalidHandshake, ProtocolError
 
+from corral.server.cluster.proxy import FROM_STORE
 from corral.server.previews.sockets import Refused, relay_websocket
 
 CHUNK = 64 * 1024
@@ -50,7 +51,9 @@ async def relay(
     try:
         await relay_websocket(
             TcpStream(reader, writer), scope, receive, send,
-            target=target, headers=scope["headers"], keep_key=True,
+            # `X-Corral-From-Store` is the front's to say, never a client's.
+            target=target, headers=[h for h in scope["headers"] if h[0] != FROM_STORE.encode()],
+            keep_key=True,
         )  # fmt: skip
     except (Refused, InvalidHandshake, ProtocolError) as refused:
         # The node refused the handshake (unknown sandbox, bad key): said as a close.
