@@ -821,8 +821,8 @@ def markdown(report: dict[str, Any]) -> str:
 # Issue 18's targets first (the latest round), then earlier rounds' that are still tracked.
 TARGETS = (
     ("warm first command p50", "first command warm", "namespaces", "p50_ms", 5, "<=",
-     "the claim (~2 ms) and a sandbox's first command (~3 ms, colder than the next), see "
-     "performance.md"),
+     "two HTTP round trips: the claim (~2 ms) and a sandbox's first command (~3 to 4 ms, "
+     "colder than the next), see performance.md"),
     ("warm first command p50", "first command warm", "gvisor", "p50_ms", 15, "<=",
      "a process started and reaped in the Sentry: 13 to 17 ms for `true` alone (in-sandbox)"),
     ("warm first command p99 (3x the p50 goal)", "first command warm", "namespaces", "p99_ms",
@@ -830,9 +830,9 @@ TARGETS = (
     ("warm first command p99 (3x the p50 goal)", "first command warm", "gvisor", "p99_ms", 45,
      "<=", "the Sentry's scheduling on 2 busy cores"),
     ("cold first command p50", "first command cold", "namespaces", "p50_ms", 40, "<=",
-     "the agent's Python start (agent_ready ~40 ms, import asyncio ~22 of it)"),
+     "the agent's Python start (agent_ready ~20 ms) and the host's part (runtime_create ~8)"),
     ("cold first command p50", "first command cold", "gvisor", "p50_ms", 250, "<=",
-     "runsc restore (~165 ms), first exec (~40); 19 sandboxes kept awake beside it (A/B: 248)"),
+     "runsc restore (~140 ms), the agent's dial-back and identify (~20), its first exec (~40)"),
     ("exec round trip p50 (argv)", "exec round trip (POST)", "namespaces", "p50_ms", 2, "<=",
      "the agent's part ~1 ms, the command's own exec and exit most of it (performance.md)"),
     ("exec round trip p50 (argv)", "exec round trip (POST)", "gvisor", "p50_ms", 8, "<=",
