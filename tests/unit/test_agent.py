@@ -25,7 +25,7 @@ import corral.agent.guest as guest_module
 from corral.agent import memory
 from corral.agent import protocol as P
 from corral.core.errors import AgentUnavailable, FileNotFound, InvalidRequest
-from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink, unwrap
+from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink, Channel, unwrap
 from corral.engine.files import SandboxFiles
 from corral.engine.record import new_secret
 
@@ -204,16 +204,8 @@ async def test_a_stdin_ended_early_is_not_closed_again_when_its_command_ends(
     assert (await asyncio.wait_for(first.result(), 30))["exit_code"] == 0
     for command in later[::2]:
         data = os.urandom(200_000)  # more than a pipe holds: the agent waits for room in it
-        await command.send_data(P.STDIN, data)
-        await command.send_eof(P.STDIN)
-        out = b""
-        while True:
-            kind, payload = await asyncio.wait_for(command.receive(), 30)
-            if kind == P.STDOUT:
-                out += payload
-            elif kind == P.REPLY:
-                break
-        assert payload["result"]["exit_code"] == 0 and out == data, payload
+        out, reply = await _feed(command, data)
+        assert reply["result"]["exit_code"] == 0 and out == data, reply
     for command in later[1::2]:
         assert (await asyncio.wait_for(command.result(), 30))["exit_code"] == 0
 
@@ -223,6 +215,11 @@ async def _fed(link: AgentLink, argv: list[str], data: bytes) -> tuple[bytes, di
     does: a frame before the started event has no process to go to); its stdout and REPLY."""
     command = await link.open(P.PROC_START, {"argv": argv, "stdin": True, "timeout": 30})
     assert (await command.receive())[1]["type"] == "started"
+    return await _feed(command, data)
+
+
+async def _feed(command: Channel, data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """`data` as the whole stdin of a started `command`; its stdout and REPLY."""
     await command.send_data(P.STDIN, data)
     await command.send_eof(P.STDIN)
     out = b""

@@ -439,10 +439,11 @@ class Front:
         name = None
         if sandbox_id is not None:
             name = await self.located.lookup(self.store, sandbox_id, fresh=fresh)
-            if not fresh and name is not None and name not in self.urls():
-                # The one remembered is gone: it may have moved, as another front knows.
-                name = await self.located.lookup(self.store, sandbox_id, fresh=True)
-        return ([self.nodes[name]], False) if name in self.urls() else (self.any_nodes(), True)
+        ready = self.urls()
+        if sandbox_id is not None and not fresh and name is not None and name not in ready:
+            # The one remembered is gone: it may have moved, as another front knows.
+            name = await self.located.lookup(self.store, sandbox_id, fresh=True)
+        return ([self.nodes[name]], False) if name in ready else (self.any_nodes(), True)
 
     def admin_headers(self) -> dict[str, str]:
         """The front's own admin key, which every node knows (the shared store)."""

@@ -152,7 +152,7 @@ def sandbox_of(path: str, sent: Sequence[tuple[bytes, bytes]] = ()) -> str | Non
 
 def previewed(path: str, sent: Sequence[tuple[bytes, bytes]] = ()) -> str | None:
     """The sandbox whose preview a request is for (by host name, or under /preview/): its
-    answers are a tenant's server's, any 404 included."""
+    body and answer are a tenant's server's."""
     label = PREVIEW_HOST.match(dict(sent).get(b"host", b"").decode("latin-1").lower())
     if label is not None:
         return label[1]
