@@ -24,6 +24,8 @@ import pytest
 import corral.agent.guest as guest_module
 from corral.agent import memory
 from corral.agent import protocol as P
+from corral.agent.fileops import GuestError
+from corral.agent.shell import find_program
 from corral.core.errors import AgentUnavailable, FileNotFound, InvalidRequest
 from corral.engine.agentlink import MAX_HANDSHAKES, AgentLink, Channel, unwrap
 from corral.engine.files import SandboxFiles
@@ -88,6 +90,52 @@ def test_the_agent_imports_no_asyncio_and_no_typing() -> None:
     heavy |= {"subprocess", "threading", "locale", "selectors", "collections", "signal"}
     heavy |= {"socket", "enum", "functools", "json", "re", "hmac", "hashlib", "heapq"}
     assert heavy & set(loaded) == set()
+
+
+def test_a_command_imports_nothing_more() -> None:
+    """What a command's start uses was imported at the agent's start: a module imported at the
+    first command is time every sandbox's first command pays (`os.get_exec_path` imported
+    `warnings`: 0.5 ms, docs/performance.md "Twelfth round") and memory its agent keeps."""
+    agent_dir = Path(guest_module.__file__).parent
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(agent_dir)!r}); import guest, procs, shell; "
+        "before = set(sys.modules); "
+        "env = {'PATH': os.defpath}; "
+        "shell.find_program(procs.Command({'argv': ['true']}, env).runs[0], env, '/'); "
+        "procs.Command({'cmd': 'echo ok | cat > /dev/null'}, env); "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    added = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert added == []
+
+
+@pytest.mark.parametrize("path", [None, "", "/usr/bin", "/nowhere:/usr/bin", "::/usr/bin", "rel:"])
+def test_a_program_is_found_on_path_as_exec_finds_it(tmp_path: Path, path: str | None) -> None:
+    """`find_program` searches PATH as `os.get_exec_path` splits it: none means the default
+    path, an empty entry the command's directory."""
+    (tmp_path / "rel").mkdir()
+    for where in (tmp_path, tmp_path / "rel"):
+        program = where / "tool"
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+    env = {} if path is None else {"PATH": path}
+    for name in ("true", "tool"):
+        expected = next(
+            (
+                os.path.join(str(tmp_path), d, name)
+                for d in os.get_exec_path(env)
+                if os.path.isfile(os.path.join(str(tmp_path), d, name))
+                and os.access(os.path.join(str(tmp_path), d, name), os.X_OK)
+            ),
+            None,
+        )
+        if expected is None:
+            with pytest.raises(GuestError):
+                find_program(name, env, str(tmp_path))
+        else:
+            assert find_program(name, env, str(tmp_path)) == expected
 
 
 async def test_a_call_larger_than_what_the_agent_buffers_is_answered(link: AgentLink) -> None:

@@ -94,10 +94,13 @@ def refuse_what_is_not_a_file(name: str, cwd: str) -> None:
 
 
 def find_program(name: str, env: Dict[str, str], cwd: str) -> str:
-    """The file `name` names as a command, searched on `env`'s PATH like exec does."""
+    """The file `name` names as a command, searched on `env`'s PATH like exec does (as
+    `os.get_exec_path`, which imports `warnings` on its first call: 0.5 ms of a sandbox's first
+    command, and memory the agent keeps)."""
     if "/" in name:
         return name  # the leader runs in the command's cwd, where a relative name is meant
-    for directory in os.get_exec_path(env):
+    search = env.get("PATH")
+    for directory in (os.defpath if search is None else search).split(os.pathsep):
         path = os.path.join(cwd, directory, name)
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
