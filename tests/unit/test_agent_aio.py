@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from corral.agent import aio, aiostreams, aiosync
+from corral.agent import aio, aiostreams, aiosync, contexts
 
 T = TypeVar("T")
 
@@ -273,6 +273,44 @@ def test_a_writer_woken_before_its_descriptor_closes_returns_and_leaves_the_reus
     loop.remove_writer(reused)
     for fd in (read, reused):
         os.close(fd)
+
+
+def test_a_number_closed_while_watched_and_reused_can_be_watched_again(loop: aio.Loop) -> None:
+    """The kernel drops a closed descriptor from the epoll set without an event, so the loop
+    may still list it; the descriptor that reuses its number must be watchable (it was an
+    ENOENT from `epoll.modify`), and its readiness must be seen."""
+    read, write = os.pipe()
+    loop.add_reader(read, lambda: None)
+    os.close(read)
+    reused, other_write = os.pipe()
+    assert reused == read
+    seen: list[str] = []
+    loop.add_reader(reused, seen.append, "readable")
+    os.write(other_write, b"x")
+    for _ in range(10):
+        loop.run_once()
+        if seen:
+            break
+    assert seen == ["readable"]
+    loop.remove_reader(reused)
+    for fd in (write, reused, other_write):
+        os.close(fd)
+
+
+def test_a_code_request_stuck_on_a_full_pipe_ends_when_its_context_stops(loop: aio.Loop) -> None:
+    """A request to a kernel that does not read (still starting, or busy) waits for room in
+    its pipe; the context's restart or removal stops it, and the request must end rather
+    than wait for ever on a closed descriptor, holding the context's lock."""
+    context = contexts.Context("c-1", {}, {"PATH": os.defpath})
+    read, write = _full_pipe()
+    context.requests = write
+    writing = loop.create_task(context._write(b"y" * 65536))
+    loop.run_once()
+    assert not writing.done() and write in loop.watched
+    context.stop()
+    run(loop, aio.wait_for(writing, 5))
+    assert context.requests == -1 and write not in loop.watched
+    os.close(read)
 
 
 def streams() -> tuple[aiostreams.StreamReader, aiostreams.StreamWriter, socket.socket]:

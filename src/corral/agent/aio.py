@@ -8,8 +8,7 @@ signal, an event, a lock, a queue and plain socket streams. This module gives it
 asyncio's names and meanings (coroutines with `await`, cancellation thrown into the awaiting
 coroutine as `CancelledError`), so the agent reads as asyncio code (docs/performance.md).
 
-Standard library only, for any Python >= 3.8, like the rest of the agent. One loop per process,
-run from the main thread.
+Standard library only (Python >= 3.8), as the whole agent; one loop per process, in its main thread.
 """
 
 from __future__ import annotations
@@ -118,9 +117,7 @@ class Loop:
         self.ready: Deque[Handle] = deque()
         self.timers: List[Handle] = []
         self.signals: Dict[int, Handle] = {}
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add_reader(self.wake_r, self._read_signals)
 
     def time(self) -> float:
@@ -172,7 +169,10 @@ class Loop:
                 except OSError:  # closed already, and so gone from the epoll set
                     pass
         elif fd in self.watched:
-            self.epoll.modify(fd, events)
+            try:
+                self.epoll.modify(fd, events)
+            except FileNotFoundError:  # closed while watched, its number reused: not in the set
+                self.epoll.register(fd, events)
             self.watched[fd] = (reader, writer)
         else:
             self.epoll.register(fd, events)

@@ -183,6 +183,9 @@ class Context:
         if self.proc is not None and not self.proc.exited.is_set():
             tree.end_all(tree.family(self.proc.pid))
         if self.requests >= 0:
+            # A request still being written (the kernel's pipe full) is woken and gives up:
+            # a closed descriptor leaves the loop's epoll set without an event to wake it.
+            aio.wake_writer(self.requests)
             os.close(self.requests)
             self.requests = -1
         self.proc = None
@@ -254,6 +257,8 @@ class Context:
                 view = view[os.write(self.requests, view) :]
             except BlockingIOError:
                 await aio.writable(self.requests)
+                if self.requests < 0:  # stopped meanwhile (`stop`)
+                    return
             except OSError:  # the kernel is gone: follow() sees its end
                 return
 
