@@ -146,6 +146,24 @@ async def test_a_call_larger_than_what_the_agent_buffers_is_answered(link: Agent
     assert (await link.call(P.PING, {}))["pong"] is True
 
 
+async def test_an_answer_too_large_for_a_frame_is_an_error_not_silence(
+    link: AgentLink, tmp_path: Path
+) -> None:
+    """A listing whose JSON is over the frame limit (a process in the sandbox made 4,500
+    symlinks with 4 KB targets) is answered with a clear error, not left unanswered for the
+    call to time out; the agent serves on."""
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    target = "t" * 4000
+    for n in range(4500):
+        (crowded / f"link-{n}").symlink_to(target)
+    with pytest.raises(InvalidRequest) as caught:
+        await asyncio.wait_for(link.call(P.FS_LIST, {"path": str(crowded)}), 30)
+    assert caught.value.code == "result_too_large"
+    assert "ask for less" in caught.value.message
+    assert (await link.call(P.PING, {}))["pong"] is True
+
+
 async def test_unknown_method_is_an_error_not_a_crash(link: AgentLink) -> None:
     with pytest.raises(Exception) as failed:
         await link.call("no.such.method", {})
@@ -538,6 +556,43 @@ async def test_a_quiesce_lets_calls_under_way_finish_and_holds_new_ones(tmp_path
     writer.close()
     await link.close()
     await asyncio.sleep(0.1)
+
+
+async def test_a_port_that_never_reads_does_not_keep_its_connection_open(
+    tmp_path: Path,
+) -> None:
+    """A server in the sandbox that accepts and never reads: once the host ends the relay
+    (CANCEL), the agent closes the connection at once, dropping what the port did not take,
+    rather than holding the socket and its buffer for as long as the server lives."""
+    from corral.engine.ports import PortStream
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never reads
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_agent(tmp_path) as (link, pid):
+            before = len(os.listdir(f"/proc/{pid}/fd"))
+            channel = await link.open(P.PORT_CONNECT, {"port": port})
+            assert (await channel.receive())[0] == P.EVENT
+            stream = PortStream(channel)
+            with contextlib.suppress(TimeoutError):  # the credit runs out: the port reads none
+                await asyncio.wait_for(stream.send(b"x" * (8 << 20)), 2)
+            await asyncio.wait_for(stream.close(), 10)
+            for _ in range(100):  # the agent's side of the connection is closed
+                if len(os.listdir(f"/proc/{pid}/fd")) == before:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(os.listdir(f"/proc/{pid}/fd")) == before
+            assert (await link.call(P.PING, {}))["pong"] is True
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_port_connection_carries_bytes_both_ways(link: AgentLink) -> None:

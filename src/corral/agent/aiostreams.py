@@ -245,6 +245,10 @@ class StreamWriter:
     def close(self) -> None:
         self.connection.close()
 
+    def abort(self) -> None:
+        """Close now, dropping what is unsent: a peer that never reads must not hold it."""
+        self.connection.lose(None)
+
 
 async def _connected(family: int, address: Any) -> Tuple[StreamReader, StreamWriter]:
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -262,10 +266,10 @@ async def _connected(family: int, address: Any) -> Tuple[StreamReader, StreamWri
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error))
+        connection = Connection(sock)
     except BaseException:
         sock.close()
         raise
-    connection = Connection(sock)
     return StreamReader(connection), StreamWriter(connection)
 
 

@@ -240,7 +240,7 @@ class Agent:
         self.streams.pop(stream.id, None)
         if not stream.detached:
             try:
-                await self.send(P.encode_json(stream.id, P.REPLY, reply))
+                await self.send(P.encode_reply(stream.id, reply))
             except OSError:
                 pass
 

@@ -31,6 +31,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
 
 CONNECT_TIMEOUT = 10.0
+CANCEL_CHECK = 0.5  # seconds between looks for the host's CANCEL while the port reads nothing
 
 
 async def port_connect(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -60,8 +61,8 @@ async def port_connect(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
                 await stream.send_data(P.FILE, data)
         finally:
             inbound.cancel()
-    finally:
-        writer.close()
+    finally:  # the relay is over: what the port has not read of the host's bytes is dropped
+        writer.abort()
     return counts
 
 
@@ -96,4 +97,18 @@ async def _inbound(
             return
         counts["sent"] += len(chunk)
         writer.write(chunk)
-        await writer.drain()
+        if not await _drained(stream, writer):
+            return
+
+
+async def _drained(stream: Any, writer: aiostreams.StreamWriter) -> bool:
+    """Wait until the port has taken enough of what was written; False once the host has
+    ended the stream meanwhile: a port that never reads must not hold the relay for ever."""
+    draining = aio.ensure_future(writer.drain())
+    while not draining.done():
+        if stream.cancelled:
+            draining.cancel()
+            return False
+        await aio.wait({draining}, timeout=CANCEL_CHECK)
+    draining.result()  # the connection broken: the relay ends
+    return True

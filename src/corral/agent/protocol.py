@@ -44,6 +44,7 @@ HEADER = struct.Struct("!IIB")
 WINDOW = struct.Struct("!I")
 MAX_PAYLOAD = 16 * 1024 * 1024
 CHUNK = 64 * 1024
+TOO_LARGE = "the answer is over the %d MiB the agent may send at once: ask for less"
 WINDOW_INITIAL = 1024 * 1024
 
 # Frame kinds.
@@ -146,6 +147,17 @@ def encode(stream: int, kind: int, payload: bytes = b"") -> bytes:
 def encode_json(stream: int, kind: int, message: object) -> bytes:
     """One frame whose payload is `message` as compact JSON."""
     return encode(stream, kind, dumps(message).encode())
+
+
+def encode_reply(stream: int, reply: "dict[str, object]") -> bytes:
+    """The REPLY frame of `reply`, or of an error in its place where the result cannot be one
+    frame (over MAX_PAYLOAD as JSON: a directory of 100,000 long names): the call must end
+    with an answer either way, not wait for one that never comes."""
+    try:
+        return encode_json(stream, REPLY, reply)
+    except ProtocolError:
+        error = {"code": "result_too_large", "message": TOO_LARGE % (MAX_PAYLOAD >> 20)}
+        return encode_json(stream, REPLY, {"error": error})
 
 
 def decode_header(header: bytes) -> tuple[int, int, int]:

@@ -287,6 +287,7 @@ _GUEST_CODES: dict[str, type[CorralError]] = {
     "invalid_request": InvalidRequest,
     "invalid_path": InvalidPath,
     "invalid_cwd": InvalidRequest,
+    "result_too_large": InvalidRequest,
     "invalid_user": InvalidRequest,
     "command_not_found": InvalidRequest,
     "process_not_found": NotFound,
