@@ -135,7 +135,7 @@ class Context:
         self.lines = Lines(out_r, RESULT_LIMIT)
         for fd in (out_r, *ours.values()):
             os.set_blocking(fd, False)
-        loop.add_reader(out_r, self._feed, loop, out_r)
+        self.lines.watch()
         for name in ("stdout", "stderr"):
             loop.add_reader(ours[name], self._raw, loop, ours[name], name)
         self.executions = 0
@@ -146,7 +146,7 @@ class Context:
         assert lines is not None
         while True:
             try:
-                message = await aio.wait_for(lines.ready.get(), READY_TIMEOUT)
+                message = await aio.wait_for(lines.next(), READY_TIMEOUT)
             except TimeoutError:
                 raise GuestError(
                     "context_failed", "the interpreter of context %s did not start" % self.id
@@ -158,12 +158,6 @@ class Context:
                 )
             if isinstance(message, dict) and message.get("type") == "ready":
                 return
-
-    def _feed(self, loop: aio.Loop, fd: int) -> None:
-        lines = self.lines
-        if lines is None or lines.fd != fd or not lines.feed():
-            loop.remove_reader(fd)
-            os.close(fd)
 
     def _raw(self, loop: aio.Loop, fd: int, name: str) -> None:
         try:
@@ -182,6 +176,8 @@ class Context:
         """Kill the kernel and everything it started; its descriptors close as they drain."""
         if self.proc is not None and not self.proc.exited.is_set():
             tree.end_all(tree.family(self.proc.pid))
+        if self.lines is not None and self.lines.paused:  # not read: its end would not be seen
+            self.lines.close()
         if self.requests >= 0:
             # A request still being written (the kernel's pipe full) is woken and gives up:
             # a closed descriptor leaves the loop's epoll set without an event to wake it.

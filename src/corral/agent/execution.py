@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     Send = Callable[[Dict[str, Any]], Awaitable[None]]
 
 try:
-    from corral.agent import aiosync, lean
+    from corral.agent import aio, aiosync, lean
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    import aio  # type: ignore[import-not-found,no-redef]
     import aiosync  # type: ignore[import-not-found,no-redef]
     import lean  # type: ignore[import-not-found,no-redef]
 
@@ -26,6 +27,10 @@ OUTPUT_LIMIT = 4 * 1024 * 1024  # per stream, per execution
 RESULT_LIMIT = 8 * 1024 * 1024  # one result's JSON
 RESULTS_LIMIT = 32 * 1024 * 1024  # all of an execution's results
 READ_CHUNK = 65536
+# Messages read from a kernel and not yet taken: past this the agent stops reading its pipe
+# (the kernel then waits to write) until half have been taken. Between executions nothing takes
+# them, and code that prints from a thread of its own would otherwise fill the agent's memory.
+MAX_QUEUED = 1000
 
 
 class TooBig:
@@ -36,7 +41,8 @@ class TooBig:
 
 
 class Lines:
-    """JSON lines from a kernel's descriptor; a line over `limit` becomes a `too_big` note."""
+    """JSON lines from a kernel's descriptor; a line over `limit` becomes a `too_big` note.
+    Read as they come (`watch`), at most MAX_QUEUED (and one read's) waiting at a time."""
 
     def __init__(self, fd: int, limit: int) -> None:
         self.fd = fd
@@ -44,6 +50,33 @@ class Lines:
         self.pending = b""
         self.skipping = 0  # bytes of an oversized line dropped so far
         self.ready: "aiosync.Queue[Any]" = aiosync.Queue()  # dicts, TooBig, None at the end
+        self.paused = False
+
+    def watch(self) -> None:
+        """Read the descriptor whenever the kernel has written; close it at its end."""
+        aio.get_event_loop().add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        if not self.feed():
+            self.close()
+        elif self.ready.qsize() >= MAX_QUEUED:
+            aio.get_event_loop().remove_reader(self.fd)
+            self.paused = True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            aio.get_event_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    async def next(self) -> Any:
+        """The next message (None: the kernel's end); reading goes on once half are taken."""
+        message = await self.ready.get()
+        if self.paused and self.ready.qsize() <= MAX_QUEUED // 2:
+            self.paused = False
+            if self.fd >= 0:
+                self.watch()
+        return message
 
     def feed(self) -> bool:
         """Read what is there; False at end of file."""
@@ -91,9 +124,17 @@ class Execution:
         self.lost = False
         self.over = False
         self.pending: List[Dict[str, Any]] = []
+        self.held = {"stdout": 0, "stderr": 0}  # bytes in `pending`
 
     def raw(self, name: str, data: bytes) -> None:
-        """Output a process the code started wrote straight to the kernel's fd 1 or 2."""
+        """Output a process the code started wrote straight to the kernel's fd 1 or 2, held
+        for the next message: no more than its stream may still send, and a byte over to have
+        it cut with its note (a flood must not fill the agent's memory meanwhile)."""
+        room = OUTPUT_LIMIT - self.sent[name] - self.held[name]
+        if room < 0:
+            return
+        data = data[: room + 1]
+        self.held[name] += len(data)
         self.pending.append({"type": name, "text": data.decode("utf-8", "replace")})
 
     async def follow(self, context: Any) -> None:
@@ -101,10 +142,11 @@ class Execution:
         proc = context.proc
         assert lines is not None and proc is not None
         while True:
-            message = await lines.ready.get()
+            message = await lines.next()
             for early in self.pending:
                 await self.forward(early)
             self.pending = []
+            self.held = {"stdout": 0, "stderr": 0}
             if message is None:
                 self.lost = True
                 await proc.exited.wait()
