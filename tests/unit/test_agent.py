@@ -562,8 +562,8 @@ async def test_a_port_that_never_reads_does_not_keep_its_connection_open(
     tmp_path: Path,
 ) -> None:
     """A server in the sandbox that accepts and never reads: once the host ends the relay
-    (CANCEL), the agent closes the connection at once, dropping what the port did not take,
-    rather than holding the socket and its buffer for as long as the server lives."""
+    (CANCEL), the agent closes the connection, dropping what the port did not take, rather
+    than holding the socket and its buffer for as long as the server lives."""
     from corral.engine.ports import PortStream
 
     held: list[asyncio.StreamWriter] = []
@@ -582,7 +582,7 @@ async def test_a_port_that_never_reads_does_not_keep_its_connection_open(
             with contextlib.suppress(TimeoutError):  # the credit runs out: the port reads none
                 await asyncio.wait_for(stream.send(b"x" * (8 << 20)), 2)
             await asyncio.wait_for(stream.close(), 10)
-            for _ in range(100):  # the agent's side of the connection is closed
+            for _ in range(200):  # the agent's side is closed, CLOSE_GRACE (2 s) later
                 if len(os.listdir(f"/proc/{pid}/fd")) == before:
                     break
                 await asyncio.sleep(0.05)
@@ -591,6 +591,38 @@ async def test_a_port_that_never_reads_does_not_keep_its_connection_open(
     finally:
         for writer in held:
             writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_what_the_host_sent_before_it_ended_a_relay_reaches_the_port(
+    link: AgentLink,
+) -> None:
+    """A client that sends and hangs up at once (a WebSocket's last message, then its close):
+    the port still gets every byte, then the connection's end."""
+    from corral.engine.ports import PortStream
+
+    got = bytearray()
+    ended = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            got.extend(data)
+        ended.set()
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        channel = await link.open(P.PORT_CONNECT, {"port": port})
+        assert (await channel.receive())[0] == P.EVENT
+        stream = PortStream(channel)
+        data = os.urandom(600_000)  # within the stream's credit: sent at once
+        await stream.send(data)
+        await stream.close()
+        await asyncio.wait_for(ended.wait(), 10)
+        assert bytes(got) == data
+    finally:
         server.close()
         await server.wait_closed()
 

@@ -103,3 +103,34 @@ def test_output_written_around_the_kernel_is_held_only_up_to_what_may_be_sent(
     _spin(loop)
     text = "".join(m["text"] for m in sent)
     assert text.startswith("y" * execution.OUTPUT_LIMIT) and "[output cut" in text
+
+
+def test_a_kernel_stopped_while_its_output_waits_still_ends_what_follows_it(
+    loop: aio.Loop,
+) -> None:
+    """A context restarted or removed while reading of its kernel is paused: whoever follows
+    the execution gets what was read, then the kernel's end, and the descriptor is closed."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    lines = execution.Lines(read, 1 << 20)
+    lines.watch()
+    with contextlib.suppress(BlockingIOError):
+        for n in range(100_000):
+            os.write(write, (json.dumps({"type": "stdout", "text": str(n)}) + "\n").encode())
+    _spin(loop)
+    assert lines.paused
+    lines.close()
+    taken: list[Any] = []
+
+    async def take_all() -> None:
+        while (message := await lines.next()) is not None:
+            taken.append(message)
+
+    task = loop.create_task(take_all())
+    _spin(loop, 20)
+    assert task.done() and task.result() is None
+    assert len(taken) >= execution.MAX_QUEUED and lines.fd == -1
+    lines.close()  # again: no second end
+    assert lines.ready.qsize() == 0
+    os.close(write)

@@ -242,12 +242,12 @@ class StreamWriter:
     def write_eof(self) -> None:
         self.connection.write_eof()
 
-    def close(self) -> None:
+    def close(self, grace: Optional[float] = None) -> None:
+        """Close once what is unsent has gone; or, `grace` seconds later, drop it and close
+        anyway (a peer that never reads must not hold the connection)."""
         self.connection.close()
-
-    def abort(self) -> None:
-        """Close now, dropping what is unsent: a peer that never reads must not hold it."""
-        self.connection.lose(None)
+        if grace is not None and self.connection.lost is None:
+            self.connection.loop.call_later(grace, self.connection.lose, None)
 
 
 async def _connected(family: int, address: Any) -> Tuple[StreamReader, StreamWriter]:

@@ -132,6 +132,8 @@ class Context:
         os.close(out_w)
         self.proc = agent.adopt(child, self.command.argv, "code-context:" + self.id)
         self.requests = in_w
+        if self.lines is not None:  # the last kernel's: nothing reads it from now on
+            self.lines.close()
         self.lines = Lines(out_r, RESULT_LIMIT)
         for fd in (out_r, *ours.values()):
             os.set_blocking(fd, False)
@@ -211,10 +213,15 @@ class Context:
         if self.pooled:  # started before its sandbox was claimed: take the sandbox's settings
             request["setup"] = {"env": params.get("context_env") or {}, "cwd": params.get("cwd")}
             self.pooled = False
+        # Followed while the request is written: a kernel blocked on its own output (its
+        # messages not taken since the last execution) reads its requests once they are.
+        assert self.lines is not None and self.proc is not None  # started above
+        following = loop.create_task(run.follow(self.lines, self.proc))
         try:
             await self._write((dumps(request) + "\n").encode())
-            await run.follow(self)
+            await following
         finally:
+            following.cancel()
             self.sink = None
             self.running = None
             if timer is not None:

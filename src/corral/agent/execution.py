@@ -51,6 +51,7 @@ class Lines:
         self.skipping = 0  # bytes of an oversized line dropped so far
         self.ready: "aiosync.Queue[Any]" = aiosync.Queue()  # dicts, TooBig, None at the end
         self.paused = False
+        self.ended = False  # None queued
 
     def watch(self) -> None:
         """Read the descriptor whenever the kernel has written; close it at its end."""
@@ -64,10 +65,15 @@ class Lines:
             self.paused = True
 
     def close(self) -> None:
+        """Stop reading (what the kernel wrote and was not read is dropped); its end is queued
+        all the same, for whoever follows it."""
         if self.fd >= 0:
             aio.get_event_loop().remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
+        if not self.ended:
+            self.ended = True
+            self.ready.put_nowait(None)
 
     async def next(self) -> Any:
         """The next message (None: the kernel's end); reading goes on once half are taken."""
@@ -87,6 +93,7 @@ class Lines:
         except OSError:
             chunk = b""
         if not chunk:
+            self.ended = True
             self.ready.put_nowait(None)
             return False
         self.pending += chunk
@@ -131,16 +138,14 @@ class Execution:
         for the next message: no more than its stream may still send, and a byte over to have
         it cut with its note (a flood must not fill the agent's memory meanwhile)."""
         room = OUTPUT_LIMIT - self.sent[name] - self.held[name]
-        if room < 0:
+        if room < 0 or self.cut[name]:
             return
         data = data[: room + 1]
         self.held[name] += len(data)
         self.pending.append({"type": name, "text": data.decode("utf-8", "replace")})
 
-    async def follow(self, context: Any) -> None:
-        lines = context.lines
-        proc = context.proc
-        assert lines is not None and proc is not None
+    async def follow(self, lines: Lines, proc: Any) -> None:
+        """Pass the kernel's messages on until its execution's `done` or the kernel's end."""
         while True:
             message = await lines.next()
             for early in self.pending:

@@ -32,6 +32,7 @@ except ImportError:  # inside the sandbox the agent directory itself is on sys.p
 
 CONNECT_TIMEOUT = 10.0
 CANCEL_CHECK = 0.5  # seconds between looks for the host's CANCEL while the port reads nothing
+CLOSE_GRACE = 2.0  # seconds a closed relay's unsent bytes have to reach the port
 
 
 async def port_connect(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -61,8 +62,8 @@ async def port_connect(stream: Any, params: Dict[str, Any]) -> Dict[str, Any]:
                 await stream.send_data(P.FILE, data)
         finally:
             inbound.cancel()
-    finally:  # the relay is over: what the port has not read of the host's bytes is dropped
-        writer.abort()
+    finally:  # what the port has not taken CLOSE_GRACE later is dropped
+        writer.close(CLOSE_GRACE)
     return counts
 
 
@@ -102,13 +103,15 @@ async def _inbound(
 
 
 async def _drained(stream: Any, writer: aiostreams.StreamWriter) -> bool:
-    """Wait until the port has taken enough of what was written; False once the host has
-    ended the stream meanwhile: a port that never reads must not hold the relay for ever."""
+    """Wait until the port has taken enough of what was written; False if it has not within
+    CANCEL_CHECK and the host has ended the stream: a port that never reads must not hold
+    the relay for ever (one that reads gets what the host sent before its CANCEL)."""
     draining = aio.ensure_future(writer.drain())
-    while not draining.done():
+    while True:
+        await aio.wait({draining}, timeout=CANCEL_CHECK)
+        if draining.done():
+            draining.result()  # the connection broken: the relay ends
+            return True
         if stream.cancelled:
             draining.cancel()
             return False
-        await aio.wait({draining}, timeout=CANCEL_CHECK)
-    draining.result()  # the connection broken: the relay ends
-    return True
