@@ -146,6 +146,19 @@ async def test_a_lost_interpreter_is_reported_and_restarted(
     assert crashed.context_lost and "signal 11" in crashed.error.value  # type: ignore[union-attr]
 
 
+async def test_a_lost_interpreter_is_reported_while_a_process_it_started_runs_on(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    """Code that starts a server in the background (`os.system("... &")`), then its
+    interpreter dies: the execution ends as lost, although the server lives on (it must not
+    hold the interpreter's channel to the agent), and the next one runs."""
+    await run_code(engine, sandbox.id, "import os; os.system('sleep 300 &')")
+    lost = await asyncio.wait_for(run_code(engine, sandbox.id, "import os; os._exit(3)"), 30)
+    assert lost.context_lost and "exit code 3" in lost.error.value  # type: ignore[union-attr]
+    assert (await run_code(engine, sandbox.id, "2 + 2")).text == "4"
+    assert b"sleep 300" in (await engine.run(sandbox.id, "ps -eo args")).stdout
+
+
 async def test_stuck_code_is_killed_after_its_timeout(engine: Engine, sandbox: SandboxInfo) -> None:
     code = "import time\nwhile True:\n    try:\n        time.sleep(0.01)\n    except KeyboardInterrupt:\n        pass"
     stuck = await run_code(engine, sandbox.id, code, timeout=1)

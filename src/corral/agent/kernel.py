@@ -67,6 +67,11 @@ class Channel:
     def __init__(self, in_fd: int, out_fd: int) -> None:
         self.in_fd = in_fd
         self.out_fd = out_fd
+        # Not for the processes the code starts (`os.system("server &")` keeps what is not
+        # close-on-exec): one holding the output's write end would hide the kernel's end from
+        # the agent, and an execution following it would wait for ever.
+        for fd in (in_fd, out_fd):
+            os.set_inheritable(fd, False)
         self.pending = b""
         self.text: List[Tuple[str, str]] = []  # printed, not yet sent (see `Output`)
         self.text_size = 0
