@@ -21,8 +21,8 @@ from corral.agent import aio, aiostreams, aiosync, contexts
 T = TypeVar("T")
 
 
-@pytest.fixture(autouse=True)
-def loop() -> Iterator[aio.Loop]:
+@pytest.fixture(name="loop", autouse=True)
+def fresh_loop() -> Iterator[aio.Loop]:
     """A loop of its own for each test, the process's loop while it runs."""
     fresh = aio.Loop()
     aio._loops[:] = [fresh]

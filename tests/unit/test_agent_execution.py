@@ -6,21 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from corral.agent import aio, execution
-
-
-@pytest.fixture(autouse=True)
-def loop() -> Iterator[aio.Loop]:
-    fresh = aio.Loop()
-    aio._loops[:] = [fresh]
-    yield fresh
-    aio._loops.clear()
-    fresh.close()
+from tests.unit.test_agent_aio import fresh_loop  # noqa: F401 - each test's own `loop`
 
 
 def _spin(loop: aio.Loop, rounds: int = 50) -> None:
