@@ -117,6 +117,21 @@ def test_a_pooled_sandbox_is_nobodys_until_claimed(tmp_path: Path) -> None:
     assert [info.state for info in heard] == [SandboxState.RUNNING]
 
 
+def test_a_pooled_record_has_the_file_of_its_claims_save_made_while_idle(tmp_path: Path) -> None:
+    """A claim's save is on the path of a create: it writes into a file made when the sandbox
+    went idle in its pool (owner-only, empty) instead of making one."""
+    record = _record(tmp_path, for_pool=True)
+    record.move(Phase.POOLED)
+    directory = record.plan.dir
+    ready = (directory / "sandbox.json.tmp").stat()
+    assert ready.st_size == 0 and ready.st_mode & 0o777 == 0o600
+    assert read_saved(directory)["phase"] == "pooled"
+    record.start_lifetime(SandboxSpec(timeout=30))
+    assert sorted(p.name for p in directory.iterdir()) == ["sandbox.json"]
+    assert (directory / "sandbox.json").stat().st_ino == ready.st_ino
+    assert read_saved(directory)["phase"] == "running"
+
+
 def test_records_read_back_as_written(tmp_path: Path) -> None:
     record = _record(tmp_path)
     record.start_lifetime(record.spec)

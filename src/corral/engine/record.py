@@ -120,6 +120,8 @@ class SandboxRecord:
         self.exited = asyncio.Event()  # its runtime's main process has exited
         self.lock = asyncio.Lock()  # held by whatever changes the running sandbox
         self.timings: dict[str, float] = {}  # seconds per stage of its start
+        self._plan_saved: dict[str, Any] | None = None  # see `to_saved`
+        self._secret_sealed: tuple[bytes | None, str | None] | None = None
         # Told of every public state change, after it is saved (the engine's `on_change`).
         self.on_change: Callable[[SandboxRecord], None] | None = None
 
@@ -301,7 +303,7 @@ class SandboxRecord:
         return {
             "id": self.id,
             "spec": seal_spec(self.keys, self.spec),
-            "plan": self.plan.to_dict(),
+            "plan": self._saved_plan(),
             "state": self.state.value,
             "phase": self.phase.value,
             "created_at": self.created_at,
@@ -314,29 +316,57 @@ class SandboxRecord:
             "pid_start_time": self.launch.start_time if self.launch else None,
             "pooled": self.pooled,
             # Owner-only, like the whole record (see `save`), and sealed.
-            "agent_secret": seal_secret(self.keys, self.link.secret),
+            "agent_secret": self._sealed_secret(),
             "history": [[h.state.value, h.at, h.reason] for h in self.history],
         }
 
+    def _saved_plan(self) -> dict[str, Any]:
+        if self._plan_saved is None:  # the plan never changes; its dict is made once
+            self._plan_saved = self.plan.to_dict()
+        return self._plan_saved
+
+    def _sealed_secret(self) -> str | None:
+        # Sealed anew only when the secret changes (a restore gives the snapshot's).
+        secret = self.link.secret
+        if self._secret_sealed is None or self._secret_sealed[0] != secret:
+            self._secret_sealed = (secret, seal_secret(self.keys, secret))
+        return self._secret_sealed[1]
+
     def save(self) -> None:
-        """Write `to_saved()` into the sandbox's directory (while it has one), whole: a new
-        file, complete before the old one goes, then renamed to its place (`read_saved`).
+        """Write `to_saved()` into the sandbox's directory (while it has one), whole: the next
+        record beside the old one, complete before the old one goes, then renamed to its place
+        (`read_saved`).
 
         Not `os.replace` over the old record: ext4 then forces the new file's blocks to be
-        allocated at once (`auto_da_alloc`), 150 µs of each save here, and a save is on the
-        path of every claim from a pool (docs/performance.md)."""
+        allocated at once (`auto_da_alloc`), 150 µs of each save here. And a pooled sandbox
+        has its next record's file made while it is idle: its next save is its claim's, on
+        the path of a create (docs/performance.md)."""
         directory = self.plan.dir
-        if not directory.is_dir():
-            return
-        path = directory / RECORD_NAME
         temp = directory / TEMP_NAME
-        # Owner-only: the spec's environment may hold the user's secrets, and it holds the
-        # agent's.
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(self.to_saved()))
+        text = json.dumps(self.to_saved()).encode()
+        try:
+            fd = _open_next(temp)
+        except FileNotFoundError:  # no directory (any more): nothing to keep a record for
+            return
+        try:
+            if os.fstat(fd).st_size:  # a save stopped half-way left it
+                os.ftruncate(fd, 0)
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        path = directory / RECORD_NAME
         path.unlink(missing_ok=True)
         os.rename(temp, path)
+        if self.phase is Phase.POOLED:
+            os.close(_open_next(temp))
+
+
+def _open_next(temp: Path) -> int:
+    """The next record's file, made if missing (not emptied: `save` does, where it must).
+    Owner-only: the spec's environment may hold the user's secrets, and it holds the agent's."""
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 def read_saved(directory: Path) -> dict[str, Any]:
