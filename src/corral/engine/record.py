@@ -18,6 +18,7 @@ from which a restarted engine adopts the sandbox (`SandboxRecord.from_saved`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -359,8 +360,9 @@ class SandboxRecord:
         path = directory / RECORD_NAME
         path.unlink(missing_ok=True)
         os.rename(temp, path)
-        if self.phase is Phase.POOLED:
-            os.close(_open_next(temp))
+        if self.phase is Phase.POOLED:  # made now, for the claim; without it, made then
+            with contextlib.suppress(OSError):
+                os.close(_open_next(temp))
 
 
 def _open_next(temp: Path) -> int:
