@@ -27,9 +27,13 @@ PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 SMALL_BODY = 64 * 1024  # bytes; a request with a larger body is streamed to its node
 NODE_HEADER = "x-corral-node"  # a node's 421: the node that runs the sandbox (`elsewhere`)
 FROM_STORE = "x-corral-from-store"  # the front's: answer from the store, wherever it runs
-# A client's `X-Corral-From-Store` is not sent on: only the front says so.
+# The front's key, as `Bearer <key>`, on every request it sends on: a node names the node that
+# runs a sandbox (`NODE_HEADER`) to the front only (`elsewhere`).
+FRONT_KEY = "x-corral-front-key"
+# A client's `X-Corral-From-Store` or `X-Corral-Front-Key` is not sent on: only the front says so.
 HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect", FROM_STORE}
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect"}
+    | {FROM_STORE, FRONT_KEY}
 )
 
 
@@ -66,6 +70,7 @@ async def forward(
         sent_headers = [(k, v) for k, v in sent_headers if k.lower() != b"content-length"]
     if from_store:
         sent_headers.append((FROM_STORE.encode(), b"1"))
+    sent_headers.append((FRONT_KEY.encode(), front.admin_headers()["Authorization"].encode()))
     for node in nodes:
         sent = front.http.build_request(
             request.method, node.url + path, headers=sent_headers, content=content
