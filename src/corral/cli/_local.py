@@ -316,6 +316,7 @@ def _run(
 
     from corral.server.app import create_app
     from corral.server.logs import use_json
+    from corral.server.writes import HttpProtocol
 
     log_level, log_format = logs
     options: dict[str, Any] = {}
@@ -332,6 +333,7 @@ def _run(
         app,
         host=host,
         port=port,
+        http=HttpProtocol,  # a response's head and body in one write
         log_level=log_level,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=KEEP_ALIVE,
