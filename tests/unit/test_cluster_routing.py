@@ -24,16 +24,8 @@ from corral.server.cluster.elsewhere import Elsewhere
 from corral.server.cluster.front import Front
 from corral.server.cluster.locations import Locations
 from corral.server.cluster.placement import Node
-from corral.server.cluster.proxy import (
-    FROM_STORE,
-    FRONT_KEY,
-    NODE_HEADER,
-    forward,
-    previewed,
-    small_body,
-)
+from corral.server.cluster.proxy import FROM_STORE, forward, previewed, small_body
 from corral.server.config import ServerConfig
-from corral.server.store import FRONT_KEY_PREFIX
 from tests.unit.test_cluster_moves import SANDBOX, store_with_sandbox
 
 
@@ -63,7 +55,6 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
         for index, name in enumerate(("n0", "n1"))
     }
     made._store = await store_with_sandbox(tmp_path / "corral.db", SandboxState.RUNNING, "n1")
-    made._key = "the-fronts-key"
     yield made
     await made.http.aclose()
     await made.store.close()
@@ -72,9 +63,9 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
 Seen = list[tuple[str, str, bytes, str | None, str | None]]
 
 
-def _nodes(front: Front, seen: Seen, *, elsewhere: str = "n1") -> None:
-    """n0 refuses the sandbox, saying it runs on `elsewhere` (as `Elsewhere` does, unless told
-    to answer from the store); the other nodes echo what they were sent."""
+def _nodes(front: Front, seen: Seen) -> None:
+    """n0 refuses the sandbox, saying it runs on another node (as `Elsewhere` does, unless told
+    to answer from the store; the store says n1); the other nodes echo what they were sent."""
 
     async def answer(request: httpx.Request) -> httpx.Response:
         body = await request.aread()
@@ -82,10 +73,7 @@ def _nodes(front: Front, seen: Seen, *, elsewhere: str = "n1") -> None:
         marked = request.headers.get(FROM_STORE)
         seen.append((host, request.method, body, request.headers.get("content-length"), marked))
         if host == "n0" and marked is None:
-            refused = _streamed(421, {"error": {"code": "sandbox_on_another_node"}})
-            if request.headers.get(FRONT_KEY) == "Bearer the-fronts-key":  # the front only
-                refused.headers[NODE_HEADER] = elsewhere
-            return refused
+            return _streamed(421, {"error": {"code": "sandbox_on_another_node"}})
         return _streamed(200, {"node": host, "body": body.decode()})
 
     front.http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
@@ -104,7 +92,6 @@ def _request(
         sent = [(b"content-length", str(len(body)).encode())]
     if marked:
         sent.append((FROM_STORE.encode(), b"1"))
-    sent.append((FRONT_KEY.encode(), b"Bearer a-client-says-so"))  # never sent on
     messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> Message:
@@ -196,6 +183,22 @@ async def test_a_remembered_node_that_is_gone_is_asked_of_the_store_again(front:
     assert front.located.get(SANDBOX) == "n1"
 
 
+async def test_a_421_from_the_node_the_store_names_is_the_callers(front: Front) -> None:
+    """A preview's own server may answer 421 too: where the store still names the node that
+    answered, the answer goes back as it is, and the request to no other node."""
+    seen: Seen = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.host, request.method, b"", None, None))
+        return _streamed(421, {"said": "by the app"})
+
+    front.http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    front.located[SANDBOX] = "n1"
+    answer_ = await _sent(front, _request("GET", f"/preview/{SANDBOX}/8080/", b""))
+    assert answer_.status_code == 421 and answer_.json() == {"said": "by the app"}
+    assert [host for host, *_ in seen] == ["n1.test"]
+
+
 async def test_any_other_answer_of_the_node_is_the_callers(front: Front) -> None:
     """A 404 (a missing file, an ended sandbox) is not a sign of a move: no store read, no
     second node."""
@@ -273,12 +276,9 @@ async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
         await send({"type": "http.response.body", "body": b"answered"})
 
     engine = _Engine()
-    key, secret = await front.store.create_key(f"{FRONT_KEY_PREFIX}test", admin=True, front=True)
-    config = SimpleNamespace(front_key_id=key.id)
-    service = SimpleNamespace(engine=engine, store=front.store, config=config)
+    service = SimpleNamespace(engine=engine, store=front.store)
     guarded = Elsewhere(app, service)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=guarded)
-    as_front = {FRONT_KEY: f"Bearer {secret}"}
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as node:
         for path, extra in (
             (f"/v1/sandboxes/{SANDBOX}/run", {}),
@@ -286,19 +286,11 @@ async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
             ("/files", {"E2b-Sandbox-Id": SANDBOX}),  # E2B's calls to its daemon
             ("/", {"Host": f"8000-{SANDBOX}.preview.example"}),
         ):
-            refused = await node.post(path, headers={**extra, **as_front}, content=b"never read")
+            refused = await node.post(path, headers=extra, content=b"never read")
             assert refused.status_code == 421, path
-            assert refused.headers[NODE_HEADER] == "n1"
             assert refused.json()["error"]["code"] == "sandbox_on_another_node"
-        assert reached == []
-        # Anyone else is refused too, but not told where the sandbox runs.
-        _, admin = await front.store.create_key("an admin", admin=True)
-        for offered in (None, f"Bearer {admin}", "Bearer not-a-key", secret):
-            sent = {FRONT_KEY: offered} if offered is not None else {}
-            refused = await node.post(f"/v1/sandboxes/{SANDBOX}/run", headers=sent)
-            assert refused.status_code == 421 and NODE_HEADER not in refused.headers, offered
-            assert refused.json()["error"]["code"] == "sandbox_on_another_node"
-            assert "n1" not in refused.text
+            # Not where: whoever reaches a node (this one sent no key) learns nothing of it.
+            assert "n1" not in refused.text and "x-corral-node" not in refused.headers
         assert reached == []
         asked = await node.get(f"/v1/sandboxes/{SANDBOX}", headers={FROM_STORE: "1"})
         assert asked.status_code == 200
@@ -308,7 +300,7 @@ async def test_a_node_refuses_a_live_sandbox_the_store_places_on_another_node(
         engine.held[SANDBOX] = None
         assert (await node.get(f"/v1/sandboxes/{SANDBOX}")).status_code == 200
         engine.held[SANDBOX] = "n1"  # handed off, and taken in there: the store says n1
-        assert (await node.get(f"/v1/sandboxes/{SANDBOX}", headers=as_front)).status_code == 421
+        assert (await node.get(f"/v1/sandboxes/{SANDBOX}")).status_code == 421
         assert (await node.post(f"/v1/sandboxes/{SANDBOX}/hand-off/done")).status_code == 200
         engine.held.clear()
         found = await front.store.get_sandbox(SANDBOX)

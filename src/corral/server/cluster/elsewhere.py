@@ -1,11 +1,11 @@
 """On a cluster's node: a request about a live sandbox that the shared store places on another
 node is answered 421 `sandbox_on_another_node`, before anything reads it or acts on it. The
-answer names that node in `X-Corral-Node` only to the front (a request with the front's key in
-`X-Corral-Front-Key`): whoever else reaches a node learns nothing of where sandboxes run.
+answer does not name that node: whoever reaches a node, any key or none, learns nothing of
+where sandboxes run; the front finds the node in the store.
 
 Such a request comes from a front whose memory of where the sandbox runs is out of date: the
 sandbox moved through another front, or by another front's drain. The front sends it on to
-the node named (`corral.server.cluster.proxy.forward`). Answered from the store instead, a
+the node the store names (`corral.server.cluster.proxy.forward`). Answered from the store instead, a
 DELETE said the sandbox had ended while it ran on elsewhere. A front that sends a request on
 purpose to another node than the sandbox's (that node is not ready: lost, or being ended)
 marks it `X-Corral-From-Store`, and it is answered from the store as before; and a move's
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.core.state import SandboxState
-from corral.server.cluster.limits import bearer_key
-from corral.server.cluster.proxy import FROM_STORE, FRONT_KEY, NODE_HEADER, sandbox_of
+from corral.server.cluster.proxy import FROM_STORE, sandbox_of
 from corral.server.service import Service
 
 CODE = "sandbox_on_another_node"
@@ -46,17 +44,9 @@ class Elsewhere:
             if sandbox is not None and not asked:
                 node = await runs_elsewhere(self.service, sandbox)
                 if node is not None:
-                    named = node if await self._from_front(sent) else None
-                    await _refuse(scope, receive, send, sandbox, named)
+                    await _refuse(scope, receive, send, sandbox)
                     return
         await self.app(scope, receive, send)
-
-    async def _from_front(self, sent: Iterable[tuple[bytes, bytes]]) -> bool:
-        offered = dict(sent).get(FRONT_KEY.encode())
-        if offered is None:
-            return False
-        key = await bearer_key(self.service.store, offered.decode("latin-1"))
-        return key is not None and key.id == self.service.config.front_key_id
 
 
 async def runs_elsewhere(service: Service, sandbox_id: str) -> str | None:
@@ -71,15 +61,10 @@ async def runs_elsewhere(service: Service, sandbox_id: str) -> str | None:
     return found[1].node if found[1].node not in (None, service.engine.node) else None
 
 
-async def _refuse(
-    scope: Scope, receive: Receive, send: Send, sandbox: str, node: str | None
-) -> None:
-    where = f"node {node}" if node is not None else "another node"
-    message = f"sandbox {sandbox} runs on {where}: send requests about it to a front"
+async def _refuse(scope: Scope, receive: Receive, send: Send, sandbox: str) -> None:
+    message = f"sandbox {sandbox} runs on another node: send requests about it to a front"
     body = json.dumps({"error": {"code": CODE, "message": message}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if node is not None:
-        headers.append((NODE_HEADER.encode(), node.encode()))
     if scope["type"] == "websocket":
         await receive()  # its handshake, answered here
         if "websocket.http.response" not in scope.get("extensions", {}):

@@ -25,15 +25,10 @@ PREVIEW_HOST = re.compile(r"^\d{1,5}-(sb-[0-9a-z]{16})\.")
 # The client's Host goes on: a node serves previews by host name. `Expect: 100-continue` is the
 # front's to answer (it does as it reads the body); the front's own client sends at once.
 SMALL_BODY = 64 * 1024  # bytes; a request with a larger body is streamed to its node
-NODE_HEADER = "x-corral-node"  # a node's 421: the node that runs the sandbox (`elsewhere`)
 FROM_STORE = "x-corral-from-store"  # the front's: answer from the store, wherever it runs
-# The front's key, as `Bearer <key>`, on every request it sends on: a node names the node that
-# runs a sandbox (`NODE_HEADER`) to the front only (`elsewhere`).
-FRONT_KEY = "x-corral-front-key"
-# A client's `X-Corral-From-Store` or `X-Corral-Front-Key` is not sent on: only the front says so.
+# A client's `X-Corral-From-Store` is not sent on: only the front says so.
 HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect"}
-    | {FROM_STORE, FRONT_KEY}
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "expect", FROM_STORE}
 )
 
 
@@ -55,10 +50,11 @@ async def forward(
     its answer streamed back.
 
     A request about `sandbox` that its node refuses, saying it runs on another node (421,
-    `corral.server.cluster.elsewhere`: it moved through another front), goes to that node,
-    where it can be sent again (read whole, or without a body): the first read nothing of
-    it. One sent `from_store` (`nodes` are not the sandbox's: `Front.route`) says so, and is
-    answered from the store."""
+    `corral.server.cluster.elsewhere`: it moved through another front), goes to the node the
+    store names now, where it can be sent again (read whole, or without a body): the first
+    read nothing of it. (The node's 421 names no node: it says so to whoever reaches it.) One
+    sent `from_store` (`nodes` are not the sandbox's: `Front.route`) says so, and is answered
+    from the store."""
     if not nodes:
         return error_response(
             ServiceUnavailable("no node of the cluster is ready; retry", code="no_node_ready")
@@ -70,7 +66,6 @@ async def forward(
         sent_headers = [(k, v) for k, v in sent_headers if k.lower() != b"content-length"]
     if from_store:
         sent_headers.append((FROM_STORE.encode(), b"1"))
-    sent_headers.append((FRONT_KEY.encode(), front.admin_headers()["Authorization"].encode()))
     for node in nodes:
         sent = front.http.build_request(
             request.method, node.url + path, headers=sent_headers, content=content
@@ -88,10 +83,13 @@ async def forward(
             return unavailable(node, exc)
     else:
         return unavailable(node, None)
-    moved_to = answer.headers.get(NODE_HEADER) if answer.status_code == 421 else None
-    if sandbox is not None and moved_to is not None:
-        await answer.aclose()
-        return await _sent_on(front, request, body, sandbox, moved_to)
+    if sandbox is not None and answer.status_code == 421:
+        # Also a preview's own answer could be a 421: sent on only where the store names
+        # another node than the one that answered.
+        moved_to = await front.located.lookup(front.store, sandbox, fresh=True)
+        if moved_to is not None and moved_to != node.name:
+            await answer.aclose()
+            return await _sent_on(front, request, body, sandbox, moved_to)
     return StreamingResponse(
         answer.aiter_raw(),
         status_code=answer.status_code,
