@@ -12,7 +12,7 @@ from corral.core.errors import InvalidState
 from corral.core.models import SandboxInfo
 from corral.core.spec import SandboxSpec
 from corral.core.state import EndReason, SandboxState
-from corral.engine.record import Phase, SandboxRecord, new_secret, read_saved
+from corral.engine.record import Phase, SandboxRecord, new_secret, read_saved, settle_saved
 from corral.engine.registry import Registry
 from corral.engine.sealing import KeyRing
 from corral.runtimes.plan import PlanLimits, PlanNetwork, SandboxPlan
@@ -156,14 +156,22 @@ def test_a_record_is_read_back_whichever_moment_of_a_save_the_engine_stopped_at(
     # Stopped while writing the next one: the old one counts, not the half-written one.
     (directory / "sandbox.json.tmp").write_text('{"phase": "pau')
     assert read_saved(directory)["phase"] == "running"
-    # Stopped after removing the old one: the next one, whole, counts.
+    # Stopped after removing the old one: the next one, whole, counts, and adoption settles
+    # it in its place before anything saves again (a save starts with the temporary name).
     record.move(Phase.PAUSED)
     (directory / "sandbox.json").rename(directory / "sandbox.json.tmp")
     again = SandboxRecord.from_saved(read_saved(directory), KEYS)
     assert again.phase is Phase.PAUSED
+    settle_saved(directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["sandbox.json"]
+    assert read_saved(directory)["phase"] == "paused"
+    (directory / "sandbox.json").rename(directory / "sandbox.json.tmp")
     record.move(Phase.RUNNING)  # the next save tidies up
     assert sorted(p.name for p in directory.iterdir()) == ["sandbox.json"]
     (directory / "sandbox.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        read_saved(directory)
+    (directory / "sandbox.json.tmp").touch()  # made for a pooled one's next save: no record
     with pytest.raises(FileNotFoundError):
         read_saved(directory)
 

@@ -18,7 +18,7 @@ from corral.core.errors import Conflict, CorralError
 from corral.core.state import EndReason, SandboxState
 from corral.engine.checkpoints import CHECKPOINT_DIR
 from corral.engine.lifecycle import Lifecycle
-from corral.engine.record import RECORD_NAME, Phase, SandboxRecord, read_saved
+from corral.engine.record import RECORD_NAME, Phase, SandboxRecord, read_saved, settle_saved
 from corral.engine.registry import Registry
 from corral.engine.runtime_set import RuntimeSet
 from corral.engine.volumes import VolumeStore
@@ -128,6 +128,7 @@ class Adoption:
             path = directory / RECORD_NAME
             try:
                 saved = read_saved(directory)
+                settle_saved(directory)
             except FileNotFoundError:
                 log.warning("sandbox directory %s has no record; left as it is", directory)
                 continue

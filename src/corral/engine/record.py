@@ -379,10 +379,20 @@ def read_saved(directory: Path) -> dict[str, Any]:
         text = (directory / RECORD_NAME).read_text()
     except FileNotFoundError:
         text = (directory / TEMP_NAME).read_text()
+        if not text:  # made for a pooled sandbox's next save, and nothing more
+            raise FileNotFoundError(f"no record in {directory}") from None
     saved = json.loads(text)
     if not isinstance(saved, dict):
         raise ValueError("not a JSON object")
     return saved
+
+
+def settle_saved(directory: Path) -> None:
+    """Put the record `read_saved` found under the temporary name (an engine stopped between
+    a save's removing the old record and its rename) in its place: the next save writes into
+    the temporary name, and a stop in the middle of it would leave no record at all."""
+    if not (directory / RECORD_NAME).exists():
+        os.rename(directory / TEMP_NAME, directory / RECORD_NAME)
 
 
 def new_secret() -> bytes:
