@@ -3,11 +3,11 @@ the first part of its body.
 
 uvicorn writes a response's head to its socket as soon as the app starts the response, and the
 body after it: two system calls, and on the client's side two wake-ups, where the head alone is
-of no use to it. Over loopback on a small VM that cost 0.4 to 0.7 ms of a 2 to 3.7 ms exec
-round trip (docs/performance.md). Here a small write waits for the next one, which then goes
-out with it at once, or for the end of the event loop's turn if no other comes by then (a close
-sends it first): a response of a head and a body leaves in one write, when its body is
-written, and nothing waits longer than the turn it was written in.
+of no use to it. Over loopback on a small VM that cost up to 0.7 ms of a 2 to 2.7 ms exec round
+trip (docs/performance.md, "Thirteenth round"). Here a small write waits for the next one,
+which then goes out with it at once, or for the end of the event loop's turn if no other comes
+by then (a close sends it first): a response of a head and a body leaves in one write, when its
+body is written, and nothing waits longer than the turn it was written in.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ answer does not name that node: whoever reaches a node, any key or none, learns 
 where sandboxes run; the front finds the node in the store.
 
 Such a request comes from a front whose memory of where the sandbox runs is out of date: the
-sandbox moved through another front, or by another front's drain. The front sends it on to
-the node the store names (`corral.server.cluster.proxy.forward`). Answered from the store instead, a
-DELETE said the sandbox had ended while it ran on elsewhere. A front that sends a request on
-purpose to another node than the sandbox's (that node is not ready: lost, or being ended)
-marks it `X-Corral-From-Store`, and it is answered from the store as before; and a move's
-own steps are the front's (`migration`).
+sandbox moved through another front, or by another front's drain. The front sends it on to the
+node the store names (`corral.server.cluster.proxy.forward`). Answered from the store instead,
+a DELETE said the sandbox had ended while it ran on elsewhere. A front that sends a request on
+purpose to another node than the sandbox's (that node is not ready: lost, or being ended) marks
+it `X-Corral-From-Store`, and it is answered from the store as before; and a move's own steps
+are the front's (`migration`).
 """
 
 from __future__ import annotations
