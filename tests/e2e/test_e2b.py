@@ -145,6 +145,12 @@ def test_files_as_an_e2b_program_uses_them(sandbox: Sandbox) -> None:
 def test_a_terminal(sandbox: Sandbox) -> None:
     seen: list[bytes] = []
     terminal = sandbox.pty.create(PtySize(rows=24, cols=80))
+    # Resized once bash prompts: readline writes back the size it read as it prepares a prompt
+    # (see test_exec's terminal test), which would undo a resize that came in between.
+    for _stdout, _stderr, pty in terminal:
+        seen.append(pty or b"")
+        if b"# " in b"".join(seen) or b"$ " in b"".join(seen):
+            break
     sandbox.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
     sandbox.pty.send_stdin(terminal.pid, b"echo tty-$((6*7)); stty size; exit\n")
     terminal.wait(on_pty=seen.append)

@@ -188,7 +188,9 @@ class AsyncProcess:
         await self.signal("SIGKILL")
 
     async def resize(self, rows: int, cols: int) -> None:
-        """Resize the terminal of a process started with `pty`."""
+        """Resize the terminal of a process started with `pty`. A shell that uses readline
+        (bash) reads the size and writes it back as it prepares each prompt, so a resize that
+        lands between the two is undone: resize again if the size must hold."""
         await self._control({"type": "resize", "rows": rows, "cols": cols})
 
     async def close(self) -> None:
