@@ -127,6 +127,27 @@ async def test_timeout_ends_everything_the_command_started(
     assert (await engine.run(sandbox.id, COUNT_SLEEPS)).stdout.strip() == b"0"
 
 
+async def test_a_command_is_not_held_open_by_what_it_leaves_writing(
+    engine: Engine, sandbox: SandboxInfo
+) -> None:
+    """A background process writing on to the command's output every 50 ms does not keep the
+    command open until its timeout: after the exit its output is read for a second at most.
+    The command's own output, larger than a pipe holds, is all there."""
+    own = "head -c 300000 /dev/zero | tr '\\0' x; echo; echo done"
+    ticker = "(while :; do echo tick >&2; sleep 0.05; done) & "
+    result = await engine.run(sandbox.id, ticker + own, timeout=30)
+    assert (result.exit_code, result.timed_out) == (0, False), result.stderr[-200:]
+    assert result.stdout == b"x" * 300_000 + b"\ndone\n"
+    assert result.stderr.startswith(b"tick\n")
+    # Its next write after that went into a closed pipe, which ended it (SIGPIPE).
+    for _ in range(100):
+        ticking = await engine.run(sandbox.id, "ps -eo args | grep -c '^sleep 0.05' || true")
+        if ticking.stdout.strip() == b"0":
+            break
+        await asyncio.sleep(0.1)
+    assert ticking.stdout.strip() == b"0"
+
+
 async def test_sigkill_ends_everything_but_what_outlived_its_command(
     engine: Engine, sandbox: SandboxInfo
 ) -> None:

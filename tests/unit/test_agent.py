@@ -103,12 +103,31 @@ def test_a_command_imports_nothing_more() -> None:
         "env = {'PATH': os.defpath}; "
         "shell.find_program(procs.Command({'argv': ['true']}, env).runs[0], env, '/'); "
         "procs.Command({'cmd': 'echo ok | cat > /dev/null'}, env); "
+        "r, w = os.pipe(); procs.queued(r); "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
     added = subprocess.run(
         [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert added == []
+
+
+def test_queued_says_what_a_pipe_holds_with_this_hosts_fionread() -> None:
+    """What a command's pipe holds when it exits is read whatever the wait (`Agent.pump`)."""
+    import termios
+
+    from corral.agent import procs
+
+    assert procs.FIONREAD == termios.FIONREAD
+    r, w = os.pipe()
+    try:
+        assert procs.queued(r) == 0
+        os.write(w, b"x" * 1000)
+        assert procs.queued(r) == 1000
+    finally:
+        os.close(r)
+        os.close(w)
+    assert procs.queued(r) == 0  # closed: it cannot say
 
 
 @pytest.mark.parametrize("path", [None, "", "/usr/bin", "/nowhere:/usr/bin", "::/usr/bin", "rel:"])

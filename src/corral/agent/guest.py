@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 REDIAL_DELAY = 0.05
 DRAIN_AFTER_EXIT = 0.2
+DRAIN_LIMIT = 1.0  # see `Agent.pump`
 MAX_LIST_ENTRIES = 100_000
 KEEP_EXITED = 64
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -267,35 +268,46 @@ class Agent:
                 proc.child.returncode = status  # stop Popen from waiting on a reaped child
                 proc.exited.set()
 
-    async def readable(self, fd: int, proc: Proc) -> bool:
-        """Wait until `fd` has data; once the process has exited, wait at most DRAIN_AFTER_EXIT."""
+    async def readable(self, fd: int, proc: Proc, deadline: Optional[float]) -> bool:
+        """Wait until `fd` has data (False: the process exited first); once it has exited
+        (`deadline` set), for DRAIN_AFTER_EXIT at most, and never past `deadline`."""
         future = self.loop.create_future()
         self.loop.add_reader(fd, aio.release, future, True)
         try:
-            if proc.exited.is_set():
-                done, _ = await aio.wait([future], timeout=DRAIN_AFTER_EXIT)
-                return bool(done)
-            exit_wait = self.loop.create_task(proc.exited.wait())
-            done, _ = await aio.wait([future, exit_wait], return_when=aio.FIRST_COMPLETED)
-            exit_wait.cancel()
-            if future in done:
-                return True
-            done, _ = await aio.wait([future], timeout=DRAIN_AFTER_EXIT)
-            return bool(done)
+            if deadline is None:
+                exit_wait = self.loop.create_task(proc.exited.wait())
+                done, _ = await aio.wait([future, exit_wait], return_when=aio.FIRST_COMPLETED)
+                exit_wait.cancel()
+                return future in done
+            left = min(DRAIN_AFTER_EXIT, deadline - time.monotonic())
+            return left > 0 and bool((await aio.wait([future], timeout=left))[0])
         finally:
             self.loop.remove_reader(fd)
 
     async def pump(self, stream: Stream, proc: Proc, fd: int, kind: int) -> None:
+        """Send what `fd` gives to the host until its end. Once the process has exited, what
+        `fd` held then, and after it what comes within DRAIN_AFTER_EXIT of the last read, for
+        DRAIN_LIMIT at most: a process left running in the background, writing on, does not
+        hold the command open (its next writes fail, as into a closed pipe)."""
+        held, deadline = 0, None  # bytes `fd` held at the exit, read whatever the wait
         try:
-            while await self.readable(fd, proc):
+            while True:
+                if deadline is None and proc.exited.is_set():
+                    held, deadline = procs.queued(fd), time.monotonic() + DRAIN_LIMIT
+                if held <= 0 and not await self.readable(fd, proc, deadline):
+                    if deadline is None:
+                        continue  # the process exited: what is left is read as above
+                    break
                 try:
                     data = os.read(fd, P.CHUNK)
                 except BlockingIOError:
+                    held = 0
                     continue
                 except OSError:  # EIO: the PTY's other side is closed
                     break
                 if not data:
                     break
+                held -= len(data)
                 if not stream.cancelled:
                     try:
                         await stream.send_data(kind, data)
@@ -366,35 +378,12 @@ class Agent:
         await proc.exited.wait()
 
     async def feed_stdin(self, proc: Proc, stream: Stream, data: Optional[bytes]) -> None:
-        """One STDIN frame (None: the end of input), after the frames before it: one that came
-        while the pipe was full waits its turn, and the end of input comes after them all."""
-        async with proc.stdin_turn:
-            fd = proc.stdin_fd
-            if fd is None:
-                return
-            if data is None:
-                if fd == proc.pty_fd:
-                    data = b"\x04"  # end of input on a terminal is ^D, not a closed descriptor
-                else:
-                    proc.stdin_fd = None
-                    os.close(fd)
-                    return
-            view = memoryview(data)
-            while view:
-                try:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                except BlockingIOError:
-                    await aio.writable(fd)
-                    if proc.stdin_fd is None:  # the command ended meanwhile: fd is closed
-                        break
-                except OSError:  # the process closed its stdin or exited
-                    break
-            if not stream.detached and data != b"\x04":
-                try:
-                    await self.send(P.encode(stream.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(data))))
-                except OSError:
-                    pass
+        """One STDIN frame (None: the end of input), then the host's credit back for it."""
+        if await proc.feed(data) and data and not stream.detached:
+            try:
+                await self.send(P.encode(stream.id, P.WINDOW_UPDATE, P.WINDOW.pack(len(data))))
+            except OSError:
+                pass
 
     def forget_old(self) -> None:
         exited = [p for p in self.procs.values() if p.exited.is_set()]

@@ -14,12 +14,13 @@ import struct
 import time
 
 try:
-    from corral.agent import aiosync
+    from corral.agent import aio, aiosync
     from corral.agent.fileops import GuestError
     from corral.agent.lean import signal
     from corral.agent.shell import find_program, plain, refuse_what_is_not_a_file
     from corral.agent.tree import PR_SET_CHILD_SUBREAPER
 except ImportError:  # inside the sandbox the agent directory itself is on sys.path
+    import aio  # type: ignore[import-not-found,no-redef]
     import aiosync  # type: ignore[import-not-found,no-redef]
     from fileops import GuestError  # type: ignore[import-not-found,no-redef]
     from lean import signal  # type: ignore[import-not-found,no-redef]
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 # LIBRARY names it (engine.datadir.build_leader).
 LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leader")
 LIBRARY = LEADER + ".lib"
+# termios.FIONREAD on x86-64 and arm64, the hosts Corral runs on, without importing `termios`
+# at every command's end (a first command's time); tests/unit/test_agent.py checks it.
+FIONREAD = 0x541B
 SPAWNS = [True]  # emptied once posix_spawn has said it cannot start a session here
 STARTERS: Dict[str, Any] = {}  # LIBRARY's corral_spawn once loaded, None where it cannot be
 
@@ -93,6 +97,32 @@ class Proc:
         if self.exited.is_set():
             info.update(self.result())
         return info
+
+    async def feed(self, data: Optional[bytes]) -> bool:
+        """Write one STDIN frame (None: the end of input) after the frames before it: one that
+        came while the pipe was full waits its turn, and the end of input comes after them
+        all. False where there is no input to write to (closed, or the command ended)."""
+        async with self.stdin_turn:
+            fd = self.stdin_fd
+            if fd is None:
+                return False
+            if data is None:
+                if fd != self.pty_fd:
+                    self.stdin_fd = None
+                    os.close(fd)
+                    return True
+                data = b"\x04"  # end of input on a terminal is ^D, not a closed descriptor
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await aio.writable(fd)
+                    if self.stdin_fd is None:  # the command ended meanwhile: fd is closed
+                        break
+                except OSError:  # the process closed its stdin or exited
+                    break
+            return True
 
     def kill_group(self, sig: int) -> None:
         try:
@@ -450,3 +480,11 @@ def set_size(fd: int, rows: int, cols: int) -> None:
     import termios  # noqa: PLC0415 - once a terminal is used, not in every idle agent
 
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def queued(fd: int) -> int:
+    """How many bytes the pipe or terminal `fd` holds, ready to read (0 if it cannot say)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, FIONREAD, b"\0" * 4))[0])
+    except OSError:
+        return 0

@@ -306,7 +306,9 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
     ) -> CommandResult:
         """Run a command to completion: a string through the shell, a list as an argv.
 
-        Raises `CommandTimeout` (with `.result`) if it ran past `timeout` seconds.
+        Raises `CommandTimeout` (with `.result`) if it ran past `timeout` seconds. A process
+        it leaves running in the background (`server &`) should write to a file: the command's
+        output is read for 1 s at most after it exits, and later writes to it fail.
         """
         body: dict[str, Any] = {
             "env": dict(env or {}),
