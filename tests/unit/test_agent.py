@@ -112,24 +112,6 @@ def test_a_command_imports_nothing_more() -> None:
     assert added == []
 
 
-def test_queued_says_what_a_pipe_holds_with_this_hosts_fionread() -> None:
-    """What a command's pipe holds when it exits is read whatever the wait (`Agent.pump`)."""
-    import termios
-
-    from corral.agent import procs
-
-    assert procs.FIONREAD == termios.FIONREAD
-    r, w = os.pipe()
-    try:
-        assert procs.queued(r) == 0
-        os.write(w, b"x" * 1000)
-        assert procs.queued(r) == 1000
-    finally:
-        os.close(r)
-        os.close(w)
-    assert procs.queued(r) == 0  # closed: it cannot say
-
-
 @pytest.mark.parametrize("path", [None, "", "/usr/bin", "/nowhere:/usr/bin", "::/usr/bin", "rel:"])
 def test_a_program_is_found_on_path_as_exec_finds_it(tmp_path: Path, path: str | None) -> None:
     """`find_program` searches PATH as `os.get_exec_path` splits it: none means the default

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 REDIAL_DELAY = 0.05
 DRAIN_AFTER_EXIT = 0.2
 DRAIN_LIMIT = 1.0  # see `Agent.pump`
+PTY_BACKLOG = 256 * 1024  # over gVisor's 128 KiB wait buffer and 4 KiB line (Linux 6.18: 12 KiB)
 MAX_LIST_ENTRIES = 100_000
 KEEP_EXITED = 64
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -285,22 +286,25 @@ class Agent:
             self.loop.remove_reader(fd)
 
     async def pump(self, stream: Stream, proc: Proc, fd: int, kind: int) -> None:
-        """Send what `fd` gives to the host until its end. Once the process has exited, what
-        `fd` held then, and after it what comes within DRAIN_AFTER_EXIT of the last read, for
-        DRAIN_LIMIT at most: a process left running in the background, writing on, does not
-        hold the command open (its next writes fail, as into a closed pipe)."""
+        """Send what `fd` gives to the host until its end. Once the process has exited: what
+        `fd` held then, however long the host takes it (a terminal holds up to PTY_BACKLOG
+        more than FIONREAD counts: read on until it has no more), then what comes within
+        DRAIN_AFTER_EXIT of the last read, until DRAIN_LIMIT after the exit. So a process left
+        running in the background, writing on, does not hold the command open (its writes
+        then fail, as into a closed pipe)."""
         held, deadline = 0, None  # bytes `fd` held at the exit, read whatever the wait
         try:
             while True:
                 if deadline is None and proc.exited.is_set():
-                    held, deadline = procs.queued(fd), time.monotonic() + DRAIN_LIMIT
+                    held = procs.queued(fd) + (PTY_BACKLOG if proc.pty_fd is not None else 0)
+                    deadline = time.monotonic() + DRAIN_LIMIT
                 if held <= 0 and not await self.readable(fd, proc, deadline):
                     if deadline is None:
                         continue  # the process exited: what is left is read as above
                     break
                 try:
                     data = os.read(fd, P.CHUNK)
-                except BlockingIOError:
+                except BlockingIOError:  # all it held is read
                     held = 0
                     continue
                 except OSError:  # EIO: the PTY's other side is closed

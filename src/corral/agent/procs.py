@@ -101,7 +101,7 @@ class Proc:
     async def feed(self, data: Optional[bytes]) -> bool:
         """Write one STDIN frame (None: the end of input) after the frames before it: one that
         came while the pipe was full waits its turn, and the end of input comes after them
-        all. False where there is no input to write to (closed, or the command ended)."""
+        all. False where there was no input left to write to (closed, or the command gone)."""
         async with self.stdin_turn:
             fd = self.stdin_fd
             if fd is None:

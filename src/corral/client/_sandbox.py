@@ -308,7 +308,7 @@ class AsyncSandbox(AsyncCode, AsyncPreviews, AsyncDeploys):
 
         Raises `CommandTimeout` (with `.result`) if it ran past `timeout` seconds. A process
         it leaves running in the background (`server &`) should write to a file: the command's
-        output is read for 1 s at most after it exits, and later writes to it fail.
+        output is read for about 1 s after it exits, and later writes to it fail.
         """
         body: dict[str, Any] = {
             "env": dict(env or {}),
