@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 LEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leader")
 LIBRARY = LEADER + ".lib"
 # termios.FIONREAD on x86-64 and arm64, the hosts Corral runs on, without importing `termios`
-# at every command's end (a first command's time); tests/unit/test_agent.py checks it.
+# at every command's end (a first command's time); tests/unit/test_agent_pump.py checks it.
 FIONREAD = 0x541B
 SPAWNS = [True]  # emptied once posix_spawn has said it cannot start a session here
 STARTERS: Dict[str, Any] = {}  # LIBRARY's corral_spawn once loaded, None where it cannot be
